@@ -1,0 +1,407 @@
+"""The one module that talks to asyncpg.
+
+Everything else in tasker-pg goes through `Connection` (and `Pool`): they set the JSON codecs,
+check the schema version on connect, and translate asyncpg's exceptions into the project's own
+in one place (`translate_error`). The queue layer's thin wrapper lives here too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from tasker_pg import jsonutil
+from tasker_pg.dsn import ResolvedDsn, no_database_message, resolve_dsn
+from tasker_pg.errors import (
+    ConnectionLostError,
+    DatabaseError,
+    DatabaseNotFoundError,
+    InvalidStateError,
+    NotFoundError,
+    TaskerError,
+    ValidationError,
+)
+
+Row = Mapping[str, Any]
+NotificationHandler = Callable[[str, str], None]
+
+# Our own SQLSTATEs (raised by the SQL functions): class letter -> exception type.
+_SQLSTATE_CLASSES: dict[str, type[TaskerError]] = {
+    "TV": ValidationError,
+    "TN": NotFoundError,
+    "TS": InvalidStateError,
+}
+# Stable error codes for the SQLSTATEs the SQL side raises.
+SQLSTATE_ERROR_CODES: dict[str, str] = {
+    "TV001": "invalid_queue_name",
+    "TV002": "invalid_argument",
+    "TN001": "queue_not_found",
+}
+_CONNECTION_SQLSTATE_PREFIXES = ("08", "57P")
+
+SERVER_SETTINGS = {
+    "application_name": "tasker-pg",
+    # JIT compilation costs milliseconds on queries that run in microseconds.
+    "jit": "off",
+}
+
+
+def translate_error(exc: BaseException) -> TaskerError:
+    """Turn an asyncpg/OS-level exception into the matching tasker-pg exception."""
+    if isinstance(exc, TaskerError):
+        return exc
+    if isinstance(exc, asyncpg.PostgresError):
+        sqlstate: str | None = getattr(exc, "sqlstate", None)
+        message = str(getattr(exc, "message", None) or exc)
+        hint = getattr(exc, "hint", None)
+        if hint:
+            message = f"{message} (hint: {hint})"
+        position_text = getattr(exc, "position", None)
+        position = int(position_text) - 1 if position_text else None
+        error: TaskerError
+        if sqlstate and sqlstate[:2] in _SQLSTATE_CLASSES:
+            cls = _SQLSTATE_CLASSES[sqlstate[:2]]
+            error = cls(message, error_code=SQLSTATE_ERROR_CODES.get(sqlstate))
+        elif sqlstate and sqlstate.startswith(_CONNECTION_SQLSTATE_PREFIXES):
+            error = ConnectionLostError(message, sqlstate=sqlstate)
+        else:
+            error = DatabaseError(message, sqlstate=sqlstate, position=position)
+        error.sqlstate = sqlstate
+        return error
+    if isinstance(
+        exc,
+        asyncpg.ConnectionDoesNotExistError
+        | asyncpg.InterfaceError
+        | ConnectionError
+        | OSError
+        | TimeoutError,
+    ):
+        return ConnectionLostError(f"lost the database connection: {exc or type(exc).__name__}")
+    return DatabaseError(f"{type(exc).__name__}: {exc}")
+
+
+_TRANSLATED = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    ConnectionError,
+    OSError,
+    TimeoutError,
+)
+
+
+@contextlib.contextmanager
+def _translating() -> Iterator[None]:
+    try:
+        yield
+    except _TRANSLATED as exc:
+        raise translate_error(exc) from exc
+
+
+def mask_dsn(dsn: str) -> str:
+    """The DSN with any password replaced, for messages and logs."""
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", dsn)
+
+
+async def _init_connection(raw: asyncpg.Connection) -> None:
+    for typename in ("json", "jsonb"):
+        await raw.set_type_codec(
+            typename,
+            encoder=jsonutil.dumps,
+            decoder=jsonutil.loads,
+            schema="pg_catalog",
+            format="text",
+        )
+
+
+@dataclass(frozen=True)
+class Message:
+    """A queue message as `read`/`pop`/`set_vt` return it."""
+
+    msg_id: int
+    read_ct: int
+    enqueued_at: datetime
+    vt: datetime
+    priority: int
+    message: Any
+
+    @classmethod
+    def from_row(cls, row: Row) -> Message:
+        return cls(
+            msg_id=row["msg_id"],
+            read_ct=row["read_ct"],
+            enqueued_at=row["enqueued_at"],
+            vt=row["vt"],
+            priority=row["priority"],
+            message=row["message"],
+        )
+
+
+@dataclass(frozen=True)
+class QueueMetrics:
+    """`tasker.metrics(queue)`: length, visible now, newest/oldest age, total ever sent."""
+
+    queue_name: str
+    queue_length: int
+    queue_visible_length: int
+    newest_msg_age_sec: float | None
+    oldest_msg_age_sec: float | None
+    total_messages: int
+    scrape_time: datetime
+
+    @classmethod
+    def from_row(cls, row: Row) -> QueueMetrics:
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
+
+class Connection:
+    """One database session; every call translates errors into tasker-pg exceptions."""
+
+    def __init__(self, raw: asyncpg.Connection, source: str = "") -> None:
+        self._raw = raw
+        self.source = source
+
+    # --- plumbing ------------------------------------------------------------------------------
+
+    @property
+    def raw(self) -> asyncpg.Connection:
+        """The asyncpg connection, for code in this module's family only (tests, benchmarks)."""
+        return self._raw
+
+    @property
+    def backend_pid(self) -> int:
+        return int(self._raw.get_server_pid())
+
+    def is_closed(self) -> bool:
+        return bool(self._raw.is_closed())
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_TRANSLATED):
+            await self._raw.close(timeout=5)
+
+    def terminate(self) -> None:
+        self._raw.terminate()
+
+    async def execute(self, query: str, *args: Any, timeout: float | None = None) -> str:
+        with _translating():
+            return str(await self._raw.execute(query, *args, timeout=timeout))
+
+    async def executemany(self, query: str, args: Sequence[Sequence[Any]]) -> None:
+        with _translating():
+            await self._raw.executemany(query, args)
+
+    async def fetch(self, query: str, *args: Any, timeout: float | None = None) -> list[Row]:
+        with _translating():
+            return list(await self._raw.fetch(query, *args, timeout=timeout))
+
+    async def fetchrow(self, query: str, *args: Any, timeout: float | None = None) -> Row | None:
+        with _translating():
+            row: Row | None = await self._raw.fetchrow(query, *args, timeout=timeout)
+            return row
+
+    async def fetchval(self, query: str, *args: Any, timeout: float | None = None) -> Any:
+        with _translating():
+            return await self._raw.fetchval(query, *args, timeout=timeout)
+
+    @contextlib.asynccontextmanager
+    async def transaction(self, *, isolation: str | None = None) -> AsyncIterator[None]:
+        """A transaction; errors raised at BEGIN/COMMIT are translated like any other."""
+        with _translating():
+            async with self._raw.transaction(isolation=isolation):
+                yield
+
+    async def listen(self, channel: str, handler: NotificationHandler) -> None:
+        """Call `handler(channel, payload)` for each notification on `channel`."""
+
+        def _callback(_conn: object, _pid: int, chan: str, payload: str) -> None:
+            handler(chan, payload)
+
+        with _translating():
+            await self._raw.add_listener(channel, _callback)
+
+    async def unlisten_all(self) -> None:
+        with _translating():
+            await self._raw.execute("UNLISTEN *")
+
+    # --- queue layer -------------------------------------------------------------------------
+
+    async def create_queue(self, queue: str) -> None:
+        await self.execute("SELECT tasker.create_queue($1)", queue)
+
+    async def drop_queue(self, queue: str) -> bool:
+        return bool(await self.fetchval("SELECT tasker.drop_queue($1)", queue))
+
+    async def send(
+        self, queue: str, message: Any, *, delay_seconds: float = 0, priority: int = 0
+    ) -> int:
+        return int(
+            await self.fetchval(
+                "SELECT tasker.send($1, $2::jsonb, $3, $4)",
+                queue,
+                message,
+                float(delay_seconds),
+                priority,
+            )
+        )
+
+    async def send_batch(
+        self, queue: str, messages: Sequence[Any], *, delay_seconds: float = 0, priority: int = 0
+    ) -> list[int]:
+        rows = await self.fetch(
+            "SELECT * FROM tasker.send_batch($1, $2::jsonb[], $3, $4)",
+            queue,
+            list(messages),
+            float(delay_seconds),
+            priority,
+        )
+        return [int(r[0]) for r in rows]
+
+    async def read(self, queue: str, vt_seconds: float, qty: int = 1) -> list[Message]:
+        rows = await self.fetch(
+            "SELECT * FROM tasker.read($1, $2, $3)", queue, float(vt_seconds), qty
+        )
+        return [Message.from_row(r) for r in rows]
+
+    async def pop(self, queue: str, qty: int = 1) -> list[Message]:
+        rows = await self.fetch("SELECT * FROM tasker.pop($1, $2)", queue, qty)
+        return [Message.from_row(r) for r in rows]
+
+    async def set_vt(self, queue: str, msg_id: int, vt_seconds: float) -> Message | None:
+        row = await self.fetchrow(
+            "SELECT * FROM tasker.set_vt($1, $2, $3)", queue, msg_id, float(vt_seconds)
+        )
+        return Message.from_row(row) if row else None
+
+    async def delete(self, queue: str, msg_id: int) -> bool:
+        return bool(await self.fetchval("SELECT tasker.delete($1, $2::bigint)", queue, msg_id))
+
+    async def delete_batch(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
+        rows = await self.fetch(
+            "SELECT * FROM tasker.delete($1, $2::bigint[])", queue, list(msg_ids)
+        )
+        return [int(r[0]) for r in rows]
+
+    async def archive(self, queue: str, msg_id: int) -> bool:
+        return bool(await self.fetchval("SELECT tasker.archive($1, $2::bigint)", queue, msg_id))
+
+    async def archive_batch(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
+        rows = await self.fetch(
+            "SELECT * FROM tasker.archive($1, $2::bigint[])", queue, list(msg_ids)
+        )
+        return [int(r[0]) for r in rows]
+
+    async def purge_queue(self, queue: str) -> int:
+        return int(await self.fetchval("SELECT tasker.purge_queue($1)", queue))
+
+    async def metrics(self, queue: str) -> QueueMetrics:
+        row = await self.fetchrow("SELECT * FROM tasker.metrics($1)", queue)
+        assert row is not None
+        return QueueMetrics.from_row(row)
+
+    async def metrics_all(self) -> list[QueueMetrics]:
+        rows = await self.fetch("SELECT * FROM tasker.metrics_all()")
+        return [QueueMetrics.from_row(r) for r in rows]
+
+
+async def connect(
+    dsn: str | None = None,
+    *,
+    check_schema: bool = True,
+    timeout: float = 10.0,
+) -> Connection:
+    """Open a session on the resolved database; refuse a missing or outdated schema.
+
+    `check_schema=False` is for the migrator and for administrative tools that create or
+    inspect databases.
+    """
+    resolved = resolve_dsn(dsn)
+    raw = await _raw_connect(resolved, timeout=timeout)
+    conn = Connection(raw, resolved.source)
+    if check_schema:
+        from tasker_pg.migrations import check_schema as _check
+
+        try:
+            await _check(conn)
+        except BaseException:
+            await conn.close()
+            raise
+    return conn
+
+
+async def _raw_connect(resolved: ResolvedDsn, *, timeout: float) -> asyncpg.Connection:
+    try:
+        raw = await asyncpg.connect(
+            resolved.dsn, timeout=timeout, server_settings=SERVER_SETTINGS
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseNotFoundError(
+            f"could not connect to {mask_dsn(resolved.dsn)} (from {resolved.source}): "
+            f"{exc or type(exc).__name__}. Is the server running? {no_database_message()}"
+        ) from exc
+    await _init_connection(raw)
+    return raw
+
+
+class Pool:
+    """A small pool of sessions sharing the codecs and error translation of `Connection`."""
+
+    def __init__(self, raw: asyncpg.Pool, source: str) -> None:
+        self._raw = raw
+        self.source = source
+
+    @contextlib.asynccontextmanager
+    async def acquire(self) -> AsyncIterator[Connection]:
+        with _translating():
+            async with self._raw.acquire() as raw:
+                yield Connection(raw, self.source)
+
+    async def close(self) -> None:
+        with contextlib.suppress(*_TRANSLATED):
+            await self._raw.close()
+
+    def terminate(self) -> None:
+        self._raw.terminate()
+
+
+async def create_pool(
+    dsn: str | None = None,
+    *,
+    min_size: int = 1,
+    max_size: int = 4,
+    check_schema: bool = True,
+    setup: Callable[[Connection], Awaitable[None]] | None = None,
+) -> Pool:
+    """A pool on the resolved database (schema checked once, on the first session)."""
+    resolved = resolve_dsn(dsn)
+    try:
+        raw_pool = await asyncpg.create_pool(
+            resolved.dsn,
+            min_size=min_size,
+            max_size=max_size,
+            server_settings=SERVER_SETTINGS,
+            init=_init_connection,
+        )
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise DatabaseNotFoundError(
+            f"could not connect to {mask_dsn(resolved.dsn)} (from {resolved.source}): "
+            f"{exc or type(exc).__name__}. {no_database_message()}"
+        ) from exc
+    pool = Pool(raw_pool, resolved.source)
+    if check_schema or setup is not None:
+        try:
+            async with pool.acquire() as conn:
+                if check_schema:
+                    from tasker_pg.migrations import check_schema as _check
+
+                    await _check(conn)
+                if setup is not None:
+                    await setup(conn)
+        except BaseException:
+            await pool.close()
+            raise
+    return pool

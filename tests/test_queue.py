@@ -1,0 +1,346 @@
+"""The pgmq-style queue layer: semantics of every function, concurrency, notifications, plans."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from tasker_pg import db
+from tasker_pg.errors import NotFoundError, ValidationError
+
+
+@pytest.fixture
+async def queue(conn: db.Connection) -> AsyncIterator[str]:
+    await conn.create_queue("jobs")
+    yield "jobs"
+
+
+async def wait_until_visible(conn: db.Connection, queue: str, deadline_s: float = 5.0) -> list:
+    """Poll with a deadline (never a fixed sleep) until a message becomes readable."""
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        msgs = await conn.read(queue, vt_seconds=30, qty=1)
+        if msgs:
+            return msgs
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no message became visible in {queue} within {deadline_s}s")
+
+
+async def test_send_read_delete(conn: db.Connection, queue: str) -> None:
+    msg_id = await conn.send(queue, {"n": 1})
+    [msg] = await conn.read(queue, vt_seconds=30, qty=5)
+    assert msg.msg_id == msg_id
+    assert msg.message == {"n": 1}
+    assert msg.read_ct == 1
+    assert await conn.read(queue, vt_seconds=30, qty=5) == []  # hidden while vt runs
+    assert await conn.delete(queue, msg_id) is True
+    assert await conn.delete(queue, msg_id) is False
+    assert (await conn.metrics(queue)).queue_length == 0
+
+
+async def test_vt_hides_then_reappears_with_read_ct_2(conn: db.Connection, queue: str) -> None:
+    msg_id = await conn.send(queue, {"n": 1})
+    [first] = await conn.read(queue, vt_seconds=0.3, qty=1)
+    assert first.read_ct == 1
+    assert await conn.read(queue, vt_seconds=0.3, qty=1) == []
+    [again] = await wait_until_visible(conn, queue)
+    assert again.msg_id == msg_id
+    assert again.read_ct == 2
+
+
+async def test_delay_makes_message_invisible_until_due(conn: db.Connection, queue: str) -> None:
+    sent_at = time.monotonic()
+    await conn.send(queue, {"later": True}, delay_seconds=0.4)
+    assert await conn.read(queue, vt_seconds=30, qty=1) == []
+    [msg] = await wait_until_visible(conn, queue)
+    assert time.monotonic() - sent_at >= 0.35
+    assert msg.message == {"later": True}
+    metrics = await conn.metrics(queue)
+    assert metrics.queue_length == 1
+
+
+async def test_priority_then_age_order(conn: db.Connection, queue: str) -> None:
+    low = await conn.send(queue, {"p": 0})
+    high = await conn.send(queue, {"p": 5}, priority=5)
+    low2 = await conn.send(queue, {"p": 0})
+    mid = await conn.send(queue, {"p": 1}, priority=1)
+    msgs = await conn.read(queue, vt_seconds=30, qty=10)
+    assert [m.msg_id for m in msgs] == [high, mid, low, low2]
+    assert [m.priority for m in msgs] == [5, 1, 0, 0]
+
+
+async def test_read_respects_qty(conn: db.Connection, queue: str) -> None:
+    ids = await conn.send_batch(queue, [{"i": i} for i in range(10)])
+    assert len(ids) == 10 and ids == sorted(ids)
+    first = await conn.read(queue, vt_seconds=30, qty=3)
+    assert [m.msg_id for m in first] == ids[:3]
+    rest = await conn.read(queue, vt_seconds=30, qty=100)
+    assert [m.msg_id for m in rest] == ids[3:]
+
+
+async def test_send_batch_keeps_order_and_options(conn: db.Connection, queue: str) -> None:
+    ids = await conn.send_batch(queue, [{"i": 1}, {"i": 2}], priority=3, delay_seconds=0)
+    msgs = await conn.read(queue, vt_seconds=30, qty=10)
+    assert [m.msg_id for m in msgs] == ids
+    assert [m.message["i"] for m in msgs] == [1, 2]
+    assert {m.priority for m in msgs} == {3}
+    assert await conn.send_batch(queue, []) == []
+
+
+async def test_archive_moves_message(conn: db.Connection, queue: str) -> None:
+    a = await conn.send(queue, {"a": 1})
+    b = await conn.send(queue, {"b": 2})
+    c = await conn.send(queue, {"c": 3})
+    assert await conn.archive(queue, a) is True
+    assert await conn.archive(queue, a) is False
+    assert sorted(await conn.archive_batch(queue, [b, c, 999999])) == [b, c]
+    assert (await conn.metrics(queue)).queue_length == 0
+    rows = await conn.fetch("SELECT msg_id, message, archived_at FROM tasker.a_jobs ORDER BY 1")
+    assert [r["msg_id"] for r in rows] == [a, b, c]
+    assert rows[0]["message"] == {"a": 1}
+    assert all(r["archived_at"] is not None for r in rows)
+
+
+async def test_pop_removes(conn: db.Connection, queue: str) -> None:
+    ids = await conn.send_batch(queue, [{"i": i} for i in range(3)])
+    popped = await conn.pop(queue, qty=2)
+    assert [m.msg_id for m in popped] == ids[:2]
+    assert (await conn.metrics(queue)).queue_length == 1
+    assert [m.msg_id for m in await conn.pop(queue)] == ids[2:]
+    assert await conn.pop(queue) == []
+
+
+async def test_set_vt(conn: db.Connection, queue: str) -> None:
+    msg_id = await conn.send(queue, {"x": 1})
+    await conn.read(queue, vt_seconds=3600, qty=1)
+    assert await conn.read(queue, vt_seconds=30, qty=1) == []
+    updated = await conn.set_vt(queue, msg_id, 0)
+    assert updated is not None and updated.msg_id == msg_id
+    [msg] = await conn.read(queue, vt_seconds=30, qty=1)
+    assert msg.msg_id == msg_id and msg.read_ct == 2
+    assert await conn.set_vt(queue, 424242, 0) is None
+
+
+async def test_delete_batch(conn: db.Connection, queue: str) -> None:
+    ids = await conn.send_batch(queue, [{"i": i} for i in range(4)])
+    assert sorted(await conn.delete_batch(queue, [ids[0], ids[2], 777777])) == [ids[0], ids[2]]
+    remaining = await conn.read(queue, vt_seconds=30, qty=10)
+    assert [m.msg_id for m in remaining] == [ids[1], ids[3]]
+
+
+async def test_purge_counts(conn: db.Connection, queue: str) -> None:
+    await conn.send_batch(queue, [{"i": i} for i in range(7)])
+    assert await conn.purge_queue(queue) == 7
+    assert await conn.purge_queue(queue) == 0
+
+
+async def test_metrics(conn: db.Connection, queue: str) -> None:
+    empty = await conn.metrics(queue)
+    assert (empty.queue_length, empty.queue_visible_length, empty.total_messages) == (0, 0, 0)
+    assert empty.oldest_msg_age_sec is None and empty.newest_msg_age_sec is None
+    await conn.send_batch(queue, [{"i": i} for i in range(3)])
+    await conn.send(queue, {"later": 1}, delay_seconds=60)
+    await conn.read(queue, vt_seconds=60, qty=1)
+    [deleted] = await conn.pop(queue)
+    m = await conn.metrics(queue)
+    assert m.queue_name == queue
+    assert m.queue_length == 3  # 4 sent, one popped
+    assert m.queue_visible_length == 1  # one hidden by read, one delayed
+    assert m.total_messages == 4
+    assert m.oldest_msg_age_sec is not None and m.oldest_msg_age_sec >= m.newest_msg_age_sec
+    await conn.create_queue("other")
+    names = [x.queue_name for x in await conn.metrics_all()]
+    assert names == ["jobs", "other"]
+    assert deleted.message == {"i": 1}
+
+
+async def test_create_queue_idempotent_and_drop(conn: db.Connection) -> None:
+    await conn.create_queue("twice")
+    await conn.send("twice", {"keep": True})
+    await conn.create_queue("twice")  # no-op, keeps messages
+    assert (await conn.metrics("twice")).queue_length == 1
+    assert await conn.fetchval("SELECT to_regclass('tasker.q_twice') IS NOT NULL")
+    assert await conn.drop_queue("twice") is True
+    assert await conn.drop_queue("twice") is False
+    assert await conn.fetchval("SELECT to_regclass('tasker.q_twice') IS NULL")
+    assert await conn.fetchval("SELECT to_regclass('tasker.a_twice') IS NULL")
+
+
+async def test_concurrent_create_queue(dsn: str) -> None:
+    conns = [await db.connect(dsn) for _ in range(4)]
+    try:
+        txs = [c.raw.transaction() for c in conns]
+        for tx in txs:
+            await tx.start()
+        await conns[0].create_queue("race")
+        # The others block on the first one's uncommitted row; commit it and they return.
+        others = [asyncio.create_task(c.create_queue("race")) for c in conns[1:]]
+        await asyncio.sleep(0)
+        await txs[0].commit()
+        await asyncio.wait_for(asyncio.gather(*others), timeout=10)
+        for tx in txs[1:]:
+            await tx.commit()
+        assert await conns[0].fetchval(
+            "SELECT count(*) FROM tasker.queues WHERE queue_name = 'race'"
+        ) == 1
+        await conns[1].send("race", {"ok": 1})
+    finally:
+        for c in conns:
+            await c.close()
+
+
+@pytest.mark.parametrize(
+    "bad", ["x; drop table y", "Upper", "", "a" * 48, "1abc", "with-dash", "spa ce", "_x"]
+)
+async def test_invalid_queue_names_rejected(conn: db.Connection, bad: str) -> None:
+    with pytest.raises(ValidationError) as err:
+        await conn.create_queue(bad)
+    assert "lowercase letters, digits and _" in str(err.value)
+    assert "47" in str(err.value)
+    assert err.value.error_code == "invalid_queue_name"
+    with pytest.raises(ValidationError):
+        await conn.send(bad, {"a": 1})
+
+
+async def test_longest_valid_name(conn: db.Connection) -> None:
+    name = "a" * 47
+    await conn.create_queue(name)
+    assert await conn.send(name, {"ok": True}) == 1
+
+
+async def test_unknown_queue_is_named(conn: db.Connection) -> None:
+    for call in (
+        conn.send("nosuch", {"a": 1}),
+        conn.read("nosuch", 30, 1),
+        conn.metrics("nosuch"),
+        conn.purge_queue("nosuch"),
+    ):
+        with pytest.raises(NotFoundError) as err:
+            await call
+        assert "nosuch" in str(err.value)
+        assert err.value.error_code == "queue_not_found"
+
+
+async def test_bad_arguments(conn: db.Connection, queue: str) -> None:
+    with pytest.raises(ValidationError, match="delay_seconds"):
+        await conn.send(queue, {"a": 1}, delay_seconds=-1)
+    with pytest.raises(ValidationError, match="qty"):
+        await conn.read(queue, vt_seconds=30, qty=0)
+    with pytest.raises(ValidationError, match="vt_seconds"):
+        await conn.read(queue, vt_seconds=-5, qty=1)
+    assert (await conn.metrics(queue)).total_messages == 0
+
+
+# --- notifications ---------------------------------------------------------------------------
+
+
+async def test_notify_after_commit_only(dsn: str, conn: db.Connection, queue: str) -> None:
+    listener = await db.connect(dsn)
+    received: list[tuple[str, str]] = []
+    got = asyncio.Event()
+
+    def on_notify(channel: str, payload: str) -> None:
+        received.append((channel, payload))
+        got.set()
+
+    try:
+        await listener.listen("tasker_jobs", on_notify)
+        # A rolled-back send notifies nobody.
+        tx = conn.raw.transaction()
+        await tx.start()
+        await conn.send(queue, {"rolled": "back"})
+        await tx.rollback()
+        # A committed batch notifies exactly once, whatever its size.
+        await conn.send_batch(queue, [{"i": i} for i in range(5)])
+        await asyncio.wait_for(got.wait(), timeout=5)
+        # Let any further (wrong) notifications arrive: a round trip on the listener flushes.
+        await listener.execute("SELECT 1")
+        assert received == [("tasker_jobs", "")]
+    finally:
+        await listener.close()
+
+
+# --- concurrency -----------------------------------------------------------------------------
+
+
+async def test_open_transactions_never_share_a_message(dsn: str, conn: db.Connection) -> None:
+    await conn.create_queue("shared")
+    await conn.send_batch("shared", [{"i": i} for i in range(20)])
+    readers = [await db.connect(dsn) for _ in range(4)]
+    txs = [r.raw.transaction() for r in readers]
+    try:
+        for tx in txs:
+            await tx.start()
+        got: list[list[int]] = []
+        for r in readers:  # each reads while the previous ones still hold their rows
+            got.append([m.msg_id for m in await r.read("shared", vt_seconds=30, qty=5)])
+        flat = [i for ids in got for i in ids]
+        assert all(len(ids) == 5 for ids in got)
+        assert len(flat) == len(set(flat)) == 20
+    finally:
+        for tx in txs:
+            await tx.rollback()
+        for r in readers:
+            await r.close()
+
+
+async def test_concurrent_drain_reads_each_message_once(dsn: str, conn: db.Connection) -> None:
+    total = 10_000
+    await conn.create_queue("drain")
+    for start in range(0, total, 2_000):
+        await conn.send_batch("drain", [{"i": i} for i in range(start, start + 2_000)])
+
+    async def reader() -> list[int]:
+        c = await db.connect(dsn)
+        seen: list[int] = []
+        try:
+            while True:
+                msgs = await c.read("drain", vt_seconds=300, qty=50)
+                if not msgs:
+                    return seen
+                seen.extend(m.message["i"] for m in msgs)
+                await c.delete_batch("drain", [m.msg_id for m in msgs])
+        finally:
+            await c.close()
+
+    results = await asyncio.gather(*(reader() for _ in range(4)))
+    everything = [i for r in results for i in r]
+    assert len(everything) == total
+    assert sorted(everything) == list(range(total))
+    assert all(len(r) > 0 for r in results), "every reader should have taken part"
+    assert (await conn.metrics("drain")).queue_length == 0
+
+
+# --- plans -----------------------------------------------------------------------------------
+
+
+async def test_read_uses_index_with_100k_messages(conn: db.Connection) -> None:
+    await conn.create_queue("big")
+    await conn.execute(
+        """
+        INSERT INTO tasker.queue_messages (queue, msg_id, vt, priority, message)
+        SELECT 'big', g, now(), 0, jsonb_build_object('i', g) FROM generate_series(1, 100000) g
+        """
+    )
+    await conn.execute("ANALYZE tasker.q_big")
+    raw: asyncpg.Connection = conn.raw
+    # The statement read() runs, with the same parameters, as a generic plan (what plpgsql
+    # settles on after a few calls) and as a custom plan.
+    statement = """
+        EXPLAIN (FORMAT TEXT)
+        SELECT m.queue, m.msg_id FROM tasker.queue_messages m
+         WHERE m.queue = $1 AND m.vt <= clock_timestamp()
+         ORDER BY m.priority DESC, m.msg_id LIMIT $2 FOR UPDATE SKIP LOCKED
+    """
+    for mode in ("force_custom_plan", "force_generic_plan"):
+        await raw.execute(f"SET plan_cache_mode = {mode}")
+        plan = "\n".join(r[0] for r in await raw.fetch(statement, "big", 10))
+        assert "Index Scan" in plan, plan
+        assert "Seq Scan" not in plan, plan
+    await raw.execute("RESET plan_cache_mode")
+    msgs = await conn.read("big", vt_seconds=30, qty=10)
+    assert [m.msg_id for m in msgs] == list(range(1, 11))
