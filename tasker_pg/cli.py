@@ -98,7 +98,9 @@ async def _migrate(args: argparse.Namespace) -> int:
         await conn.close()
     for m in report.applied:
         print(f"applied {m.filename}")
-    print(f"schema at version {report.current_version}" + ("" if report.applied else " (no change)"))
+    print(
+        f"schema at version {report.current_version}" + ("" if report.applied else " (no change)")
+    )
     return EXIT_OK
 
 
@@ -208,9 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dbp = sub.add_parser("db", help="the embedded PostgreSQL (data in ./.tasker-pg)")
     dbsub = dbp.add_subparsers(dest="db_command", required=True, metavar="ACTION")
-    dbsub.add_parser("start", help="initialise if needed and start").set_defaults(
-        func=cmd_db_start
-    )
+    dbsub.add_parser("start", help="initialise if needed and start").set_defaults(func=cmd_db_start)
     dbsub.add_parser("stop", help="stop the server").set_defaults(func=cmd_db_stop)
     status = dbsub.add_parser("status", help="show state; exit 1 when not running")
     status.add_argument("--json", action="store_true")
@@ -228,9 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--json", action="store_true")
     ql.set_defaults(func=cmd_queue_list)
 
-    sub.add_parser("demo", help="run the demo on the embedded database").set_defaults(
-        func=cmd_demo
-    )
+    sub.add_parser("demo", help="run the demo on the embedded database").set_defaults(func=cmd_demo)
     sub.add_parser("bench", help="benchmarks (not yet)").set_defaults(func=cmd_bench)
     return parser
 

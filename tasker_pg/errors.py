@@ -34,7 +34,7 @@ class TaskerError(Exception):
 
 
 class PermanentError(TaskerError):
-    """A step failure that retrying cannot fix (bad input, missing record): the step goes to error."""
+    """A step failure retrying cannot fix (bad input, missing record): the step goes to error."""
 
     error_code = "permanent_error"
 

@@ -71,10 +71,22 @@ def sql_dir() -> Path:
     )
 
 
-@lru_cache(maxsize=4)
 def load_migrations(directory: Path | None = None) -> tuple[Migration, ...]:
-    """Every migration file, ordered by version; malformed names and duplicates are errors."""
-    directory = directory or sql_dir()
+    """Every migration file, ordered by version; malformed names and duplicates are errors.
+
+    The shipped files are read once per process; an explicit directory is read every time.
+    """
+    if directory is None:
+        return _shipped_migrations()
+    return _read_migrations(directory)
+
+
+@lru_cache(maxsize=1)
+def _shipped_migrations() -> tuple[Migration, ...]:
+    return _read_migrations(sql_dir())
+
+
+def _read_migrations(directory: Path) -> tuple[Migration, ...]:
     found: dict[int, Migration] = {}
     for path in sorted(directory.iterdir()):
         if path.suffix != ".sql":
@@ -177,12 +189,12 @@ async def _apply(conn: Connection, migration: Migration) -> None:
 
 
 async def schema_version(conn: Connection) -> int | None:
-    """The newest applied migration, or None when the schema was never migrated."""
+    """The newest applied migration (0 when none is), None when tasker was never migrated."""
     exists = await conn.fetchval("SELECT to_regclass('tasker.schema_migrations') IS NOT NULL")
     if not exists:
         return None
     value = await conn.fetchval("SELECT max(version) FROM tasker.schema_migrations")
-    return int(value) if value is not None else None
+    return int(value) if value is not None else 0
 
 
 async def check_schema(conn: Connection) -> int:

@@ -124,4 +124,3 @@ def start_server() -> TestServer:
         server._cleanup.append(cluster.destroy)
     asyncio.run(server.setup_template())
     return server
-

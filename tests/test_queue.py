@@ -184,9 +184,10 @@ async def test_concurrent_create_queue(dsn: str) -> None:
         await asyncio.wait_for(asyncio.gather(*others), timeout=10)
         for tx in txs[1:]:
             await tx.commit()
-        assert await conns[0].fetchval(
-            "SELECT count(*) FROM tasker.queues WHERE queue_name = 'race'"
-        ) == 1
+        assert (
+            await conns[0].fetchval("SELECT count(*) FROM tasker.queues WHERE queue_name = 'race'")
+            == 1
+        )
         await conns[1].send("race", {"ok": 1})
     finally:
         for c in conns:

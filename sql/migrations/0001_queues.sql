@@ -109,8 +109,9 @@ END
 $$;
 
 -- Creates the queue's sequence and partitions. Safe to call again (no-op) and from several
--- sessions at once: the INSERT into tasker.queues is the arbiter (a concurrent creator waits on
--- the uncommitted row, then sees the conflict and does nothing). Partitions are created
+-- sessions at once: a transaction-scoped advisory lock on the name makes a concurrent creator
+-- wait until the first one commits, and its re-check (a new snapshot) then finds the queue.
+-- (CREATE ... IF NOT EXISTS alone is not safe against an uncommitted twin.) Partitions are created
 -- standalone and then attached, because ATTACH PARTITION takes only a SHARE UPDATE EXCLUSIVE
 -- lock on the parent, so workers reading other queues are not blocked.
 CREATE FUNCTION tasker.create_queue(p_queue text) RETURNS void
@@ -122,13 +123,13 @@ BEGIN
     IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
         RETURN;
     END IF;
-    EXECUTE format('CREATE SEQUENCE IF NOT EXISTS tasker.%I AS bigint', v_seq);
-    INSERT INTO tasker.queues (queue_name, msg_seq)
-    VALUES (p_queue, format('tasker.%I', v_seq)::regclass)
-    ON CONFLICT (queue_name) DO NOTHING;
-    IF NOT FOUND THEN
-        RETURN;  -- created concurrently by another session
+    PERFORM pg_advisory_xact_lock(hashtextextended('tasker.create_queue:' || p_queue, 0));
+    IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
+        RETURN;  -- created by the session we waited for
     END IF;
+    EXECUTE format('CREATE SEQUENCE tasker.%I AS bigint', v_seq);
+    INSERT INTO tasker.queues (queue_name, msg_seq)
+    VALUES (p_queue, format('tasker.%I', v_seq)::regclass);
     EXECUTE format(
         'CREATE TABLE tasker.%I (LIKE tasker.queue_messages INCLUDING DEFAULTS) WITH (fillfactor = 70)',
         'q_' || p_queue);

@@ -1,0 +1,18 @@
+"""tasker-pg: a Postgres-native workflow engine. The handler API is importable from here."""
+
+from __future__ import annotations
+
+from tasker_pg.context import StepContext
+from tasker_pg.handler import StepHandler
+from tasker_pg.registry import HandlerRegistry
+from tasker_pg.result import StepHandlerResult
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HandlerRegistry",
+    "StepContext",
+    "StepHandler",
+    "StepHandlerResult",
+    "__version__",
+]

@@ -1,0 +1,1088 @@
+"""Task templates: the YAML workflow definitions users write, validated into frozen models.
+
+A template names a workflow (`namespace_name`, `name`, `version`) and declares its steps: which
+handler runs each one, which steps it depends on, how it is retried and how long it may run.
+This module turns YAML (or any mapping) into a `TaskTemplate`, rejects everything that would
+make the workflow ambiguous or impossible to run, and produces the canonical JSON body that
+`tasker.register_template(template jsonb)` stores, with every default filled in so SQL never
+has to guess.
+
+Every validation failure is a `TemplateValidationError` (a `tasker_pg.errors.ValidationError`)
+whose message names the file, the step and the rule broken, and lists every problem found, each
+with its location written as a path such as `steps[2] (process_payment).retry.max_attempts`.
+
+Naming rules, and why:
+
+- `namespace_name`: lowercase ASCII letters, digits and `_`, starting with a letter, at most 47
+  characters. The namespace becomes a PostgreSQL queue table `tasker.q_<namespace>` (and an
+  archive `tasker.a_<namespace>`), so it must be a plain identifier that fits PostgreSQL's 63-byte
+  limit with room for prefixes and suffixes.
+- template `name`: ASCII letters, digits, `_`, `-` and `.`, starting with a letter, at most 128.
+- step `name`: ASCII letters, digits, `_`, `-` and `.`, starting with a letter or `_`, at most
+  128; unique within the template.
+- `version`: a semantic version `MAJOR.MINOR.PATCH` (decimal numbers without leading zeros), with
+  an optional pre-release suffix such as `1.2.0-rc.1`; at most 64 characters. Build metadata
+  (`+build`) is not accepted: semver ignores it when ordering, so two versions differing only in
+  it could not be told apart when picking the latest one.
+
+Other rules the issue left open, decided here: a template has 1 to 1000 steps; a step may not list
+the same dependency twice; `max_attempts`, `backoff_base_ms` and `max_backoff_ms` must fit a
+PostgreSQL `integer` (at most 2147483647), `backoff_base_ms` may be 0 (retry at once) and
+`max_backoff_ms` may not be below it; numbers must be finite; integer fields refuse booleans,
+floats and strings, and string fields refuse numbers and booleans (no silent coercion of what
+YAML read); `metadata` and `handler.initialization` must be plain JSON data (string keys, no
+dates, no NaN) because they are stored as jsonb; an empty YAML value (`dependencies:`,
+`retry:`, `metadata:`, `initialization:`) means "the default"; YAML duplicate keys are errors
+(PyYAML would silently keep the last one).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import heapq
+import math
+import re
+from collections import deque
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    StrictBool,
+    StrictStr,
+    field_validator,
+    model_validator,
+)
+from pydantic import ValidationError as PydanticValidationError
+from pydantic_core import PydanticCustomError
+
+from tasker_pg.errors import NotFoundError, ValidationError
+
+__all__ = [
+    "MAX_STEPS",
+    "BackoffKind",
+    "HandlerSpec",
+    "RetryPolicy",
+    "StepTemplate",
+    "TaskTemplate",
+    "TemplateValidationError",
+    "load_template",
+    "load_templates",
+]
+
+# --- limits and naming rules -----------------------------------------------------------------
+
+MAX_STEPS = 1000
+"""Most steps one template may declare."""
+
+PG_INT_MAX = 2_147_483_647
+"""Largest PostgreSQL `integer`: attempt counts and backoff milliseconds are stored as one."""
+
+NAMESPACE_MAX_LEN = 47
+NAME_MAX_LEN = 128
+VERSION_MAX_LEN = 64
+
+_NAMESPACE_RE = re.compile(rf"[a-z][a-z0-9_]{{0,{NAMESPACE_MAX_LEN - 1}}}")
+_TEMPLATE_NAME_RE = re.compile(rf"[A-Za-z][A-Za-z0-9_.\-]{{0,{NAME_MAX_LEN - 1}}}")
+_STEP_NAME_RE = re.compile(rf"[A-Za-z_][A-Za-z0-9_.\-]{{0,{NAME_MAX_LEN - 1}}}")
+_VERSION_RE = re.compile(
+    r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
+    r"(-[0-9A-Za-z\-]+(\.[0-9A-Za-z\-]+)*)?"
+)
+
+_NAMESPACE_RULE = (
+    "a queue name: lowercase letters, digits and '_', starting with a letter, "
+    f"at most {NAMESPACE_MAX_LEN} characters (it becomes the queue table tasker.q_<namespace>)"
+)
+_TEMPLATE_NAME_RULE = (
+    f"letters, digits, '_', '-' and '.', starting with a letter, at most {NAME_MAX_LEN} characters"
+)
+_STEP_NAME_RULE = (
+    "letters, digits, '_', '-' and '.', starting with a letter or '_', "
+    f"at most {NAME_MAX_LEN} characters"
+)
+_VERSION_RULE = (
+    "a semantic version MAJOR.MINOR.PATCH such as '1.0.0' (numbers without leading zeros), "
+    f"optionally with a pre-release suffix such as '1.2.0-rc.1', at most {VERSION_MAX_LEN} "
+    "characters"
+)
+
+BackoffKind = Literal["exponential", "linear", "fixed", "none"]
+"""How the retry delay grows: doubling from the base, growing by the base each attempt, always
+the base, or no delay at all (the SQL side computes it; the cap and jitter apply to all four)."""
+
+_JSON_MAX_DEPTH = 100
+
+_PgInt = Annotated[int, Strict(), Field(ge=0, le=PG_INT_MAX)]
+
+
+class TemplateValidationError(ValidationError):
+    """A template, a template file or a directory of templates breaks a rule.
+
+    `source` is the file or directory the template came from (None for in-memory data) and
+    `problems` lists every problem found, one readable line each; the message contains them all.
+    """
+
+    def __init__(
+        self, message: str, *, source: str | None = None, problems: Iterable[str] = ()
+    ) -> None:
+        super().__init__(message)
+        self.source = source
+        self.problems: list[str] = list(problems)
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+class _Frozen(BaseModel):
+    """Common configuration: immutable, unknown keys rejected, fields loadable by name or alias."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class HandlerSpec(_Frozen):
+    """Which handler runs a step, and the static configuration handed to it."""
+
+    callable: StrictStr
+    """The handler's registered name or dotted import path, e.g. `pkg.handlers.ValidateCart`."""
+
+    initialization: dict[str, Any] = Field(default_factory=dict)
+    """Free-form JSON configuration for the handler (stored as the step's `config`)."""
+
+    @field_validator("callable")
+    @classmethod
+    def _check_callable(cls, value: str) -> str:
+        if not value.strip():
+            raise PydanticCustomError(
+                "empty_callable", "handler.callable must not be empty: name the handler to run"
+            )
+        if value != value.strip():
+            raise PydanticCustomError(
+                "callable_whitespace",
+                "handler.callable {value} must not start or end with whitespace",
+                {"value": repr(value)},
+            )
+        return value
+
+    @field_validator("initialization", mode="before")
+    @classmethod
+    def _check_initialization(cls, value: Any) -> Any:
+        return _json_mapping(value, "handler.initialization")
+
+    def to_json(self) -> dict[str, Any]:
+        """The handler part of the canonical JSON body."""
+        return {"callable": self.callable, "initialization": copy.deepcopy(self.initialization)}
+
+
+class RetryPolicy(_Frozen):
+    """When and how a failed step is tried again.
+
+    The first attempt always runs; a later attempt needs `retryable` and fewer than
+    `max_attempts` attempts so far. The delay before it is the handler's `retry_after` when
+    given, else `backoff` computed from `backoff_base_ms`, capped at `max_backoff_ms`, spread by
+    `jitter` (a fraction from 0 to 1 of the delay).
+    """
+
+    retryable: StrictBool = True
+    max_attempts: Annotated[int, Strict(), Field(ge=1, le=PG_INT_MAX)] = 3
+    backoff: BackoffKind = "exponential"
+    backoff_base_ms: _PgInt = 1000
+    max_backoff_ms: _PgInt = 60000
+    jitter: Annotated[float, Strict(), Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
+
+    @model_validator(mode="after")
+    def _check_backoff_range(self) -> Self:
+        if self.max_backoff_ms < self.backoff_base_ms:
+            raise PydanticCustomError(
+                "backoff_range",
+                "max_backoff_ms ({max}) must be >= backoff_base_ms ({base}): the cap on the "
+                "delay cannot be below the first delay",
+                {"max": self.max_backoff_ms, "base": self.backoff_base_ms},
+            )
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The retry part of the canonical JSON body."""
+        return {
+            "retryable": self.retryable,
+            "max_attempts": self.max_attempts,
+            "backoff": self.backoff,
+            "backoff_base_ms": self.backoff_base_ms,
+            "max_backoff_ms": self.max_backoff_ms,
+            "jitter": float(self.jitter),
+        }
+
+
+class StepTemplate(_Frozen):
+    """One step of a workflow: its handler, the steps it waits for, its retry and time limits.
+
+    `dependencies` (also accepted as `depends_on`) lists the steps that must be complete before
+    this one runs, in the order the user declared them. Only `type: standard` steps exist so far;
+    other step types are rejected rather than run with the wrong semantics.
+    """
+
+    name: StrictStr
+    description: StrictStr | None = None
+    handler: HandlerSpec
+    dependencies: tuple[StrictStr, ...] = Field(default=(), alias="depends_on")
+    retry: RetryPolicy = Field(default_factory=RetryPolicy)
+    timeout_seconds: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = None
+    """Longest one attempt may run before the worker abandons it (None: no limit)."""
+    type: Literal["standard"] = "standard"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_alias_clash(cls, data: Any) -> Any:
+        if isinstance(data, Mapping) and "dependencies" in data and "depends_on" in data:
+            raise PydanticCustomError(
+                "alias_clash",
+                "both 'dependencies' and 'depends_on' are given: they are the same setting, "
+                "use one of them",
+            )
+        return data
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _check_pattern(value, _STEP_NAME_RE, "step name", _STEP_NAME_RULE)
+
+    @field_validator("dependencies", mode="before")
+    @classmethod
+    def _empty_dependencies(cls, value: Any) -> Any:
+        return () if value is None else value
+
+    @field_validator("retry", mode="before")
+    @classmethod
+    def _empty_retry(cls, value: Any) -> Any:
+        return {} if value is None else value
+
+    @field_validator("type", mode="before")
+    @classmethod
+    def _check_type(cls, value: Any) -> Any:
+        if isinstance(value, str) and value != "standard":
+            raise PydanticCustomError(
+                "unsupported_step_type",
+                "step type {value} is not supported yet: only 'standard' steps can run "
+                "(remove 'type' or set it to 'standard')",
+                {"value": repr(value)},
+            )
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        """The step part of the canonical JSON body."""
+        return {
+            "name": self.name,
+            "description": self.description,
+            "handler": self.handler.to_json(),
+            "dependencies": list(self.dependencies),
+            "retry": self.retry.to_json(),
+            "timeout_seconds": self.timeout_seconds,
+            "type": self.type,
+        }
+
+
+class TaskTemplate(_Frozen):
+    """A validated workflow definition: a DAG of steps under (namespace, name, version).
+
+    Build one with `from_dict`, `from_yaml`, `load_template` or `load_templates`: they turn
+    every problem into one readable `TemplateValidationError`. (Calling the constructor or
+    `model_validate` directly enforces the same rules but raises pydantic's own error.)
+    Besides the fields, a template answers graph questions (parents, children, ancestors, a
+    topological order) that the client and tests need without a database.
+    """
+
+    name: StrictStr
+    namespace_name: StrictStr
+    version: str
+    description: StrictStr | None = None
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    """Free-form JSON data about the workflow (owner, docs link...); not used by the engine."""
+    steps: tuple[StepTemplate, ...]
+    """The steps in declared order; declared order breaks ties wherever an order is needed."""
+
+    _index: dict[str, int] = PrivateAttr(default_factory=dict)
+    _children: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
+    _order: tuple[str, ...] = PrivateAttr(default=())
+
+    # -- field rules --
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _check_pattern(value, _TEMPLATE_NAME_RE, "template name", _TEMPLATE_NAME_RULE)
+
+    @field_validator("namespace_name")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        return _check_pattern(value, _NAMESPACE_RE, "namespace_name", _NAMESPACE_RULE)
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _check_version(cls, value: Any) -> Any:
+        if not isinstance(value, str):
+            hint = ""
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                hint = " (YAML read it as a number: quote it, e.g. version: '1.0.0')"
+            raise PydanticCustomError(
+                "invalid_version",
+                "version must be {rule}; got {got}{hint}",
+                {"rule": _VERSION_RULE, "got": _describe(value), "hint": hint},
+            )
+        if len(value) > VERSION_MAX_LEN or not _VERSION_RE.fullmatch(value):
+            raise PydanticCustomError(
+                "invalid_version",
+                "version {value} is not valid: expected {rule}",
+                {"value": repr(value), "rule": _VERSION_RULE},
+            )
+        return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _check_metadata(cls, value: Any) -> Any:
+        return _json_mapping(value, "metadata")
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _check_step_count(cls, value: Any) -> Any:
+        if value is None or (isinstance(value, Sequence) and not isinstance(value, str)):
+            count = 0 if value is None else len(value)
+            if count == 0:
+                raise PydanticCustomError(
+                    "no_steps", "the template has no steps: declare at least one step"
+                )
+            if count > MAX_STEPS:
+                raise PydanticCustomError(
+                    "too_many_steps",
+                    "the template has {count} steps; at most {max} are allowed",
+                    {"count": count, "max": MAX_STEPS},
+                )
+        return value
+
+    @model_validator(mode="after")
+    def _check_graph(self) -> Self:
+        problems = _graph_problems([(step.name, step.dependencies) for step in self.steps])
+        if problems:
+            raise PydanticCustomError(
+                "template_graph",
+                "{summary}",
+                {
+                    "summary": "; ".join(f"{loc}: {msg}" for loc, msg in problems),
+                    "problems": problems,
+                },
+            )
+        self._index = {step.name: i for i, step in enumerate(self.steps)}
+        children: dict[str, list[str]] = {step.name: [] for step in self.steps}
+        for step in self.steps:
+            for parent in step.dependencies:
+                children[parent].append(step.name)
+        self._children = {name: tuple(kids) for name, kids in children.items()}
+        self._order = tuple(self.steps[i].name for i in _kahn_order(self.steps, self._index))
+        return self
+
+    # -- construction --
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, source: str | None = None) -> Self:
+        """Validate `data` (parsed YAML or JSON) into a template.
+
+        `source` (a file name) is named in error messages. Raises `TemplateValidationError`
+        listing every problem, never a raw pydantic error.
+        """
+        given: object = data  # callers may pass parsed YAML that is not a mapping
+        if not isinstance(given, Mapping):
+            problem = (
+                "template: expected a mapping with name, namespace_name, version and steps "
+                f"at the top level, got {_describe(given)}"
+            )
+            raise _error(source, None, [problem])
+        raw = dict(data)
+        try:
+            return cls.model_validate(raw)
+        except PydanticValidationError as exc:
+            problems = _pydantic_problems(exc, raw)
+            if not any(err["type"] == "template_graph" for err in exc.errors()):
+                # The graph rules run after the field rules pass; check what the raw data
+                # allows now so one round of fixes can address everything.
+                problems += [f"{loc}: {msg}" for loc, msg in _graph_problems(_raw_graph(raw))]
+            name = raw.get("name")
+            raise _error(source, name if isinstance(name, str) else None, problems) from None
+
+    @classmethod
+    def from_yaml(cls, text: str, *, source: str | None = None) -> Self:
+        """Parse one YAML document and validate it; YAML syntax errors name the line."""
+        data = _parse_yaml(text, source)
+        if data is None:
+            where = source or "the YAML text"
+            problem = (
+                f"{where} is empty: a task template needs name, namespace_name, version and steps"
+            )
+            raise _error(source, None, [problem])
+        return cls.from_dict(data, source=source)
+
+    # -- output --
+
+    def to_json(self) -> dict[str, Any]:
+        """The canonical JSON body for `tasker.register_template(template jsonb)`.
+
+        Every default is filled in so SQL never has to guess; steps and dependencies keep their
+        declared order. `TaskTemplate.from_dict(t.to_json()) == t` always holds.
+        """
+        return {
+            "name": self.name,
+            "namespace_name": self.namespace_name,
+            "version": self.version,
+            "description": self.description,
+            "metadata": copy.deepcopy(self.metadata),
+            "steps": [step.to_json() for step in self.steps],
+        }
+
+    # -- graph queries --
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """(namespace, name, version): what identifies a registered template."""
+        return (self.namespace_name, self.name, self.version)
+
+    def step(self, name: str) -> StepTemplate:
+        """The step called `name`; raises `NotFoundError` (with a suggestion) if there is none."""
+        return self.steps[self._position(name)]
+
+    def parents(self, step_name: str) -> list[str]:
+        """Names of the steps `step_name` depends on directly, in declared order."""
+        return list(self.step(step_name).dependencies)
+
+    def children(self, step_name: str) -> list[str]:
+        """Names of the steps that depend directly on `step_name`, in declared step order."""
+        self._position(step_name)
+        return list(self._children[step_name])
+
+    def ancestors(self, step_name: str) -> set[str]:
+        """Names of every step `step_name` depends on, directly or transitively."""
+        seen: set[str] = set()
+        pending = list(self.step(step_name).dependencies)
+        while pending:
+            name = pending.pop()
+            if name not in seen:
+                seen.add(name)
+                pending.extend(self.steps[self._index[name]].dependencies)
+        return seen
+
+    def root_steps(self) -> list[str]:
+        """Names of the steps with no dependencies (enqueued when a task starts), declared order."""
+        return [step.name for step in self.steps if not step.dependencies]
+
+    def topological_order(self) -> list[str]:
+        """Step names, every step after all its dependencies; ties go to declared order."""
+        return list(self._order)
+
+    def _position(self, name: str) -> int:
+        try:
+            return self._index[name]
+        except KeyError:
+            raise NotFoundError(
+                f"template {self.namespace_name}/{self.name} {self.version} has no step "
+                f"{name!r}{_suggest(name, self._index)}"
+            ) from None
+
+
+# --- loading files ---------------------------------------------------------------------------
+
+
+def load_template(path: str | Path) -> TaskTemplate:
+    """Load and validate the one template in the YAML file at `path`."""
+    file = Path(path)
+    source = str(path)
+    try:
+        text = file.read_bytes().decode("utf-8-sig")
+    except FileNotFoundError:
+        raise _error(source, None, [f"template file {source} does not exist"]) from None
+    except IsADirectoryError:
+        raise _error(
+            source, None, [f"{source} is a directory: use load_templates to load every file in it"]
+        ) from None
+    except OSError as exc:
+        raise _error(source, None, [f"cannot read {source}: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise _error(
+            source, None, [f"{source} is not UTF-8 text (byte {exc.start}): save it as UTF-8"]
+        ) from None
+    return TaskTemplate.from_yaml(text, source=source)
+
+
+def load_templates(path: str | Path) -> list[TaskTemplate]:
+    """Load the template file at `path`, or every template in the directory at `path`.
+
+    A directory contributes its `*.yaml` and `*.yml` files (any case of the suffix), sorted by
+    name; subdirectories are not searched and hidden files (starting with `.`, such as editor
+    lock files) are skipped. Problems in several files are reported together in one error; so
+    is one (namespace, name, version) defined by two files, naming both.
+    """
+    root = Path(path)
+    source = str(path)
+    if not root.is_dir():
+        return [load_template(root)]
+    files = sorted(
+        entry
+        for entry in root.iterdir()
+        if entry.suffix.lower() in (".yaml", ".yml")
+        and not entry.name.startswith(".")
+        and entry.is_file()
+    )
+    if not files:
+        raise _error(
+            source, None, [f"directory {source} contains no template files (*.yaml, *.yml)"]
+        )
+    templates: list[TaskTemplate] = []
+    failures: list[TemplateValidationError] = []
+    first_file: dict[tuple[str, str, str], Path] = {}
+    duplicates: list[str] = []
+    for file in files:
+        try:
+            template = load_template(file)
+        except TemplateValidationError as exc:
+            failures.append(exc)
+            continue
+        if template.key in first_file:
+            namespace, name, version = template.key
+            duplicates.append(
+                f"template {namespace}/{name} version {version} is defined twice: in "
+                f"{first_file[template.key]} and in {file}"
+            )
+            continue
+        first_file[template.key] = file
+        templates.append(template)
+    if failures or duplicates:
+        problems = [f"{exc.source}: {p}" for exc in failures for p in exc.problems] + duplicates
+        sections = [exc.message for exc in failures]
+        if duplicates:
+            sections.append(
+                f"duplicate templates: {_plural(len(duplicates), 'problem')}\n"
+                + "\n".join(f"  - {d}" for d in duplicates)
+            )
+        message = f"invalid task templates in directory {source}:\n" + "\n".join(sections)
+        raise TemplateValidationError(message, source=source, problems=problems)
+    return templates
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+try:
+    from yaml import CSafeLoader as _BaseLoader
+except ImportError:  # PyYAML built without libyaml
+    from yaml import SafeLoader as _BaseLoader  # type: ignore[assignment]
+
+
+class _TemplateLoader(_BaseLoader):
+    """Safe YAML loader that rejects duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # unhashable key: let the base class report it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r} (first defined on line "
+                    f"{first.start_mark.line + 1})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+
+def _parse_yaml(text: str, source: str | None) -> Any:
+    """Parse one YAML document; a syntax error becomes a ValidationError naming file and line."""
+    try:
+        # A SafeLoader subclass: builds plain data only, never arbitrary Python objects.
+        return yaml.load(text, Loader=_TemplateLoader)
+    except yaml.MarkedYAMLError as exc:
+        where = source or "YAML text"
+        mark = exc.problem_mark or exc.context_mark
+        position = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        detail = exc.problem or "syntax error"
+        if exc.context:
+            detail += f" ({exc.context})"
+        problem = f"invalid YAML in {where}{position}: {detail}"
+        raise _error(source, None, [problem]) from None
+    except yaml.YAMLError as exc:
+        where = source or "YAML text"
+        raise _error(source, None, [f"invalid YAML in {where}: {exc}"]) from None
+
+
+# --- graph checks ----------------------------------------------------------------------------
+
+
+_GraphStep = tuple[str | None, Sequence[str]]
+"""A step as the graph rules see it: its name (None if it has no usable one), its dependencies."""
+
+
+def _raw_graph(raw: Mapping[str, Any]) -> list[_GraphStep]:
+    """The steps of unvalidated input as graph rules see them, ignoring malformed parts."""
+    steps = raw.get("steps")
+    if not isinstance(steps, list | tuple) or len(steps) > MAX_STEPS:
+        return []
+    graph: list[_GraphStep] = []
+    for step in steps:
+        name: str | None = None
+        deps: list[str] = []
+        if isinstance(step, Mapping):
+            if isinstance(step.get("name"), str):
+                name = step["name"]
+            listed = step.get("dependencies", step.get("depends_on"))
+            if isinstance(listed, list | tuple):
+                deps = [dep for dep in listed if isinstance(dep, str)]
+        graph.append((name, deps))
+    return graph
+
+
+def _graph_problems(steps: Sequence[_GraphStep]) -> list[tuple[str, str]]:
+    """Every rule about step names and dependencies the steps break, as (location, message)."""
+    problems: list[tuple[str, str]] = []
+    locs = [
+        f"steps[{i}]" + (f" ({name})" if name is not None else "")
+        for i, (name, _) in enumerate(steps)
+    ]
+    index: dict[str, int] = {}
+    for i, (name, _deps) in enumerate(steps):
+        if name is None:
+            continue
+        if name in index:
+            first = index[name]
+            problems.append(
+                (
+                    f"{locs[i]}.name",
+                    f"duplicate step name {name!r}: already used by steps[{first}]; "
+                    "step names must be unique within a template",
+                )
+            )
+        else:
+            index[name] = i
+    for i, (name, deps) in enumerate(steps):
+        listed: set[str] = set()
+        step = f"step {name!r}" if name is not None else f"step steps[{i}]"
+        for k, dep in enumerate(deps):
+            loc = f"{locs[i]}.dependencies[{k}]"
+            if dep == name:
+                problems.append((loc, f"{step} depends on itself"))
+            elif dep in listed:
+                problems.append((loc, f"{step} lists dependency {dep!r} more than once"))
+            elif dep not in index:
+                others = [other for other in index if other != name]
+                problems.append(
+                    (
+                        loc,
+                        f"unknown dependency {dep!r} in {step}: no step has that "
+                        f"name{_suggest(dep, others)}",
+                    )
+                )
+            listed.add(dep)
+    names_unique = len(index) == sum(1 for name, _ in steps if name is not None)
+    if names_unique:  # with two steps of one name, edges would be ambiguous
+        for cycle in _find_cycles(steps, index):
+            path = " -> ".join(str(steps[i][0]) for i in cycle)
+            problems.append(
+                (
+                    f"{locs[cycle[0]]}.dependencies",
+                    f"dependency cycle {path} (each step depends on the next): "
+                    "a workflow must be a DAG",
+                )
+            )
+    return problems
+
+
+def _adjacency(steps: Sequence[_GraphStep], index: Mapping[str, int]) -> list[list[int]]:
+    """For each step, the positions of its known, distinct, non-self dependencies in order."""
+    adjacency: list[list[int]] = []
+    for i, (_name, deps) in enumerate(steps):
+        targets: list[int] = []
+        for dep in deps:
+            j = index.get(dep)
+            if j is not None and j != i and j not in targets:
+                targets.append(j)
+        adjacency.append(targets)
+    return adjacency
+
+
+def _find_cycles(steps: Sequence[_GraphStep], index: Mapping[str, int]) -> list[list[int]]:
+    """One concrete cycle per strongly connected group of steps, in dependency direction.
+
+    Each cycle starts and ends at the first declared step of its group and is a shortest cycle
+    through it (breadth-first, dependencies in declared order), so the report is deterministic.
+    Groups are reported in the declared order of their first step. Iterative throughout.
+    """
+    adjacency = _adjacency(steps, index)
+    cycles: list[list[int]] = []
+    for component in sorted((c for c in _strongly_connected(adjacency) if len(c) > 1), key=min):
+        members = set(component)
+        start = min(component)
+        previous: dict[int, int] = {}
+        queue: deque[int] = deque([start])
+        found: int | None = None
+        while queue and found is None:
+            node = queue.popleft()
+            for target in adjacency[node]:
+                if target == start:
+                    found = node
+                    break
+                if target in members and target not in previous:
+                    previous[target] = node
+                    queue.append(target)
+        assert found is not None  # a strongly connected group of 2+ steps has a cycle
+        path = [found]
+        while path[-1] != start:
+            path.append(previous[path[-1]])
+        path.reverse()
+        cycles.append([*path, start])
+    return cycles
+
+
+def _strongly_connected(adjacency: Sequence[Sequence[int]]) -> list[list[int]]:
+    """Tarjan's strongly connected components, iterative so 1000-step chains cannot overflow."""
+    count = len(adjacency)
+    order = [-1] * count
+    low = [0] * count
+    on_stack = [False] * count
+    stack: list[int] = []
+    components: list[list[int]] = []
+    counter = 0
+    for root in range(count):
+        if order[root] != -1:
+            continue
+        order[root] = low[root] = counter
+        counter += 1
+        stack.append(root)
+        on_stack[root] = True
+        work: list[tuple[int, int]] = [(root, 0)]
+        while work:
+            node, next_edge = work[-1]
+            if next_edge < len(adjacency[node]):
+                work[-1] = (node, next_edge + 1)
+                target = adjacency[node][next_edge]
+                if order[target] == -1:
+                    order[target] = low[target] = counter
+                    counter += 1
+                    stack.append(target)
+                    on_stack[target] = True
+                    work.append((target, 0))
+                elif on_stack[target]:
+                    low[node] = min(low[node], order[target])
+                continue
+            work.pop()
+            if work:
+                parent = work[-1][0]
+                low[parent] = min(low[parent], low[node])
+            if low[node] == order[node]:
+                component: list[int] = []
+                while True:
+                    member = stack.pop()
+                    on_stack[member] = False
+                    component.append(member)
+                    if member == node:
+                        break
+                components.append(component)
+    return components
+
+
+def _kahn_order(steps: Sequence[StepTemplate], index: Mapping[str, int]) -> list[int]:
+    """Positions of the steps in topological order; among ready steps, declared order first."""
+    pending = [len(step.dependencies) for step in steps]
+    children: list[list[int]] = [[] for _ in steps]
+    for i, step in enumerate(steps):
+        for dep in step.dependencies:
+            children[index[dep]].append(i)
+    ready = [i for i, waiting in enumerate(pending) if waiting == 0]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for child in children[i]:
+            pending[child] -= 1
+            if pending[child] == 0:
+                heapq.heappush(ready, child)
+    return order
+
+
+# --- field helpers ---------------------------------------------------------------------------
+
+
+def _check_pattern(value: str, pattern: re.Pattern[str], what: str, rule: str) -> str:
+    """Return `value` if it matches `pattern`; else raise an error stating the expected form."""
+    if pattern.fullmatch(value):
+        return value
+    hint = ""
+    candidate = re.sub(r"[^A-Za-z0-9_]+", "_", value.strip())
+    if pattern is _NAMESPACE_RE:
+        candidate = candidate.lower()
+    candidate = candidate.strip("_") if pattern is not _STEP_NAME_RE else candidate
+    if candidate and candidate != value and pattern.fullmatch(candidate):
+        hint = f" (for example {candidate!r})"
+    raise PydanticCustomError(
+        "invalid_name",
+        "{what} {value} is not valid: use {rule}{hint}",
+        {"what": what, "value": repr(value), "rule": rule, "hint": hint},
+    )
+
+
+def _json_mapping(value: Any, what: str) -> Any:
+    """Validate free-form config as plain JSON data and return a private copy of it.
+
+    None means empty. Non-mappings are passed on for pydantic to report as a type error.
+    """
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        return value
+    return _plain_json(value, what, 0)
+
+
+def _plain_json(value: Any, path: str, depth: int) -> Any:
+    """A deep copy of `value` as plain JSON (dict, list, str, int, float, bool, None)."""
+    if depth > _JSON_MAX_DEPTH:
+        raise PydanticCustomError(
+            "json_too_deep",
+            "{path} is nested more than {max} levels deep",
+            {"path": path, "max": _JSON_MAX_DEPTH},
+        )
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise PydanticCustomError(
+                "json_value",
+                "{path} is {value}: JSON (and jsonb) cannot store NaN or infinity",
+                {"path": path, "value": repr(value)},
+            )
+        return value
+    if isinstance(value, Mapping):
+        result: dict[str, Any] = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise PydanticCustomError(
+                    "json_key",
+                    "{path} has the key {key}: JSON keys must be strings (quote it in YAML)",
+                    {"path": path, "key": repr(key)},
+                )
+            result[key] = _plain_json(item, f"{path}.{key}", depth + 1)
+        return result
+    if isinstance(value, list | tuple):
+        return [_plain_json(item, f"{path}[{i}]", depth + 1) for i, item in enumerate(value)]
+    raise PydanticCustomError(
+        "json_value",
+        "{path} is a {kind} ({value}), which is not JSON data{hint}",
+        {
+            "path": path,
+            "kind": type(value).__name__,
+            "value": _short(repr(value)),
+            "hint": " (quote dates and times in YAML)" if hasattr(value, "isoformat") else "",
+        },
+    )
+
+
+# --- error formatting ------------------------------------------------------------------------
+
+
+def _error(source: str | None, name: str | None, problems: list[str]) -> TemplateValidationError:
+    """One readable error listing every problem, headed by the template and file it concerns."""
+    what = "invalid task template"
+    if name:
+        what += f" {name!r}"
+    if source:
+        what += f" in {source}"
+    message = f"{what}: {_plural(len(problems), 'problem')}\n" + "\n".join(
+        f"  - {problem}" for problem in problems
+    )
+    return TemplateValidationError(message, source=source, problems=problems)
+
+
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}" if count == 1 else f"{count} {word}s"
+
+
+_EXPECTED = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list",
+}
+
+_COMPARISONS = {
+    "greater_than": ("gt", ">"),
+    "greater_than_equal": ("ge", ">="),
+    "less_than": ("lt", "<"),
+    "less_than_equal": ("le", "<="),
+}
+
+
+def _pydantic_problems(exc: PydanticValidationError, raw: Mapping[str, Any]) -> list[str]:
+    """Turn pydantic's error list into one readable line per problem."""
+    problems: list[str] = []
+    for err in exc.errors(include_url=False):
+        kind = err["type"]
+        loc = tuple(err["loc"])
+        ctx: dict[str, Any] = dict(err.get("ctx") or {})
+        value = err.get("input")
+        if kind == "template_graph":
+            problems.extend(f"{where}: {msg}" for where, msg in ctx["problems"])
+        elif kind in ("extra_forbidden", "missing"):
+            parent, key = loc[:-1], loc[-1]
+            where = _where(parent, raw)
+            if kind == "missing":
+                message = f"missing required key {key!r}{where}"
+            else:
+                valid = _valid_keys(parent)
+                message = f"unknown key {key!r}{where}{_suggest(str(key), valid, 'valid keys')}"
+            problems.append(f"{_format_loc(parent, raw)}: {message}")
+        else:
+            problems.append(
+                f"{_format_loc(loc, raw)}: {_describe_error(kind, err['msg'], ctx, value)}"
+            )
+    return problems
+
+
+def _describe_error(kind: str, default: str, ctx: Mapping[str, Any], value: Any) -> str:
+    """The readable text of one pydantic error."""
+    if kind in _EXPECTED:
+        message = f"expected {_EXPECTED[kind]}, got {_describe(value)}"
+        if kind == "string_type" and isinstance(value, bool | int | float):
+            message += " (YAML read it as a non-string: quote it)"
+        return message
+    if kind in _COMPARISONS:
+        key, symbol = _COMPARISONS[kind]
+        return f"must be {symbol} {ctx.get(key)} (got {_describe(value)})"
+    if kind == "finite_number":
+        return f"must be a finite number (got {_describe(value)})"
+    if kind == "literal_error":
+        return f"must be one of {ctx.get('expected')} (got {_describe(value)})"
+    if kind == "value_error":
+        return default.removeprefix("Value error, ")
+    return default
+
+
+def _describe(value: Any) -> str:
+    """A short, YAML-flavoured description of a value for 'got ...' in messages."""
+    if value is None:
+        return "null (an empty value)"
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"number {value!r}"
+    if isinstance(value, str):
+        return f"string {_short(repr(value))}"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    return f"a {type(value).__name__}"
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _suggest(word: str, candidates: Iterable[str], label: str = "steps") -> str:
+    """' (did you mean X?)' for the closest candidate, else a short list of what exists."""
+    options = list(candidates)
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {close[0]!r}?)"
+    if not options:
+        return ""
+    listed = ", ".join(repr(option) for option in options[:10])
+    more = f", ... ({len(options)} in all)" if len(options) > 10 else ""
+    return f" ({label}: {listed}{more})"
+
+
+def _model_at(loc: Sequence[Any]) -> type[BaseModel] | None:
+    """The model class that validates the object at `loc`, if it is one."""
+    if not loc:
+        return TaskTemplate
+    if len(loc) >= 2 and loc[0] == "steps" and isinstance(loc[1], int):
+        if len(loc) == 2:
+            return StepTemplate
+        if len(loc) == 3:
+            nested: dict[str, type[BaseModel]] = {"handler": HandlerSpec, "retry": RetryPolicy}
+            return nested.get(loc[2])
+    return None
+
+
+def _valid_keys(loc: Sequence[Any]) -> list[str]:
+    model = _model_at(loc)
+    if model is None:
+        return []
+    keys: list[str] = []
+    for name, field in model.model_fields.items():
+        keys.append(name)
+        if field.alias and field.alias != name:
+            keys.append(field.alias)
+    return keys
+
+
+def _step_name(raw: Mapping[str, Any], position: int) -> str | None:
+    """The name the raw input gives to step `position`, if it gives a string one."""
+    steps = raw.get("steps")
+    if isinstance(steps, Sequence) and not isinstance(steps, str) and 0 <= position < len(steps):
+        step = steps[position]
+        if isinstance(step, Mapping) and isinstance(step.get("name"), str):
+            return str(step["name"])
+    return None
+
+
+def _where(loc: Sequence[Any], raw: Mapping[str, Any]) -> str:
+    """' in step 'x'' and the like: which object a key belongs to, in words."""
+    model = _model_at(loc)
+    if model is TaskTemplate:
+        return " at the top level of the template"
+    if model is None or len(loc) < 2:
+        return ""
+    name = _step_name(raw, loc[1])
+    step = f"step {name!r}" if name is not None else f"step steps[{loc[1]}]"
+    if model is HandlerSpec:
+        return f" in the handler of {step}"
+    if model is RetryPolicy:
+        return f" in the retry policy of {step}"
+    return f" in {step}"
+
+
+def _format_loc(loc: Sequence[Any], raw: Mapping[str, Any]) -> str:
+    """A pydantic location as a path: `steps[2] (process_payment).retry.max_attempts`."""
+    if not loc:
+        return "template"
+    text = ""
+    for depth, part in enumerate(loc):
+        if isinstance(part, int):
+            text += f"[{part}]"
+            if depth == 1 and loc[0] == "steps":
+                name = _step_name(raw, part)
+                if name is not None:
+                    text += f" ({name})"
+        elif isinstance(part, str) and text:
+            text += f".{part}"
+        elif isinstance(part, str):
+            text = part
+        else:
+            text += f"[{part!r}]"
+    return text

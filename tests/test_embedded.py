@@ -1,0 +1,135 @@
+"""The embedded PostgreSQL: start, stop, restart, idempotent start, crash leftovers, root."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tasker_pg.dsn import resolve_dsn
+from tasker_pg.embedded import EmbeddedCluster
+from tasker_pg.errors import DatabaseNotFoundError
+from tests.pgserver import docker_unavailable_reason
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[EmbeddedCluster]:
+    tmp_path.chmod(0o755)
+    c = EmbeddedCluster(tmp_path / "home", durable=False)
+    try:
+        yield c
+    finally:
+        c.destroy()
+
+
+def _psql(dsn: str, sql: str) -> str:
+    return subprocess.run(
+        ["psql", dsn, "-Atc", sql], capture_output=True, text=True, check=True, timeout=30
+    ).stdout.strip()
+
+
+def _owner_of(pid: int) -> int:
+    return os.stat(f"/proc/{pid}").st_uid
+
+
+def test_start_stop_start(cluster: EmbeddedCluster) -> None:
+    dsn = cluster.start()
+    assert _psql(dsn, "select 41 + 1") == "42"
+    port = cluster.port
+    assert cluster.stop() is True
+    assert cluster.status().running is False
+    assert cluster.stop() is False
+    assert cluster.start() == dsn  # same port kept across restarts
+    assert cluster.port == port
+    assert _psql(dsn, "select current_database()") == "tasker"
+
+
+def test_second_start_is_noop(cluster: EmbeddedCluster) -> None:
+    cluster.start()
+    pid = cluster.status().pid
+    cluster.start()
+    assert cluster.status().pid == pid  # the running server was left alone
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only meaningful when the tests run as root")
+def test_server_not_owned_by_root(cluster: EmbeddedCluster) -> None:
+    cluster.start()
+    pid = cluster.status().pid
+    assert pid is not None
+    assert _owner_of(pid) != 0
+
+
+def test_start_after_crash_with_stale_pid_file(cluster: EmbeddedCluster) -> None:
+    dsn = cluster.start()
+    pid = cluster.status().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while cluster.status().running and time.monotonic() < deadline:
+        time.sleep(0.05)
+    # kill the orphaned backends too, as a machine crash would
+    subprocess.run(["pkill", "-9", "-f", f"-D {cluster.data_dir}"], check=False)
+    assert (cluster.data_dir / "postmaster.pid").exists()
+    assert cluster.start() == dsn
+    assert _psql(dsn, "select 1") == "1"
+
+
+def test_cli_url_status_and_dsn_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path.chmod(0o755)
+    home = tmp_path / "clihome"
+    env = {**os.environ, "TASKER_PG_HOME": str(home)}
+    for var in ("TASKER_DATABASE_URL", "DATABASE_URL"):
+        env.pop(var, None)
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TASKER_PG_HOME", str(home))
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "tasker_pg.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+
+    with pytest.raises(DatabaseNotFoundError) as err:
+        resolve_dsn()
+    for option in ("--dsn", "TASKER_DATABASE_URL", "DATABASE_URL", "tasker-pg db start"):
+        assert option in str(err.value)
+    try:
+        assert cli("db", "start").returncode == 0
+        url = cli("db", "url").stdout.strip()
+        assert url.startswith("postgresql://postgres@127.0.0.1:")
+        assert cli("db", "status").returncode == 0
+        assert resolve_dsn().dsn == url
+        assert resolve_dsn("postgresql://x@h/db").source == "--dsn"
+        monkeypatch.setenv("DATABASE_URL", "postgresql://from-database-url/db")
+        assert resolve_dsn().source == "DATABASE_URL"
+        monkeypatch.setenv("TASKER_DATABASE_URL", "postgresql://from-tasker-url/db")
+        assert resolve_dsn().source == "TASKER_DATABASE_URL"
+        migrate = cli("migrate")
+        assert migrate.returncode == 0, migrate.stderr
+        assert "schema at version" in migrate.stdout
+        assert (
+            _psql(url, "select tasker.create_queue('demo'), tasker.send('demo', '{\"a\":1}')")
+            == "|1"
+        )
+    finally:
+        cli("db", "destroy")
+    assert cli("db", "status").returncode == 1
+
+
+def test_testcontainers_path() -> None:
+    reason = docker_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"testcontainers PostgreSQL not tried: {reason}")
+    from testcontainers.postgres import PostgresContainer
+
+    with PostgresContainer("postgres:16-alpine", driver=None) as pg:
+        assert _psql(pg.get_connection_url(), "select 1") == "1"
