@@ -275,17 +275,25 @@ class EmbeddedCluster:
         bindir = find_binaries()
         if self._run_as is None or _reachable_by(bindir / "postgres", self._run_as):
             return bindir
+        # Copy the install directory together with its package's vendored shared libraries
+        # (`<package>.libs` next to the package, found through an $ORIGIN-relative rpath),
+        # keeping their relative layout.
         install = bindir.parent
+        package = install.parent
         digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
         target = Path("/var/tmp") / f"tasker-pg-bin-{digest}"
-        if not (target / "bin" / "postgres").is_file():
+        copied_bin = target / package.name / install.name / "bin"
+        if not (copied_bin / "postgres").is_file():
             logger.info("copying %s to %s so the postgres user can run it", install, target)
             partial = target.with_name(target.name + f".{os.getpid()}")
-            shutil.copytree(install, partial, symlinks=True, dirs_exist_ok=True)
-            partial.chmod(0o755)
+            shutil.copytree(install, partial / package.name / install.name, symlinks=True)
+            for libs in package.parent.glob(f"{package.name}.libs"):
+                shutil.copytree(libs, partial / libs.name, symlinks=True)
+            for directory in (partial, partial / package.name):
+                directory.chmod(0o755)
             shutil.rmtree(target, ignore_errors=True)
             os.replace(partial, target)
-        return target / "bin"
+        return copied_bin
 
     def _initdb(self, bindir: Path) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
