@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -42,6 +43,19 @@ SQLSTATE_ERROR_CODES: dict[str, str] = {
     "TV001": "invalid_queue_name",
     "TV002": "invalid_argument",
     "TN001": "queue_not_found",
+    "TV010": "invalid_template",
+    "TV011": "template_version_conflict",
+    "TV020": "invalid_context",
+    "TV021": "payload_too_large",
+    "TV022": "invalid_option",
+    "TV030": "invalid_outcome",
+    "TV031": "invalid_claims",
+    "TN002": "template_not_found",
+    "TN003": "task_not_found",
+    "TN004": "step_not_found",
+    "TS001": "task_finished",
+    "TS002": "step_not_in_error",
+    "TS003": "step_finished",
 }
 _CONNECTION_SQLSTATE_PREFIXES = ("08", "57P")
 
@@ -306,6 +320,96 @@ class Connection:
     async def metrics_all(self) -> list[QueueMetrics]:
         rows = await self.fetch("SELECT * FROM tasker.metrics_all()")
         return [QueueMetrics.from_row(r) for r in rows]
+
+    # --- workflow engine ---------------------------------------------------------------------
+
+    async def register_template(self, template: Mapping[str, Any]) -> int:
+        """Store a template version (canonical JSON body); returns its named_task_id."""
+        return int(await self.fetchval("SELECT tasker.register_template($1::jsonb)", template))
+
+    async def create_task(
+        self,
+        namespace: str,
+        name: str,
+        context: Mapping[str, Any] | None = None,
+        *,
+        version: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> uuid.UUID:
+        """Create a task from a registered template; returns its uuid."""
+        value = await self.fetchval(
+            "SELECT tasker.create_task($1, $2, $3::jsonb, $4, $5::jsonb)",
+            namespace,
+            name,
+            dict(context) if context is not None else {},
+            version,
+            dict(options or {}),
+        )
+        return value  # type: ignore[no-any-return]
+
+    async def claim_steps(
+        self, queue: str, worker_id: str, qty: int, lease_seconds: float
+    ) -> list[Row]:
+        """Claim up to `qty` ready steps of `queue`, each with everything its handler needs."""
+        return await self.fetch(
+            "SELECT * FROM tasker.claim_steps($1, $2, $3, $4)",
+            queue,
+            worker_id,
+            qty,
+            float(lease_seconds),
+        )
+
+    async def complete_steps(self, outcomes: Sequence[Mapping[str, Any]]) -> list[Row]:
+        """Apply a batch of outcomes; one row per outcome: step_uuid, attempt, status, detail."""
+        return await self.fetch(
+            "SELECT * FROM tasker.complete_steps($1::jsonb)", [dict(o) for o in outcomes]
+        )
+
+    async def extend_leases(
+        self, claims: Sequence[Mapping[str, Any]], lease_seconds: float
+    ) -> list[Row]:
+        """Heartbeat: push the lease of each still-held claim to now + lease_seconds."""
+        return await self.fetch(
+            "SELECT * FROM tasker.extend_leases($1::jsonb, $2)",
+            [dict(c) for c in claims],
+            float(lease_seconds),
+        )
+
+    async def cancel_task(self, task_uuid: uuid.UUID | str, reason: str | None = None) -> Any:
+        """Cancel every unfinished step of a task; returns a summary object."""
+        return await self.fetchval(
+            "SELECT tasker.cancel_task($1::uuid, $2)", str(task_uuid), reason
+        )
+
+    async def retry_step(self, step_uuid: uuid.UUID | str) -> Any:
+        """Send a step in error back to the queue with fresh attempts."""
+        return await self.fetchval("SELECT tasker.retry_step($1::uuid)", str(step_uuid))
+
+    async def resolve_step(self, step_uuid: uuid.UUID | str, result: Any = None) -> Any:
+        """Complete an unfinished step by hand with `result`; it satisfies its children."""
+        return await self.fetchval(
+            "SELECT tasker.resolve_step($1::uuid, $2::jsonb)", str(step_uuid), result
+        )
+
+    async def step_readiness(self, task_uuid: uuid.UUID | str) -> list[Row]:
+        """Per step: ready or not, and why not in plain words."""
+        return await self.fetch("SELECT * FROM tasker.step_readiness($1::uuid)", str(task_uuid))
+
+    async def task_execution_context(self, task_uuid: uuid.UUID | str) -> Row | None:
+        """Step counts per state, execution status and completion percentage of a task."""
+        return await self.fetchrow(
+            "SELECT * FROM tasker.task_execution_context($1::uuid)", str(task_uuid)
+        )
+
+    async def check_invariants(self) -> list[Row]:
+        """Violations of the engine's invariants over the whole database (empty: healthy)."""
+        return await self.fetch("SELECT * FROM tasker.check_invariants()")
+
+    async def release_steps(self, claims: Sequence[Mapping[str, Any]]) -> list[Row]:
+        """Hand back claims whose handler never started, without spending an attempt."""
+        return await self.fetch(
+            "SELECT * FROM tasker.release_steps($1::jsonb)", [dict(c) for c in claims]
+        )
 
 
 async def connect(
