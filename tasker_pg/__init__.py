@@ -6,6 +6,7 @@ from tasker_pg.context import StepContext
 from tasker_pg.handler import StepHandler
 from tasker_pg.registry import HandlerRegistry
 from tasker_pg.result import StepHandlerResult
+from tasker_pg.worker import Worker
 
 __version__ = "0.1.0"
 
@@ -14,5 +15,6 @@ __all__ = [
     "StepContext",
     "StepHandler",
     "StepHandlerResult",
+    "Worker",
     "__version__",
 ]

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
-from tasker_pg import db, migrations
+from tasker_pg import db, migrations, worker_cli
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError
 
@@ -227,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     ql = with_dsn(qsub.add_parser("list", help="metrics of every queue"))
     ql.add_argument("--json", action="store_true")
     ql.set_defaults(func=cmd_queue_list)
+
+    worker_cli.add_parser(sub)
 
     sub.add_parser("demo", help="run the demo on the embedded database").set_defaults(func=cmd_demo)
     sub.add_parser("bench", help="benchmarks (not yet)").set_defaults(func=cmd_bench)

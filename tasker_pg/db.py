@@ -92,6 +92,8 @@ def translate_error(exc: BaseException) -> TaskerError:
         exc,
         asyncpg.ConnectionDoesNotExistError
         | asyncpg.InterfaceError
+        # raised by a connection whose backend was terminated while it sat idle
+        | asyncpg.InternalClientError
         | ConnectionError
         | OSError
         | TimeoutError,
@@ -103,6 +105,7 @@ def translate_error(exc: BaseException) -> TaskerError:
 _TRANSLATED = (
     asyncpg.PostgresError,
     asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,

@@ -181,7 +181,7 @@ async def test_concurrent_create_queue(dsn: str) -> None:
         others = [asyncio.create_task(c.create_queue("race")) for c in conns[1:]]
         await asyncio.sleep(0)
         await txs[0].commit()
-        await asyncio.wait_for(asyncio.gather(*others), timeout=10)
+        await asyncio.wait_for(asyncio.gather(*others), timeout=60)
         for tx in txs[1:]:
             await tx.commit()
         assert (
@@ -329,17 +329,20 @@ async def test_read_uses_index_with_100k_messages(conn: db.Connection) -> None:
     )
     await conn.execute("ANALYZE tasker.q_big")
     raw: asyncpg.Connection = conn.raw
-    # The statement read() runs, with the same parameters, as a generic plan (what plpgsql
-    # settles on after a few calls) and as a custom plan.
-    statement = """
-        EXPLAIN (FORMAT TEXT)
+    # The statement read() runs, PREPAREd with the parameter types plpgsql gives it and
+    # EXPLAINed through EXECUTE (which honours plan_cache_mode, unlike EXPLAIN with bound
+    # parameters): as a generic plan (what plpgsql settles on after a few calls) and custom.
+    await raw.execute(
+        """
+        PREPARE claim_read(text, integer) AS
         SELECT m.queue, m.msg_id FROM tasker.queue_messages m
          WHERE m.queue = $1 AND m.vt <= clock_timestamp()
          ORDER BY m.priority DESC, m.msg_id LIMIT $2 FOR UPDATE SKIP LOCKED
-    """
+        """
+    )
     for mode in ("force_custom_plan", "force_generic_plan"):
         await raw.execute(f"SET plan_cache_mode = {mode}")
-        plan = "\n".join(r[0] for r in await raw.fetch(statement, "big", 10))
+        plan = "\n".join(r[0] for r in await raw.fetch("EXPLAIN EXECUTE claim_read('big', 10)"))
         assert "Index Scan" in plan, plan
         assert "Seq Scan" not in plan, plan
     await raw.execute("RESET plan_cache_mode")

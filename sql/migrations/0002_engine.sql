@@ -23,6 +23,8 @@ CREATE TABLE tasker.named_tasks (
     version_minor  integer NOT NULL,
     version_patch  integer NOT NULL,
     version_pre    text,
+    -- sortable form of the pre-release (numeric identifiers by value, below alphanumeric ones)
+    version_pre_key text[],
     description    text,
     template       jsonb NOT NULL,  -- the normalised body (every default filled in)
     step_count     integer NOT NULL,
@@ -192,6 +194,33 @@ LANGUAGE sql VOLATILE AS $$
                    END) AS d) x
 $$;
 
+-- Is this JSON value an integer in [p_min, 2^31-1]? (2.0 is not: it is a float in JSON.)
+CREATE FUNCTION tasker.is_int_json(p_value jsonb, p_min integer) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(jsonb_typeof(p_value) = 'number'
+                    AND p_value::text ~ '^-?[0-9]{1,12}$'
+                    AND (p_value::text)::numeric BETWEEN p_min AND 2147483647, false)
+$$;
+
+-- Is this JSON value null/absent or a finite number in [p_min, p_max]?
+CREATE FUNCTION tasker.is_number_json(p_value jsonb, p_min double precision, p_max double precision) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT p_value IS NULL OR jsonb_typeof(p_value) = 'null'
+           OR coalesce(jsonb_typeof(p_value) = 'number'
+                       AND (p_value::text)::numeric BETWEEN p_min::numeric AND p_max::numeric, false)
+$$;
+
+-- Sort key of a semantic-version pre-release ('rc.10' -> {'0000000000rc'...}): numeric
+-- identifiers compare by value and below alphanumeric ones; a longer list of equal leading
+-- identifiers sorts higher, as the semver rules say.
+CREATE FUNCTION tasker.semver_pre_key(p_pre text) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN p_pre IS NULL THEN NULL ELSE ARRAY(
+        SELECT CASE WHEN ident ~ '^[0-9]+$' THEN '0' || lpad(ident, 20, '0') ELSE '1' || ident END
+          FROM unnest(string_to_array(p_pre, '.')) WITH ORDINALITY AS x(ident, ord)
+         ORDER BY ord) END
+$$;
+
 -- The largest task context / step result accepted, in bytes (setting tasker.max_payload_bytes,
 -- default 1 MiB; set it per database with ALTER DATABASE ... SET tasker.max_payload_bytes).
 CREATE FUNCTION tasker.max_payload_bytes() RETURNS integer
@@ -256,9 +285,15 @@ BEGIN
             coalesce(quote_literal(v_name), 'NULL') USING ERRCODE = 'TV010';
     END IF;
     v_parts := regexp_match(v_version, '^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})(?:-([0-9A-Za-z.-]+))?$');
-    IF v_version IS NULL OR v_parts IS NULL THEN
+    IF v_version IS NULL OR v_parts IS NULL OR length(v_version) > 64 THEN
         RAISE EXCEPTION 'template % version % is invalid: expected a semantic version MAJOR.MINOR.PATCH such as 1.0.0',
             v_name, coalesce(quote_literal(v_version), 'NULL') USING ERRCODE = 'TV010';
+    END IF;
+    IF jsonb_typeof(p_template->'metadata') NOT IN ('object', 'null') THEN
+        RAISE EXCEPTION 'template %: metadata must be an object', v_name USING ERRCODE = 'TV010';
+    END IF;
+    IF jsonb_typeof(p_template->'description') NOT IN ('string', 'null') THEN
+        RAISE EXCEPTION 'template %: description must be a string', v_name USING ERRCODE = 'TV010';
     END IF;
     v_steps := p_template->'steps';
     IF v_steps IS NULL OR jsonb_typeof(v_steps) <> 'array' OR jsonb_array_length(v_steps) = 0 THEN
@@ -346,9 +381,10 @@ BEGIN
     END IF;
 
     INSERT INTO tasker.named_tasks (namespace, name, version, version_major, version_minor, version_patch,
-                                    version_pre, description, template, step_count)
+                                    version_pre, version_pre_key, description, template, step_count)
     VALUES (v_ns, v_name, v_version, v_parts[1]::integer, v_parts[2]::integer, v_parts[3]::integer,
-            v_parts[4], p_template->>'description', v_norm, jsonb_array_length(v_norm->'steps'))
+            v_parts[4], tasker.semver_pre_key(v_parts[4]), p_template->>'description', v_norm,
+            jsonb_array_length(v_norm->'steps'))
     RETURNING named_task_id INTO v_id;
 
     WITH RECURSIVE
@@ -421,8 +457,8 @@ BEGIN
     END IF;
     v_handler := p_step->'handler';
     IF jsonb_typeof(v_handler) IS DISTINCT FROM 'object' OR jsonb_typeof(v_handler->'callable') IS DISTINCT FROM 'string'
-       OR btrim(v_handler->>'callable') = '' THEN
-        RAISE EXCEPTION '%: handler.callable is required (the handler name a worker runs)', v_where USING ERRCODE = 'TV010';
+       OR btrim(v_handler->>'callable') = '' OR btrim(v_handler->>'callable') <> v_handler->>'callable' THEN
+        RAISE EXCEPTION '%: handler.callable is required (the handler name a worker runs, without surrounding spaces)', v_where USING ERRCODE = 'TV010';
     END IF;
     IF v_handler ? 'initialization' AND jsonb_typeof(v_handler->'initialization') NOT IN ('object', 'null') THEN
         RAISE EXCEPTION '%: handler.initialization must be an object', v_where USING ERRCODE = 'TV010';
@@ -451,7 +487,7 @@ BEGIN
         END IF;
     END LOOP;
     v_max := coalesce(v_retry->'max_attempts', '3');
-    IF jsonb_typeof(v_max) <> 'number' OR (v_max::text)::numeric < 1 OR (v_max::text)::numeric <> trunc((v_max::text)::numeric) THEN
+    IF NOT tasker.is_int_json(v_max, 1) THEN
         RAISE EXCEPTION '%: retry.max_attempts must be an integer >= 1, got %', v_where, v_max USING ERRCODE = 'TV010';
     END IF;
     v_backoff := coalesce(v_retry->>'backoff', 'exponential');
@@ -460,11 +496,20 @@ BEGIN
             USING ERRCODE = 'TV010';
     END IF;
     IF (v_retry ? 'retryable' AND jsonb_typeof(v_retry->'retryable') <> 'boolean')
-       OR (v_retry ? 'backoff_base_ms' AND (jsonb_typeof(v_retry->'backoff_base_ms') <> 'number' OR (v_retry->>'backoff_base_ms')::numeric < 0))
-       OR (v_retry ? 'max_backoff_ms' AND (jsonb_typeof(v_retry->'max_backoff_ms') <> 'number' OR (v_retry->>'max_backoff_ms')::numeric < 0))
-       OR (v_retry ? 'jitter' AND (jsonb_typeof(v_retry->'jitter') <> 'number' OR (v_retry->>'jitter')::numeric NOT BETWEEN 0 AND 1)) THEN
-        RAISE EXCEPTION '%: retry settings out of range (retryable boolean, backoff_base_ms and max_backoff_ms >= 0, jitter 0..1)',
+       OR (v_retry ? 'backoff_base_ms' AND NOT tasker.is_int_json(v_retry->'backoff_base_ms', 0))
+       OR (v_retry ? 'max_backoff_ms' AND NOT tasker.is_int_json(v_retry->'max_backoff_ms', 0))
+       OR (v_retry ? 'jitter' AND (jsonb_typeof(v_retry->'jitter') <> 'number' OR NOT tasker.is_number_json(v_retry->'jitter', 0, 1))) THEN
+        RAISE EXCEPTION '%: retry settings out of range (retryable a boolean, backoff_base_ms and max_backoff_ms integers >= 0, jitter 0..1)',
             v_where USING ERRCODE = 'TV010';
+    END IF;
+    IF coalesce((v_retry->>'max_backoff_ms')::numeric, 60000) < coalesce((v_retry->>'backoff_base_ms')::numeric, 1000) THEN
+        RAISE EXCEPTION '%: retry.max_backoff_ms must be >= backoff_base_ms', v_where USING ERRCODE = 'TV010';
+    END IF;
+    IF p_step ? 'dependencies' AND p_step ? 'depends_on' THEN
+        RAISE EXCEPTION '%: give dependencies or depends_on, not both', v_where USING ERRCODE = 'TV010';
+    END IF;
+    IF jsonb_typeof(p_step->'description') NOT IN ('string', 'null') THEN
+        RAISE EXCEPTION '%: description must be a string', v_where USING ERRCODE = 'TV010';
     END IF;
     IF p_step ? 'timeout_seconds' AND jsonb_typeof(p_step->'timeout_seconds') <> 'null'
        AND (jsonb_typeof(p_step->'timeout_seconds') <> 'number' OR (p_step->>'timeout_seconds')::numeric <= 0) THEN
@@ -541,16 +586,26 @@ BEGIN
                 quote_literal(v_opt) USING ERRCODE = 'TV022';
         END IF;
     END LOOP;
-    IF jsonb_typeof(p_options->'priority') NOT IN ('number', 'null')
-       OR jsonb_typeof(p_options->'delay_seconds') NOT IN ('number', 'null')
-       OR jsonb_typeof(p_options->'tags') NOT IN ('array', 'null')
-       OR (p_options->>'delay_seconds')::double precision < 0 THEN
-        RAISE EXCEPTION 'options: priority must be an integer, delay_seconds a number >= 0, tags a list'
+    IF p_options ? 'priority' AND jsonb_typeof(p_options->'priority') <> 'null'
+       AND NOT tasker.is_int_json(p_options->'priority', -2147483647) THEN
+        RAISE EXCEPTION 'option priority must be an integer, got %', p_options->'priority' USING ERRCODE = 'TV022';
+    END IF;
+    IF NOT tasker.is_number_json(p_options->'delay_seconds', 0, 31536000) THEN
+        RAISE EXCEPTION 'option delay_seconds must be a number of seconds between 0 and a year, got %',
+            p_options->'delay_seconds' USING ERRCODE = 'TV022';
+    END IF;
+    IF jsonb_typeof(p_options->'tags') NOT IN ('array', 'null') THEN
+        RAISE EXCEPTION 'option tags must be a list, got %', p_options->'tags' USING ERRCODE = 'TV022';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_options) o
+                WHERE o.key IN ('initiator', 'source_system', 'reason', 'idempotency_key', 'correlation_id')
+                  AND jsonb_typeof(o.value) NOT IN ('string', 'null')) THEN
+        RAISE EXCEPTION 'options initiator, source_system, reason, idempotency_key and correlation_id must be strings'
             USING ERRCODE = 'TV022';
     END IF;
     v_key := p_options->>'idempotency_key';
     v_delay := coalesce((p_options->>'delay_seconds')::double precision, 0);
-    v_priority := coalesce((p_options->>'priority')::numeric::integer, 0);
+    v_priority := coalesce((p_options->>'priority')::integer, 0);
     v_tags := coalesce(nullif(p_options->'tags', 'null'::jsonb), '[]'::jsonb);
 
     -- The template version: the given one, else the newest by semantic-version order.
@@ -559,7 +614,7 @@ BEGIN
      WHERE nt.namespace = p_namespace AND nt.name = p_name
        AND (p_version IS NULL OR nt.version = p_version)
      ORDER BY nt.version_major DESC, nt.version_minor DESC, nt.version_patch DESC,
-              nt.version_pre IS NULL DESC, nt.version_pre DESC
+              nt.version_pre IS NULL DESC, nt.version_pre_key DESC
      LIMIT 1;
     IF NOT FOUND THEN
         PERFORM tasker.raise_unknown_template(p_namespace, p_name, p_version);
@@ -652,7 +707,7 @@ DECLARE
     v_versions text;
     v_names    text;
 BEGIN
-    SELECT string_agg(nt.version, ', ' ORDER BY nt.version_major, nt.version_minor, nt.version_patch, nt.version_pre NULLS LAST)
+    SELECT string_agg(nt.version, ', ' ORDER BY nt.version_major, nt.version_minor, nt.version_patch, nt.version_pre_key NULLS LAST)
       INTO v_versions
       FROM tasker.named_tasks nt WHERE nt.namespace = p_namespace AND nt.name = p_name;
     IF v_versions IS NOT NULL THEN
@@ -915,7 +970,10 @@ BEGIN
     -- 2. Lock their steps in step_uuid order, skipping any an operator call (cancel, resolve)
     --    holds right now: that message is simply left for a later claim.
     locked_steps AS MATERIALIZED (
-        SELECT s.step_uuid, s.task_uuid, s.state, s.attempts, s.max_attempts, s.retryable, s.continuation
+        SELECT s.step_uuid, s.task_uuid, s.state, s.attempts, s.max_attempts, s.retryable, s.continuation,
+               -- a scalar subquery (one tasks_pkey probe per row), not a join: a join's plan
+               -- depends on the row estimate, and the generic plan guesses LIMIT $n badly
+               (SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = s.task_uuid) AS task_state
           FROM tasker.steps s
          WHERE s.step_uuid IN (SELECT msgs.step_uuid FROM msgs)
          ORDER BY s.step_uuid
@@ -929,10 +987,10 @@ BEGIN
                        CASE WHEN EXISTS (SELECT 1 FROM tasker.steps x WHERE x.step_uuid = msgs.step_uuid)
                             THEN 'skip' ELSE 'dead' END
                    WHEN ls.state NOT IN ('enqueued', 'waiting_for_retry', 'in_progress') THEN 'dead'
-                   WHEN t.state IN ('complete', 'cancelled', 'resolved_manually') THEN 'dead'
+                   WHEN ls.task_state IN ('complete', 'cancelled', 'resolved_manually') THEN 'dead'
                    -- a checkpointed step continues its attempt (it was running when it checkpointed)
                    WHEN ls.state = 'in_progress' AND ls.continuation THEN 'run_resume'
-                   WHEN t.state = 'error' THEN
+                   WHEN ls.task_state = 'error' THEN
                        CASE WHEN ls.state = 'in_progress' THEN 'park_expire' ELSE 'park' END
                    WHEN ls.state IN ('enqueued', 'waiting_for_retry') THEN 'run_new'
                    -- in_progress and visible again: the holder's lease expired
@@ -941,10 +999,10 @@ BEGIN
                END)::tasker.claim_candidate)
       INTO v_batch
       FROM msgs
-      LEFT JOIN locked_steps ls ON ls.step_uuid = msgs.step_uuid
-      LEFT JOIN tasker.tasks t ON t.task_uuid = ls.task_uuid;
+      LEFT JOIN locked_steps ls ON ls.step_uuid = msgs.step_uuid;
 
     IF v_batch IS NULL THEN
+        PERFORM tasker.queue_sequence(p_queue);  -- an unknown queue is an error, not "no work"
         RETURN;
     END IF;
     IF EXISTS (SELECT 1 FROM unnest(v_batch) b WHERE b.kind IN ('dead', 'park', 'park_expire', 'expire_fail')) THEN
@@ -1125,8 +1183,9 @@ BEGIN
                    WHEN jsonb_typeof(e.o) <> 'object' THEN 'must be a JSON object'
                    WHEN coalesce(e.o->>'step_uuid', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                        THEN 'step_uuid must be a uuid'
-                   WHEN jsonb_typeof(e.o->'attempt') IS DISTINCT FROM 'number' THEN 'attempt must be an integer'
-                   WHEN jsonb_typeof(e.o->'claim_seq') NOT IN ('number', 'null') THEN 'claim_seq must be an integer'
+                   WHEN NOT tasker.is_int_json(e.o->'attempt', 1) THEN 'attempt must be an integer >= 1'
+                   WHEN jsonb_typeof(e.o->'claim_seq') <> 'null' AND NOT tasker.is_int_json(e.o->'claim_seq', 0)
+                       THEN 'claim_seq must be an integer >= 0'
                    WHEN coalesce(e.o->>'kind', '') NOT IN ('success', 'failure', 'checkpoint')
                        THEN 'kind must be success, failure or checkpoint'
                    WHEN e.o->>'kind' = 'failure' AND jsonb_typeof(e.o->'error') IS DISTINCT FROM 'object'
@@ -1134,6 +1193,11 @@ BEGIN
                    WHEN e.o->>'kind' = 'checkpoint' AND jsonb_typeof(e.o->'checkpoint') IS DISTINCT FROM 'object'
                        THEN 'a checkpoint needs a checkpoint object'
                    WHEN jsonb_typeof(e.o->'metadata') NOT IN ('object', 'null') THEN 'metadata must be an object'
+                   WHEN e.o->>'kind' = 'failure' AND NOT tasker.is_number_json(e.o->'error'->'retry_after', 0, 31536000)
+                       THEN 'error.retry_after must be a number of seconds between 0 and a year'
+                   WHEN e.o->>'kind' = 'failure' AND jsonb_typeof(e.o->'error'->'retryable') NOT IN ('boolean', 'null')
+                       THEN 'error.retryable must be true or false'
+                   WHEN NOT tasker.is_number_json(e.o->'duration_ms', 0, 1e15) THEN 'duration_ms must be a number >= 0'
                END AS problem
           FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY e(o, ord)
       ) x
@@ -1298,18 +1362,50 @@ $$;
 -- Leases: heartbeat and graceful hand-back
 -- --------------------------------------------------------------------------------------------
 
--- Locks the messages of the given claims, in lock order. Shared by extend_leases and
--- release_steps, which then re-check each claim's fence on the step in a new statement (a
--- fence read through a join is not re-checked after waiting for a lock).
-CREATE FUNCTION tasker.lock_claim_messages(p_claims jsonb) RETURNS void
-LANGUAGE plpgsql AS $$
+-- Parses a claim list [{step_uuid, attempt, claim_seq}] (as claim_steps returned them) and
+-- refuses a malformed one naming the entry. Shared by extend_leases and release_steps.
+CREATE FUNCTION tasker.parse_claims(p_claims jsonb)
+RETURNS TABLE (ord integer, step_uuid uuid, attempt integer, claim_seq integer)
+LANGUAGE plpgsql IMMUTABLE AS $$
+#variable_conflict use_column
+DECLARE
+    v_bad text;
 BEGIN
     IF p_claims IS NULL OR jsonb_typeof(p_claims) <> 'array' THEN
         RAISE EXCEPTION 'claims must be a JSON array of {step_uuid, attempt, claim_seq}' USING ERRCODE = 'TV031';
     END IF;
+    SELECT format('claim #%s: %s', x.ord, x.problem) INTO v_bad
+      FROM (SELECT e.ord,
+                   CASE
+                       WHEN jsonb_typeof(e.c) <> 'object' THEN 'must be a JSON object'
+                       WHEN coalesce(e.c->>'step_uuid', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                           THEN 'step_uuid must be a uuid'
+                       WHEN NOT tasker.is_int_json(e.c->'attempt', 1) THEN 'attempt must be an integer >= 1'
+                       WHEN e.c->'claim_seq' IS NOT NULL AND jsonb_typeof(e.c->'claim_seq') <> 'null'
+                            AND NOT tasker.is_int_json(e.c->'claim_seq', 0) THEN 'claim_seq must be an integer >= 0'
+                   END AS problem
+              FROM jsonb_array_elements(p_claims) WITH ORDINALITY e(c, ord)) x
+     WHERE x.problem IS NOT NULL
+     ORDER BY x.ord
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'TV031';
+    END IF;
+    RETURN QUERY
+    SELECT e.ord::integer, (e.c->>'step_uuid')::uuid, (e.c->>'attempt')::integer, (e.c->>'claim_seq')::integer
+      FROM jsonb_array_elements(p_claims) WITH ORDINALITY e(c, ord);
+END
+$$;
+
+-- Locks the messages of the given claims, in lock order. extend_leases and release_steps then
+-- re-check each claim's fence on the step in a new statement (a fence read through a join is
+-- not re-checked after waiting for a lock).
+CREATE FUNCTION tasker.lock_claim_messages(p_claims jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
     PERFORM 1
        FROM (SELECT t.namespace, s.msg_id
-               FROM jsonb_to_recordset(p_claims) AS c(step_uuid uuid, attempt integer, claim_seq integer)
+               FROM tasker.parse_claims(p_claims) c
                JOIN tasker.steps s ON s.step_uuid = c.step_uuid
                JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
               WHERE s.state = 'in_progress' AND s.attempts = c.attempt) x
@@ -1320,8 +1416,8 @@ END
 $$;
 
 -- Heartbeat for many steps in one call: pushes each still-current claim's lease to
--- now + p_lease_seconds. extended = false means the claim is gone (lease lost and reclaimed,
--- step cancelled, or checkpointed): its outcome will be stale.
+-- now + p_lease_seconds. One row per claim, in input order; extended = false means the claim
+-- is gone (lease lost and reclaimed, step cancelled, or checkpointed): its outcome will be stale.
 CREATE FUNCTION tasker.extend_leases(p_claims jsonb, p_lease_seconds double precision)
 RETURNS TABLE (step_uuid uuid, extended boolean, lease_expires_at timestamptz)
 LANGUAGE plpgsql AS $$
@@ -1329,17 +1425,17 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_lease timestamptz;
 BEGIN
-    IF p_lease_seconds IS NULL OR p_lease_seconds <= 0 THEN
-        RAISE EXCEPTION 'lease_seconds must be > 0' USING ERRCODE = 'TV002';
+    IF p_lease_seconds IS NULL OR p_lease_seconds <= 0 OR p_lease_seconds > 31536000 THEN
+        RAISE EXCEPTION 'lease_seconds must be > 0 and at most a year, got %', p_lease_seconds USING ERRCODE = 'TV002';
     END IF;
     PERFORM tasker.lock_claim_messages(p_claims);
     v_lease := clock_timestamp() + make_interval(secs => p_lease_seconds);
     RETURN QUERY
     WITH c AS (
-        SELECT * FROM jsonb_to_recordset(p_claims) AS c(step_uuid uuid, attempt integer, claim_seq integer)
+        SELECT * FROM tasker.parse_claims(p_claims)
     ),
     current_claims AS (
-        SELECT c.step_uuid, t.namespace, s.msg_id
+        SELECT c.ord, t.namespace, s.msg_id
           FROM c
           JOIN tasker.steps s ON s.step_uuid = c.step_uuid
           JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
@@ -1352,16 +1448,17 @@ BEGIN
            SET vt = v_lease
           FROM current_claims cc
          WHERE m.queue = cc.namespace AND m.msg_id = cc.msg_id
-        RETURNING cc.step_uuid
+        RETURNING cc.ord
     )
-    SELECT c.step_uuid, upd.step_uuid IS NOT NULL, CASE WHEN upd.step_uuid IS NOT NULL THEN v_lease END
-      FROM c LEFT JOIN upd ON upd.step_uuid = c.step_uuid;
+    SELECT c.step_uuid, upd.ord IS NOT NULL, CASE WHEN upd.ord IS NOT NULL THEN v_lease END
+      FROM c LEFT JOIN (SELECT DISTINCT upd.ord FROM upd) upd ON upd.ord = c.ord
+     ORDER BY c.ord;
 END
 $$;
 
 -- Graceful shutdown: hands back claims whose handler never started. The attempt the claim
 -- started is given back (a checkpoint continuation goes back to waiting for its continuation)
--- and the message is visible at once for another worker.
+-- and the message is visible at once for another worker. One row per claim, in input order.
 CREATE FUNCTION tasker.release_steps(p_claims jsonb)
 RETURNS TABLE (step_uuid uuid, released boolean)
 LANGUAGE plpgsql AS $$
@@ -1372,7 +1469,7 @@ BEGIN
     PERFORM tasker.lock_claim_messages(p_claims);
     RETURN QUERY
     WITH c AS (
-        SELECT * FROM jsonb_to_recordset(p_claims) AS c(step_uuid uuid, attempt integer, claim_seq integer)
+        SELECT * FROM tasker.parse_claims(p_claims)
     ),
     upd AS (
         UPDATE tasker.steps s
@@ -1392,7 +1489,7 @@ BEGIN
            AND s.state = 'in_progress' AND s.attempts = c.attempt
            AND (c.claim_seq IS NULL OR s.claim_seq = c.claim_seq)
            AND NOT s.continuation
-        RETURNING s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id
+        RETURNING c.ord, s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id
     ),
     msgs AS (
         UPDATE tasker.queue_messages m
@@ -1408,10 +1505,11 @@ BEGIN
     notified AS (
         SELECT count(pg_notify('tasker_' || q.queue, '')) AS n FROM (SELECT DISTINCT msgs.queue FROM msgs) q
     )
-    SELECT c.step_uuid, upd.step_uuid IS NOT NULL
+    SELECT c.step_uuid, upd.ord IS NOT NULL
       FROM c
-      LEFT JOIN upd ON upd.step_uuid = c.step_uuid
-     CROSS JOIN notified;
+      LEFT JOIN upd ON upd.ord = c.ord
+     CROSS JOIN notified
+     ORDER BY c.ord;
 END
 $$;
 
@@ -1445,6 +1543,7 @@ BEGIN
     IF v_state IN ('complete', 'cancelled', 'resolved_manually') THEN
         RAISE EXCEPTION 'task % is % and cannot be cancelled', p_task, v_state USING ERRCODE = 'TS001';
     END IF;
+    v_state := tasker.effective_task_state(p_task, v_state);
 
     DELETE FROM tasker.queue_messages m
      USING tasker.steps s
@@ -1618,10 +1717,12 @@ BEGIN
     SELECT s.step_uuid, s.name, s.state, s.attempts, s.max_attempts,
            p.total = p.done, p.total, p.done,
            s.retryable AND s.attempts < s.max_attempts,
-           t.state IN ('pending', 'steps_in_process') AND (
+           -- the same decision claim_steps makes: a checkpoint continuation goes on even while
+           -- its task is in error (it was running); nothing else starts then
+           (s.state = 'in_progress' AND s.continuation AND t.state IN ('pending', 'steps_in_process', 'error'))
+           OR (t.state IN ('pending', 'steps_in_process') AND (
                (s.state = 'enqueued' AND coalesce(m.vt <= clock_timestamp(), false))
-               OR (s.state = 'waiting_for_retry' AND coalesce(s.next_attempt_at <= clock_timestamp(), false))
-               OR (s.state = 'in_progress' AND s.continuation)),
+               OR (s.state = 'waiting_for_retry' AND coalesce(s.next_attempt_at <= clock_timestamp(), false)))),
            CASE WHEN s.state = 'waiting_for_retry' THEN s.next_attempt_at
                 WHEN s.state = 'enqueued' THEN m.vt END,
            CASE
@@ -1748,11 +1849,17 @@ LANGUAGE sql STABLE AS $$
           FROM tasker.queue_messages m
          WHERE m.message ? 'step_uuid'
     ),
+    msg_count AS (
+        SELECT msg.step_uuid, count(*) AS n FROM msg GROUP BY msg.step_uuid
+    ),
     per_step AS (
-        SELECT s.step_uuid, s.name, s.state, s.msg_id, t.namespace,
-               (SELECT count(*) FROM msg WHERE msg.step_uuid = s.step_uuid) AS messages,
-               EXISTS (SELECT 1 FROM msg WHERE msg.step_uuid = s.step_uuid AND msg.queue = t.namespace AND msg.msg_id = s.msg_id) AS pointer_ok
-          FROM tasker.steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+        SELECT s.step_uuid, s.name, s.state, s.msg_id, t.namespace, coalesce(mc.n, 0) AS messages,
+               EXISTS (SELECT 1 FROM tasker.queue_messages m
+                        WHERE m.queue = t.namespace AND m.msg_id = s.msg_id
+                          AND m.message->>'step_uuid' = s.step_uuid::text) AS pointer_ok
+          FROM tasker.steps s
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+          LEFT JOIN msg_count mc ON mc.step_uuid = s.step_uuid
     ),
     parents AS (
         SELECT s.step_uuid, s.name, s.state, s.pending_parents,

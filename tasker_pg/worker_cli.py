@@ -1,0 +1,297 @@
+"""`tasker-pg worker`: run step handlers for one or more namespaces until SIGTERM/SIGINT.
+
+```
+tasker-pg worker --namespace ecommerce --handlers examples.ecommerce.handlers \\
+    --templates examples/ecommerce
+```
+
+Each `--handlers` module is imported (the current directory is importable) and every
+`StepHandler` subclass defined in it is registered under its `handler_name`. Each `--templates`
+path (a YAML file or a directory of them) is validated and registered at start; without
+`--namespace`, the worker serves the templates' namespaces. SIGTERM or SIGINT stops gracefully
+(running steps get `--grace` seconds, unstarted claims are handed back) and the command exits 0;
+a second signal abandons the running steps at once.
+
+`add_parser(subparsers)` adds the subcommand to the main `tasker-pg` parser; this module also
+runs on its own: `python -m tasker_pg.worker_cli --namespace ... --handlers ...`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from tasker_pg.errors import TaskerError
+from tasker_pg.registry import HandlerRegistry
+from tasker_pg.template import TaskTemplate, load_templates
+from tasker_pg.worker import Worker
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+# Named explicitly: under `python -m` this module's __name__ is "__main__".
+logger = logging.getLogger("tasker_pg.worker_cli")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The worker's options (shared by `tasker-pg worker` and `python -m tasker_pg.worker_cli`)."""
+    parser.add_argument(
+        "--namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="namespace (queue) to work on; repeat for several "
+        "(default: the namespaces of --templates)",
+    )
+    parser.add_argument(
+        "--handlers",
+        action="append",
+        default=[],
+        metavar="MODULE",
+        help="module whose StepHandler subclasses are registered, e.g. myapp.handlers; repeatable",
+    )
+    parser.add_argument(
+        "--templates",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="template YAML file or directory to register at start; repeatable",
+    )
+    parser.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="steps run at once, also the thread pool size for sync handlers (default 10)",
+    )
+    parser.add_argument(
+        "--lease-seconds",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="lease per claim; a crashed worker's steps are retried after it (default 30)",
+    )
+    parser.add_argument(
+        "--grace",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, how long running steps may take to finish (default 30)",
+    )
+    parser.add_argument(
+        "--poll-interval",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="claim this often even without notifications (default 1)",
+    )
+    parser.add_argument(
+        "--summary-interval",
+        type=_non_negative_float,
+        default=30.0,
+        metavar="S",
+        help="log a one-line summary this often; 0 disables it (default 30)",
+    )
+    parser.add_argument("--worker-id", metavar="ID", help="default: <host>-<pid>-<random>")
+    parser.add_argument(
+        "--dsn",
+        help="database URL (default: TASKER_DATABASE_URL, DATABASE_URL, embedded cluster)",
+    )
+    parser.add_argument(
+        "--log-level",
+        choices=_LOG_LEVELS,
+        default=None,
+        help="log level of tasker-pg's own loggers (default info)",
+    )
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the `worker` subcommand to the `tasker-pg` parser's subparsers."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "worker",
+        help="run step handlers until SIGTERM/SIGINT",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    add_arguments(parser)
+    parser.set_defaults(func=cmd_worker)
+    return parser
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run the worker described by parsed arguments; the exit code (0 after a graceful stop)."""
+    _configure_logging(args.log_level)
+    if not args.namespace and not args.templates:
+        print(
+            "error: name the namespaces to work on with --namespace NS (or give --templates, "
+            "whose namespaces are then used)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    try:
+        registry, templates = load_handlers_and_templates(args.handlers, args.templates)
+        worker = Worker(
+            args.namespace,
+            registry,
+            dsn=args.dsn,
+            concurrency=args.concurrency,
+            lease_seconds=args.lease_seconds,
+            grace_seconds=args.grace,
+            worker_id=args.worker_id,
+            templates=templates,
+            poll_interval=args.poll_interval,
+            summary_interval=args.summary_interval,
+        )
+    except TaskerError as exc:
+        print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    try:
+        asyncio.run(_run(worker))
+    except TaskerError as exc:
+        print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    if worker.abandoned_threads:
+        # Threads of sync handlers that never finished would keep the interpreter alive at exit
+        # (it joins thread-pool threads); their steps are left to lease expiry, so leave now.
+        logger.warning(
+            "worker %s: exiting with %d sync handler thread(s) still running",
+            worker.worker_id,
+            worker.abandoned_threads,
+        )
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_OK)
+    return EXIT_OK
+
+
+async def _run(worker: Worker) -> None:
+    """Run the worker with SIGTERM/SIGINT wired to a graceful stop."""
+    loop = asyncio.get_running_loop()
+    installed: list[signal.Signals] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, _on_signal, worker, sig)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or no signal support
+            pass
+    try:
+        await worker.run()
+    finally:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+
+def _on_signal(worker: Worker, sig: signal.Signals) -> None:
+    logger.info("worker %s: received %s", worker.worker_id, sig.name)
+    worker.request_stop()
+
+
+def load_handlers_and_templates(
+    handler_modules: Sequence[str], template_paths: Sequence[str]
+) -> tuple[HandlerRegistry, list[TaskTemplate]]:
+    """Import and register the handler modules; load and validate the template files.
+
+    The current working directory is put on `sys.path` first, so `--handlers myapp.handlers`
+    finds `./myapp/handlers.py` as `python -m` would.
+    """
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+    registry = HandlerRegistry()
+    for module in handler_modules:
+        found = registry.register_module(module)
+        if not found:
+            logger.warning("handler module %s defines no StepHandler subclass", module)
+        else:
+            logger.info(
+                "registered %d handler(s) from %s: %s",
+                len(found),
+                module,
+                ", ".join(cls.handler_name for cls in found),
+            )
+    templates: list[TaskTemplate] = []
+    for path in template_paths:
+        templates.extend(load_templates(path))
+    return registry, templates
+
+
+def _configure_logging(level_name: str | None) -> None:
+    """Make tasker-pg's INFO records (start, summary, reconnects) visible unless told otherwise.
+
+    The main CLI configures the root logger at WARNING by default; a worker's INFO lines are its
+    heartbeat for operators, so the `tasker_pg` logger gets INFO unless `--log-level` or `-v`
+    says otherwise.
+    """
+    if not logging.getLogger().handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    package_logger = logging.getLogger("tasker_pg")
+    if level_name is not None:
+        package_logger.setLevel(level_name.upper())
+    elif logging.getLogger().getEffectiveLevel() > logging.INFO:
+        package_logger.setLevel(logging.INFO)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The standalone parser of `python -m tasker_pg.worker_cli`."""
+    parser = argparse.ArgumentParser(
+        prog="python -m tasker_pg.worker_cli",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+    )
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `python -m tasker_pg.worker_cli`."""
+    args = build_parser().parse_args(argv)
+    try:
+        return cmd_worker(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = _float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1651 @@
+"""Concurrency and query-plan tests of the SQL engine (claim_steps, complete_steps, cancel_task).
+
+Every simulated worker is its own connection (its own backend); interleavings are explicit:
+transactions are opened by hand, calls are released together by an `asyncio.Barrier`, and a
+session that must be blocked is observed blocked in `pg_stat_activity` / `pg_locks` (polled
+with a deadline, never a fixed sleep) before the session it waits for commits. Each test runs
+on a fresh database and has its own timeout; DESIGN.md invariants 1-3 are checked at the end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import asyncpg
+import pytest
+
+from tasker_pg import db
+from tasker_pg.errors import DatabaseError
+
+T = TypeVar("T")
+Row = db.Row
+Opener = Callable[[int], Awaitable[list[db.Connection]]]
+
+NS = "conc"
+LONG_LEASE = 300.0
+DEADLOCK_DETECTED = "40P01"
+MIGRATIONS = Path(__file__).resolve().parents[1] / "sql" / "migrations"
+
+
+# --- builders ------------------------------------------------------------------------------
+
+
+def template(name: str, deps: dict[str, list[str]], namespace: str = NS) -> dict[str, Any]:
+    """A template body: one step per key of `deps` (in order), each depending on its list."""
+    return {
+        "name": name,
+        "namespace_name": namespace,
+        "version": "1.0.0",
+        "steps": [
+            {"name": step, "handler": {"callable": f"h.{step}"}, "dependencies": parents}
+            for step, parents in deps.items()
+        ],
+    }
+
+
+Deps = dict[str, list[str]]
+SINGLE: Deps = {"only": []}
+LINEAR3: Deps = {"s1": [], "s2": ["s1"], "s3": ["s2"]}
+FAN_IN: Deps = {"a": [], "b": [], "c": ["a", "b"]}
+# Two fan-ins in one task: x1, y1 -> X and x2, y2 -> Y.
+TWIN: Deps = {"x1": [], "y1": [], "x2": [], "y2": [], "X": ["x1", "y1"], "Y": ["x2", "y2"]}
+
+
+async def register(conn: db.Connection, name: str, deps: dict[str, list[str]]) -> None:
+    await conn.register_template(template(name, deps))
+
+
+async def create_tasks(
+    conn: db.Connection, name: str, count: int, *, options: dict[str, Any] | None = None
+) -> list[uuid.UUID]:
+    """`count` tasks from one set-based statement (one create_task call per row, in order)."""
+    rows = await conn.fetch(
+        """
+        SELECT tasker.create_task($1, $2, jsonb_build_object('n', g), NULL, $4::jsonb) AS task
+          FROM generate_series(1, $3) g
+         ORDER BY g
+        """,
+        NS,
+        name,
+        count,
+        options or {},
+    )
+    return [r["task"] for r in rows]
+
+
+async def step_ids(
+    conn: db.Connection, tasks: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, dict[str, uuid.UUID]]:
+    """task -> {step name -> step uuid}."""
+    rows = await conn.fetch(
+        "SELECT task_uuid, name, step_uuid FROM tasker.steps WHERE task_uuid = ANY($1::uuid[])",
+        list(tasks),
+    )
+    out: dict[uuid.UUID, dict[str, uuid.UUID]] = {t: {} for t in tasks}
+    for r in rows:
+        out[r["task_uuid"]][r["name"]] = r["step_uuid"]
+    return out
+
+
+def success(row: Row, result: Any = None, *, with_claim_seq: bool = True) -> dict[str, Any]:
+    """A success outcome for a claim row (fenced by attempt, and claim_seq unless told not to)."""
+    outcome: dict[str, Any] = {
+        "step_uuid": str(row["step_uuid"]),
+        "attempt": row["attempt"],
+        "kind": "success",
+        "result": {"step": row["step_name"]} if result is None else result,
+    }
+    if with_claim_seq:
+        outcome["claim_seq"] = row["claim_seq"]
+    return outcome
+
+
+async def claim_all(
+    conn: db.Connection, worker: str, expected: int, *, lease: float = LONG_LEASE
+) -> list[Row]:
+    """Claim until `expected` steps are held (polls with a deadline: they may not be due yet)."""
+    got: list[Row] = []
+    deadline = time.monotonic() + 10
+    while len(got) < expected:
+        got.extend(await conn.claim_steps(NS, worker, expected - len(got), lease))
+        if len(got) < expected:
+            assert time.monotonic() < deadline, f"claimed {len(got)} of {expected} steps"
+            await asyncio.sleep(0.01)
+    return got
+
+
+def statuses(rows: Iterable[Row]) -> list[str]:
+    return [r["status"] for r in rows]
+
+
+async def assert_no_violations(conn: db.Connection) -> None:
+    violations = await conn.check_invariants()
+    assert violations == [], [dict(v) for v in violations]
+
+
+async def live_messages(conn: db.Connection) -> int:
+    return int(await conn.fetchval("SELECT count(*) FROM tasker.queue_messages"))
+
+
+def is_deadlock(exc: BaseException) -> bool:
+    """asyncpg's DeadlockDetectedError, as the seam translates it (DatabaseError, 40P01)."""
+    return (
+        isinstance(exc, DatabaseError | asyncpg.PostgresError)
+        and getattr(exc, "sqlstate", None) == DEADLOCK_DETECTED
+    )
+
+
+Call = Callable[[db.Connection], Awaitable[Any]]
+
+
+def completing(outcomes: Sequence[dict[str, Any]]) -> Call:
+    return lambda c: c.complete_steps(outcomes)
+
+
+def claiming(worker: str, qty: int) -> Call:
+    return lambda c: c.claim_steps(NS, worker, qty, LONG_LEASE)
+
+
+def cancelling(task: uuid.UUID) -> Call:
+    return lambda c: c.cancel_task(task, "race")
+
+
+def settled(results: Sequence[Any | BaseException]) -> list[Any]:
+    """The sides' results, after checking that none of them raised."""
+    errors = [r for r in results if isinstance(r, BaseException)]
+    assert errors == [], errors
+    return list(results)
+
+
+# --- sessions and interleavings ------------------------------------------------------------
+
+
+@pytest.fixture
+async def sessions(dsn: str) -> AsyncIterator[Opener]:
+    """Opens separate connections (one per simulated worker); all closed after the test."""
+    opened: list[db.Connection] = []
+
+    async def open_(count: int) -> list[db.Connection]:
+        new = [await db.connect(dsn) for _ in range(count)]
+        opened.extend(new)
+        return new
+
+    yield open_
+    for c in opened:
+        await c.close()
+
+
+class Observer:
+    """A separate session that watches the others' lock waits (queries serialised)."""
+
+    def __init__(self, conn: db.Connection) -> None:
+        self.conn = conn
+        self._lock = asyncio.Lock()
+
+    async def lock_wait(self, pid: int) -> Row | None:
+        """The session's lock wait (wait event, blocking pids), or None when it is not waiting."""
+        async with self._lock:
+            return await self.conn.fetchrow(
+                """
+                SELECT a.wait_event_type, a.wait_event, pg_blocking_pids(a.pid) AS blockers
+                  FROM pg_stat_activity a
+                 WHERE a.pid = $1 AND a.wait_event_type = 'Lock'
+                   AND EXISTS (SELECT 1 FROM pg_locks l WHERE l.pid = a.pid AND NOT l.granted)
+                """,
+                pid,
+            )
+
+    async def until_blocked(self, pid: int, *, by: int | None = None, within: float = 10) -> Row:
+        """Poll until session `pid` waits for a lock (held by `by`, when given)."""
+        deadline = time.monotonic() + within
+        while True:
+            row = await self.lock_wait(pid)
+            if row is not None and (by is None or by in row["blockers"]):
+                return row
+            assert time.monotonic() < deadline, f"session {pid} never blocked on a lock"
+            await asyncio.sleep(0.005)
+
+    async def until_blocked_or_done(
+        self, pid: int, done: asyncio.Event, *, within: float = 10
+    ) -> bool:
+        """Poll until session `pid` waits for a lock (True) or its call returned (False)."""
+        deadline = time.monotonic() + within
+        while not done.is_set():
+            if await self.lock_wait(pid) is not None:
+                return True
+            assert time.monotonic() < deadline, f"session {pid} neither blocked nor returned"
+            await asyncio.sleep(0.002)
+        return False
+
+
+async def overlapped(
+    observer: Observer,
+    sides: Sequence[tuple[db.Connection, Callable[[db.Connection], Awaitable[T]]]],
+    *,
+    within: float = 20,
+) -> tuple[list[T | BaseException], int]:
+    """Run each call in an explicit transaction on its own connection, released together.
+
+    A side whose call returns keeps its transaction (and its locks) open until every other
+    side has either returned or is seen waiting for a lock, then commits. So the calls really
+    overlap: one of them runs into the other's uncommitted row locks. Returns each side's
+    result or exception (rolled back), and how many times a side was observed blocked.
+    """
+    barrier = asyncio.Barrier(len(sides))
+    returned = [asyncio.Event() for _ in sides]
+    blocked = 0
+
+    async def run(i: int) -> T:
+        nonlocal blocked
+        conn, call = sides[i]
+        tx = conn.raw.transaction()
+        await tx.start()
+        try:
+            await barrier.wait()
+            result = await call(conn)
+            returned[i].set()
+            for j, (other, _) in enumerate(sides):
+                if j != i and await observer.until_blocked_or_done(other.backend_pid, returned[j]):
+                    blocked += 1
+            await tx.commit()
+            return result
+        except BaseException:
+            returned[i].set()
+            await tx.rollback()
+            raise
+
+    results = await asyncio.wait_for(
+        asyncio.gather(*(run(i) for i in range(len(sides))), return_exceptions=True), within
+    )
+    return list(results), blocked
+
+
+async def together(
+    sides: Sequence[tuple[db.Connection, Callable[[db.Connection], Awaitable[T]]]],
+    *,
+    within: float = 20,
+) -> list[T]:
+    """Run each call on its own connection (autocommit), released together by a barrier."""
+    barrier = asyncio.Barrier(len(sides))
+
+    async def run(conn: db.Connection, call: Callable[[db.Connection], Awaitable[T]]) -> T:
+        await barrier.wait()
+        return await call(conn)
+
+    return list(await asyncio.wait_for(asyncio.gather(*(run(c, f) for c, f in sides)), within))
+
+
+async def fan_in_children(
+    conn: db.Connection, tasks: Sequence[uuid.UUID], children: Sequence[str]
+) -> list[Row]:
+    """Per fan-in child: state, counter, live messages, and how often dependencies enqueued it."""
+    return await conn.fetch(
+        """
+        SELECT s.task_uuid, s.name, s.step_uuid, s.state, s.pending_parents,
+               (SELECT count(*) FROM tasker.queue_messages m
+                 WHERE m.message->>'step_uuid' = s.step_uuid::text) AS messages,
+               (SELECT count(*) FROM tasker.step_transitions tr
+                 WHERE tr.step_uuid = s.step_uuid AND tr.to_state = 'enqueued'
+                   AND tr.event = 'dependencies_satisfied') AS enqueues
+          FROM tasker.steps s
+         WHERE s.task_uuid = ANY($1::uuid[]) AND s.name = ANY($2::text[])
+        """,
+        list(tasks),
+        list(children),
+    )
+
+
+def assert_enqueued_once(children: Sequence[Row], expected: int) -> None:
+    assert len(children) == expected
+    bad = [
+        dict(c)
+        for c in children
+        if (c["state"], c["pending_parents"], c["messages"], c["enqueues"]) != ("enqueued", 0, 1, 1)
+    ]
+    assert bad == [], f"{len(bad)} fan-in children not enqueued exactly once: {bad[:5]}"
+
+
+async def drain(conn: db.Connection, worker: str = "drainer") -> int:
+    """Claim and complete everything until the queue is empty; returns the steps completed."""
+    done = 0
+    while rows := await conn.claim_steps(NS, worker, 200, LONG_LEASE):
+        result = await conn.complete_steps([success(r) for r in rows])
+        assert set(statuses(result)) == {"applied"}
+        done += len(rows)
+    return done
+
+
+# --- fan-in race -----------------------------------------------------------------------------
+
+FAN_IN_ROUNDS = 200
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["transactions", "autocommit"])
+async def test_fan_in_race_enqueues_child_exactly_once(
+    conn: db.Connection, sessions: Opener, mode: str
+) -> None:
+    """Two sessions complete the two parents of one child at the same moment, 200 times."""
+    await register(conn, "fanin", FAN_IN)
+    tasks = await create_tasks(conn, "fanin", FAN_IN_ROUNDS)
+    claims = await claim_all(conn, "claimer", 2 * FAN_IN_ROUNDS)
+    parent: dict[tuple[uuid.UUID, str], Row] = {(r["task_uuid"], r["step_name"]): r for r in claims}
+    first, second, watcher = await sessions(3)
+    observer = Observer(watcher)
+
+    blocked = 0
+    for i, task in enumerate(tasks):
+        # alternate which session gets which parent, so both sessions win races
+        left, right = (first, second) if i % 2 == 0 else (second, first)
+        a, b = parent[(task, "a")], parent[(task, "b")]
+
+        sides = [(left, completing([success(a)])), (right, completing([success(b)]))]
+        if mode == "transactions":
+            outcomes, waits = await overlapped(observer, sides)
+            blocked += waits
+            results = settled(outcomes)
+        else:
+            results = await together(sides)
+        assert [statuses(r) for r in results] == [["applied"], ["applied"]], f"round {i}"
+
+    if mode == "transactions":
+        # Both completions lock the child row: in every round one of them waited for the other.
+        assert blocked == FAN_IN_ROUNDS
+    assert_enqueued_once(await fan_in_children(conn, tasks, ["c"]), FAN_IN_ROUNDS)
+    assert await live_messages(conn) == FAN_IN_ROUNDS
+    await assert_no_violations(conn)
+
+    assert await drain(conn) == FAN_IN_ROUNDS
+    states = await conn.fetch(
+        "SELECT state, count(*) AS n FROM tasker.tasks WHERE task_uuid = ANY($1) GROUP BY state",
+        tasks,
+    )
+    assert {r["state"]: r["n"] for r in states} == {"complete": FAN_IN_ROUNDS}
+    assert await live_messages(conn) == 0
+    await assert_no_violations(conn)
+
+
+@pytest.mark.timeout(30)
+async def test_fan_in_blocked_completion_enqueues_child_after_commit(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """A completes parent a and holds its transaction; B's completion of b waits on the child's
+    row lock; A commits; B returns and is the session that enqueues c."""
+    await register(conn, "fanin", FAN_IN)
+    [task] = await create_tasks(conn, "fanin", 1)
+    claims = {r["step_name"]: r for r in await claim_all(conn, "claimer", 2)}
+    steps = (await step_ids(conn, [task]))[task]
+    session_a, session_b, watcher = await sessions(3)
+    observer = Observer(watcher)
+
+    tx_a = session_a.raw.transaction()
+    await tx_a.start()
+    assert statuses(await session_a.complete_steps([success(claims["a"])])) == ["applied"]
+    # inside A's transaction the child is one parent short and still pending
+    assert (
+        await session_a.fetchval(
+            "SELECT pending_parents FROM tasker.steps WHERE step_uuid = $1", steps["c"]
+        )
+        == 1
+    )
+
+    tx_b = session_b.raw.transaction()
+    await tx_b.start()
+    xid_b = await session_b.fetchval("SELECT (txid_current() % 4294967296)::bigint")
+    pending_b = asyncio.create_task(session_b.complete_steps([success(claims["b"])]))
+    wait = await observer.until_blocked(session_b.backend_pid, by=session_a.backend_pid)
+    assert wait["wait_event_type"] == "Lock"
+    assert not pending_b.done()
+    # nobody else sees A's uncommitted work
+    child = await watcher.fetchrow(
+        "SELECT state, pending_parents FROM tasker.steps WHERE step_uuid = $1", steps["c"]
+    )
+    assert child is not None
+    assert (child["state"], child["pending_parents"]) == ("pending", 2)
+
+    await tx_a.commit()
+    assert statuses(await asyncio.wait_for(pending_b, 10)) == ["applied"]
+    await tx_b.commit()
+
+    [row] = await fan_in_children(conn, [task], ["c"])
+    assert (row["state"], row["pending_parents"], row["messages"], row["enqueues"]) == (
+        "enqueued",
+        0,
+        1,
+        1,
+    )
+    # B's transaction wrote the enqueue transition and the child's message
+    writers = await conn.fetch(
+        """
+        SELECT xmin::text::bigint AS xid FROM tasker.step_transitions
+         WHERE step_uuid = $1::uuid AND event = 'dependencies_satisfied'
+        UNION ALL
+        SELECT xmin::text::bigint FROM tasker.queue_messages m
+         WHERE m.message->>'step_uuid' = $1::uuid::text
+        """,
+        steps["c"],
+    )
+    assert [r["xid"] for r in writers] == [xid_b, xid_b]
+    await assert_no_violations(conn)
+
+
+# --- concurrent workers ----------------------------------------------------------------------
+
+
+async def run_workers(
+    conns: Sequence[db.Connection], total_steps: int, *, within: float = 60
+) -> list[list[Row]]:
+    """Each connection loops claim_steps(20) -> complete_steps(success) until every step is
+    complete; returns what each one claimed. An empty claim while others still hold steps
+    (whose completions enqueue children) polls again with a deadline."""
+    done = 0
+    deadline = time.monotonic() + within
+
+    async def worker(conn: db.Connection, name: str) -> list[Row]:
+        nonlocal done
+        claimed: list[Row] = []
+        while done < total_steps:
+            rows = await conn.claim_steps(NS, name, 20, LONG_LEASE)
+            if not rows:
+                assert time.monotonic() < deadline, f"stuck at {done} of {total_steps} steps"
+                await asyncio.sleep(0.002)
+                continue
+            claimed.extend(rows)
+            result = await conn.complete_steps([success(r, {"by": name}) for r in rows])
+            assert set(statuses(result)) == {"applied"}, [dict(r) for r in result]
+            done += len(rows)
+        return claimed
+
+    return list(
+        await asyncio.wait_for(
+            asyncio.gather(*(worker(c, f"w{i}") for i, c in enumerate(conns))), within + 5
+        )
+    )
+
+
+async def assert_all_committed_once(
+    conn: db.Connection, tasks: Sequence[uuid.UUID], per_task: int
+) -> None:
+    summary = await conn.fetchrow(
+        """
+        SELECT count(*) FILTER (WHERE t.state = 'complete') AS complete_tasks,
+               (SELECT count(*) FROM tasker.steps s WHERE s.task_uuid = ANY($1)) AS steps,
+               (SELECT count(*) FROM tasker.steps s WHERE s.task_uuid = ANY($1)
+                  AND s.state = 'complete' AND s.attempts = 1) AS complete_steps,
+               (SELECT count(*) FROM tasker.steps s WHERE s.task_uuid = ANY($1)
+                  AND (SELECT count(*) FROM tasker.step_transitions tr
+                        WHERE tr.step_uuid = s.step_uuid AND tr.event = 'succeeded') <> 1)
+                   AS not_committed_once
+          FROM tasker.tasks t
+         WHERE t.task_uuid = ANY($1)
+        """,
+        list(tasks),
+    )
+    n = len(tasks)
+    assert summary is not None
+    assert dict(summary) == {
+        "complete_tasks": n,
+        "steps": n * per_task,
+        "complete_steps": n * per_task,
+        "not_committed_once": 0,
+    }
+    assert await live_messages(conn) == 0
+    await assert_no_violations(conn)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("shape", "count"), [("single", 2000), ("linear3", 500)], ids=["single_x2000", "linear3_x500"]
+)
+async def test_four_workers_commit_every_step_once(
+    conn: db.Connection, sessions: Opener, shape: str, count: int
+) -> None:
+    deps = SINGLE if shape == "single" else LINEAR3
+    await register(conn, shape, deps)
+    tasks = await create_tasks(conn, shape, count)
+    total = count * len(deps)
+    claimed = await run_workers(await sessions(4), total)
+
+    flat = [r["step_uuid"] for rows in claimed for r in rows]
+    assert len(flat) == len(set(flat)) == total, "a step was claimed twice"
+    assert all(rows for rows in claimed), [len(rows) for rows in claimed]
+    assert {r["attempt"] for rows in claimed for r in rows} == {1}
+    await assert_all_committed_once(conn, tasks, len(deps))
+    # the results stored are the ones the claiming worker sent
+    by_worker = {r["step_uuid"]: f"w{i}" for i, rows in enumerate(claimed) for r in rows}
+    stored = await conn.fetch(
+        "SELECT step_uuid, results->>'by' AS by FROM tasker.steps WHERE task_uuid = ANY($1)", tasks
+    )
+    assert {r["step_uuid"]: r["by"] for r in stored} == by_worker
+
+
+# --- lock order ------------------------------------------------------------------------------
+
+LOCK_ORDER_ROUNDS = 40
+PAIRS_PER_ROUND = 8
+
+
+@pytest.mark.timeout(60)
+async def test_sibling_batches_in_opposite_orders_never_deadlock(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """Session A completes one parent of each fan-in in one order, session B the sibling
+    parents in the opposite order, both in open transactions released by a barrier. Locking
+    children (and tasks) in batch order would deadlock every round; the engine's order
+    (messages, own steps, children by step_uuid, tasks by task_uuid) must never."""
+    await register(conn, "fanin", FAN_IN)
+    await register(conn, "twin", TWIN)
+    pair_tasks = await create_tasks(conn, "fanin", LOCK_ORDER_ROUNDS * PAIRS_PER_ROUND)
+    twin_tasks = await create_tasks(conn, "twin", LOCK_ORDER_ROUNDS)
+    roots = len(pair_tasks) * 2 + len(twin_tasks) * 4
+    claims = await claim_all(conn, "claimer", roots)
+    held = {(r["task_uuid"], r["step_name"]): r for r in claims}
+    session_a, session_b, watcher = await sessions(3)
+    observer = Observer(watcher)
+
+    deadlocks: list[str] = []
+    blocked = 0
+    for rnd in range(LOCK_ORDER_ROUNDS):
+        group = pair_tasks[rnd * PAIRS_PER_ROUND : (rnd + 1) * PAIRS_PER_ROUND]
+        twin = twin_tasks[rnd]
+        # A: a of tasks 0..7 (children c0..c7, tasks T0..T7), then x1 (-> X), x2 (-> Y)
+        batch_a = [success(held[(t, "a")]) for t in group]
+        batch_a += [success(held[(twin, "x1")]), success(held[(twin, "x2")])]
+        # B: y2 (-> Y), y1 (-> X), then b of tasks 7..0 (children c7..c0, tasks T7..T0)
+        batch_b = [success(held[(twin, "y2")]), success(held[(twin, "y1")])]
+        batch_b += [success(held[(t, "b")]) for t in reversed(group)]
+        results, waits = await overlapped(
+            observer,
+            [
+                (session_a, completing(batch_a)),
+                (session_b, completing(batch_b)),
+            ],
+        )
+        blocked += waits
+        for r in results:
+            if isinstance(r, BaseException):
+                if is_deadlock(r):
+                    deadlocks.append(f"round {rnd}: {r}")
+                    continue
+                raise r
+            assert set(statuses(r)) == {"applied"}
+    assert deadlocks == []
+    assert blocked == LOCK_ORDER_ROUNDS  # the batches really contended every round
+
+    assert_enqueued_once(await fan_in_children(conn, pair_tasks, ["c"]), len(pair_tasks))
+    assert_enqueued_once(await fan_in_children(conn, twin_tasks, ["X", "Y"]), 2 * len(twin_tasks))
+    await assert_no_violations(conn)
+
+
+# --- claim vs cancel, claim vs complete ------------------------------------------------------
+
+
+async def make_visible(conn: db.Connection, task: uuid.UUID) -> None:
+    """Make the (delayed) messages of one task visible now."""
+    await conn.execute(
+        "UPDATE tasker.queue_messages SET vt = clock_timestamp() WHERE message->>'task_uuid' = $1",
+        str(task),
+    )
+
+
+@pytest.mark.timeout(30)
+async def test_claim_then_cancel_in_open_transactions(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """Claimer holds an uncommitted claim; cancel_task waits for it, then cancels the running
+    step; the claimer's late success is stale."""
+    await register(conn, "fanin", FAN_IN)
+    [task] = await create_tasks(conn, "fanin", 1)
+    claimer, canceller, watcher = await sessions(3)
+    observer = Observer(watcher)
+
+    tx = claimer.raw.transaction()
+    await tx.start()
+    claims = await claimer.claim_steps(NS, "claimer", 10, LONG_LEASE)
+    assert sorted(r["step_name"] for r in claims) == ["a", "b"]
+    cancel = asyncio.create_task(canceller.cancel_task(task, "race"))
+    await observer.until_blocked(canceller.backend_pid, by=claimer.backend_pid)
+    assert not cancel.done()
+    await tx.commit()
+    summary = await asyncio.wait_for(cancel, 10)
+    assert summary["cancelled_steps"] == 3
+
+    late = await claimer.complete_steps([success(r) for r in claims])
+    assert statuses(late) == ["stale", "stale"]
+    states = await conn.fetch("SELECT state FROM tasker.steps WHERE task_uuid = $1", task)
+    assert {r["state"] for r in states} == {"cancelled"}
+    assert await live_messages(conn) == 0
+    await assert_no_violations(conn)
+
+
+@pytest.mark.timeout(30)
+async def test_cancel_then_claim_in_open_transactions(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """An uncommitted cancel holds the task's messages: a claim passes over them without
+    waiting (SKIP LOCKED) and takes other work; after the commit nothing is left to claim."""
+    await register(conn, "fanin", FAN_IN)
+    doomed, other = await create_tasks(conn, "fanin", 2)
+    claimer, canceller = await sessions(2)
+
+    tx = canceller.raw.transaction()
+    await tx.start()
+    await canceller.cancel_task(doomed, "race")
+    tx_claim = claimer.raw.transaction()
+    await tx_claim.start()
+    claims = await asyncio.wait_for(claimer.claim_steps(NS, "claimer", 10, LONG_LEASE), 5)
+    assert {r["task_uuid"] for r in claims} == {other}
+    await tx.commit()
+    await tx_claim.commit()
+
+    assert await claimer.claim_steps(NS, "claimer", 10, LONG_LEASE) == []
+    states = await conn.fetch("SELECT state FROM tasker.steps WHERE task_uuid = $1", doomed)
+    assert {r["state"] for r in states} == {"cancelled"}
+    await assert_no_violations(conn)
+
+
+CANCEL_ROUNDS = 60
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["transactions", "autocommit"])
+async def test_claim_cancel_race(conn: db.Connection, sessions: Opener, mode: str) -> None:
+    """claim_steps and cancel_task of the same task released together, many times: never a
+    deadlock or an error; a step the claim got is cancelled under it and its success is stale."""
+    await register(conn, "fanin", FAN_IN)
+    # every message starts hidden; each round makes only its own task's messages visible
+    tasks = await create_tasks(conn, "fanin", CANCEL_ROUNDS, options={"delay_seconds": 3600})
+    claimer, canceller, watcher = await sessions(3)
+    observer = Observer(watcher)
+
+    claimed_rounds = 0
+    for i, task in enumerate(tasks):
+        await make_visible(conn, task)
+        # alternate which call is sent first after the barrier
+        sides = [(claimer, claiming("claimer", 2)), (canceller, cancelling(task))]
+        if i % 2:
+            sides.reverse()
+        if mode == "transactions":
+            results = settled((await overlapped(observer, sides))[0])
+        else:
+            results = await together(sides)
+        claims: list[Row] = results[0] if i % 2 == 0 else results[1]
+        assert all(r["task_uuid"] == task for r in claims)
+        if claims:
+            claimed_rounds += 1
+            assert set(statuses(await claimer.complete_steps([success(r) for r in claims]))) == {
+                "stale"
+            }
+
+    # After the race settles: one more claim pass, which deletes the message of any step that
+    # was finished (cancelled) while a claim held it; then the invariants must hold.
+    for task in tasks:
+        await make_visible(conn, task)
+    assert await conn.claim_steps(NS, "sweeper", 1000, LONG_LEASE) == []
+    states = await conn.fetch(
+        "SELECT DISTINCT state FROM tasker.steps WHERE task_uuid = ANY($1)", tasks
+    )
+    assert [r["state"] for r in states] == ["cancelled"]
+    task_states = await conn.fetch(
+        "SELECT DISTINCT state FROM tasker.tasks WHERE task_uuid = ANY($1)", tasks
+    )
+    assert [r["state"] for r in task_states] == ["cancelled"]
+    assert await live_messages(conn) == 0
+    await assert_no_violations(conn)
+    print(f"claim won the race in {claimed_rounds} of {CANCEL_ROUNDS} rounds")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["transactions", "autocommit"])
+async def test_completion_cancel_race(conn: db.Connection, sessions: Opener, mode: str) -> None:
+    """A worker completes both parents of a fan-in (which enqueues the child) while an operator
+    cancels the task, released together: never a deadlock; either the successes are applied
+    and the cancel then takes the child and its fresh message too, or they are stale."""
+    await register(conn, "fanin", FAN_IN)
+    tasks = await create_tasks(conn, "fanin", CANCEL_ROUNDS)
+    held = await claim_all(conn, "claimer", 2 * CANCEL_ROUNDS)
+    by_task: dict[uuid.UUID, list[Row]] = {t: [] for t in tasks}
+    for r in held:
+        by_task[r["task_uuid"]].append(r)
+    worker, operator, watcher = await sessions(3)
+    observer = Observer(watcher)
+
+    applied_rounds = 0
+    for i, task in enumerate(tasks):
+        sides = [
+            (worker, completing([success(r) for r in by_task[task]])),
+            (operator, cancelling(task)),
+        ]
+        if i % 2:
+            sides.reverse()
+        if mode == "transactions":
+            results = settled((await overlapped(observer, sides))[0])
+        else:
+            results = await together(sides)
+        answers = statuses(results[0] if i % 2 == 0 else results[1])
+        assert set(answers) in ({"applied"}, {"stale"}), answers
+        applied_rounds += answers[0] == "applied"
+
+    rows = await conn.fetch(
+        """
+        SELECT s.name, s.state, count(*) AS n FROM tasker.steps s
+         WHERE s.task_uuid = ANY($1) GROUP BY 1, 2
+        """,
+        tasks,
+    )
+    by_state = {(r["name"], r["state"]): r["n"] for r in rows}
+    assert by_state.get(("c", "cancelled")) == CANCEL_ROUNDS
+    assert by_state.get(("a", "complete"), 0) == applied_rounds
+    task_states = await conn.fetch(
+        "SELECT DISTINCT state FROM tasker.tasks WHERE task_uuid = ANY($1)", tasks
+    )
+    assert [r["state"] for r in task_states] == ["cancelled"]
+    assert await live_messages(conn) == 0
+    await assert_no_violations(conn)
+    print(f"the successes won the race in {applied_rounds} of {CANCEL_ROUNDS} rounds")
+
+
+async def expire_and_wait(conn: db.Connection, count: int) -> None:
+    """Poll (deadline) until `count` messages are visible again: their leases ran out."""
+    deadline = time.monotonic() + 10
+    while (
+        await conn.fetchval(
+            "SELECT count(*) FROM tasker.queue_messages WHERE vt <= clock_timestamp()"
+        )
+        < count
+    ):
+        assert time.monotonic() < deadline, "leases never expired"
+        await asyncio.sleep(0.02)
+
+
+CLAIM_COMPLETE_STEPS = 100
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode", ["transactions", "autocommit"])
+async def test_reclaim_races_late_completion(
+    conn: db.Connection, sessions: Opener, mode: str
+) -> None:
+    """Worker 1's leases ran out; its batch of successes races worker 2's reclaim of the same
+    messages. Per step exactly one side wins: either worker 1's success is applied and the
+    claim does not get the step, or the claim gets attempt 2 and worker 1's success is stale."""
+    await register(conn, "single", SINGLE)
+    tasks = await create_tasks(conn, "single", CLAIM_COMPLETE_STEPS)
+    late, reclaimer, watcher = await sessions(3)
+    observer = Observer(watcher)
+    first = await claim_all(late, "late", CLAIM_COMPLETE_STEPS, lease=0.2)
+    await expire_and_wait(conn, CLAIM_COMPLETE_STEPS)
+
+    sides = [
+        (late, completing([success(r) for r in reversed(first)])),
+        (reclaimer, claiming("reclaimer", CLAIM_COMPLETE_STEPS)),
+    ]
+    if mode == "transactions":
+        results = settled((await overlapped(observer, sides))[0])
+    else:
+        results = await together(sides)
+    completed: list[Row] = results[0]
+    reclaimed: list[Row] = results[1]
+    applied = {r["step_uuid"] for r in completed if r["status"] == "applied"}
+    stale = {r["step_uuid"] for r in completed if r["status"] == "stale"}
+    taken = {r["step_uuid"] for r in reclaimed}
+    assert applied | stale == {r["step_uuid"] for r in first}
+    assert stale == taken, "a step both stale for worker 1 and not reclaimed (or vice versa)"
+    assert {r["attempt"] for r in reclaimed} <= {2}
+    assert {r["claim_event"] for r in reclaimed} <= {"lease_expired"}
+    print(f"worker 1 kept {len(applied)}, worker 2 reclaimed {len(taken)}")
+
+    if reclaimed:
+        result = await reclaimer.complete_steps(
+            [success(r, {"by": "reclaimer"}) for r in reclaimed]
+        )
+        assert set(statuses(result)) == {"applied"}
+    await assert_all_committed_once_any_attempt(conn, tasks)
+    stored = await conn.fetch(
+        "SELECT step_uuid, results->>'by' AS by FROM tasker.steps WHERE task_uuid = ANY($1)", tasks
+    )
+    assert {r["step_uuid"] for r in stored if r["by"] == "reclaimer"} == taken
+
+
+async def assert_all_committed_once_any_attempt(
+    conn: db.Connection, tasks: Sequence[uuid.UUID]
+) -> None:
+    bad = await conn.fetchval(
+        """
+        SELECT count(*) FROM tasker.steps s
+         WHERE s.task_uuid = ANY($1)
+           AND (s.state <> 'complete'
+                OR (SELECT count(*) FROM tasker.step_transitions tr
+                     WHERE tr.step_uuid = s.step_uuid AND tr.event = 'succeeded') <> 1)
+        """,
+        list(tasks),
+    )
+    assert bad == 0
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM tasker.tasks WHERE task_uuid = ANY($1) AND state <> 'complete'",
+            list(tasks),
+        )
+        == 0
+    )
+    assert await live_messages(conn) == 0
+    await assert_no_violations(conn)
+
+
+@pytest.mark.timeout(30)
+async def test_late_completion_waits_for_uncommitted_reclaim_and_is_stale(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """Deterministic order: the reclaim (attempt 2) is uncommitted; worker 1's success for
+    attempt 1 blocks on the message, and once the reclaim commits it is stale."""
+    await register(conn, "single", SINGLE)
+    [task] = await create_tasks(conn, "single", 1)
+    late, reclaimer, watcher = await sessions(3)
+    observer = Observer(watcher)
+    [first] = await claim_all(late, "late", 1, lease=0.2)
+    await expire_and_wait(conn, 1)
+
+    tx = reclaimer.raw.transaction()
+    await tx.start()
+    [second] = await reclaimer.claim_steps(NS, "reclaimer", 1, LONG_LEASE)
+    assert (second["step_uuid"], second["attempt"]) == (first["step_uuid"], 2)
+    pending = asyncio.create_task(late.complete_steps([success(first, {"by": "late"})]))
+    await observer.until_blocked(late.backend_pid, by=reclaimer.backend_pid)
+    await tx.commit()
+    [answer] = await asyncio.wait_for(pending, 10)
+    assert answer["status"] == "stale"
+    assert "attempt 2" in answer["detail"]
+
+    [ok] = await reclaimer.complete_steps([success(second, {"by": "reclaimer"})])
+    assert ok["status"] == "applied"
+    assert (
+        await conn.fetchval("SELECT results->>'by' FROM tasker.steps WHERE task_uuid = $1", task)
+        == "reclaimer"
+    )
+    await assert_all_committed_once_any_attempt(conn, [task])
+
+
+@pytest.mark.timeout(30)
+async def test_completion_first_then_claim_skips_without_waiting(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """Deterministic order: worker 1's success (lease expired, not yet reclaimed) is uncommitted;
+    a claim passes over the locked message at once; after the commit there is nothing to claim."""
+    await register(conn, "single", SINGLE)
+    [task] = await create_tasks(conn, "single", 1)
+    late, claimer = await sessions(2)
+    [first] = await claim_all(late, "late", 1, lease=0.2)
+    await expire_and_wait(conn, 1)
+
+    tx = late.raw.transaction()
+    await tx.start()
+    assert statuses(await late.complete_steps([success(first)])) == ["applied"]
+    assert await asyncio.wait_for(claimer.claim_steps(NS, "claimer", 5, LONG_LEASE), 5) == []
+    await tx.commit()
+    assert await claimer.claim_steps(NS, "claimer", 5, LONG_LEASE) == []
+    await assert_all_committed_once_any_attempt(conn, [task])
+
+
+# --- stale zombie ----------------------------------------------------------------------------
+
+ZOMBIE_STEPS = 10
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("fence", ["claim_seq", "attempt_only"])
+async def test_zombie_success_is_stale_when_completing_concurrently(
+    conn: db.Connection, sessions: Opener, fence: str
+) -> None:
+    """Worker A's leases (0.3 s) run out, worker B reclaims every step as attempt 2; A and B
+    then complete at the same moment in open transactions: A is stale, only B's results stay."""
+    await register(conn, "single", SINGLE)
+    tasks = await create_tasks(conn, "single", ZOMBIE_STEPS)
+    zombie, worker_b, watcher = await sessions(3)
+    observer = Observer(watcher)
+    held_a = await claim_all(zombie, "A", ZOMBIE_STEPS, lease=0.3)
+    held_b = await claim_all(worker_b, "B", ZOMBIE_STEPS)  # polls until the leases ran out
+    assert {r["step_uuid"] for r in held_b} == {r["step_uuid"] for r in held_a}
+    assert {(r["attempt"], r["claim_event"]) for r in held_b} == {(2, "lease_expired")}
+
+    with_seq = fence == "claim_seq"
+    outcomes_a = [success(r, {"by": "A"}, with_claim_seq=with_seq) for r in held_a]
+    outcomes_b = [success(r, {"by": "B"}, with_claim_seq=with_seq) for r in reversed(held_b)]
+    results, _ = await overlapped(
+        observer, [(zombie, completing(outcomes_a)), (worker_b, completing(outcomes_b))]
+    )
+    answers_a, answers_b = settled(results)
+    assert set(statuses(answers_a)) == {"stale"}
+    assert set(statuses(answers_b)) == {"applied"}
+
+    rows = await conn.fetch(
+        """
+        SELECT s.results->>'by' AS by, s.attempts,
+               array(SELECT tr.attempt FROM tasker.step_transitions tr
+                      WHERE tr.step_uuid = s.step_uuid AND tr.event = 'succeeded') AS succeeded
+          FROM tasker.steps s WHERE s.task_uuid = ANY($1)
+        """,
+        tasks,
+    )
+    assert {(r["by"], r["attempts"], tuple(r["succeeded"])) for r in rows} == {("B", 2, (2,))}
+    await assert_all_committed_once_any_attempt(conn, tasks)
+
+
+# --- claimers in open transactions -----------------------------------------------------------
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("mode", ["one_after_another", "all_at_once"])
+async def test_claimers_in_open_transactions_never_share_a_step(
+    conn: db.Connection, sessions: Opener, mode: str
+) -> None:
+    await register(conn, "single", SINGLE)
+    await create_tasks(conn, "single", 40)
+    claimers = await sessions(4)
+    txs = [c.raw.transaction() for c in claimers]
+    for tx in txs:
+        await tx.start()
+    try:
+        if mode == "one_after_another":
+            # each claims while the previous ones still hold their uncommitted claims
+            got = [await c.claim_steps(NS, f"c{i}", 10, LONG_LEASE) for i, c in enumerate(claimers)]
+        else:
+            got = await together([(c, claiming(f"c{i}", 10)) for i, c in enumerate(claimers)])
+        for tx in txs:
+            await tx.commit()
+    except BaseException:
+        for tx in txs:
+            await tx.rollback()
+        raise
+    ids = [r["step_uuid"] for rows in got for r in rows]
+    assert len(ids) == len(set(ids)) == 40, [len(rows) for rows in got]
+    if mode == "one_after_another":
+        assert [len(rows) for rows in got] == [10, 10, 10, 10]
+    transitions = await conn.fetchval(
+        "SELECT count(*) FROM tasker.step_transitions WHERE event = 'claimed'"
+    )
+    assert transitions == 40
+    await assert_no_violations(conn)
+
+
+# --- query plans -----------------------------------------------------------------------------
+
+PLAN_NS = "plan"
+PLAN_TASKS = 25_000
+PLAN_REAL_TASKS = 1_000  # created through create_task itself; the rest set-based, the same way
+
+# Everything create_task writes for a task, for $3 tasks at once (task rows, steps with root
+# messages, edges, first transitions), mirroring create_task's statement.
+SEED_TASKS = """
+WITH
+tpl AS MATERIALIZED (
+    SELECT nt.named_task_id, nt.version, nt.step_count FROM tasker.named_tasks nt
+     WHERE nt.namespace = $1 AND nt.name = $2
+),
+new_tasks AS MATERIALIZED (
+    SELECT gen_random_uuid() AS task_uuid, g FROM generate_series(1, $3) g
+),
+ins_tasks AS (
+    INSERT INTO tasker.tasks (task_uuid, named_task_id, namespace, name, version, state, context,
+                              total_steps, created_at, updated_at)
+    SELECT t.task_uuid, tpl.named_task_id, $1, $2, tpl.version, 'pending',
+           jsonb_build_object('order', t.g, 'customer', 'c' || (t.g % 977)), tpl.step_count,
+           clock_timestamp(), clock_timestamp()
+      FROM new_tasks t CROSS JOIN tpl
+),
+ns AS MATERIALIZED (
+    SELECT n.named_step_id, n.name, n.parent_names, n.max_attempts, n.retryable,
+           cardinality(n.parent_names) AS parent_count
+      FROM tasker.named_steps n JOIN tpl ON n.named_task_id = tpl.named_task_id
+),
+new_steps AS MATERIALIZED (
+    SELECT gen_random_uuid() AS step_uuid, t.task_uuid, ns.*,
+           CASE WHEN ns.parent_count = 0 THEN nextval($4::regclass) END AS msg_id
+      FROM new_tasks t CROSS JOIN ns
+),
+ins_steps AS (
+    INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts,
+                              retryable, pending_parents, msg_id, enqueued_at, created_at,
+                              updated_at)
+    SELECT s.step_uuid, s.task_uuid, s.named_step_id, s.name,
+           CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
+           s.max_attempts, s.retryable, s.parent_count, s.msg_id,
+           CASE WHEN s.parent_count = 0 THEN clock_timestamp() END,
+           clock_timestamp(), clock_timestamp()
+      FROM new_steps s
+),
+ins_edges AS (
+    INSERT INTO tasker.step_edges (parent_uuid, child_uuid)
+    SELECT p.step_uuid, c.step_uuid
+      FROM new_steps c
+      CROSS JOIN unnest(c.parent_names) pn
+      JOIN new_steps p ON p.task_uuid = c.task_uuid AND p.name = pn
+),
+ins_msgs AS (
+    INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+    SELECT $1, s.msg_id, clock_timestamp(), clock_timestamp(), 0,
+           jsonb_build_object('step_uuid', s.step_uuid, 'task_uuid', s.task_uuid)
+      FROM new_steps s WHERE s.msg_id IS NOT NULL
+),
+ins_audit AS (
+    INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event)
+    SELECT s.step_uuid, s.task_uuid, NULL,
+           CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END, 'created'
+      FROM new_steps s
+)
+INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event)
+SELECT t.task_uuid, NULL, 'pending', 'created' FROM new_tasks t
+"""
+
+# The hot statements of claim_steps / complete_steps and the helpers they call, copied from
+# sql/migrations/0002_engine.sql with plpgsql variables turned into parameters. The functions
+# themselves cannot be EXPLAINed from outside (EXPLAIN of `SELECT tasker.claim_steps(...)`
+# shows one Function Scan), so each statement is PREPAREd with the types plpgsql gives its
+# variables and EXPLAINed through EXECUTE, which honours plan_cache_mode (plpgsql switches to
+# a generic plan after five calls). `marker` is a line of the statement that must still be in
+# the migrations: if the engine changes it, update the copy here.
+PLAN_STATEMENTS: dict[str, dict[str, Any]] = {
+    "claim_pick": {
+        "types": "text, timestamptz, integer",
+        "marker": "WHERE t.task_uuid = s.task_uuid) AS task_state",
+        "indexes": {"q_plan", "steps_pkey"},
+        "sql": """
+            WITH
+            msgs AS MATERIALIZED (
+                SELECT m.msg_id, (m.message->>'step_uuid')::uuid AS step_uuid
+                  FROM tasker.queue_messages m
+                 WHERE m.queue = $1 AND m.vt <= $2
+                 ORDER BY m.priority DESC, m.msg_id
+                 LIMIT $3
+                   FOR UPDATE SKIP LOCKED
+            ),
+            locked_steps AS MATERIALIZED (
+                SELECT s.step_uuid, s.task_uuid, s.state, s.attempts, s.max_attempts, s.retryable,
+                       s.continuation,
+                       (SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = s.task_uuid)
+                           AS task_state
+                  FROM tasker.steps s
+                 WHERE s.step_uuid IN (SELECT msgs.step_uuid FROM msgs)
+                 ORDER BY s.step_uuid
+                   FOR UPDATE SKIP LOCKED
+            )
+            SELECT array_agg(ROW(
+                       msgs.msg_id, msgs.step_uuid, ls.task_uuid, ls.state, ls.attempts,
+                       CASE
+                           WHEN ls.step_uuid IS NULL THEN
+                               CASE WHEN EXISTS (SELECT 1 FROM tasker.steps x
+                                                  WHERE x.step_uuid = msgs.step_uuid)
+                                    THEN 'skip' ELSE 'dead' END
+                           WHEN ls.state NOT IN ('enqueued', 'waiting_for_retry', 'in_progress')
+                               THEN 'dead'
+                           WHEN ls.task_state IN ('complete', 'cancelled', 'resolved_manually')
+                               THEN 'dead'
+                           WHEN ls.state = 'in_progress' AND ls.continuation THEN 'run_resume'
+                           WHEN ls.task_state = 'error' THEN
+                               CASE WHEN ls.state = 'in_progress' THEN 'park_expire' ELSE 'park' END
+                           WHEN ls.state IN ('enqueued', 'waiting_for_retry') THEN 'run_new'
+                           WHEN ls.retryable AND ls.attempts < ls.max_attempts THEN 'run_reclaim'
+                           ELSE 'expire_fail'
+                       END)::tasker.claim_candidate)
+              FROM msgs
+              LEFT JOIN locked_steps ls ON ls.step_uuid = msgs.step_uuid
+        """,
+    },
+    "claim_run": {
+        "types": "tasker.claim_candidate[], text, timestamptz, timestamptz, text",
+        "marker": "WHERE a.task_uuid = upd.task_uuid AND a.name = ANY (ns.ancestor_names)",
+        "indexes": {"steps_pkey", "tasks_pkey", "steps_task_name_idx", "q_plan"},
+        "sql": """
+            WITH
+            run AS (
+                SELECT b.* FROM unnest($1::tasker.claim_candidate[]) b
+                 WHERE b.kind IN ('run_new', 'run_resume', 'run_reclaim')
+            ),
+            upd AS (
+                UPDATE tasker.steps s
+                   SET state = 'in_progress',
+                       attempts = s.attempts + CASE WHEN r.kind = 'run_resume' THEN 0 ELSE 1 END,
+                       claim_seq = s.claim_seq + 1,
+                       claim_spent_attempt = (r.kind <> 'run_resume'),
+                       continuation = false,
+                       worker_id = $2,
+                       next_attempt_at = NULL,
+                       started_at = $3,
+                       updated_at = $3
+                  FROM run r
+                 WHERE s.step_uuid = r.step_uuid
+                RETURNING s.step_uuid, s.task_uuid, s.named_step_id, s.name, s.attempts,
+                          s.claim_seq, s.max_attempts, s.retryable, s.checkpoint, s.inputs,
+                          r.msg_id, r.step_state, r.kind
+            ),
+            lease AS (
+                UPDATE tasker.queue_messages m
+                   SET vt = $4, read_ct = m.read_ct + 1
+                  FROM upd
+                 WHERE m.queue = $5 AND m.msg_id = upd.msg_id
+            ),
+            audit AS (
+                INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state,
+                                                     event, attempt, worker_id, created_at)
+                SELECT upd.step_uuid, upd.task_uuid, upd.step_state, 'in_progress',
+                       CASE upd.kind WHEN 'run_new' THEN 'claimed' WHEN 'run_resume' THEN 'resumed'
+                                     ELSE 'lease_expired' END,
+                       upd.attempts, $2, $3
+                  FROM upd
+            )
+            SELECT upd.msg_id, upd.step_uuid, upd.task_uuid, upd.name, ns.handler, ns.config,
+                   upd.attempts, upd.claim_seq, upd.max_attempts, upd.retryable, ns.backoff,
+                   ns.backoff_base_ms, ns.max_backoff_ms, ns.jitter, ns.timeout_seconds, t.context,
+                   CASE WHEN cardinality(ns.ancestor_names) = 0 THEN '{}'::jsonb
+                        ELSE coalesce((SELECT jsonb_object_agg(a.name, a.results)
+                                         FROM tasker.steps a
+                                        WHERE a.task_uuid = upd.task_uuid
+                                          AND a.name = ANY (ns.ancestor_names)),
+                                      '{}'::jsonb)
+                   END,
+                   upd.checkpoint, upd.inputs, t.namespace, t.name, t.version, $4
+              FROM upd
+              JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
+              JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id
+             ORDER BY upd.msg_id
+        """,
+    },
+    "hydrate_ancestors": {
+        "types": "uuid, text[]",
+        "marker": "AND a.name = ANY (ns.ancestor_names)",
+        "indexes": {"steps_task_name_idx"},
+        "sql": """
+            SELECT jsonb_object_agg(a.name, a.results)
+              FROM tasker.steps a
+             WHERE a.task_uuid = $1 AND a.name = ANY ($2)
+        """,
+    },
+    "complete_lock_messages": {
+        "types": "tasker.outcome_input[]",
+        "marker": "WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x",
+        "indexes": {"steps_pkey", "tasks_pkey", "q_plan"},
+        "sql": """
+            SELECT 1
+              FROM (SELECT t.namespace, s.msg_id
+                      FROM unnest($1::tasker.outcome_input[]) i
+                      JOIN tasker.steps s ON s.step_uuid = i.step_uuid
+                      JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+                     WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x
+              JOIN tasker.queue_messages m ON m.queue = x.namespace AND m.msg_id = x.msg_id
+             ORDER BY m.queue, m.msg_id
+               FOR UPDATE OF m
+        """,
+    },
+    "complete_apply": {
+        "types": "tasker.outcome_input[], timestamptz",
+        "marker": "s.attempts = p.attempt AND s.claim_seq = p.current_claim",
+        "indexes": {"steps_pkey", "tasks_pkey", "q_plan"},
+        "sql": """
+            WITH
+            prep AS (
+                SELECT i.*, s.task_uuid, t.namespace AS queue, s.msg_id,
+                       s.claim_seq AS current_claim,
+                       CASE
+                           WHEN i.kind = 'success' THEN 'complete'
+                           WHEN i.kind = 'checkpoint' THEN 'in_progress'
+                           WHEN coalesce((i.error->>'retryable')::boolean, true) AND s.retryable
+                                AND s.attempts < s.max_attempts THEN 'waiting_for_retry'
+                           ELSE 'error'
+                       END AS new_state,
+                       CASE WHEN i.kind = 'failure' THEN
+                           $2 + make_interval(secs => coalesce(
+                               (i.error->>'retry_after')::double precision,
+                               (SELECT tasker.backoff_seconds(n.backoff, n.backoff_base_ms,
+                                                              n.max_backoff_ms, n.jitter,
+                                                              s.attempts)
+                                  FROM tasker.named_steps n
+                                 WHERE n.named_step_id = s.named_step_id)))
+                       END AS retry_at
+                  FROM unnest($1::tasker.outcome_input[]) i
+                  JOIN tasker.steps s ON s.step_uuid = i.step_uuid
+                  JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+                 WHERE s.state = 'in_progress' AND s.attempts = i.attempt
+                   AND (i.claim_seq IS NULL OR s.claim_seq = i.claim_seq)
+                   AND NOT s.continuation
+            ),
+            upd AS (
+                UPDATE tasker.steps s
+                   SET state = p.new_state,
+                       results = CASE WHEN p.kind = 'success' THEN p.result ELSE s.results END,
+                       metadata = CASE WHEN p.kind <> 'checkpoint'
+                                       THEN coalesce(p.metadata, s.metadata) ELSE s.metadata END,
+                       last_error = CASE WHEN p.kind = 'failure'
+                                         THEN p.error || jsonb_build_object('attempt', s.attempts,
+                                                  'worker_id', p.worker_id, 'at', $2)
+                                         ELSE s.last_error END,
+                       checkpoint = CASE WHEN p.kind = 'checkpoint' THEN p.checkpoint
+                                         ELSE s.checkpoint END,
+                       continuation = (p.kind = 'checkpoint'),
+                       next_attempt_at = CASE WHEN p.new_state = 'waiting_for_retry'
+                                              THEN p.retry_at END,
+                       msg_id = CASE WHEN p.new_state IN ('complete', 'error') THEN NULL
+                                     ELSE s.msg_id END,
+                       completed_at = CASE WHEN p.new_state IN ('complete', 'error') THEN $2
+                                           ELSE s.completed_at END,
+                       updated_at = $2
+                  FROM prep p
+                 WHERE s.step_uuid = p.step_uuid
+                   AND s.state = 'in_progress' AND s.attempts = p.attempt
+                   AND s.claim_seq = p.current_claim
+                   AND NOT s.continuation
+                RETURNING p.ord, s.step_uuid, s.task_uuid, p.queue, p.msg_id, p.new_state, p.kind,
+                          s.attempts, p.worker_id, p.duration_ms, p.error, p.retry_at
+            ),
+            drop_msgs AS (
+                DELETE FROM tasker.queue_messages m USING upd
+                 WHERE upd.new_state IN ('complete', 'error') AND m.queue = upd.queue
+                   AND m.msg_id = upd.msg_id
+            ),
+            move_msgs AS (
+                UPDATE tasker.queue_messages m
+                   SET vt = CASE WHEN upd.new_state = 'waiting_for_retry' THEN upd.retry_at
+                                 ELSE $2 END
+                  FROM upd
+                 WHERE upd.new_state IN ('waiting_for_retry', 'in_progress')
+                   AND m.queue = upd.queue AND m.msg_id = upd.msg_id
+            ),
+            audit AS (
+                INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state,
+                                                     event, attempt, worker_id, duration_ms,
+                                                     error_summary, created_at)
+                SELECT upd.step_uuid, upd.task_uuid, 'in_progress', upd.new_state,
+                       CASE upd.kind
+                           WHEN 'success' THEN 'succeeded'
+                           WHEN 'checkpoint' THEN 'checkpointed'
+                           ELSE CASE upd.new_state WHEN 'error' THEN 'failed'
+                                                   ELSE 'retry_scheduled' END
+                       END,
+                       upd.attempts, upd.worker_id, upd.duration_ms,
+                       CASE WHEN upd.kind = 'failure'
+                            THEN left(coalesce(upd.error->>'error_type', 'error') || ': '
+                                      || coalesce(upd.error->>'message', ''), 500)
+                       END,
+                       $2
+                  FROM upd
+            )
+            SELECT array_agg(ROW(upd.ord, upd.step_uuid, upd.task_uuid, upd.queue,
+                                 upd.new_state)::tasker.applied_outcome)
+              FROM upd
+        """,
+    },
+    "children_lock": {
+        "types": "uuid[]",
+        "marker": "FROM tasker.step_edges e WHERE e.parent_uuid = ANY (p_parents))",
+        "indexes": {"steps_pkey", "step_edges_pkey"},
+        "sql": """
+            SELECT 1
+              FROM tasker.steps s
+             WHERE s.step_uuid IN (SELECT e.child_uuid FROM tasker.step_edges e
+                                    WHERE e.parent_uuid = ANY ($1))
+             ORDER BY s.step_uuid
+               FOR UPDATE
+        """,
+    },
+    "children_release": {
+        "types": "uuid[]",
+        "marker": "SET pending_parents = s.pending_parents - d.n",
+        "indexes": {"steps_pkey", "step_edges_pkey"},
+        "sql": """
+            WITH d AS (
+                SELECT e.child_uuid, count(*)::integer AS n
+                  FROM tasker.step_edges e
+                 WHERE e.parent_uuid = ANY ($1)
+                 GROUP BY e.child_uuid
+            ),
+            upd AS (
+                UPDATE tasker.steps s
+                   SET pending_parents = s.pending_parents - d.n
+                  FROM d
+                 WHERE s.step_uuid = d.child_uuid
+                RETURNING s.step_uuid, s.pending_parents, s.state
+            )
+            SELECT array_agg(upd.step_uuid)
+              FROM upd
+             WHERE upd.pending_parents <= 0 AND upd.state = 'pending'
+        """,
+    },
+    "task_deltas": {
+        "types": "tasker.task_delta[], text, timestamptz",
+        "marker": "SET completed_steps = t.completed_steps + d.completed,",
+        "indexes": {"tasks_pkey"},
+        "sql": """
+            WITH d AS (
+                SELECT x.task_uuid, sum(x.completed)::integer AS completed,
+                       sum(x.errors)::integer AS errors
+                  FROM unnest($1::tasker.task_delta[]) x
+                 GROUP BY x.task_uuid
+            ),
+            locked AS MATERIALIZED (
+                SELECT t.task_uuid, t.state
+                  FROM tasker.tasks t
+                  JOIN d ON d.task_uuid = t.task_uuid
+                 WHERE d.completed <> 0 OR d.errors <> 0 OR t.state = 'pending'
+                 ORDER BY t.task_uuid
+                   FOR UPDATE OF t
+            ),
+            upd AS (
+                UPDATE tasker.tasks t
+                   SET completed_steps = t.completed_steps + d.completed,
+                       error_steps = greatest(t.error_steps + d.errors, 0),
+                       state = CASE
+                           WHEN t.state IN ('cancelled', 'resolved_manually') THEN t.state
+                           WHEN t.error_steps + d.errors > 0 THEN 'error'
+                           WHEN t.completed_steps + d.completed >= t.total_steps THEN 'complete'
+                           ELSE 'steps_in_process'
+                       END,
+                       completed_at = CASE
+                           WHEN t.state NOT IN ('cancelled', 'resolved_manually')
+                                AND t.error_steps + d.errors <= 0
+                                AND t.completed_steps + d.completed >= t.total_steps THEN $3
+                           ELSE t.completed_at
+                       END,
+                       updated_at = $3
+                  FROM locked l
+                  JOIN d ON d.task_uuid = l.task_uuid
+                 WHERE t.task_uuid = l.task_uuid
+                RETURNING t.task_uuid, l.state AS old_state, t.state AS new_state, t.namespace,
+                          t.name
+            ),
+            audit AS (
+                INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event,
+                                                     created_at)
+                SELECT u.task_uuid, u.old_state, u.new_state, $2, $3
+                  FROM upd u
+                 WHERE u.old_state <> u.new_state
+            )
+            SELECT u.* FROM upd u
+        """,
+    },
+    "enqueue_ready": {
+        "types": "uuid[], text, timestamptz",
+        "marker": "SET state = 'enqueued', msg_id = r.msg_id, enqueued_at = v_now",
+        "indexes": {"steps_pkey", "tasks_pkey"},
+        "sql": """
+            WITH ready AS MATERIALIZED (
+                SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority,
+                       nextval(q.msg_seq) AS msg_id
+                  FROM tasker.steps s
+                  JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+                  JOIN tasker.queues q ON q.queue_name = t.namespace
+                 WHERE s.step_uuid = ANY ($1)
+                   AND s.state = 'pending' AND s.pending_parents <= 0
+                   AND t.state IN ('pending', 'steps_in_process')
+            ),
+            msgs AS (
+                INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority,
+                                                   message)
+                SELECT r.namespace, r.msg_id, $3, $3, r.priority,
+                       jsonb_build_object('step_uuid', r.step_uuid, 'task_uuid', r.task_uuid)
+                  FROM ready r
+            ),
+            upd AS (
+                UPDATE tasker.steps s
+                   SET state = 'enqueued', msg_id = r.msg_id, enqueued_at = $3, updated_at = $3
+                  FROM ready r
+                 WHERE s.step_uuid = r.step_uuid
+                RETURNING s.step_uuid, s.task_uuid
+            ),
+            audit AS (
+                INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state,
+                                                     event, created_at)
+                SELECT upd.step_uuid, upd.task_uuid, 'pending', 'enqueued', $2, $3 FROM upd
+            )
+            SELECT array_agg(DISTINCT r.namespace), count(*) FROM ready r
+        """,
+    },
+}
+
+# Tables no hot statement may read with a sequential scan (queue partitions: any q_<name>).
+BIG_TABLES = {"steps", "tasks", "step_edges", "queue_messages"}
+
+
+def plan_nodes(plan: dict[str, Any]) -> Iterable[dict[str, Any]]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def squash(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def literal(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+async def seed_plan_data(conn: db.Connection) -> None:
+    """25,000 four-step linear tasks (100,000 steps, 75,000 edges, 25,000 visible root
+    messages): 1,000 through create_task, the rest through the same inserts, set-based."""
+    await conn.register_template(
+        template("plan4", {"s1": [], "s2": ["s1"], "s3": ["s2"], "s4": ["s3"]}, PLAN_NS)
+    )
+    await conn.execute(
+        """
+        SELECT tasker.create_task($1, 'plan4', jsonb_build_object('order', g), NULL, '{}')
+          FROM generate_series(1, $2) g
+        """,
+        PLAN_NS,
+        PLAN_REAL_TASKS,
+    )
+    seq = await conn.fetchval(
+        "SELECT msg_seq::text FROM tasker.queues WHERE queue_name = $1", PLAN_NS
+    )
+    await conn.execute(SEED_TASKS, PLAN_NS, "plan4", PLAN_TASKS - PLAN_REAL_TASKS, seq)
+    await conn.execute(
+        "ANALYZE tasker.steps, tasker.tasks, tasker.step_edges, tasker.queue_messages,"
+        f" tasker.q_{PLAN_NS}, tasker.step_transitions, tasker.task_transitions"
+    )
+
+
+async def plan_arguments(conn: db.Connection) -> dict[str, list[str]]:
+    """Realistic arguments for each statement (SQL literals): 20 root steps, their tasks and
+    children, and a four-step task's ancestors."""
+    rows = await conn.fetch(
+        f"""
+        SELECT m.msg_id, s.step_uuid, s.task_uuid, c.step_uuid AS child
+          FROM (SELECT msg_id, (message->>'step_uuid')::uuid AS step_uuid
+                  FROM tasker.q_{PLAN_NS} ORDER BY priority DESC, msg_id LIMIT 20) m
+          JOIN tasker.steps s ON s.step_uuid = m.step_uuid
+          JOIN tasker.step_edges e ON e.parent_uuid = s.step_uuid
+          JOIN tasker.steps c ON c.step_uuid = e.child_uuid
+        """
+    )
+    assert len(rows) == 20
+    candidates = await conn.fetchval(
+        "SELECT array_agg(ROW(m, s, t, 'enqueued', 0, 'run_new')::tasker.claim_candidate)::text"
+        " FROM unnest($1::bigint[], $2::uuid[], $3::uuid[]) x(m, s, t)",
+        [r["msg_id"] for r in rows],
+        [r["step_uuid"] for r in rows],
+        [r["task_uuid"] for r in rows],
+    )
+    outcomes = await conn.fetchval(
+        "SELECT array_agg(ROW(o::integer, s, 1, 1, 'success', '{\"ok\": true}'::jsonb, NULL, NULL,"
+        " NULL, 1.5, 'w')::tasker.outcome_input)::text"
+        " FROM unnest($1::uuid[]) WITH ORDINALITY x(s, o)",
+        [r["step_uuid"] for r in rows],
+    )
+    deltas = await conn.fetchval(
+        "SELECT array_agg(ROW(t, 1, 0)::tasker.task_delta)::text FROM unnest($1::uuid[]) t",
+        [r["task_uuid"] for r in rows],
+    )
+    now = literal("now")
+    parents = literal("{" + ",".join(str(r["step_uuid"]) for r in rows) + "}")
+    children = literal("{" + ",".join(str(r["child"]) for r in rows) + "}")
+    return {
+        "claim_pick": [literal(PLAN_NS), now, "20"],
+        "claim_run": [literal(candidates), literal("w"), now, now, literal(PLAN_NS)],
+        "hydrate_ancestors": [literal(str(rows[0]["task_uuid"])), literal("{s1,s2,s3}")],
+        "complete_lock_messages": [literal(outcomes)],
+        "complete_apply": [literal(outcomes), now],
+        "children_lock": [parents],
+        "children_release": [parents],
+        "task_deltas": [literal(deltas), literal("step_outcome"), now],
+        "enqueue_ready": [children, literal("dependencies_satisfied"), now],
+    }
+
+
+
+
+async def seq_scans(conn: db.Connection) -> dict[str, int]:
+    """This backend's not yet flushed sequential-scan counts of the big tables (PG15 shows
+    earlier unflushed transactions too: compare two readings inside one transaction)."""
+    rows = await conn.fetch(
+        """
+        SELECT relname, seq_scan FROM pg_stat_xact_user_tables
+         WHERE schemaname = 'tasker' AND (relname = ANY($1::text[]) OR relname LIKE 'q\\_%')
+        """,
+        sorted(BIG_TABLES),
+    )
+    return {r["relname"]: r["seq_scan"] for r in rows}
+
+
+async def plan_problems(conn: db.Connection, modes: Sequence[str]) -> list[str]:
+    """EXPLAIN every hot statement (PREPAREd, run through EXECUTE with realistic arguments)
+    under each plan_cache_mode; then run real claim + complete round trips under each mode and
+    count the sequential scans the functions make. Returns what is wrong, in words."""
+    raw: asyncpg.Connection = conn.raw
+    args = await plan_arguments(conn)
+    for name, stmt in PLAN_STATEMENTS.items():
+        await raw.execute(f"PREPARE {name}({stmt['types']}) AS {stmt['sql']}")
+    problems: list[str] = []
+    for mode in modes:
+        await raw.execute(f"SET plan_cache_mode = {mode}")
+        for name, stmt in PLAN_STATEMENTS.items():
+            [[plan]] = await raw.fetch(
+                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {name}({', '.join(args[name])})"
+            )
+            nodes = list(plan_nodes(plan[0]["Plan"]))
+            if mode == "force_generic_plan" and "$1" not in str(plan):
+                problems.append(f"{mode} {name}: not a generic plan")
+            for node in nodes:
+                relation = node.get("Relation Name", "")
+                if node["Node Type"] == "Seq Scan" and (
+                    relation in BIG_TABLES or relation.startswith("q_")
+                ):
+                    problems.append(f"{mode} {name}: Seq Scan on {relation}")
+            used = {n.get("Index Name", "") for n in nodes} | {
+                n.get("Relation Name", "") for n in nodes if "Index" in n["Node Type"]
+            }
+            for wanted in stmt["indexes"]:
+                if not any(u == wanted or u.startswith(wanted + "_") for u in used):
+                    problems.append(f"{mode} {name}: no index scan on/with {wanted} ({used})")
+
+    # Behaviour at this size: real claim + complete round trips (plpgsql's own plans, which
+    # EXPLAIN cannot show; auto switches to a generic plan after five calls when it is not
+    # dearer), each transaction checked for sequential scans of a big table.
+    for mode in modes:
+        await raw.execute(f"SET plan_cache_mode = {mode}")
+        for _ in range(7):
+            async with conn.transaction():
+                before = await seq_scans(conn)
+                claims = await conn.claim_steps(PLAN_NS, "w", 10, 30)
+                assert len(claims) == 10
+                done = await conn.complete_steps([success(r) for r in claims])
+                assert set(statuses(done)) == {"applied"}
+                after = await seq_scans(conn)
+            for rel, n in after.items():
+                if n > before.get(rel, 0):
+                    problems.append(f"{mode} claim_steps+complete_steps: Seq Scan on {rel}")
+    await raw.execute("RESET plan_cache_mode")
+    # every round enqueued the children of the ten steps it completed
+    assert await conn.fetchval(
+        "SELECT count(*) FROM tasker.steps WHERE name = 's2' AND state = 'enqueued'"
+    ) == 10 * 7 * len(modes)
+    return sorted(set(problems))
+
+
+async def seeded_for_plans(conn: db.Connection) -> None:
+    source = squash("\n".join(p.read_text() for p in sorted(MIGRATIONS.glob("*.sql"))))
+    for name, stmt in PLAN_STATEMENTS.items():
+        assert squash(stmt["marker"]) in source, (
+            f"{name}: the engine no longer contains {stmt['marker']!r}; update the copy"
+        )
+    await seed_plan_data(conn)
+    counts = await conn.fetchrow(
+        f"""SELECT (SELECT count(*) FROM tasker.steps) AS steps,
+                   (SELECT count(*) FROM tasker.step_edges) AS edges,
+                   (SELECT count(*) FROM tasker.q_{PLAN_NS}) AS messages"""
+    )
+    assert counts is not None
+    assert (counts["steps"], counts["edges"], counts["messages"]) == (
+        4 * PLAN_TASKS,
+        3 * PLAN_TASKS,
+        PLAN_TASKS,
+    )
+
+
+@pytest.mark.timeout(60)
+async def test_hot_statements_use_indexes_with_100k_steps(conn: db.Connection) -> None:
+    """Custom plans and the default plan choice: every hot statement probes indexes."""
+    await seeded_for_plans(conn)
+    problems = await plan_problems(conn, ["force_custom_plan", "auto"])
+    assert problems == [], "\n".join(problems)
+
+
+@pytest.mark.timeout(60)
+async def test_hot_statements_use_indexes_with_100k_steps_generic_plans(
+    conn: db.Connection,
+) -> None:
+    """Generic plans (what plpgsql caches after five calls when it is no dearer)."""
+    await seeded_for_plans(conn)
+    problems = await plan_problems(conn, ["force_generic_plan"])
+    assert problems == [], "\n".join(problems)
+
+
+# --- HOT updates -----------------------------------------------------------------------------
+
+HOT_TASKS = 1000
+
+
+@pytest.mark.timeout(60)
+async def test_hot_path_updates_are_heap_only(conn: db.Connection, sessions: Opener) -> None:
+    """DESIGN.md: no index on a mutable column, fillfactor 70: the claim and completion updates
+    of steps, tasks and queue messages should be HOT. A low ratio is a performance finding
+    (reported as xfail with the numbers), not a correctness failure."""
+    await register(conn, "single", SINGLE)
+    tasks = await create_tasks(conn, "single", HOT_TASKS)
+    workers = await sessions(2)
+    await run_workers(workers, HOT_TASKS)
+    await assert_all_committed_once(conn, tasks, 1)
+    if int(await conn.fetchval("SHOW server_version_num")) >= 150000:
+        for w in workers:
+            # PG15+: flush this backend's pending statistics as soon as it is idle
+            await w.execute("SELECT pg_stat_force_next_flush()")
+
+    # steps: claim + completion per step; tasks: one counter update per completion batch at
+    # least; queue partition: one lease update per claim
+    expected = {"steps": 2 * HOT_TASKS, "tasks": 1, f"q_{NS}": HOT_TASKS}
+    deadline = time.monotonic() + 15
+    while True:
+        async with conn.transaction():
+            await conn.execute("SELECT pg_stat_clear_snapshot()")
+            rows = await conn.fetch(
+                """
+                SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables
+                 WHERE schemaname = 'tasker' AND relname = ANY($1::text[])
+                """,
+                list(expected),
+            )
+        stats = {r["relname"]: (r["n_tup_upd"], r["n_tup_hot_upd"]) for r in rows}
+        if all(stats.get(rel, (0, 0))[0] >= n for rel, n in expected.items()):
+            break
+        assert time.monotonic() < deadline, f"statistics never arrived: {stats}"
+        await asyncio.sleep(0.05)
+    ratios = {rel: hot / upd for rel, (upd, hot) in stats.items()}
+    report = ", ".join(
+        f"{rel}: {hot}/{upd} HOT ({ratios[rel]:.0%})" for rel, (upd, hot) in sorted(stats.items())
+    )
+    print(report)
+    low = {rel: r for rel, r in ratios.items() if r <= 0.5}
+    if low:
+        pytest.xfail(f"performance finding: few HOT updates: {report}")

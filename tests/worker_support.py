@@ -1,0 +1,102 @@
+"""Helpers shared by the worker tests: polling with deadlines, state queries, invariants."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+from tasker_pg import HandlerRegistry, db
+from tasker_pg.template import TaskTemplate, load_templates
+
+T = TypeVar("T")
+
+WORKFLOWS = Path(__file__).parent / "workflows"
+FINAL_TASK_STATES = ("complete", "error", "cancelled", "resolved_manually")
+
+
+async def poll(
+    probe: Callable[[], Awaitable[T]],
+    *,
+    timeout: float = 20.0,
+    interval: float = 0.02,
+    what: str = "the condition",
+) -> T:
+    """Call `probe` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while True:
+        last = await probe()
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s (last probe: {last!r})")
+        await asyncio.sleep(interval)
+
+
+def templates(*names: str) -> list[TaskTemplate]:
+    """Templates from tests/workflows by file name (without .yaml)."""
+    found: list[TaskTemplate] = []
+    for name in names:
+        found.extend(load_templates(WORKFLOWS / f"{name}.yaml"))
+    return found
+
+
+def registry_of(*modules: ModuleType | str) -> HandlerRegistry:
+    registry = HandlerRegistry()
+    for module in modules:
+        registry.register_module(module)
+    return registry
+
+
+async def task_states(conn: db.Connection, tasks: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    rows = await conn.fetch(
+        "SELECT task_uuid, state FROM tasker.tasks WHERE task_uuid = ANY($1::uuid[])", list(tasks)
+    )
+    return {r["task_uuid"]: r["state"] for r in rows}
+
+
+async def wait_final(
+    conn: db.Connection, tasks: Iterable[uuid.UUID], *, timeout: float = 20.0
+) -> dict[uuid.UUID, str]:
+    """Wait until every task is in a final state; returns task -> state."""
+    wanted = list(tasks)
+
+    async def probe() -> dict[uuid.UUID, str] | None:
+        states = await task_states(conn, wanted)
+        if len(states) == len(wanted) and all(s in FINAL_TASK_STATES for s in states.values()):
+            return states
+        return None
+
+    return await poll(probe, timeout=timeout, what=f"{len(wanted)} task(s) in a final state")
+
+
+async def steps_of(conn: db.Connection, task: uuid.UUID) -> dict[str, Any]:
+    """The task's steps by name (whole rows of tasker.steps)."""
+    rows = await conn.fetch("SELECT * FROM tasker.steps WHERE task_uuid = $1", task)
+    return {r["name"]: r for r in rows}
+
+
+async def assert_invariants(conn: db.Connection) -> None:
+    violations = await conn.fetch("SELECT * FROM tasker.check_invariants()")
+    assert [dict(v) for v in violations] == []
+
+
+async def assert_each_completed_once(conn: db.Connection, tasks: Sequence[uuid.UUID]) -> None:
+    """Every step of the tasks has exactly one transition into 'complete' (committed once)."""
+    rows = await conn.fetch(
+        """
+        SELECT s.step_uuid, s.name, s.state,
+               (SELECT count(*) FROM tasker.step_transitions t
+                 WHERE t.step_uuid = s.step_uuid AND t.to_state = 'complete') AS completions
+          FROM tasker.steps s
+         WHERE s.task_uuid = ANY($1::uuid[])
+        """,
+        list(tasks),
+    )
+    wrong = [dict(r) for r in rows if r["state"] != "complete" or r["completions"] != 1]
+    assert wrong == []

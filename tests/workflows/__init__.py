@@ -1,0 +1,1 @@
+"""Workflows (templates + handlers) the worker tests run end to end."""
