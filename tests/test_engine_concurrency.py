@@ -1494,8 +1494,6 @@ async def plan_arguments(conn: db.Connection) -> dict[str, list[str]]:
     }
 
 
-
-
 async def seq_scans(conn: db.Connection) -> dict[str, int]:
     """This backend's not yet flushed sequential-scan counts of the big tables (PG15 shows
     earlier unflushed transactions too: compare two readings inside one transaction)."""

@@ -54,3 +54,12 @@ def test_queue_section_runs(dsn: str) -> None:
     out = psql(dsn, queue)
     assert '{"a": 1}' in out
     assert out.splitlines()[-1].startswith("demo|0|0|")
+
+
+def test_handler_examples_run() -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    namespace: dict[str, object] = {}
+    exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
+    test = namespace["test_validates_cart"]
+    assert callable(test)
+    test()

@@ -1,8 +1,7 @@
 """The worker's command line: options, usage errors, and the issue's "done when" command.
 
-`python -m tasker_pg.worker_cli --handlers examples.ecommerce.handlers --templates
-examples/ecommerce` (what `tasker-pg worker` runs) processes a task created from plain SQL and
-exits 0 on SIGTERM.
+`tasker-pg worker --namespace ecommerce --handlers examples.ecommerce.handlers --templates
+examples/ecommerce` processes a task created from plain SQL and exits 0 on SIGTERM.
 """
 
 from __future__ import annotations
@@ -36,12 +35,14 @@ def run_cli(*args: str, dsn: str | None = None) -> subprocess.CompletedProcess[s
     )
 
 
-def spawn(log_path: Path, dsn: str, *args: str) -> subprocess.Popen[bytes]:
+def spawn(
+    log_path: Path, dsn: str, *args: str, module: str = "tasker_pg.worker_cli"
+) -> subprocess.Popen[bytes]:
     """A worker process whose output goes to `log_path`."""
     env = dict(os.environ, TASKER_DATABASE_URL=dsn)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "tasker_pg.worker_cli", *args],
+            [sys.executable, "-m", module, *args],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -124,15 +125,20 @@ def test_invalid_template_is_named(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_done_when_command_runs_a_task_created_from_sql(dsn: str, tmp_path: Path) -> None:
     log_path = tmp_path / "worker.log"
+    # exactly the issue's command, through the main `tasker-pg` entry point
     proc = spawn(
         log_path,
         dsn,
+        "worker",
+        "--namespace",
+        "ecommerce",
         "--handlers",
         "examples.ecommerce.handlers",
         "--templates",
         "examples/ecommerce",
         "--poll-interval",
         "0.2",
+        module="tasker_pg.cli",
     )
     conn = await db.connect(dsn)
     try:
