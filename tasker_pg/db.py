@@ -350,6 +350,32 @@ class Connection:
         )
         return value  # type: ignore[no-any-return]
 
+    async def create_tasks(
+        self,
+        namespace: str,
+        name: str,
+        contexts: Sequence[Mapping[str, Any]],
+        *,
+        version: str | None = None,
+        options: Mapping[str, Any] | Sequence[Mapping[str, Any]] | None = None,
+    ) -> list[uuid.UUID]:
+        """Create many tasks of one template in one set-based call; uuids in input order.
+
+        `options` is one mapping for every task, or a sequence with one mapping per context.
+        """
+        opts: Any = dict(options) if isinstance(options, Mapping) else list(options or [{}])
+        if options is None:
+            opts = {}
+        rows = await self.fetch(
+            "SELECT t AS task_uuid FROM tasker.create_tasks($1, $2, $3::jsonb, $4, $5::jsonb) t",
+            namespace,
+            name,
+            list(contexts),
+            version,
+            opts,
+        )
+        return [r["task_uuid"] for r in rows]
+
     async def claim_steps(
         self, queue: str, worker_id: str, qty: int, lease_seconds: float
     ) -> list[Row]:
