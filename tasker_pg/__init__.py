@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from tasker_pg.client import AsyncTaskerClient, TaskerClient
 from tasker_pg.context import StepContext
 from tasker_pg.handler import StepHandler
 from tasker_pg.registry import HandlerRegistry
@@ -11,10 +12,12 @@ from tasker_pg.worker import Worker
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncTaskerClient",
     "HandlerRegistry",
     "StepContext",
     "StepHandler",
     "StepHandlerResult",
+    "TaskerClient",
     "Worker",
     "__version__",
 ]

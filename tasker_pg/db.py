@@ -88,6 +88,17 @@ def translate_error(exc: BaseException) -> TaskerError:
             error = DatabaseError(message, sqlstate=sqlstate, position=position)
         error.sqlstate = sqlstate
         return error
+    if isinstance(exc, asyncpg.exceptions._base.DataError):
+        # asyncpg refused a query argument before sending it (e.g. a value the JSON codec
+        # cannot encode): bad input, not a broken connection.
+        return ValidationError(f"invalid query argument: {exc}", error_code="invalid_argument")
+    if isinstance(
+        exc,
+        asyncpg.ClientConfigurationError
+        | asyncpg.exceptions._base.UnsupportedClientFeatureError
+        | asyncpg.exceptions._base.UnsupportedServerFeatureError,
+    ):
+        return DatabaseError(f"{type(exc).__name__}: {exc}")
     if isinstance(
         exc,
         asyncpg.ConnectionDoesNotExistError
@@ -506,6 +517,7 @@ async def create_pool(
     max_size: int = 4,
     check_schema: bool = True,
     setup: Callable[[Connection], Awaitable[None]] | None = None,
+    timeout: float = 10.0,
 ) -> Pool:
     """A pool on the resolved database (schema checked once, on the first session)."""
     resolved = resolve_dsn(dsn)
@@ -516,6 +528,7 @@ async def create_pool(
             max_size=max_size,
             server_settings=SERVER_SETTINGS,
             init=_init_connection,
+            timeout=timeout,
         )
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseNotFoundError(

@@ -1752,7 +1752,9 @@ BEGIN
     INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event, metadata, created_at)
     VALUES (p_task, v_state, 'cancelled', 'cancelled', jsonb_build_object('reason', p_reason), v_now);
     PERFORM pg_notify('tasker_task_events', json_build_object(
-        'task_uuid', p_task, 'state', 'cancelled', 'previous_state', v_state)::text);
+        'task_uuid', t.task_uuid, 'state', 'cancelled', 'previous_state', v_state,
+        'namespace', t.namespace, 'name', t.name)::text)
+       FROM tasker.tasks t WHERE t.task_uuid = p_task;
     RETURN jsonb_build_object('task_uuid', p_task, 'previous_state', v_state, 'state', 'cancelled',
                               'cancelled_steps', v_count);
 END
@@ -1884,7 +1886,7 @@ RETURNS TABLE (
     dependencies_satisfied boolean, parents_total integer, parents_completed integer,
     retry_eligible boolean, ready boolean, next_attempt_at timestamptz, reason text
 )
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 10 AS $$
 #variable_conflict use_column
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN
@@ -1950,7 +1952,7 @@ RETURNS TABLE (
     error_steps integer, cancelled_steps integer, resolved_steps integer, ready_steps integer,
     execution_status text, completion_percentage numeric
 )
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql STABLE ROWS 1 AS $$
 #variable_conflict use_column
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN

@@ -1,0 +1,949 @@
+"""Submit and inspect work from Python: `TaskerClient` (blocking) and `AsyncTaskerClient`.
+
+Both talk to PostgreSQL directly through the engine's SQL functions and views (there is no
+server in between) and return the frozen dataclasses of `tasker_pg.responses`. The async client
+owns a small connection pool, opened on first use (when the schema is checked), and one LISTEN
+session for `wait_for_task`. The sync client runs an `AsyncTaskerClient` on an event loop in a
+private background thread and hands each call to it, so it works the same in a plain script,
+from several threads at once, and where an event loop already runs in the calling thread (a
+notebook). Close either one (`close()`, or use it as a context manager) to release its
+connections; nothing is done in finalizers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Self, TypeVar
+
+from tasker_pg import db, jsonutil, migrations
+from tasker_pg.errors import (
+    ConnectionLostError,
+    DatabaseNotFoundError,
+    NotFoundError,
+    TaskerError,
+    ValidationError,
+)
+from tasker_pg.responses import (
+    FINAL_TASK_STATES,
+    TASK_STATES,
+    HealthResponse,
+    Pagination,
+    StepAuditResponse,
+    StepResponse,
+    TaskListResponse,
+    TaskResponse,
+    TemplateRegistration,
+)
+from tasker_pg.template import load_templates
+
+__all__ = [
+    "AsyncTaskerClient",
+    "ClientClosedError",
+    "TaskTimeoutError",
+    "TaskerClient",
+]
+
+# --- named queries ---------------------------------------------------------------------------
+# Every statement the client sends, in one place. Tasks are read through the DBA view
+# tasker.v_tasks (its `state` is the effective state users see) joined with
+# tasker.task_execution_context (counts per step state, execution status), so a task's state
+# and its counts come from one snapshot.
+
+_TASK_COLUMNS = """
+       v.task_uuid, v.namespace, v.name, v.version, v.state, v.total_steps, v.priority,
+       v.initiator, v.source_system, v.reason, v.tags, v.idempotency_key, v.correlation_id,
+       v.context, v.created_at, v.updated_at, v.completed_at,
+       e.pending_steps, e.enqueued_steps, e.in_progress_steps, e.waiting_for_retry_steps,
+       e.complete_steps, e.error_steps, e.cancelled_steps, e.resolved_steps, e.ready_steps,
+       e.execution_status, e.completion_percentage"""
+
+# One task with its progress ($1 task).
+GET_TASK_SQL: Final = f"""
+SELECT {_TASK_COLUMNS}
+  FROM tasker.v_tasks v
+ CROSS JOIN LATERAL tasker.task_execution_context(v.task_uuid) e
+ WHERE v.task_uuid = $1::uuid
+"""
+
+# The filter shared by the page and the count ($1 namespace, $2 effective state, $3 the raw
+# states that can show as $2). The raw-state test comes first so the effective state, which
+# looks at the task's steps, is only computed for rows that can match: only a pending task
+# can show as steps_in_process, every other state shows as itself.
+_TASK_FILTER = """
+ WHERE ($1::text IS NULL OR t.namespace = $1)
+   AND ($2::text IS NULL
+        OR (t.state = ANY ($3::text[])
+            AND tasker.effective_task_state(t.task_uuid, t.state) = $2))"""
+
+# One page of tasks, newest first ($4 limit, $5 offset), each row carrying the filter's total
+# count (computed once, in the same snapshot as the page). The page is chosen on tasker.tasks
+# (created_at is indexed); the view and the execution context are read for its rows only.
+LIST_TASKS_SQL: Final = f"""
+WITH page AS (
+    SELECT t.task_uuid, t.created_at
+      FROM tasker.tasks t {_TASK_FILTER}
+     ORDER BY t.created_at DESC, t.task_uuid DESC
+     LIMIT $4 OFFSET $5
+)
+SELECT {_TASK_COLUMNS},
+       (SELECT count(*) FROM tasker.tasks t {_TASK_FILTER}) AS total_count
+  FROM page
+  JOIN tasker.v_tasks v ON v.task_uuid = page.task_uuid
+ CROSS JOIN LATERAL tasker.task_execution_context(v.task_uuid) e
+ ORDER BY page.created_at DESC, page.task_uuid DESC
+"""
+
+# How many tasks the same filter matches (for an empty page, which carries no count).
+COUNT_TASKS_SQL: Final = f"""
+SELECT count(*) FROM tasker.tasks t {_TASK_FILTER}
+"""
+
+# Every step of a task in template order ($1 task; $2 one step, or NULL for all): the DBA
+# view's row, readiness in words (tasker.step_readiness raises task_not_found for an unknown
+# task), and the step's parents by name so a caller can draw the DAG. The view is filtered
+# on its task column, not only joined to the function's rows: the planner guesses 1000 rows
+# for a plpgsql function and would otherwise hash-join against every step of every task.
+LIST_STEPS_SQL: Final = """
+SELECT v.step_uuid, v.task_uuid, v.name, v.handler, v.state, v.attempts, v.max_attempts,
+       v.retryable, v.worker_id, v.created_at, v.started_at, v.completed_at,
+       v.last_run_duration, v.lease_expires_at, v.results, v.metadata, v.last_error,
+       r.ready, r.reason, r.dependencies_satisfied, r.next_attempt_at AS ready_at,
+       ns.parent_names AS dependencies
+  FROM tasker.v_steps v
+  JOIN tasker.step_readiness($1::uuid) r ON r.step_uuid = v.step_uuid
+  JOIN tasker.steps s ON s.step_uuid = v.step_uuid
+  JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
+ WHERE v.task_uuid = $1::uuid
+   AND ($2::uuid IS NULL OR v.step_uuid = $2::uuid)
+ ORDER BY ns.step_index
+"""
+
+# A step's audit trail, oldest first ($1 task, $2 step).
+STEP_AUDIT_SQL: Final = """
+SELECT tr.transition_id, tr.step_uuid, tr.task_uuid, tr.from_state, tr.to_state, tr.event,
+       tr.attempt, tr.worker_id, tr.duration_ms, tr.error_summary, tr.created_at, tr.metadata
+  FROM tasker.step_transitions tr
+ WHERE tr.step_uuid = $2::uuid AND tr.task_uuid = $1::uuid
+ ORDER BY tr.transition_id
+"""
+
+# Which of a (task, step) pair exists, to say which one is unknown ($1 task, $2 step).
+TASK_EXISTS_SQL: Final = """
+SELECT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = $1::uuid)
+"""
+
+# One cheap round trip for the health check; its time is the reported latency.
+HEALTH_SQL: Final = "SELECT current_setting('server_version')"
+
+TASK_EVENTS_CHANNEL: Final = "tasker_task_events"
+"""Channel on which the engine announces every task state change (JSON with task_uuid)."""
+
+# --- defaults and limits ---------------------------------------------------------------------
+
+DEFAULT_INITIATOR: Final = "tasker-core-python"
+DEFAULT_SOURCE_SYSTEM: Final = "tasker-core"
+POOL_MAX_SIZE: Final = 4
+MAX_PAGE_SIZE: Final = 1000
+WAIT_RECHECK_SECONDS: Final = 5.0
+"""While waiting for a task, its state is re-read this often even without a notification:
+the safety net for a notification lost with a dropped LISTEN session."""
+
+CREATE_OPTIONS: Final = (
+    "priority",
+    "tags",
+    "idempotency_key",
+    "correlation_id",
+    "delay_seconds",
+    "initiator",
+    "source_system",
+)
+"""The keyword options `create_task` accepts besides context, version and reason."""
+
+_PG_INT_MAX = 2_147_483_647
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+
+class TaskTimeoutError(TaskerError, TimeoutError):
+    """`wait_for_task` ran out of time before the task reached a final state.
+
+    Also a builtin `TimeoutError`. `task_uuid`, `last_state` and `timeout` say which task, where
+    it stood, and how long was waited; the task itself is untouched and keeps running.
+    """
+
+    error_code = "wait_timeout"
+
+    def __init__(self, task_uuid: str, last_state: str, timeout: float) -> None:
+        super().__init__(
+            f"task {task_uuid} did not reach a final state "
+            f"({', '.join(sorted(FINAL_TASK_STATES))}) within {timeout:g} s; it is {last_state}. "
+            "It keeps running: wait again, or look at it with `tasker-pg task show "
+            f"{task_uuid}`"
+        )
+        self.task_uuid = task_uuid
+        self.last_state = last_state
+        self.timeout = timeout
+
+
+class ClientClosedError(TaskerError):
+    """A client was used after `close()`."""
+
+    error_code = "client_closed"
+
+
+# --- argument checks -------------------------------------------------------------------------
+
+
+def _uuid_text(value: object, what: str) -> str:
+    """The canonical text of a uuid given as `uuid.UUID` or string; ValidationError otherwise."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError):
+            return str(uuid.UUID(value.strip()))
+    raise ValidationError(
+        f"{what} {value!r} is not a valid UUID "
+        "(expected 32 hex digits such as 6f1c2d3e-4a5b-4c6d-8e7f-9a0b1c2d3e4f)",
+        error_code="invalid_uuid",
+    )
+
+
+def _text(value: object, what: str, *, optional: bool = False) -> str | None:
+    if value is None and optional:
+        return None
+    if isinstance(value, str) and value:
+        return value
+    raise ValidationError(
+        f"{what} must be a non-empty string, got {value!r}", error_code="invalid_argument"
+    )
+
+
+def _json_check(value: object, what: str, error_code: str) -> None:
+    """Refuse what cannot be stored as jsonb (NaN, sets, dates...) before it reaches SQL."""
+    try:
+        jsonutil.dumps(value)
+    except (TypeError, ValueError) as exc:
+        raise ValidationError(
+            f"{what} is not plain JSON data: {exc}", error_code=error_code
+        ) from None
+
+
+def _task_context(context: object) -> dict[str, Any]:
+    if context is None:
+        return {}
+    if not isinstance(context, Mapping):
+        raise ValidationError(
+            f"task context must be a JSON object (a dict), got {type(context).__name__}",
+            error_code="invalid_context",
+        )
+    result = dict(context)
+    _json_check(result, "task context", "invalid_context")
+    return result
+
+
+def _task_options(
+    kwargs: Mapping[str, Any], *, initiator: str, source_system: str, reason: str | None
+) -> dict[str, Any]:
+    """The options object of tasker.create_task, checked here so mistakes read clearly."""
+    unknown = sorted(set(kwargs) - set(CREATE_OPTIONS))
+    if unknown:
+        raise ValidationError(
+            f"create_task() got unknown option{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(unknown)} (valid: {', '.join(CREATE_OPTIONS)}; "
+            "plus context, version and reason)",
+            error_code="invalid_option",
+        )
+    given = {k: v for k, v in kwargs.items() if v is not None}
+
+    def bad(message: str) -> ValidationError:
+        return ValidationError(f"create_task(): {message}", error_code="invalid_option")
+
+    priority = given.get("priority")
+    if priority is not None and (
+        isinstance(priority, bool) or not isinstance(priority, int) or abs(priority) > _PG_INT_MAX
+    ):
+        raise bad(f"priority must be an integer (higher runs first), got {priority!r}")
+    delay = given.get("delay_seconds")
+    if delay is not None and (
+        isinstance(delay, bool) or not isinstance(delay, int | float) or not delay >= 0
+    ):
+        # (the upper bound is the SQL function's to state)
+        raise bad(f"delay_seconds must be a number of seconds >= 0, got {delay!r}")
+    tags = given.get("tags")
+    if tags is not None:
+        if isinstance(tags, str) or not isinstance(tags, list | tuple):
+            raise bad(f"tags must be a list, got {tags!r}")
+        given["tags"] = list(tags)
+    for key in ("idempotency_key", "correlation_id", "initiator", "source_system"):
+        if key in given and not isinstance(given[key], str):
+            raise bad(f"{key} must be a string, got {given[key]!r}")
+    options: dict[str, Any] = {"initiator": initiator, "source_system": source_system}
+    if reason is not None:
+        options["reason"] = _text(reason, "reason")
+    options.update(given)
+    _json_check(options, "create_task options", "invalid_option")
+    return options
+
+
+# --- the async client ------------------------------------------------------------------------
+
+
+class _TaskEvents:
+    """One LISTEN session on tasker_task_events per client; wakes the waiters of a task.
+
+    Waiters register an `asyncio.Event` per task before reading the task's state, so a change
+    committed after that read always sets the event. When the session is lost it is opened
+    again on the next check, and every waiter is woken to re-read what it may have missed.
+    """
+
+    def __init__(self, dsn: str | None, connect_timeout: float) -> None:
+        self._dsn = dsn
+        self._connect_timeout = connect_timeout
+        self._conn: db.Connection | None = None
+        self._lock = asyncio.Lock()
+        self._waiters: dict[str, set[asyncio.Event]] = {}
+        self._closed = False
+
+    def subscribe(self, task_uuid: str) -> asyncio.Event:
+        event = asyncio.Event()
+        self._waiters.setdefault(task_uuid, set()).add(event)
+        return event
+
+    def unsubscribe(self, task_uuid: str, event: asyncio.Event) -> None:
+        events = self._waiters.get(task_uuid)
+        if events is not None:
+            events.discard(event)
+            if not events:
+                del self._waiters[task_uuid]
+
+    async def ensure_listening(self) -> None:
+        """Open (or reopen after a loss) the LISTEN session; cheap when it is up."""
+        if self._conn is not None and not self._conn.is_closed():
+            return
+        async with self._lock:
+            if self._conn is not None and not self._conn.is_closed():
+                return
+            if self._closed:
+                raise ClientClosedError("the client is closed; create a new one")
+            reopened = self._conn is not None
+            conn = await db.connect(self._dsn, check_schema=False, timeout=self._connect_timeout)
+            try:
+                await conn.listen(TASK_EVENTS_CHANNEL, self._on_notification)
+                if self._closed:  # closed while this session was opening
+                    raise ClientClosedError("the client is closed; create a new one")
+            except BaseException:
+                await conn.close()
+                raise
+            self._conn = conn
+            if reopened:
+                for events in self._waiters.values():
+                    for event in events:
+                        event.set()
+
+    def _on_notification(self, _channel: str, payload: str) -> None:
+        try:
+            message = jsonutil.loads(payload)
+            task = str(uuid.UUID(str(message["task_uuid"])))
+        except (ValueError, TypeError, KeyError):
+            return
+        for event in self._waiters.get(task, ()):
+            event.set()
+
+    async def close(self) -> None:
+        """Close the session and wake every waiter (each then finds the client closed)."""
+        self._closed = True
+        conn, self._conn = self._conn, None
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+        if conn is not None:
+            await conn.close()
+
+
+class AsyncTaskerClient:
+    """Create, inspect, wait for and operate on tasks; every method is a coroutine.
+
+    `dsn=None` finds the database as everywhere in tasker-pg (TASKER_DATABASE_URL,
+    DATABASE_URL, then the embedded cluster). Nothing connects until the first call; then a
+    pool of at most four sessions opens and the schema is checked (an outdated schema raises
+    `SchemaError` naming `tasker-pg migrate`). A client belongs to the event loop it is first
+    used on. Close it with `await client.close()` or `async with AsyncTaskerClient() as c:`.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        initiator: str = DEFAULT_INITIATOR,
+        source_system: str = DEFAULT_SOURCE_SYSTEM,
+        connect_timeout: float = 10,
+    ) -> None:
+        self.dsn = dsn
+        self.initiator = initiator
+        self.source_system = source_system
+        self.connect_timeout = float(connect_timeout)
+        self._pool: db.Pool | None = None
+        self._pool_lock = asyncio.Lock()
+        self._events = _TaskEvents(dsn, self.connect_timeout)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        where = db.mask_dsn(self.dsn) if self.dsn else "resolved from the environment"
+        return f"{type(self).__name__}(dsn={where!r}, initiator={self.initiator!r})"
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    async def close(self) -> None:
+        """Close the pool and the LISTEN session; calling it again does nothing."""
+        self._closed = True
+        pool, self._pool = self._pool, None
+        await self._events.close()
+        if pool is not None:
+            await pool.close()
+
+    async def _get_pool(self) -> db.Pool:
+        if self._closed:
+            raise ClientClosedError(f"{type(self).__name__} is closed; create a new one")
+        if self._pool is not None:
+            return self._pool
+        async with self._pool_lock:
+            if self._pool is None:
+                try:
+                    # db.create_pool takes no connect timeout: bound the whole opening here.
+                    pool = await asyncio.wait_for(
+                        db.create_pool(self.dsn, min_size=1, max_size=POOL_MAX_SIZE),
+                        self.connect_timeout,
+                    )
+                except TimeoutError:
+                    where = db.mask_dsn(self.dsn) if self.dsn else "the configured database"
+                    raise DatabaseNotFoundError(
+                        f"could not connect to {where} within {self.connect_timeout:g} s "
+                        "(connect_timeout); is the server running and reachable?"
+                    ) from None
+                if self.closed:  # closed while the pool was opening (a property: re-read)
+                    await pool.close()
+                    raise ClientClosedError(f"{type(self).__name__} is closed; create a new one")
+                self._pool = pool
+            return self._pool
+
+    @contextlib.asynccontextmanager
+    async def _session(self) -> AsyncIterator[db.Connection]:
+        pool = await self._get_pool()
+        async with pool.acquire() as conn:
+            yield conn
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    async def create_task(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        context: Mapping[str, Any] | None = None,
+        version: str | None = None,
+        reason: str | None = None,
+        **kwargs: Any,
+    ) -> TaskResponse:
+        """Create a task from the registered template `namespace`/`name` (newest version
+        unless `version` is given). Options: priority, tags, idempotency_key, correlation_id,
+        delay_seconds, and initiator/source_system to override the client's. A repeated
+        idempotency_key returns the task created first."""
+        name = str(_text(name, "task template name"))
+        namespace = str(_text(namespace, "namespace"))
+        version = _text(version, "version", optional=True)
+        ctx = _task_context(context)
+        options = _task_options(
+            kwargs, initiator=self.initiator, source_system=self.source_system, reason=reason
+        )
+        async with self._session() as conn:
+            task_uuid = await conn.create_task(
+                namespace, name, ctx, version=version, options=options
+            )
+            return await self._read_task(conn, str(task_uuid))
+
+    async def get_task(self, task_uuid: str | uuid.UUID) -> TaskResponse:
+        """The task's state, progress and creation details."""
+        task = _uuid_text(task_uuid, "task uuid")
+        async with self._session() as conn:
+            return await self._read_task(conn, task)
+
+    @staticmethod
+    async def _read_task(conn: db.Connection, task: str) -> TaskResponse:
+        row = await conn.fetchrow(GET_TASK_SQL, task)
+        if row is None:
+            raise NotFoundError(f"task {task} does not exist", error_code="task_not_found")
+        return TaskResponse.from_row(row)
+
+    async def list_tasks(
+        self,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        namespace: str | None = None,
+        status: str | None = None,
+    ) -> TaskListResponse:
+        """A page of tasks, newest first, optionally of one namespace and/or in one state
+        (the state `get_task` reports), with the total count of the filtered list."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
+            raise ValidationError(
+                f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, got {limit!r}",
+                error_code="invalid_argument",
+            )
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValidationError(
+                f"offset must be an integer >= 0, got {offset!r}", error_code="invalid_argument"
+            )
+        namespace = _text(namespace, "namespace", optional=True)
+        raw_states: list[str] | None = None
+        if status is not None:
+            if status not in TASK_STATES:
+                raise ValidationError(
+                    f"unknown task status {status!r} (valid: {', '.join(TASK_STATES)})",
+                    error_code="invalid_argument",
+                )
+            raw_states = ["pending", status] if status == "steps_in_process" else [status]
+        async with self._session() as conn:
+            rows = await conn.fetch(LIST_TASKS_SQL, namespace, status, raw_states, limit, offset)
+            if rows:
+                total = int(rows[0]["total_count"])
+            else:
+                total = int(await conn.fetchval(COUNT_TASKS_SQL, namespace, status, raw_states))
+        tasks = [TaskResponse.from_row(r) for r in rows]
+        return TaskListResponse(
+            tasks=tasks,
+            pagination=Pagination.compute(
+                total_count=total, limit=limit, offset=offset, returned=len(tasks)
+            ),
+        )
+
+    async def cancel_task(
+        self, task_uuid: str | uuid.UUID, reason: str | None = None
+    ) -> dict[str, Any]:
+        """Cancel every unfinished step of the task; returns tasker.cancel_task's summary
+        (task_uuid, previous_state, state, cancelled_steps). A finished task raises
+        InvalidStateError."""
+        task = _uuid_text(task_uuid, "task uuid")
+        reason = _text(reason, "reason", optional=True)
+        async with self._session() as conn:
+            return dict(await conn.cancel_task(task, reason))
+
+    async def wait_for_task(
+        self, task_uuid: str | uuid.UUID, timeout: float | None = 60.0
+    ) -> TaskResponse:
+        """Return the task as soon as it is complete, in error, cancelled or resolved manually.
+
+        Listens for the engine's task notifications (no polling; the state is re-read every
+        few seconds only as a safety net). `timeout=None` waits without limit; running out of
+        time raises `TaskTimeoutError` (a `TimeoutError`) and leaves the task alone.
+        """
+        task = _uuid_text(task_uuid, "task uuid")
+        if timeout is not None and (isinstance(timeout, bool) or timeout < 0):
+            raise ValidationError(
+                f"timeout must be a number of seconds >= 0 or None, got {timeout!r}",
+                error_code="invalid_argument",
+            )
+        await self._get_pool()
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        event = self._events.subscribe(task)
+        current: TaskResponse | None = None
+        try:
+            while True:
+                lost: TaskerError | None = None
+                try:
+                    # Listen first, then read: a change committed after the read sets the event.
+                    await self._events.ensure_listening()
+                    event.clear()
+                    current = await self.get_task(task)
+                except (ConnectionLostError, DatabaseNotFoundError) as exc:
+                    if current is None:
+                        raise  # never reached the task: report it at once
+                    # Once waiting, a lost session (a database restart) is retried at the
+                    # next re-check rather than ending the wait.
+                    lost = exc
+                    logger.warning("waiting for task %s: %s; retrying", task, exc)
+                else:
+                    if current.is_final:
+                        return current
+                wait = WAIT_RECHECK_SECONDS
+                if deadline is not None:
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        raise TaskTimeoutError(task, current.status, float(timeout or 0)) from lost
+                    wait = min(wait, remaining)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), wait)
+        finally:
+            self._events.unsubscribe(task, event)
+
+    # --- steps -------------------------------------------------------------------------------
+
+    async def list_task_steps(self, task_uuid: str | uuid.UUID) -> list[StepResponse]:
+        """Every step of the task in template order, with readiness and its reason."""
+        task = _uuid_text(task_uuid, "task uuid")
+        async with self._session() as conn:
+            rows = await conn.fetch(LIST_STEPS_SQL, task, None)
+            if not rows:  # every task has a step: none means no such task
+                await self._require_task(conn, task)
+        return [StepResponse.from_row(r) for r in rows]
+
+    @staticmethod
+    async def _require_task(conn: db.Connection, task: str) -> None:
+        # Whether step_readiness runs (and raises task_not_found) depends on the plan; ask.
+        if not await conn.fetchval(TASK_EXISTS_SQL, task):
+            raise NotFoundError(f"task {task} does not exist", error_code="task_not_found")
+
+    async def get_step(
+        self, task_uuid: str | uuid.UUID, step_uuid: str | uuid.UUID
+    ) -> StepResponse:
+        """One step of the task; NotFoundError when the task has no such step."""
+        task = _uuid_text(task_uuid, "task uuid")
+        step = _uuid_text(step_uuid, "step uuid")
+        async with self._session() as conn:
+            row = await conn.fetchrow(LIST_STEPS_SQL, task, step)
+            if row is None:
+                await self._require_task(conn, task)
+                raise NotFoundError(
+                    f"step {step} does not exist in task {task}", error_code="step_not_found"
+                )
+        return StepResponse.from_row(row)
+
+    async def get_step_audit_history(
+        self, task_uuid: str | uuid.UUID, step_uuid: str | uuid.UUID
+    ) -> list[StepAuditResponse]:
+        """Every state change of the step, oldest first."""
+        task = _uuid_text(task_uuid, "task uuid")
+        step = _uuid_text(step_uuid, "step uuid")
+        async with self._session() as conn:
+            rows = await conn.fetch(STEP_AUDIT_SQL, task, step)
+            # Every step has at least its creation row: none means an unknown task or step.
+            if not rows:
+                await self._require_task(conn, task)
+                raise NotFoundError(
+                    f"step {step} does not exist in task {task}", error_code="step_not_found"
+                )
+        return [StepAuditResponse.from_row(r) for r in rows]
+
+    async def retry_step(self, step_uuid: str | uuid.UUID) -> dict[str, Any]:
+        """Send a step in error back to the queue with fresh attempts (tasker.retry_step);
+        returns its summary (step_uuid, state, task_uuid, task_state)."""
+        step = _uuid_text(step_uuid, "step uuid")
+        async with self._session() as conn:
+            return dict(await conn.retry_step(step))
+
+    async def resolve_step(self, step_uuid: str | uuid.UUID, result: Any = None) -> dict[str, Any]:
+        """Complete an unfinished step by hand with `result`, satisfying its dependents
+        (tasker.resolve_step); returns its summary."""
+        step = _uuid_text(step_uuid, "step uuid")
+        _json_check(result, "step result", "invalid_result")
+        async with self._session() as conn:
+            return dict(await conn.resolve_step(step, result))
+
+    # --- templates and health ----------------------------------------------------------------
+
+    async def register_templates(self, path: str | Path) -> list[TemplateRegistration]:
+        """Register the template YAML file at `path`, or every one in the directory, all in
+        one transaction (all or none). Registering an unchanged template again is a no-op."""
+        templates = await asyncio.to_thread(load_templates, path)
+        registered: list[TemplateRegistration] = []
+        async with self._session() as conn, conn.transaction():
+            for template in templates:
+                named_task_id = await conn.register_template(template.to_json())
+                registered.append(TemplateRegistration.of(named_task_id, template))
+        return registered
+
+    async def health_check(self) -> HealthResponse:
+        """Is the database reachable, and is its schema current? Never raises for a database
+        that cannot be reached or is outdated: the response says so."""
+        if self._closed:
+            raise ClientClosedError(f"{type(self).__name__} is closed; create a new one")
+        expected = migrations.expected_version()
+        reachable = False
+
+        async def probe(conn: db.Connection) -> HealthResponse:
+            nonlocal reachable
+            reachable = True
+            started = time.perf_counter()
+            server_version = str(await conn.fetchval(HEALTH_SQL))
+            latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
+            current = await migrations.schema_version(conn)
+            message: str | None = None
+            if current is None:
+                message = "the database has no tasker schema; " + migrations.MIGRATE_HINT
+            elif current < expected:
+                message = (
+                    f"the database schema is at version {current}, this tasker-pg needs "
+                    f"{expected}; " + migrations.MIGRATE_HINT
+                )
+            return HealthResponse(
+                healthy=message is None,
+                status="healthy" if message is None else "schema_outdated",
+                database_reachable=True,
+                schema_version=current,
+                expected_schema_version=expected,
+                server_version=server_version,
+                latency_ms=latency_ms,
+                message=message,
+            )
+
+        async def run() -> HealthResponse:
+            # The pool exists only once the schema was found current; before that (and when
+            # it is outdated) a session of its own answers, without the schema check.
+            if self._pool is not None:
+                async with self._pool.acquire() as conn:
+                    return await probe(conn)
+            conn = await db.connect(self.dsn, check_schema=False, timeout=self.connect_timeout)
+            try:
+                return await probe(conn)
+            finally:
+                await conn.close()
+
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                return await run()
+        except (TaskerError, TimeoutError) as exc:
+            message = (
+                str(exc)
+                if isinstance(exc, TaskerError)
+                else f"the database did not answer within {self.connect_timeout:g} s"
+            )
+            return HealthResponse(
+                healthy=False,
+                status="unhealthy",
+                database_reachable=reachable,
+                schema_version=None,
+                expected_schema_version=expected,
+                server_version=None,
+                latency_ms=None,
+                message=message,
+            )
+
+
+# --- the sync client -------------------------------------------------------------------------
+
+
+def _run_loop(loop: asyncio.AbstractEventLoop) -> None:
+    asyncio.set_event_loop(loop)
+    loop.run_forever()
+
+
+class TaskerClient:
+    """The blocking client: the methods of `AsyncTaskerClient`, each returning its result.
+
+    Calls run on an event loop in a background thread owned by this client (started on first
+    use), so the client can be shared by threads and used where an event loop already runs.
+    Close it with `close()` or `with TaskerClient() as client:`.
+    """
+
+    def __init__(
+        self,
+        dsn: str | None = None,
+        *,
+        initiator: str = DEFAULT_INITIATOR,
+        source_system: str = DEFAULT_SOURCE_SYSTEM,
+        connect_timeout: float = 10,
+    ) -> None:
+        self._client = AsyncTaskerClient(
+            dsn,
+            initiator=initiator,
+            source_system=source_system,
+            connect_timeout=connect_timeout,
+        )
+        self._lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return repr(self._client).replace("AsyncTaskerClient", "TaskerClient", 1)
+
+    @property
+    def dsn(self) -> str | None:
+        return self._client.dsn
+
+    @property
+    def initiator(self) -> str:
+        return self._client.initiator
+
+    @property
+    def source_system(self) -> str:
+        return self._client.source_system
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Close the connections and stop the background thread; calling it again does
+        nothing. Calls still running in other threads are cancelled."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            loop, thread = self._loop, self._thread
+        if loop is None or thread is None:
+            return
+        if threading.current_thread() is thread:
+            raise RuntimeError("TaskerClient.close() cannot be called from its own loop thread")
+        try:
+            asyncio.run_coroutine_threadsafe(self._shutdown(), loop).result()
+        finally:
+            loop.call_soon_threadsafe(loop.stop)
+            thread.join()
+            loop.close()
+
+    async def _shutdown(self) -> None:
+        # Calls still running first (they may hold pool sessions the pool would wait for).
+        current = asyncio.current_task()
+        others = [t for t in asyncio.all_tasks() if t is not current]
+        for task in others:
+            task.cancel()
+        await asyncio.gather(*others, return_exceptions=True)
+        await self._client.close()
+        loop = asyncio.get_running_loop()
+        await loop.shutdown_asyncgens()
+        await loop.shutdown_default_executor()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run `coro` on the client's loop and wait for its result in this thread."""
+        with self._lock:
+            if self._closed:
+                coro.close()
+                raise ClientClosedError("TaskerClient is closed; create a new one")
+            if self._loop is None:
+                loop = asyncio.new_event_loop()
+                thread = threading.Thread(
+                    target=_run_loop, args=(loop,), name="tasker-pg-client", daemon=True
+                )
+                thread.start()
+                self._loop, self._thread = loop, thread
+            # Submitted under the lock: close() cannot stop the loop between check and submit.
+            future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result()
+        except BaseException:
+            # KeyboardInterrupt in the caller (Ctrl-C during wait_for_task): stop the call too.
+            future.cancel()
+            raise
+
+    # --- the methods -------------------------------------------------------------------------
+
+    def create_task(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        context: Mapping[str, Any] | None = None,
+        version: str | None = None,
+        reason: str | None = None,
+        **kwargs: Any,
+    ) -> TaskResponse:
+        """See `AsyncTaskerClient.create_task`."""
+        return self._run(
+            self._client.create_task(
+                name,
+                namespace=namespace,
+                context=context,
+                version=version,
+                reason=reason,
+                **kwargs,
+            )
+        )
+
+    def get_task(self, task_uuid: str | uuid.UUID) -> TaskResponse:
+        """See `AsyncTaskerClient.get_task`."""
+        return self._run(self._client.get_task(task_uuid))
+
+    def list_tasks(
+        self,
+        *,
+        limit: int = 50,
+        offset: int = 0,
+        namespace: str | None = None,
+        status: str | None = None,
+    ) -> TaskListResponse:
+        """See `AsyncTaskerClient.list_tasks`."""
+        return self._run(
+            self._client.list_tasks(limit=limit, offset=offset, namespace=namespace, status=status)
+        )
+
+    def cancel_task(self, task_uuid: str | uuid.UUID, reason: str | None = None) -> dict[str, Any]:
+        """See `AsyncTaskerClient.cancel_task`."""
+        return self._run(self._client.cancel_task(task_uuid, reason))
+
+    def wait_for_task(
+        self, task_uuid: str | uuid.UUID, timeout: float | None = 60.0
+    ) -> TaskResponse:
+        """See `AsyncTaskerClient.wait_for_task`."""
+        return self._run(self._client.wait_for_task(task_uuid, timeout))
+
+    def list_task_steps(self, task_uuid: str | uuid.UUID) -> list[StepResponse]:
+        """See `AsyncTaskerClient.list_task_steps`."""
+        return self._run(self._client.list_task_steps(task_uuid))
+
+    def get_step(self, task_uuid: str | uuid.UUID, step_uuid: str | uuid.UUID) -> StepResponse:
+        """See `AsyncTaskerClient.get_step`."""
+        return self._run(self._client.get_step(task_uuid, step_uuid))
+
+    def get_step_audit_history(
+        self, task_uuid: str | uuid.UUID, step_uuid: str | uuid.UUID
+    ) -> list[StepAuditResponse]:
+        """See `AsyncTaskerClient.get_step_audit_history`."""
+        return self._run(self._client.get_step_audit_history(task_uuid, step_uuid))
+
+    def retry_step(self, step_uuid: str | uuid.UUID) -> dict[str, Any]:
+        """See `AsyncTaskerClient.retry_step`."""
+        return self._run(self._client.retry_step(step_uuid))
+
+    def resolve_step(self, step_uuid: str | uuid.UUID, result: Any = None) -> dict[str, Any]:
+        """See `AsyncTaskerClient.resolve_step`."""
+        return self._run(self._client.resolve_step(step_uuid, result))
+
+    def register_templates(self, path: str | Path) -> list[TemplateRegistration]:
+        """See `AsyncTaskerClient.register_templates`."""
+        return self._run(self._client.register_templates(path))
+
+    def health_check(self) -> HealthResponse:
+        """See `AsyncTaskerClient.health_check`."""
+        return self._run(self._client.health_check())

@@ -1,0 +1,359 @@
+"""What `TaskerClient` and `AsyncTaskerClient` return: frozen, typed dataclasses.
+
+Each type is built from the rows of the client's named queries (`from_row`) and turns itself
+into plain JSON data with `to_dict()` (timestamps as ISO 8601 strings), which is what the CLI's
+`--json` prints. States are the engine's own words (see sql/migrations/0002_engine.sql).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import uuid
+from collections.abc import Mapping
+from datetime import date, datetime, timedelta
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Literal, cast
+
+if TYPE_CHECKING:
+    from tasker_pg.template import TaskTemplate
+
+__all__ = [
+    "FINAL_TASK_STATES",
+    "STEP_STATES",
+    "TASK_STATES",
+    "HealthResponse",
+    "HealthStatus",
+    "Pagination",
+    "StepAuditResponse",
+    "StepResponse",
+    "StepState",
+    "TaskListResponse",
+    "TaskResponse",
+    "TaskState",
+    "TemplateRegistration",
+]
+
+TaskState = Literal[
+    "pending", "steps_in_process", "complete", "error", "cancelled", "resolved_manually"
+]
+"""A task's state as `tasker.v_tasks` shows it (pending with a claimed step reads in process)."""
+
+StepState = Literal[
+    "pending",
+    "enqueued",
+    "in_progress",
+    "waiting_for_retry",
+    "complete",
+    "error",
+    "cancelled",
+    "resolved_manually",
+]
+
+HealthStatus = Literal["healthy", "unhealthy", "schema_outdated"]
+
+TASK_STATES: tuple[TaskState, ...] = (
+    "pending",
+    "steps_in_process",
+    "complete",
+    "error",
+    "cancelled",
+    "resolved_manually",
+)
+STEP_STATES: tuple[StepState, ...] = (
+    "pending",
+    "enqueued",
+    "in_progress",
+    "waiting_for_retry",
+    "complete",
+    "error",
+    "cancelled",
+    "resolved_manually",
+)
+FINAL_TASK_STATES: frozenset[str] = frozenset(
+    {"complete", "error", "cancelled", "resolved_manually"}
+)
+"""States `wait_for_task` stops at. `error` is not terminal (an operator may retry or resolve
+the failed step) but nothing more happens to the task without one, so a waiter returns."""
+
+Row = Mapping[str, Any]
+
+
+def _jsonable(value: Any) -> Any:
+    """Plain JSON data: timestamps as ISO strings, uuids as text, Decimals as floats."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, timedelta):
+        return value.total_seconds()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class _ToDict:
+    def to_dict(self) -> dict[str, Any]:
+        """The response as plain JSON data (what `--json` prints)."""
+        result = _jsonable(self)
+        assert isinstance(result, dict)
+        return result
+
+
+def _interval_ms(value: timedelta | None) -> float | None:
+    return None if value is None else round(value.total_seconds() * 1000.0, 3)
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskResponse(_ToDict):
+    """One task: where it stands, its counts per step state, and what it was created with."""
+
+    task_uuid: str
+    name: str
+    namespace: str
+    version: str
+    status: TaskState
+    """The task state as `tasker.v_tasks` shows it."""
+    execution_status: str
+    """What the task is doing as a whole (`tasker.task_execution_context`): all_complete,
+    blocked_by_failures, has_ready_steps, processing, waiting_for_retry,
+    waiting_for_dependencies, or cancelled."""
+    total_steps: int
+    completed_steps: int
+    """Steps complete or resolved manually."""
+    failed_steps: int
+    """Steps in error."""
+    ready_steps: int
+    step_counts: dict[str, int]
+    """Steps per step state; every state is present, most with 0."""
+    completion_percentage: float
+    context: dict[str, Any]
+    initiator: str | None
+    source_system: str | None
+    reason: str | None
+    tags: list[Any]
+    priority: int
+    correlation_id: str | None
+    idempotency_key: str | None
+    created_at: datetime
+    updated_at: datetime
+    completed_at: datetime | None
+
+    @property
+    def is_final(self) -> bool:
+        """True when nothing more happens without an operator (what `wait_for_task` waits for)."""
+        return self.status in FINAL_TASK_STATES
+
+    @classmethod
+    def from_row(cls, row: Row) -> TaskResponse:
+        """From a row of v_tasks columns joined with task_execution_context's `*_steps` counts."""
+        counts = {
+            "pending": int(row["pending_steps"]),
+            "enqueued": int(row["enqueued_steps"]),
+            "in_progress": int(row["in_progress_steps"]),
+            "waiting_for_retry": int(row["waiting_for_retry_steps"]),
+            "complete": int(row["complete_steps"]),
+            "error": int(row["error_steps"]),
+            "cancelled": int(row["cancelled_steps"]),
+            "resolved_manually": int(row["resolved_steps"]),
+        }
+        return cls(
+            task_uuid=str(row["task_uuid"]),
+            name=row["name"],
+            namespace=row["namespace"],
+            version=row["version"],
+            status=cast(TaskState, row["state"]),
+            execution_status=row["execution_status"],
+            total_steps=int(row["total_steps"]),
+            completed_steps=counts["complete"] + counts["resolved_manually"],
+            failed_steps=counts["error"],
+            ready_steps=int(row["ready_steps"]),
+            step_counts=counts,
+            completion_percentage=float(row["completion_percentage"]),
+            context=dict(row["context"] or {}),
+            initiator=row["initiator"],
+            source_system=row["source_system"],
+            reason=row["reason"],
+            tags=list(row["tags"] or []),
+            priority=int(row["priority"]),
+            correlation_id=row["correlation_id"],
+            idempotency_key=row["idempotency_key"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            completed_at=row["completed_at"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class Pagination(_ToDict):
+    """Where a page of `list_tasks` sits in the whole filtered list."""
+
+    total_count: int
+    page: int
+    """1-based; offset // per_page + 1."""
+    per_page: int
+    total_pages: int
+    """ceil(total_count / per_page); 0 when nothing matches."""
+    has_next: bool
+    has_previous: bool
+    offset: int
+
+    @classmethod
+    def compute(cls, *, total_count: int, limit: int, offset: int, returned: int) -> Pagination:
+        return cls(
+            total_count=total_count,
+            page=offset // limit + 1,
+            per_page=limit,
+            total_pages=math.ceil(total_count / limit),
+            has_next=offset + returned < total_count,
+            has_previous=offset > 0,
+            offset=offset,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskListResponse(_ToDict):
+    """One page of tasks, newest first, and the pagination around it."""
+
+    tasks: list[TaskResponse]
+    pagination: Pagination
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResponse(_ToDict):
+    """One step: its state, attempts, results, last error, and whether (or why not) it runs."""
+
+    step_uuid: str
+    task_uuid: str
+    name: str
+    handler: str
+    current_state: StepState
+    dependencies: list[str]
+    """Names of the steps this one depends on (its parents in the DAG)."""
+    attempts: int
+    max_attempts: int
+    retryable: bool
+    results: Any
+    metadata: dict[str, Any] | None
+    last_error: dict[str, Any] | None
+    ready: bool
+    """A worker may claim it now."""
+    readiness_reason: str
+    """Why it is (not) running, in words (`tasker.step_readiness`)."""
+    dependencies_satisfied: bool
+    worker_id: str | None
+    next_attempt_at: datetime | None
+    """When it becomes claimable: the retry time, or the delayed start of an enqueued step."""
+    lease_expires_at: datetime | None
+    created_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+    duration_ms: float | None
+    """completed_at - started_at of the last run, when both are known."""
+
+    @classmethod
+    def from_row(cls, row: Row) -> StepResponse:
+        """From a row of v_steps columns joined with step_readiness and the parent names."""
+        return cls(
+            step_uuid=str(row["step_uuid"]),
+            task_uuid=str(row["task_uuid"]),
+            name=row["name"],
+            handler=row["handler"],
+            current_state=cast(StepState, row["state"]),
+            dependencies=list(row["dependencies"] or []),
+            attempts=int(row["attempts"]),
+            max_attempts=int(row["max_attempts"]),
+            retryable=bool(row["retryable"]),
+            results=row["results"],
+            metadata=row["metadata"],
+            last_error=row["last_error"],
+            ready=bool(row["ready"]),
+            readiness_reason=row["reason"],
+            dependencies_satisfied=bool(row["dependencies_satisfied"]),
+            worker_id=row["worker_id"],
+            next_attempt_at=row["ready_at"],
+            lease_expires_at=row["lease_expires_at"],
+            created_at=row["created_at"],
+            started_at=row["started_at"],
+            completed_at=row["completed_at"],
+            duration_ms=_interval_ms(row["last_run_duration"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class StepAuditResponse(_ToDict):
+    """One state change of a step, as `tasker.step_transitions` recorded it."""
+
+    transition_id: int
+    step_uuid: str
+    task_uuid: str
+    from_state: str | None
+    to_state: str
+    event: str
+    attempt: int
+    worker_id: str | None
+    duration_ms: float | None
+    error_summary: str | None
+    created_at: datetime
+    metadata: dict[str, Any] | None
+
+    @classmethod
+    def from_row(cls, row: Row) -> StepAuditResponse:
+        return cls(
+            transition_id=int(row["transition_id"]),
+            step_uuid=str(row["step_uuid"]),
+            task_uuid=str(row["task_uuid"]),
+            from_state=row["from_state"],
+            to_state=row["to_state"],
+            event=row["event"],
+            attempt=int(row["attempt"]),
+            worker_id=row["worker_id"],
+            duration_ms=row["duration_ms"],
+            error_summary=row["error_summary"],
+            created_at=row["created_at"],
+            metadata=row["metadata"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class HealthResponse(_ToDict):
+    """Can the database be reached, and is its schema the one this tasker-pg needs."""
+
+    healthy: bool
+    status: HealthStatus
+    database_reachable: bool
+    schema_version: int | None
+    """Newest applied migration; None when the database was never migrated (or not reached)."""
+    expected_schema_version: int
+    server_version: str | None
+    latency_ms: float | None
+    """Round trip of one query on an open session."""
+    message: str | None
+    """What is wrong and what to do about it, when something is."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateRegistration(_ToDict):
+    """A template version stored by `register_templates`."""
+
+    namespace: str
+    name: str
+    version: str
+    named_task_id: int
+    step_count: int
+
+    @classmethod
+    def of(cls, named_task_id: int, template: TaskTemplate) -> TemplateRegistration:
+        return cls(
+            namespace=template.namespace_name,
+            name=template.name,
+            version=template.version,
+            named_task_id=named_task_id,
+            step_count=len(template.steps),
+        )
