@@ -177,16 +177,30 @@ async def test_concurrent_create_queue(dsn: str) -> None:
         for tx in txs:
             await tx.start()
         await conns[0].create_queue("race")
-        # The others block on the first one's uncommitted row; commit it and they return.
+        # The others, each in its own open transaction, block on the first one's lock ...
         others = [asyncio.create_task(c.create_queue("race")) for c in conns[1:]]
-        await asyncio.sleep(0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            waiting = await conns[0].fetchval(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            )
+            if waiting == 3:
+                break
+            await asyncio.sleep(0.02)
+        assert waiting == 3, "the other creators should wait on the advisory lock"
+        # ... and when it commits, each finds the queue and returns without holding the lock
+        # for the rest of its transaction (the others' transactions are still open here).
         await txs[0].commit()
-        await asyncio.wait_for(asyncio.gather(*others), timeout=60)
+        await asyncio.wait_for(asyncio.gather(*others), timeout=30)
         for tx in txs[1:]:
             await tx.commit()
         assert (
             await conns[0].fetchval("SELECT count(*) FROM tasker.queues WHERE queue_name = 'race'")
             == 1
+        )
+        assert (
+            await conns[0].fetchval("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")
+            == 0
         )
         await conns[1].send("race", {"ok": 1})
     finally:

@@ -109,9 +109,9 @@ END
 $$;
 
 -- Creates the queue's sequence and partitions. Safe to call again (no-op) and from several
--- sessions at once: a transaction-scoped advisory lock on the name makes a concurrent creator
--- wait until the first one commits, and its re-check (a new snapshot) then finds the queue.
--- (CREATE ... IF NOT EXISTS alone is not safe against an uncommitted twin.) Partitions are created
+-- sessions at once: an advisory lock on the name makes a concurrent creator wait until the
+-- first one commits, and its re-check (a new snapshot) then finds the queue. (CREATE ... IF
+-- NOT EXISTS alone is not safe against an uncommitted twin.) Partitions are created
 -- standalone and then attached, because ATTACH PARTITION takes only a SHARE UPDATE EXCLUSIVE
 -- lock on the parent, so workers reading other queues are not blocked.
 CREATE FUNCTION tasker.create_queue(p_queue text) RETURNS void
@@ -123,10 +123,17 @@ BEGIN
     IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
         RETURN;
     END IF;
-    PERFORM pg_advisory_xact_lock(hashtextextended('tasker.create_queue:' || p_queue, 0));
+    -- Wait for a concurrent creator with a session-level lock, so that a caller who finds the
+    -- queue made by the session it waited for lets go at once instead of holding the lock
+    -- for the rest of its own transaction (which would serialise every caller behind it).
+    PERFORM pg_advisory_lock(hashtextextended('tasker.create_queue:' || p_queue, 0));
     IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
+        PERFORM pg_advisory_unlock(hashtextextended('tasker.create_queue:' || p_queue, 0));
         RETURN;  -- created by the session we waited for
     END IF;
+    -- We create it: hold the lock until our transaction ends.
+    PERFORM pg_advisory_xact_lock(hashtextextended('tasker.create_queue:' || p_queue, 0));
+    PERFORM pg_advisory_unlock(hashtextextended('tasker.create_queue:' || p_queue, 0));
     EXECUTE format('CREATE SEQUENCE tasker.%I AS bigint', v_seq);
     INSERT INTO tasker.queues (queue_name, msg_seq)
     VALUES (p_queue, format('tasker.%I', v_seq)::regclass);
