@@ -1,6 +1,10 @@
-"""The `tasker-pg` command line: embedded database, migrations, queues, demo.
+"""The `tasker-pg` command line: embedded database, migrations, operator commands, demo.
 
-Exit codes scripts can rely on: 0 ok, 1 failure or not found, 2 usage error.
+Operators create, inspect and repair work here (`task`, `step`, `queue`, `template`), on the
+same client Python code uses; every operator command takes `--json` (one JSON document on
+stdout, the responses' `to_dict()`), and errors print `error [code]: message` on stderr.
+Exit codes scripts can rely on: 0 ok, 1 failure or not found (or a task that did not
+complete, for `task wait` / `task create --wait`), 2 usage error (bad arguments, bad JSON).
 """
 
 from __future__ import annotations
@@ -9,14 +13,28 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import sys
 import time
+import uuid
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
-from tasker_pg import db, migrations, worker_cli
+from tasker_pg import bench, db, migrations, worker_cli
+from tasker_pg.client import AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
-from tasker_pg.errors import NotFoundError, TaskerError
+from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
+from tasker_pg.render import (
+    Style,
+    format_duration,
+    format_table,
+    format_time,
+    render_dag,
+    render_task_header,
+    truncate,
+)
+from tasker_pg.responses import TASK_STATES, StepAuditResponse, StepResponse, TaskResponse
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -140,55 +158,421 @@ def _queue_table(metrics: Sequence[db.QueueMetrics]) -> str:
     return format_table(header, rows) if rows else "no queues"
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain left-aligned text table."""
-    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
-    lines.append("  ".join("-" * w for w in widths))
-    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def cmd_queue_list(args: argparse.Namespace) -> int:
     return _run(_queue_list(args))
 
 
-# --- demo / bench --------------------------------------------------------------------------------
+# --- operator commands (task, step, template) ------------------------------------------------
+# Each runs on an AsyncTaskerClient (the client's methods and errors, DSN resolved as
+# everywhere); the two lookups the client has no method for are named queries here.
+
+# Registered templates, newest version first within a name ($1 namespace or NULL).
+TEMPLATES_SQL = """
+SELECT nt.namespace, nt.name, nt.version, nt.step_count, nt.description, nt.created_at
+  FROM tasker.named_tasks nt
+ WHERE ($1::text IS NULL OR nt.namespace = $1)
+ ORDER BY nt.namespace, nt.name, nt.version_major DESC, nt.version_minor DESC,
+          nt.version_patch DESC, nt.version_pre_key DESC NULLS FIRST
+"""
+
+# The task a step belongs to ($1 step), for commands that are given only a step uuid.
+STEP_TASK_SQL = "SELECT s.task_uuid FROM tasker.steps s WHERE s.step_uuid = $1::uuid"
+
+CLI_INITIATOR = "tasker-pg cli"
+CLI_SOURCE_SYSTEM = "tasker-pg"
+
+# Errors about what was typed on the command line: exit 2 like argparse's own.
+USAGE_ERROR_CODES = frozenset(
+    {"usage", "invalid_json", "invalid_context", "invalid_uuid", "invalid_argument"}
+)
 
 
-async def _demo(args: argparse.Namespace) -> int:
-    cluster = EmbeddedCluster()
-    print("starting the embedded PostgreSQL ...")
-    dsn = cluster.start()
-    print(f"  {dsn}")
-    conn = await db.connect(dsn, check_schema=False)
+class UsageError(TaskerError):
+    """A command-line argument is malformed (bad JSON, unreadable @file): exit code 2."""
+
+    error_code = "usage"
+
+
+def _client(args: argparse.Namespace) -> AsyncTaskerClient:
+    return AsyncTaskerClient(args.dsn, initiator=CLI_INITIATOR, source_system=CLI_SOURCE_SYSTEM)
+
+
+def _json_arg(text: str, option: str) -> Any:
+    """A JSON value given inline, as `@path` (a file), or as `@-` (standard input)."""
+    source = option
+    if text.startswith("@"):
+        path = text[1:]
+        source = f"{option} {text}"
+        try:
+            text = sys.stdin.read() if path == "-" else Path(path).read_text(encoding="utf-8")
+        except OSError as exc:
+            raise UsageError(
+                f"{option}: cannot read {path}: {exc.strerror or exc}",
+                error_code="invalid_json",
+            ) from None
     try:
-        report = await migrations.migrate(conn)
-        print(f"schema at version {report.current_version}")
-        await conn.create_queue("demo")
-        msg_id = await conn.send("demo", {"hello": "world", "sent_at": time.time()})
-        print(f"sent message {msg_id} to queue 'demo'")
-        messages = await conn.read("demo", vt_seconds=30, qty=1)
-        for m in messages:
-            print(f"read message {m.msg_id} (read_ct {m.read_ct}): {json.dumps(m.message)}")
-            await conn.archive("demo", m.msg_id)
-            print(f"archived message {m.msg_id}")
-        print()
-        print(_queue_table(await conn.metrics_all()))
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(
+            f"{source} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno} "
+            "(give a JSON object such as '{\"key\": 1}', or @file.json)",
+            error_code="invalid_json",
+        ) from None
+
+
+def _uuid_arg(text: str) -> str:
+    """argparse type of uuid arguments: a malformed uuid is a usage error (exit 2)."""
+    try:
+        return str(uuid.UUID(text.strip()))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a valid UUID: {text!r}") from None
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
+def _task_line(task: TaskResponse) -> str:
+    return (
+        f"task {task.task_uuid}  {task.namespace}/{task.name} {task.version}: {task.status} "
+        f"({task.execution_status}, {task.completed_steps}/{task.total_steps} steps done)"
+    )
+
+
+def _final_exit(task: TaskResponse) -> int:
+    """0 when the task completed, 1 when it ended any other way (error, cancelled...)."""
+    return EXIT_OK if task.status == "complete" else EXIT_FAILED
+
+
+async def _task_create(args: argparse.Namespace) -> int:
+    context = _json_arg(args.context, "--context") if args.context is not None else {}
+    if not isinstance(context, dict):
+        raise UsageError(
+            f"--context must be a JSON object, got {type(context).__name__} "
+            "(for example '{\"cart_items\": []}')",
+            error_code="invalid_context",
+        )
+    async with _client(args) as client:
+        task = await client.create_task(
+            args.name,
+            namespace=args.namespace,
+            context=context,
+            version=args.version,
+            reason=args.reason,
+            priority=args.priority,
+            idempotency_key=args.idempotency_key,
+        )
+        if not args.wait:
+            if args.json:
+                _print_json(task.to_dict())
+            else:
+                print(f"created {_task_line(task)}")
+                print(f"next: tasker-pg task show {task.task_uuid}")
+            return EXIT_OK
+        if not args.json:
+            print(f"created task {task.task_uuid}; waiting for it to finish ...", flush=True)
+        task = await client.wait_for_task(task.task_uuid, args.timeout)
+    if args.json:
+        _print_json(task.to_dict())
+    else:
+        print(_task_line(task))
+    return _final_exit(task)
+
+
+async def _task_list(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        page = await client.list_tasks(
+            limit=args.limit, offset=args.offset, namespace=args.namespace, status=args.status
+        )
+    if args.json:
+        _print_json(page.to_dict())
+        return EXIT_OK
+    p = page.pagination
+    if not page.tasks:
+        print("no tasks" if p.total_count == 0 else f"no tasks at offset {p.offset}")
+        return EXIT_OK
+    header = ("task_uuid", "task", "version", "status", "steps", "created")
+    rows = [
+        (
+            t.task_uuid,
+            truncate(f"{t.namespace}/{t.name}", 40),
+            t.version,
+            t.status,
+            f"{t.completed_steps}/{t.total_steps}",
+            format_time(t.created_at),
+        )
+        for t in page.tasks
+    ]
+    print(format_table(header, rows))
+    first = p.offset + 1
+    summary = f"{first}-{p.offset + len(page.tasks)} of {p.total_count} (newest first)"
+    if p.has_next:
+        summary += f"; next page: --offset {p.offset + p.per_page}"
+    print(summary)
+    return EXIT_OK
+
+
+async def _task_show(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        task = await client.get_task(args.task_uuid)
+        steps = await client.list_task_steps(args.task_uuid)
+    if args.json:
+        _print_json({"task": task.to_dict(), "steps": [s.to_dict() for s in steps]})
+        return EXIT_OK
+    style = Style.for_stream(sys.stdout)
+    print(render_task_header(task, style))
+    print()
+    print(render_dag(steps, style))
+    return EXIT_OK
+
+
+async def _task_cancel(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        summary = await client.cancel_task(args.task_uuid, args.reason)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"cancelled task {summary.get('task_uuid', args.task_uuid)} "
+            f"(was {summary.get('previous_state', '?')}; "
+            f"{summary.get('cancelled_steps', '?')} unfinished step(s) cancelled)"
+        )
+    return EXIT_OK
+
+
+async def _task_wait(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        task = await client.wait_for_task(args.task_uuid, args.timeout)
+    if args.json:
+        _print_json(task.to_dict())
+    else:
+        print(_task_line(task))
+    return _final_exit(task)
+
+
+async def _step_retry(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        summary = await client.retry_step(args.step_uuid)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"step {args.step_uuid}: error -> {summary.get('state', 'enqueued')} with fresh "
+            f"attempts; task {summary.get('task_uuid')} is {summary.get('task_state')}"
+        )
+    return EXIT_OK
+
+
+async def _step_resolve(args: argparse.Namespace) -> int:
+    result = _json_arg(args.result, "--result")
+    async with _client(args) as client:
+        summary = await client.resolve_step(args.step_uuid, result)
+    if args.json:
+        _print_json(summary)
+    else:
+        print(
+            f"step {args.step_uuid}: {summary.get('previous_state')} -> "
+            f"{summary.get('state', 'resolved_manually')}; task {summary.get('task_uuid')} is "
+            f"{summary.get('task_state')}"
+        )
+    return EXIT_OK
+
+
+async def _step_task(args: argparse.Namespace, step_uuid: str) -> str:
+    conn = await db.connect(args.dsn)
+    try:
+        task = await conn.fetchval(STEP_TASK_SQL, step_uuid)
     finally:
         await conn.close()
-    print()
-    print("next: psql \"$(tasker-pg db url)\" -c 'select * from tasker.metrics_all()'")
+    if task is None:
+        raise NotFoundError(f"step {step_uuid} does not exist", error_code="step_not_found")
+    return str(task)
+
+
+async def _step_explain(args: argparse.Namespace) -> int:
+    task_uuid = await _step_task(args, args.step_uuid)
+    async with _client(args) as client:
+        task = await client.get_task(task_uuid)
+        step = await client.get_step(task_uuid, args.step_uuid)
+        history = await client.get_step_audit_history(task_uuid, args.step_uuid)
+    if args.json:
+        _print_json(
+            {
+                "step": step.to_dict(),
+                "task": {
+                    "task_uuid": task.task_uuid,
+                    "namespace": task.namespace,
+                    "name": task.name,
+                    "version": task.version,
+                    "status": task.status,
+                },
+                "audit_history": [h.to_dict() for h in history],
+            }
+        )
+        return EXIT_OK
+    print(_explain_text(task, step, history, Style.for_stream(sys.stdout)))
     return EXIT_OK
+
+
+def _explain_text(
+    task: TaskResponse,
+    step: StepResponse,
+    history: Sequence[StepAuditResponse],
+    style: Style,
+) -> str:
+    """Where a step stands and why, its last error, what to do, and its audit trail."""
+    retry = "retryable" if step.retryable else "not retryable"
+    fields: list[tuple[str, str]] = [
+        ("step", f"{step.name} ({step.step_uuid})"),
+        ("task", f"{task.task_uuid}  {task.namespace}/{task.name} {task.version}: {task.status}"),
+        ("handler", step.handler),
+        ("depends on", ", ".join(step.dependencies) or "-"),
+        ("state", style.state(step.current_state, step.current_state)),
+        ("why", step.readiness_reason or "-"),
+        ("ready", "yes" if step.ready else "no"),
+        ("attempts", f"{step.attempts} of {step.max_attempts} ({retry})"),
+        ("last run", format_duration(step.duration_ms)),
+    ]
+    if step.next_attempt_at is not None:
+        fields.append(("next attempt", format_time(step.next_attempt_at)))
+    if step.worker_id:
+        fields.append(("worker", step.worker_id))
+    if step.last_error:
+        err = step.last_error
+        kind = err.get("error_type") or "error"
+        code = err.get("error_code")
+        fields.append(("last error", f"{kind}{f' [{code}]' if code else ''}: {err.get('message')}"))
+    width = max(len(k) for k, _ in fields)
+    lines = [f"{k.ljust(width)}  {v}" for k, v in fields]
+    if step.current_state == "error":
+        lines += [
+            "",
+            "to go on:",
+            f"  tasker-pg step retry {step.step_uuid}      (run it again, fresh attempts)",
+            f"  tasker-pg step resolve {step.step_uuid} --result '{{...}}'   (complete it by hand)",
+        ]
+    lines += ["", "history (oldest first):"]
+    rows = [
+        (
+            format_time(h.created_at),
+            h.from_state or "-",
+            h.to_state,
+            h.event,
+            str(h.attempt),
+            h.worker_id or "-",
+            format_duration(h.duration_ms),
+            truncate(h.error_summary or "", 40),
+        )
+        for h in history
+    ]
+    header = ("time", "from", "to", "event", "attempt", "worker", "took", "error")
+    lines.append(format_table(header, rows))
+    return "\n".join(lines)
+
+
+async def _template_list(args: argparse.Namespace) -> int:
+    conn = await db.connect(args.dsn)
+    try:
+        rows = await conn.fetch(TEMPLATES_SQL, args.namespace)
+    finally:
+        await conn.close()
+    templates = [
+        {
+            "namespace": r["namespace"],
+            "name": r["name"],
+            "version": r["version"],
+            "steps": r["step_count"],
+            "description": r["description"],
+            "created_at": r["created_at"].isoformat(),
+        }
+        for r in rows
+    ]
+    if args.json:
+        _print_json(templates)
+        return EXIT_OK
+    if not templates:
+        print("no templates registered (tasker-pg template register PATH)")
+        return EXIT_OK
+    header = ("namespace", "name", "version", "steps", "created")
+    table = [
+        (t["namespace"], t["name"], t["version"], str(t["steps"]), format_time(r["created_at"]))
+        for t, r in zip(templates, rows, strict=True)
+    ]
+    print(format_table(header, table))
+    return EXIT_OK
+
+
+async def _template_register(args: argparse.Namespace) -> int:
+    async with _client(args) as client:
+        registered = await client.register_templates(args.path)
+    if args.json:
+        _print_json([r.to_dict() for r in registered])
+        return EXIT_OK
+    if not registered:
+        print(f"no templates found in {args.path}")
+        return EXIT_OK
+    header = ("namespace", "name", "version", "steps", "id")
+    rows = [
+        (r.namespace, r.name, r.version, str(r.step_count), str(r.named_task_id))
+        for r in registered
+    ]
+    print(format_table(header, rows))
+    print(f"registered {len(registered)} template(s) (an unchanged one again is a no-op)")
+    return EXIT_OK
+
+
+def _async_command(fn: Callable[[argparse.Namespace], Coroutine[Any, Any, int]]) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        return _run(fn(args))
+
+    return run
+
+
+cmd_task_create = _async_command(_task_create)
+cmd_task_list = _async_command(_task_list)
+cmd_task_show = _async_command(_task_show)
+cmd_task_cancel = _async_command(_task_cancel)
+cmd_task_wait = _async_command(_task_wait)
+cmd_step_retry = _async_command(_step_retry)
+cmd_step_resolve = _async_command(_step_resolve)
+cmd_step_explain = _async_command(_step_explain)
+cmd_template_list = _async_command(_template_list)
+cmd_template_register = _async_command(_template_register)
+
+
+# --- demo -----------------------------------------------------------------------------------------
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    return _run(_demo(args))
+    from tasker_pg import demo
 
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    print("tasker-pg bench: not yet (arrives with the benchmark issue)")
-    return EXIT_OK
+    return demo.main(dsn=args.dsn, tasks=args.tasks, verbose=args.verbose > 0)
 
 
 # --- parser --------------------------------------------------------------------------------------
@@ -196,7 +580,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tasker-pg", description="A Postgres-native workflow engine."
+        prog="tasker-pg",
+        description="A Postgres-native workflow engine.",
+        epilog="Exit codes: 0 ok, 1 failure or not found (a failed task for `task wait`), "
+        "2 usage error.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -206,6 +593,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--dsn",
             help="database URL (default: TASKER_DATABASE_URL, DATABASE_URL, embedded cluster)",
         )
+        return p
+
+    def op(
+        parent: Any, name: str, func: Handler, help_text: str, **kw: Any
+    ) -> argparse.ArgumentParser:
+        """A leaf command with the options every operator command has: --dsn and --json."""
+        p: argparse.ArgumentParser = parent.add_parser(name, help=help_text, **kw)
+        with_dsn(p)
+        p.add_argument("--json", action="store_true", help="print one JSON document")
+        p.set_defaults(func=func)
         return p
 
     dbp = sub.add_parser("db", help="the embedded PostgreSQL (data in ./.tasker-pg)")
@@ -222,17 +619,105 @@ def build_parser() -> argparse.ArgumentParser:
         func=cmd_migrate
     )
 
+    # task
+    tp = sub.add_parser("task", help="create, list, show, cancel and wait for tasks")
+    tsub = tp.add_subparsers(dest="task_command", required=True, metavar="ACTION")
+    create = op(
+        tsub,
+        "create",
+        cmd_task_create,
+        "create a task from a registered template",
+        description="Create a task; with --wait, exit 0 when it completes and 1 when it ends "
+        "in error or is cancelled (or --timeout runs out).",
+    )
+    create.add_argument("namespace", metavar="NAMESPACE")
+    create.add_argument("name", metavar="NAME", help="template name")
+    create.add_argument(
+        "--context", metavar="JSON|@FILE", help="the task context: a JSON object, @file or @-"
+    )
+    create.add_argument("--version", help="template version (default: the newest)")
+    create.add_argument("--priority", type=int, help="higher runs first (default 0)")
+    create.add_argument("--idempotency-key", metavar="KEY", help="a repeated key returns the task")
+    create.add_argument("--reason", help="why the task was created (kept on the task)")
+    create.add_argument("--wait", action="store_true", help="wait until the task finishes")
+    create.add_argument(
+        "--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds"
+    )
+
+    tlist = op(tsub, "list", cmd_task_list, "tasks, newest first")
+    tlist.add_argument("--namespace")
+    tlist.add_argument("--status", choices=TASK_STATES)
+    tlist.add_argument("--limit", type=_positive_int, default=20, help="default 20")
+    tlist.add_argument("--offset", type=_non_negative_int, default=0)
+
+    show = op(tsub, "show", cmd_task_show, "a task and its steps drawn as a DAG")
+    show.add_argument("task_uuid", type=_uuid_arg, metavar="UUID")
+
+    cancel = op(tsub, "cancel", cmd_task_cancel, "cancel every unfinished step of a task")
+    cancel.add_argument("task_uuid", type=_uuid_arg, metavar="UUID")
+    cancel.add_argument("--reason")
+
+    wait = op(
+        tsub,
+        "wait",
+        cmd_task_wait,
+        "wait until a task finishes; exit 0 complete, 1 error/cancelled/timeout",
+    )
+    wait.add_argument("task_uuid", type=_uuid_arg, metavar="UUID")
+    wait.add_argument("--timeout", type=_seconds, metavar="S", help="default: no limit")
+
+    # step
+    sp = sub.add_parser("step", help="retry, resolve and explain steps")
+    ssub = sp.add_subparsers(dest="step_command", required=True, metavar="ACTION")
+    retry = op(ssub, "retry", cmd_step_retry, "run a step in error again with fresh attempts")
+    retry.add_argument("step_uuid", type=_uuid_arg, metavar="UUID")
+    resolve = op(
+        ssub, "resolve", cmd_step_resolve, "complete a step by hand; its dependents then run"
+    )
+    resolve.add_argument("step_uuid", type=_uuid_arg, metavar="UUID")
+    resolve.add_argument(
+        "--result", required=True, metavar="JSON|@FILE", help="the step's result (JSON)"
+    )
+    explain = op(
+        ssub, "explain", cmd_step_explain, "why a step is where it is, its error and history"
+    )
+    explain.add_argument("step_uuid", type=_uuid_arg, metavar="UUID")
+
+    # queue
     qp = sub.add_parser("queue", help="queues")
     qsub = qp.add_subparsers(dest="queue_command", required=True, metavar="ACTION")
-    ql = with_dsn(qsub.add_parser("list", help="metrics of every queue"))
-    ql.add_argument("--json", action="store_true")
-    ql.set_defaults(func=cmd_queue_list)
+    op(qsub, "list", cmd_queue_list, "metrics of every queue")
+
+    # template
+    tmp = sub.add_parser("template", help="task templates")
+    tmsub = tmp.add_subparsers(dest="template_command", required=True, metavar="ACTION")
+    tml = op(tmsub, "list", cmd_template_list, "registered templates, newest version first")
+    tml.add_argument("--namespace")
+    reg = op(tmsub, "register", cmd_template_register, "register a template file or directory")
+    reg.add_argument("path", metavar="PATH", help="a .yaml file, or a directory of them")
 
     worker_cli.add_parser(sub)
 
-    sub.add_parser("demo", help="run the demo on the embedded database").set_defaults(func=cmd_demo)
-    sub.add_parser("bench", help="benchmarks (not yet)").set_defaults(func=cmd_bench)
+    demo = with_dsn(
+        sub.add_parser(
+            "demo",
+            help="the checkout example end to end on the embedded database",
+            description="Start the embedded PostgreSQL (or use --dsn), migrate, register the "
+            "checkout example, run a worker in this process and a batch of tasks through it.",
+        )
+    )
+    demo.add_argument("--tasks", type=_positive_int, default=20, help="how many (default 20)")
+    demo.set_defaults(func=cmd_demo)
+    bench.add_parser(sub)
     return parser
+
+
+def _error_exit(exc: TaskerError) -> int:
+    if isinstance(exc, UsageError) or (
+        isinstance(exc, ValidationError) and exc.error_code in USAGE_ERROR_CODES
+    ):
+        return EXIT_USAGE
+    return EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -244,12 +729,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         code = int(args.func(args))
-    except NotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        code = EXIT_FAILED
     except TaskerError as exc:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
-        code = EXIT_FAILED
+        code = _error_exit(exc)
     except KeyboardInterrupt:
         code = 130
     return code

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Coroutine, Mapping
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -489,6 +489,40 @@ class AsyncTaskerClient:
             )
             return await self._read_task(conn, str(task_uuid))
 
+    async def create_tasks(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        contexts: Sequence[Mapping[str, Any] | None],
+        version: str | None = None,
+        **options: Any,
+    ) -> list[str]:
+        """Create one task per context from the template `namespace`/`name` in one set-based
+        call (tasker.create_tasks), all or none; returns their uuids in the order of
+        `contexts`. `options` are create_task's (reason, priority, tags, ...) and apply to
+        every task; a repeated idempotency_key returns the task created first, so a key given
+        here makes the whole batch one task."""
+        name = str(_text(name, "task template name"))
+        namespace = str(_text(namespace, "namespace"))
+        version = _text(version, "version", optional=True)
+        if isinstance(contexts, str | bytes | Mapping) or not isinstance(contexts, Sequence):
+            raise ValidationError(
+                f"contexts must be a list of JSON objects (one per task), got "
+                f"{type(contexts).__name__}",
+                error_code="invalid_context",
+            )
+        ctxs = [_task_context(c) for c in contexts]
+        if not ctxs:
+            return []
+        reason = options.pop("reason", None)
+        opts = _task_options(
+            options, initiator=self.initiator, source_system=self.source_system, reason=reason
+        )
+        async with self._session() as conn:
+            uuids = await conn.create_tasks(namespace, name, ctxs, version=version, options=opts)
+        return [str(u) for u in uuids]
+
     async def get_task(self, task_uuid: str | uuid.UUID) -> TaskResponse:
         """The task's state, progress and creation details."""
         task = _uuid_text(task_uuid, "task uuid")
@@ -888,6 +922,22 @@ class TaskerClient:
                 version=version,
                 reason=reason,
                 **kwargs,
+            )
+        )
+
+    def create_tasks(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        contexts: Sequence[Mapping[str, Any] | None],
+        version: str | None = None,
+        **options: Any,
+    ) -> list[str]:
+        """See `AsyncTaskerClient.create_tasks`."""
+        return self._run(
+            self._client.create_tasks(
+                name, namespace=namespace, contexts=contexts, version=version, **options
             )
         )
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import re
 import shutil
 import subprocess
@@ -9,7 +12,11 @@ from pathlib import Path
 
 import pytest
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+from tasker_pg import HandlerRegistry, Worker
+from tasker_pg.template import load_templates
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
 
 
 def sql_blocks() -> list[str]:
@@ -56,10 +63,35 @@ def test_queue_section_runs(dsn: str) -> None:
     assert out.splitlines()[-1].startswith("demo|0|0|")
 
 
+def python_blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+
+
 def test_handler_examples_run() -> None:
-    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    blocks = [b for b in python_blocks() if "TaskerClient" not in b]
     namespace: dict[str, object] = {}
     exec(compile("\n".join(blocks), "README.md", "exec"), namespace)
     test = namespace["test_validates_cart"]
     assert callable(test)
     test()
+
+
+async def test_client_example_runs(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client snippet, against a worker running the checkout example."""
+    [snippet] = [b for b in python_blocks() if "TaskerClient" in b]
+    monkeypatch.setenv("TASKER_DATABASE_URL", dsn)
+    registry = HandlerRegistry()
+    registry.register_module("examples.ecommerce.handlers")
+    templates = load_templates(ROOT / "examples" / "ecommerce")
+    async with Worker(["ecommerce"], registry, dsn=dsn, templates=templates, summary_interval=0):
+        # the sync client blocks: run the snippet in a thread so the worker keeps running
+        output = await asyncio.to_thread(_run_snippet, snippet)
+    assert "complete 100.0" in output
+    assert "send_confirmation complete 1" in output
+
+
+def _run_snippet(snippet: str) -> str:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer):
+        exec(compile(snippet, "README.md", "exec"), {})
+    return buffer.getvalue()

@@ -1,0 +1,233 @@
+"""Text output of the CLI and the demo: tables, durations, and a task's DAG for the terminal.
+
+Everything here is pure formatting (no database): the CLI and the demo hand it response
+objects and print what comes back. Colour is opt-in per call (`Style`), decided by the caller
+from the terminal (a tty and no NO_COLOR); widths are computed on the plain text so colour never
+breaks alignment.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TextIO
+
+from tasker_pg.responses import StepResponse, TaskResponse
+
+__all__ = [
+    "Style",
+    "dag_depths",
+    "format_duration",
+    "format_table",
+    "render_dag",
+    "render_task_header",
+    "truncate",
+]
+
+WIDTH = 100
+"""The drawing fits in this many columns."""
+
+# ANSI colours per state (only used when Style.color is on).
+_STATE_COLOURS = {
+    "complete": "32",  # green
+    "resolved_manually": "32",
+    "error": "31",  # red
+    "cancelled": "35",  # magenta
+    "waiting_for_retry": "33",  # yellow
+    "in_progress": "36",  # cyan
+    "steps_in_process": "36",
+    "enqueued": "34",  # blue
+    "pending": "2",  # dim
+}
+# States whose readiness reason adds nothing to the state itself.
+_SELF_EXPLAINING = frozenset({"complete", "resolved_manually", "cancelled"})
+
+
+@dataclass(frozen=True)
+class Style:
+    """How to draw: box-drawing characters or plain ASCII, and ANSI colour or none."""
+
+    unicode: bool = True
+    color: bool = False
+
+    @classmethod
+    def for_stream(cls, stream: TextIO | None = None) -> Style:
+        """Box-drawing when the stream's encoding has it; colour only on a tty without
+        NO_COLOR (https://no-color.org)."""
+        stream = stream if stream is not None else sys.stdout
+        encoding = getattr(stream, "encoding", None) or "ascii"
+        try:
+            "├─└│…".encode(encoding)
+            unicode = True
+        except (UnicodeEncodeError, LookupError):
+            unicode = False
+        isatty = getattr(stream, "isatty", None)
+        tty = bool(isatty and isatty())
+        return cls(unicode=unicode, color=tty and not os.environ.get("NO_COLOR"))
+
+    @property
+    def tee(self) -> str:
+        return "├─ " if self.unicode else "|- "
+
+    @property
+    def elbow(self) -> str:
+        return "└─ " if self.unicode else "`- "
+
+    @property
+    def bar(self) -> str:
+        return "│" if self.unicode else "|"
+
+    @property
+    def arrow(self) -> str:
+        return "←" if self.unicode else "<-"
+
+    @property
+    def ellipsis(self) -> str:
+        return "…" if self.unicode else "..."
+
+    def state(self, text: str, state: str) -> str:
+        """`text` (already padded) coloured for `state`."""
+        code = _STATE_COLOURS.get(state)
+        if not self.color or code is None:
+            return text
+        return f"\x1b[{code}m{text}\x1b[0m"
+
+    def dim(self, text: str) -> str:
+        return f"\x1b[2m{text}\x1b[0m" if self.color else text
+
+    def bold(self, text: str) -> str:
+        return f"\x1b[1m{text}\x1b[0m" if self.color else text
+
+
+PLAIN = Style(unicode=False, color=False)
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain left-aligned text table."""
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=False)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(header, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def truncate(text: str, width: int, ellipsis: str = "…") -> str:
+    """`text` cut to `width` characters, ending in `ellipsis` when it was cut."""
+    if len(text) <= width:
+        return text
+    return text[: max(width - len(ellipsis), 0)] + ellipsis
+
+
+def format_duration(ms: float | None) -> str:
+    """12 ms, 1.2 s, 3m04s; '-' when unknown."""
+    if ms is None:
+        return "-"
+    if ms < 1:
+        return "<1 ms"
+    if ms < 1000:
+        return f"{ms:.0f} ms"
+    seconds = ms / 1000
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, sec = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{sec:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def format_time(value: datetime | None) -> str:
+    """A timestamp in local time, to the second; '-' when unknown."""
+    if value is None:
+        return "-"
+    return value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
+def dag_depths(steps: Sequence[StepResponse]) -> dict[str, int]:
+    """Each step's depth: 0 for a root, else one more than its deepest parent."""
+    by_name = {s.name: s for s in steps}
+    depths: dict[str, int] = {}
+
+    def depth(name: str, seen: frozenset[str]) -> int:
+        if name in depths:
+            return depths[name]
+        step = by_name.get(name)
+        parents = [p for p in (step.dependencies if step else []) if p in by_name]
+        # (templates are acyclic; `seen` only guards against a corrupted graph)
+        d = 0 if not parents else 1 + max(depth(p, seen | {name}) for p in parents if p not in seen)
+        depths[name] = d
+        return d
+
+    for s in steps:
+        depth(s.name, frozenset())
+    return depths
+
+
+def render_task_header(task: TaskResponse, style: Style = PLAIN) -> str:
+    """Two lines: which task, and where it stands."""
+    first = f"task {task.task_uuid}  {task.namespace}/{task.name} {task.version}"
+    sep = " · " if style.unicode else " - "
+    parts = [
+        f"{style.state(task.status, task.status)} ({task.execution_status})",
+        f"{task.completed_steps}/{task.total_steps} steps done ({task.completion_percentage:g}%)",
+        f"created {format_time(task.created_at)}",
+    ]
+    if task.completed_at is not None:
+        took = (task.completed_at - task.created_at).total_seconds() * 1000
+        parts.append(f"took {format_duration(took)}")
+    second = sep.join(parts)
+    return f"{style.bold(first)}\n{second}"
+
+
+def render_dag(steps: Sequence[StepResponse], style: Style = PLAIN, width: int = WIDTH) -> str:
+    """The task's steps as a spine of dependency levels, one line per step.
+
+    Steps are grouped by depth (roots first) and keep template order inside a level; a bare
+    spine line separates levels. Each line shows state, attempts/max, the last run's duration
+    and the parents (`← a, b`); a second line says why a step that is not running or done
+    is where it is (the readiness reason).
+    """
+    if not steps:
+        return "(no steps)"
+    depths = dag_depths(steps)
+    order = {s.name: i for i, s in enumerate(steps)}
+    ordered = sorted(steps, key=lambda s: (depths[s.name], order[s.name]))
+    name_w = min(max(len(s.name) for s in ordered), 30)
+    state_w = max(len(s.current_state) for s in ordered)
+    attempts_w = max(len(f"{s.attempts}/{s.max_attempts}") for s in ordered)
+    lines: list[str] = []
+    for index, step in enumerate(ordered):
+        last = index == len(ordered) - 1
+        if index > 0 and depths[step.name] != depths[ordered[index - 1].name]:
+            lines.append(style.bar)
+        connector = style.elbow if last else style.tee
+        name = truncate(step.name, name_w, style.ellipsis).ljust(name_w)
+        state = style.state(step.current_state.ljust(state_w), step.current_state)
+        attempts = f"{step.attempts}/{step.max_attempts}".rjust(attempts_w)
+        duration = format_duration(step.duration_ms).rjust(8)
+        line = f"{connector}{name}  {state}  {attempts}  {duration}"
+        plain_len = 3 + name_w + 2 + state_w + 2 + attempts_w + 2 + 8
+        if step.dependencies:
+            room = width - plain_len - 2 - len(style.arrow) - 1
+            parents = truncate(", ".join(step.dependencies), max(room, 10), style.ellipsis)
+            line += f"  {style.dim(style.arrow + ' ' + parents)}"
+        lines.append(line.rstrip())
+        why = _why(step)
+        if why:
+            gutter = "   " if last else style.bar + "  "
+            lines.append(gutter + "  " + truncate(why, width - len(gutter) - 2, style.ellipsis))
+    return "\n".join(lines)
+
+
+def _why(step: StepResponse) -> str | None:
+    """The readiness reason when it says more than the state (not for running/done steps)."""
+    state = step.current_state
+    reason = step.readiness_reason or ""
+    if state in _SELF_EXPLAINING or not reason:
+        return None
+    if state == "in_progress" and reason.startswith("running on"):
+        return None
+    return reason

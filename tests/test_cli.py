@@ -1,0 +1,456 @@
+"""The operator CLI through a subprocess (`python -m tasker_pg.cli ...`), as scripts use it.
+
+Every command's `--json` output parses; exit codes are 0 ok, 1 not found / failed task, 2 usage
+(argparse errors and bad JSON); `task show` draws every step of a diamond with its state; steps
+are made to fail by driving them with `claim_steps`/`complete_steps` (no worker), then retried,
+resolved and explained from the command line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tasker_pg import db
+from tests.engine_helpers import (
+    NAMESPACE,
+    complete,
+    diamond,
+    failure,
+    start,
+    step_states,
+    success,
+    wait_for_claim,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parent.parent
+UNKNOWN = "00000000-0000-4000-8000-000000000000"
+
+DIAMOND_YAML = """\
+name: yaml_diamond
+namespace_name: flows
+version: 1.0.0
+steps:
+  - name: start
+    handler: {callable: handlers.start}
+  - name: b
+    handler: {callable: handlers.b}
+    dependencies: [start]
+  - name: c
+    handler: {callable: handlers.c}
+    dependencies: [start]
+  - name: end
+    handler: {callable: handlers.end}
+    dependencies: [b, c]
+"""
+
+
+def _env(dsn: str) -> dict[str, str]:
+    env = dict(os.environ, TASKER_DATABASE_URL=dsn, NO_COLOR="1")
+    env.pop("DATABASE_URL", None)
+    return env
+
+
+def cli(dsn: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """`tasker-pg ARGS` against the test database."""
+    return subprocess.run(
+        [sys.executable, "-m", "tasker_pg.cli", *args],
+        cwd=REPO,
+        env=_env(dsn),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def ok_json(dsn: str, *args: str) -> Any:
+    """Run a command with --json, assert exit 0 and return the parsed document."""
+    result = cli(dsn, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+async def failed_task(conn: db.Connection) -> tuple[str, str]:
+    """A diamond task whose `start` step failed permanently: (task uuid, step uuid)."""
+    task = await start(conn, diamond())
+    [row] = await wait_for_claim(conn, NAMESPACE, qty=1)
+    await complete(conn, failure(row, "card declined", retryable=False, error_type="Declined"))
+    return str(task), str(row["step_uuid"])
+
+
+# --- --json everywhere -----------------------------------------------------------------------
+
+
+async def test_json_output_parses_for_every_command(
+    dsn: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    path = tmp_path / "diamond.yaml"
+    path.write_text(DIAMOND_YAML)
+    registered = ok_json(dsn, "template", "register", str(path))
+    assert [(r["namespace"], r["name"], r["version"], r["step_count"]) for r in registered] == [
+        ("flows", "yaml_diamond", "1.0.0", 4)
+    ]
+    templates = ok_json(dsn, "template", "list")
+    assert [(t["namespace"], t["name"], t["steps"]) for t in templates] == [
+        ("flows", "yaml_diamond", 4)
+    ]
+
+    created = ok_json(
+        dsn,
+        "task",
+        "create",
+        "flows",
+        "yaml_diamond",
+        "--context",
+        '{"order": 7}',
+        "--priority",
+        "5",
+        "--idempotency-key",
+        "order-7",
+        "--reason",
+        "cli test",
+    )
+    task = created["task_uuid"]
+    assert created["status"] == "pending" and created["context"] == {"order": 7}
+    assert (created["priority"], created["idempotency_key"], created["reason"]) == (
+        5,
+        "order-7",
+        "cli test",
+    )
+    again = ok_json(
+        dsn,
+        "task",
+        "create",
+        "flows",
+        "yaml_diamond",
+        "--context",
+        "{}",
+        "--idempotency-key",
+        "order-7",
+    )
+    assert again["task_uuid"] == task  # the idempotency key returned the first task
+
+    listed = ok_json(dsn, "task", "list")
+    assert [t["task_uuid"] for t in listed["tasks"]] == [task]
+    assert listed["pagination"]["total_count"] == 1
+
+    shown = ok_json(dsn, "task", "show", task)
+    assert shown["task"]["task_uuid"] == task
+    assert [s["name"] for s in shown["steps"]] == ["start", "b", "c", "end"]
+    assert shown["steps"][3]["dependencies"] == ["b", "c"]
+
+    queues = ok_json(dsn, "queue", "list")
+    assert [q["queue_name"] for q in queues] == ["flows"]
+
+    cancelled = ok_json(dsn, "task", "cancel", task, "--reason", "changed my mind")
+    assert cancelled["state"] == "cancelled" and cancelled["cancelled_steps"] == 4
+
+    waited = cli(dsn, "task", "wait", task, "--timeout", "5", "--json")
+    assert waited.returncode == 1  # cancelled: not a success
+    assert json.loads(waited.stdout)["status"] == "cancelled"
+
+    _, step = await failed_task(conn)
+    explained = ok_json(dsn, "step", "explain", step)
+    assert explained["step"]["current_state"] == "error"
+    retried = ok_json(dsn, "step", "retry", step)
+    assert retried["state"] == "enqueued"
+    resolved = ok_json(dsn, "step", "resolve", step, "--result", '{"by": "hand"}')
+    assert resolved["state"] == "resolved_manually"
+
+
+# --- exit codes ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["task", "show", UNKNOWN],
+        ["task", "wait", UNKNOWN, "--timeout", "1"],
+        ["task", "cancel", UNKNOWN],
+        ["step", "explain", UNKNOWN],
+        ["step", "retry", UNKNOWN],
+        ["step", "resolve", UNKNOWN, "--result", "null"],
+        ["task", "create", "flows", "no_such_template", "--context", "{}"],
+    ],
+    ids=lambda a: " ".join(a[:2]) if isinstance(a, list) else str(a),
+)
+async def test_unknown_things_exit_1_with_an_error_code(dsn: str, args: list[str]) -> None:
+    result = cli(dsn, *args)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error [")
+    assert "not_found]" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["task", "show", "not-a-uuid"], "not a valid UUID"),
+        (["task"], "required"),
+        (["task", "list", "--limit", "0"], "must be > 0"),
+        (["task", "list", "--status", "finished"], "invalid choice"),
+        (["task", "wait", UNKNOWN, "--timeout", "-1"], "must be a finite number >= 0"),
+        (["step", "resolve", UNKNOWN], "--result"),
+        (["task", "create", "flows", "diamond", "--context", "{not json"], "error [invalid_json]"),
+        (["task", "create", "flows", "diamond", "--context", "[1, 2]"], "must be a JSON object"),
+        (["task", "create", "flows", "diamond", "--context", "@/no/such.json"], "cannot read"),
+        (["step", "resolve", UNKNOWN, "--result", "{oops"], "error [invalid_json]"),
+    ],
+)
+async def test_usage_errors_exit_2(dsn: str, args: list[str], needle: str) -> None:
+    result = cli(dsn, *args)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    assert needle in result.stderr
+
+
+async def test_context_from_a_file_and_from_stdin(
+    dsn: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    await conn.register_template(diamond())
+    (tmp_path / "ctx.json").write_text('{"from": "file"}')
+    from_file = ok_json(
+        dsn, "task", "create", NAMESPACE, "diamond", "--context", f"@{tmp_path / 'ctx.json'}"
+    )
+    assert from_file["context"] == {"from": "file"}
+    piped = cli(
+        dsn, "task", "create", NAMESPACE, "diamond", "--context", "@-", "--json", stdin='{"a": 1}'
+    )
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stdout)["context"] == {"a": 1}
+
+
+# --- task show, list, wait -------------------------------------------------------------------
+
+
+async def test_task_show_draws_every_step_of_a_diamond_with_its_state(
+    dsn: str, conn: db.Connection
+) -> None:
+    task = await start(conn, diamond())
+    [root] = await wait_for_claim(conn, NAMESPACE, qty=1)
+    await complete(conn, success(root))  # start complete; b and c enqueued; end pending
+    rows = await wait_for_claim(conn, NAMESPACE, qty=1)  # one of b/c in progress
+    running = rows[0]["step_name"]
+    states = await step_states(conn, task)
+
+    result = cli(dsn, "task", "show", str(task))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert str(task) in out and "flows/diamond 1.0.0" in out
+    lines = {line.split()[1]: line for line in out.splitlines() if line[:2] in ("├─", "└─")}
+    assert set(lines) == {"start", "b", "c", "end"}, out
+    for name, state in states.items():
+        assert f" {state} " in lines[name] + " ", (name, state, out)
+    assert "1/3" in lines["start"] and "0/3" in lines["end"]
+    assert "← b, c" in lines["end"] and "← start" in lines[running]
+    assert "waiting for b, c" in out  # why `end` is not running (its readiness reason)
+    assert out.index("start") < out.index(" b ") < out.index("end")  # layered by depth
+    assert all(len(line) <= 100 for line in out.splitlines())
+
+
+async def test_task_list_filters_and_pages(dsn: str, conn: db.Connection) -> None:
+    tasks = [str(await start(conn, diamond(), {"i": i})) for i in range(3)]
+    await start(conn, diamond(namespace="other"))
+    await conn.cancel_task(tasks[0])
+
+    page = ok_json(dsn, "task", "list", "--namespace", NAMESPACE, "--limit", "2")
+    assert page["pagination"]["total_count"] == 3 and page["pagination"]["has_next"] is True
+    assert [t["task_uuid"] for t in page["tasks"]] == [tasks[2], tasks[1]]
+    rest = ok_json(dsn, "task", "list", "--namespace", NAMESPACE, "--limit", "2", "--offset", "2")
+    assert [t["task_uuid"] for t in rest["tasks"]] == [tasks[0]]
+    cancelled = ok_json(dsn, "task", "list", "--status", "cancelled")
+    assert [t["task_uuid"] for t in cancelled["tasks"]] == [tasks[0]]
+
+    human = cli(dsn, "task", "list", "--namespace", NAMESPACE, "--limit", "2")
+    assert human.returncode == 0
+    assert tasks[2] in human.stdout and "1-2 of 3" in human.stdout
+    assert "next page: --offset 2" in human.stdout
+    assert cli(dsn, "task", "list", "--namespace", "nothing_here").stdout.strip() == "no tasks"
+
+
+async def test_task_wait_exits_0_when_the_task_completes(dsn: str, conn: db.Connection) -> None:
+    task = await start(conn, diamond())
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "tasker_pg.cli",
+        "task",
+        "wait",
+        str(task),
+        "--timeout",
+        "60",
+        cwd=REPO,
+        env=_env(dsn),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(3):  # start; b and c; end
+            rows = await wait_for_claim(conn, NAMESPACE, deadline=10)
+            await complete(conn, *(success(r) for r in rows))
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()
+    assert f"task {task}" in out.decode() and "complete" in out.decode()
+
+
+async def test_task_wait_exits_1_for_a_failed_task_and_on_timeout(
+    dsn: str, conn: db.Connection
+) -> None:
+    task, _ = await failed_task(conn)
+    failed = cli(dsn, "task", "wait", task, "--timeout", "10")
+    assert failed.returncode == 1
+    assert "error" in failed.stdout
+
+    pending = str(await start(conn, diamond()))
+    timed_out = cli(dsn, "task", "wait", pending, "--timeout", "0.2")
+    assert timed_out.returncode == 1
+    assert timed_out.stderr.startswith("error [wait_timeout]:")
+
+    created = cli(dsn, "task", "create", NAMESPACE, "diamond", "--wait", "--timeout", "0.2")
+    assert created.returncode == 1  # nobody runs it: the wait times out
+    assert "error [wait_timeout]" in created.stderr
+
+
+# --- templates -------------------------------------------------------------------------------
+
+
+async def test_template_register_and_list(dsn: str, tmp_path: Path) -> None:
+    folder = tmp_path / "templates"
+    folder.mkdir()
+    (folder / "diamond.yaml").write_text(DIAMOND_YAML)
+    (folder / "diamond2.yaml").write_text(DIAMOND_YAML.replace("1.0.0", "1.1.0"))
+
+    registered = cli(dsn, "template", "register", str(folder))
+    assert registered.returncode == 0, registered.stderr
+    assert "registered 2 template(s)" in registered.stdout
+    listed = cli(dsn, "template", "list")
+    assert listed.returncode == 0
+    rows = [line.split() for line in listed.stdout.splitlines()[2:]]
+    assert [r[:4] for r in rows] == [  # newest version first
+        ["flows", "yaml_diamond", "1.1.0", "4"],
+        ["flows", "yaml_diamond", "1.0.0", "4"],
+    ]
+    assert ok_json(dsn, "template", "list", "--namespace", "nope") == []
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nnamespace_name: Bad-NS\nversion: 1.0.0\nsteps: []\n")
+    refused = cli(dsn, "template", "register", str(bad))
+    assert refused.returncode == 1
+    assert refused.stderr.startswith("error [") and str(bad) in refused.stderr
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+
+async def test_step_explain_retry_and_resolve_a_failed_step(dsn: str, conn: db.Connection) -> None:
+    task, step = await failed_task(conn)
+
+    explained = cli(dsn, "step", "explain", step)
+    assert explained.returncode == 0, explained.stderr
+    out = explained.stdout
+    assert "start" in out and task in out
+    assert "state       error" in out
+    assert "attempts    1 of 3" in out
+    assert "Declined" in out and "card declined" in out  # the last error
+    assert f"tasker-pg step retry {step}" in out  # what to do next
+    assert "history (oldest first):" in out and "in_progress  error" in out
+
+    doc = ok_json(dsn, "step", "explain", step)
+    assert doc["task"]["task_uuid"] == task and doc["task"]["status"] == "error"
+    assert doc["step"]["readiness_reason"].startswith("failed: Declined: card declined")
+    assert [h["to_state"] for h in doc["audit_history"]] == [
+        "enqueued",
+        "in_progress",
+        "error",
+    ]
+
+    shown = cli(dsn, "task", "show", task)
+    assert "failed: Declined: card declined" in shown.stdout  # why, under the step
+    assert "task is in error" in shown.stdout  # why b and c do not run
+
+    retried = cli(dsn, "step", "retry", step)
+    assert retried.returncode == 0, retried.stderr
+    assert "error -> enqueued" in retried.stdout
+    assert (await step_states(conn, task))["start"] == "enqueued"
+    again = cli(dsn, "step", "retry", step)
+    assert again.returncode == 1 and "error [step_not_in_error]" in again.stderr
+
+    [row] = await wait_for_claim(conn, NAMESPACE, qty=1)
+    assert row["attempt"] == 1  # fresh attempts
+    await complete(conn, failure(row, "declined again", retryable=False))
+
+    resolved = cli(dsn, "step", "resolve", step, "--result", '{"charged": "by hand"}')
+    assert resolved.returncode == 0, resolved.stderr
+    assert "resolved_manually" in resolved.stdout
+    states = await step_states(conn, task)
+    assert states["start"] == "resolved_manually"
+    assert states["b"] == states["c"] == "enqueued"  # the dependents run now
+    assert "resolved_manually" in cli(dsn, "task", "show", task).stdout
+
+
+async def test_step_explain_of_a_step_waiting_for_retry(dsn: str, conn: db.Connection) -> None:
+    task = await start(conn, diamond())
+    [row] = await wait_for_claim(conn, NAMESPACE, qty=1)
+    await complete(conn, failure(row, "flaky", retry_after=600))
+    doc = ok_json(dsn, "step", "explain", str(row["step_uuid"]))
+    assert doc["step"]["current_state"] == "waiting_for_retry"
+    assert doc["step"]["readiness_reason"].startswith("retry at ")
+    shown = cli(dsn, "task", "show", str(task)).stdout
+    assert "waiting_for_retry" in shown and "retry at " in shown
+
+
+def test_unreachable_database_is_reported_not_traced() -> None:
+    result = cli("postgresql://postgres@127.0.0.1:1/none", "task", "list")
+    assert result.returncode == 1
+    assert result.stderr.startswith("error [database_not_found]")
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_and_demo_are_wired() -> None:
+    from tasker_pg.cli import build_parser
+
+    args = build_parser().parse_args(["demo", "--tasks", "5"])
+    assert args.tasks == 5
+    assert build_parser().parse_args(["bench"]).func.__module__ == "tasker_pg.bench"
+
+
+async def test_operator_walkthrough_on_the_checkout_example(dsn: str) -> None:
+    """The commands the README suggests, as written, on the repository's example."""
+    registered = cli(dsn, "template", "register", "examples/ecommerce")
+    assert registered.returncode == 0, registered.stderr
+    assert "ecommerce  checkout_workflow  1.0.0" in registered.stdout
+    created = cli(
+        dsn,
+        "task",
+        "create",
+        "ecommerce",
+        "checkout_workflow",
+        "--context",
+        '{"cart_items": [{"product_id": 1, "quantity": 2}]}',
+    )
+    assert created.returncode == 0, created.stderr
+    task = created.stdout.split()[2]
+    assert f"next: tasker-pg task show {task}" in created.stdout
+    shown = cli(dsn, "task", "show", task)
+    assert shown.returncode == 0
+    assert "validate_cart" in shown.stdout and "ready: waiting for a worker" in shown.stdout
+    assert "waiting for validate_cart" in shown.stdout
+    listed = cli(dsn, "task", "list", "--namespace", "ecommerce")
+    assert task in listed.stdout and "pending" in listed.stdout
+    assert "ecommerce" in cli(dsn, "queue", "list").stdout
+    assert "checkout_workflow" in cli(dsn, "template", "list").stdout
+    cancelled = cli(dsn, "task", "cancel", task, "--reason", "just looking")
+    assert cancelled.returncode == 0 and "4 unfinished step(s) cancelled" in cancelled.stdout
