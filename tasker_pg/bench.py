@@ -42,12 +42,13 @@ transition, `max(tasks.completed_at)`). The benchmark notices the end by polling
 complete tasks every 100 ms (cheaper for 20,000 tasks than one notification per task on
 `tasker_task_events`); the poll only detects the end, it does not time it.
 
-Latency uses the database clock for what the database decides (task `created_at`, the parent's
-`succeeded` transition, task `completed_at`) and `time.time()` recorded by the handler at its
-start; both clocks are the same machine's. A task's `created_at` is taken when `create_task`
-begins, so create-to-start includes the create call and its commit (a WAL flush with fsync on);
-the `succeeded` transition is written just before its commit, so the handoff includes the
-commit too.
+Latency uses the database clock for what the database decides and `time.time()` recorded by the
+handler at its start; both clocks are this machine's. Create-to-start runs from the task's
+`created_at` (taken when `create_task` begins, so it includes the create call and its commit, a
+WAL flush with fsync on). The handoff runs from the child step's `enqueued_at` (written at the
+end of the parent's `complete_steps`, just before it commits) to the child's handler start; the
+JSON also gives it from the start of the parent's `complete_steps` call. End to end runs from
+`created_at` to the task's `completed_at`.
 
 Nothing is reported that did not happen: before a scenario's numbers are printed, every task
 must be complete, every step complete exactly once, no message left and
@@ -861,6 +862,7 @@ class Bench:
             "handoff": {
                 **hand,
                 "to_claim_p50_ms": round(percentile([r["to_claim"] for r in handoff], 50) * 1e3, 3),
+                "from_parent_outcome": _ms_summary([r["from_parent_outcome"] for r in handoff]),
             },
             "linear_end_to_end": {
                 **end_to_end,
@@ -1269,10 +1271,15 @@ SELECT (s.results->>'started')::float8 - extract(epoch FROM t.created_at)::float
   JOIN tasker.step_transitions c ON c.step_uuid = s.step_uuid AND c.event = 'claimed'
  WHERE t.name = $1
 """
-# Parent's success recorded (its complete_steps transaction) -> child claimed / handler started.
+# Handoff: the child made ready (its `enqueued_at`, written by enqueue_ready at the end of the
+# parent's complete_steps, just before that transaction commits) -> child claimed / handler
+# started; and, for reference, from the start of the parent's complete_steps call (its
+# `succeeded` transition), which adds that call's own execution.
 _LATENCY_HANDOFF = """
-SELECT (c.results->>'started')::float8 - extract(epoch FROM ps.created_at)::float8 AS to_start,
-       extract(epoch FROM cc.created_at - ps.created_at)::float8 AS to_claim
+SELECT (c.results->>'started')::float8 - extract(epoch FROM c.enqueued_at)::float8 AS to_start,
+       extract(epoch FROM cc.created_at - c.enqueued_at)::float8 AS to_claim,
+       (c.results->>'started')::float8 - extract(epoch FROM ps.created_at)::float8
+           AS from_parent_outcome
   FROM tasker.tasks t
   JOIN tasker.steps c ON c.task_uuid = t.task_uuid
   JOIN tasker.step_edges e ON e.child_uuid = c.step_uuid
@@ -1369,14 +1376,33 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     )
 
 
+async def _run_cancellable(options: BenchOptions, *, out: TextIO | None) -> dict[str, Any]:
+    """`run_bench`, cancelled by SIGTERM as asyncio.run cancels it on SIGINT: either way the
+    cleanup runs (workers stopped, bench databases dropped)."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    installed = False
+    if task is not None:
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # no signals here
+            loop.add_signal_handler(signal.SIGTERM, task.cancel)
+            installed = True
+    try:
+        return await run_bench(options, out=out, progress=sys.stderr)
+    finally:
+        if installed:
+            loop.remove_signal_handler(signal.SIGTERM)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     """Run the benchmark described by parsed arguments; exit 1 when a scenario failed."""
     options = options_from_args(args)
+    try:
+        report = asyncio.run(_run_cancellable(options, out=None if args.json else sys.stdout))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("tasker-pg bench: interrupted (workers stopped, databases dropped)", file=sys.stderr)
+        return 130
     if args.json:
-        report = asyncio.run(run_bench(options, progress=sys.stderr))
         print(json.dumps(report, indent=2, default=str))
-    else:
-        report = asyncio.run(run_bench(options, out=sys.stdout, progress=sys.stderr))
     return EXIT_OK if report["ok"] else EXIT_FAILED
 
 

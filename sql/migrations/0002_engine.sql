@@ -2103,3 +2103,18 @@ LANGUAGE sql STABLE AS $$
         OR (c.state IN ('pending', 'steps_in_process') AND (c.done = c.steps OR c.errors > 0))
         OR (c.state = 'error' AND c.errors = 0)
 $$;
+
+-- The hot functions plan their statements generically from the first call. A custom plan
+-- sees the outcome array's real size and the statistics of the moment (right after a bulk
+-- create, almost no step is in_progress) and picks sequential scans of tasker.steps that cost
+-- hundreds of milliseconds for the first five calls of every session; the generic plans are
+-- the index plans the plan tests check.
+ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.claim_exceptions(text, tasker.claim_candidate[]) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.complete_steps(jsonb) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.release_children(uuid[]) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.apply_task_deltas(tasker.task_delta[], text) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.enqueue_ready(uuid[], text) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.extend_leases(jsonb, double precision) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.release_steps(jsonb) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.lock_claim_messages(jsonb) SET plan_cache_mode = force_generic_plan;
