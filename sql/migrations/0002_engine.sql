@@ -903,6 +903,7 @@ $$;
 -- --------------------------------------------------------------------------------------------
 
 CREATE TYPE tasker.task_delta AS (task_uuid uuid, completed integer, errors integer);
+CREATE TYPE tasker.task_change AS (task_uuid uuid, old_state text, new_state text, namespace text, name text);
 
 -- Applies step-count changes to tasks, one counter update per task, locking the tasks in
 -- task_uuid order (the last link of the lock order), and moves each task's state:
@@ -916,10 +917,9 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now     timestamptz := clock_timestamp();
-    v_changes record;
+    v_changes tasker.task_change[];
 BEGIN
-    FOR v_changes IN
-        WITH d AS (
+    WITH d AS (
             SELECT x.task_uuid, sum(x.completed)::integer AS completed, sum(x.errors)::integer AS errors
               FROM unnest(p_deltas) x
              GROUP BY x.task_uuid
@@ -960,18 +960,16 @@ BEGIN
               FROM upd u
              WHERE u.old_state <> u.new_state
         )
-        SELECT u.* FROM upd u
-    LOOP
-        task_uuid := v_changes.task_uuid;
-        old_state := v_changes.old_state;
-        new_state := v_changes.new_state;
-        IF old_state <> new_state THEN
-            PERFORM pg_notify('tasker_task_events', json_build_object(
-                'task_uuid', task_uuid, 'state', new_state, 'previous_state', old_state,
-                'namespace', v_changes.namespace, 'name', v_changes.name)::text);
-        END IF;
-        RETURN NEXT;
-    END LOOP;
+        SELECT array_agg(ROW(u.task_uuid, u.old_state, u.new_state, u.namespace, u.name)::tasker.task_change)
+          INTO v_changes
+          FROM upd u;
+    -- one notification per changed task, sent in one statement (delivered at commit)
+    PERFORM pg_notify('tasker_task_events', json_build_object(
+                'task_uuid', c.task_uuid, 'state', c.new_state, 'previous_state', c.old_state,
+                'namespace', c.namespace, 'name', c.name)::text)
+       FROM unnest(v_changes) c
+      WHERE c.old_state <> c.new_state;
+    RETURN QUERY SELECT c.task_uuid, c.old_state, c.new_state FROM unnest(v_changes) c;
 END
 $$;
 
