@@ -598,6 +598,7 @@ DECLARE
     v_bad       text;
     v_count     integer;
     v_per_task  boolean;
+    v_ids       uuid[];
 BEGIN
     IF p_contexts IS NULL OR jsonb_typeof(p_contexts) <> 'array' THEN
         RAISE EXCEPTION 'contexts must be a JSON array of task contexts' USING ERRCODE = 'TV020';
@@ -649,7 +650,6 @@ BEGIN
         v_seq := tasker.queue_sequence(p_namespace);
     END IF;
 
-    RETURN QUERY
     WITH
     -- one row per requested task, with its options
     input AS MATERIALIZED (
@@ -726,15 +726,27 @@ BEGIN
           FROM created c
     )
     -- the uuids in input order: new tasks, or the original task of a repeated key
-    SELECT coalesce(c.task_uuid,
+    SELECT array_agg(coalesce(c.task_uuid,
                     (SELECT t.task_uuid FROM tasker.tasks t
                       WHERE t.namespace = p_namespace AND t.name = p_name
                         AND t.idempotency_key = i.idempotency_key),
                     (SELECT c2.task_uuid FROM created c2
                       WHERE c2.idempotency_key = i.idempotency_key ORDER BY c2.ord LIMIT 1))
+                     ORDER BY i.ord)
+      INTO v_ids
       FROM input i
-      LEFT JOIN created c ON c.ord = i.ord
-     ORDER BY i.ord;
+      LEFT JOIN created c ON c.ord = i.ord;
+
+    -- A key that another transaction committed while our insert waited on it is not in this
+    -- statement's snapshot: look it up again in a new one.
+    RETURN QUERY
+    SELECT coalesce(x.id,
+                    (SELECT t.task_uuid FROM tasker.tasks t
+                      WHERE t.namespace = p_namespace AND t.name = p_name
+                        AND t.idempotency_key = CASE WHEN v_per_task THEN p_options->(x.ord::integer - 1)
+                                                     ELSE p_options END->>'idempotency_key'))
+      FROM unnest(v_ids) WITH ORDINALITY x(id, ord)
+     ORDER BY x.ord;
 
     PERFORM pg_notify('tasker_' || p_namespace, '');
 END
@@ -1135,7 +1147,10 @@ BEGIN
     --    re-evaluated and lock more rows than the limit. SKIP LOCKED: concurrent claimers pass
     --    over each other's rows.
     msgs AS MATERIALIZED (
-        SELECT m.msg_id, (m.message->>'step_uuid')::uuid AS step_uuid
+        SELECT m.msg_id,
+               -- a message that does not name a step (not ours) must not stop the queue
+               CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                    THEN (m.message->>'step_uuid')::uuid END AS step_uuid
           FROM tasker.queue_messages m
          WHERE m.queue = p_queue AND m.vt <= v_now
          ORDER BY m.priority DESC, m.msg_id
@@ -1146,6 +1161,7 @@ BEGIN
     --    holds right now: that message is simply left for a later claim.
     locked_steps AS MATERIALIZED (
         SELECT s.step_uuid, s.task_uuid, s.state, s.attempts, s.max_attempts, s.retryable, s.continuation,
+               s.msg_id,
                -- a scalar subquery (one tasks_pkey probe per row), not a join: a join's plan
                -- depends on the row estimate, and the generic plan guesses LIMIT $n badly
                (SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = s.task_uuid) AS task_state
@@ -1162,6 +1178,8 @@ BEGIN
                        CASE WHEN EXISTS (SELECT 1 FROM tasker.steps x WHERE x.step_uuid = msgs.step_uuid)
                             THEN 'skip' ELSE 'dead' END
                    WHEN ls.state NOT IN ('enqueued', 'waiting_for_retry', 'in_progress') THEN 'dead'
+                   -- only the step's current message speaks for it (a copy is not a lost lease)
+                   WHEN ls.msg_id IS DISTINCT FROM msgs.msg_id THEN 'dead'
                    WHEN ls.task_state IN ('complete', 'cancelled', 'resolved_manually') THEN 'dead'
                    -- a checkpointed step continues its attempt (it was running when it checkpointed)
                    WHEN ls.state = 'in_progress' AND ls.continuation THEN 'run_resume'
@@ -1239,8 +1257,8 @@ BEGIN
 END
 $$;
 
--- The rare outcomes of a claim (kept out of the hot statement): messages of finished steps are
--- deleted, messages of tasks in error are parked, and a lost lease is charged as an attempt:
+-- The rare outcomes of a claim (kept out of the hot statement): messages of finished steps
+-- (and messages that name no step of ours) are archived, messages of tasks in error are parked, and a lost lease is charged as an attempt:
 -- the step waits to retry (parked if its task is in error) or, out of attempts, goes to error
 -- with error type lease_expired, and its task with it.
 CREATE FUNCTION tasker.claim_exceptions(p_queue text, p_batch tasker.claim_candidate[]) RETURNS void
@@ -1249,9 +1267,8 @@ DECLARE
     v_now    timestamptz := clock_timestamp();
     v_errors tasker.task_delta[];
 BEGIN
-    DELETE FROM tasker.queue_messages m
-     USING unnest(p_batch) b
-     WHERE b.kind = 'dead' AND m.queue = p_queue AND m.msg_id = b.msg_id;
+    -- archived rather than deleted, so a message that was not the engine's can be found again
+    PERFORM tasker.archive(p_queue, ARRAY(SELECT b.msg_id FROM unnest(p_batch) b WHERE b.kind = 'dead'));
 
     UPDATE tasker.queue_messages m
        SET vt = v_now + tasker.park_interval()
@@ -1692,6 +1709,16 @@ $$;
 -- Operator functions
 -- --------------------------------------------------------------------------------------------
 
+-- Serialises the operator functions (cancel_task, retry_step, resolve_step) of one task. They
+-- lock steps in different orders (all steps of the task; a step then its children; a step,
+-- the task, then ready steps), so two of them on one task could deadlock; the hot path never
+-- takes this lock, so it cannot take part in a cycle with it.
+CREATE FUNCTION tasker.lock_task_operations(p_task uuid) RETURNS void
+LANGUAGE sql AS $$
+    SELECT pg_advisory_xact_lock(hashtextextended('tasker.task_operations:' || p_task::text, 0))
+     WHERE p_task IS NOT NULL
+$$;
+
 -- Cancels a task: every step not yet finished becomes cancelled and loses its message, so any
 -- outcome still coming from a worker is stale. Refuses a task that is already finished.
 CREATE FUNCTION tasker.cancel_task(p_task uuid, p_reason text DEFAULT NULL) RETURNS jsonb
@@ -1706,6 +1733,7 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'TN003';
     END IF;
+    PERFORM tasker.lock_task_operations(p_task);
     -- Lock order: the task's messages, its steps, then the task.
     PERFORM 1
        FROM tasker.steps s
@@ -1771,6 +1799,7 @@ DECLARE
     v_task  text;
     v_now   timestamptz := clock_timestamp();
 BEGIN
+    PERFORM tasker.lock_task_operations((SELECT s.task_uuid FROM tasker.steps s WHERE s.step_uuid = p_step));
     -- A step in error has no message: its row is the first lock.
     SELECT * INTO v_step FROM tasker.steps s WHERE s.step_uuid = p_step FOR UPDATE;
     IF NOT FOUND THEN
@@ -1820,6 +1849,7 @@ BEGIN
         RAISE EXCEPTION 'result is % bytes, more than the limit of % bytes (setting tasker.max_payload_bytes)',
             pg_column_size(p_result), tasker.max_payload_bytes() USING ERRCODE = 'TV021';
     END IF;
+    PERFORM tasker.lock_task_operations((SELECT s.task_uuid FROM tasker.steps s WHERE s.step_uuid = p_step));
     -- Lock order: the step's message (if it has one), then the step. The message can change
     -- between reading the step and locking it; try again until both agree.
     LOOP
@@ -2024,7 +2054,7 @@ LANGUAGE sql STABLE AS $$
     WITH msg AS (
         SELECT (m.message->>'step_uuid')::uuid AS step_uuid, m.queue, m.msg_id
           FROM tasker.queue_messages m
-         WHERE m.message ? 'step_uuid'
+         WHERE m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
     ),
     msg_count AS (
         SELECT msg.step_uuid, count(*) AS n FROM msg GROUP BY msg.step_uuid

@@ -1,0 +1,92 @@
+"""Edge cases found in review: concurrent idempotency keys in create_tasks, foreign and copied
+messages on a namespace queue, and operator calls on one task serialised."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from tasker_pg import db
+from tests.engine_helpers import NAMESPACE, assert_healthy, claim, linear, start, success
+
+
+async def wait_for_lock_wait(conn: db.Connection, locktype: str, deadline_s: float = 10) -> None:
+    deadline = time.monotonic() + deadline_s
+    while time.monotonic() < deadline:
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE locktype = $1 AND NOT granted", locktype
+        )
+        if waiting:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"nobody waited on a {locktype} lock within {deadline_s}s")
+
+
+async def test_concurrent_idempotency_key_returns_the_original_task(dsn: str) -> None:
+    a, b = await db.connect(dsn), await db.connect(dsn)
+    try:
+        await a.register_template(linear(2))
+        tx = a.raw.transaction()
+        await tx.start()
+        [first] = await a.create_tasks(NAMESPACE, "linear", [{}], options={"idempotency_key": "k"})
+        second = asyncio.create_task(
+            b.create_tasks(NAMESPACE, "linear", [{}], options={"idempotency_key": "k"})
+        )
+        await wait_for_lock_wait(a, "transactionid")  # b waits on a's uncommitted key
+        await tx.commit()
+        assert await asyncio.wait_for(second, timeout=10) == [first]
+        assert await a.fetchval("SELECT count(*) FROM tasker.tasks") == 1
+        await assert_healthy(a)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_foreign_and_copied_messages_do_not_stop_or_steal_claims(conn: db.Connection) -> None:
+    task = await start(conn, linear(2))
+    [row] = await claim(conn)
+    # a message that is not the engine's, one with a malformed step_uuid, and a copy of the
+    # claimed step's own message
+    await conn.send(NAMESPACE, {"hello": "world"})
+    await conn.send(NAMESPACE, {"step_uuid": "not-a-uuid"})
+    await conn.send(NAMESPACE, {"step_uuid": str(row["step_uuid"]), "task_uuid": str(task)})
+    assert await claim(conn) == []  # nothing real is ready; the claim does not fail
+    step = await conn.fetchrow(
+        "SELECT attempts, claim_seq, state FROM tasker.steps WHERE step_uuid = $1", row["step_uuid"]
+    )
+    assert (step["attempts"], step["claim_seq"], step["state"]) == (1, 1, "in_progress")
+    archived = await conn.fetchval(f"SELECT count(*) FROM tasker.a_{NAMESPACE}")
+    assert archived == 3  # kept for inspection, not deleted
+    await conn.complete_steps([success(row, {"ok": 1})])
+    [nxt] = await claim(conn)
+    assert nxt["step_name"] == "s2"
+    await conn.complete_steps([success(nxt, {"ok": 2})])
+    assert await conn.fetchval("SELECT state FROM tasker.tasks WHERE task_uuid = $1", task) == (
+        "complete"
+    )
+    await assert_healthy(conn)
+
+
+async def test_operator_calls_on_one_task_wait_for_each_other(dsn: str) -> None:
+    a, b = await db.connect(dsn), await db.connect(dsn)
+    try:
+        task = await start(a, linear(3))
+        s2 = await a.fetchval(
+            "SELECT step_uuid FROM tasker.steps WHERE task_uuid = $1 AND name = 's2'", task
+        )
+        tx = a.raw.transaction()
+        await tx.start()
+        await a.resolve_step(s2, {"by": "hand"})
+        cancel = asyncio.create_task(b.cancel_task(task, "operator"))
+        await wait_for_lock_wait(a, "advisory")  # serialised, not deadlocked
+        await tx.commit()
+        summary = await asyncio.wait_for(cancel, timeout=10)
+        assert summary["state"] == "cancelled"
+        states = dict(
+            await a.fetch("SELECT name, state FROM tasker.steps WHERE task_uuid = $1", task)
+        )
+        assert states == {"s1": "cancelled", "s2": "resolved_manually", "s3": "cancelled"}
+        await assert_healthy(a)
+    finally:
+        await a.close()
+        await b.close()
