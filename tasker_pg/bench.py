@@ -77,12 +77,12 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from tasker_pg import __version__, bench_handlers, db, migrations
+from tasker_pg import __version__, argtypes, bench_handlers, db, migrations
 from tasker_pg.bench_handlers import NAMESPACE
 from tasker_pg.errors import DatabaseError, TaskerError
 
@@ -1317,21 +1317,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--workers",
-        type=_positive_int,
+        type=argtypes.positive_int,
         default=1,
         metavar="N",
         help="worker processes for flat and dag (default 1)",
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=argtypes.positive_int,
         default=200,
         metavar="N",
         help="steps each worker runs at once (default 200)",
     )
     parser.add_argument(
         "--n",
-        type=_positive_float,
+        type=argtypes.positive_float,
         default=1.0,
         metavar="F",
         help="scale every count by F (default 1: 100k baseline messages, 20k flat tasks, "
@@ -1339,7 +1339,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--handler-ms",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=0.0,
         metavar="MS",
         help="each handler awaits asyncio.sleep(MS) first (default 0: no-op handlers; the "
@@ -1426,37 +1426,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
     except KeyboardInterrupt:
         return 130
-
-
-def _number(text: str, convert: Callable[[str], float]) -> float:
-    try:
-        value = convert(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(_number(text, int))
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _number(text, float)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _number(text, float)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
 
 
 if __name__ == "__main__":

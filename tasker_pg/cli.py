@@ -21,7 +21,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from tasker_pg import bench, db, migrations, worker_cli
+from tasker_pg import argtypes, bench, db, migrations, worker_cli
 from tasker_pg.client import AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
@@ -226,26 +226,6 @@ def _uuid_arg(text: str) -> str:
         return str(uuid.UUID(text.strip()))
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a valid UUID: {text!r}") from None
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -647,8 +627,8 @@ def build_parser() -> argparse.ArgumentParser:
     tlist = op(tsub, "list", cmd_task_list, "tasks, newest first")
     tlist.add_argument("--namespace")
     tlist.add_argument("--status", choices=TASK_STATES)
-    tlist.add_argument("--limit", type=_positive_int, default=20, help="default 20")
-    tlist.add_argument("--offset", type=_non_negative_int, default=0)
+    tlist.add_argument("--limit", type=argtypes.positive_int, default=20, help="default 20")
+    tlist.add_argument("--offset", type=argtypes.non_negative_int, default=0)
 
     show = op(tsub, "show", cmd_task_show, "a task and its steps drawn as a DAG")
     show.add_argument("task_uuid", type=_uuid_arg, metavar="UUID")
@@ -706,7 +686,9 @@ def build_parser() -> argparse.ArgumentParser:
             "checkout example, run a worker in this process and a batch of tasks through it.",
         )
     )
-    demo.add_argument("--tasks", type=_positive_int, default=20, help="how many (default 20)")
+    demo.add_argument(
+        "--tasks", type=argtypes.positive_int, default=20, help="how many (default 20)"
+    )
     demo.set_defaults(func=cmd_demo)
     bench.add_parser(sub)
     return parser

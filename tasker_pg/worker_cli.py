@@ -27,6 +27,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from tasker_pg import argtypes
 from tasker_pg.errors import TaskerError
 from tasker_pg.registry import HandlerRegistry
 from tasker_pg.template import TaskTemplate, load_templates
@@ -68,35 +69,35 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=argtypes.positive_int,
         default=10,
         metavar="N",
         help="steps run at once, also the thread pool size for sync handlers (default 10)",
     )
     parser.add_argument(
         "--lease-seconds",
-        type=_positive_float,
+        type=argtypes.positive_float,
         default=30.0,
         metavar="S",
         help="lease per claim; a crashed worker's steps are retried after it (default 30)",
     )
     parser.add_argument(
         "--grace",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=30.0,
         metavar="S",
         help="on SIGTERM/SIGINT, how long running steps may take to finish (default 30)",
     )
     parser.add_argument(
         "--poll-interval",
-        type=_positive_float,
+        type=argtypes.positive_float,
         default=1.0,
         metavar="S",
         help="claim this often even without notifications (default 1)",
     )
     parser.add_argument(
         "--summary-interval",
-        type=_non_negative_float,
+        type=argtypes.non_negative_float,
         default=30.0,
         metavar="S",
         help="log a one-line summary this often; 0 disables it (default 30)",
@@ -257,40 +258,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return cmd_worker(args)
     except KeyboardInterrupt:
         return 130
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = _float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    value = _float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
-def _float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 if __name__ == "__main__":
