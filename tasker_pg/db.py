@@ -56,6 +56,7 @@ SQLSTATE_ERROR_CODES: dict[str, str] = {
     "TS001": "task_finished",
     "TS002": "step_not_in_error",
     "TS003": "step_finished",
+    "TS004": "queue_has_live_steps",
 }
 _CONNECTION_SQLSTATE_PREFIXES = ("08", "57P")
 

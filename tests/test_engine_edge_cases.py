@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
+
 from tasker_pg import db
 from tests.engine_helpers import NAMESPACE, assert_healthy, claim, linear, start, success
 
@@ -90,3 +92,19 @@ async def test_operator_calls_on_one_task_wait_for_each_other(dsn: str) -> None:
     finally:
         await a.close()
         await b.close()
+
+
+async def test_namespace_queue_with_live_steps_cannot_be_purged_or_dropped(
+    conn: db.Connection,
+) -> None:
+    from tasker_pg.errors import InvalidStateError
+
+    task = await start(conn, linear(2))
+    for call in (conn.purge_queue(NAMESPACE), conn.drop_queue(NAMESPACE)):
+        with pytest.raises(InvalidStateError, match="1 live workflow steps") as err:
+            await call
+        assert err.value.error_code == "queue_has_live_steps"
+    await conn.cancel_task(task)
+    assert await conn.purge_queue(NAMESPACE) == 0
+    assert await conn.drop_queue(NAMESPACE) is True
+    await assert_healthy(conn)

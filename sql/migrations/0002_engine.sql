@@ -2146,3 +2146,58 @@ ALTER FUNCTION tasker.enqueue_ready(uuid[], text) SET plan_cache_mode = force_ge
 ALTER FUNCTION tasker.extend_leases(jsonb, double precision) SET plan_cache_mode = force_generic_plan;
 ALTER FUNCTION tasker.release_steps(jsonb) SET plan_cache_mode = force_generic_plan;
 ALTER FUNCTION tasker.lock_claim_messages(jsonb) SET plan_cache_mode = force_generic_plan;
+
+-- A namespace queue carries the messages of live steps: purging or dropping it would leave
+-- enqueued, running and retrying steps without their message and their tasks unfinished
+-- forever. Both refuse while the queue has such steps (cancel the tasks first); queues used
+-- on their own behave as before.
+CREATE FUNCTION tasker.refuse_if_live_steps(p_queue text, p_action text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_live bigint;
+BEGIN
+    SELECT count(*) INTO v_live
+      FROM tasker.queue_messages m
+      JOIN tasker.steps s
+        ON s.step_uuid = CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                              THEN (m.message->>'step_uuid')::uuid END
+       AND s.msg_id = m.msg_id
+     WHERE m.queue = p_queue
+       AND s.state IN ('enqueued', 'waiting_for_retry', 'in_progress');
+    IF v_live > 0 THEN
+        RAISE EXCEPTION 'cannot % queue %: it holds the messages of % live workflow steps; cancel their tasks first (tasker.cancel_task)',
+            p_action, quote_literal(p_queue), v_live USING ERRCODE = 'TS004';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tasker.purge_queue(p_queue text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    PERFORM tasker.queue_sequence(p_queue);
+    PERFORM tasker.refuse_if_live_steps(p_queue, 'purge');
+    DELETE FROM tasker.queue_messages m WHERE m.queue = p_queue;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION tasker.drop_queue(p_queue text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker.validate_queue_name(p_queue);
+    IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
+        PERFORM tasker.refuse_if_live_steps(p_queue, 'drop');
+    END IF;
+    DELETE FROM tasker.queues WHERE queue_name = p_queue;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('DROP TABLE IF EXISTS tasker.%I', 'q_' || p_queue);
+    EXECUTE format('DROP TABLE IF EXISTS tasker.%I', 'a_' || p_queue);
+    EXECUTE format('DROP SEQUENCE IF EXISTS tasker.%I', 'q_' || p_queue || '_seq');
+    RETURN true;
+END
+$$;
