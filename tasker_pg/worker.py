@@ -272,16 +272,9 @@ class _Session:
             except ConnectionLostError:
                 self.drop()
                 raise
-            except TaskerError:
-                raise  # PostgreSQL answered with an error: the session itself is fine
-            except Exception as exc:
-                # Not translated by tasker_pg.db: a client-side protocol error, e.g. asyncpg's
-                # "cannot switch to state ...; another operation is in progress" when the
-                # backend is terminated mid-query. The session cannot be trusted any more.
-                self.drop()
-                raise ConnectionLostError(
-                    f"the {self.role} session broke: {type(exc).__name__}: {exc}"
-                ) from exc
+            # Any other TaskerError: PostgreSQL answered with an error, the session is fine.
+            # (tasker_pg.db translates every driver-level failure, asyncpg's protocol-state
+            # errors on a terminated backend included, into ConnectionLostError.)
 
     def drop(self) -> None:
         """Forget the connection (closing it without waiting)."""
