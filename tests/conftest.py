@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from tasker_pg import db
-from tests.pgserver import TestServer, start_server
+from tests.support.pgserver import TestServer, start_server
 
 
 @pytest.fixture(scope="session")

@@ -18,18 +18,18 @@ from hypothesis import strategies as st
 
 from tasker_pg import Worker, db
 from tasker_pg.template import TaskTemplate
-from tests.worker_support import (
+from tests.support.worker import (
     assert_each_completed_once,
     assert_invariants,
     registry_of,
     steps_of,
     wait_final,
 )
-from tests.workflows import prop_handlers
-from tests.workflows.prop_handlers import MAX_FAILURES
+from tests.support.workflows import prop_handlers
+from tests.support.workflows.prop_handlers import MAX_FAILURES
 
 if TYPE_CHECKING:
-    from tests.pgserver import TestServer
+    from tests.support.pgserver import TestServer
 
 pytestmark = pytest.mark.slow
 

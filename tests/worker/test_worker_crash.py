@@ -8,7 +8,7 @@
   exit code 0;
 - pg_terminate_backend of every worker session: the worker reconnects and every task completes.
 
-Handlers and templates live in tests/workflows (crash_handlers.py); they signal the test through
+Handlers and templates live in tests/support/workflows (crash_handlers.py); they signal the test through
 marker files and wait on gate files named in the task context.
 """
 
@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from tasker_pg import db
-from tests.worker_support import (
+from tests.support.worker import (
     assert_each_completed_once,
     assert_invariants,
     poll,
@@ -37,8 +37,8 @@ from tests.worker_support import (
 
 pytestmark = pytest.mark.slow
 
-REPO = Path(__file__).resolve().parent.parent
-HANDLERS = "tests.workflows.crash_handlers"
+REPO = Path(__file__).resolve().parents[2]
+HANDLERS = "tests.support.workflows.crash_handlers"
 
 
 class WorkerProcess:
@@ -151,7 +151,7 @@ async def wait_file(path: Path, what: str) -> None:
 async def test_checkpointed_batch_resumes_from_cursor_after_sigkill(
     dsn: str, conn: db.Connection, workers: list[WorkerProcess], tmp_path: Path
 ) -> None:
-    options = ("--namespace", "batch", "--templates", "tests/workflows/batch.yaml")
+    options = ("--namespace", "batch", "--templates", "tests/support/workflows/batch.yaml")
     first = start(workers, dsn, tmp_path, "w1", *options, "--lease-seconds", "2")
     await first.wait_ready()
     call_log = tmp_path / "calls.jsonl"
@@ -217,7 +217,7 @@ async def test_sigkill_mid_step_is_retried_after_the_lease(
 ) -> None:
     options = ("--namespace", "crash", "--concurrency", "4", "--lease-seconds", "2")
     first = start(
-        workers, dsn, tmp_path, "w1", *options, "--templates", "tests/workflows/crash.yaml"
+        workers, dsn, tmp_path, "w1", *options, "--templates", "tests/support/workflows/crash.yaml"
     )
     await first.wait_ready()
     tasks: list[uuid.UUID] = []
@@ -273,7 +273,7 @@ async def test_sigterm_finishes_running_steps_and_releases_unstarted_claims(
         "--namespace",
         "gated",
         "--templates",
-        "tests/workflows/gated.yaml",
+        "tests/support/workflows/gated.yaml",
         "--concurrency",
         "2",
         "--grace",
@@ -369,7 +369,7 @@ async def test_worker_reconnects_after_its_backends_are_terminated(
         "--namespace",
         "crash",
         "--templates",
-        "tests/workflows/crash.yaml",
+        "tests/support/workflows/crash.yaml",
         "--concurrency",
         "4",
         "--lease-seconds",

@@ -39,7 +39,7 @@ async def poll(
 
 
 def templates(*names: str) -> list[TaskTemplate]:
-    """Templates from tests/workflows by file name (without .yaml)."""
+    """Templates from tests/support/workflows by file name (without .yaml)."""
     found: list[TaskTemplate] = []
     for name in names:
         found.extend(load_templates(WORKFLOWS / f"{name}.yaml"))

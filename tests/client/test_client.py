@@ -45,7 +45,7 @@ from tasker_pg.responses import (
     TaskResponse,
     TemplateRegistration,
 )
-from tests.engine_helpers import (
+from tests.support.engine import (
     assert_healthy,
     claim,
     complete,

@@ -15,7 +15,7 @@ import pytest
 from tasker_pg import HandlerRegistry, Worker
 from tasker_pg.template import load_templates
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 
 

@@ -18,7 +18,7 @@ from examples.ecommerce import handlers as ecommerce
 from tasker_pg import HandlerRegistry, StepContext, StepHandlerResult, Worker, db
 from tasker_pg.errors import RetryableError
 from tasker_pg.template import TaskTemplate, load_templates
-from tests.worker_support import (
+from tests.support.worker import (
     WORKFLOWS,
     assert_each_completed_once,
     assert_invariants,
@@ -28,7 +28,7 @@ from tests.worker_support import (
     templates,
     wait_final,
 )
-from tests.workflows import math_handlers, timing_handlers
+from tests.support.workflows import math_handlers, timing_handlers
 
 CHECKOUT = WORKFLOWS.parent.parent / "examples" / "ecommerce" / "checkout_workflow.yaml"
 

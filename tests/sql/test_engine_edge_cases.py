@@ -9,7 +9,7 @@ import time
 import pytest
 
 from tasker_pg import db
-from tests.engine_helpers import NAMESPACE, assert_healthy, claim, linear, start, success
+from tests.support.engine import NAMESPACE, assert_healthy, claim, linear, start, success
 
 
 async def wait_for_lock_wait(conn: db.Connection, locktype: str, deadline_s: float = 10) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tasker_pg import db
-from tests.engine_helpers import (
+from tests.support.engine import (
     NAMESPACE,
     complete,
     diamond,
@@ -32,7 +32,7 @@ from tests.engine_helpers import (
 
 pytestmark = pytest.mark.timeout(120)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
 
 DIAMOND_YAML = """\

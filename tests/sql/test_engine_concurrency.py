@@ -30,7 +30,7 @@ Opener = Callable[[int], Awaitable[list[db.Connection]]]
 NS = "conc"
 LONG_LEASE = 300.0
 DEADLOCK_DETECTED = "40P01"
-MIGRATIONS = Path(__file__).resolve().parents[1] / "sql" / "migrations"
+MIGRATIONS = Path(__file__).resolve().parents[2] / "sql" / "migrations"
 
 
 # --- builders ------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import pytest
 from tasker_pg import db, migrations
 from tasker_pg.errors import MigrationError, SchemaError
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def applied_versions(dsn: str) -> list[tuple[int, str]]:

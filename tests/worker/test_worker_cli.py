@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from tasker_pg import db, worker_cli
-from tests.worker_support import assert_invariants, poll, steps_of, wait_final
+from tests.support.worker import assert_invariants, poll, steps_of, wait_final
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, dsn: str | None = None) -> subprocess.CompletedProcess[str]:

@@ -18,7 +18,7 @@ import pytest
 from tasker_pg import db
 from tasker_pg.errors import InvalidStateError, NotFoundError, ValidationError
 from tasker_pg.template import TaskTemplate
-from tests.engine_helpers import (
+from tests.support.engine import (
     NAMESPACE,
     ancestors_of,
     assert_healthy,

@@ -18,7 +18,7 @@ from tasker_pg.embedded import EmbeddedCluster
 
 pytestmark = pytest.mark.timeout(180)
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

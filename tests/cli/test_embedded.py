@@ -15,7 +15,7 @@ import pytest
 from tasker_pg.dsn import resolve_dsn
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import DatabaseNotFoundError
-from tests.pgserver import docker_unavailable_reason
+from tests.support.pgserver import docker_unavailable_reason
 
 
 @pytest.fixture

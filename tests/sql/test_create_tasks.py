@@ -6,7 +6,7 @@ import pytest
 
 from tasker_pg import db
 from tasker_pg.errors import NotFoundError, ValidationError
-from tests.engine_helpers import NAMESPACE, assert_healthy, diamond, drive, task_row
+from tests.support.engine import NAMESPACE, assert_healthy, diamond, drive, task_row
 
 
 async def test_creates_runnable_tasks_in_input_order(conn: db.Connection) -> None:

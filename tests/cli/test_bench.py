@@ -14,7 +14,7 @@ import pytest
 from tasker_pg import bench, bench_handlers
 
 if TYPE_CHECKING:
-    from tests.pgserver import TestServer
+    from tests.support.pgserver import TestServer
 
 
 def _positive(value: Any, where: str) -> None:

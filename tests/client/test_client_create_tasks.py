@@ -9,7 +9,7 @@ import pytest
 
 from tasker_pg import AsyncTaskerClient, TaskerClient, db
 from tasker_pg.errors import NotFoundError, ValidationError
-from tests.engine_helpers import NAMESPACE, diamond, task_row
+from tests.support.engine import NAMESPACE, diamond, task_row
 
 pytestmark = pytest.mark.timeout(60)
 
