@@ -8,8 +8,8 @@
   exit code 0;
 - pg_terminate_backend of every worker session: the worker reconnects and every task completes.
 
-Handlers and templates live in tests/support/workflows (crash_handlers.py); they signal the test through
-marker files and wait on gate files named in the task context.
+Handlers and templates live in tests/support/workflows (crash_handlers.py); they signal the test
+through marker files and wait on gate files named in the task context.
 """
 
 from __future__ import annotations
