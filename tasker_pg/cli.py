@@ -116,8 +116,12 @@ async def _migrate(args: argparse.Namespace) -> int:
         await conn.close()
     for m in report.applied:
         print(f"applied {m.filename}")
+    for f in report.functions:
+        print(f"applied functions/{f.name}")
+    for target in report.dropped:
+        print(f"dropped {target.lower()} (no function file defines it any more)")
     print(
-        f"schema at version {report.current_version}" + ("" if report.applied else " (no change)")
+        f"schema at version {report.current_version}" + ("" if report.changed else " (no change)")
     )
     return EXIT_OK
 

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from tasker_pg import jsonutil
+from tasker_pg import jsonutil, sqlfiles
 from tasker_pg.dsn import ResolvedDsn, no_database_message, resolve_dsn
 from tasker_pg.errors import (
     ConnectionLostError,
@@ -25,6 +25,7 @@ from tasker_pg.errors import (
     DatabaseNotFoundError,
     InvalidStateError,
     NotFoundError,
+    SchemaError,
     TaskerError,
     ValidationError,
 )
@@ -468,14 +469,79 @@ async def connect(
     raw = await _raw_connect(resolved, timeout=timeout)
     conn = Connection(raw, resolved.source)
     if check_schema:
-        from tasker_pg.migrations import check_schema as _check
-
         try:
-            await _check(conn)
+            await _check_schema(conn, resolved)
         except BaseException:
             await conn.close()
             raise
     return conn
+
+
+async def schema_version(conn: Connection) -> int | None:
+    """The newest applied migration (0 when none is), None when tasker was never migrated."""
+    exists = await conn.fetchval("SELECT to_regclass('tasker.schema_migrations') IS NOT NULL")
+    if not exists:
+        return None
+    value = await conn.fetchval("SELECT max(version) FROM tasker.schema_migrations")
+    return int(value) if value is not None else 0
+
+
+async def check_schema(conn: Connection, *, migrate_hint: str = sqlfiles.MIGRATE_HINT) -> int:
+    """Refuse a missing, outdated or newer schema, naming the command that fixes it.
+
+    Outdated means a pending migration or a function file whose checksum differs from the
+    package's; newer means a newer tasker-pg migrated the database.
+    """
+    current = await schema_version(conn)
+    needed = sqlfiles.expected_version()
+    if current is None:
+        raise SchemaError(
+            "the database has no tasker schema; " + migrate_hint, error_code="schema_missing"
+        )
+    has_state = await conn.fetchval(
+        "SELECT to_regclass('tasker.schema_functions') IS NOT NULL"
+        " AND to_regclass('tasker.schema_engine') IS NOT NULL"
+    )
+    state = (
+        await conn.fetchrow(
+            "SELECT (SELECT jsonb_object_agg(file, checksum) FROM tasker.schema_functions)"
+            " AS files, (SELECT engine_version FROM tasker.schema_engine) AS engine_version"
+        )
+        if has_state
+        else None
+    )
+    engine = state["engine_version"] if state is not None else None
+    if engine is not None and int(engine) > sqlfiles.ENGINE_VERSION:
+        raise SchemaError(
+            f"the database was migrated by a newer tasker-pg (engine version {engine}; this "
+            f"one has {sqlfiles.ENGINE_VERSION}): upgrade tasker-pg to use it",
+            error_code="schema_newer",
+        )
+    if current < needed:
+        pending = [m.filename for m in sqlfiles.load_migrations() if m.version > current]
+        raise SchemaError(
+            f"the database schema is at version {current}, this tasker-pg needs {needed} "
+            f"(pending: {', '.join(pending)}); " + migrate_hint
+        )
+    recorded: Mapping[str, Any] = (state["files"] or {}) if state is not None else {}
+    differ = [f.name for f in sqlfiles.load_function_files() if recorded.get(f.name) != f.checksum]
+    if differ:
+        raise SchemaError(
+            f"the database's engine functions differ from this tasker-pg's "
+            f"({', '.join(differ)} changed); " + migrate_hint
+        )
+    return current
+
+
+def _migrate_hint(resolved: ResolvedDsn) -> str:
+    """The migrate command for the database the user chose, the same way they chose it."""
+    if resolved.source == "--dsn":
+        return f"run `tasker-pg migrate --dsn '{mask_dsn(resolved.dsn)}'` against this database"
+    return sqlfiles.MIGRATE_HINT
+
+
+async def _check_schema(conn: Connection, resolved: ResolvedDsn) -> None:
+    await check_schema(conn, migrate_hint=_migrate_hint(resolved))
 
 
 async def _raw_connect(resolved: ResolvedDsn, *, timeout: float) -> asyncpg.Connection:
@@ -541,9 +607,7 @@ async def create_pool(
         try:
             async with pool.acquire() as conn:
                 if check_schema:
-                    from tasker_pg.migrations import check_schema as _check
-
-                    await _check(conn)
+                    await _check_schema(conn, resolved)
                 if setup is not None:
                     await setup(conn)
         except BaseException:

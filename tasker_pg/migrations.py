@@ -1,36 +1,60 @@
-"""Schema migrations: numbered SQL files applied in order, recorded in the database.
+"""Schema migrations: versioned migrations once each, function files whenever they change.
 
-The files are `sql/migrations/NNNN_name.sql` (shipped inside the wheel as `tasker_pg/sql`).
-`migrate()` takes a session advisory lock so several migrators can run at once, applies each
-pending file in its own transaction together with its row in `tasker.schema_migrations`
-(version, name, sha256 checksum), and refuses to go on when an applied file has changed.
+`migrate()` takes a session advisory lock (so several migrators can run at once) and then, in
+one transaction:
+1. applies every pending versioned migration (`sql/migrations/NNNN_name.sql`, tables and other
+   state) in order, recording version, name and sha256 checksum in `tasker.schema_migrations`;
+2. re-applies every function file (`sql/functions/NN_concern.sql`) whose checksum differs from
+   the one recorded in `tasker.schema_functions` (all of them on a fresh database), in file
+   order: the objects the file defines (and those its previous version defined) are dropped
+   first, so a changed argument list or return type is re-created, not overloaded; objects of
+   a file that is gone are dropped; grants files (`NN_grants.sql`) are re-applied whenever any
+   function file was;
+3. records the engine version in `tasker.schema_engine`.
+Either all of it commits or none of it does. It refuses an applied migration that was edited
+afterwards, and a database that a newer tasker-pg migrated (`ENGINE_VERSION` only goes up).
 """
 
 from __future__ import annotations
 
-import hashlib
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from tasker_pg.errors import (
-    DatabaseError,
-    InvalidStateError,
-    MigrationError,
-    NotFoundError,
-    SchemaError,
-    ValidationError,
+from tasker_pg import db
+from tasker_pg.errors import DatabaseError, MigrationError, TaskerError
+from tasker_pg.sqlfiles import (
+    ENGINE_VERSION,
+    MIGRATE_HINT,
+    FunctionFile,
+    Migration,
+    expected_version,
+    load_function_files,
+    load_migrations,
+    sql_dir,
 )
 
-if TYPE_CHECKING:
-    from tasker_pg.db import Connection
+__all__ = [
+    "ENGINE_VERSION",
+    "MIGRATE_HINT",
+    "MIGRATION_LOCK_KEY",
+    "FunctionFile",
+    "Migration",
+    "MigrationReport",
+    "check_schema",
+    "expected_version",
+    "load_function_files",
+    "load_migrations",
+    "migrate",
+    "schema_version",
+    "sql_dir",
+]
 
 # pg_advisory_lock key for migrators: 'tasker' in ASCII, so it is recognisable in pg_locks.
 MIGRATION_LOCK_KEY = 0x7461736B6572
-_FILE_RE = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
-MIGRATE_HINT = "run `tasker-pg migrate` (or tasker_pg.migrations.migrate()) against this database"
+
+check_schema = db.check_schema
+schema_version = db.schema_version
 
 BOOTSTRAP_SQL = """
 CREATE SCHEMA IF NOT EXISTS tasker;
@@ -41,83 +65,46 @@ CREATE TABLE IF NOT EXISTS tasker.schema_migrations (
     applied_at  timestamptz NOT NULL DEFAULT now(),
     duration_ms double precision
 );
+COMMENT ON TABLE tasker.schema_migrations IS
+    'Versioned migrations applied to this database (sql/migrations), one row each.';
+CREATE TABLE IF NOT EXISTS tasker.schema_functions (
+    file        text PRIMARY KEY,
+    checksum    text NOT NULL,
+    objects     text[] NOT NULL,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tasker.schema_functions IS
+    'Function files applied here (sql/functions): checksum and the objects each defines.';
+CREATE TABLE IF NOT EXISTS tasker.schema_engine (
+    singleton       boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    engine_version  integer NOT NULL,
+    package_version text NOT NULL,
+    migrated_at     timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE tasker.schema_engine IS
+    'The engine version (and tasker-pg release) that last migrated this database.';
 """
 
-
-@dataclass(frozen=True)
-class Migration:
-    """One migration file."""
-
-    version: int
-    name: str
-    path: Path
-    sql: str
-    checksum: str
-
-    @property
-    def filename(self) -> str:
-        return self.path.name
-
-
-def sql_dir() -> Path:
-    """The directory of migration files: inside the installed package, else the checkout's."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "sql" / "migrations", here.parent / "sql" / "migrations"):
-        if candidate.is_dir():
-            return candidate
-    raise MigrationError(
-        f"migration files not found (looked in {here / 'sql'} and {here.parent / 'sql'}); "
-        "the tasker-pg installation is incomplete, reinstall it"
-    )
-
-
-def load_migrations(directory: Path | None = None) -> tuple[Migration, ...]:
-    """Every migration file, ordered by version; malformed names and duplicates are errors.
-
-    The shipped files are read once per process; an explicit directory is read every time.
-    """
-    if directory is None:
-        return _shipped_migrations()
-    return _read_migrations(directory)
-
-
-@lru_cache(maxsize=1)
-def _shipped_migrations() -> tuple[Migration, ...]:
-    return _read_migrations(sql_dir())
-
-
-def _read_migrations(directory: Path) -> tuple[Migration, ...]:
-    found: dict[int, Migration] = {}
-    for path in sorted(directory.iterdir()):
-        if path.suffix != ".sql":
-            continue
-        m = _FILE_RE.match(path.name)
-        if not m:
-            raise MigrationError(
-                f"migration file {path.name} is not named NNNN_name.sql "
-                "(four digits, then lowercase letters, digits and _)"
-            )
-        version = int(m.group(1))
-        if version in found:
-            raise MigrationError(
-                f"two migration files share version {version:04d}: "
-                f"{found[version].filename} and {path.name}"
-            )
-        raw = path.read_bytes()
-        found[version] = Migration(
-            version=version,
-            name=m.group(2),
-            path=path,
-            sql=raw.decode("utf-8"),
-            checksum=hashlib.sha256(raw).hexdigest(),
-        )
-    return tuple(found[v] for v in sorted(found))
-
-
-def expected_version() -> int:
-    """The schema version this code needs: the newest migration it ships."""
-    migrations = load_migrations()
-    return migrations[-1].version if migrations else 0
+# The objects named by a function file, as DROP statements in a safe order (views, then
+# functions and procedures, then types).
+_OBJECTS_SQL = """
+SELECT 1 AS ord, 'VIEW ' || c.oid::regclass::text AS target
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname = 'tasker' AND c.relkind = 'v' AND c.relname = ANY ($1::text[])
+UNION ALL
+SELECT 2, CASE p.prokind WHEN 'p' THEN 'PROCEDURE ' ELSE 'FUNCTION ' END
+          || p.oid::regprocedure::text
+  FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+ WHERE n.nspname = 'tasker' AND p.proname = ANY ($1::text[])
+UNION ALL
+SELECT 3, 'TYPE ' || t.oid::regtype::text
+  FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+ WHERE n.nspname = 'tasker' AND t.typname = ANY ($1::text[])
+   AND (t.typtype IN ('e', 'd', 'r')
+        OR (t.typtype = 'c'
+            AND (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c'))
+ ORDER BY 1, 2
+"""
 
 
 @dataclass(frozen=True)
@@ -125,90 +112,199 @@ class MigrationReport:
     """What one `migrate()` call did."""
 
     applied: tuple[Migration, ...]
+    functions: tuple[FunctionFile, ...]  # function files (re-)applied
+    dropped: tuple[str, ...]  # objects of function files that are gone
     current_version: int
 
+    @property
+    def changed(self) -> bool:
+        return bool(self.applied or self.functions or self.dropped)
 
-async def migrate(conn: Connection, *, directory: Path | None = None) -> MigrationReport:
-    """Apply every pending migration; a no-op when the schema is current."""
+
+async def migrate(conn: db.Connection, *, directory: Path | None = None) -> MigrationReport:
+    """Bring the database to this package's schema; a no-op when it is current.
+
+    `directory` (tests, tools) is an SQL root with `migrations/` and `functions/`, or a plain
+    directory of versioned migrations.
+    """
+    from tasker_pg import __version__
+
     migrations = load_migrations(directory)
+    files = load_function_files(directory)
     await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
     try:
         await conn.execute(BOOTSTRAP_SQL)
-        rows = await conn.fetch("SELECT version, name, checksum FROM tasker.schema_migrations")
-        applied = {int(r["version"]): r for r in rows}
-        by_version = {m.version: m for m in migrations}
-        for version, row in sorted(applied.items()):
-            known = by_version.get(version)
-            if known is None:
-                continue  # applied by a newer tasker-pg; nothing to check against
-            if row["checksum"] != known.checksum:
-                raise MigrationError(
-                    f"migration {known.filename} was changed after it was applied "
-                    f"(checksum {row['checksum'][:12]} in the database, {known.checksum[:12]} "
-                    "on disk); migrations are append-only: restore the file and put the change "
-                    "in a new migration"
-                )
-        done: list[Migration] = []
-        for migration in migrations:
-            if migration.version in applied:
-                continue
-            await _apply(conn, migration)
-            done.append(migration)
-        current = max([*applied, *(m.version for m in done)], default=0)
-        return MigrationReport(applied=tuple(done), current_version=current)
+        await _refuse_newer_database(conn, migrations)
+        rows = await conn.fetch("SELECT version, checksum FROM tasker.schema_migrations")
+        applied = {int(r["version"]): str(r["checksum"]) for r in rows}
+        _refuse_edited_migrations(applied, migrations)
+        recorded = {
+            str(r["file"]): (str(r["checksum"]), [str(o) for o in r["objects"]])
+            for r in await conn.fetch("SELECT file, checksum, objects FROM tasker.schema_functions")
+        }
+        pending = [m for m in migrations if m.version not in applied]
+        async with conn.transaction():
+            for migration in pending:
+                await _apply_migration(conn, migration)
+            changed, dropped = await _apply_function_files(conn, files, recorded)
+            await conn.execute(
+                """
+                INSERT INTO tasker.schema_engine (engine_version, package_version)
+                VALUES ($1, $2)
+                ON CONFLICT (singleton) DO UPDATE
+                   SET engine_version = EXCLUDED.engine_version,
+                       package_version = EXCLUDED.package_version,
+                       migrated_at = now()
+                 WHERE (tasker.schema_engine.engine_version, tasker.schema_engine.package_version)
+                       IS DISTINCT FROM (EXCLUDED.engine_version, EXCLUDED.package_version)
+                """,
+                ENGINE_VERSION,
+                __version__,
+            )
+        current = max([*applied, *(m.version for m in pending)], default=0)
+        return MigrationReport(
+            applied=tuple(pending),
+            functions=tuple(changed),
+            dropped=tuple(dropped),
+            current_version=current,
+        )
     finally:
         await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
 
 
-async def _apply(conn: Connection, migration: Migration) -> None:
-    try:
-        async with conn.transaction():
-            started = await conn.fetchval("SELECT clock_timestamp()")
-            await conn.execute(migration.sql)
-            await conn.execute(
-                """
-                INSERT INTO tasker.schema_migrations (version, name, checksum, duration_ms)
-                VALUES ($1, $2, $3, extract(epoch FROM clock_timestamp() - $4) * 1000)
-                """,
-                migration.version,
-                migration.name,
-                migration.checksum,
-                started,
+async def _refuse_newer_database(conn: db.Connection, migrations: Sequence[Migration]) -> None:
+    from tasker_pg import __version__
+
+    row = await conn.fetchrow("SELECT engine_version, package_version FROM tasker.schema_engine")
+    newest_known = migrations[-1].version if migrations else 0
+    newest_applied = await conn.fetchval("SELECT max(version) FROM tasker.schema_migrations")
+    too_new = row is not None and int(row["engine_version"]) > ENGINE_VERSION
+    unknown = newest_applied is not None and int(newest_applied) > newest_known
+    if too_new or unknown:
+        by = (
+            f"tasker-pg {row['package_version']} (engine version {row['engine_version']})"
+            if row is not None
+            else "a newer tasker-pg"
+        )
+        has = (
+            f", and it has migration {newest_applied}, which this one does not ship"
+            if unknown
+            else ""
+        )
+        raise MigrationError(
+            f"this database was migrated by {by}{has}; this tasker-pg {__version__} has engine "
+            f"version {ENGINE_VERSION} and schema version {newest_known}, and will not move a "
+            "database backward: upgrade tasker-pg (pip install -U tasker-pg) to use it",
+            error_code="schema_newer",
+        )
+
+
+def _refuse_edited_migrations(applied: dict[int, str], migrations: Sequence[Migration]) -> None:
+    for migration in migrations:
+        checksum = applied.get(migration.version)
+        if checksum is not None and checksum != migration.checksum:
+            raise MigrationError(
+                f"migration {migration.filename} was changed after it was applied "
+                f"(checksum {checksum[:12]} in the database, {migration.checksum[:12]} "
+                "on disk); migrations are append-only: restore the file and put the change "
+                "in a new migration"
             )
-    except (DatabaseError, ValidationError, NotFoundError, InvalidStateError) as exc:
+
+
+async def _apply_migration(conn: db.Connection, migration: Migration) -> None:
+    async with _reported(migration.filename, migration.sql):
+        started = await conn.fetchval("SELECT clock_timestamp()")
+        await conn.execute(migration.sql)
+        await conn.execute(
+            """
+            INSERT INTO tasker.schema_migrations (version, name, checksum, duration_ms)
+            VALUES ($1, $2, $3, extract(epoch FROM clock_timestamp() - $4) * 1000)
+            """,
+            migration.version,
+            migration.name,
+            migration.checksum,
+            started,
+        )
+
+
+async def _apply_function_files(
+    conn: db.Connection,
+    files: Sequence[FunctionFile],
+    recorded: dict[str, tuple[str, list[str]]],
+) -> tuple[list[FunctionFile], list[str]]:
+    """Re-apply changed function files; drop the objects of files that are gone."""
+    defined_now = {obj for f in files for obj in f.objects}
+    changed = [f for f in files if recorded.get(f.name, ("", []))[0] != f.checksum]
+    gone = [name for name in recorded if name not in {f.name for f in files}]
+    if changed or gone:
+        # grants follow every change: dropping and re-creating an object loses its grants
+        changed += [f for f in files if f.is_grants and f not in changed]
+        changed.sort(key=lambda f: f.name)
+    dropped: list[str] = []
+    for name in gone:
+        leftovers = [o for o in recorded[name][1] if o not in defined_now]
+        dropped += await _drop_objects(conn, leftovers, name)
+        await conn.execute("DELETE FROM tasker.schema_functions WHERE file = $1", name)
+    for file in changed:
+        # objects the previous version of the file defined and no file defines any more
+        stale = [o for o in recorded.get(file.name, ("", []))[1] if o not in defined_now]
+        dropped += await _drop_objects(conn, stale, file.name)
+        await _drop_objects(conn, file.objects, file.name)
+        async with _reported(file.name, file.sql):
+            await conn.execute(file.sql)
+        await conn.execute(
+            """
+            INSERT INTO tasker.schema_functions (file, checksum, objects) VALUES ($1, $2, $3)
+            ON CONFLICT (file) DO UPDATE
+               SET checksum = EXCLUDED.checksum, objects = EXCLUDED.objects, applied_at = now()
+            """,
+            file.name,
+            file.checksum,
+            list(file.objects),
+        )
+    return changed, dropped
+
+
+async def _drop_objects(conn: db.Connection, names: Sequence[str], file: str) -> list[str]:
+    if not names:
+        return []
+    targets = [str(r["target"]) for r in await conn.fetch(_OBJECTS_SQL, list(names))]
+    for target in targets:
+        try:
+            async with conn.transaction():  # a savepoint, so the error below is ours to report
+                await conn.execute(f"DROP {target}")
+        except DatabaseError as exc:
+            if exc.sqlstate != "2BP01":  # dependent_objects_still_exist
+                raise
+            raise MigrationError(
+                f"function file {file}: cannot re-create {target.lower()}: {exc.message}. "
+                "An object outside this file depends on it; move the dependent object into "
+                "the same function file, or drop it in a versioned migration first"
+            ) from exc
+    return targets
+
+
+class _reported:
+    """Turn a database error inside one SQL file into a MigrationError naming file and line."""
+
+    def __init__(self, filename: str, sql: str) -> None:
+        self.filename = filename
+        self.sql = sql
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> bool:
+        if not isinstance(exc, TaskerError) or isinstance(exc, MigrationError):
+            return False
+        sqlstate = getattr(exc, "sqlstate", None)
+        if sqlstate is None:
+            return False
         where = ""
         position = getattr(exc, "position", None)
         if position is not None:
-            line = migration.sql.count("\n", 0, position) + 1
-            where = f" at line {line}"
+            where = f" at line {self.sql.count(chr(10), 0, int(position)) + 1}"
         raise MigrationError(
-            f"migration {migration.filename} failed{where}: {exc.message} "
-            f"(SQLSTATE {exc.sqlstate}); nothing of it was applied and the schema stays at "
-            "the previous version"
+            f"{self.filename} failed{where}: {exc.message} (SQLSTATE {sqlstate}); nothing of "
+            "this migrate run was applied and the schema stays as it was"
         ) from exc
-
-
-async def schema_version(conn: Connection) -> int | None:
-    """The newest applied migration (0 when none is), None when tasker was never migrated."""
-    exists = await conn.fetchval("SELECT to_regclass('tasker.schema_migrations') IS NOT NULL")
-    if not exists:
-        return None
-    value = await conn.fetchval("SELECT max(version) FROM tasker.schema_migrations")
-    return int(value) if value is not None else 0
-
-
-async def check_schema(conn: Connection) -> int:
-    """Refuse a missing or outdated schema, naming the command that fixes it."""
-    current = await schema_version(conn)
-    needed = expected_version()
-    if current is None:
-        raise SchemaError(
-            "the database has no tasker schema; " + MIGRATE_HINT, error_code="schema_missing"
-        )
-    if current < needed:
-        pending = [m.filename for m in load_migrations() if m.version > current]
-        raise SchemaError(
-            f"the database schema is at version {current}, this tasker-pg needs {needed} "
-            f"(pending: {', '.join(pending)}); " + MIGRATE_HINT
-        )
-    return current

@@ -30,7 +30,7 @@ Opener = Callable[[int], Awaitable[list[db.Connection]]]
 NS = "conc"
 LONG_LEASE = 300.0
 DEADLOCK_DETECTED = "40P01"
-MIGRATIONS = Path(__file__).resolve().parents[2] / "sql" / "migrations"
+MIGRATIONS = Path(__file__).resolve().parents[2] / "sql"
 
 
 # --- builders ------------------------------------------------------------------------------
@@ -1091,19 +1091,19 @@ PLAN_STATEMENTS: dict[str, dict[str, Any]] = {
                            WHEN ls.state IN ('enqueued', 'waiting_for_retry') THEN 'run_new'
                            WHEN ls.retryable AND ls.attempts < ls.max_attempts THEN 'run_reclaim'
                            ELSE 'expire_fail'
-                       END)::tasker.claim_candidate)
+                       END)::tasker._claim_candidate)
               FROM msgs
               LEFT JOIN locked_steps ls ON ls.step_uuid = msgs.step_uuid
         """,
     },
     "claim_run": {
-        "types": "tasker.claim_candidate[], text, timestamptz, timestamptz, text",
+        "types": "tasker._claim_candidate[], text, timestamptz, timestamptz, text",
         "marker": "WHERE a.task_uuid = upd.task_uuid AND a.name = ANY (ns.ancestor_names)",
         "indexes": {"steps_pkey", "tasks_pkey", "steps_task_name_idx", "q_plan"},
         "sql": """
             WITH
             run AS (
-                SELECT b.* FROM unnest($1::tasker.claim_candidate[]) b
+                SELECT b.* FROM unnest($1::tasker._claim_candidate[]) b
                  WHERE b.kind IN ('run_new', 'run_resume', 'run_reclaim')
             ),
             upd AS (
@@ -1166,13 +1166,13 @@ PLAN_STATEMENTS: dict[str, dict[str, Any]] = {
         """,
     },
     "complete_lock_messages": {
-        "types": "tasker.outcome_input[]",
+        "types": "tasker._outcome_input[]",
         "marker": "WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x",
         "indexes": {"steps_pkey", "tasks_pkey", "q_plan"},
         "sql": """
             SELECT 1
               FROM (SELECT t.namespace, s.msg_id
-                      FROM unnest($1::tasker.outcome_input[]) i
+                      FROM unnest($1::tasker._outcome_input[]) i
                       JOIN tasker.steps s ON s.step_uuid = i.step_uuid
                       JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
                      WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x
@@ -1182,7 +1182,7 @@ PLAN_STATEMENTS: dict[str, dict[str, Any]] = {
         """,
     },
     "complete_apply": {
-        "types": "tasker.outcome_input[], timestamptz",
+        "types": "tasker._outcome_input[], timestamptz",
         "marker": "s.attempts = p.attempt AND s.claim_seq = p.current_claim",
         "indexes": {"steps_pkey", "tasks_pkey", "q_plan"},
         "sql": """
@@ -1200,13 +1200,13 @@ PLAN_STATEMENTS: dict[str, dict[str, Any]] = {
                        CASE WHEN i.kind = 'failure' THEN
                            $2 + make_interval(secs => coalesce(
                                (i.error->>'retry_after')::double precision,
-                               (SELECT tasker.backoff_seconds(n.backoff, n.backoff_base_ms,
+                               (SELECT tasker._backoff_seconds(n.backoff, n.backoff_base_ms,
                                                               n.max_backoff_ms, n.jitter,
                                                               s.attempts)
                                   FROM tasker.named_steps n
                                  WHERE n.named_step_id = s.named_step_id)))
                        END AS retry_at
-                  FROM unnest($1::tasker.outcome_input[]) i
+                  FROM unnest($1::tasker._outcome_input[]) i
                   JOIN tasker.steps s ON s.step_uuid = i.step_uuid
                   JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
                  WHERE s.state = 'in_progress' AND s.attempts = i.attempt
@@ -1274,7 +1274,7 @@ PLAN_STATEMENTS: dict[str, dict[str, Any]] = {
                   FROM upd
             )
             SELECT array_agg(ROW(upd.ord, upd.step_uuid, upd.task_uuid, upd.queue,
-                                 upd.new_state)::tasker.applied_outcome)
+                                 upd.new_state)::tasker._applied_outcome)
               FROM upd
         """,
     },
@@ -1315,14 +1315,14 @@ PLAN_STATEMENTS: dict[str, dict[str, Any]] = {
         """,
     },
     "task_deltas": {
-        "types": "tasker.task_delta[], text, timestamptz",
+        "types": "tasker._task_delta[], text, timestamptz",
         "marker": "SET completed_steps = t.completed_steps + d.completed,",
         "indexes": {"tasks_pkey"},
         "sql": """
             WITH d AS (
                 SELECT x.task_uuid, sum(x.completed)::integer AS completed,
                        sum(x.errors)::integer AS errors
-                  FROM unnest($1::tasker.task_delta[]) x
+                  FROM unnest($1::tasker._task_delta[]) x
                  GROUP BY x.task_uuid
             ),
             locked AS MATERIALIZED (
@@ -1462,7 +1462,7 @@ async def plan_arguments(conn: db.Connection) -> dict[str, list[str]]:
     )
     assert len(rows) == 20
     candidates = await conn.fetchval(
-        "SELECT array_agg(ROW(m, s, t, 'enqueued', 0, 'run_new')::tasker.claim_candidate)::text"
+        "SELECT array_agg(ROW(m, s, t, 'enqueued', 0, 'run_new')::tasker._claim_candidate)::text"
         " FROM unnest($1::bigint[], $2::uuid[], $3::uuid[]) x(m, s, t)",
         [r["msg_id"] for r in rows],
         [r["step_uuid"] for r in rows],
@@ -1470,12 +1470,12 @@ async def plan_arguments(conn: db.Connection) -> dict[str, list[str]]:
     )
     outcomes = await conn.fetchval(
         "SELECT array_agg(ROW(o::integer, s, 1, 1, 'success', '{\"ok\": true}'::jsonb, NULL, NULL,"
-        " NULL, 1.5, 'w')::tasker.outcome_input)::text"
+        " NULL, 1.5, 'w')::tasker._outcome_input)::text"
         " FROM unnest($1::uuid[]) WITH ORDINALITY x(s, o)",
         [r["step_uuid"] for r in rows],
     )
     deltas = await conn.fetchval(
-        "SELECT array_agg(ROW(t, 1, 0)::tasker.task_delta)::text FROM unnest($1::uuid[]) t",
+        "SELECT array_agg(ROW(t, 1, 0)::tasker._task_delta)::text FROM unnest($1::uuid[]) t",
         [r["task_uuid"] for r in rows],
     )
     now = literal("now")
@@ -1563,7 +1563,7 @@ async def plan_problems(conn: db.Connection, modes: Sequence[str]) -> list[str]:
 
 
 async def seeded_for_plans(conn: db.Connection) -> None:
-    source = squash("\n".join(p.read_text() for p in sorted(MIGRATIONS.glob("*.sql"))))
+    source = squash("\n".join(p.read_text() for p in sorted(MIGRATIONS.glob("*/*.sql"))))
     for name, stmt in PLAN_STATEMENTS.items():
         assert squash(stmt["marker"]) in source, (
             f"{name}: the engine no longer contains {stmt['marker']!r}; update the copy"

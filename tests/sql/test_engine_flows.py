@@ -406,7 +406,7 @@ async def test_backoff_grows_and_stops_at_cap(conn: db.Connection) -> None:
 
 async def test_backoff_jitter_stays_within_bounds(conn: db.Connection) -> None:
     rows = await conn.fetch(
-        "SELECT n, tasker.backoff_seconds('exponential', 100, 1000, 0.5, n) AS d "
+        "SELECT n, tasker._backoff_seconds('exponential', 100, 1000, 0.5, n) AS d "
         "FROM generate_series(1, 6) n, generate_series(1, 50) k"
     )
     for r in rows:

@@ -1,0 +1,400 @@
+-- The pgmq-style queue layer (usable on its own, and the transport of the engine): create and
+-- drop queues, send, read (claim with a visibility timeout), pop, set_vt, delete, archive,
+-- purge and metrics. Every hot statement is static SQL on the list-partitioned parent table
+-- tasker.queue_messages; dynamic SQL is used only for DDL in create_queue/drop_queue, after the
+-- name has been validated.
+--
+-- SQLSTATEs: TV001 invalid queue name, TV002 invalid argument, TN001 unknown queue,
+-- TS004 a namespace queue still holds live steps.
+
+CREATE TYPE tasker.message_record AS (
+    msg_id       bigint,
+    read_ct      integer,
+    enqueued_at  timestamptz,
+    vt           timestamptz,
+    priority     integer,
+    message      jsonb
+);
+COMMENT ON TYPE tasker.message_record IS
+    'A queue message as read(), pop() and set_vt() return it.';
+
+CREATE TYPE tasker.queue_metrics AS (
+    queue_name           text,
+    queue_length         bigint,
+    queue_visible_length bigint,
+    newest_msg_age_sec   double precision,
+    oldest_msg_age_sec   double precision,
+    total_messages       bigint,
+    scrape_time          timestamptz
+);
+COMMENT ON TYPE tasker.queue_metrics IS
+    'A queue''s metrics as metrics() and metrics_all() return them.';
+
+-- Refuses a queue name that is not a safe identifier. Rule: lowercase letters, digits and _,
+-- starting with a letter, at most 47 characters (q_<name> and tasker_<name> stay well inside
+-- PostgreSQL's 63-byte identifier limit).
+CREATE FUNCTION tasker._validate_queue_name(p_queue text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF p_queue IS NULL OR p_queue !~ '^[a-z][a-z0-9_]{0,46}$' THEN
+        RAISE EXCEPTION 'invalid queue name %: a queue name is 1 to 47 lowercase letters, digits and _, starting with a letter',
+            coalesce(quote_literal(p_queue), 'NULL')
+            USING ERRCODE = 'TV001';
+    END IF;
+END
+$$;
+
+-- Looks up a queue's sequence; the one existence check every queue function makes.
+-- Unknown names get "does not exist", malformed ones the naming rule.
+CREATE FUNCTION tasker._queue_sequence(p_queue text) RETURNS regclass
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_seq regclass;
+BEGIN
+    SELECT q.msg_seq INTO v_seq FROM tasker.queues q WHERE q.queue_name = p_queue;
+    IF v_seq IS NULL THEN
+        PERFORM tasker._validate_queue_name(p_queue);
+        RAISE EXCEPTION 'queue % does not exist', quote_literal(p_queue)
+            USING ERRCODE = 'TN001',
+                  HINT = 'create it with tasker.create_queue(' || quote_literal(p_queue) || ')';
+    END IF;
+    RETURN v_seq;
+END
+$$;
+
+-- Creates the queue's sequence and partitions. Safe to call again (no-op) and from several
+-- sessions at once: an advisory lock on the name makes a concurrent creator wait until the
+-- first one commits, and its re-check (a new snapshot) then finds the queue. (CREATE ... IF
+-- NOT EXISTS alone is not safe against an uncommitted twin.) Partitions are created
+-- standalone and then attached, because ATTACH PARTITION takes only a SHARE UPDATE EXCLUSIVE
+-- lock on the parent, so workers reading other queues are not blocked.
+CREATE FUNCTION tasker.create_queue(p_queue text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_seq text := 'q_' || p_queue || '_seq';
+BEGIN
+    PERFORM tasker._validate_queue_name(p_queue);
+    IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
+        RETURN;
+    END IF;
+    -- Wait for a concurrent creator with a session-level lock, so that a caller who finds the
+    -- queue made by the session it waited for lets go at once instead of holding the lock
+    -- for the rest of its own transaction (which would serialise every caller behind it).
+    PERFORM pg_advisory_lock(hashtextextended('tasker.create_queue:' || p_queue, 0));
+    IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
+        PERFORM pg_advisory_unlock(hashtextextended('tasker.create_queue:' || p_queue, 0));
+        RETURN;  -- created by the session we waited for
+    END IF;
+    -- We create it: hold the lock until our transaction ends.
+    PERFORM pg_advisory_xact_lock(hashtextextended('tasker.create_queue:' || p_queue, 0));
+    PERFORM pg_advisory_unlock(hashtextextended('tasker.create_queue:' || p_queue, 0));
+    EXECUTE format('CREATE SEQUENCE tasker.%I AS bigint', v_seq);
+    INSERT INTO tasker.queues (queue_name, msg_seq)
+    VALUES (p_queue, format('tasker.%I', v_seq)::regclass);
+    EXECUTE format(
+        'CREATE TABLE tasker.%I (LIKE tasker.queue_messages INCLUDING DEFAULTS) WITH (fillfactor = 70)',
+        'q_' || p_queue);
+    EXECUTE format('ALTER TABLE tasker.queue_messages ATTACH PARTITION tasker.%I FOR VALUES IN (%L)',
+        'q_' || p_queue, p_queue);
+    EXECUTE format(
+        'CREATE TABLE tasker.%I (LIKE tasker.queue_archive INCLUDING DEFAULTS)',
+        'a_' || p_queue);
+    EXECUTE format('ALTER TABLE tasker.queue_archive ATTACH PARTITION tasker.%I FOR VALUES IN (%L)',
+        'a_' || p_queue, p_queue);
+END
+$$;
+COMMENT ON FUNCTION tasker.create_queue(text) IS
+    'Creates a queue (its partitions tasker.q_<name> and tasker.a_<name>); a no-op when it exists.';
+
+-- Drops a queue with its live and archived messages; false when it did not exist.
+CREATE FUNCTION tasker.drop_queue(p_queue text) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._validate_queue_name(p_queue);
+    IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
+        PERFORM tasker._refuse_if_live_steps(p_queue, 'drop');
+    END IF;
+    DELETE FROM tasker.queues WHERE queue_name = p_queue;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    EXECUTE format('DROP TABLE IF EXISTS tasker.%I', 'q_' || p_queue);
+    EXECUTE format('DROP TABLE IF EXISTS tasker.%I', 'a_' || p_queue);
+    EXECUTE format('DROP SEQUENCE IF EXISTS tasker.%I', 'q_' || p_queue || '_seq');
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION tasker.drop_queue(text) IS
+    'Drops a queue with its live and archived messages; refuses a namespace queue that holds live steps.';
+
+-- Sends one message, visible after p_delay_seconds; returns its msg_id. The pg_notify hint
+-- reaches listeners only when the sending transaction commits.
+CREATE FUNCTION tasker.send(
+    p_queue text, p_message jsonb, p_delay_seconds double precision DEFAULT 0, p_priority integer DEFAULT 0
+) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_seq regclass := tasker._queue_sequence(p_queue);
+    v_id  bigint;
+BEGIN
+    PERFORM tasker._check_positive(p_delay_seconds, 'delay_seconds');
+    IF p_message IS NULL THEN
+        RAISE EXCEPTION 'message must not be NULL' USING ERRCODE = 'TV002';
+    END IF;
+    INSERT INTO tasker.queue_messages (queue, msg_id, vt, priority, message)
+    VALUES (p_queue, nextval(v_seq), clock_timestamp() + make_interval(secs => p_delay_seconds),
+            coalesce(p_priority, 0), p_message)
+    RETURNING msg_id INTO v_id;
+    PERFORM pg_notify('tasker_' || p_queue, '');
+    RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION tasker.send(text,jsonb,double precision,integer) IS
+    'Sends one message to a queue, visible after a delay; returns its msg_id.';
+
+-- Sends many messages in one statement and one notification; returns their ids in input order.
+CREATE FUNCTION tasker.send_batch(
+    p_queue text, p_messages jsonb[], p_delay_seconds double precision DEFAULT 0, p_priority integer DEFAULT 0
+) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_seq regclass := tasker._queue_sequence(p_queue);
+BEGIN
+    PERFORM tasker._check_positive(p_delay_seconds, 'delay_seconds');
+    IF p_messages IS NULL OR array_position(p_messages, NULL) IS NOT NULL THEN
+        RAISE EXCEPTION 'messages must be an array of non-NULL jsonb values' USING ERRCODE = 'TV002';
+    END IF;
+    IF cardinality(p_messages) = 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    INSERT INTO tasker.queue_messages (queue, msg_id, vt, priority, message)
+    SELECT p_queue, nextval(v_seq), clock_timestamp() + make_interval(secs => p_delay_seconds),
+           coalesce(p_priority, 0), m.message
+      FROM unnest(p_messages) WITH ORDINALITY AS m(message, ord)
+     ORDER BY m.ord
+    RETURNING msg_id;
+    PERFORM pg_notify('tasker_' || p_queue, '');
+END
+$$;
+COMMENT ON FUNCTION tasker.send_batch(text,jsonb[],double precision,integer) IS
+    'Sends many messages in one statement; returns their msg_ids in input order.';
+
+-- Hands out up to p_qty visible messages (highest priority first, then oldest), hiding each for
+-- p_vt_seconds and counting the read. Concurrent readers never get the same message.
+CREATE FUNCTION tasker.read(p_queue text, p_vt_seconds double precision, p_qty integer)
+RETURNS SETOF tasker.message_record
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._queue_sequence(p_queue);
+    PERFORM tasker._check_positive(p_vt_seconds, 'vt_seconds');
+    IF p_qty IS NULL OR p_qty < 1 THEN
+        RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
+    END IF;
+    RETURN QUERY
+    -- Pick and lock the candidates in a CTE with an explicit ORDER BY ... LIMIT: a bare
+    -- "WHERE msg_id IN (subquery)" may be re-evaluated and update more rows than the limit.
+    -- SKIP LOCKED lets concurrent readers pass over each other's rows instead of queueing.
+    WITH candidates AS (
+        SELECT m.queue, m.msg_id
+          FROM tasker.queue_messages m
+         WHERE m.queue = p_queue
+           AND m.vt <= clock_timestamp()
+         ORDER BY m.priority DESC, m.msg_id
+         LIMIT p_qty
+           FOR UPDATE SKIP LOCKED
+    ),
+    -- Hide the claimed messages for the visibility timeout and count the delivery.
+    claimed AS (
+        UPDATE tasker.queue_messages m
+           SET vt = clock_timestamp() + make_interval(secs => p_vt_seconds),
+               read_ct = m.read_ct + 1
+          FROM candidates c
+         WHERE m.queue = c.queue AND m.msg_id = c.msg_id
+        RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.priority, m.message
+    )
+    SELECT * FROM claimed ORDER BY claimed.priority DESC, claimed.msg_id;
+END
+$$;
+COMMENT ON FUNCTION tasker.read(text,double precision,integer) IS
+    'Hands out up to qty visible messages (priority, then age), hidden for vt_seconds.';
+
+-- Reads and deletes up to p_qty visible messages in one step (at-most-once delivery).
+CREATE FUNCTION tasker.pop(p_queue text, p_qty integer DEFAULT 1)
+RETURNS SETOF tasker.message_record
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._queue_sequence(p_queue);
+    IF p_qty IS NULL OR p_qty < 1 THEN
+        RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
+    END IF;
+    RETURN QUERY
+    -- Same locking CTE as read(): the lock must sit in the CTE to respect the limit.
+    WITH candidates AS (
+        SELECT m.queue, m.msg_id
+          FROM tasker.queue_messages m
+         WHERE m.queue = p_queue
+           AND m.vt <= clock_timestamp()
+         ORDER BY m.priority DESC, m.msg_id
+         LIMIT p_qty
+           FOR UPDATE SKIP LOCKED
+    ),
+    popped AS (
+        DELETE FROM tasker.queue_messages m
+         USING candidates c
+         WHERE m.queue = c.queue AND m.msg_id = c.msg_id
+        RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.priority, m.message
+    )
+    SELECT * FROM popped ORDER BY popped.priority DESC, popped.msg_id;
+END
+$$;
+COMMENT ON FUNCTION tasker.pop(text,integer) IS
+    'Reads and deletes up to qty visible messages (at-most-once delivery).';
+
+-- Moves a message's visibility time to now + p_vt_seconds (0 makes it visible at once);
+-- returns the updated message, or no row when it does not exist.
+CREATE FUNCTION tasker.set_vt(p_queue text, p_msg_id bigint, p_vt_seconds double precision)
+RETURNS SETOF tasker.message_record
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._queue_sequence(p_queue);
+    PERFORM tasker._check_positive(p_vt_seconds, 'vt_seconds');
+    RETURN QUERY
+    UPDATE tasker.queue_messages m
+       SET vt = clock_timestamp() + make_interval(secs => p_vt_seconds)
+     WHERE m.queue = p_queue AND m.msg_id = p_msg_id
+    RETURNING m.msg_id, m.read_ct, m.enqueued_at, m.vt, m.priority, m.message;
+END
+$$;
+COMMENT ON FUNCTION tasker.set_vt(text,bigint,double precision) IS
+    'Moves a message''s visibility time to now + vt_seconds; returns the message.';
+
+-- Deletes one message (acknowledge); true when it existed.
+CREATE FUNCTION tasker.delete(p_queue text, p_msg_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._queue_sequence(p_queue);
+    DELETE FROM tasker.queue_messages m WHERE m.queue = p_queue AND m.msg_id = p_msg_id;
+    RETURN FOUND;
+END
+$$;
+COMMENT ON FUNCTION tasker.delete(text,bigint) IS
+    'Deletes one message (acknowledge); true when it existed.';
+
+-- Deletes many messages in one statement; returns the ids that existed.
+CREATE FUNCTION tasker.delete(p_queue text, p_msg_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._queue_sequence(p_queue);
+    RETURN QUERY
+    DELETE FROM tasker.queue_messages m
+     WHERE m.queue = p_queue AND m.msg_id = ANY (p_msg_ids)
+    RETURNING m.msg_id;
+END
+$$;
+COMMENT ON FUNCTION tasker.delete(text,bigint[]) IS
+    'Deletes many messages; returns the ids that existed.';
+
+-- Moves one message to the archive (tasker.a_<queue>); true when it existed.
+CREATE FUNCTION tasker.archive(p_queue text, p_msg_id bigint) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN EXISTS (SELECT 1 FROM tasker.archive(p_queue, ARRAY[p_msg_id]));
+END
+$$;
+COMMENT ON FUNCTION tasker.archive(text,bigint) IS
+    'Moves one message to the queue''s archive; true when it existed.';
+
+-- Moves many messages to the archive in one statement; returns the ids that existed.
+CREATE FUNCTION tasker.archive(p_queue text, p_msg_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM tasker._queue_sequence(p_queue);
+    RETURN QUERY
+    WITH moved AS (
+        DELETE FROM tasker.queue_messages m
+         WHERE m.queue = p_queue AND m.msg_id = ANY (p_msg_ids)
+        RETURNING m.*
+    )
+    INSERT INTO tasker.queue_archive (queue, msg_id, read_ct, enqueued_at, vt, priority, message)
+    SELECT moved.queue, moved.msg_id, moved.read_ct, moved.enqueued_at, moved.vt, moved.priority, moved.message
+      FROM moved
+    RETURNING queue_archive.msg_id;
+END
+$$;
+COMMENT ON FUNCTION tasker.archive(text,bigint[]) IS
+    'Moves many messages to the queue''s archive; returns the ids that existed.';
+
+-- Deletes every live message of the queue; returns how many there were.
+CREATE FUNCTION tasker.purge_queue(p_queue text) RETURNS bigint
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_count bigint;
+BEGIN
+    PERFORM tasker._queue_sequence(p_queue);
+    PERFORM tasker._refuse_if_live_steps(p_queue, 'purge');
+    DELETE FROM tasker.queue_messages m WHERE m.queue = p_queue;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION tasker.purge_queue(text) IS
+    'Deletes every live message of a queue; refuses a namespace queue that holds live steps.';
+
+-- Queue length, messages visible now, age of the newest and oldest message, total ever sent.
+CREATE FUNCTION tasker.metrics(p_queue text) RETURNS tasker.queue_metrics
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_seq    regclass := tasker._queue_sequence(p_queue);
+    v_result tasker.queue_metrics;
+BEGIN
+    SELECT p_queue,
+           count(*),
+           count(*) FILTER (WHERE m.vt <= clock_timestamp()),
+           extract(epoch FROM clock_timestamp() - max(m.enqueued_at))::double precision,
+           extract(epoch FROM clock_timestamp() - min(m.enqueued_at))::double precision,
+           coalesce(pg_sequence_last_value(v_seq), 0),
+           clock_timestamp()
+      INTO v_result
+      FROM tasker.queue_messages m
+     WHERE m.queue = p_queue;
+    RETURN v_result;
+END
+$$;
+COMMENT ON FUNCTION tasker.metrics(text) IS
+    'One queue''s length, visible messages, newest/oldest age and total ever sent.';
+
+-- metrics() for every queue, ordered by name.
+CREATE FUNCTION tasker.metrics_all() RETURNS SETOF tasker.queue_metrics
+LANGUAGE sql STABLE AS $$
+    SELECT m.*
+      FROM tasker.queues q
+     CROSS JOIN LATERAL tasker.metrics(q.queue_name) m
+     ORDER BY q.queue_name;
+$$;
+COMMENT ON FUNCTION tasker.metrics_all() IS
+    'metrics() of every queue, ordered by name.';
+
+-- A namespace queue carries the messages of live steps: purging or dropping it would leave
+-- enqueued, running and retrying steps without their message and their tasks unfinished
+-- forever. Both refuse while the queue has such steps (cancel the tasks first); queues used
+-- on their own behave as before.
+CREATE FUNCTION tasker._refuse_if_live_steps(p_queue text, p_action text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_live bigint;
+BEGIN
+    SELECT count(*) INTO v_live
+      FROM tasker.queue_messages m
+      JOIN tasker.steps s
+        ON s.step_uuid = CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                              THEN (m.message->>'step_uuid')::uuid END
+       AND s.msg_id = m.msg_id
+     WHERE m.queue = p_queue
+       AND s.state IN ('enqueued', 'waiting_for_retry', 'in_progress');
+    IF v_live > 0 THEN
+        RAISE EXCEPTION 'cannot % queue %: it holds the messages of % live workflow steps; cancel their tasks first (tasker.cancel_task)',
+            p_action, quote_literal(p_queue), v_live USING ERRCODE = 'TS004';
+    END IF;
+END
+$$;

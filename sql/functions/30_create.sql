@@ -1,0 +1,381 @@
+-- Task creation: create_task (one task, one statement for its whole DAG) and create_tasks
+-- (set-based, many tasks of one template). Both run in the caller's transaction; nothing is
+-- visible to workers until it commits. A repeated idempotency key returns the original task.
+
+-- create_task / create_tasks
+
+-- Refuses task options that are not what create_task documents, naming the problem.
+CREATE FUNCTION tasker._check_task_options(p_options jsonb, p_where text) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_opt text;
+BEGIN
+    IF jsonb_typeof(p_options) <> 'object' THEN
+        RAISE EXCEPTION '%options must be a JSON object', p_where USING ERRCODE = 'TV022';
+    END IF;
+    FOR v_opt IN SELECT jsonb_object_keys(p_options) LOOP
+        IF v_opt NOT IN ('initiator', 'source_system', 'reason', 'tags', 'priority', 'idempotency_key',
+                         'correlation_id', 'delay_seconds') THEN
+            RAISE EXCEPTION '%unknown option % (valid: initiator, source_system, reason, tags, priority, idempotency_key, correlation_id, delay_seconds)',
+                p_where, quote_literal(v_opt) USING ERRCODE = 'TV022';
+        END IF;
+    END LOOP;
+    IF p_options ? 'priority' AND jsonb_typeof(p_options->'priority') <> 'null'
+       AND NOT tasker._is_int_json(p_options->'priority', -2147483647) THEN
+        RAISE EXCEPTION '%option priority must be an integer, got %', p_where, p_options->'priority' USING ERRCODE = 'TV022';
+    END IF;
+    IF NOT tasker._is_number_json(p_options->'delay_seconds', 0, 31536000) THEN
+        RAISE EXCEPTION '%option delay_seconds must be a number of seconds between 0 and a year, got %',
+            p_where, p_options->'delay_seconds' USING ERRCODE = 'TV022';
+    END IF;
+    IF jsonb_typeof(p_options->'tags') NOT IN ('array', 'null') THEN
+        RAISE EXCEPTION '%option tags must be a list, got %', p_where, p_options->'tags' USING ERRCODE = 'TV022';
+    END IF;
+    IF EXISTS (SELECT 1 FROM jsonb_each(p_options) o
+                WHERE o.key IN ('initiator', 'source_system', 'reason', 'idempotency_key', 'correlation_id')
+                  AND jsonb_typeof(o.value) NOT IN ('string', 'null')) THEN
+        RAISE EXCEPTION '%options initiator, source_system, reason, idempotency_key and correlation_id must be strings',
+            p_where USING ERRCODE = 'TV022';
+    END IF;
+END
+$$;
+
+-- Creates many tasks of one template in one statement (set-based): for each context, the task
+-- row, its steps and edges, their first transitions, and a message for each root step. Returns
+-- the task uuids in the order of p_contexts. p_options is one object for every task, or an
+-- array with one object per context (per-task idempotency keys). The same rules as
+-- create_task: a repeated idempotency_key returns the original task and creates nothing. Works
+-- in the caller's transaction (workers see nothing before it commits).
+CREATE FUNCTION tasker.create_tasks(
+    p_namespace text,
+    p_name      text,
+    p_contexts  jsonb,
+    p_version   text DEFAULT NULL,
+    p_options   jsonb DEFAULT '{}'
+) RETURNS SETOF uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_tpl       bigint;
+    v_version   text;
+    v_total     integer;
+    v_seq       regclass;
+    v_now       timestamptz := clock_timestamp();
+    v_limit     integer := tasker._max_payload_bytes();
+    v_bad       text;
+    v_count     integer;
+    v_per_task  boolean;
+    v_ids       uuid[];
+BEGIN
+    IF p_contexts IS NULL OR jsonb_typeof(p_contexts) <> 'array' THEN
+        RAISE EXCEPTION 'contexts must be a JSON array of task contexts' USING ERRCODE = 'TV020';
+    END IF;
+    v_count := jsonb_array_length(p_contexts);
+    p_options := coalesce(p_options, '{}'::jsonb);
+    v_per_task := jsonb_typeof(p_options) = 'array';
+    IF v_per_task AND jsonb_array_length(p_options) <> v_count THEN
+        RAISE EXCEPTION 'options must be one object, or an array with one object per context (% contexts, % options)',
+            v_count, jsonb_array_length(p_options) USING ERRCODE = 'TV022';
+    END IF;
+    -- Refuse bad input before anything is written, naming the first bad entry.
+    SELECT CASE WHEN v_count = 1 THEN 'task context' ELSE 'task context #' || c.ord END ||
+           CASE WHEN jsonb_typeof(c.ctx) <> 'object' THEN ' must be a JSON object, got a JSON ' || jsonb_typeof(c.ctx)
+                ELSE format(' is %s bytes, more than the limit of %s bytes (setting tasker.max_payload_bytes)',
+                            pg_column_size(c.ctx), v_limit) END
+      INTO v_bad
+      FROM jsonb_array_elements(p_contexts) WITH ORDINALITY c(ctx, ord)
+     WHERE jsonb_typeof(c.ctx) <> 'object' OR pg_column_size(c.ctx) > v_limit
+     ORDER BY c.ord LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = CASE WHEN v_bad LIKE '%bytes%' THEN 'TV021' ELSE 'TV020' END;
+    END IF;
+    IF v_per_task THEN
+        PERFORM tasker._check_task_options(o.opt, format('options #%s: ', o.ord))
+           FROM jsonb_array_elements(p_options) WITH ORDINALITY o(opt, ord);
+    ELSE
+        PERFORM tasker._check_task_options(p_options, '');
+    END IF;
+
+    -- The template version: the given one, else the newest by semantic-version order.
+    SELECT nt.named_task_id, nt.version, nt.step_count INTO v_tpl, v_version, v_total
+      FROM tasker.named_tasks nt
+     WHERE nt.namespace = p_namespace AND nt.name = p_name
+       AND (p_version IS NULL OR nt.version = p_version)
+     ORDER BY nt.version_major DESC, nt.version_minor DESC, nt.version_patch DESC,
+              nt.version_pre IS NULL DESC, nt.version_pre_key DESC
+     LIMIT 1;
+    IF NOT FOUND THEN
+        PERFORM tasker._raise_unknown_template(p_namespace, p_name, p_version);
+    END IF;
+    IF v_count = 0 THEN
+        RETURN;
+    END IF;
+
+    SELECT q.msg_seq INTO v_seq FROM tasker.queues q WHERE q.queue_name = p_namespace;
+    IF NOT FOUND THEN
+        PERFORM tasker.create_queue(p_namespace);
+        v_seq := tasker._queue_sequence(p_namespace);
+    END IF;
+
+    WITH
+    -- one row per requested task, with its options
+    input AS MATERIALIZED (
+        SELECT c.ord, c.ctx, o.opt, gen_random_uuid() AS task_uuid,
+               o.opt->>'idempotency_key' AS idempotency_key,
+               coalesce((o.opt->>'priority')::integer, 0) AS priority,
+               coalesce((o.opt->>'delay_seconds')::double precision, 0) AS delay
+          FROM jsonb_array_elements(p_contexts) WITH ORDINALITY c(ctx, ord)
+          CROSS JOIN LATERAL (SELECT CASE WHEN v_per_task THEN p_options->(c.ord::integer - 1) ELSE p_options END AS opt) o
+    ),
+    -- a repeated idempotency key names an existing task: nothing is created for it
+    ins_tasks AS (
+        INSERT INTO tasker.tasks (task_uuid, named_task_id, namespace, name, version, state, context,
+                                  initiator, source_system, reason, tags, priority, idempotency_key,
+                                  correlation_id, total_steps, created_at, updated_at)
+        SELECT i.task_uuid, v_tpl, p_namespace, p_name, v_version, 'pending', i.ctx,
+               i.opt->>'initiator', i.opt->>'source_system', i.opt->>'reason',
+               coalesce(nullif(i.opt->'tags', 'null'::jsonb), '[]'::jsonb), i.priority,
+               i.idempotency_key, i.opt->>'correlation_id', v_total, v_now, v_now
+          FROM input i
+         WHERE i.idempotency_key IS NULL
+            OR NOT EXISTS (SELECT 1 FROM tasker.tasks t
+                            WHERE t.namespace = p_namespace AND t.name = p_name
+                              AND t.idempotency_key = i.idempotency_key)
+         ORDER BY i.ord
+        ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
+        RETURNING task_uuid
+    ),
+    created AS MATERIALIZED (
+        SELECT i.* FROM input i JOIN ins_tasks it ON it.task_uuid = i.task_uuid
+    ),
+    -- every template step of every new task; roots start enqueued with a message
+    new_steps AS MATERIALIZED (
+        SELECT gen_random_uuid() AS step_uuid, c.task_uuid, c.priority, c.delay, n.named_step_id, n.name,
+               n.parent_names, n.max_attempts, n.retryable, cardinality(n.parent_names) AS parent_count,
+               CASE WHEN cardinality(n.parent_names) = 0 THEN nextval(v_seq) END AS msg_id
+          FROM created c
+          CROSS JOIN tasker.named_steps n
+         WHERE n.named_task_id = v_tpl
+    ),
+    ins_steps AS (
+        INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
+                                  pending_parents, msg_id, enqueued_at, created_at, updated_at)
+        SELECT s.step_uuid, s.task_uuid, s.named_step_id, s.name,
+               CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
+               s.max_attempts, s.retryable, s.parent_count, s.msg_id,
+               CASE WHEN s.parent_count = 0 THEN v_now END, v_now, v_now
+          FROM new_steps s
+    ),
+    ins_edges AS (
+        INSERT INTO tasker.step_edges (parent_uuid, child_uuid)
+        SELECT p.step_uuid, c.step_uuid
+          FROM new_steps c
+          CROSS JOIN unnest(c.parent_names) pn
+          JOIN new_steps p ON p.task_uuid = c.task_uuid AND p.name = pn
+    ),
+    ins_msgs AS (
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        SELECT p_namespace, s.msg_id, v_now, v_now + make_interval(secs => s.delay), s.priority,
+               jsonb_build_object('step_uuid', s.step_uuid, 'task_uuid', s.task_uuid)
+          FROM new_steps s
+         WHERE s.msg_id IS NOT NULL
+    ),
+    step_audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
+        SELECT s.step_uuid, s.task_uuid, NULL, CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
+               'created', v_now
+          FROM new_steps s
+    ),
+    task_audit AS (
+        INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event, metadata, created_at)
+        SELECT c.task_uuid, NULL, 'pending', 'created',
+               jsonb_build_object('version', v_version, 'initiator', c.opt->>'initiator'), v_now
+          FROM created c
+    )
+    -- the uuids in input order: new tasks, or the original task of a repeated key
+    SELECT array_agg(coalesce(c.task_uuid,
+                    (SELECT t.task_uuid FROM tasker.tasks t
+                      WHERE t.namespace = p_namespace AND t.name = p_name
+                        AND t.idempotency_key = i.idempotency_key),
+                    (SELECT c2.task_uuid FROM created c2
+                      WHERE c2.idempotency_key = i.idempotency_key ORDER BY c2.ord LIMIT 1))
+                     ORDER BY i.ord)
+      INTO v_ids
+      FROM input i
+      LEFT JOIN created c ON c.ord = i.ord;
+
+    -- A key that another transaction committed while our insert waited on it is not in this
+    -- statement's snapshot: look it up again in a new one.
+    RETURN QUERY
+    SELECT coalesce(x.id,
+                    (SELECT t.task_uuid FROM tasker.tasks t
+                      WHERE t.namespace = p_namespace AND t.name = p_name
+                        AND t.idempotency_key = CASE WHEN v_per_task THEN p_options->(x.ord::integer - 1)
+                                                     ELSE p_options END->>'idempotency_key'))
+      FROM unnest(v_ids) WITH ORDINALITY x(id, ord)
+     ORDER BY x.ord;
+
+    PERFORM pg_notify('tasker_' || p_namespace, '');
+END
+$$;
+COMMENT ON FUNCTION tasker.create_tasks(text,text,jsonb,text,jsonb) IS
+    'Creates many tasks of one template in one statement (per-task options, idempotency keys).';
+
+-- Creates a task from a registered template: the task row, its steps and edges, their first
+-- transitions, and a message for each root step, in one statement for the whole DAG. Works in
+-- the caller's transaction (workers see nothing before it commits; a rollback leaves nothing).
+-- A repeated idempotency_key for the same template returns the original task. (create_tasks
+-- does the same for many contexts; this one-context path is kept separate because it is about
+-- a quarter faster per call, and DBAs call it per row, in triggers too.)
+CREATE FUNCTION tasker.create_task(
+    p_namespace text,
+    p_name      text,
+    p_context   jsonb DEFAULT '{}',
+    p_version   text DEFAULT NULL,
+    p_options   jsonb DEFAULT '{}'
+) RETURNS uuid
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_task      uuid := gen_random_uuid();
+    v_tpl       bigint;
+    v_version   text;
+    v_total     integer;
+    v_existing  uuid;
+    v_key       text;
+    v_delay     double precision;
+    v_priority  integer;
+    v_tags      jsonb;
+    v_seq       regclass;
+    v_now       timestamptz := clock_timestamp();
+    v_size      integer;
+BEGIN
+    p_context := coalesce(p_context, '{}'::jsonb);
+    p_options := coalesce(p_options, '{}'::jsonb);
+    IF jsonb_typeof(p_context) <> 'object' THEN
+        RAISE EXCEPTION 'task context must be a JSON object, got a JSON %', jsonb_typeof(p_context)
+            USING ERRCODE = 'TV020';
+    END IF;
+    v_size := pg_column_size(p_context);
+    IF v_size > tasker._max_payload_bytes() THEN
+        RAISE EXCEPTION 'task context is % bytes, more than the limit of % bytes (setting tasker.max_payload_bytes)',
+            v_size, tasker._max_payload_bytes() USING ERRCODE = 'TV021';
+    END IF;
+    PERFORM tasker._check_task_options(p_options, '');
+    v_key := p_options->>'idempotency_key';
+    v_delay := coalesce((p_options->>'delay_seconds')::double precision, 0);
+    v_priority := coalesce((p_options->>'priority')::integer, 0);
+    v_tags := coalesce(nullif(p_options->'tags', 'null'::jsonb), '[]'::jsonb);
+
+    -- The template version: the given one, else the newest by semantic-version order.
+    SELECT nt.named_task_id, nt.version, nt.step_count INTO v_tpl, v_version, v_total
+      FROM tasker.named_tasks nt
+     WHERE nt.namespace = p_namespace AND nt.name = p_name
+       AND (p_version IS NULL OR nt.version = p_version)
+     ORDER BY nt.version_major DESC, nt.version_minor DESC, nt.version_patch DESC,
+              nt.version_pre IS NULL DESC, nt.version_pre_key DESC
+     LIMIT 1;
+    IF NOT FOUND THEN
+        PERFORM tasker._raise_unknown_template(p_namespace, p_name, p_version);
+    END IF;
+
+    IF v_key IS NOT NULL THEN
+        SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
+         WHERE t.namespace = p_namespace AND t.name = p_name AND t.idempotency_key = v_key;
+        IF FOUND THEN
+            RETURN v_existing;
+        END IF;
+    END IF;
+
+    INSERT INTO tasker.tasks (task_uuid, named_task_id, namespace, name, version, state, context,
+                              initiator, source_system, reason, tags, priority, idempotency_key,
+                              correlation_id, total_steps, created_at, updated_at)
+    VALUES (v_task, v_tpl, p_namespace, p_name, v_version, 'pending', p_context,
+            p_options->>'initiator', p_options->>'source_system', p_options->>'reason', v_tags,
+            v_priority, v_key, p_options->>'correlation_id', v_total, v_now, v_now)
+    ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
+    IF NOT FOUND THEN
+        -- a concurrent creator with the same key committed first
+        SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
+         WHERE t.namespace = p_namespace AND t.name = p_name AND t.idempotency_key = v_key;
+        RETURN v_existing;
+    END IF;
+
+    SELECT q.msg_seq INTO v_seq FROM tasker.queues q WHERE q.queue_name = p_namespace;
+    IF NOT FOUND THEN
+        PERFORM tasker.create_queue(p_namespace);
+        v_seq := tasker._queue_sequence(p_namespace);
+    END IF;
+
+    WITH
+    -- the template's steps; roots (no dependencies) start enqueued with a message
+    ns AS (
+        SELECT n.named_step_id, n.name, n.parent_names, n.max_attempts, n.retryable,
+               cardinality(n.parent_names) AS parent_count
+          FROM tasker.named_steps n
+         WHERE n.named_task_id = v_tpl
+    ),
+    new_steps AS (
+        SELECT gen_random_uuid() AS step_uuid, ns.*,
+               CASE WHEN ns.parent_count = 0 THEN nextval(v_seq) END AS msg_id
+          FROM ns
+    ),
+    ins_steps AS (
+        INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
+                                  pending_parents, msg_id, enqueued_at, created_at, updated_at)
+        SELECT s.step_uuid, v_task, s.named_step_id, s.name,
+               CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
+               s.max_attempts, s.retryable, s.parent_count, s.msg_id,
+               CASE WHEN s.parent_count = 0 THEN v_now END, v_now, v_now
+          FROM new_steps s
+        RETURNING step_uuid
+    ),
+    ins_edges AS (
+        INSERT INTO tasker.step_edges (parent_uuid, child_uuid)
+        SELECT p.step_uuid, c.step_uuid
+          FROM new_steps c
+          CROSS JOIN unnest(c.parent_names) pn
+          JOIN new_steps p ON p.name = pn
+    ),
+    ins_msgs AS (
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        SELECT p_namespace, s.msg_id, v_now, v_now + make_interval(secs => v_delay), v_priority,
+               jsonb_build_object('step_uuid', s.step_uuid, 'task_uuid', v_task)
+          FROM new_steps s
+         WHERE s.msg_id IS NOT NULL
+    ),
+    ins_audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
+        SELECT s.step_uuid, v_task, NULL, CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
+               'created', v_now
+          FROM new_steps s
+    )
+    INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event, metadata, created_at)
+    VALUES (v_task, NULL, 'pending', 'created',
+            jsonb_build_object('version', v_version, 'initiator', p_options->>'initiator'), v_now);
+
+    PERFORM pg_notify('tasker_' || p_namespace, '');
+    RETURN v_task;
+END
+$$;
+COMMENT ON FUNCTION tasker.create_task(text,text,jsonb,text,jsonb) IS
+    'Creates a task with its steps and edges and enqueues its root steps; returns the task uuid.';
+
+-- Raises "unknown template", naming what does exist so the caller can fix the call.
+CREATE FUNCTION tasker._raise_unknown_template(p_namespace text, p_name text, p_version text) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_versions text;
+    v_names    text;
+BEGIN
+    SELECT string_agg(nt.version, ', ' ORDER BY nt.version_major, nt.version_minor, nt.version_patch, nt.version_pre_key NULLS LAST)
+      INTO v_versions
+      FROM tasker.named_tasks nt WHERE nt.namespace = p_namespace AND nt.name = p_name;
+    IF v_versions IS NOT NULL THEN
+        RAISE EXCEPTION 'template %/% has no version % (registered versions: %)',
+            p_namespace, p_name, quote_literal(p_version), v_versions USING ERRCODE = 'TN002';
+    END IF;
+    SELECT string_agg(DISTINCT nt.name, ', ') INTO v_names FROM tasker.named_tasks nt WHERE nt.namespace = p_namespace;
+    RAISE EXCEPTION 'no template %/% is registered (templates in namespace %: %)',
+        p_namespace, p_name, quote_literal(p_namespace), coalesce(v_names, 'none')
+        USING ERRCODE = 'TN002', HINT = 'register it with tasker.register_template(...) or tasker-pg template register PATH';
+END
+$$;

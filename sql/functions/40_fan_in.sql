@@ -1,0 +1,193 @@
+-- What follows a step's completion, shared by complete_steps and the operator functions:
+-- decrement each child's pending_parents under row lock (fan-in by counter, never by reading
+-- "are all parents done?" from a snapshot), enqueue the children that reach zero, apply the
+-- per-task counter changes in one update per task (finishing tasks), and wake a task's parked
+-- steps when it leaves the error state.
+
+-- Shared pieces of the hot path
+CREATE TYPE tasker._task_delta AS (task_uuid uuid, completed integer, errors integer);
+
+CREATE TYPE tasker._task_change AS (task_uuid uuid, old_state text, new_state text, namespace text, name text);
+
+-- Applies step-count changes to tasks, one counter update per task, locking the tasks in
+-- task_uuid order (the last link of the lock order), and moves each task's state:
+-- error while any step is in error, complete when every step is complete or resolved,
+-- otherwise steps_in_process (the first recorded outcome flips pending). Cancelled and
+-- manually resolved tasks keep their state. Each state change gets a transition row and a
+-- notification on channel tasker_task_events.
+CREATE FUNCTION tasker._apply_task_deltas(p_deltas tasker._task_delta[], p_event text)
+RETURNS TABLE (task_uuid uuid, old_state text, new_state text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_now     timestamptz := clock_timestamp();
+    v_changes tasker._task_change[];
+BEGIN
+    WITH d AS (
+            SELECT x.task_uuid, sum(x.completed)::integer AS completed, sum(x.errors)::integer AS errors
+              FROM unnest(p_deltas) x
+             GROUP BY x.task_uuid
+        ),
+        -- lock in task_uuid order; skip tasks with nothing to change
+        locked AS MATERIALIZED (
+            SELECT t.task_uuid, t.state
+              FROM tasker.tasks t
+              JOIN d ON d.task_uuid = t.task_uuid
+             WHERE d.completed <> 0 OR d.errors <> 0 OR t.state = 'pending'
+             ORDER BY t.task_uuid
+               FOR UPDATE OF t
+        ),
+        upd AS (
+            UPDATE tasker.tasks t
+               SET completed_steps = t.completed_steps + d.completed,
+                   error_steps = greatest(t.error_steps + d.errors, 0),
+                   state = CASE
+                       WHEN t.state IN ('cancelled', 'resolved_manually') THEN t.state
+                       WHEN t.error_steps + d.errors > 0 THEN 'error'
+                       WHEN t.completed_steps + d.completed >= t.total_steps THEN 'complete'
+                       ELSE 'steps_in_process'
+                   END,
+                   completed_at = CASE
+                       WHEN t.state NOT IN ('cancelled', 'resolved_manually') AND t.error_steps + d.errors <= 0
+                            AND t.completed_steps + d.completed >= t.total_steps THEN v_now
+                       ELSE t.completed_at
+                   END,
+                   updated_at = v_now
+              FROM locked l
+              JOIN d ON d.task_uuid = l.task_uuid
+             WHERE t.task_uuid = l.task_uuid
+            RETURNING t.task_uuid, l.state AS old_state, t.state AS new_state, t.namespace, t.name
+        ),
+        audit AS (
+            INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event, created_at)
+            SELECT u.task_uuid, u.old_state, u.new_state, p_event, v_now
+              FROM upd u
+             WHERE u.old_state <> u.new_state
+        )
+        SELECT array_agg(ROW(u.task_uuid, u.old_state, u.new_state, u.namespace, u.name)::tasker._task_change)
+          INTO v_changes
+          FROM upd u;
+    -- one notification per changed task, sent in one statement (delivered at commit)
+    PERFORM pg_notify('tasker_task_events', json_build_object(
+                'task_uuid', c.task_uuid, 'state', c.new_state, 'previous_state', c.old_state,
+                'namespace', c.namespace, 'name', c.name)::text)
+       FROM unnest(v_changes) c
+      WHERE c.old_state <> c.new_state;
+    RETURN QUERY SELECT c.task_uuid, c.old_state, c.new_state FROM unnest(v_changes) c;
+END
+$$;
+ALTER FUNCTION tasker._apply_task_deltas(tasker._task_delta[], text) SET plan_cache_mode = force_generic_plan;
+
+-- Decrements the fan-in counter of every child of the given (just satisfied) steps and
+-- returns the children that reached zero while pending. Children are locked in step_uuid order
+-- first; the counter is changed under that lock, never recomputed from a snapshot, so when two
+-- parents complete at the same moment exactly one of them sees it reach zero.
+CREATE FUNCTION tasker._release_children(p_parents uuid[]) RETURNS uuid[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_ready uuid[];
+BEGIN
+    PERFORM 1
+       FROM tasker.steps s
+      WHERE s.step_uuid IN (SELECT e.child_uuid FROM tasker.step_edges e WHERE e.parent_uuid = ANY (p_parents))
+      ORDER BY s.step_uuid
+        FOR UPDATE;
+    WITH d AS (
+        SELECT e.child_uuid, count(*)::integer AS n
+          FROM tasker.step_edges e
+         WHERE e.parent_uuid = ANY (p_parents)
+         GROUP BY e.child_uuid
+    ),
+    upd AS (
+        UPDATE tasker.steps s
+           SET pending_parents = s.pending_parents - d.n
+          FROM d
+         WHERE s.step_uuid = d.child_uuid
+        RETURNING s.step_uuid, s.pending_parents, s.state
+    )
+    SELECT array_agg(upd.step_uuid) INTO v_ready
+      FROM upd
+     WHERE upd.pending_parents <= 0 AND upd.state = 'pending';
+    RETURN coalesce(v_ready, '{}');
+END
+$$;
+ALTER FUNCTION tasker._release_children(uuid[]) SET plan_cache_mode = force_generic_plan;
+
+-- Enqueues the given steps that are (still) pending with every parent satisfied, when their
+-- task is running (a task in error starts nothing new): state enqueued, one message each, one
+-- notification per queue. Returns how many were enqueued.
+CREATE FUNCTION tasker._enqueue_ready(p_steps uuid[], p_event text) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now    timestamptz := clock_timestamp();
+    v_queues text[];
+    v_count  integer;
+BEGIN
+    IF cardinality(p_steps) = 0 THEN
+        RETURN 0;
+    END IF;
+    WITH ready AS MATERIALIZED (
+        SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority, nextval(q.msg_seq) AS msg_id
+          FROM tasker.steps s
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+          JOIN tasker.queues q ON q.queue_name = t.namespace
+         WHERE s.step_uuid = ANY (p_steps)
+           AND s.state = 'pending' AND s.pending_parents <= 0
+           AND t.state IN ('pending', 'steps_in_process')
+    ),
+    msgs AS (
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        SELECT r.namespace, r.msg_id, v_now, v_now, r.priority,
+               jsonb_build_object('step_uuid', r.step_uuid, 'task_uuid', r.task_uuid)
+          FROM ready r
+    ),
+    upd AS (
+        UPDATE tasker.steps s
+           SET state = 'enqueued', msg_id = r.msg_id, enqueued_at = v_now, updated_at = v_now
+          FROM ready r
+         WHERE s.step_uuid = r.step_uuid
+        RETURNING s.step_uuid, s.task_uuid
+    ),
+    audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
+        SELECT upd.step_uuid, upd.task_uuid, 'pending', 'enqueued', p_event, v_now FROM upd
+    )
+    SELECT array_agg(DISTINCT r.namespace), count(*) INTO v_queues, v_count FROM ready r;
+    PERFORM pg_notify('tasker_' || q, '') FROM unnest(v_queues) q;
+    RETURN v_count;
+END
+$$;
+ALTER FUNCTION tasker._enqueue_ready(uuid[], text) SET plan_cache_mode = force_generic_plan;
+
+-- A task that left the error state goes on: steps whose parents completed meanwhile are
+-- enqueued, and the messages parked while it was in error become visible again (at their
+-- retry time for steps waiting to retry). Messages another session holds are left alone:
+-- their holder re-parks or deletes them, and a re-parked one wakes at the next park check.
+CREATE FUNCTION tasker._resume_task(p_task uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_now timestamptz := clock_timestamp();
+    v_ns  text;
+BEGIN
+    PERFORM tasker._enqueue_ready(
+        ARRAY(SELECT s.step_uuid FROM tasker.steps s
+               WHERE s.task_uuid = p_task AND s.state = 'pending' AND s.pending_parents <= 0),
+        'task_resumed');
+    WITH parked AS (
+        SELECT m.queue, m.msg_id, s.next_attempt_at
+          FROM tasker.steps s
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+          JOIN tasker.queue_messages m ON m.queue = t.namespace AND m.msg_id = s.msg_id
+         WHERE s.task_uuid = p_task
+           AND s.state IN ('enqueued', 'waiting_for_retry')
+           AND m.vt > v_now
+           FOR UPDATE OF m SKIP LOCKED
+    )
+    UPDATE tasker.queue_messages m
+       SET vt = greatest(v_now, coalesce(p.next_attempt_at, v_now))
+      FROM parked p
+     WHERE m.queue = p.queue AND m.msg_id = p.msg_id;
+    SELECT t.namespace INTO v_ns FROM tasker.tasks t WHERE t.task_uuid = p_task;
+    PERFORM pg_notify('tasker_' || v_ns, '');
+END
+$$;

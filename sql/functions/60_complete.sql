@@ -1,0 +1,236 @@
+-- Completion: complete_steps applies a batch of outcomes (success, failure, checkpoint), each
+-- fenced by (step_uuid, attempt, claim_seq) in the WHERE clause of the step row it updates, so
+-- a stale outcome (lost lease, cancelled step) changes nothing and is reported back. Lock
+-- order: messages, own steps, children (sorted), tasks (sorted).
+
+-- complete_steps
+CREATE TYPE tasker._outcome_input AS (
+    ord          integer,
+    step_uuid    uuid,
+    attempt      integer,
+    claim_seq    integer,
+    kind         text,
+    result       jsonb,
+    metadata     jsonb,
+    error        jsonb,
+    checkpoint   jsonb,
+    duration_ms  double precision,
+    worker_id    text
+);
+
+CREATE TYPE tasker._applied_outcome AS (
+    ord        integer,
+    step_uuid  uuid,
+    task_uuid  uuid,
+    queue      text,
+    new_state  text
+);
+
+-- Applies a batch of handler outcomes (success, failure, checkpoint), each fenced by
+-- (step_uuid, attempt[, claim_seq]) in the WHERE clause of the step row it changes: an outcome
+-- whose claim is no longer current (lease lost, step cancelled, already applied) is answered
+-- 'stale' and changes nothing. Everything that follows from the applied ones commits with
+-- them: results, children released and enqueued, messages deleted or moved, task counters
+-- and states, audit rows.
+CREATE FUNCTION tasker.complete_steps(p_outcomes jsonb)
+RETURNS TABLE (step_uuid uuid, attempt integer, status text, detail text)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_now       timestamptz := clock_timestamp();
+    v_limit     integer := tasker._max_payload_bytes();
+    v_in        tasker._outcome_input[];
+    v_applied   tasker._applied_outcome[];
+    v_completed uuid[];
+    v_ready     uuid[];
+    v_deltas    tasker._task_delta[];
+    v_bad       text;
+BEGIN
+    IF p_outcomes IS NULL OR jsonb_typeof(p_outcomes) <> 'array' THEN
+        RAISE EXCEPTION 'outcomes must be a JSON array' USING ERRCODE = 'TV030';
+    END IF;
+    -- Refuse a malformed batch before anything changes, naming the first bad entry.
+    SELECT format('outcome #%s: %s', x.ord, x.problem) INTO v_bad
+      FROM (
+        SELECT e.ord,
+               CASE
+                   WHEN jsonb_typeof(e.o) <> 'object' THEN 'must be a JSON object'
+                   WHEN coalesce(e.o->>'step_uuid', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                       THEN 'step_uuid must be a uuid'
+                   WHEN NOT tasker._is_int_json(e.o->'attempt', 1) THEN 'attempt must be an integer >= 1'
+                   WHEN jsonb_typeof(e.o->'claim_seq') <> 'null' AND NOT tasker._is_int_json(e.o->'claim_seq', 0)
+                       THEN 'claim_seq must be an integer >= 0'
+                   WHEN coalesce(e.o->>'kind', '') NOT IN ('success', 'failure', 'checkpoint')
+                       THEN 'kind must be success, failure or checkpoint'
+                   WHEN e.o->>'kind' = 'failure' AND jsonb_typeof(e.o->'error') IS DISTINCT FROM 'object'
+                       THEN 'a failure needs an error object'
+                   WHEN e.o->>'kind' = 'checkpoint' AND jsonb_typeof(e.o->'checkpoint') IS DISTINCT FROM 'object'
+                       THEN 'a checkpoint needs a checkpoint object'
+                   WHEN jsonb_typeof(e.o->'metadata') NOT IN ('object', 'null') THEN 'metadata must be an object'
+                   WHEN e.o->>'kind' = 'failure' AND NOT tasker._is_number_json(e.o->'error'->'retry_after', 0, 31536000)
+                       THEN 'error.retry_after must be a number of seconds between 0 and a year'
+                   WHEN e.o->>'kind' = 'failure' AND jsonb_typeof(e.o->'error'->'retryable') NOT IN ('boolean', 'null')
+                       THEN 'error.retryable must be true or false'
+                   WHEN NOT tasker._is_number_json(e.o->'duration_ms', 0, 1e15) THEN 'duration_ms must be a number >= 0'
+               END AS problem
+          FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY e(o, ord)
+      ) x
+     WHERE x.problem IS NOT NULL
+     ORDER BY x.ord
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'TV030';
+    END IF;
+
+    -- An oversized result or checkpoint is not stored: it becomes a permanent failure that
+    -- says why, so a bad handler cannot bloat the tables.
+    v_in := ARRAY(
+        SELECT ROW(e.ord::integer, (e.o->>'step_uuid')::uuid, (e.o->>'attempt')::numeric::integer,
+                   (e.o->>'claim_seq')::numeric::integer,
+                   CASE WHEN e.too_big THEN 'failure' ELSE e.o->>'kind' END,
+                   CASE WHEN e.too_big THEN NULL ELSE e.o->'result' END,
+                   nullif(e.o->'metadata', 'null'::jsonb),
+                   CASE WHEN e.too_big THEN jsonb_build_object(
+                            'message', format('the step''s %s is %s bytes, more than the limit of %s bytes (setting tasker.max_payload_bytes)',
+                                              CASE WHEN e.o->>'kind' = 'checkpoint' THEN 'checkpoint' ELSE 'result' END,
+                                              greatest(pg_column_size(e.o->'result'), pg_column_size(e.o->'checkpoint')), v_limit),
+                            'error_type', 'result_too_large', 'error_code', 'result_too_large', 'retryable', false)
+                        ELSE e.o->'error' END,
+                   CASE WHEN e.too_big THEN NULL ELSE e.o->'checkpoint' END,
+                   (e.o->>'duration_ms')::double precision, e.o->>'worker_id')::tasker._outcome_input
+          FROM (SELECT a.o, a.ord,
+                       coalesce(pg_column_size(a.o->'result'), 0) > v_limit
+                       OR coalesce(pg_column_size(a.o->'checkpoint'), 0) > v_limit AS too_big
+                  FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY a(o, ord)) e);
+
+    -- 1. Lock the live messages of the claimed steps first, in (queue, msg_id) order: the lock
+    --    order every function follows. A claim racing for the same message skips it.
+    PERFORM 1
+       FROM (SELECT t.namespace, s.msg_id
+               FROM unnest(v_in) i
+               JOIN tasker.steps s ON s.step_uuid = i.step_uuid
+               JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+              WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x
+       JOIN tasker.queue_messages m ON m.queue = x.namespace AND m.msg_id = x.msg_id
+      ORDER BY m.queue, m.msg_id
+        FOR UPDATE OF m;
+
+    WITH
+    -- 2. What each outcome means for its step, computed against the current claim.
+    prep AS (
+        SELECT i.*, s.task_uuid, t.namespace AS queue, s.msg_id, s.claim_seq AS current_claim,
+               CASE
+                   WHEN i.kind = 'success' THEN 'complete'
+                   WHEN i.kind = 'checkpoint' THEN 'in_progress'
+                   -- a retry needs a retryable failure, a retryable step, and an attempt left
+                   WHEN coalesce((i.error->>'retryable')::boolean, true) AND s.retryable
+                        AND s.attempts < s.max_attempts THEN 'waiting_for_retry'
+                   ELSE 'error'
+               END AS new_state,
+               CASE WHEN i.kind = 'failure' THEN
+                   v_now + make_interval(secs => coalesce(
+                       (i.error->>'retry_after')::double precision,
+                       (SELECT tasker._backoff_seconds(n.backoff, n.backoff_base_ms, n.max_backoff_ms, n.jitter, s.attempts)
+                          FROM tasker.named_steps n WHERE n.named_step_id = s.named_step_id)))
+               END AS retry_at
+          FROM unnest(v_in) i
+          JOIN tasker.steps s ON s.step_uuid = i.step_uuid
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+         WHERE s.state = 'in_progress' AND s.attempts = i.attempt
+           AND (i.claim_seq IS NULL OR s.claim_seq = i.claim_seq)
+           AND NOT s.continuation
+    ),
+    -- 3. Apply, fenced in the WHERE clause of the row itself (re-checked after a lock wait).
+    upd AS (
+        UPDATE tasker.steps s
+           SET state = p.new_state,
+               results = CASE WHEN p.kind = 'success' THEN p.result ELSE s.results END,
+               metadata = CASE WHEN p.kind <> 'checkpoint' THEN coalesce(p.metadata, s.metadata) ELSE s.metadata END,
+               last_error = CASE WHEN p.kind = 'failure'
+                                 THEN p.error || jsonb_build_object('attempt', s.attempts, 'worker_id', p.worker_id, 'at', v_now)
+                                 ELSE s.last_error END,
+               checkpoint = CASE WHEN p.kind = 'checkpoint' THEN p.checkpoint ELSE s.checkpoint END,
+               continuation = (p.kind = 'checkpoint'),
+               next_attempt_at = CASE WHEN p.new_state = 'waiting_for_retry' THEN p.retry_at END,
+               msg_id = CASE WHEN p.new_state IN ('complete', 'error') THEN NULL ELSE s.msg_id END,
+               completed_at = CASE WHEN p.new_state IN ('complete', 'error') THEN v_now ELSE s.completed_at END,
+               updated_at = v_now
+          FROM prep p
+         WHERE s.step_uuid = p.step_uuid
+           AND s.state = 'in_progress' AND s.attempts = p.attempt AND s.claim_seq = p.current_claim
+           AND NOT s.continuation
+        RETURNING p.ord, s.step_uuid, s.task_uuid, p.queue, p.msg_id, p.new_state, p.kind, s.attempts,
+                  p.worker_id, p.duration_ms, p.error, p.retry_at
+    ),
+    -- 4. A finished step's message goes; a retry's becomes visible at its retry time, a
+    --    checkpoint continuation's at once.
+    drop_msgs AS (
+        DELETE FROM tasker.queue_messages m USING upd
+         WHERE upd.new_state IN ('complete', 'error') AND m.queue = upd.queue AND m.msg_id = upd.msg_id
+    ),
+    move_msgs AS (
+        UPDATE tasker.queue_messages m
+           SET vt = CASE WHEN upd.new_state = 'waiting_for_retry' THEN upd.retry_at ELSE v_now END
+          FROM upd
+         WHERE upd.new_state IN ('waiting_for_retry', 'in_progress') AND m.queue = upd.queue AND m.msg_id = upd.msg_id
+    ),
+    audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, worker_id,
+                                             duration_ms, error_summary, created_at)
+        SELECT upd.step_uuid, upd.task_uuid, 'in_progress', upd.new_state,
+               CASE upd.kind
+                   WHEN 'success' THEN 'succeeded'
+                   WHEN 'checkpoint' THEN 'checkpointed'
+                   ELSE CASE upd.new_state WHEN 'error' THEN 'failed' ELSE 'retry_scheduled' END
+               END,
+               upd.attempts, upd.worker_id, upd.duration_ms,
+               CASE WHEN upd.kind = 'failure'
+                    THEN left(coalesce(upd.error->>'error_type', 'error') || ': ' || coalesce(upd.error->>'message', ''), 500)
+               END,
+               v_now
+          FROM upd
+    )
+    SELECT array_agg(ROW(upd.ord, upd.step_uuid, upd.task_uuid, upd.queue, upd.new_state)::tasker._applied_outcome)
+      INTO v_applied
+      FROM upd;
+
+    IF v_applied IS NOT NULL THEN
+        -- 5. Children of completed steps: counters under row lock (children by step_uuid).
+        v_completed := ARRAY(SELECT a.step_uuid FROM unnest(v_applied) a WHERE a.new_state = 'complete');
+        IF cardinality(v_completed) > 0 THEN
+            v_ready := tasker._release_children(v_completed);
+        END IF;
+        -- 6. Tasks: one counter update each, in task_uuid order.
+        v_deltas := ARRAY(
+            SELECT ROW(a.task_uuid,
+                       count(*) FILTER (WHERE a.new_state = 'complete'),
+                       count(*) FILTER (WHERE a.new_state = 'error'))::tasker._task_delta
+              FROM unnest(v_applied) a
+             GROUP BY a.task_uuid);
+        PERFORM tasker._apply_task_deltas(v_deltas, 'step_outcome');
+        -- 7. Enqueue children that became ready (when their task is still running).
+        IF cardinality(v_ready) > 0 THEN
+            PERFORM tasker._enqueue_ready(v_ready, 'dependencies_satisfied');
+        END IF;
+        -- A checkpoint continuation is visible now: wake a worker.
+        PERFORM pg_notify('tasker_' || q.queue, '')
+           FROM (SELECT DISTINCT a.queue FROM unnest(v_applied) a WHERE a.new_state = 'in_progress') q;
+    END IF;
+
+    RETURN QUERY
+    SELECT i.step_uuid, i.attempt,
+           CASE WHEN a.ord IS NOT NULL THEN 'applied' ELSE 'stale' END,
+           CASE WHEN a.ord IS NOT NULL THEN a.new_state
+                ELSE coalesce(
+                    (SELECT format('step is %s at attempt %s, claim %s', s.state, s.attempts, s.claim_seq)
+                       FROM tasker.steps s WHERE s.step_uuid = i.step_uuid),
+                    'no such step')
+           END
+      FROM unnest(v_in) i
+      LEFT JOIN unnest(v_applied) a ON a.ord = i.ord
+     ORDER BY i.ord;
+END
+$$;
+ALTER FUNCTION tasker.complete_steps(jsonb) SET plan_cache_mode = force_generic_plan;
+COMMENT ON FUNCTION tasker.complete_steps(jsonb) IS
+    'Applies a batch of fenced step outcomes and everything that follows from them, in one transaction.';

@@ -1,0 +1,163 @@
+-- Leases held by a worker: extend_leases (heartbeat) and release_steps (graceful shutdown:
+-- hand back claims whose handlers never started). Both take fenced claims and lock the claims'
+-- messages first, in msg_id order.
+
+-- Leases: heartbeat and graceful hand-back
+
+-- Parses a claim list [{step_uuid, attempt, claim_seq}] (as claim_steps returned them) and
+-- refuses a malformed one naming the entry. Shared by extend_leases and release_steps.
+CREATE FUNCTION tasker._parse_claims(p_claims jsonb)
+RETURNS TABLE (ord integer, step_uuid uuid, attempt integer, claim_seq integer)
+LANGUAGE plpgsql IMMUTABLE AS $$
+#variable_conflict use_column
+DECLARE
+    v_bad text;
+BEGIN
+    IF p_claims IS NULL OR jsonb_typeof(p_claims) <> 'array' THEN
+        RAISE EXCEPTION 'claims must be a JSON array of {step_uuid, attempt, claim_seq}' USING ERRCODE = 'TV031';
+    END IF;
+    SELECT format('claim #%s: %s', x.ord, x.problem) INTO v_bad
+      FROM (SELECT e.ord,
+                   CASE
+                       WHEN jsonb_typeof(e.c) <> 'object' THEN 'must be a JSON object'
+                       WHEN coalesce(e.c->>'step_uuid', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                           THEN 'step_uuid must be a uuid'
+                       WHEN NOT tasker._is_int_json(e.c->'attempt', 1) THEN 'attempt must be an integer >= 1'
+                       WHEN e.c->'claim_seq' IS NOT NULL AND jsonb_typeof(e.c->'claim_seq') <> 'null'
+                            AND NOT tasker._is_int_json(e.c->'claim_seq', 0) THEN 'claim_seq must be an integer >= 0'
+                   END AS problem
+              FROM jsonb_array_elements(p_claims) WITH ORDINALITY e(c, ord)) x
+     WHERE x.problem IS NOT NULL
+     ORDER BY x.ord
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'TV031';
+    END IF;
+    RETURN QUERY
+    SELECT e.ord::integer, (e.c->>'step_uuid')::uuid, (e.c->>'attempt')::integer, (e.c->>'claim_seq')::integer
+      FROM jsonb_array_elements(p_claims) WITH ORDINALITY e(c, ord);
+END
+$$;
+
+-- Locks the messages of the given claims, in lock order. extend_leases and release_steps then
+-- re-check each claim's fence on the step in a new statement (a fence read through a join is
+-- not re-checked after waiting for a lock).
+CREATE FUNCTION tasker._lock_claim_messages(p_claims jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM 1
+       FROM (SELECT t.namespace, s.msg_id
+               FROM tasker._parse_claims(p_claims) c
+               JOIN tasker.steps s ON s.step_uuid = c.step_uuid
+               JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+              WHERE s.state = 'in_progress' AND s.attempts = c.attempt) x
+       JOIN tasker.queue_messages m ON m.queue = x.namespace AND m.msg_id = x.msg_id
+      ORDER BY m.queue, m.msg_id
+        FOR UPDATE OF m;
+END
+$$;
+ALTER FUNCTION tasker._lock_claim_messages(jsonb) SET plan_cache_mode = force_generic_plan;
+
+-- Heartbeat for many steps in one call: pushes each still-current claim's lease to
+-- now + p_lease_seconds. One row per claim, in input order; extended = false means the claim
+-- is gone (lease lost and reclaimed, step cancelled, or checkpointed): its outcome will be stale.
+CREATE FUNCTION tasker.extend_leases(p_claims jsonb, p_lease_seconds double precision)
+RETURNS TABLE (step_uuid uuid, extended boolean, lease_expires_at timestamptz)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_lease timestamptz;
+BEGIN
+    IF p_lease_seconds IS NULL OR p_lease_seconds <= 0 OR p_lease_seconds > 31536000 THEN
+        RAISE EXCEPTION 'lease_seconds must be > 0 and at most a year, got %', p_lease_seconds USING ERRCODE = 'TV002';
+    END IF;
+    PERFORM tasker._lock_claim_messages(p_claims);
+    v_lease := clock_timestamp() + make_interval(secs => p_lease_seconds);
+    RETURN QUERY
+    WITH c AS (
+        SELECT * FROM tasker._parse_claims(p_claims)
+    ),
+    current_claims AS (
+        SELECT c.ord, t.namespace, s.msg_id
+          FROM c
+          JOIN tasker.steps s ON s.step_uuid = c.step_uuid
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+         WHERE s.state = 'in_progress' AND s.attempts = c.attempt
+           AND (c.claim_seq IS NULL OR s.claim_seq = c.claim_seq)
+           AND NOT s.continuation
+    ),
+    upd AS (
+        UPDATE tasker.queue_messages m
+           SET vt = v_lease
+          FROM current_claims cc
+         WHERE m.queue = cc.namespace AND m.msg_id = cc.msg_id
+        RETURNING cc.ord
+    )
+    SELECT c.step_uuid, upd.ord IS NOT NULL, CASE WHEN upd.ord IS NOT NULL THEN v_lease END
+      FROM c LEFT JOIN (SELECT DISTINCT upd.ord FROM upd) upd ON upd.ord = c.ord
+     ORDER BY c.ord;
+END
+$$;
+ALTER FUNCTION tasker.extend_leases(jsonb, double precision) SET plan_cache_mode = force_generic_plan;
+COMMENT ON FUNCTION tasker.extend_leases(jsonb,double precision) IS
+    'Heartbeat: extends the leases of fenced claims still held by the caller.';
+
+-- Graceful shutdown: hands back claims whose handler never started. The attempt the claim
+-- started is given back (a checkpoint continuation goes back to waiting for its continuation)
+-- and the message is visible at once for another worker. One row per claim, in input order.
+CREATE FUNCTION tasker.release_steps(p_claims jsonb)
+RETURNS TABLE (step_uuid uuid, released boolean)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_now timestamptz := clock_timestamp();
+BEGIN
+    PERFORM tasker._lock_claim_messages(p_claims);
+    RETURN QUERY
+    WITH c AS (
+        SELECT * FROM tasker._parse_claims(p_claims)
+    ),
+    upd AS (
+        UPDATE tasker.steps s
+           SET attempts = s.attempts - CASE WHEN s.claim_spent_attempt THEN 1 ELSE 0 END,
+               state = CASE
+                   WHEN NOT s.claim_spent_attempt THEN 'in_progress'
+                   WHEN s.attempts - 1 = 0 THEN 'enqueued'
+                   ELSE 'waiting_for_retry'
+               END,
+               continuation = NOT s.claim_spent_attempt,
+               claim_spent_attempt = false,
+               next_attempt_at = CASE WHEN s.claim_spent_attempt AND s.attempts - 1 > 0 THEN v_now END,
+               worker_id = NULL,
+               updated_at = v_now
+          FROM c
+         WHERE s.step_uuid = c.step_uuid
+           AND s.state = 'in_progress' AND s.attempts = c.attempt
+           AND (c.claim_seq IS NULL OR s.claim_seq = c.claim_seq)
+           AND NOT s.continuation
+        RETURNING c.ord, s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id
+    ),
+    msgs AS (
+        UPDATE tasker.queue_messages m
+           SET vt = v_now
+          FROM upd JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
+         WHERE m.queue = t.namespace AND m.msg_id = upd.msg_id
+        RETURNING m.queue
+    ),
+    audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, created_at)
+        SELECT upd.step_uuid, upd.task_uuid, 'in_progress', upd.state, 'released', upd.attempts, v_now FROM upd
+    ),
+    notified AS (
+        SELECT count(pg_notify('tasker_' || q.queue, '')) AS n FROM (SELECT DISTINCT msgs.queue FROM msgs) q
+    )
+    SELECT c.step_uuid, upd.ord IS NOT NULL
+      FROM c
+      LEFT JOIN upd ON upd.ord = c.ord
+     CROSS JOIN notified
+     ORDER BY c.ord;
+END
+$$;
+ALTER FUNCTION tasker.release_steps(jsonb) SET plan_cache_mode = force_generic_plan;
+COMMENT ON FUNCTION tasker.release_steps(jsonb) IS
+    'Hands back fenced claims whose handlers never started, without spending an attempt.';

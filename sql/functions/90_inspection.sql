@@ -1,0 +1,165 @@
+-- Read-only inspection for operators and DBAs: a task's effective state, per-step readiness
+-- with the reason in words, execution context counts, and the v_tasks / v_steps views.
+
+-- Inspection
+
+-- The task state as users should see it: a pending task with a claimed step is in process.
+CREATE FUNCTION tasker.effective_task_state(p_task uuid, p_state text) RETURNS text
+LANGUAGE sql STABLE AS $$
+    SELECT CASE
+        WHEN p_state = 'pending' AND EXISTS (
+            SELECT 1 FROM tasker.steps s WHERE s.task_uuid = p_task AND (s.attempts > 0 OR s.state <> 'pending' AND s.state <> 'enqueued'))
+        THEN 'steps_in_process'
+        ELSE p_state
+    END
+$$;
+COMMENT ON FUNCTION tasker.effective_task_state(uuid,text) IS
+    'A task''s state as users see it: pending shows as steps_in_process once a step was claimed.';
+
+-- Per step of a task: is it ready, and if it is not running, why not, in plain words.
+CREATE FUNCTION tasker.step_readiness(p_task uuid)
+RETURNS TABLE (
+    step_uuid uuid, name text, state text, attempts integer, max_attempts integer,
+    dependencies_satisfied boolean, parents_total integer, parents_completed integer,
+    retry_eligible boolean, ready boolean, next_attempt_at timestamptz, reason text
+)
+LANGUAGE plpgsql STABLE ROWS 10 AS $$
+#variable_conflict use_column
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN
+        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'TN003';
+    END IF;
+    RETURN QUERY
+    SELECT s.step_uuid, s.name, s.state, s.attempts, s.max_attempts,
+           p.total = p.done, p.total, p.done,
+           s.retryable AND s.attempts < s.max_attempts,
+           -- the same decision claim_steps makes: a checkpoint continuation goes on even while
+           -- its task is in error (it was running); nothing else starts then
+           (s.state = 'in_progress' AND s.continuation AND t.state IN ('pending', 'steps_in_process', 'error'))
+           OR (t.state IN ('pending', 'steps_in_process') AND (
+               (s.state = 'enqueued' AND coalesce(m.vt <= clock_timestamp(), false))
+               OR (s.state = 'waiting_for_retry' AND coalesce(s.next_attempt_at <= clock_timestamp(), false)))),
+           CASE WHEN s.state = 'waiting_for_retry' THEN s.next_attempt_at
+                WHEN s.state = 'enqueued' THEN m.vt END,
+           CASE
+               WHEN s.state = 'complete' THEN 'complete'
+               WHEN s.state = 'resolved_manually' THEN 'resolved manually'
+               WHEN s.state = 'cancelled' THEN 'cancelled'
+               WHEN s.state = 'error' THEN
+                   'failed: ' || coalesce(s.last_error->>'error_type', 'error') || ': ' ||
+                   coalesce(s.last_error->>'message', '') || ' (tasker.retry_step or tasker.resolve_step)'
+               WHEN t.state = 'cancelled' THEN 'task is cancelled'
+               WHEN t.state = 'error' AND s.state <> 'in_progress' THEN 'task is in error'
+               WHEN s.state = 'pending' AND p.total > p.done THEN 'waiting for ' || p.waiting
+               WHEN s.state = 'pending' THEN 'dependencies complete, about to be enqueued'
+               WHEN s.state = 'enqueued' AND m.vt > clock_timestamp() THEN 'scheduled to start at ' || to_char(m.vt, 'HH24:MI:SS')
+               WHEN s.state = 'enqueued' THEN 'ready: waiting for a worker'
+               WHEN s.state = 'waiting_for_retry' THEN
+                   'retry at ' || to_char(s.next_attempt_at, 'HH24:MI:SS') || ' (attempt ' || (s.attempts + 1) || ' of ' || s.max_attempts || ')'
+               WHEN s.state = 'in_progress' AND s.continuation THEN 'checkpointed: waiting to continue'
+               WHEN s.state = 'in_progress' AND m.vt <= clock_timestamp() THEN
+                   'lease expired at ' || to_char(m.vt, 'HH24:MI:SS') ||
+                   CASE WHEN s.retryable AND s.attempts < s.max_attempts
+                        THEN '; the next claim retries it (attempt ' || (s.attempts + 1) || ' of ' || s.max_attempts || ')'
+                        ELSE '; no attempts left (' || s.attempts || ' of ' || s.max_attempts || '): the next claim marks it failed'
+                   END
+               WHEN s.state = 'in_progress' THEN
+                   'running on ' || coalesce(s.worker_id, '?') || ' (attempt ' || s.attempts || ' of ' || s.max_attempts || ')'
+               ELSE s.state
+           END
+      FROM tasker.steps s
+      JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+      JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
+      LEFT JOIN tasker.queue_messages m ON m.queue = t.namespace AND m.msg_id = s.msg_id
+      CROSS JOIN LATERAL (
+          SELECT count(*)::integer AS total,
+                 (count(*) FILTER (WHERE ps.state IN ('complete', 'resolved_manually')))::integer AS done,
+                 string_agg(ps.name, ', ' ORDER BY ps.name) FILTER (WHERE ps.state NOT IN ('complete', 'resolved_manually')) AS waiting
+            FROM tasker.steps ps
+           WHERE ps.task_uuid = s.task_uuid AND ps.name = ANY (ns.parent_names)
+      ) p
+     WHERE s.task_uuid = p_task
+     ORDER BY ns.step_index;
+END
+$$;
+COMMENT ON FUNCTION tasker.step_readiness(uuid) IS
+    'Per step of a task: dependencies, retry eligibility, readiness and, in words, why it is not running.';
+
+-- Counts per step state and what the task is doing as a whole: all_complete |
+-- blocked_by_failures | has_ready_steps | processing | waiting_for_retry |
+-- waiting_for_dependencies (cancelled for a cancelled task).
+CREATE FUNCTION tasker.task_execution_context(p_task uuid)
+RETURNS TABLE (
+    task_uuid uuid, state text, total_steps integer, pending_steps integer, enqueued_steps integer,
+    in_progress_steps integer, waiting_for_retry_steps integer, complete_steps integer,
+    error_steps integer, cancelled_steps integer, resolved_steps integer, ready_steps integer,
+    execution_status text, completion_percentage numeric
+)
+LANGUAGE plpgsql STABLE ROWS 1 AS $$
+#variable_conflict use_column
+BEGIN
+    IF NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = p_task) THEN
+        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'TN003';
+    END IF;
+    RETURN QUERY
+    WITH c AS (
+        SELECT count(*)::integer AS total,
+               (count(*) FILTER (WHERE r.state = 'pending'))::integer AS pending,
+               (count(*) FILTER (WHERE r.state = 'enqueued'))::integer AS enqueued,
+               (count(*) FILTER (WHERE r.state = 'in_progress'))::integer AS in_progress,
+               (count(*) FILTER (WHERE r.state = 'waiting_for_retry'))::integer AS waiting,
+               (count(*) FILTER (WHERE r.state = 'complete'))::integer AS complete,
+               (count(*) FILTER (WHERE r.state = 'error'))::integer AS error,
+               (count(*) FILTER (WHERE r.state = 'cancelled'))::integer AS cancelled,
+               (count(*) FILTER (WHERE r.state = 'resolved_manually'))::integer AS resolved,
+               (count(*) FILTER (WHERE r.ready))::integer AS ready
+          FROM tasker.step_readiness(p_task) r
+    )
+    SELECT t.task_uuid, tasker.effective_task_state(t.task_uuid, t.state), c.total, c.pending, c.enqueued,
+           c.in_progress, c.waiting, c.complete, c.error, c.cancelled, c.resolved, c.ready,
+           CASE
+               WHEN t.state = 'cancelled' THEN 'cancelled'
+               WHEN c.complete + c.resolved = c.total THEN 'all_complete'
+               WHEN c.error > 0 THEN 'blocked_by_failures'
+               WHEN c.ready > 0 THEN 'has_ready_steps'
+               WHEN c.in_progress > 0 THEN 'processing'
+               WHEN c.waiting > 0 THEN 'waiting_for_retry'
+               ELSE 'waiting_for_dependencies'
+           END,
+           round(100.0 * (c.complete + c.resolved) / greatest(c.total, 1), 1)
+      FROM tasker.tasks t CROSS JOIN c
+     WHERE t.task_uuid = p_task;
+END
+$$;
+COMMENT ON FUNCTION tasker.task_execution_context(uuid) IS
+    'Counts of a task''s steps by state and its execution status in one row.';
+
+-- For DBAs: tasks with their progress, no joins needed.
+CREATE VIEW tasker.v_tasks AS
+SELECT t.task_uuid, t.namespace, t.name, t.version,
+       tasker.effective_task_state(t.task_uuid, t.state) AS state,
+       t.total_steps, t.completed_steps, t.error_steps,
+       round(100.0 * t.completed_steps / greatest(t.total_steps, 1), 1) AS completion_percentage,
+       t.priority, t.initiator, t.source_system, t.reason, t.tags, t.idempotency_key, t.correlation_id,
+       t.context, t.created_at, t.updated_at, t.completed_at,
+       coalesce(t.completed_at, now()) - t.created_at AS age
+  FROM tasker.tasks t;
+COMMENT ON VIEW tasker.v_tasks IS
+    'Tasks with their effective state and step counts, for DBAs.';
+
+-- For DBAs: steps with their task, handler, attempts, timing and last error.
+CREATE VIEW tasker.v_steps AS
+SELECT s.step_uuid, s.task_uuid, t.namespace, t.name AS task_name, s.name, ns.handler, s.state,
+       s.attempts, s.max_attempts, s.retryable, s.pending_parents, s.worker_id,
+       s.created_at, s.enqueued_at, s.started_at, s.completed_at, s.next_attempt_at,
+       s.completed_at - s.started_at AS last_run_duration,
+       CASE WHEN s.state = 'in_progress' THEN m.vt END AS lease_expires_at,
+       s.last_error->>'error_type' AS last_error_type,
+       s.last_error->>'message' AS last_error_message,
+       s.results, s.metadata, s.checkpoint, s.last_error
+  FROM tasker.steps s
+  JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+  JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
+  LEFT JOIN tasker.queue_messages m ON m.queue = t.namespace AND m.msg_id = s.msg_id;
+COMMENT ON VIEW tasker.v_steps IS
+    'Steps with their task, state, attempts and lease, for DBAs.';

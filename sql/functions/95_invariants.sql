@@ -1,0 +1,91 @@
+-- check_invariants(): one row per broken engine invariant; the tests assert it is empty after
+-- every test that runs work.
+
+-- Invariant check (DESIGN.md invariants 2 and 3 and the bookkeeping they rest on)
+
+-- One row per violation over the whole database; no rows means healthy. Meant for tests and
+-- for operators after an incident; it reads everything, so it is not for the hot path.
+CREATE FUNCTION tasker.check_invariants() RETURNS TABLE (invariant text, detail text)
+LANGUAGE sql STABLE AS $$
+    WITH msg AS (
+        SELECT (m.message->>'step_uuid')::uuid AS step_uuid, m.queue, m.msg_id
+          FROM tasker.queue_messages m
+         WHERE m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+    ),
+    msg_count AS (
+        SELECT msg.step_uuid, count(*) AS n FROM msg GROUP BY msg.step_uuid
+    ),
+    per_step AS (
+        SELECT s.step_uuid, s.name, s.state, s.msg_id, t.namespace, coalesce(mc.n, 0) AS messages,
+               EXISTS (SELECT 1 FROM tasker.queue_messages m
+                        WHERE m.queue = t.namespace AND m.msg_id = s.msg_id
+                          AND m.message->>'step_uuid' = s.step_uuid::text) AS pointer_ok
+          FROM tasker.steps s
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+          LEFT JOIN msg_count mc ON mc.step_uuid = s.step_uuid
+    ),
+    parents AS (
+        SELECT s.step_uuid, s.name, s.state, s.pending_parents,
+               count(e.parent_uuid) AS total,
+               count(e.parent_uuid) FILTER (WHERE p.state IN ('complete', 'resolved_manually')) AS satisfied
+          FROM tasker.steps s
+          LEFT JOIN tasker.step_edges e ON e.child_uuid = s.step_uuid
+          LEFT JOIN tasker.steps p ON p.step_uuid = e.parent_uuid
+         GROUP BY s.step_uuid, s.name, s.state, s.pending_parents
+    ),
+    counts AS (
+        SELECT t.task_uuid, t.state, t.total_steps, t.completed_steps, t.error_steps,
+               count(s.step_uuid) AS steps,
+               count(s.step_uuid) FILTER (WHERE s.state IN ('complete', 'resolved_manually')) AS done,
+               count(s.step_uuid) FILTER (WHERE s.state = 'error') AS errors
+          FROM tasker.tasks t LEFT JOIN tasker.steps s ON s.task_uuid = t.task_uuid
+         GROUP BY t.task_uuid
+    )
+    -- 3. every live step has exactly one message, and steps point at it
+    SELECT 'live_step_has_one_message',
+           format('step %s (%s) is %s with %s messages', ps.name, ps.step_uuid, ps.state, ps.messages)
+      FROM per_step ps
+     WHERE ps.state IN ('enqueued', 'waiting_for_retry', 'in_progress') AND (ps.messages <> 1 OR NOT ps.pointer_ok)
+    UNION ALL
+    -- 3. no other step has one
+    SELECT 'only_live_steps_have_messages',
+           format('step %s (%s) is %s but has %s messages', ps.name, ps.step_uuid, ps.state, ps.messages)
+      FROM per_step ps
+     WHERE ps.state NOT IN ('enqueued', 'waiting_for_retry', 'in_progress') AND ps.messages > 0
+    UNION ALL
+    SELECT 'message_has_a_step', format('message %s in queue %s names unknown step %s', msg.msg_id, msg.queue, msg.step_uuid)
+      FROM msg WHERE NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = msg.step_uuid)
+    UNION ALL
+    -- 2. a step is enqueued by its dependencies at most once
+    SELECT 'fan_in_enqueued_once', format('step %s was enqueued %s times by its dependencies', st.step_uuid, st.n)
+      FROM (SELECT tr.step_uuid, count(*) AS n FROM tasker.step_transitions tr
+             WHERE tr.to_state = 'enqueued' AND tr.event IN ('created', 'dependencies_satisfied', 'task_resumed')
+             GROUP BY tr.step_uuid HAVING count(*) > 1) st
+    UNION ALL
+    -- the fan-in counter equals the parents not yet satisfied
+    SELECT 'pending_parents_matches', format('step %s (%s): pending_parents %s, unsatisfied parents %s',
+                                              pa.name, pa.step_uuid, pa.pending_parents, pa.total - pa.satisfied)
+      FROM parents pa
+     WHERE pa.pending_parents <> pa.total - pa.satisfied
+    UNION ALL
+    -- nothing runs or ran before all of its parents were satisfied
+    SELECT 'parents_before_children', format('step %s (%s) is %s with %s of %s parents satisfied',
+                                              pa.name, pa.step_uuid, pa.state, pa.satisfied, pa.total)
+      FROM parents pa
+     WHERE pa.state IN ('enqueued', 'in_progress', 'waiting_for_retry', 'complete') AND pa.satisfied < pa.total
+    UNION ALL
+    -- task counters and states agree with the steps
+    SELECT 'task_counters_match', format('task %s: total %s/%s, completed %s/%s, errors %s/%s',
+                                          c.task_uuid, c.total_steps, c.steps, c.completed_steps, c.done, c.error_steps, c.errors)
+      FROM counts c
+     WHERE c.total_steps <> c.steps OR c.completed_steps <> c.done OR c.error_steps <> c.errors
+    UNION ALL
+    SELECT 'task_state_matches', format('task %s is %s with %s of %s steps done and %s in error',
+                                         c.task_uuid, c.state, c.done, c.steps, c.errors)
+      FROM counts c
+     WHERE (c.state = 'complete' AND c.done <> c.steps)
+        OR (c.state IN ('pending', 'steps_in_process') AND (c.done = c.steps OR c.errors > 0))
+        OR (c.state = 'error' AND c.errors = 0)
+$$;
+COMMENT ON FUNCTION tasker.check_invariants() IS
+    'Rows for every broken engine invariant (message per live step, counters, fan-in); empty when healthy.';
