@@ -25,7 +25,7 @@ Naming rules, and why:
   (`+build`) is not accepted: semver ignores it when ordering, so two versions differing only in
   it could not be told apart when picking the latest one.
 
-Other rules the issue left open, decided here: a template has 1 to 1000 steps; a step may not list
+Further rules: a template has 1 to 1000 steps; a step may not list
 the same dependency twice; `max_attempts`, `backoff_base_ms` and `max_backoff_ms` must fit a
 PostgreSQL `integer` (at most 2147483647), `backoff_base_ms` may be 0 (retry at once) and
 `max_backoff_ms` may not be below it; numbers must be finite; integer fields refuse booleans,

@@ -1,7 +1,8 @@
 -- check_invariants(): one row per broken engine invariant; the tests assert it is empty after
--- every test that runs work.
-
--- Invariant check (DESIGN.md invariants 2 and 3 and the bookkeeping they rest on)
+-- every test that runs work. It checks that every live step (enqueued, waiting_for_retry,
+-- in_progress) has exactly one message and no other step has one, that fan-in counters
+-- (pending_parents) and task counters match the steps they count, and that no step has
+-- started before its parents were satisfied. docs/architecture.md lists the invariants.
 
 -- One row per violation over the whole database; no rows means healthy. Meant for tests and
 -- for operators after an incident; it reads everything, so it is not for the hot path.

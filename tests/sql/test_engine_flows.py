@@ -728,6 +728,8 @@ async def test_lost_lease_is_reclaimed_and_old_outcome_is_stale(conn: db.Connect
         return reason.startswith("lease expired at")
 
     await wait_for(expired, what="lease expiry")
+    reason = (await readiness(conn, task))["only"]["reason"]
+    assert reason.endswith("; the next claim retries it (attempt 2 of 3)"), reason
     [new] = await wait_for_claim(conn, worker="w2")
     assert new["step_uuid"] == old["step_uuid"]
     assert (new["attempt"], new["claim_event"]) == (2, "lease_expired")
@@ -759,6 +761,15 @@ async def test_lost_lease_is_reclaimed_and_old_outcome_is_stale(conn: db.Connect
 async def test_lost_lease_without_attempts_left_is_an_error(conn: db.Connection) -> None:
     task = await start(conn, single(retry={"max_attempts": 1}))
     [old] = await claim(conn, lease=0.3, worker="zombie")
+
+    async def expired() -> bool:
+        reason = (await readiness(conn, task))["only"]["reason"]
+        return reason.startswith("lease expired at")
+
+    # step_readiness does not promise a retry that will not happen
+    await wait_for(expired, what="lease expiry")
+    reason = (await readiness(conn, task))["only"]["reason"]
+    assert reason.endswith("; no attempts left (1 of 1): the next claim marks it failed"), reason
 
     async def errored() -> bool:
         assert await claim(conn) == []
@@ -1417,7 +1428,7 @@ async def test_readiness_agrees_with_claim_for_a_checkpointed_step_in_an_error_t
     assert (await task_row(conn, task))["state"] == "error"
     ready = (await readiness(conn, task))["x"]["ready"]
     claimed = [r["step_name"] for r in await claim(conn)]
-    # the running step finishing is fine (DESIGN: steps already running finish); what is
+    # the running step finishing is fine (steps already running finish); what is
     # wrong is that the two functions disagree
     assert ready == (claimed == ["x"]), f"step_readiness ready={ready}, claim_steps -> {claimed}"
     await assert_healthy(conn)
