@@ -27,6 +27,7 @@ from tasker_pg.client import AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
 from tasker_pg.render import (
+    STEP_COMMANDS_INTRO,
     Style,
     error_line,
     format_duration,
@@ -256,8 +257,9 @@ async def _print_final(client: AsyncTaskerClient, task: TaskResponse) -> None:
         if origin:
             print(f"  raised at {origin}")
         print(f"  traceback and history: tasker-pg step explain {step.step_uuid}")
+        print(f"  {STEP_COMMANDS_INTRO}")
         for command in step_commands(step.step_uuid):
-            print(f"  {command}")
+            print(f"    {command}")
 
 
 def _final_exit(task: TaskResponse) -> int:
@@ -500,7 +502,7 @@ def _explain_text(
         lines += ["", "traceback of the last error:"]
         lines += ["  " + line for line in tb.rstrip().splitlines()]
     if step.current_state == "error":
-        lines += ["", "to go on:"]
+        lines += ["", STEP_COMMANDS_INTRO]
         lines += ["  " + command for command in step_commands(step.step_uuid)]
     lines += ["", "history (oldest first):"]
     rows = [

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 from tasker_pg.responses import StepResponse, TaskResponse
 
 __all__ = [
+    "STEP_COMMANDS_INTRO",
     "Style",
     "dag_depths",
     "format_duration",
@@ -258,12 +259,16 @@ def without_sql_hint(reason: str) -> str:
 
 
 def step_commands(step_uuid: str) -> list[str]:
-    """The CLI commands that move a failed step on, each with what it does."""
+    """The CLI commands that move a failed step on: run it again, or complete it by hand."""
     return [
-        f"tasker-pg step retry {step_uuid}    (run it again with fresh attempts)",
-        f"tasker-pg step resolve {step_uuid} --result '{{...}}'    (complete it by hand "
-        "with this JSON result; its dependents then run)",
+        f"tasker-pg step retry {step_uuid}",
+        f"tasker-pg step resolve {step_uuid} --result JSON",
     ]
+
+
+STEP_COMMANDS_INTRO = (
+    "to go on: run it again, or complete it by hand with a JSON result (its dependents then run):"
+)
 
 
 def error_line(error: dict[str, Any]) -> str:
@@ -296,11 +301,12 @@ def render_failure(
     tb = error.get("traceback")
     if isinstance(tb, str) and tb.strip():
         tb_lines = tb.rstrip().splitlines()
-        if 0 < max_traceback_lines < len(tb_lines):
-            skipped = len(tb_lines) - max_traceback_lines
-            note = f"({skipped} earlier lines: tasker-pg step explain {step.step_uuid})"
-            tb_lines = [note, *tb_lines[-max_traceback_lines:]]
+        if 0 < max_traceback_lines < len(tb_lines) - 1:
+            # the "Traceback ..." header, then the innermost frames, where the handler raised
+            skipped = len(tb_lines) - 1 - max_traceback_lines
+            note = f"  ({skipped} lines left out: tasker-pg step explain {step.step_uuid})"
+            tb_lines = [tb_lines[0], note, *tb_lines[-max_traceback_lines:]]
         lines += ["    " + line for line in tb_lines]
-    lines.append("  to go on:")
+    lines.append("  " + STEP_COMMANDS_INTRO)
     lines += ["    " + command for command in step_commands(step.step_uuid)]
     return "\n".join(lines)
