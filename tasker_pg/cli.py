@@ -21,18 +21,25 @@ from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
+import tasker_pg
 from tasker_pg import argtypes, bench, db, migrations, worker_cli
 from tasker_pg.client import AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
 from tasker_pg.render import (
+    STEP_COMMANDS_INTRO,
     Style,
+    error_line,
     format_duration,
     format_table,
     format_time,
     render_dag,
+    render_failure,
     render_task_header,
+    step_commands,
+    traceback_origin,
     truncate,
+    without_sql_hint,
 )
 from tasker_pg.responses import TASK_STATES, StepAuditResponse, StepResponse, TaskResponse
 
@@ -168,21 +175,11 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
 
 # --- operator commands (task, step, template) ------------------------------------------------
 # Each runs on an AsyncTaskerClient (the client's methods and errors, DSN resolved as
-# everywhere); the two lookups the client has no method for are named queries here.
-
-# Registered templates, newest version first within a name ($1 namespace or NULL).
-TEMPLATES_SQL = """
-SELECT nt.namespace, nt.name, nt.version, nt.step_count, nt.description, nt.created_at
-  FROM tasker.named_tasks nt
- WHERE ($1::text IS NULL OR nt.namespace = $1)
- ORDER BY nt.namespace, nt.name, nt.version_major DESC, nt.version_minor DESC,
-          nt.version_patch DESC, nt.version_pre_key DESC NULLS FIRST
-"""
-
-# The task a step belongs to ($1 step), for commands that are given only a step uuid.
-STEP_TASK_SQL = "SELECT s.task_uuid FROM tasker.steps s WHERE s.step_uuid = $1::uuid"
+# everywhere); the lookups the client has no method for are methods of db.Connection.
 
 CLI_INITIATOR = "tasker-pg cli"
+# `task show` prints at most this many of the last lines of a failed step's traceback.
+TASK_SHOW_TRACEBACK_LINES = 12
 CLI_SOURCE_SYSTEM = "tasker-pg"
 
 # Errors about what was typed on the command line: exit 2 like argparse's own.
@@ -249,6 +246,26 @@ def _task_line(task: TaskResponse) -> str:
     )
 
 
+async def _print_final(client: AsyncTaskerClient, task: TaskResponse) -> None:
+    """The task's line; for a task in error, each failed step with its error and what to do."""
+    print(_task_line(task))
+    if task.status != "error":
+        return
+    for step in await client.list_task_steps(task.task_uuid):
+        if step.current_state != "error":
+            continue
+        error = step.last_error or {}
+        print(f"failed step {step.name} ({step.step_uuid})")
+        print(f"  {error_line(error) if error else 'error'}")
+        origin = traceback_origin(error.get("traceback"))
+        if origin:
+            print(f"  raised at {origin}")
+        print(f"  traceback and history: tasker-pg step explain {step.step_uuid}")
+        print(f"  {STEP_COMMANDS_INTRO}")
+        for command in step_commands(step.step_uuid):
+            print(f"    {command}")
+
+
 def _final_exit(task: TaskResponse) -> int:
     """0 when the task completed, 1 when it ended any other way (error, cancelled...)."""
     return EXIT_OK if task.status == "complete" else EXIT_FAILED
@@ -282,10 +299,10 @@ async def _task_create(args: argparse.Namespace) -> int:
         if not args.json:
             print(f"created task {task.task_uuid}; waiting for it to finish ...", flush=True)
         task = await client.wait_for_task(task.task_uuid, args.timeout)
-    if args.json:
-        _print_json(task.to_dict())
-    else:
-        print(_task_line(task))
+        if args.json:
+            _print_json(task.to_dict())
+        else:
+            await _print_final(client, task)
     return _final_exit(task)
 
 
@@ -332,7 +349,11 @@ async def _task_show(args: argparse.Namespace) -> int:
     style = Style.for_stream(sys.stdout)
     print(render_task_header(task, style))
     print()
-    print(render_dag(steps, style))
+    print(render_dag(steps, style, show_uuids=True))
+    for step in steps:
+        if step.current_state == "error":
+            print()
+            print(render_failure(step, style, max_traceback_lines=TASK_SHOW_TRACEBACK_LINES))
     return EXIT_OK
 
 
@@ -353,21 +374,22 @@ async def _task_cancel(args: argparse.Namespace) -> int:
 async def _task_wait(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         task = await client.wait_for_task(args.task_uuid, args.timeout)
-    if args.json:
-        _print_json(task.to_dict())
-    else:
-        print(_task_line(task))
+        if args.json:
+            _print_json(task.to_dict())
+        else:
+            await _print_final(client, task)
     return _final_exit(task)
 
 
 async def _step_retry(args: argparse.Namespace) -> int:
+    _, step_uuid = await _locate_step(args)
     async with _client(args) as client:
-        summary = await client.retry_step(args.step_uuid)
+        summary = await client.retry_step(step_uuid)
     if args.json:
         _print_json(summary)
     else:
         print(
-            f"step {args.step_uuid}: error -> {summary.get('state', 'enqueued')} with fresh "
+            f"step {step_uuid}: error -> {summary.get('state', 'enqueued')} with fresh "
             f"attempts; task {summary.get('task_uuid')} is {summary.get('task_state')}"
         )
     return EXIT_OK
@@ -375,36 +397,61 @@ async def _step_retry(args: argparse.Namespace) -> int:
 
 async def _step_resolve(args: argparse.Namespace) -> int:
     result = _json_arg(args.result, "--result")
+    _, step_uuid = await _locate_step(args)
     async with _client(args) as client:
-        summary = await client.resolve_step(args.step_uuid, result)
+        summary = await client.resolve_step(step_uuid, result)
     if args.json:
         _print_json(summary)
     else:
         print(
-            f"step {args.step_uuid}: {summary.get('previous_state')} -> "
+            f"step {step_uuid}: {summary.get('previous_state')} -> "
             f"{summary.get('state', 'resolved_manually')}; task {summary.get('task_uuid')} is "
             f"{summary.get('task_state')}"
         )
     return EXIT_OK
 
 
-async def _step_task(args: argparse.Namespace, step_uuid: str) -> str:
+async def _locate_step(args: argparse.Namespace) -> tuple[str, str]:
+    """(task uuid, step uuid) of the step a `step` command names.
+
+    The step is given as STEP_UUID, or as TASK_UUID STEP_NAME. A task's uuid given alone is
+    refused with the command that lists its steps.
+    """
+    ref: str = args.ref
     conn = await db.connect(args.dsn)
     try:
-        task = await conn.fetchval(STEP_TASK_SQL, step_uuid)
+        if args.step_name is not None:
+            step = await conn.step_uuid_by_name(ref, args.step_name)
+            if step is not None:
+                return ref, str(step)
+            if not await conn.task_exists(ref):
+                raise NotFoundError(f"task {ref} does not exist", error_code="task_not_found")
+            names = await conn.step_names(ref)
+            raise NotFoundError(
+                f"task {ref} has no step named {args.step_name!r} (its steps: {', '.join(names)})",
+                error_code="step_not_found",
+            )
+        task = await conn.task_of_step(ref)
+        if task is not None:
+            return str(task), ref
+        if await conn.task_exists(ref):
+            raise UsageError(
+                f"{ref} is a task's UUID, not a step's: name the step after it "
+                f"(tasker-pg step {args.step_command} {ref} STEP_NAME ...), or see each step's "
+                f"UUID with `tasker-pg task show {ref}`",
+                error_code="task_uuid_given",
+            )
+        raise NotFoundError(f"step {ref} does not exist", error_code="step_not_found")
     finally:
         await conn.close()
-    if task is None:
-        raise NotFoundError(f"step {step_uuid} does not exist", error_code="step_not_found")
-    return str(task)
 
 
 async def _step_explain(args: argparse.Namespace) -> int:
-    task_uuid = await _step_task(args, args.step_uuid)
+    task_uuid, step_uuid = await _locate_step(args)
     async with _client(args) as client:
         task = await client.get_task(task_uuid)
-        step = await client.get_step(task_uuid, args.step_uuid)
-        history = await client.get_step_audit_history(task_uuid, args.step_uuid)
+        step = await client.get_step(task_uuid, step_uuid)
+        history = await client.get_step_audit_history(task_uuid, step_uuid)
     if args.json:
         _print_json(
             {
@@ -430,37 +477,37 @@ def _explain_text(
     history: Sequence[StepAuditResponse],
     style: Style,
 ) -> str:
-    """Where a step stands and why, its last error, what to do, and its audit trail."""
-    retry = "retryable" if step.retryable else "not retryable"
+    """Where a step stands and why, its last error and traceback, what to do, its audit trail."""
     fields: list[tuple[str, str]] = [
         ("step", f"{step.name} ({step.step_uuid})"),
         ("task", f"{task.task_uuid}  {task.namespace}/{task.name} {task.version}: {task.status}"),
         ("handler", step.handler),
         ("depends on", ", ".join(step.dependencies) or "-"),
         ("state", style.state(step.current_state, step.current_state)),
-        ("why", step.readiness_reason or "-"),
+        ("why", without_sql_hint(step.readiness_reason or "") or "-"),
         ("ready", "yes" if step.ready else "no"),
-        ("attempts", f"{step.attempts} of {step.max_attempts} ({retry})"),
+        ("attempts", f"{step.attempts} of {step.max_attempts} ({_retry_words(step)})"),
         ("last run", format_duration(step.duration_ms)),
     ]
     if step.next_attempt_at is not None:
         fields.append(("next attempt", format_time(step.next_attempt_at)))
     if step.worker_id:
         fields.append(("worker", step.worker_id))
-    if step.last_error:
-        err = step.last_error
-        kind = err.get("error_type") or "error"
-        code = err.get("error_code")
-        fields.append(("last error", f"{kind}{f' [{code}]' if code else ''}: {err.get('message')}"))
+    error = step.last_error or {}
+    if error:
+        fields.append(("last error", error_line(error)))
+        origin = traceback_origin(error.get("traceback"))
+        if origin:
+            fields.append(("raised at", origin))
     width = max(len(k) for k, _ in fields)
     lines = [f"{k.ljust(width)}  {v}" for k, v in fields]
+    tb = error.get("traceback")
+    if isinstance(tb, str) and tb.strip():
+        lines += ["", "traceback of the last error:"]
+        lines += ["  " + line for line in tb.rstrip().splitlines()]
     if step.current_state == "error":
-        lines += [
-            "",
-            "to go on:",
-            f"  tasker-pg step retry {step.step_uuid}      (run it again, fresh attempts)",
-            f"  tasker-pg step resolve {step.step_uuid} --result '{{...}}'   (complete it by hand)",
-        ]
+        lines += ["", STEP_COMMANDS_INTRO]
+        lines += ["  " + command for command in step_commands(step.step_uuid)]
     lines += ["", "history (oldest first):"]
     rows = [
         (
@@ -480,10 +527,27 @@ def _explain_text(
     return "\n".join(lines)
 
 
+def _retry_words(step: StepResponse) -> str:
+    """Whether the step may run again on its own, and if not, why not."""
+    if step.current_state == "error":
+        if (step.last_error or {}).get("retryable") is False:
+            return "failed for good: the handler reported a permanent error"
+        if not step.retryable:
+            return "failed for good: its template does not allow retries"
+        if step.attempts >= step.max_attempts:
+            return "failed for good: no attempts left"
+        return "failed for good"
+    if step.current_state in ("complete", "resolved_manually", "cancelled"):
+        return "finished"
+    if not step.retryable:
+        return "a failure is final: its template does not allow retries"
+    return "a failure is retried while attempts are left"
+
+
 async def _template_list(args: argparse.Namespace) -> int:
     conn = await db.connect(args.dsn)
     try:
-        rows = await conn.fetch(TEMPLATES_SQL, args.namespace)
+        rows = await conn.template_rows(args.namespace)
     finally:
         await conn.close()
     templates = [
@@ -570,6 +634,7 @@ def build_parser() -> argparse.ArgumentParser:
         "2 usage error.",
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    parser.add_argument("--version", action="version", version=f"tasker-pg {tasker_pg.__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_dsn(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -653,19 +718,31 @@ def build_parser() -> argparse.ArgumentParser:
     # step
     sp = sub.add_parser("step", help="retry, resolve and explain steps")
     ssub = sp.add_subparsers(dest="step_command", required=True, metavar="ACTION")
+
+    def step_arguments(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "ref",
+            type=_uuid_arg,
+            metavar="STEP_UUID|TASK_UUID",
+            help="a step's UUID, or its task's",
+        )
+        p.add_argument(
+            "step_name", nargs="?", metavar="STEP_NAME", help="with a task's UUID: the step's name"
+        )
+
     retry = op(ssub, "retry", cmd_step_retry, "run a step in error again with fresh attempts")
-    retry.add_argument("step_uuid", type=_uuid_arg, metavar="UUID")
+    step_arguments(retry)
     resolve = op(
         ssub, "resolve", cmd_step_resolve, "complete a step by hand; its dependents then run"
     )
-    resolve.add_argument("step_uuid", type=_uuid_arg, metavar="UUID")
+    step_arguments(resolve)
     resolve.add_argument(
         "--result", required=True, metavar="JSON|@FILE", help="the step's result (JSON)"
     )
     explain = op(
         ssub, "explain", cmd_step_explain, "why a step is where it is, its error and history"
     )
-    explain.add_argument("step_uuid", type=_uuid_arg, metavar="UUID")
+    step_arguments(explain)
 
     # queue
     qp = sub.add_parser("queue", help="queues")

@@ -23,11 +23,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
 
-from tasker_pg import db, jsonutil, migrations
+from tasker_pg import db, jsonutil, sqlfiles
 from tasker_pg.errors import (
     ConnectionLostError,
     DatabaseNotFoundError,
     NotFoundError,
+    SchemaError,
     TaskerError,
     ValidationError,
 )
@@ -51,97 +52,8 @@ __all__ = [
     "TaskerClient",
 ]
 
-# --- named queries ---------------------------------------------------------------------------
-# Every statement the client sends, in one place. Tasks are read through the DBA view
-# tasker.v_tasks (its `state` is the effective state users see) joined with
-# tasker.task_execution_context (counts per step state, execution status), so a task's state
-# and its counts come from one snapshot.
-
-_TASK_COLUMNS = """
-       v.task_uuid, v.namespace, v.name, v.version, v.state, v.total_steps, v.priority,
-       v.initiator, v.source_system, v.reason, v.tags, v.idempotency_key, v.correlation_id,
-       v.context, v.created_at, v.updated_at, v.completed_at,
-       e.pending_steps, e.enqueued_steps, e.in_progress_steps, e.waiting_for_retry_steps,
-       e.complete_steps, e.error_steps, e.cancelled_steps, e.resolved_steps, e.ready_steps,
-       e.execution_status, e.completion_percentage"""
-
-# One task with its progress ($1 task).
-GET_TASK_SQL: Final = f"""
-SELECT {_TASK_COLUMNS}
-  FROM tasker.v_tasks v
- CROSS JOIN LATERAL tasker.task_execution_context(v.task_uuid) e
- WHERE v.task_uuid = $1::uuid
-"""
-
-# The filter shared by the page and the count ($1 namespace, $2 effective state, $3 the raw
-# states that can show as $2). The raw-state test comes first so the effective state, which
-# looks at the task's steps, is only computed for rows that can match: only a pending task
-# can show as steps_in_process, every other state shows as itself.
-_TASK_FILTER = """
- WHERE ($1::text IS NULL OR t.namespace = $1)
-   AND ($2::text IS NULL
-        OR (t.state = ANY ($3::text[])
-            AND tasker.effective_task_state(t.task_uuid, t.state) = $2))"""
-
-# One page of tasks, newest first ($4 limit, $5 offset), each row carrying the filter's total
-# count (computed once, in the same snapshot as the page). The page is chosen on tasker.tasks
-# (created_at is indexed); the view and the execution context are read for its rows only.
-LIST_TASKS_SQL: Final = f"""
-WITH page AS (
-    SELECT t.task_uuid, t.created_at
-      FROM tasker.tasks t {_TASK_FILTER}
-     ORDER BY t.created_at DESC, t.task_uuid DESC
-     LIMIT $4 OFFSET $5
-)
-SELECT {_TASK_COLUMNS},
-       (SELECT count(*) FROM tasker.tasks t {_TASK_FILTER}) AS total_count
-  FROM page
-  JOIN tasker.v_tasks v ON v.task_uuid = page.task_uuid
- CROSS JOIN LATERAL tasker.task_execution_context(v.task_uuid) e
- ORDER BY page.created_at DESC, page.task_uuid DESC
-"""
-
-# How many tasks the same filter matches (for an empty page, which carries no count).
-COUNT_TASKS_SQL: Final = f"""
-SELECT count(*) FROM tasker.tasks t {_TASK_FILTER}
-"""
-
-# Every step of a task in template order ($1 task; $2 one step, or NULL for all): the DBA
-# view's row, readiness in words (tasker.step_readiness raises task_not_found for an unknown
-# task), and the step's parents by name so a caller can draw the DAG. The view is filtered
-# on its task column, not only joined to the function's rows: the planner guesses 1000 rows
-# for a plpgsql function and would otherwise hash-join against every step of every task.
-LIST_STEPS_SQL: Final = """
-SELECT v.step_uuid, v.task_uuid, v.name, v.handler, v.state, v.attempts, v.max_attempts,
-       v.retryable, v.worker_id, v.created_at, v.started_at, v.completed_at,
-       v.last_run_duration, v.lease_expires_at, v.results, v.metadata, v.last_error,
-       r.ready, r.reason, r.dependencies_satisfied, r.next_attempt_at AS ready_at,
-       ns.parent_names AS dependencies
-  FROM tasker.v_steps v
-  JOIN tasker.step_readiness($1::uuid) r ON r.step_uuid = v.step_uuid
-  JOIN tasker.steps s ON s.step_uuid = v.step_uuid
-  JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
- WHERE v.task_uuid = $1::uuid
-   AND ($2::uuid IS NULL OR v.step_uuid = $2::uuid)
- ORDER BY ns.step_index
-"""
-
-# A step's audit trail, oldest first ($1 task, $2 step).
-STEP_AUDIT_SQL: Final = """
-SELECT tr.transition_id, tr.step_uuid, tr.task_uuid, tr.from_state, tr.to_state, tr.event,
-       tr.attempt, tr.worker_id, tr.duration_ms, tr.error_summary, tr.created_at, tr.metadata
-  FROM tasker.step_transitions tr
- WHERE tr.step_uuid = $2::uuid AND tr.task_uuid = $1::uuid
- ORDER BY tr.transition_id
-"""
-
-# Which of a (task, step) pair exists, to say which one is unknown ($1 task, $2 step).
-TASK_EXISTS_SQL: Final = """
-SELECT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = $1::uuid)
-"""
-
-# One cheap round trip for the health check; its time is the reported latency.
-HEALTH_SQL: Final = "SELECT current_setting('server_version')"
+# --- events --------------------------------------------------------------------------------
+# Every statement the client sends is a method of `db.Connection` (text in tasker_pg.queries).
 
 TASK_EVENTS_CHANNEL: Final = "tasker_task_events"
 """Channel on which the engine announces every task state change (JSON with task_uuid)."""
@@ -531,7 +443,7 @@ class AsyncTaskerClient:
 
     @staticmethod
     async def _read_task(conn: db.Connection, task: str) -> TaskResponse:
-        row = await conn.fetchrow(GET_TASK_SQL, task)
+        row = await conn.task_row(task)
         if row is None:
             raise NotFoundError(f"task {task} does not exist", error_code="task_not_found")
         return TaskResponse.from_row(row)
@@ -565,11 +477,19 @@ class AsyncTaskerClient:
                 )
             raw_states = ["pending", status] if status == "steps_in_process" else [status]
         async with self._session() as conn:
-            rows = await conn.fetch(LIST_TASKS_SQL, namespace, status, raw_states, limit, offset)
+            rows = await conn.task_page_rows(
+                namespace=namespace,
+                status=status,
+                raw_states=raw_states,
+                limit=limit,
+                offset=offset,
+            )
             if rows:
                 total = int(rows[0]["total_count"])
             else:
-                total = int(await conn.fetchval(COUNT_TASKS_SQL, namespace, status, raw_states))
+                total = await conn.count_tasks(
+                    namespace=namespace, status=status, raw_states=raw_states
+                )
         tasks = [TaskResponse.from_row(r) for r in rows]
         return TaskListResponse(
             tasks=tasks,
@@ -644,7 +564,7 @@ class AsyncTaskerClient:
         """Every step of the task in template order, with readiness and its reason."""
         task = _uuid_text(task_uuid, "task uuid")
         async with self._session() as conn:
-            rows = await conn.fetch(LIST_STEPS_SQL, task, None)
+            rows = await conn.step_rows(task)
             if not rows:  # every task has a step: none means no such task
                 await self._require_task(conn, task)
         return [StepResponse.from_row(r) for r in rows]
@@ -652,7 +572,7 @@ class AsyncTaskerClient:
     @staticmethod
     async def _require_task(conn: db.Connection, task: str) -> None:
         # Whether step_readiness runs (and raises task_not_found) depends on the plan; ask.
-        if not await conn.fetchval(TASK_EXISTS_SQL, task):
+        if not await conn.task_exists(task):
             raise NotFoundError(f"task {task} does not exist", error_code="task_not_found")
 
     async def get_step(
@@ -662,13 +582,13 @@ class AsyncTaskerClient:
         task = _uuid_text(task_uuid, "task uuid")
         step = _uuid_text(step_uuid, "step uuid")
         async with self._session() as conn:
-            row = await conn.fetchrow(LIST_STEPS_SQL, task, step)
-            if row is None:
+            rows = await conn.step_rows(task, step)
+            if not rows:
                 await self._require_task(conn, task)
                 raise NotFoundError(
                     f"step {step} does not exist in task {task}", error_code="step_not_found"
                 )
-        return StepResponse.from_row(row)
+        return StepResponse.from_row(rows[0])
 
     async def get_step_audit_history(
         self, task_uuid: str | uuid.UUID, step_uuid: str | uuid.UUID
@@ -677,7 +597,7 @@ class AsyncTaskerClient:
         task = _uuid_text(task_uuid, "task uuid")
         step = _uuid_text(step_uuid, "step uuid")
         async with self._session() as conn:
-            rows = await conn.fetch(STEP_AUDIT_SQL, task, step)
+            rows = await conn.step_audit_rows(task, step)
             # Every step has at least its creation row: none means an unknown task or step.
             if not rows:
                 await self._require_task(conn, task)
@@ -719,24 +639,21 @@ class AsyncTaskerClient:
         that cannot be reached or is outdated: the response says so."""
         if self._closed:
             raise ClientClosedError(f"{type(self).__name__} is closed; create a new one")
-        expected = migrations.expected_version()
+        expected = sqlfiles.expected_version()
         reachable = False
 
         async def probe(conn: db.Connection) -> HealthResponse:
             nonlocal reachable
             reachable = True
             started = time.perf_counter()
-            server_version = str(await conn.fetchval(HEALTH_SQL))
+            server_version = await conn.server_version()
             latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
-            current = await migrations.schema_version(conn)
+            current = await db.schema_version(conn)
             message: str | None = None
-            if current is None:
-                message = "the database has no tasker schema; " + migrations.MIGRATE_HINT
-            elif current < expected:
-                message = (
-                    f"the database schema is at version {current}, this tasker-pg needs "
-                    f"{expected}; " + migrations.MIGRATE_HINT
-                )
+            try:
+                await db.check_schema(conn)
+            except SchemaError as exc:
+                message = exc.message
             return HealthResponse(
                 healthy=message is None,
                 status="healthy" if message is None else "schema_outdated",

@@ -17,7 +17,7 @@ from typing import Any
 
 import asyncpg
 
-from tasker_pg import jsonutil, sqlfiles
+from tasker_pg import jsonutil, queries, sqlfiles
 from tasker_pg.dsn import ResolvedDsn, no_database_message, resolve_dsn
 from tasker_pg.errors import (
     ConnectionLostError,
@@ -452,6 +452,72 @@ class Connection:
         return await self.fetch(
             "SELECT * FROM tasker.release_steps($1::jsonb)", [dict(c) for c in claims]
         )
+
+    # --- reads of the client and the operator CLI (statements in tasker_pg.queries) ----------
+
+    async def task_row(self, task_uuid: uuid.UUID | str) -> Row | None:
+        """One task with its progress counts; None when there is no such task."""
+        return await self.fetchrow(queries.GET_TASK, str(task_uuid))
+
+    async def task_page_rows(
+        self,
+        *,
+        namespace: str | None,
+        status: str | None,
+        raw_states: Sequence[str] | None,
+        limit: int,
+        offset: int,
+    ) -> list[Row]:
+        """A page of tasks, newest first, each row carrying the filter's `total_count`.
+
+        `status` is the effective state; `raw_states` the stored states that can show as it.
+        """
+        states = None if raw_states is None else list(raw_states)
+        return await self.fetch(queries.LIST_TASKS, namespace, status, states, limit, offset)
+
+    async def count_tasks(
+        self, *, namespace: str | None, status: str | None, raw_states: Sequence[str] | None
+    ) -> int:
+        """How many tasks the filter of `task_page_rows` matches."""
+        states = None if raw_states is None else list(raw_states)
+        return int(await self.fetchval(queries.COUNT_TASKS, namespace, status, states))
+
+    async def step_rows(
+        self, task_uuid: uuid.UUID | str, step_uuid: uuid.UUID | str | None = None
+    ) -> list[Row]:
+        """The task's steps (or its one step `step_uuid`) in template order, with readiness."""
+        step = None if step_uuid is None else str(step_uuid)
+        return await self.fetch(queries.LIST_STEPS, str(task_uuid), step)
+
+    async def step_audit_rows(
+        self, task_uuid: uuid.UUID | str, step_uuid: uuid.UUID | str
+    ) -> list[Row]:
+        """Every recorded state change of a step, oldest first."""
+        return await self.fetch(queries.STEP_AUDIT, str(task_uuid), str(step_uuid))
+
+    async def task_exists(self, task_uuid: uuid.UUID | str) -> bool:
+        return bool(await self.fetchval(queries.TASK_EXISTS, str(task_uuid)))
+
+    async def task_of_step(self, step_uuid: uuid.UUID | str) -> uuid.UUID | None:
+        """The task a step belongs to; None when there is no such step."""
+        value = await self.fetchval(queries.STEP_TASK, str(step_uuid))
+        return value  # type: ignore[no-any-return]
+
+    async def step_uuid_by_name(self, task_uuid: uuid.UUID | str, name: str) -> uuid.UUID | None:
+        """The step of the task named `name`; None when the task has no such step."""
+        value = await self.fetchval(queries.STEP_BY_NAME, str(task_uuid), name)
+        return value  # type: ignore[no-any-return]
+
+    async def step_names(self, task_uuid: uuid.UUID | str) -> list[str]:
+        """The names of the task's steps in template order (empty for an unknown task)."""
+        return [str(r["name"]) for r in await self.fetch(queries.STEP_NAMES, str(task_uuid))]
+
+    async def template_rows(self, namespace: str | None = None) -> list[Row]:
+        """Registered templates (of one namespace, or all), newest version first per name."""
+        return await self.fetch(queries.TEMPLATES, namespace)
+
+    async def server_version(self) -> str:
+        return str(await self.fetchval(queries.SERVER_VERSION))
 
 
 async def connect(

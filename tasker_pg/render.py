@@ -9,22 +9,28 @@ breaks alignment.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TextIO
+from typing import Any, TextIO
 
 from tasker_pg.responses import StepResponse, TaskResponse
 
 __all__ = [
+    "STEP_COMMANDS_INTRO",
     "Style",
     "dag_depths",
     "format_duration",
     "format_table",
     "render_dag",
+    "render_failure",
     "render_task_header",
+    "step_commands",
+    "traceback_origin",
     "truncate",
+    "without_sql_hint",
 ]
 
 WIDTH = 100
@@ -44,6 +50,11 @@ _STATE_COLOURS = {
 }
 # States whose readiness reason adds nothing to the state itself.
 _SELF_EXPLAINING = frozenset({"complete", "resolved_manually", "cancelled"})
+# The readiness reason of a failed step ends with the SQL functions that repair it, in
+# parentheses; the CLI names its own commands instead.
+_SQL_HINT_RE = re.compile(r"\s*\([^()]*tasker\.(?:retry|resolve)_step[^()]*\)\s*$")
+# One frame line of a formatted Python traceback.
+_FRAME_RE = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+), in (?P<func>.+)$')
 
 
 @dataclass(frozen=True)
@@ -182,13 +193,20 @@ def render_task_header(task: TaskResponse, style: Style = PLAIN) -> str:
     return f"{style.bold(first)}\n{second}"
 
 
-def render_dag(steps: Sequence[StepResponse], style: Style = PLAIN, width: int = WIDTH) -> str:
+def render_dag(
+    steps: Sequence[StepResponse],
+    style: Style = PLAIN,
+    width: int = WIDTH,
+    *,
+    show_uuids: bool = False,
+) -> str:
     """The task's steps as a spine of dependency levels, one line per step.
 
     Steps are grouped by depth (roots first) and keep template order inside a level; a bare
     spine line separates levels. Each line shows state, attempts/max, the last run's duration
-    and the parents (`← a, b`); a second line says why a step that is not running or done
-    is where it is (the readiness reason).
+    and the parents (`← a, b`); with `show_uuids` a line under it gives the step's uuid (what
+    the `step` commands take); a further line says why a step that is not running or done is
+    where it is (the readiness reason).
     """
     if not steps:
         return "(no steps)"
@@ -215,9 +233,11 @@ def render_dag(steps: Sequence[StepResponse], style: Style = PLAIN, width: int =
             parents = truncate(", ".join(step.dependencies), max(room, 10), style.ellipsis)
             line += f"  {style.dim(style.arrow + ' ' + parents)}"
         lines.append(line.rstrip())
+        gutter = "   " if last else style.bar + "  "
+        if show_uuids:
+            lines.append(gutter + "  " + style.dim(f"step {step.step_uuid}"))
         why = _why(step)
         if why:
-            gutter = "   " if last else style.bar + "  "
             lines.append(gutter + "  " + truncate(why, width - len(gutter) - 2, style.ellipsis))
     return "\n".join(lines)
 
@@ -230,4 +250,63 @@ def _why(step: StepResponse) -> str | None:
         return None
     if state == "in_progress" and reason.startswith("running on"):
         return None
-    return reason
+    return without_sql_hint(reason)
+
+
+def without_sql_hint(reason: str) -> str:
+    """A readiness reason without its closing "(tasker.retry_step or ...)" SQL hint."""
+    return _SQL_HINT_RE.sub("", reason)
+
+
+def step_commands(step_uuid: str) -> list[str]:
+    """The CLI commands that move a failed step on: run it again, or complete it by hand."""
+    return [
+        f"tasker-pg step retry {step_uuid}",
+        f"tasker-pg step resolve {step_uuid} --result JSON",
+    ]
+
+
+STEP_COMMANDS_INTRO = (
+    "to go on: run it again, or complete it by hand with a JSON result (its dependents then run):"
+)
+
+
+def error_line(error: dict[str, Any]) -> str:
+    """`Type [code]: message` of a stored step error."""
+    kind = error.get("error_type") or "error"
+    code = error.get("error_code")
+    return f"{kind}{f' [{code}]' if code else ''}: {error.get('message')}"
+
+
+def traceback_origin(tb: str | None) -> str | None:
+    """`file:line in function` of the innermost frame of a formatted traceback."""
+    found = None
+    for line in (tb or "").splitlines():
+        match = _FRAME_RE.match(line)
+        if match:
+            found = f"{match['file']}:{match['line']} in {match['func']}"
+    return found
+
+
+def render_failure(
+    step: StepResponse, style: Style = PLAIN, *, max_traceback_lines: int = 0
+) -> str:
+    """A failed step: which one, its error, the traceback the handler raised, what to do next.
+
+    `max_traceback_lines` keeps only the last lines of a long traceback (0 keeps all).
+    """
+    error = step.last_error or {}
+    lines = [style.bold(f"failed step {step.name} ({step.step_uuid})")]
+    lines.append("  " + style.state(error_line(error) if error else "error", "error"))
+    tb = error.get("traceback")
+    if isinstance(tb, str) and tb.strip():
+        tb_lines = tb.rstrip().splitlines()
+        if 0 < max_traceback_lines < len(tb_lines) - 1:
+            # the "Traceback ..." header, then the innermost frames, where the handler raised
+            skipped = len(tb_lines) - 1 - max_traceback_lines
+            note = f"  ({skipped} lines left out: tasker-pg step explain {step.step_uuid})"
+            tb_lines = [tb_lines[0], note, *tb_lines[-max_traceback_lines:]]
+        lines += ["    " + line for line in tb_lines]
+    lines.append("  " + STEP_COMMANDS_INTRO)
+    lines += ["    " + command for command in step_commands(step.step_uuid)]
+    return "\n".join(lines)

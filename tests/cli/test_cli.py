@@ -18,15 +18,17 @@ from typing import Any
 
 import pytest
 
-from tasker_pg import db
+from tasker_pg import HandlerRegistry, StepContext, StepHandler, StepHandlerResult, Worker, db
 from tests.support.engine import (
     NAMESPACE,
     complete,
     diamond,
     failure,
     start,
+    step,
     step_states,
     success,
+    template,
     wait_for_claim,
 )
 
@@ -454,3 +456,111 @@ async def test_operator_walkthrough_on_the_checkout_example(dsn: str) -> None:
     assert "checkout_workflow" in cli(dsn, "template", "list").stdout
     cancelled = cli(dsn, "task", "cancel", task, "--reason", "just looking")
     assert cancelled.returncode == 0 and "4 unfinished step(s) cancelled" in cancelled.stdout
+
+
+# --- a handler that raises -------------------------------------------------------------------
+
+
+class LoadHandler(StepHandler):
+    handler_name = "cli_tests.load"
+
+    def call(self, context: StepContext) -> StepHandlerResult:
+        return self.success({"record": 7})
+
+
+class ParseHandler(StepHandler):
+    handler_name = "cli_tests.parse"
+
+    def call(self, context: StepContext) -> StepHandlerResult:
+        raise ValueError("bad record 7")
+
+
+RAISE_LINE = next(
+    number
+    for number, line in enumerate(Path(__file__).read_text().splitlines(), start=1)
+    if 'raise ValueError("bad record 7")' in line
+)
+
+
+async def test_a_handler_exception_is_shown_with_its_traceback(
+    dsn: str, conn: db.Connection
+) -> None:
+    """A real worker runs a handler raising ValueError once (max_attempts 1): the CLI shows the
+    failed step, its message and where it was raised, and the commands that move it on."""
+    await conn.register_template(
+        template(
+            "parsing",
+            [
+                step("load", handler=LoadHandler.handler_name),
+                step("parse", "load", handler=ParseHandler.handler_name),
+            ],
+            retry={"max_attempts": 1},
+        )
+    )
+    registry = HandlerRegistry()
+    registry.register(LoadHandler)
+    registry.register(ParseHandler)
+    where = f'File "{__file__}", line {RAISE_LINE}, in call'
+    async with Worker([NAMESPACE], registry, dsn=dsn, summary_interval=0):
+        created = await asyncio.to_thread(
+            cli, dsn, "task", "create", NAMESPACE, "parsing", "--wait", "--timeout", "60"
+        )
+    assert created.returncode == 1, created.stderr
+    task = created.stdout.split()[2].rstrip(";")
+    parse = str(await conn.step_uuid_by_name(task, "parse"))
+    for out in (created.stdout, cli(dsn, "task", "wait", task, "--timeout", "10").stdout):
+        assert f"failed step parse ({parse})" in out, out
+        assert "ValueError: bad record 7" in out
+        assert f"raised at {__file__}:{RAISE_LINE} in call" in out
+        assert f"tasker-pg step retry {parse}" in out
+        assert f"tasker-pg step resolve {parse} --result" in out
+    waited = cli(dsn, "task", "wait", task, "--timeout", "10")
+    assert waited.returncode == 1
+
+    shown = cli(dsn, "task", "show", task)
+    assert shown.returncode == 0, shown.stderr
+    assert f"step {parse}" in shown.stdout  # every step's uuid under its line
+    assert "ValueError: bad record 7" in shown.stdout
+    assert "Traceback (most recent call last):" in shown.stdout and where in shown.stdout
+    assert f"tasker-pg step retry {parse}" in shown.stdout
+    assert "tasker.retry_step" not in shown.stdout  # the CLI names its own commands
+    assert all(len(line) <= 100 for line in shown.stdout.splitlines() if "File" not in line)
+
+    for args in ([parse], [task, "parse"]):
+        explained = cli(dsn, "step", "explain", *args)
+        assert explained.returncode == 0, explained.stderr
+        out = explained.stdout
+        assert "last error  ValueError: bad record 7" in out
+        assert f"raised at   {__file__}:{RAISE_LINE} in call" in out
+        assert "traceback of the last error:" in out and where in out
+        assert "attempts    1 of 1 (failed for good: no attempts left)" in out
+        assert "(retryable)" not in out and "tasker.retry_step" not in out
+
+
+async def test_a_task_uuid_where_a_step_uuid_belongs_names_task_show(
+    dsn: str, conn: db.Connection
+) -> None:
+    task, _ = await failed_task(conn)
+    for args in (
+        ["step", "explain", task],
+        ["step", "retry", task],
+        ["step", "resolve", task, "--result", "{}"],
+    ):
+        result = cli(dsn, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert f"{task} is a task's UUID, not a step's" in result.stderr
+        assert f"tasker-pg task show {task}" in result.stderr
+    unknown = cli(dsn, "step", "explain", task, "no_such_step")
+    assert unknown.returncode == 1
+    assert "has no step named 'no_such_step' (its steps: start, b, c, end)" in unknown.stderr
+    explained = cli(dsn, "step", "explain", task, "start")
+    assert explained.returncode == 0, explained.stderr
+    assert "failed for good: the handler reported a permanent error" in explained.stdout
+
+
+def test_version_flag_prints_the_version() -> None:
+    import tasker_pg
+
+    result = cli("postgresql://unused", "--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"tasker-pg {tasker_pg.__version__}"
