@@ -77,17 +77,17 @@ def command_name(
     executable = sys.executable if executable is None else executable
     cwd = Path.cwd() if cwd is None else cwd
     found = which("tasker-pg")
+    cwd = Path(os.path.abspath(cwd))
     if Path(argv0).name.startswith("tasker-pg"):
-        script = Path(os.path.abspath(argv0))
+        script = Path(os.path.normpath(cwd / argv0))
     else:
-        script = Path(executable).parent / "tasker-pg"
+        script = Path(os.path.normpath(cwd / executable)).parent / "tasker-pg"
         if not script.is_file():
             return f"{shlex.quote(executable)} -m tasker_pg.cli"
-        script = Path(os.path.abspath(script))
     if found is not None and _same_file(found, script):
         return "tasker-pg"
     try:
-        relative = script.relative_to(Path(os.path.abspath(cwd)))
+        relative = script.relative_to(cwd)
     except ValueError:
         return shlex.quote(str(script))
     text = str(relative)
