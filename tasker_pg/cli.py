@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tasker_pg
-from tasker_pg import argtypes, bench, db, migrations, worker_cli
+from tasker_pg import argtypes, bench_args, db, migrations, worker_cli
 from tasker_pg.client import AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
@@ -771,7 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks", type=argtypes.positive_int, default=20, help="how many (default 20)"
     )
     demo.set_defaults(func=cmd_demo)
-    bench.add_parser(sub)
+    bench_args.add_parser(sub)
     return parser
 
 

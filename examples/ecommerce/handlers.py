@@ -151,6 +151,25 @@ def _stable_id(prefix: str, *parts: str) -> str:
     return f"{prefix}_{digest[:24]}"
 
 
+def _upstream_field(context: StepContext, step: str, field: str, kind: Any) -> Any:
+    """A field of an upstream step's result that this step cannot do without.
+
+    A result that lacks it (or holds something else), for instance one an operator entered with
+    `tasker-pg step resolve`, fails the step permanently with a message naming the step and the
+    field: running it again would not make the field appear.
+    """
+    value = context.get_dependency_field(step, field)
+    if value is None or isinstance(value, bool) or not isinstance(value, kind):
+        problem = "has no" if value is None else f"has a {type(value).__name__} as its"
+        raise PermanentError(
+            message=f"{context.step_name} needs {field!r} from {step}, whose result "
+            f"{problem} {field!r}",
+            error_code="MISSING_UPSTREAM_FIELD",
+            context={"step": step, "field": field, "value": value},
+        )
+    return value
+
+
 class ProcessPaymentHandler(StepHandler):
     """Charges the cart total computed by validate_cart (simulated gateway)."""
 
@@ -283,8 +302,8 @@ class SendConfirmationHandler(StepHandler):
                 error_code="MISSING_UPSTREAM_RESULTS",
             )
 
-        payment_id = context.get_dependency_field("process_payment", "payment_id")
-        amount_charged = context.get_dependency_field("process_payment", "amount_charged")
+        payment_id = _upstream_field(context, "process_payment", "payment_id", str)
+        amount_charged = _upstream_field(context, "process_payment", "amount_charged", int | float)
         items = inventory.get("reserved_items", [])
         recipient = context.get_input_or("customer_email", "customer@example.com")
 

@@ -6,12 +6,16 @@ import argparse
 import asyncio
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
 
-from tasker_pg import bench, bench_handlers
+from tasker_pg import bench_args
+from tasker_pg.bench import cli, handlers, options, report, runner, scenarios
 
 if TYPE_CHECKING:
     from tests.support.pgserver import TestServer
@@ -25,14 +29,14 @@ def test_every_scenario_reports_completed_work(
     pg_server: TestServer, capsys: pytest.CaptureFixture[str]
 ) -> None:
     args = ["--dsn", pg_server.admin_dsn, "--n", "0.01", "--workers", "2", "--concurrency", "20"]
-    code = bench.main([*args, "--json"])
+    code = cli.main([*args, "--json"])
     captured = capsys.readouterr()
-    assert code == bench.EXIT_OK, captured.err
+    assert code == options.EXIT_OK, captured.err
     report = json.loads(captured.out)
 
     assert report["ok"] is True and report["failures"] == {}
     assert report["all_completed"] is True
-    assert list(report["scenarios"]) == list(bench.SCENARIOS)
+    assert list(report["scenarios"]) == list(options.SCENARIOS)
     for name, result in report["scenarios"].items():
         assert result["ok"] is True and result["all_completed"] is True, name
 
@@ -87,25 +91,25 @@ async def _leftover_bench_databases(admin_dsn: str) -> list[str]:
 
 async def test_a_drain_that_does_not_add_up_is_reported_as_failed(pg_server: TestServer) -> None:
     """Never fake a number: the verification counts what the database holds, not what we hoped."""
-    runner = bench.Bench(bench.BenchOptions(scenarios=("flat",), dsn=pg_server.admin_dsn, n=0.001))
+    run = runner.Bench(options.BenchOptions(scenarios=("flat",), dsn=pg_server.admin_dsn, n=0.001))
 
-    async def flat_expecting_two_steps_per_task() -> None:
-        await runner._drain("flat", bench_handlers.FLAT, 5, steps_per_task=2)
+    async def flat_expecting_two_steps_per_task(bench: runner.Bench) -> None:
+        await scenarios.drain(bench, "flat", handlers.FLAT, 5, steps_per_task=2)
 
-    runner.flat = flat_expecting_two_steps_per_task  # type: ignore[method-assign]
-    report = await runner.run()
-    assert report["ok"] is False and report["all_completed"] is False
-    assert "5 of 5 steps complete" in report["failures"]["flat"]
-    assert "10 expected" in report["failures"]["flat"]
-    assert report["scenarios"]["flat"]["ok"] is False
-    assert "steps_per_s" not in report["scenarios"]["flat"]
+    run.scenarios["flat"] = flat_expecting_two_steps_per_task
+    result = await run.run()
+    assert result["ok"] is False and result["all_completed"] is False
+    assert "5 of 5 steps complete" in result["failures"]["flat"]
+    assert "10 expected" in result["failures"]["flat"]
+    assert result["scenarios"]["flat"]["ok"] is False
+    assert "steps_per_s" not in result["scenarios"]["flat"]
     assert await _leftover_bench_databases(pg_server.admin_dsn) == []
 
 
 def test_add_parser_wires_the_bench_subcommand() -> None:
     parser = argparse.ArgumentParser(prog="tasker-pg")
     sub = parser.add_subparsers(dest="command", required=True)
-    bench.add_parser(sub)
+    bench_args.add_parser(sub)
     args = parser.parse_args(
         [
             "bench",
@@ -126,9 +130,9 @@ def test_add_parser_wires_the_bench_subcommand() -> None:
             "postgresql://x/y",
         ]
     )
-    assert args.func is bench.cmd_bench
-    options = bench.options_from_args(args)
-    assert options == bench.BenchOptions(
+    assert args.func is bench_args.run_command
+    parsed = options.options_from_args(args)
+    assert parsed == options.BenchOptions(
         scenarios=("flat", "latency"),
         workers=2,
         concurrency=50,
@@ -136,7 +140,7 @@ def test_add_parser_wires_the_bench_subcommand() -> None:
         handler_ms=10.0,
         dsn="postgresql://x/y",
     )
-    assert options.count(bench.FLAT_TASKS) == 10_000
+    assert parsed.count(options.FLAT_TASKS) == 10_000
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--scenario", "nope"])
     with pytest.raises(SystemExit):
@@ -144,6 +148,69 @@ def test_add_parser_wires_the_bench_subcommand() -> None:
 
 
 def test_percentile_interpolates_between_ranks() -> None:
-    assert bench.percentile([3.0], 99) == 3.0
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
-    assert bench.percentile(list(map(float, range(101))), 99) == 99.0
+    assert report.percentile([3.0], 99) == 3.0
+    assert report.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
+    assert report.percentile(list(map(float, range(101))), 99) == 99.0
+
+
+# Runs `tasker-pg` with the given arguments in this interpreter, then prints which modules of
+# the benchmark package were imported (as a JSON list) and the exit code.
+_WHICH_MODULES = """
+import json, sys
+import tasker_pg.cli
+try:
+    code = tasker_pg.cli.main(sys.argv[1:])
+except SystemExit as exc:
+    code = exc.code
+loaded = sorted(m for m in sys.modules if m.split(".")[:2] == ["tasker_pg", "bench"])
+print(json.dumps({"code": code, "loaded": loaded}))
+"""
+
+
+def _bench_modules_after(*argv: str) -> tuple[Any, list[str]]:
+    result = subprocess.run(
+        [sys.executable, "-c", _WHICH_MODULES, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    found = json.loads(result.stdout.strip().splitlines()[-1])
+    return found["code"], found["loaded"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["--help"], ["bench", "--help"], ["migrate", "--help"], ["db", "url", "--help"]],
+    ids=["help", "bench-help", "migrate-help", "db-url-help"],
+)
+def test_the_command_line_does_not_import_the_benchmark(argv: list[str]) -> None:
+    code, loaded = _bench_modules_after(*argv)
+    assert code == 0
+    assert loaded == []
+
+
+def test_the_bench_subcommand_imports_the_benchmark_when_it_runs() -> None:
+    # Nothing listens on port 1: the run fails at its first connection, after the import.
+    code, loaded = _bench_modules_after("bench", "--dsn", "postgresql://bench@127.0.0.1:1/none")
+    assert code == 1
+    assert "tasker_pg.bench.runner" in loaded and "tasker_pg.bench.scenarios" in loaded
+
+
+def test_the_installed_script_help_does_not_import_the_benchmark() -> None:
+    script = Path(sys.executable).with_name("tasker-pg")
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = [{str(script)!r}, '--help']\n"
+        "try:\n"
+        f"    runpy.run_path({str(script)!r}, run_name='__main__')\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('tasker_pg.bench' in sys.modules, 'tasker_pg.cli' in sys.modules)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert "usage: tasker-pg" in result.stdout
+    assert result.stdout.strip().splitlines()[-1] == "False True"

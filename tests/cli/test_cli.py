@@ -426,7 +426,7 @@ def test_bench_and_demo_are_wired() -> None:
 
     args = build_parser().parse_args(["demo", "--tasks", "5"])
     assert args.tasks == 5
-    assert build_parser().parse_args(["bench"]).func.__module__ == "tasker_pg.bench"
+    assert build_parser().parse_args(["bench"]).func.__module__ == "tasker_pg.bench_args"
 
 
 async def test_operator_walkthrough_on_the_checkout_example(dsn: str) -> None:

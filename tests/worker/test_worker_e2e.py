@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -19,7 +20,6 @@ from tasker_pg import HandlerRegistry, StepContext, StepHandlerResult, Worker, d
 from tasker_pg.errors import RetryableError
 from tasker_pg.template import TaskTemplate, load_templates
 from tests.support.worker import (
-    WORKFLOWS,
     assert_each_completed_once,
     assert_invariants,
     poll,
@@ -30,7 +30,7 @@ from tests.support.worker import (
 )
 from tests.support.workflows import math_handlers, timing_handlers
 
-CHECKOUT = WORKFLOWS.parent.parent / "examples" / "ecommerce" / "checkout_workflow.yaml"
+CHECKOUT = Path(__file__).resolve().parents[2] / "examples" / "ecommerce" / "checkout_workflow.yaml"
 
 FAST = {"poll_interval": 0.1, "summary_interval": 0}
 

@@ -1,42 +1,32 @@
-"""`tasker-pg demo` (`make demo`): the checkout example end to end, in one process, in seconds.
-
-Starts the embedded PostgreSQL (unless given a DSN), migrates, registers the checkout template
-of `examples/ecommerce` under a namespace of its own (`tasker_demo`, so a worker you run on
-`ecommerce` never takes the demo's steps, nor the demo yours), runs a `Worker` in this process
-with the example's handlers, creates a batch of tasks in one call and shows them finish: most
-complete, one is declined by the payment gateway (a permanent failure), one meets a gateway
-timeout on its first attempt and completes on the retry. Then it draws two tasks' DAGs (the
-renderer of `tasker-pg task show`), prints a summary and the commands to try next.
-
-The handlers are the example's own, imported from the checkout (`examples/` next to this
-package, else in the current directory): the demo shows the code a reader finds in the
-repository, not a copy of it. The one addition is a wrapper around the payment handler that
-simulates the gateway timeout for a task whose context asks for it (`demo_gateway_timeouts`),
-with a short `retry_after` so the demo stays fast.
-"""
+"""`tasker-pg demo`: the run itself, its live progress line and what it prints at the end."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
+import json
 import logging
 import os
+import shlex
 import shutil
 import sys
 import time
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import ModuleType
 from typing import Any, TextIO
 
 from tasker_pg import db, migrations
 from tasker_pg.client import AsyncTaskerClient
-from tasker_pg.context import StepContext
+from tasker_pg.demo.example import (
+    DEMO_NAMESPACE,
+    TEMPLATE_NAME,
+    demo_contexts,
+    demo_registry,
+    demo_template,
+    find_example,
+)
 from tasker_pg.embedded import EmbeddedCluster
-from tasker_pg.errors import ConfigurationError, RetryableError
-from tasker_pg.handler import StepHandler
-from tasker_pg.registry import HandlerRegistry
+from tasker_pg.errors import ConfigurationError
 from tasker_pg.render import (
     Style,
     format_duration,
@@ -45,22 +35,8 @@ from tasker_pg.render import (
     render_task_header,
 )
 from tasker_pg.responses import FINAL_TASK_STATES, TaskResponse
-from tasker_pg.result import StepHandlerResult
-from tasker_pg.template import TaskTemplate, load_template
 from tasker_pg.worker import Worker
 
-__all__ = ["DEMO_NAMESPACE", "find_example", "main", "run_demo"]
-
-DEMO_NAMESPACE = "tasker_demo"
-"""The demo's own namespace (and queue): it never mixes with a user's `ecommerce` work."""
-TEMPLATE_NAME = "checkout_workflow"
-EXAMPLE_TEMPLATE = Path("examples/ecommerce/checkout_workflow.yaml")
-EXAMPLE_HANDLERS = "examples.ecommerce.handlers"
-
-GATEWAY_TIMEOUTS_KEY = "demo_gateway_timeouts"
-"""Task context key: how many first attempts of process_payment meet a gateway timeout."""
-RETRY_AFTER_SECONDS = 0.3
-"""The simulated gateway's retry hint (the example's own is 5 s: too slow for a demo)."""
 DEADLINE_SECONDS = 60.0
 """Give up (exit 1) when the batch has not finished by then; it takes a few seconds."""
 
@@ -74,7 +50,7 @@ SELECT v.state, count(*) AS tasks
 
 # Every step of the demo's tasks ($1 their uuids), for the summary.
 STEPS_SQL = """
-SELECT s.task_uuid, s.step_uuid, s.name, s.state, s.attempts, s.last_error
+SELECT s.task_uuid, s.step_uuid, s.name, s.state, s.attempts, s.last_error, s.results
   FROM tasker.steps s
  WHERE s.task_uuid = ANY ($1::uuid[])
 """
@@ -82,89 +58,63 @@ SELECT s.task_uuid, s.step_uuid, s.name, s.state, s.attempts, s.last_error
 logger = logging.getLogger(__name__)
 
 
-def find_example() -> tuple[Path, ModuleType]:
-    """The checkout template file and the imported handlers module of `examples/ecommerce`.
+def command_name(
+    argv0: str | None = None,
+    *,
+    executable: str | None = None,
+    which: Callable[[str], str | None] = shutil.which,
+    cwd: Path | None = None,
+) -> str:
+    """How to type `tasker-pg` so that the printed commands run this same installation.
 
-    Looked for in the checkout this package lives in (an editable install, `make demo`), then
-    in the current directory. The directory found is put on `sys.path` so `examples` imports.
+    `tasker-pg` when the one found on PATH is the script running now; otherwise the script's
+    path: relative to the current directory when it is inside it (`.venv/bin/tasker-pg` after
+    `make demo` in a checkout whose venv is not activated), else absolute. Run as
+    `python -m tasker_pg.cli`, the script is the `tasker-pg` next to the interpreter, or, when
+    there is none, `<python> -m tasker_pg.cli`. (Arguments default to this process's own.)
     """
-    roots = [Path(__file__).resolve().parent.parent, Path.cwd()]
-    for root in roots:
-        template = root / EXAMPLE_TEMPLATE
-        if template.is_file():
-            if str(root) not in sys.path:
-                sys.path.insert(0, str(root))
-            try:
-                module = importlib.import_module(EXAMPLE_HANDLERS)
-            except ImportError as exc:
-                raise ConfigurationError(
-                    f"cannot import the example handlers {EXAMPLE_HANDLERS} from {root}: {exc}"
-                ) from exc
-            return template, module
-    raise ConfigurationError(
-        "the demo runs the checkout example of a tasker-pg checkout "
-        f"({EXAMPLE_TEMPLATE} and {EXAMPLE_HANDLERS}), and found it neither next to the "
-        f"installed package nor in {Path.cwd()}: run it from the repository root "
-        "(`make demo`, or `tasker-pg demo` there)"
-    )
+    argv0 = sys.argv[0] if argv0 is None else argv0
+    executable = sys.executable if executable is None else executable
+    cwd = Path.cwd() if cwd is None else cwd
+    found = which("tasker-pg")
+    cwd = Path(os.path.abspath(cwd))
+    if Path(argv0).name.startswith("tasker-pg"):
+        script = Path(os.path.normpath(cwd / argv0))
+    else:
+        script = Path(os.path.normpath(cwd / executable)).parent / "tasker-pg"
+        if not script.is_file():
+            return f"{shlex.quote(executable)} -m tasker_pg.cli"
+    if found is not None and _same_file(found, script):
+        return "tasker-pg"
+    try:
+        relative = script.relative_to(cwd)
+    except ValueError:
+        return shlex.quote(str(script))
+    text = str(relative)
+    return shlex.quote(text if "/" in text else f"./{text}")
 
 
-def demo_template(path: Path) -> TaskTemplate:
-    """The example's template, moved to the demo's namespace."""
-    body = load_template(path).to_json()
-    body["namespace_name"] = DEMO_NAMESPACE
-    return TaskTemplate.from_dict(body, source=str(path))
+def _same_file(a: str | Path, b: str | Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
-def demo_registry(handlers: ModuleType) -> HandlerRegistry:
-    """The example's four handlers, the payment one behind a simulated flaky gateway."""
-    payment_cls: type[StepHandler] = handlers.ProcessPaymentHandler
-
-    class FlakyGatewayPaymentHandler(StepHandler):
-        """ProcessPaymentHandler, except that the first `demo_gateway_timeouts` attempts of a
-        task meet a gateway timeout (a retryable error with a short retry_after)."""
-
-        handler_name = payment_cls.handler_name
-
-        def __init__(self) -> None:
-            self._payment = payment_cls()
-
-        def call(self, context: StepContext) -> StepHandlerResult | Awaitable[StepHandlerResult]:
-            timeouts = int(context.get_input_or(GATEWAY_TIMEOUTS_KEY, 0) or 0)
-            if context.attempt <= timeouts:
-                raise RetryableError(
-                    "Payment gateway timeout (simulated by the demo)",
-                    retry_after=RETRY_AFTER_SECONDS,
-                    context={"gateway": "simulated", "attempt": context.attempt},
-                    error_code="GATEWAY_TIMEOUT",
-                )
-            return self._payment.call(context)
-
-    registry = HandlerRegistry(allow_import=False)
-    for cls_name in ("ValidateCartHandler", "UpdateInventoryHandler", "SendConfirmationHandler"):
-        registry.register(getattr(handlers, cls_name))
-    registry.register(FlakyGatewayPaymentHandler)
-    return registry
-
-
-def demo_contexts(count: int, products: Mapping[int, Any]) -> tuple[list[dict[str, Any]], int, int]:
-    """`count` checkout contexts; returns them with the index of the one the gateway declines
-    and of the one that meets a timeout first."""
-    ids = sorted(products)
-    contexts: list[dict[str, Any]] = []
-    for i in range(count):
-        items = [{"product_id": ids[i % len(ids)], "quantity": 1 + i % 2}]
-        if i % 4 == 3:
-            items.append({"product_id": ids[(i + 1) % len(ids)], "quantity": 1})
-        contexts.append({"cart_items": items, "customer_email": f"customer{i + 1}@example.com"})
-    declined = min(6, count - 1)
-    flaky = min(3, count - 2) if count > 1 else 0
-    if count > 1 and flaky == declined:
-        flaky = declined - 1
-    contexts[declined]["payment_token"] = "tok_declined"
-    if count > 1:
-        contexts[flaky][GATEWAY_TIMEOUTS_KEY] = 1
-    return contexts, declined, flaky
+def resolve_suggestion(validate_cart_result: Any, step_uuid: str) -> tuple[str, str] | None:
+    """`step resolve` arguments for a declined payment: a result the example's
+    send_confirmation accepts (`payment_id`, `amount_charged` as a number), charging the cart
+    total that validate_cart computed. None when that total is unknown."""
+    total = validate_cart_result.get("total") if isinstance(validate_cart_result, dict) else None
+    if isinstance(total, bool) or not isinstance(total, int | float):
+        return None
+    result = {
+        "payment_id": "pay_by_hand_" + step_uuid.split("-")[0],
+        "amount_charged": round(total, 2),
+        "currency": "USD",
+        "status": "completed",
+    }
+    return step_uuid, json.dumps(result)
 
 
 class Progress:
@@ -229,9 +179,10 @@ async def run_demo(
         f"  validate_cart {arrow} process_payment + update_inventory (in parallel) "
         f"{arrow} send_confirmation"
     )
-    template_path, handlers = find_example()
-    template = demo_template(template_path)
-    registry = demo_registry(handlers)
+    example = find_example()
+    template = demo_template(example)
+    registry = demo_registry(example.handlers)
+    cmd = command_name()
 
     if dsn is None:
         cluster = EmbeddedCluster()
@@ -241,11 +192,11 @@ async def run_demo(
         how = "running" if running else f"started in {time.monotonic() - started:.1f} s"
         say(f"embedded PostgreSQL {how}: {db.mask_dsn(dsn)}")
         next_dsn = (
-            ' --dsn "$(tasker-pg db url)"'
+            f' --dsn "$({cmd} db url)"'
             if any(os.environ.get(v) for v in ("TASKER_DATABASE_URL", "DATABASE_URL"))
             else ""
         )
-        psql_url = '"$(tasker-pg db url)"'
+        psql_url = f'"$({cmd} db url)"'
     else:
         say(f"database: {db.mask_dsn(dsn)}")
         next_dsn = " --dsn '<your DSN>'"
@@ -261,9 +212,9 @@ async def run_demo(
         named_task_id = await conn.register_template(template.to_json())
         say(
             f"registered {DEMO_NAMESPACE}/{template.name} {template.version} "
-            f"({len(template.steps)} steps, id {named_task_id}) from {EXAMPLE_TEMPLATE.parent}/"
+            f"({len(template.steps)} steps, id {named_task_id}) from {example.origin}"
         )
-        contexts, declined_at, flaky_at = demo_contexts(tasks, handlers.PRODUCTS)
+        contexts, declined_at, flaky_at = demo_contexts(tasks, example.handlers.PRODUCTS)
 
         # Expected failures are the point of the demo, not news: keep the worker's log quiet.
         worker_logger = logging.getLogger("tasker_pg.worker")
@@ -359,15 +310,34 @@ async def run_demo(
                     f"{step['state']} after {step['attempts']} attempts"
                 )
     first_failed = failed_steps[0]["step_uuid"] if failed_steps else None
+    resolve = None
+    for step in failed_steps:
+        if step["name"] == "process_payment":
+            validated = next(
+                (
+                    s["results"]
+                    for s in steps
+                    if s["task_uuid"] == step["task_uuid"] and s["name"] == "validate_cart"
+                ),
+                None,
+            )
+            resolve = resolve_suggestion(validated, str(step["step_uuid"]))
+            break
     say()
     say("try next:")
-    say(f"  tasker-pg task show {declined.task_uuid}{next_dsn}")
+    say(f"  {cmd} task show {declined.task_uuid}{next_dsn}")
     if first_failed is not None:
-        say(f"  tasker-pg step explain {first_failed}{next_dsn}")
-    say(f"  tasker-pg task list --namespace {DEMO_NAMESPACE}{next_dsn}")
+        say(f"  {cmd} step explain {first_failed}{next_dsn}")
+    if resolve is not None:
+        say(f"  {cmd} step resolve {resolve[0]} --result {shlex.quote(resolve[1])}{next_dsn}")
+        say(
+            f"  {cmd} worker --namespace {DEMO_NAMESPACE} --handlers {example.handlers_module}"
+            f"{next_dsn}    (after a resolve: runs send_confirmation)"
+        )
+    say(f"  {cmd} task list --namespace {DEMO_NAMESPACE}{next_dsn}")
     say(f"  psql {psql_url} -c 'select * from tasker.v_tasks order by created_at desc limit 5'")
     if next_dsn == "" or "db url" in next_dsn:
-        say("  tasker-pg db stop        (the embedded PostgreSQL keeps running until then)")
+        say(f"  {cmd} db stop        (the embedded PostgreSQL keeps running until then)")
 
     expected = (
         declined.status == "error"

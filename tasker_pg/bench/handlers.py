@@ -1,4 +1,4 @@
-"""The handlers and templates of `tasker-pg bench` (the worker processes load this module).
+"""The handlers and templates of `tasker-pg bench` (its worker processes load this module).
 
 Two handlers: `bench.noop` (the throughput scenarios: returns at once, stores a null result) and
 `bench.stamp` (the latency scenarios: records `time.time()` the moment the handler starts, so
@@ -77,7 +77,7 @@ def _template(name: str, steps: list[dict[str, Any]]) -> TaskTemplate:
             "description": f"tasker-pg bench: {name}",
             "steps": steps,
         },
-        source=f"tasker_pg.bench_handlers ({name})",
+        source=f"{__name__} ({name})",
     )
 
 

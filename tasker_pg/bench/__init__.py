@@ -1,0 +1,71 @@
+"""`tasker-pg bench`: throughput and latency, measured against a raw SQL baseline in the same run.
+
+```
+tasker-pg bench                       # every scenario, embedded database, default sizes
+tasker-pg bench --scenario flat --workers 2 --handler-ms 10 --json
+python -m tasker_pg.bench --dsn postgresql://user@host/db --n 0.1
+```
+
+Absolute numbers drift on shared machines; ratios to a baseline measured in the same run hold.
+Every scenario runs on a fresh database (`bench_<scenario>_<pid>`, created on the server of the
+DSN, migrated, dropped afterwards: the DSN's user needs CREATEDB). The server is the embedded
+cluster (started if needed) unless `--dsn` is given.
+
+Scenarios (default sizes; `--n` scales every count):
+
+- baseline: a raw asyncpg loop with pgmq semantics over one plain table: 4 connections, each
+  claiming 50 messages per statement (`FOR UPDATE SKIP LOCKED`, vt pushed, read_ct + 1) and
+  acknowledging them with one batched DELETE, until 100,000 pre-filled messages are gone.
+  Messages/s: the ceiling for at-least-once claim-and-acknowledge on this machine. It runs
+  whenever flat or dag run, whose ratios need it, and then once more at the end of the run: the
+  drift between the two says how steady the machine was (a warning above 15 %).
+- flat: 20,000 single-step tasks, drained by `--workers` worker processes (`python -m
+  tasker_pg.worker_cli`, `--concurrency` each) running a no-op async handler. Steps/s and the
+  ratio to the baseline.
+- dag: 2,000 four-step diamonds, then 2,000 four-step linear chains (each on its own fresh
+  database), drained the same way: steps/s, tasks/s, ratio.
+- latency: one idle worker; 200 single-step tasks created one at a time at 50/s
+  (create-to-handler-start), then 200 four-step linear tasks at 50/s (step handoff: parent's
+  outcome committed to child's handler start; and end to end).
+- create: four-step tasks per second on one connection: one `tasker.create_task` per call
+  (autocommit, as a client would), then `tasker.create_tasks` batches of 1,000; next to a bare
+  one-row INSERT per call on the same connection, the machine's own price of a commit.
+
+Tasks carry a small context (`{"i": n}`); every handler is a no-op (or sleeps `--handler-ms`).
+How the throughput scenarios measure: the workers start first and sit idle (listening); all the
+tasks are then created in ONE transaction (not timed), so they become visible at once when it
+commits and the NOTIFY wakes every worker together. The same transaction ANALYZEs the tables, as
+a database in steady state would have statistics (fresh tables without them get plans that
+drain DAGs about three times slower). The measured interval runs from the first claim to the
+last task's completion, both read from the database's own timestamps (the first `claimed` step
+transition, `max(tasks.completed_at)`). The benchmark notices the end by polling `count(*)` of
+complete tasks every 100 ms (cheaper for 20,000 tasks than one notification per task on
+`tasker_task_events`); the poll only detects the end, it does not time it.
+
+Latency uses the database clock for what the database decides and `time.time()` recorded by the
+handler at its start; both clocks are this machine's. Create-to-start runs from the task's
+`created_at` (taken when `create_task` begins, so it includes the create call and its commit, a
+WAL flush with fsync on). The handoff runs from the child step's `enqueued_at` (written at the
+end of the parent's `complete_steps`, just before it commits) to the child's handler start; the
+JSON also gives it from the start of the parent's `complete_steps` call. End to end runs from
+`created_at` to the task's `completed_at`.
+
+Nothing is reported that did not happen: before a scenario's numbers are printed, every task
+must be complete, every step complete exactly once, no message left and
+`tasker.check_invariants()` empty; otherwise the scenario fails loudly and the command exits 1.
+When the server runs on this machine, the CPU time of the worker processes and of their server
+backends is reported per step (from /proc): the split between Python and SQL.
+
+The package, one job per module:
+
+- `options`: what to run (`BenchOptions`), default sizes and the targets.
+- `scenarios`: the five scenarios; `runner`: the run around them (fresh databases, completion
+  polling, verification, the order of scenarios).
+- `baseline`: the raw SQL claim/acknowledge loop and the bare INSERT the engine is compared with.
+- `queries`: the setup and inspection queries (counts, timings, settings) in one place.
+- `workers`: the worker processes (`python -m tasker_pg.worker_cli`); `handlers`: what they run.
+- `machine`: CPU accounting from /proc and the description of the machine.
+- `report`: the table, its notes and percentiles.
+- `cli`: `python -m tasker_pg.bench` and the `tasker-pg bench` subcommand (whose options live in
+  `tasker_pg.bench_args`, so that `tasker-pg` does not import this package until it runs).
+"""

@@ -1,0 +1,84 @@
+"""What the benchmark runs: the options, the default sizes, the targets and the run's limits."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+from tasker_pg.bench_args import SCENARIOS
+from tasker_pg.errors import TaskerError
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+# Scenarios whose result is a ratio to the baseline: they pull the baseline in.
+RATIO_SCENARIOS = ("flat", "dag")
+
+# Default sizes (multiplied by --n).
+BASELINE_MESSAGES = 100_000
+BASELINE_CONNECTIONS = 4
+BASELINE_BATCH = 50
+FLAT_TASKS = 20_000
+DAG_TASKS = 2_000
+LATENCY_TASKS = 200
+LATENCY_RATE = 50.0  # tasks created per second
+CREATE_SINGLE_TASKS = 2_000
+CREATE_BATCHED_TASKS = 20_000
+CREATE_BATCH = 1_000
+CREATE_WARMUP = 20  # calls before timing starts (plans cached, functions compiled)
+
+# Targets on the 2-core reference machine.
+TARGET_FLAT_RATIO = 0.18
+TARGET_DAG_RATIO = 0.15
+TARGET_CREATE_START_P50_MS = 3.0
+TARGET_CREATE_START_P99_MS = 10.0
+TARGET_HANDOFF_P50_MS = 2.0
+TARGET_LINEAR_E2E_P50_MS = 10.0
+TARGET_CREATE_SINGLE = 1_500.0
+TARGET_CREATE_BATCHED = 8_000.0
+
+# What the reference machine did, for the notes under the table.
+REFERENCE_BASELINE = 59_000
+REFERENCE_BARE_INSERT = 3_300
+DRIFT_WARNING_PCT = 15.0
+
+POLL_INTERVAL = 0.1  # completion polling (detection only, not timing)
+STALL_TIMEOUT = 60.0  # fail when no task completes for this long
+WORKER_START_TIMEOUT = 60.0
+WORKER_STOP_TIMEOUT = 30.0
+
+__all__ = ["SCENARIOS", "BenchError", "BenchOptions", "options_from_args"]
+
+
+class BenchError(TaskerError):
+    """A scenario could not produce an honest number (tasks unfinished, worker died, ...)."""
+
+    error_code = "bench_failed"
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What to run and how (the command-line options)."""
+
+    scenarios: tuple[str, ...] = SCENARIOS
+    workers: int = 1
+    concurrency: int = 200
+    n: float = 1.0
+    handler_ms: float = 0.0
+    dsn: str | None = None
+
+    def count(self, default: int) -> int:
+        """A default size scaled by `n` (at least 1)."""
+        return max(1, round(default * self.n))
+
+
+def options_from_args(args: argparse.Namespace) -> BenchOptions:
+    """The options parsed by `tasker_pg.bench_args.add_arguments`."""
+    return BenchOptions(
+        scenarios=tuple(args.scenario) or SCENARIOS,
+        workers=args.workers,
+        concurrency=args.concurrency,
+        n=args.n,
+        handler_ms=args.handler_ms,
+        dsn=args.dsn,
+    )

@@ -1,0 +1,179 @@
+"""The benchmark's report: the table rows, percentiles, the header and the notes under the table."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from tasker_pg import __version__
+from tasker_pg.bench.options import (
+    DRIFT_WARNING_PCT,
+    REFERENCE_BARE_INSERT,
+    REFERENCE_BASELINE,
+    TARGET_CREATE_SINGLE,
+    BenchOptions,
+)
+
+
+@dataclass
+class Row:
+    """One line of the report table; `met` is None where there is no target to meet."""
+
+    scenario: str
+    measure: str
+    value: str
+    ratio: str = ""
+    target: str = ""
+    met: bool | None = None
+
+    @property
+    def result(self) -> str:
+        if not self.target:
+            return ""
+        if self.met is None:
+            return "n/a"
+        return "met" if self.met else "MISSED"
+
+    def cells(self) -> list[str]:
+        return [self.scenario, self.measure, self.value, self.ratio, self.target, self.result]
+
+
+COLUMNS = (
+    ("scenario", 9),
+    ("measure", 36),
+    ("value", 24),
+    ("ratio", 11),
+    ("target", 18),
+    ("result", 6),
+)
+
+
+def format_row(cells: Sequence[str]) -> str:
+    """A table line with the report's fixed column widths (rows print as scenarios finish)."""
+    return "  ".join(c.ljust(w) for c, (_, w) in zip(cells, COLUMNS, strict=True)).rstrip()
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The q-th percentile (0-100) by linear interpolation between closest ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    ordered = sorted(values)
+    k = (len(ordered) - 1) * q / 100.0
+    lo = math.floor(k)
+    hi = min(lo + 1, len(ordered) - 1)
+    return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
+
+
+def ms_summary(seconds: Sequence[float]) -> dict[str, float]:
+    """p50/p90/p99/max of a list of durations in seconds, in milliseconds."""
+    return {
+        "count": len(seconds),
+        "p50_ms": round(percentile(seconds, 50) * 1000, 3),
+        "p90_ms": round(percentile(seconds, 90) * 1000, 3),
+        "p99_ms": round(percentile(seconds, 99) * 1000, 3),
+        "max_ms": round(max(seconds) * 1000, 3),
+    }
+
+
+def print_header(out: TextIO, options: BenchOptions, machine: dict[str, Any]) -> None:
+    """The machine, the server's settings and the options, then the table's column heads."""
+    o = options
+    print(
+        f"tasker-pg bench {__version__}: {machine['cores']} cores ({machine['cpu_model']}), "
+        f"load {' '.join(str(x) for x in machine['load_average'])}\n"
+        f"PostgreSQL {machine['postgres_version']}, fsync={machine['fsync']}, "
+        f"synchronous_commit={machine['synchronous_commit']}, "
+        f"shared_buffers={machine['shared_buffers']}; {machine['server']}\n"
+        f"workers={o.workers} concurrency={o.concurrency} n={o.n:g} "
+        f"handler_ms={o.handler_ms:g}\n",
+        file=out,
+    )
+    print(format_row([name for name, _ in COLUMNS]), file=out)
+    print(format_row(["-" * w for _, w in COLUMNS]), file=out, flush=True)
+
+
+def print_footer(out: TextIO, report: dict[str, Any]) -> None:
+    """The verdict line, then per scenario its CPU and batching figures and context notes,
+    then the failures in full."""
+    judged = [t for t in report["targets"] if t["met"] is not None]
+    met = sum(1 for t in judged if t["met"])
+    print(file=out)
+    print(
+        f"targets: {met} met, {len(judged) - met} missed"
+        + (
+            f", {len(report['targets']) - len(judged)} not applicable (--handler-ms)"
+            if len(judged) < len(report["targets"])
+            else ""
+        )
+        + f"; all tasks completed: {'yes' if report['all_completed'] else 'NO'}"
+        + f"; {report['duration_s']:g}s",
+        file=out,
+    )
+    for name, result in report["scenarios"].items():
+        details = []
+        for key, value in cpu_details(result):
+            details.append(f"{key}: {value}")
+        for line in result.get("worker_summaries", []):
+            details.append(f"worker {line}")
+        for shape, sub in result.get("shapes", {}).items():
+            details.extend(f"{shape}: {key}: {value}" for key, value in cpu_details(sub))
+            details.extend(f"{shape}: worker {line}" for line in sub["worker_summaries"])
+        details.extend(context_notes(name, result))
+        for line in details:
+            print(f"  {name}: {line}", file=out)
+    for name, error in report["failures"].items():
+        print(f"\n{name} FAILED:\n{error}", file=out)
+
+
+def context_notes(name: str, result: dict[str, Any]) -> list[str]:
+    """How this machine compares with the one the targets were set on."""
+    notes = []
+    if name == "baseline" and result.get("ok"):
+        notes.append(
+            f"the targets' reference machine did about {REFERENCE_BASELINE:,} messages/s; "
+            f"this one {result['messages_per_s']:,.0f}"
+        )
+        drift = result.get("drift_pct")
+        if drift is not None and abs(drift) > DRIFT_WARNING_PCT:
+            notes.append(
+                f"WARNING: the baseline drifted {drift:+.0f}% during the run; the machine was "
+                "not steady and the ratios are uncertain by about as much"
+            )
+    if name == "create" and result.get("ok"):
+        notes.append(
+            "one create_task per call reaches "
+            f"{result['one_per_call']['ratio_to_bare_insert']:.2f}x of a bare insert here; the "
+            f"target is {TARGET_CREATE_SINGLE:,.0f} of the reference machine's "
+            f"~{REFERENCE_BARE_INSERT:,}/s = {TARGET_CREATE_SINGLE / REFERENCE_BARE_INSERT:.2f}x"
+        )
+    return notes
+
+
+def cpu_details(result: dict[str, Any]) -> list[tuple[str, str]]:
+    """The per-step CPU and batching figures of one result, for the notes under the table."""
+    parts = []
+    if "avg_claim_batch" in result:
+        parts.append(
+            (
+                "batches",
+                f"{result['claim_batches']} claims (avg {result['avg_claim_batch']}), "
+                f"{result['flush_batches']} flushes (avg {result['avg_flush_batch']}), "
+                f"{result['seconds']:.2f}s",
+            )
+        )
+    cpu = [
+        f"{label} {result[key]} us"
+        for key, label in (
+            ("server_cpu_us_per_step", "server"),
+            ("worker_cpu_us_per_step", "worker"),
+            ("server_cpu_us_per_msg", "server"),
+            ("client_cpu_us_per_msg", "client"),
+        )
+        if result.get(key) is not None
+    ]
+    if cpu:
+        per = "message" if "messages" in result else "step"
+        parts.append((f"CPU per {per}", ", ".join(cpu)))
+    return parts

@@ -1,0 +1,396 @@
+"""The engine's scenarios: flat and dag throughput, latency, task creation.
+
+Each is an async function of the running `Bench` (fresh databases, worker processes, the
+completion poll and the verification come from there); each records its figures in
+`bench.results` and emits its table rows. `RUNNERS` maps every scenario name (and the
+end-of-run baseline) to its function.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from tasker_pg import db
+from tasker_pg.bench import baseline, handlers, queries
+from tasker_pg.bench.handlers import NAMESPACE
+from tasker_pg.bench.machine import CpuMeter, cpu_per_step
+from tasker_pg.bench.options import (
+    CREATE_BATCH,
+    CREATE_BATCHED_TASKS,
+    CREATE_SINGLE_TASKS,
+    CREATE_WARMUP,
+    DAG_TASKS,
+    FLAT_TASKS,
+    LATENCY_RATE,
+    LATENCY_TASKS,
+    TARGET_CREATE_BATCHED,
+    TARGET_CREATE_SINGLE,
+    TARGET_CREATE_START_P50_MS,
+    TARGET_CREATE_START_P99_MS,
+    TARGET_DAG_RATIO,
+    TARGET_FLAT_RATIO,
+    TARGET_HANDOFF_P50_MS,
+    TARGET_LINEAR_E2E_P50_MS,
+    BenchError,
+)
+from tasker_pg.bench.report import Row, ms_summary, percentile
+
+if TYPE_CHECKING:
+    from tasker_pg.bench.runner import Bench
+
+Scenario = Callable[["Bench"], Awaitable[None]]
+
+
+@dataclass
+class Drain:
+    """What one drain (flat, or one dag shape) measured."""
+
+    tasks: int
+    steps: int
+    seconds: float
+    claim_batches: int
+    flush_batches: int
+    worker_cpu_s: float | None
+    server_cpu_s: float | None
+    worker_summaries: list[str] = field(default_factory=list)
+
+    def as_dict(self, baseline_rate: float | None) -> dict[str, Any]:
+        steps_per_s = self.steps / self.seconds
+        return {
+            "tasks": self.tasks,
+            "steps": self.steps,
+            "seconds": round(self.seconds, 4),
+            "steps_per_s": round(steps_per_s, 1),
+            "tasks_per_s": round(self.tasks / self.seconds, 1),
+            "ratio_to_baseline": round(steps_per_s / baseline_rate, 4) if baseline_rate else None,
+            "claim_batches": self.claim_batches,
+            "avg_claim_batch": round(self.steps / self.claim_batches, 1),
+            "flush_batches": self.flush_batches,
+            "avg_flush_batch": round(self.steps / self.flush_batches, 1),
+            "worker_cpu_us_per_step": cpu_per_step(self.worker_cpu_s, self.steps),
+            "server_cpu_us_per_step": cpu_per_step(self.server_cpu_s, self.steps),
+            "all_completed": True,
+            "worker_summaries": self.worker_summaries,
+        }
+
+
+# --- flat and dag ---------------------------------------------------------------------------------
+
+
+async def drain(bench: Bench, label: str, template: str, tasks: int, steps_per_task: int) -> Drain:
+    """Create `tasks` tasks in one transaction with idle workers waiting, time the drain."""
+    steps = tasks * steps_per_task
+    async with bench.fresh_database(label) as dsn:
+        conn = await db.connect(dsn)
+        workers = bench.workers(label, dsn, bench.options.workers)
+        try:
+            await bench.register(conn)
+            for worker in workers:
+                worker.start()
+            await asyncio.gather(*(w.wait_ready() for w in workers))
+            bench.say(f"{label}: creating {tasks:,} {template} tasks in one transaction")
+            async with conn.transaction():
+                for first in range(0, tasks, CREATE_BATCH):
+                    contexts = [{"i": i} for i in range(first, min(first + CREATE_BATCH, tasks))]
+                    await conn.create_tasks(NAMESPACE, template, contexts)
+                await queries.analyze_engine_tables(conn)
+                pids = await queries.worker_backend_pids(conn) if bench.server_local else []
+                worker_meter = CpuMeter([w.pid for w in workers])
+                server_meter = CpuMeter(pids)
+                worker_meter.start()
+                server_meter.start()
+            bench.say(f"{label}: committed; {len(workers)} worker(s) draining")
+            await bench.wait_complete(conn, tasks, workers)
+            worker_cpu = worker_meter.stop()
+            server_cpu = server_meter.stop() if bench.server_local else None
+            await bench.verify(conn, tasks, steps)
+            seconds, claim_batches, flush_batches = await queries.drain_timing(conn)
+            if not seconds > 0:
+                raise BenchError(f"{label}: no time elapsed between first claim and last task")
+        finally:
+            await asyncio.gather(*(w.stop() for w in workers))
+            await conn.close()
+    summaries = [f"{w.worker_id}: {w.final_summary() or '(no final stats line)'}" for w in workers]
+    return Drain(
+        tasks=tasks,
+        steps=steps,
+        seconds=seconds,
+        claim_batches=claim_batches,
+        flush_batches=flush_batches,
+        worker_cpu_s=worker_cpu,
+        server_cpu_s=server_cpu,
+        worker_summaries=summaries,
+    )
+
+
+def _settings(bench: Bench) -> dict[str, Any]:
+    return {
+        "workers": bench.options.workers,
+        "concurrency": bench.options.concurrency,
+        "handler_ms": bench.options.handler_ms,
+    }
+
+
+async def flat(bench: Bench) -> None:
+    """Single-step tasks drained by the worker processes: steps/s and the ratio."""
+    result = (
+        await drain(bench, "flat", handlers.FLAT, bench.options.count(FLAT_TASKS), 1)
+    ).as_dict(bench.baseline_rate)
+    bench.results["flat"] = {"ok": True, **_settings(bench), **result}
+    rate = result["steps_per_s"]
+    ratio = result["ratio_to_baseline"]
+    bench.emit(
+        Row(
+            "flat",
+            f"steps/s ({bench.options.workers} worker x {bench.options.concurrency})",
+            f"{rate:,.0f}",
+            bench.ratio(rate),
+            f">= {TARGET_FLAT_RATIO:.2f}x",
+            bench.judge(ratio >= TARGET_FLAT_RATIO) if ratio is not None else None,
+        )
+    )
+
+
+async def dag(bench: Bench) -> None:
+    """Four-step diamonds, then four-step chains, each drained on a fresh database."""
+    shapes: dict[str, Any] = {}
+    for shape in (handlers.DIAMOND, handlers.LINEAR):
+        result = (
+            await drain(bench, f"dag_{shape}", shape, bench.options.count(DAG_TASKS), 4)
+        ).as_dict(bench.baseline_rate)
+        shapes[shape] = result
+        rate = result["steps_per_s"]
+        ratio = result["ratio_to_baseline"]
+        bench.emit(
+            Row(
+                "dag",
+                f"{shape} steps/s (tasks/s)",
+                f"{rate:,.0f} ({result['tasks_per_s']:,.0f})",
+                bench.ratio(rate),
+                f">= {TARGET_DAG_RATIO:.2f}x",
+                bench.judge(ratio >= TARGET_DAG_RATIO) if ratio is not None else None,
+            )
+        )
+    bench.results["dag"] = {
+        "ok": True,
+        **_settings(bench),
+        "shapes": shapes,
+        "all_completed": all(s["all_completed"] for s in shapes.values()),
+    }
+
+
+# --- latency --------------------------------------------------------------------------------------
+
+
+async def _paced_create(conn: db.Connection, template: str, count: int) -> list[float]:
+    """Create `count` tasks one call at a time at LATENCY_RATE per second; call durations."""
+    durations: list[float] = []
+    started = time.monotonic()
+    for i in range(count):
+        delay = started + i / LATENCY_RATE - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)  # pacing, not synchronisation
+        t0 = time.perf_counter()
+        await conn.create_task(NAMESPACE, template, {"i": i})
+        durations.append(time.perf_counter() - t0)
+    return durations
+
+
+async def latency(bench: Bench) -> None:
+    """One idle worker; tasks created one at a time: create-to-start, handoff, end to end."""
+    count = bench.options.count(LATENCY_TASKS)
+    async with bench.fresh_database("latency") as dsn:
+        conn = await db.connect(dsn)
+        workers = bench.workers("latency", dsn, 1)
+        try:
+            await bench.register(conn)
+            workers[0].start()
+            await workers[0].wait_ready()
+            bench.say(f"latency: {count} single-step tasks at {LATENCY_RATE:g}/s")
+            single_calls = await _paced_create(conn, handlers.LATENCY_SINGLE, count)
+            await bench.wait_complete(conn, count, workers)
+            bench.say(f"latency: {count} four-step linear tasks at {LATENCY_RATE:g}/s")
+            linear_calls = await _paced_create(conn, handlers.LATENCY_LINEAR, count)
+            await bench.wait_complete(conn, 2 * count, workers)
+            checks = await bench.verify(conn, 2 * count, count + 4 * count)
+            single = await queries.latency_single(conn, handlers.LATENCY_SINGLE)
+            handoff = await queries.latency_handoff(conn, handlers.LATENCY_LINEAR)
+            e2e = await queries.latency_end_to_end(conn, handlers.LATENCY_LINEAR)
+        finally:
+            await workers[0].stop()
+            await conn.close()
+    if len(single) != count or len(handoff) != 3 * count or len(e2e) != count:
+        raise BenchError(
+            f"latency: expected {count} starts, {3 * count} handoffs and {count} tasks, "
+            f"found {len(single)}, {len(handoff)}, {len(e2e)}"
+        )
+    start = ms_summary([r["to_start"] for r in single])
+    hand = ms_summary([r["to_start"] for r in handoff])
+    end_to_end = ms_summary([r["seconds"] for r in e2e])
+    bench.results["latency"] = {
+        "ok": True,
+        "concurrency": bench.options.concurrency,
+        "handler_ms": bench.options.handler_ms,
+        "rate_per_s": LATENCY_RATE,
+        "create_to_start": {
+            **start,
+            "to_claim_p50_ms": round(percentile([r["to_claim"] for r in single], 50) * 1e3, 3),
+            "create_call_p50_ms": round(percentile(single_calls, 50) * 1e3, 3),
+        },
+        "handoff": {
+            **hand,
+            "to_claim_p50_ms": round(percentile([r["to_claim"] for r in handoff], 50) * 1e3, 3),
+            "from_parent_outcome": ms_summary([r["from_parent_outcome"] for r in handoff]),
+        },
+        "linear_end_to_end": {
+            **end_to_end,
+            "create_call_p50_ms": round(percentile(linear_calls, 50) * 1e3, 3),
+        },
+        **checks,
+        "worker_summaries": [f"{workers[0].worker_id}: {workers[0].final_summary()}"],
+    }
+    bench.emit(
+        Row(
+            "latency",
+            "create-to-start p50 / p99",
+            f"{start['p50_ms']:.2f} / {start['p99_ms']:.2f} ms",
+            "",
+            f"<= {TARGET_CREATE_START_P50_MS:g} / {TARGET_CREATE_START_P99_MS:g} ms",
+            bench.judge(
+                start["p50_ms"] <= TARGET_CREATE_START_P50_MS
+                and start["p99_ms"] <= TARGET_CREATE_START_P99_MS
+            ),
+        )
+    )
+    bench.emit(
+        Row(
+            "latency",
+            "step handoff p50 / p99",
+            f"{hand['p50_ms']:.2f} / {hand['p99_ms']:.2f} ms",
+            "",
+            f"p50 <= {TARGET_HANDOFF_P50_MS:g} ms",
+            bench.judge(hand["p50_ms"] <= TARGET_HANDOFF_P50_MS),
+        )
+    )
+    bench.emit(
+        Row(
+            "latency",
+            "4-step linear end to end p50 / p99",
+            f"{end_to_end['p50_ms']:.2f} / {end_to_end['p99_ms']:.2f} ms",
+            "",
+            f"p50 <= {TARGET_LINEAR_E2E_P50_MS:g} ms",
+            bench.judge(end_to_end["p50_ms"] <= TARGET_LINEAR_E2E_P50_MS),
+        )
+    )
+
+
+# --- create ---------------------------------------------------------------------------------------
+
+
+async def create(bench: Bench) -> None:
+    """Four-step tasks per second on one connection, next to a bare INSERT per call."""
+    single_n = bench.options.count(CREATE_SINGLE_TASKS)
+    batched_n = bench.options.count(CREATE_BATCHED_TASKS)
+    batch = min(CREATE_BATCH, batched_n)
+    template = handlers.DIAMOND
+    async with bench.fresh_database("create") as dsn:
+        conn = await db.connect(dsn)
+        try:
+            await bench.register(conn)
+            await baseline.create_insert_table(conn)
+            for i in range(CREATE_WARMUP):
+                await baseline.insert_row(conn, {"warmup": i})
+                await conn.create_task(NAMESPACE, template, {"warmup": i})
+            await conn.create_tasks(
+                NAMESPACE, template, [{"warmup": i} for i in range(CREATE_WARMUP)]
+            )
+            # The reference: what one commit per call costs here, with nothing else to do.
+            bench.say(f"create: {single_n:,} bare one-row inserts, one per call")
+            started = time.perf_counter()
+            for i in range(single_n):
+                await baseline.insert_row(conn, {"i": i})
+            insert_s = time.perf_counter() - started
+            bench.say(f"create: {single_n:,} tasks, one create_task call each")
+            started = time.perf_counter()
+            for i in range(single_n):
+                await conn.create_task(NAMESPACE, template, {"i": i})
+            single_s = time.perf_counter() - started
+            bench.say(f"create: {batched_n:,} tasks through create_tasks, {batch:,} per call")
+            started = time.perf_counter()
+            for first in range(0, batched_n, batch):
+                contexts = [{"i": i} for i in range(first, min(first + batch, batched_n))]
+                await conn.create_tasks(NAMESPACE, template, contexts)
+            batched_s = time.perf_counter() - started
+            total = 2 * CREATE_WARMUP + single_n + batched_n
+            found = await queries.created_totals(conn)
+            expected = {
+                "tasks": total,
+                "steps": 4 * total,
+                "edges": 4 * total,
+                "messages": total,
+                "inserted": CREATE_WARMUP + single_n,
+            }
+            if found != expected:
+                raise BenchError(f"create: expected {expected}, found {found}")
+        finally:
+            await conn.close()
+    insert_rate = single_n / insert_s
+    single_rate = single_n / single_s
+    batched_rate = batched_n / batched_s
+    bench.results["create"] = {
+        "ok": True,
+        "template": "diamond (4 steps)",
+        "bare_insert": {
+            "rows": single_n,
+            "seconds": round(insert_s, 4),
+            "rows_per_s": round(insert_rate, 1),
+        },
+        "one_per_call": {
+            "tasks": single_n,
+            "seconds": round(single_s, 4),
+            "tasks_per_s": round(single_rate, 1),
+            "ratio_to_bare_insert": round(single_rate / insert_rate, 4),
+        },
+        "batched": {
+            "tasks": batched_n,
+            "batch": batch,
+            "seconds": round(batched_s, 4),
+            "tasks_per_s": round(batched_rate, 1),
+        },
+        "all_completed": True,  # every task, step, edge and root message was created
+    }
+    bench.emit(Row("create", "bare one-row INSERT/s (reference)", f"{insert_rate:,.0f}", "1.000x"))
+    bench.emit(
+        Row(
+            "create",
+            "4-step tasks/s, one create_task/call",
+            f"{single_rate:,.0f}",
+            f"{single_rate / insert_rate:.3f}x",
+            f">= {TARGET_CREATE_SINGLE:,.0f}/s",
+            single_rate >= TARGET_CREATE_SINGLE,
+        )
+    )
+    bench.emit(
+        Row(
+            "create",
+            f"4-step tasks/s, create_tasks x {batch:,}",
+            f"{batched_rate:,.0f}",
+            f"{batched_rate / insert_rate:.3f}x",
+            f">= {TARGET_CREATE_BATCHED:,.0f}/s",
+            batched_rate >= TARGET_CREATE_BATCHED,
+        )
+    )
+
+
+RUNNERS: dict[str, Scenario] = {
+    "baseline": baseline.baseline,
+    "flat": flat,
+    "dag": dag,
+    "latency": latency,
+    "create": create,
+    "baseline_again": baseline.baseline_again,
+}
