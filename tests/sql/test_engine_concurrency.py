@@ -10,11 +10,9 @@ on a fresh database and has its own timeout; DESIGN.md invariants 1-3 are checke
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
@@ -22,6 +20,7 @@ import pytest
 
 from tasker_pg import db
 from tasker_pg.errors import DatabaseError
+from tests.support import plans
 
 T = TypeVar("T")
 Row = db.Row
@@ -30,7 +29,6 @@ Opener = Callable[[int], Awaitable[list[db.Connection]]]
 NS = "conc"
 LONG_LEASE = 300.0
 DEADLOCK_DETECTED = "40P01"
-MIGRATIONS = Path(__file__).resolve().parents[2] / "sql"
 
 
 # --- builders ------------------------------------------------------------------------------
@@ -977,520 +975,101 @@ async def test_claimers_in_open_transactions_never_share_a_step(
 
 PLAN_NS = "plan"
 PLAN_TASKS = 25_000
-PLAN_REAL_TASKS = 1_000  # created through create_task itself; the rest set-based, the same way
-
-# Everything create_task writes for a task, for $3 tasks at once (task rows, steps with root
-# messages, edges, first transitions), mirroring create_task's statement.
-SEED_TASKS = """
-WITH
-tpl AS MATERIALIZED (
-    SELECT nt.named_task_id, nt.version, nt.step_count FROM tasker.named_tasks nt
-     WHERE nt.namespace = $1 AND nt.name = $2
-),
-new_tasks AS MATERIALIZED (
-    SELECT gen_random_uuid() AS task_uuid, g FROM generate_series(1, $3) g
-),
-ins_tasks AS (
-    INSERT INTO tasker.tasks (task_uuid, named_task_id, namespace, name, version, state, context,
-                              total_steps, created_at, updated_at)
-    SELECT t.task_uuid, tpl.named_task_id, $1, $2, tpl.version, 'pending',
-           jsonb_build_object('order', t.g, 'customer', 'c' || (t.g % 977)), tpl.step_count,
-           clock_timestamp(), clock_timestamp()
-      FROM new_tasks t CROSS JOIN tpl
-),
-ns AS MATERIALIZED (
-    SELECT n.named_step_id, n.name, n.parent_names, n.max_attempts, n.retryable,
-           cardinality(n.parent_names) AS parent_count
-      FROM tasker.named_steps n JOIN tpl ON n.named_task_id = tpl.named_task_id
-),
-new_steps AS MATERIALIZED (
-    SELECT gen_random_uuid() AS step_uuid, t.task_uuid, ns.*,
-           CASE WHEN ns.parent_count = 0 THEN nextval($4::regclass) END AS msg_id
-      FROM new_tasks t CROSS JOIN ns
-),
-ins_steps AS (
-    INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts,
-                              retryable, pending_parents, msg_id, enqueued_at, created_at,
-                              updated_at)
-    SELECT s.step_uuid, s.task_uuid, s.named_step_id, s.name,
-           CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
-           s.max_attempts, s.retryable, s.parent_count, s.msg_id,
-           CASE WHEN s.parent_count = 0 THEN clock_timestamp() END,
-           clock_timestamp(), clock_timestamp()
-      FROM new_steps s
-),
-ins_edges AS (
-    INSERT INTO tasker.step_edges (parent_uuid, child_uuid)
-    SELECT p.step_uuid, c.step_uuid
-      FROM new_steps c
-      CROSS JOIN unnest(c.parent_names) pn
-      JOIN new_steps p ON p.task_uuid = c.task_uuid AND p.name = pn
-),
-ins_msgs AS (
-    INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
-    SELECT $1, s.msg_id, clock_timestamp(), clock_timestamp(), 0,
-           jsonb_build_object('step_uuid', s.step_uuid, 'task_uuid', s.task_uuid)
-      FROM new_steps s WHERE s.msg_id IS NOT NULL
-),
-ins_audit AS (
-    INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event)
-    SELECT s.step_uuid, s.task_uuid, NULL,
-           CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END, 'created'
-      FROM new_steps s
-)
-INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event)
-SELECT t.task_uuid, NULL, 'pending', 'created' FROM new_tasks t
-"""
-
-# The hot statements of claim_steps / complete_steps and the helpers they call, copied from
-# sql/migrations/0002_engine.sql with plpgsql variables turned into parameters. The functions
-# themselves cannot be EXPLAINed from outside (EXPLAIN of `SELECT tasker.claim_steps(...)`
-# shows one Function Scan), so each statement is PREPAREd with the types plpgsql gives its
-# variables and EXPLAINed through EXECUTE, which honours plan_cache_mode (plpgsql switches to
-# a generic plan after five calls). `marker` is a line of the statement that must still be in
-# the migrations: if the engine changes it, update the copy here.
-PLAN_STATEMENTS: dict[str, dict[str, Any]] = {
-    "claim_pick": {
-        "types": "text, timestamptz, integer",
-        "marker": "WHERE t.task_uuid = s.task_uuid) AS task_state",
-        "indexes": {"q_plan", "steps_pkey"},
-        "sql": """
-            WITH
-            msgs AS MATERIALIZED (
-                SELECT m.msg_id, (m.message->>'step_uuid')::uuid AS step_uuid
-                  FROM tasker.queue_messages m
-                 WHERE m.queue = $1 AND m.vt <= $2
-                 ORDER BY m.priority DESC, m.msg_id
-                 LIMIT $3
-                   FOR UPDATE SKIP LOCKED
-            ),
-            locked_steps AS MATERIALIZED (
-                SELECT s.step_uuid, s.task_uuid, s.state, s.attempts, s.max_attempts, s.retryable,
-                       s.continuation,
-                       (SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = s.task_uuid)
-                           AS task_state
-                  FROM tasker.steps s
-                 WHERE s.step_uuid IN (SELECT msgs.step_uuid FROM msgs)
-                 ORDER BY s.step_uuid
-                   FOR UPDATE SKIP LOCKED
-            )
-            SELECT array_agg(ROW(
-                       msgs.msg_id, msgs.step_uuid, ls.task_uuid, ls.state, ls.attempts,
-                       CASE
-                           WHEN ls.step_uuid IS NULL THEN
-                               CASE WHEN EXISTS (SELECT 1 FROM tasker.steps x
-                                                  WHERE x.step_uuid = msgs.step_uuid)
-                                    THEN 'skip' ELSE 'dead' END
-                           WHEN ls.state NOT IN ('enqueued', 'waiting_for_retry', 'in_progress')
-                               THEN 'dead'
-                           WHEN ls.task_state IN ('complete', 'cancelled', 'resolved_manually')
-                               THEN 'dead'
-                           WHEN ls.state = 'in_progress' AND ls.continuation THEN 'run_resume'
-                           WHEN ls.task_state = 'error' THEN
-                               CASE WHEN ls.state = 'in_progress' THEN 'park_expire' ELSE 'park' END
-                           WHEN ls.state IN ('enqueued', 'waiting_for_retry') THEN 'run_new'
-                           WHEN ls.retryable AND ls.attempts < ls.max_attempts THEN 'run_reclaim'
-                           ELSE 'expire_fail'
-                       END)::tasker._claim_candidate)
-              FROM msgs
-              LEFT JOIN locked_steps ls ON ls.step_uuid = msgs.step_uuid
-        """,
-    },
-    "claim_run": {
-        "types": "tasker._claim_candidate[], text, timestamptz, timestamptz, text",
-        "marker": "WHERE a.task_uuid = upd.task_uuid AND a.name = ANY (ns.ancestor_names)",
-        "indexes": {"steps_pkey", "tasks_pkey", "steps_task_name_idx", "q_plan"},
-        "sql": """
-            WITH
-            run AS (
-                SELECT b.* FROM unnest($1::tasker._claim_candidate[]) b
-                 WHERE b.kind IN ('run_new', 'run_resume', 'run_reclaim')
-            ),
-            upd AS (
-                UPDATE tasker.steps s
-                   SET state = 'in_progress',
-                       attempts = s.attempts + CASE WHEN r.kind = 'run_resume' THEN 0 ELSE 1 END,
-                       claim_seq = s.claim_seq + 1,
-                       claim_spent_attempt = (r.kind <> 'run_resume'),
-                       continuation = false,
-                       worker_id = $2,
-                       next_attempt_at = NULL,
-                       started_at = $3,
-                       updated_at = $3
-                  FROM run r
-                 WHERE s.step_uuid = r.step_uuid
-                RETURNING s.step_uuid, s.task_uuid, s.named_step_id, s.name, s.attempts,
-                          s.claim_seq, s.max_attempts, s.retryable, s.checkpoint, s.inputs,
-                          r.msg_id, r.step_state, r.kind
-            ),
-            lease AS (
-                UPDATE tasker.queue_messages m
-                   SET vt = $4, read_ct = m.read_ct + 1
-                  FROM upd
-                 WHERE m.queue = $5 AND m.msg_id = upd.msg_id
-            ),
-            audit AS (
-                INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state,
-                                                     event, attempt, worker_id, created_at)
-                SELECT upd.step_uuid, upd.task_uuid, upd.step_state, 'in_progress',
-                       CASE upd.kind WHEN 'run_new' THEN 'claimed' WHEN 'run_resume' THEN 'resumed'
-                                     ELSE 'lease_expired' END,
-                       upd.attempts, $2, $3
-                  FROM upd
-            )
-            SELECT upd.msg_id, upd.step_uuid, upd.task_uuid, upd.name, ns.handler, ns.config,
-                   upd.attempts, upd.claim_seq, upd.max_attempts, upd.retryable, ns.backoff,
-                   ns.backoff_base_ms, ns.max_backoff_ms, ns.jitter, ns.timeout_seconds, t.context,
-                   CASE WHEN cardinality(ns.ancestor_names) = 0 THEN '{}'::jsonb
-                        ELSE coalesce((SELECT jsonb_object_agg(a.name, a.results)
-                                         FROM tasker.steps a
-                                        WHERE a.task_uuid = upd.task_uuid
-                                          AND a.name = ANY (ns.ancestor_names)),
-                                      '{}'::jsonb)
-                   END,
-                   upd.checkpoint, upd.inputs, t.namespace, t.name, t.version, $4
-              FROM upd
-              JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
-              JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id
-             ORDER BY upd.msg_id
-        """,
-    },
-    "hydrate_ancestors": {
-        "types": "uuid, text[]",
-        "marker": "AND a.name = ANY (ns.ancestor_names)",
-        "indexes": {"steps_task_name_idx"},
-        "sql": """
-            SELECT jsonb_object_agg(a.name, a.results)
-              FROM tasker.steps a
-             WHERE a.task_uuid = $1 AND a.name = ANY ($2)
-        """,
-    },
-    "complete_lock_messages": {
-        "types": "tasker._outcome_input[]",
-        "marker": "WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x",
-        "indexes": {"steps_pkey", "tasks_pkey", "q_plan"},
-        "sql": """
-            SELECT 1
-              FROM (SELECT t.namespace, s.msg_id
-                      FROM unnest($1::tasker._outcome_input[]) i
-                      JOIN tasker.steps s ON s.step_uuid = i.step_uuid
-                      JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-                     WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x
-              JOIN tasker.queue_messages m ON m.queue = x.namespace AND m.msg_id = x.msg_id
-             ORDER BY m.queue, m.msg_id
-               FOR UPDATE OF m
-        """,
-    },
-    "complete_apply": {
-        "types": "tasker._outcome_input[], timestamptz",
-        "marker": "s.attempts = p.attempt AND s.claim_seq = p.current_claim",
-        "indexes": {"steps_pkey", "tasks_pkey", "q_plan"},
-        "sql": """
-            WITH
-            prep AS (
-                SELECT i.*, s.task_uuid, t.namespace AS queue, s.msg_id,
-                       s.claim_seq AS current_claim,
-                       CASE
-                           WHEN i.kind = 'success' THEN 'complete'
-                           WHEN i.kind = 'checkpoint' THEN 'in_progress'
-                           WHEN coalesce((i.error->>'retryable')::boolean, true) AND s.retryable
-                                AND s.attempts < s.max_attempts THEN 'waiting_for_retry'
-                           ELSE 'error'
-                       END AS new_state,
-                       CASE WHEN i.kind = 'failure' THEN
-                           $2 + make_interval(secs => coalesce(
-                               (i.error->>'retry_after')::double precision,
-                               (SELECT tasker._backoff_seconds(n.backoff, n.backoff_base_ms,
-                                                              n.max_backoff_ms, n.jitter,
-                                                              s.attempts)
-                                  FROM tasker.named_steps n
-                                 WHERE n.named_step_id = s.named_step_id)))
-                       END AS retry_at
-                  FROM unnest($1::tasker._outcome_input[]) i
-                  JOIN tasker.steps s ON s.step_uuid = i.step_uuid
-                  JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-                 WHERE s.state = 'in_progress' AND s.attempts = i.attempt
-                   AND (i.claim_seq IS NULL OR s.claim_seq = i.claim_seq)
-                   AND NOT s.continuation
-            ),
-            upd AS (
-                UPDATE tasker.steps s
-                   SET state = p.new_state,
-                       results = CASE WHEN p.kind = 'success' THEN p.result ELSE s.results END,
-                       metadata = CASE WHEN p.kind <> 'checkpoint'
-                                       THEN coalesce(p.metadata, s.metadata) ELSE s.metadata END,
-                       last_error = CASE WHEN p.kind = 'failure'
-                                         THEN p.error || jsonb_build_object('attempt', s.attempts,
-                                                  'worker_id', p.worker_id, 'at', $2)
-                                         ELSE s.last_error END,
-                       checkpoint = CASE WHEN p.kind = 'checkpoint' THEN p.checkpoint
-                                         ELSE s.checkpoint END,
-                       continuation = (p.kind = 'checkpoint'),
-                       next_attempt_at = CASE WHEN p.new_state = 'waiting_for_retry'
-                                              THEN p.retry_at END,
-                       msg_id = CASE WHEN p.new_state IN ('complete', 'error') THEN NULL
-                                     ELSE s.msg_id END,
-                       completed_at = CASE WHEN p.new_state IN ('complete', 'error') THEN $2
-                                           ELSE s.completed_at END,
-                       updated_at = $2
-                  FROM prep p
-                 WHERE s.step_uuid = p.step_uuid
-                   AND s.state = 'in_progress' AND s.attempts = p.attempt
-                   AND s.claim_seq = p.current_claim
-                   AND NOT s.continuation
-                RETURNING p.ord, s.step_uuid, s.task_uuid, p.queue, p.msg_id, p.new_state, p.kind,
-                          s.attempts, p.worker_id, p.duration_ms, p.error, p.retry_at
-            ),
-            drop_msgs AS (
-                DELETE FROM tasker.queue_messages m USING upd
-                 WHERE upd.new_state IN ('complete', 'error') AND m.queue = upd.queue
-                   AND m.msg_id = upd.msg_id
-            ),
-            move_msgs AS (
-                UPDATE tasker.queue_messages m
-                   SET vt = CASE WHEN upd.new_state = 'waiting_for_retry' THEN upd.retry_at
-                                 ELSE $2 END
-                  FROM upd
-                 WHERE upd.new_state IN ('waiting_for_retry', 'in_progress')
-                   AND m.queue = upd.queue AND m.msg_id = upd.msg_id
-            ),
-            audit AS (
-                INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state,
-                                                     event, attempt, worker_id, duration_ms,
-                                                     error_summary, created_at)
-                SELECT upd.step_uuid, upd.task_uuid, 'in_progress', upd.new_state,
-                       CASE upd.kind
-                           WHEN 'success' THEN 'succeeded'
-                           WHEN 'checkpoint' THEN 'checkpointed'
-                           ELSE CASE upd.new_state WHEN 'error' THEN 'failed'
-                                                   ELSE 'retry_scheduled' END
-                       END,
-                       upd.attempts, upd.worker_id, upd.duration_ms,
-                       CASE WHEN upd.kind = 'failure'
-                            THEN left(coalesce(upd.error->>'error_type', 'error') || ': '
-                                      || coalesce(upd.error->>'message', ''), 500)
-                       END,
-                       $2
-                  FROM upd
-            )
-            SELECT array_agg(ROW(upd.ord, upd.step_uuid, upd.task_uuid, upd.queue,
-                                 upd.new_state)::tasker._applied_outcome)
-              FROM upd
-        """,
-    },
-    "children_lock": {
-        "types": "uuid[]",
-        "marker": "FROM tasker.step_edges e WHERE e.parent_uuid = ANY (p_parents))",
-        "indexes": {"steps_pkey", "step_edges_pkey"},
-        "sql": """
-            SELECT 1
-              FROM tasker.steps s
-             WHERE s.step_uuid IN (SELECT e.child_uuid FROM tasker.step_edges e
-                                    WHERE e.parent_uuid = ANY ($1))
-             ORDER BY s.step_uuid
-               FOR UPDATE
-        """,
-    },
-    "children_release": {
-        "types": "uuid[]",
-        "marker": "SET pending_parents = s.pending_parents - d.n",
-        "indexes": {"steps_pkey", "step_edges_pkey"},
-        "sql": """
-            WITH d AS (
-                SELECT e.child_uuid, count(*)::integer AS n
-                  FROM tasker.step_edges e
-                 WHERE e.parent_uuid = ANY ($1)
-                 GROUP BY e.child_uuid
-            ),
-            upd AS (
-                UPDATE tasker.steps s
-                   SET pending_parents = s.pending_parents - d.n
-                  FROM d
-                 WHERE s.step_uuid = d.child_uuid
-                RETURNING s.step_uuid, s.pending_parents, s.state
-            )
-            SELECT array_agg(upd.step_uuid)
-              FROM upd
-             WHERE upd.pending_parents <= 0 AND upd.state = 'pending'
-        """,
-    },
-    "task_deltas": {
-        "types": "tasker._task_delta[], text, timestamptz",
-        "marker": "SET completed_steps = t.completed_steps + d.completed,",
-        "indexes": {"tasks_pkey"},
-        "sql": """
-            WITH d AS (
-                SELECT x.task_uuid, sum(x.completed)::integer AS completed,
-                       sum(x.errors)::integer AS errors
-                  FROM unnest($1::tasker._task_delta[]) x
-                 GROUP BY x.task_uuid
-            ),
-            locked AS MATERIALIZED (
-                SELECT t.task_uuid, t.state
-                  FROM tasker.tasks t
-                  JOIN d ON d.task_uuid = t.task_uuid
-                 WHERE d.completed <> 0 OR d.errors <> 0 OR t.state = 'pending'
-                 ORDER BY t.task_uuid
-                   FOR UPDATE OF t
-            ),
-            upd AS (
-                UPDATE tasker.tasks t
-                   SET completed_steps = t.completed_steps + d.completed,
-                       error_steps = greatest(t.error_steps + d.errors, 0),
-                       state = CASE
-                           WHEN t.state IN ('cancelled', 'resolved_manually') THEN t.state
-                           WHEN t.error_steps + d.errors > 0 THEN 'error'
-                           WHEN t.completed_steps + d.completed >= t.total_steps THEN 'complete'
-                           ELSE 'steps_in_process'
-                       END,
-                       completed_at = CASE
-                           WHEN t.state NOT IN ('cancelled', 'resolved_manually')
-                                AND t.error_steps + d.errors <= 0
-                                AND t.completed_steps + d.completed >= t.total_steps THEN $3
-                           ELSE t.completed_at
-                       END,
-                       updated_at = $3
-                  FROM locked l
-                  JOIN d ON d.task_uuid = l.task_uuid
-                 WHERE t.task_uuid = l.task_uuid
-                RETURNING t.task_uuid, l.state AS old_state, t.state AS new_state, t.namespace,
-                          t.name
-            ),
-            audit AS (
-                INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event,
-                                                     created_at)
-                SELECT u.task_uuid, u.old_state, u.new_state, $2, $3
-                  FROM upd u
-                 WHERE u.old_state <> u.new_state
-            )
-            SELECT u.* FROM upd u
-        """,
-    },
-    "enqueue_ready": {
-        "types": "uuid[], text, timestamptz",
-        "marker": "SET state = 'enqueued', msg_id = r.msg_id, enqueued_at = v_now",
-        "indexes": {"steps_pkey", "tasks_pkey"},
-        "sql": """
-            WITH ready AS MATERIALIZED (
-                SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority,
-                       nextval(q.msg_seq) AS msg_id
-                  FROM tasker.steps s
-                  JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-                  JOIN tasker.queues q ON q.queue_name = t.namespace
-                 WHERE s.step_uuid = ANY ($1)
-                   AND s.state = 'pending' AND s.pending_parents <= 0
-                   AND t.state IN ('pending', 'steps_in_process')
-            ),
-            msgs AS (
-                INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority,
-                                                   message)
-                SELECT r.namespace, r.msg_id, $3, $3, r.priority,
-                       jsonb_build_object('step_uuid', r.step_uuid, 'task_uuid', r.task_uuid)
-                  FROM ready r
-            ),
-            upd AS (
-                UPDATE tasker.steps s
-                   SET state = 'enqueued', msg_id = r.msg_id, enqueued_at = $3, updated_at = $3
-                  FROM ready r
-                 WHERE s.step_uuid = r.step_uuid
-                RETURNING s.step_uuid, s.task_uuid
-            ),
-            audit AS (
-                INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state,
-                                                     event, created_at)
-                SELECT upd.step_uuid, upd.task_uuid, 'pending', 'enqueued', $2, $3 FROM upd
-            )
-            SELECT array_agg(DISTINCT r.namespace), count(*) FROM ready r
-        """,
-    },
-}
-
-# Tables no hot statement may read with a sequential scan (queue partitions: any q_<name>).
+PLAN_BATCH = 5_000
+PLAN_ROUNDS = 7
+PLAN_QTY = 10
+# Tables no hot statement may read with a sequential scan, and the queue partitions (q_<name>).
 BIG_TABLES = {"steps", "tasks", "step_edges", "queue_messages"}
-
-
-def plan_nodes(plan: dict[str, Any]) -> Iterable[dict[str, Any]]:
-    yield plan
-    for child in plan.get("Plans", []):
-        yield from plan_nodes(child)
-
-
-def squash(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
-
-
-def literal(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
+QUEUE_PARTITIONS = ("q_",)
 
 
 async def seed_plan_data(conn: db.Connection) -> None:
     """25,000 four-step linear tasks (100,000 steps, 75,000 edges, 25,000 visible root
-    messages): 1,000 through create_task, the rest through the same inserts, set-based."""
+    messages), created by tasker.create_tasks, then analyzed."""
     await conn.register_template(
         template("plan4", {"s1": [], "s2": ["s1"], "s3": ["s2"], "s4": ["s3"]}, PLAN_NS)
     )
-    await conn.execute(
-        """
-        SELECT tasker.create_task($1, 'plan4', jsonb_build_object('order', g), NULL, '{}')
-          FROM generate_series(1, $2) g
-        """,
-        PLAN_NS,
-        PLAN_REAL_TASKS,
-    )
-    seq = await conn.fetchval(
-        "SELECT msg_seq::text FROM tasker.queues WHERE queue_name = $1", PLAN_NS
-    )
-    await conn.execute(SEED_TASKS, PLAN_NS, "plan4", PLAN_TASKS - PLAN_REAL_TASKS, seq)
+    for first in range(1, PLAN_TASKS + 1, PLAN_BATCH):
+        created = await conn.fetchval(
+            """
+            SELECT count(*)
+              FROM tasker.create_tasks($1, 'plan4',
+                       (SELECT jsonb_agg(jsonb_build_object('order', g, 'customer', 'c' || g % 977)
+                                         ORDER BY g)
+                          FROM generate_series($2::integer, $3::integer) g))
+            """,
+            PLAN_NS,
+            first,
+            first + PLAN_BATCH - 1,
+        )
+        assert created == PLAN_BATCH
     await conn.execute(
         "ANALYZE tasker.steps, tasker.tasks, tasker.step_edges, tasker.queue_messages,"
         f" tasker.q_{PLAN_NS}, tasker.step_transitions, tasker.task_transitions"
     )
+    counts = await conn.fetchrow(
+        f"""SELECT (SELECT count(*) FROM tasker.steps) AS steps,
+                   (SELECT count(*) FROM tasker.step_edges) AS edges,
+                   (SELECT count(*) FROM tasker.q_{PLAN_NS}) AS messages"""
+    )
+    assert counts is not None
+    assert (counts["steps"], counts["edges"], counts["messages"]) == (
+        4 * PLAN_TASKS,
+        3 * PLAN_TASKS,
+        PLAN_TASKS,
+    )
 
 
-async def plan_arguments(conn: db.Connection) -> dict[str, list[str]]:
-    """Realistic arguments for each statement (SQL literals): 20 root steps, their tasks and
-    children, and a four-step task's ancestors."""
-    rows = await conn.fetch(
-        f"""
-        SELECT m.msg_id, s.step_uuid, s.task_uuid, c.step_uuid AS child
-          FROM (SELECT msg_id, (message->>'step_uuid')::uuid AS step_uuid
-                  FROM tasker.q_{PLAN_NS} ORDER BY priority DESC, msg_id LIMIT 20) m
-          JOIN tasker.steps s ON s.step_uuid = m.step_uuid
-          JOIN tasker.step_edges e ON e.parent_uuid = s.step_uuid
-          JOIN tasker.steps c ON c.step_uuid = e.child_uuid
-        """
+async def hot_statements(conn: db.Connection) -> dict[str, plans.Expected]:
+    """The statements claim_steps and complete_steps (with the helpers complete_steps calls)
+    run on every call, each named by a fragment of its text and the indexes its plan must scan.
+    """
+    claim_idx = await plans.partition_index(
+        conn, "tasker.queue_messages_claim_idx", f"tasker.q_{PLAN_NS}"
     )
-    assert len(rows) == 20
-    candidates = await conn.fetchval(
-        "SELECT array_agg(ROW(m, s, t, 'enqueued', 0, 'run_new')::tasker._claim_candidate)::text"
-        " FROM unnest($1::bigint[], $2::uuid[], $3::uuid[]) x(m, s, t)",
-        [r["msg_id"] for r in rows],
-        [r["step_uuid"] for r in rows],
-        [r["task_uuid"] for r in rows],
+    msg_pkey = await plans.partition_index(
+        conn, "tasker.queue_messages_pkey", f"tasker.q_{PLAN_NS}"
     )
-    outcomes = await conn.fetchval(
-        "SELECT array_agg(ROW(o::integer, s, 1, 1, 'success', '{\"ok\": true}'::jsonb, NULL, NULL,"
-        " NULL, 1.5, 'w')::tasker._outcome_input)::text"
-        " FROM unnest($1::uuid[]) WITH ORDINALITY x(s, o)",
-        [r["step_uuid"] for r in rows],
-    )
-    deltas = await conn.fetchval(
-        "SELECT array_agg(ROW(t, 1, 0)::tasker._task_delta)::text FROM unnest($1::uuid[]) t",
-        [r["task_uuid"] for r in rows],
-    )
-    now = literal("now")
-    parents = literal("{" + ",".join(str(r["step_uuid"]) for r in rows) + "}")
-    children = literal("{" + ",".join(str(r["child"]) for r in rows) + "}")
+    expect = plans.Expected.of
     return {
-        "claim_pick": [literal(PLAN_NS), now, "20"],
-        "claim_run": [literal(candidates), literal("w"), now, now, literal(PLAN_NS)],
-        "hydrate_ancestors": [literal(str(rows[0]["task_uuid"])), literal("{s1,s2,s3}")],
-        "complete_lock_messages": [literal(outcomes)],
-        "complete_apply": [literal(outcomes), now],
-        "children_lock": [parents],
-        "children_release": [parents],
-        "task_deltas": [literal(deltas), literal("step_outcome"), now],
-        "enqueue_ready": [children, literal("dependencies_satisfied"), now],
+        # claim_steps: pick and lock messages, then their steps (task state per step)
+        "claim_pick": expect("locked_steps AS MATERIALIZED", claim_idx, "steps_pkey", "tasks_pkey"),
+        # claim_steps: take the steps, lease the messages, hydrate (ancestors' results by name)
+        "claim_run": expect(
+            "SET vt = v_lease, read_ct = m.read_ct + 1",
+            "steps_pkey",
+            "tasks_pkey",
+            "steps_task_name_idx",
+            msg_pkey,
+        ),
+        # complete_steps: lock the claimed steps' messages
+        "complete_lock_messages": expect(
+            "WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x",
+            "steps_pkey",
+            "tasks_pkey",
+            msg_pkey,
+        ),
+        # complete_steps: apply the fenced outcomes, drop or move the messages
+        "complete_apply": expect("move_msgs AS (", "steps_pkey", "tasks_pkey", msg_pkey),
+        # complete_steps: the answer, with the state of a stale outcome's step
+        "complete_answer": expect("ELSE 'stale' END", "steps_pkey"),
+        # _release_children: lock the children, then count down their pending parents
+        "children_lock": expect(
+            "WHERE s.step_uuid IN (SELECT e.child_uuid FROM tasker.step_edges e",
+            "steps_pkey",
+            "step_edges_pkey",
+        ),
+        "children_release": expect(
+            "SET pending_parents = s.pending_parents - d.n", "steps_pkey", "step_edges_pkey"
+        ),
+        # _apply_task_deltas: one counter update per task
+        "task_deltas": expect(
+            "SET completed_steps = t.completed_steps + d.completed", "tasks_pkey"
+        ),
+        # _enqueue_ready: the children that became ready
+        "enqueue_ready": expect(
+            "SET state = 'enqueued', msg_id = r.msg_id", "steps_pkey", "tasks_pkey"
+        ),
     }
 
 
@@ -1507,97 +1086,86 @@ async def seq_scans(conn: db.Connection) -> dict[str, int]:
     return {r["relname"]: r["seq_scan"] for r in rows}
 
 
-async def plan_problems(conn: db.Connection, modes: Sequence[str]) -> list[str]:
-    """EXPLAIN every hot statement (PREPAREd, run through EXECUTE with realistic arguments)
-    under each plan_cache_mode; then run real claim + complete round trips under each mode and
-    count the sequential scans the functions make. Returns what is wrong, in words."""
-    raw: asyncpg.Connection = conn.raw
-    args = await plan_arguments(conn)
-    for name, stmt in PLAN_STATEMENTS.items():
-        await raw.execute(f"PREPARE {name}({stmt['types']}) AS {stmt['sql']}")
-    problems: list[str] = []
+@pytest.mark.timeout(90)
+async def test_hot_statements_use_indexes_with_100k_steps(conn: db.Connection) -> None:
+    """claim_steps + complete_steps round trips on 100,000 steps, with the plan of every
+    statement the functions run logged by auto_explain: each hot statement scans its indexes
+    with the generic plan the functions are pinned to (whatever the session's plan_cache_mode,
+    and the same plan on every call), no statement reads a big table sequentially, and no
+    round's transaction counts a sequential scan of one."""
+    await seed_plan_data(conn)
+    expected = await hot_statements(conn)
+    problems: set[str] = set()
+    modes = ["auto", "force_custom_plan"]
     for mode in modes:
-        await raw.execute(f"SET plan_cache_mode = {mode}")
-        for name, stmt in PLAN_STATEMENTS.items():
-            [[plan]] = await raw.fetch(
-                f"EXPLAIN (VERBOSE, FORMAT JSON) EXECUTE {name}({', '.join(args[name])})"
+        await conn.execute(f"SET plan_cache_mode = {mode}")
+        async with plans.collect_plans(conn) as log:
+            for _ in range(PLAN_ROUNDS):
+                async with conn.transaction():
+                    before = await seq_scans(conn)
+                    claims = await conn.claim_steps(PLAN_NS, "w", PLAN_QTY, 30)
+                    assert len(claims) == PLAN_QTY
+                    done = await conn.complete_steps([success(r) for r in claims])
+                    assert set(statuses(done)) == {"applied"}
+                    after = await seq_scans(conn)
+                problems.update(
+                    f"{mode}: a round made a Seq Scan on {rel}"
+                    for rel, n in after.items()
+                    if n > before.get(rel, 0)
+                )
+        problems.update(
+            f"{mode}: {p}"
+            for p in plans.problems(
+                log, expected, big_tables=BIG_TABLES, big_prefixes=QUEUE_PARTITIONS, generic=True
             )
-            nodes = list(plan_nodes(plan[0]["Plan"]))
-            if mode == "force_generic_plan" and "$1" not in str(plan):
-                problems.append(f"{mode} {name}: not a generic plan")
-            for node in nodes:
-                relation = node.get("Relation Name", "")
-                if node["Node Type"] == "Seq Scan" and (
-                    relation in BIG_TABLES or relation.startswith("q_")
-                ):
-                    problems.append(f"{mode} {name}: Seq Scan on {relation}")
-            used = {n.get("Index Name", "") for n in nodes} | {
-                n.get("Relation Name", "") for n in nodes if "Index" in n["Node Type"]
-            }
-            for wanted in stmt["indexes"]:
-                if not any(u == wanted or u.startswith(wanted + "_") for u in used):
-                    problems.append(f"{mode} {name}: no index scan on/with {wanted} ({used})")
-
-    # Behaviour at this size: real claim + complete round trips (plpgsql's own plans, which
-    # EXPLAIN cannot show; auto switches to a generic plan after five calls when it is not
-    # dearer), each transaction checked for sequential scans of a big table.
-    for mode in modes:
-        await raw.execute(f"SET plan_cache_mode = {mode}")
-        for _ in range(7):
-            async with conn.transaction():
-                before = await seq_scans(conn)
-                claims = await conn.claim_steps(PLAN_NS, "w", 10, 30)
-                assert len(claims) == 10
-                done = await conn.complete_steps([success(r) for r in claims])
-                assert set(statuses(done)) == {"applied"}
-                after = await seq_scans(conn)
-            for rel, n in after.items():
-                if n > before.get(rel, 0):
-                    problems.append(f"{mode} claim_steps+complete_steps: Seq Scan on {rel}")
-    await raw.execute("RESET plan_cache_mode")
-    # every round enqueued the children of the ten steps it completed
+        )
+    await conn.execute("RESET plan_cache_mode")
+    assert sorted(problems) == [], "\n".join(sorted(problems))
+    # every round enqueued the children of the steps it completed
     assert await conn.fetchval(
         "SELECT count(*) FROM tasker.steps WHERE name = 's2' AND state = 'enqueued'"
-    ) == 10 * 7 * len(modes)
-    return sorted(set(problems))
+    ) == PLAN_QTY * PLAN_ROUNDS * len(modes)
 
 
-async def seeded_for_plans(conn: db.Connection) -> None:
-    source = squash("\n".join(p.read_text() for p in sorted(MIGRATIONS.glob("*/*.sql"))))
-    for name, stmt in PLAN_STATEMENTS.items():
-        assert squash(stmt["marker"]) in source, (
-            f"{name}: the engine no longer contains {stmt['marker']!r}; update the copy"
-        )
+@pytest.mark.timeout(90)
+async def test_lease_statements_use_indexes_with_100k_steps(conn: db.Connection) -> None:
+    """extend_leases (the heartbeat) and release_steps on 100,000 steps: every statement they
+    run scans indexes, with the generic plan the functions are pinned to.
+
+    Their claims come from tasker._parse_claims(), a set-returning plpgsql function the planner
+    estimates at 1000 rows, so the generic plans hash-join a Seq Scan of tasker.steps: that
+    known performance finding is reported as xfail; any other problem fails the test."""
     await seed_plan_data(conn)
-    counts = await conn.fetchrow(
-        f"""SELECT (SELECT count(*) FROM tasker.steps) AS steps,
-                   (SELECT count(*) FROM tasker.step_edges) AS edges,
-                   (SELECT count(*) FROM tasker.q_{PLAN_NS}) AS messages"""
+    msg_pkey = await plans.partition_index(
+        conn, "tasker.queue_messages_pkey", f"tasker.q_{PLAN_NS}"
     )
-    assert counts is not None
-    assert (counts["steps"], counts["edges"], counts["messages"]) == (
-        4 * PLAN_TASKS,
-        3 * PLAN_TASKS,
-        PLAN_TASKS,
+    keys = ("steps_pkey", "tasks_pkey", msg_pkey)
+    expected = {
+        # _lock_claim_messages: lock the claims' messages
+        "lock_claim_messages": plans.Expected.of("FROM tasker._parse_claims(p_claims) c", *keys),
+        "extend_leases": plans.Expected.of("current_claims AS (", *keys),
+        "release_steps": plans.Expected.of(
+            "SET attempts = s.attempts - CASE WHEN s.claim_spent_attempt", *keys
+        ),
+    }
+    async with plans.collect_plans(conn) as log:
+        claims = await conn.claim_steps(PLAN_NS, "w", PLAN_QTY, 30)
+        fences = [
+            {"step_uuid": str(r["step_uuid"]), "attempt": r["attempt"], "claim_seq": r["claim_seq"]}
+            for r in claims
+        ]
+        extended = await conn.extend_leases(fences, 60)
+        released = await conn.release_steps(fences)
+    assert [r["extended"] for r in extended] == [True] * PLAN_QTY
+    assert [r["released"] for r in released] == [True] * PLAN_QTY
+    problems = plans.problems(
+        log, expected, big_tables=BIG_TABLES, big_prefixes=QUEUE_PARTITIONS, generic=True
     )
-
-
-@pytest.mark.timeout(60)
-async def test_hot_statements_use_indexes_with_100k_steps(conn: db.Connection) -> None:
-    """Custom plans and the default plan choice: every hot statement probes indexes."""
-    await seeded_for_plans(conn)
-    problems = await plan_problems(conn, ["force_custom_plan", "auto"])
-    assert problems == [], "\n".join(problems)
-
-
-@pytest.mark.timeout(60)
-async def test_hot_statements_use_indexes_with_100k_steps_generic_plans(
-    conn: db.Connection,
-) -> None:
-    """Generic plans (what plpgsql caches after five calls when it is no dearer)."""
-    await seeded_for_plans(conn)
-    problems = await plan_problems(conn, ["force_generic_plan"])
-    assert problems == [], "\n".join(problems)
+    finding = [p for p in problems if p.startswith("Seq Scan on steps:") or "['steps_pkey']" in p]
+    others = [p for p in problems if p not in finding]
+    assert others == [], "\n".join(others)
+    if finding:
+        pytest.xfail("performance finding: " + "\n".join(finding))
 
 
 # --- HOT updates -----------------------------------------------------------------------------

@@ -6,11 +6,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 
-import asyncpg
 import pytest
 
 from tasker_pg import db
 from tasker_pg.errors import NotFoundError, ValidationError
+from tests.support import plans
 
 
 @pytest.fixture
@@ -19,7 +19,9 @@ async def queue(conn: db.Connection) -> AsyncIterator[str]:
     yield "jobs"
 
 
-async def wait_until_visible(conn: db.Connection, queue: str, deadline_s: float = 5.0) -> list:
+async def wait_until_visible(
+    conn: db.Connection, queue: str, deadline_s: float = 5.0
+) -> list[db.Message]:
     """Poll with a deadline (never a fixed sleep) until a message becomes readable."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
@@ -151,7 +153,8 @@ async def test_metrics(conn: db.Connection, queue: str) -> None:
     assert m.queue_length == 3  # 4 sent, one popped
     assert m.queue_visible_length == 1  # one hidden by read, one delayed
     assert m.total_messages == 4
-    assert m.oldest_msg_age_sec is not None and m.oldest_msg_age_sec >= m.newest_msg_age_sec
+    assert m.oldest_msg_age_sec is not None and m.newest_msg_age_sec is not None
+    assert m.oldest_msg_age_sec >= m.newest_msg_age_sec
     await conn.create_queue("other")
     names = [x.queue_name for x in await conn.metrics_all()]
     assert names == ["jobs", "other"]
@@ -332,33 +335,75 @@ async def test_concurrent_drain_reads_each_message_once(dsn: str, conn: db.Conne
 
 # --- plans -----------------------------------------------------------------------------------
 
+BIG_QUEUE = "big"
+BIG_MESSAGES = 100_000
 
-async def test_read_uses_index_with_100k_messages(conn: db.Connection) -> None:
-    await conn.create_queue("big")
+
+async def big_queue_statements(conn: db.Connection) -> dict[str, plans.Expected]:
+    """A queue of 100,000 visible messages (analyzed); the statements read() and pop() run to
+    take messages from it, each with the indexes its plan must scan: the claim index to pick
+    and lock the candidates, the primary key to update or delete them."""
+    await conn.create_queue(BIG_QUEUE)
     await conn.execute(
         """
         INSERT INTO tasker.queue_messages (queue, msg_id, vt, priority, message)
-        SELECT 'big', g, now(), 0, jsonb_build_object('i', g) FROM generate_series(1, 100000) g
-        """
+        SELECT $1, g, now(), 0, jsonb_build_object('i', g) FROM generate_series(1, $2) g
+        """,
+        BIG_QUEUE,
+        BIG_MESSAGES,
     )
-    await conn.execute("ANALYZE tasker.q_big")
-    raw: asyncpg.Connection = conn.raw
-    # The statement read() runs, PREPAREd with the parameter types plpgsql gives it and
-    # EXPLAINed through EXECUTE (which honours plan_cache_mode, unlike EXPLAIN with bound
-    # parameters): as a generic plan (what plpgsql settles on after a few calls) and custom.
-    await raw.execute(
-        """
-        PREPARE claim_read(text, integer) AS
-        SELECT m.queue, m.msg_id FROM tasker.queue_messages m
-         WHERE m.queue = $1 AND m.vt <= clock_timestamp()
-         ORDER BY m.priority DESC, m.msg_id LIMIT $2 FOR UPDATE SKIP LOCKED
-        """
+    await conn.execute(f"ANALYZE tasker.q_{BIG_QUEUE}")
+    partition = f"tasker.q_{BIG_QUEUE}"
+    claim_idx = await plans.partition_index(conn, "tasker.queue_messages_claim_idx", partition)
+    pkey = await plans.partition_index(conn, "tasker.queue_messages_pkey", partition)
+    return {
+        "read": plans.Expected.of("claimed AS (", claim_idx, pkey),
+        "pop": plans.Expected.of("popped AS (", claim_idx, pkey),
+    }
+
+
+async def take_plan_problems(
+    conn: db.Connection, expected: dict[str, plans.Expected], mode: str
+) -> tuple[list[str], list[int]]:
+    """One read() and one pop() of 10 messages under plan_cache_mode `mode` (neither function
+    pins it): what is wrong with the plans they ran, and the msg_ids they took."""
+    await conn.execute(f"SET plan_cache_mode = {mode}")
+    async with plans.collect_plans(conn) as log:
+        taken = [m.msg_id for m in await conn.read(BIG_QUEUE, vt_seconds=30, qty=10)]
+        taken += [m.msg_id for m in await conn.pop(BIG_QUEUE, qty=10)]
+    await conn.execute("RESET plan_cache_mode")
+    problems = plans.problems(
+        log,
+        expected,
+        big_tables={"queue_messages"},
+        big_prefixes=("q_",),
+        generic=mode == "force_generic_plan",
     )
+    return problems, taken
+
+
+async def test_read_and_pop_use_the_claim_index_with_100k_messages(conn: db.Connection) -> None:
+    """The plans read() and pop() really run, custom (a session's first calls) and generic
+    (what plan_cache_mode auto may switch to after five calls): index scans only."""
+    expected = await big_queue_statements(conn)
+    first = 1
     for mode in ("force_custom_plan", "force_generic_plan"):
-        await raw.execute(f"SET plan_cache_mode = {mode}")
-        plan = "\n".join(r[0] for r in await raw.fetch("EXPLAIN EXECUTE claim_read('big', 10)"))
-        assert "Index Scan" in plan, plan
-        assert "Seq Scan" not in plan, plan
-    await raw.execute("RESET plan_cache_mode")
-    msgs = await conn.read("big", vt_seconds=30, qty=10)
-    assert [m.msg_id for m in msgs] == list(range(1, 11))
+        problems, taken = await take_plan_problems(conn, expected, mode)
+        assert problems == [], "\n".join(problems)
+        assert taken == list(range(first, first + 20))
+        first += 20
+
+
+async def test_plan_check_notices_a_missing_claim_index(conn: db.Connection) -> None:
+    """The check above can fail: without the claim index, read() and pop() pick their
+    candidates by a sequential scan of the queue's partition."""
+    expected = await big_queue_statements(conn)
+    claim_idx = await plans.partition_index(
+        conn, "tasker.queue_messages_claim_idx", f"tasker.q_{BIG_QUEUE}"
+    )
+    await conn.execute("DROP INDEX tasker.queue_messages_claim_idx")
+    problems, taken = await take_plan_problems(conn, expected, "force_generic_plan")
+    missing = {p.split(":")[0] for p in problems if f"no scan of {[claim_idx]}" in p}
+    assert missing == {"read", "pop"}, problems
+    assert any(p.startswith(f"Seq Scan on q_{BIG_QUEUE}:") for p in problems), problems
+    assert taken == list(range(1, 21))
