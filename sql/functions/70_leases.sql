@@ -8,6 +8,9 @@
 -- refuses a malformed one naming the entry. Shared by extend_leases and release_steps.
 CREATE FUNCTION tasker._parse_claims(p_claims jsonb)
 RETURNS TABLE (ord integer, step_uuid uuid, attempt integer, claim_seq integer)
+-- A worker heartbeats or releases its own claims: a handful to a few hundred rows. Without
+-- this estimate the planner assumes 1000 and hash-joins a sequential scan of tasker.steps.
+ROWS 10
 LANGUAGE plpgsql IMMUTABLE AS $$
 #variable_conflict use_column
 DECLARE

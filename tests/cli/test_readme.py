@@ -214,9 +214,13 @@ class Walk:
         path.write_text(block.code)
 
     def bash(self, block: Block) -> None:
+        # `make` targets run in the checkout itself, as the reader runs them: `make setup` may
+        # reinstall the package in editable mode, which must point at the checkout, not at the
+        # walk's scratch directory.
+        cwd = ROOT if block.code.lstrip().startswith("make ") else self.cwd
         proc = subprocess.run(
             ["bash", "-e", "-o", "pipefail", "-c", block.code],
-            cwd=self.cwd,
+            cwd=cwd,
             env=self.env,
             capture_output=True,
             text=True,
