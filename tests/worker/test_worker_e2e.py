@@ -30,7 +30,7 @@ from tests.support.worker import (
 )
 from tests.support.workflows import math_handlers, timing_handlers
 
-CHECKOUT = WORKFLOWS.parent.parent / "examples" / "ecommerce" / "checkout_workflow.yaml"
+CHECKOUT = WORKFLOWS.parents[2] / "examples" / "ecommerce" / "checkout_workflow.yaml"
 
 FAST = {"poll_interval": 0.1, "summary_interval": 0}
 
