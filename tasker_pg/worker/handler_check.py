@@ -109,7 +109,7 @@ def _did_you_mean(registry: HandlerRegistry, handler: str) -> str:
         cls = registry.get(name)
         if cls is not None:
             candidates.append(f"{cls.__module__}.{cls.__qualname__}")
-    close = difflib.get_close_matches(handler, candidates, n=1, cutoff=0.8)
+    close = difflib.get_close_matches(handler, candidates, n=1, cutoff=0.85)
     names = registry.names()
     listed = ", ".join(names[:_MAX_LISTED]) + (" ..." if len(names) > _MAX_LISTED else "")
     guess = f"; did you mean {close[0]}?" if close else ""
