@@ -84,8 +84,12 @@ class ClaimedStep:
         naming what is wrong.
         """
         get = row.get
-        missing = [k for k in _REQUIRED if not get(k)]
-        if missing:
+        step_uuid = get("step_uuid")
+        task_uuid = get("task_uuid")
+        step_name = get("step_name")
+        handler = get("handler")
+        if not (step_uuid and task_uuid and step_name and handler):
+            missing = [k for k in _REQUIRED if not get(k)]
             raise ValidationError(
                 f"claim row is missing required field(s) {', '.join(missing)}; "
                 "it must come from tasker.claim_steps"
@@ -99,13 +103,16 @@ class ClaimedStep:
         cap_ms = get("max_backoff_ms")
         jitter = get("jitter")
         timeout = get("timeout_seconds")
-        checkpoint = _json_object(row, "checkpoint")
         msg_id = get("msg_id")
+        namespace = get("namespace")
+        task_name = get("task_name")
+        task_version = get("task_version")
+        claim_event = get("claim_event")
         return cls(
-            step_uuid=str(get("step_uuid")),
-            task_uuid=str(get("task_uuid")),
-            step_name=str(get("step_name")),
-            handler=str(get("handler")),
+            step_uuid=str(step_uuid),
+            task_uuid=str(task_uuid),
+            step_name=str(step_name),
+            handler=str(handler),
             attempt=int(attempt) if attempt is not None else 1,
             claim_seq=int(claim_seq) if claim_seq is not None else 0,
             max_attempts=int(max_attempts) if max_attempts is not None else DEFAULT_MAX_ATTEMPTS,
@@ -115,17 +122,17 @@ class ClaimedStep:
             max_backoff_ms=int(cap_ms) if cap_ms is not None else DEFAULT_MAX_BACKOFF_MS,
             jitter=float(jitter) if jitter is not None else 0.0,
             timeout_seconds=float(timeout) if timeout is not None else None,
-            config=_json_object(row, "config"),
-            task_context=_json_object(row, "task_context"),
-            dependency_results=_json_object(row, "dependency_results"),
-            checkpoint=checkpoint or None,
-            inputs=_json_object(row, "inputs"),
-            namespace=_opt_str(get("namespace")),
-            task_name=_opt_str(get("task_name")),
-            task_version=_opt_str(get("task_version")),
+            config=_json_object(get("config"), "config"),
+            task_context=_json_object(get("task_context"), "task_context"),
+            dependency_results=_json_object(get("dependency_results"), "dependency_results"),
+            checkpoint=_json_object(get("checkpoint"), "checkpoint") or None,
+            inputs=_json_object(get("inputs"), "inputs"),
+            namespace=None if namespace is None else str(namespace),
+            task_name=None if task_name is None else str(task_name),
+            task_version=None if task_version is None else str(task_version),
             msg_id=int(msg_id) if msg_id is not None else None,
             lease_expires_at=get("lease_expires_at"),
-            claim_event=str(get("claim_event") or "claimed"),
+            claim_event=str(claim_event) if claim_event else "claimed",
         )
 
     @property
@@ -153,22 +160,18 @@ class ClaimedStep:
         return longest * (1.0 - self.jitter), longest
 
 
-def _opt_str(value: Any) -> str | None:
-    """Text or None, for optional text columns."""
-    return None if value is None else str(value)
-
-
-def _json_object(row: Mapping[str, Any], key: str) -> dict[str, Any] | None:
+def _json_object(value: Any, key: str) -> dict[str, Any] | None:
     """A jsonb object column of the claim row, decoded when it arrived as JSON text.
 
-    Returns None for a missing key or SQL/JSON null; anything that is not an object is a broken
-    claim row and raises `ValidationError` naming the column.
+    Returns None for SQL/JSON null; anything that is not an object is a broken claim row and
+    raises `ValidationError` naming the column.
     """
-    value = row.get(key)
+    if value is None or type(value) is dict:  # the common case, first
+        return value
     if isinstance(value, str | bytes):
         value = jsonutil.loads(value)
-    if value is None or isinstance(value, dict):
-        return value
+        if value is None or isinstance(value, dict):
+            return value
     if isinstance(value, Mapping):
         return dict(value)
     raise ValidationError(
