@@ -1,9 +1,9 @@
 """What a step handler sees of its step: task input, upstream results, config, attempt, checkpoint.
 
-A `StepContext` is built by the worker from one row of `tasker.claim_steps` (see `from_claim`) and
-handed to `StepHandler.call`. Handlers read everything through it; nothing they do to it is
-written back to the database. The only way to change what is stored is the `StepHandlerResult`
-the handler returns (or the error it raises).
+A `StepContext` is built by the worker from one typed row of `tasker.claim_steps` (see
+`from_claimed`; `from_claim` takes a plain mapping) and handed to `StepHandler.call`. Handlers
+read everything through it; nothing they do to it is written back to the database. The only way
+to change what is stored is the `StepHandlerResult` the handler returns (or the error it raises).
 """
 
 from __future__ import annotations
@@ -12,14 +12,10 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tasker_pg import jsonutil
-from tasker_pg.errors import ValidationError
+from tasker_pg.rows import ClaimedStep
 
 # A list index given as text, e.g. the "0" in get_dependency_field("fetch", "items", "0", "id").
 _INDEX_TEXT = re.compile(r"-?[0-9]+")
-
-# Default retry budget when a claim row does not say (matches the template default in DESIGN.md).
-_DEFAULT_MAX_ATTEMPTS = 3
 
 
 class StepContext:
@@ -94,36 +90,34 @@ class StepContext:
         """Build the context from one row returned by `tasker.claim_steps`.
 
         `task_uuid`, `step_uuid`, `step_name` and `handler` are required; every other key may be
-        missing or NULL and then takes its default (empty objects, attempt 1, 3 max attempts).
-        UUIDs may be `uuid.UUID`; JSON columns may arrive decoded or as JSON text.
+        missing or NULL and then takes its `ClaimedStep` default (empty objects, attempt 1, 3 max
+        attempts). UUIDs may be `uuid.UUID`; JSON columns may arrive decoded or as JSON text. A
+        `worker_id` key, when present, names the worker running the step.
         """
-        missing = [
-            k for k in ("task_uuid", "step_uuid", "step_name", "handler") if not _get(row, k)
-        ]
-        if missing:
-            raise ValidationError(
-                f"claim row is missing required field(s) {', '.join(missing)}; "
-                "it must come from tasker.claim_steps"
-            )
-        timeout = _get(row, "timeout_seconds")
-        attempt = _get(row, "attempt")
-        max_attempts = _get(row, "max_attempts")
+        worker_id = row.get("worker_id")
+        return cls.from_claimed(
+            ClaimedStep.from_row(row), worker_id=None if worker_id is None else str(worker_id)
+        )
+
+    @classmethod
+    def from_claimed(cls, step: ClaimedStep, *, worker_id: str | None = None) -> StepContext:
+        """Build the context for a step the worker claimed (a typed `tasker.claim_steps` row)."""
         return cls(
-            task_uuid=_uuid_text(_get(row, "task_uuid")),
-            step_uuid=_uuid_text(_get(row, "step_uuid")),
-            step_name=str(_get(row, "step_name")),
-            handler_name=str(_get(row, "handler")),
-            task_context=_json_object(row, "task_context") or {},
-            dependency_results=_json_object(row, "dependency_results") or {},
-            step_config=_json_object(row, "config") or {},
-            attempt=int(attempt) if attempt is not None else 1,
-            max_attempts=int(max_attempts) if max_attempts is not None else _DEFAULT_MAX_ATTEMPTS,
-            checkpoint=_json_object(row, "checkpoint"),
-            step_inputs=_json_object(row, "inputs"),
-            timeout_seconds=float(timeout) if timeout is not None else None,
-            worker_id=_opt_str(_get(row, "worker_id")),
-            namespace=_opt_str(_get(row, "namespace")),
-            task_name=_opt_str(_get(row, "task_name")),
+            task_uuid=step.task_uuid,
+            step_uuid=step.step_uuid,
+            step_name=step.step_name,
+            handler_name=step.handler,
+            task_context=step.task_context or {},
+            dependency_results=step.dependency_results or {},
+            step_config=step.config or {},
+            attempt=step.attempt,
+            max_attempts=step.max_attempts,
+            checkpoint=step.checkpoint,
+            step_inputs=step.inputs,
+            timeout_seconds=step.timeout_seconds,
+            worker_id=worker_id,
+            namespace=step.namespace,
+            task_name=step.task_name,
         )
 
     def __repr__(self) -> str:
@@ -321,41 +315,3 @@ def _step_into(container: Any, part: str | int) -> Any:
             return container[index]
         return None
     return None
-
-
-def _get(row: Mapping[str, Any], key: str) -> Any:
-    """`row.get(key)` for any mapping-like claim row (dict, asyncpg Record)."""
-    try:
-        return row[key]
-    except (KeyError, IndexError):
-        return None
-
-
-def _uuid_text(value: Any) -> str:
-    """A UUID as its canonical text, whether it came as `uuid.UUID` or as text."""
-    return str(value)
-
-
-def _opt_str(value: Any) -> str | None:
-    """Text or None, for optional text columns."""
-    return None if value is None else str(value)
-
-
-def _json_object(row: Mapping[str, Any], key: str) -> dict[str, Any] | None:
-    """A jsonb object column of the claim row, decoded when it arrived as JSON text.
-
-    Returns None for a missing key or SQL/JSON null; anything that is not an object is a broken
-    claim row and raises `ValidationError` naming the column.
-    """
-    value = _get(row, key)
-    if isinstance(value, str | bytes):
-        value = jsonutil.loads(value)
-    if value is None:
-        return None
-    if isinstance(value, dict):
-        return value
-    if isinstance(value, Mapping):
-        return dict(value)
-    raise ValidationError(
-        f"claim row field {key!r} must be a JSON object, got {type(value).__name__}"
-    )

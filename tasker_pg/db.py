@@ -29,6 +29,7 @@ from tasker_pg.errors import (
     TaskerError,
     ValidationError,
 )
+from tasker_pg.rows import ClaimedStep
 
 Row = Mapping[str, Any]
 NotificationHandler = Callable[[str, str], None]
@@ -343,6 +344,23 @@ class Connection:
         """Store a template version (canonical JSON body); returns its named_task_id."""
         return int(await self.fetchval("SELECT tasker.register_template($1::jsonb)", template))
 
+    async def latest_templates(self, namespaces: Sequence[str]) -> list[Row]:
+        """The newest registered version of every template of `namespaces`.
+
+        One row per (namespace, name): namespace, name, version and the normalised template body.
+        """
+        return await self.fetch(
+            """
+            SELECT DISTINCT ON (nt.namespace, nt.name)
+                   nt.namespace, nt.name, nt.version, nt.template
+              FROM tasker.named_tasks nt
+             WHERE nt.namespace = ANY($1::text[])
+             ORDER BY nt.namespace, nt.name, nt.version_major DESC, nt.version_minor DESC,
+                      nt.version_patch DESC, nt.version_pre IS NULL DESC, nt.version_pre_key DESC
+            """,
+            list(namespaces),
+        )
+
     async def create_task(
         self,
         namespace: str,
@@ -391,8 +409,15 @@ class Connection:
 
     async def claim_steps(
         self, queue: str, worker_id: str, qty: int, lease_seconds: float
-    ) -> list[Row]:
+    ) -> list[ClaimedStep]:
         """Claim up to `qty` ready steps of `queue`, each with everything its handler needs."""
+        rows = await self.claim_step_rows(queue, worker_id, qty, lease_seconds)
+        return [ClaimedStep.from_row(r) for r in rows]
+
+    async def claim_step_rows(
+        self, queue: str, worker_id: str, qty: int, lease_seconds: float
+    ) -> list[Row]:
+        """`claim_steps` as the SQL function returns it (untyped rows), for tests of the SQL."""
         return await self.fetch(
             "SELECT * FROM tasker.claim_steps($1, $2, $3, $4)",
             queue,

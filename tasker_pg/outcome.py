@@ -1,15 +1,19 @@
-"""The outcome rules: what a handler returned or raised becomes one outcome for `complete_steps`.
+"""The outcome rules: what a handler returned or raised becomes one typed outcome.
 
-These are pure functions. The worker collects their dicts into a JSON array and passes it to
-`tasker.complete_steps`, which applies each outcome fenced by `(step_uuid, attempt)`.
+These are pure functions building frozen values: `Success`, `Failure` or `Checkpoint`, each
+carrying the `Fence` of the claim it answers (given at construction, never added later). The
+worker sends `[o.to_json() for o in outcomes]` to `tasker.complete_steps`, which applies each
+outcome only while its claim `(step_uuid, attempt, claim_seq)` is current.
 
-Every outcome has `step_uuid`, `attempt`, `kind` ("success" | "failure" | "checkpoint"),
-`duration_ms` and `worker_id`, plus per kind:
+`to_json()` gives `step_uuid`, `attempt`, `kind` ("success" | "failure" | "checkpoint"),
+`duration_ms` and `worker_id`, then per kind:
 
 - success: `result` (any JSON value) and `metadata` (a JSON object, `{}` when none);
 - failure: `error` = `{message, error_type, error_code, retryable, retry_after, context,
   traceback}` and `metadata`;
-- checkpoint: `checkpoint` = `{cursor, items_processed, accumulated_results}`.
+- checkpoint: `checkpoint` = `{cursor, items_processed, accumulated_results}`;
+
+and last `claim_seq`.
 
 The rules make sure an outcome is always valid JSON and never huge: a result that cannot be
 stored becomes a permanent failure that says why, and error messages, tracebacks and error
@@ -20,16 +24,27 @@ from __future__ import annotations
 
 import math
 import traceback
-import uuid
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 from tasker_pg import jsonutil
 from tasker_pg.errors import PermanentError, RetryableError, TaskerError
 from tasker_pg.result import StepHandlerResult
+from tasker_pg.rows import Fence
 
-Outcome = dict[str, Any]
-"""One element of the JSON array passed to `tasker.complete_steps`."""
+__all__ = [
+    "Checkpoint",
+    "Failure",
+    "Fence",
+    "Outcome",
+    "StepError",
+    "Success",
+    "outcome_from_exception",
+    "outcome_from_result",
+    "refused_outcome",
+    "timeout_outcome",
+]
 
 MAX_MESSAGE_BYTES = 4 * 1024
 """Error messages longer than this (UTF-8) are cut, keeping the start."""
@@ -48,11 +63,118 @@ _FIX_INVALID_RETURN = (
 )
 
 
+# --- the values ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StepError:
+    """Why a run failed, already made safe to store (capped, JSON-safe)."""
+
+    message: str
+    error_type: str
+    error_code: str | None
+    retryable: bool
+    retry_after: float | None
+    context: dict[str, Any]
+    traceback: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "message": self.message,
+            "error_type": self.error_type,
+            "error_code": self.error_code,
+            "retryable": self.retryable,
+            "retry_after": self.retry_after,
+            "context": self.context,
+            "traceback": self.traceback,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _OutcomeBase:
+    """What every outcome has: the claim it answers, how long the run took, who ran it."""
+
+    fence: Fence
+    duration_ms: float
+    worker_id: str | None = None
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        fence = self.fence
+        return {
+            "step_uuid": fence.step_uuid,
+            "attempt": fence.attempt,
+            "kind": kind,
+            "duration_ms": self.duration_ms,
+            "worker_id": self.worker_id,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Success(_OutcomeBase):
+    """The handler's result (any JSON value) and metadata (a JSON object)."""
+
+    kind: ClassVar[Literal["success"]] = "success"
+    result: Any
+    metadata: Mapping[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object `tasker.complete_steps` takes for this outcome."""
+        out = self._head("success")
+        out["result"] = self.result
+        out["metadata"] = self.metadata
+        out["claim_seq"] = self.fence.claim_seq
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failure(_OutcomeBase):
+    """A failed run: its error, and metadata the handler attached (a JSON object)."""
+
+    kind: ClassVar[Literal["failure"]] = "failure"
+    error: StepError
+    metadata: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object `tasker.complete_steps` takes for this outcome."""
+        out = self._head("failure")
+        out["error"] = self.error.to_json()
+        out["metadata"] = self.metadata
+        out["claim_seq"] = self.fence.claim_seq
+        return out
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Checkpoint(_OutcomeBase):
+    """Progress of a batch step: where to continue, and what it accumulated so far."""
+
+    kind: ClassVar[Literal["checkpoint"]] = "checkpoint"
+    cursor: Any
+    items_processed: int
+    accumulated_results: Any
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object `tasker.complete_steps` takes for this outcome."""
+        out = self._head("checkpoint")
+        out["checkpoint"] = {
+            "cursor": self.cursor,
+            "items_processed": self.items_processed,
+            "accumulated_results": self.accumulated_results,
+        }
+        out["claim_seq"] = self.fence.claim_seq
+        return out
+
+
+Outcome = Success | Failure | Checkpoint
+"""One outcome for `tasker.complete_steps`."""
+
+
+# --- the rules -------------------------------------------------------------------------------
+
+
 def outcome_from_result(
     value: object,
     *,
-    step_uuid: str | uuid.UUID,
-    attempt: int,
+    fence: Fence,
     duration_ms: float,
     worker_id: str | None = None,
     handler_name: str | None = None,
@@ -63,27 +185,34 @@ def outcome_from_result(
     metadata or checkpoint that is not JSON-serialisable, is a permanent failure with
     error_type "invalid_result" whose message names the handler (when given) and the fix.
     """
-    base = _base(step_uuid, attempt, duration_ms, worker_id)
+    duration_ms = float(duration_ms)
     who = f"step handler {handler_name!r}" if handler_name else "step handler"
 
     if not isinstance(value, StepHandlerResult):
-        return _invalid_result(base, _invalid_return_message(who, value))
+        return _invalid_result(fence, duration_ms, worker_id, _invalid_return_message(who, value))
 
     if value.kind == "success":
         metadata: object = value.metadata  # typed dict, but users may pass anything
         problem = _json_problem([value.result, metadata])
         if problem is not None:
-            return _invalid_result(base, _not_serialisable(who, value.result, metadata))
+            return _invalid_result(
+                fence, duration_ms, worker_id, _not_serialisable(who, value.result, metadata)
+            )
         if not isinstance(metadata, Mapping):
             return _invalid_result(
-                base,
+                fence,
+                duration_ms,
+                worker_id,
                 f"{who} returned success metadata of type {type(metadata).__name__}; "
                 "metadata must be a JSON object (a dict) or None",
             )
-        base["kind"] = "success"
-        base["result"] = value.result
-        base["metadata"] = metadata
-        return base
+        return Success(
+            fence=fence,
+            duration_ms=duration_ms,
+            worker_id=worker_id,
+            result=value.result,
+            metadata=metadata,
+        )
 
     if value.kind == "checkpoint":
         checkpoint = {
@@ -94,17 +223,26 @@ def outcome_from_result(
         problem = _json_problem(checkpoint)
         if problem is not None:
             return _invalid_result(
-                base,
+                fence,
+                duration_ms,
+                worker_id,
                 f"{who} returned a checkpoint that is not JSON-serialisable: {problem}. "
                 "The cursor and accumulated_results must be plain JSON data "
                 "(dict, list, str, int, float, bool, None).",
             )
-        base["kind"] = "checkpoint"
-        base["checkpoint"] = checkpoint
-        return base
+        return Checkpoint(
+            fence=fence,
+            duration_ms=duration_ms,
+            worker_id=worker_id,
+            cursor=value.cursor,
+            items_processed=value.items_processed,
+            accumulated_results=value.accumulated_results,
+        )
 
     return _failure(
-        base,
+        fence,
+        duration_ms,
+        worker_id,
         message=value.error_message or "",
         error_type=value.error_type or "unexpected_error",
         error_code=value.error_code,
@@ -119,11 +257,10 @@ def outcome_from_result(
 def outcome_from_exception(
     exc: BaseException,
     *,
-    step_uuid: str | uuid.UUID,
-    attempt: int,
+    fence: Fence,
     duration_ms: float,
     worker_id: str | None = None,
-) -> Outcome:
+) -> Failure:
     """The outcome for an exception raised by `call()`.
 
     `PermanentError` is a permanent failure (error_type "PermanentError", its error_code and
@@ -133,10 +270,12 @@ def outcome_from_exception(
     `asyncio.CancelledError`, `KeyboardInterrupt` and `SystemExit` propagate rather than turn
     them into outcomes.
     """
-    base = _base(step_uuid, attempt, duration_ms, worker_id)
+    duration_ms = float(duration_ms)
     if isinstance(exc, PermanentError):
         return _failure(
-            base,
+            fence,
+            duration_ms,
+            worker_id,
             message=_exception_message(exc),
             error_type="PermanentError",
             error_code=exc.error_code or PermanentError.error_code,
@@ -147,7 +286,9 @@ def outcome_from_exception(
         )
     if isinstance(exc, RetryableError):
         return _failure(
-            base,
+            fence,
+            duration_ms,
+            worker_id,
             message=_exception_message(exc),
             error_type="RetryableError",
             error_code=exc.error_code or RetryableError.error_code,
@@ -157,7 +298,9 @@ def outcome_from_exception(
             tb=None,
         )
     return _failure(
-        base,
+        fence,
+        duration_ms,
+        worker_id,
         message=_exception_message(exc),
         error_type=type(exc).__name__,
         error_code=exc.error_code if isinstance(exc, TaskerError) else None,
@@ -170,16 +313,16 @@ def outcome_from_exception(
 
 def timeout_outcome(
     *,
-    step_uuid: str | uuid.UUID,
-    attempt: int,
+    fence: Fence,
     duration_ms: float,
     timeout_seconds: float,
     worker_id: str | None = None,
-) -> Outcome:
+) -> Failure:
     """The outcome for a run the worker abandoned after `timeout_seconds`: a retryable failure."""
-    base = _base(step_uuid, attempt, duration_ms, worker_id)
     return _failure(
-        base,
+        fence,
+        float(duration_ms),
+        worker_id,
         message=(
             f"step handler did not finish within its timeout of {timeout_seconds:g} seconds "
             "and was abandoned; raise timeout_seconds in the template if it needs longer"
@@ -193,24 +336,34 @@ def timeout_outcome(
     )
 
 
+def refused_outcome(refused: Outcome, error: TaskerError) -> Failure:
+    """The permanent failure that replaces an outcome `tasker.complete_steps` refused.
+
+    For a success or checkpoint the engine would not store (e.g. an oversized result): the step
+    fails naming the problem instead of the outcome being lost. error_type "invalid_result",
+    error_code the engine's (or "invalid_result").
+    """
+    return _failure(
+        refused.fence,
+        refused.duration_ms,
+        refused.worker_id,
+        message=f"the engine refused the step's {refused.kind} outcome: {error}",
+        error_type="invalid_result",
+        error_code=error.error_code or "invalid_result",
+        retryable=False,
+        retry_after=None,
+        context={},
+        tb=None,
+    )
+
+
 # --- building blocks -------------------------------------------------------------------------
 
 
-def _base(
-    step_uuid: str | uuid.UUID, attempt: int, duration_ms: float, worker_id: str | None
-) -> Outcome:
-    """The keys every outcome has; `kind` is filled in by the caller."""
-    return {
-        "step_uuid": str(step_uuid),
-        "attempt": int(attempt),
-        "kind": "failure",
-        "duration_ms": float(duration_ms),
-        "worker_id": worker_id,
-    }
-
-
 def _failure(
-    base: Outcome,
+    fence: Fence,
+    duration_ms: float,
+    worker_id: str | None,
     *,
     message: str,
     error_type: str,
@@ -220,26 +373,33 @@ def _failure(
     context: Any,
     tb: str | None,
     metadata: Any = None,
-) -> Outcome:
-    """Fill `base` in as a failure, making every part safe to store."""
-    base["kind"] = "failure"
-    base["error"] = {
-        "message": truncate_head(str(message), MAX_MESSAGE_BYTES),
-        "error_type": truncate_head(str(error_type), 200),
-        "error_code": None if error_code is None else truncate_head(str(error_code), 200),
-        "retryable": retryable,
-        "retry_after": _safe_retry_after(retry_after),
-        "context": _safe_object(context, MAX_ERROR_CONTEXT_BYTES),
-        "traceback": None if tb is None else truncate_tail(tb, MAX_TRACEBACK_BYTES),
-    }
-    base["metadata"] = _safe_object(metadata, MAX_ERROR_CONTEXT_BYTES)
-    return base
+) -> Failure:
+    """A failure whose every part is made safe to store."""
+    return Failure(
+        fence=fence,
+        duration_ms=duration_ms,
+        worker_id=worker_id,
+        error=StepError(
+            message=truncate_head(str(message), MAX_MESSAGE_BYTES),
+            error_type=truncate_head(str(error_type), 200),
+            error_code=None if error_code is None else truncate_head(str(error_code), 200),
+            retryable=retryable,
+            retry_after=_safe_retry_after(retry_after),
+            context=_safe_object(context, MAX_ERROR_CONTEXT_BYTES),
+            traceback=None if tb is None else truncate_tail(tb, MAX_TRACEBACK_BYTES),
+        ),
+        metadata=_safe_object(metadata, MAX_ERROR_CONTEXT_BYTES),
+    )
 
 
-def _invalid_result(base: Outcome, message: str) -> Outcome:
+def _invalid_result(
+    fence: Fence, duration_ms: float, worker_id: str | None, message: str
+) -> Failure:
     """A permanent failure for a handler that returned something the engine cannot store."""
     return _failure(
-        base,
+        fence,
+        duration_ms,
+        worker_id,
         message=message,
         error_type="invalid_result",
         error_code="invalid_result",

@@ -121,9 +121,7 @@ class HandlerRegistry:
         `handler_import_failed` / `invalid_handler` when the module breaks on import or the
         attribute is not a handler class.
         """
-        cls = self._by_name.get(callable_name) or self._by_path.get(callable_name)
-        if cls is None:
-            cls = self._import(callable_name)
+        cls = self.handler_class(callable_name)
         instance = self._instances.get(cls)
         if instance is None:
             with self._lock:
@@ -132,6 +130,16 @@ class HandlerRegistry:
                     instance = cls()
                     self._instances[cls] = instance
         return instance
+
+    def handler_class(self, callable_name: str) -> type[StepHandler]:
+        """The class `resolve` would instantiate for `callable_name` (importing it if need be).
+
+        Raises the same `PermanentError`s as `resolve`; creates no instance.
+        """
+        cls = self._by_name.get(callable_name) or self._by_path.get(callable_name)
+        if cls is None:
+            cls = self._import(callable_name)
+        return cls
 
     def _import(self, callable_name: str) -> type[StepHandler]:
         """Find `callable_name` as `module.attr[.attr...]`, trying the longest module path first."""

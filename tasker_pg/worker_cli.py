@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -31,7 +30,7 @@ from tasker_pg import argtypes
 from tasker_pg.errors import TaskerError
 from tasker_pg.registry import HandlerRegistry
 from tasker_pg.template import TaskTemplate, load_templates
-from tasker_pg.worker import Worker
+from tasker_pg.worker import Worker, entry
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -107,11 +106,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--dsn",
         help="database URL (default: TASKER_DATABASE_URL, DATABASE_URL, embedded cluster)",
     )
-    parser.add_argument(
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument(
         "--log-level",
         choices=_LOG_LEVELS,
         default=None,
-        help="log level of tasker-pg's own loggers (default info)",
+        help="log level of the worker and of the handlers' own loggers (default info)",
+    )
+    loudness.add_argument(
+        "-v",
+        "--verbose",
+        dest="worker_verbose",
+        action="store_true",
+        help="log at DEBUG (every claim, every wake-up)",
+    )
+    loudness.add_argument(
+        "-q",
+        "--quiet",
+        dest="worker_quiet",
+        action="store_true",
+        help="log only warnings and errors (no line per step)",
     )
 
 
@@ -129,7 +143,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the worker described by parsed arguments; the exit code (0 after a graceful stop)."""
-    _configure_logging(args.log_level)
+    _configure_logging(args)
     if not args.namespace and not args.templates:
         print(
             "error: name the namespaces to work on with --namespace NS (or give --templates, "
@@ -155,7 +169,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
         return EXIT_FAILED
     try:
-        asyncio.run(_run(worker))
+        asyncio.run(entry.run_with_signals(worker))
     except TaskerError as exc:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
         return EXIT_FAILED
@@ -172,28 +186,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(EXIT_OK)
     return EXIT_OK
-
-
-async def _run(worker: Worker) -> None:
-    """Run the worker with SIGTERM/SIGINT wired to a graceful stop."""
-    loop = asyncio.get_running_loop()
-    installed: list[signal.Signals] = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
-            loop.add_signal_handler(sig, _on_signal, worker, sig)
-            installed.append(sig)
-        except (NotImplementedError, RuntimeError):  # not the main thread, or no signal support
-            pass
-    try:
-        await worker.run()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)
-
-
-def _on_signal(worker: Worker, sig: signal.Signals) -> None:
-    logger.info("worker %s: received %s", worker.worker_id, sig.name)
-    worker.request_stop()
 
 
 def load_handlers_and_templates(
@@ -225,20 +217,25 @@ def load_handlers_and_templates(
     return registry, templates
 
 
-def _configure_logging(level_name: str | None) -> None:
-    """Make tasker-pg's INFO records (start, summary, reconnects) visible unless told otherwise.
+def _configure_logging(args: argparse.Namespace) -> None:
+    """Send the worker's records and the handlers' own to stderr at INFO unless told otherwise.
 
-    The main CLI configures the root logger at WARNING by default; a worker's INFO lines are its
-    heartbeat for operators, so the `tasker_pg` logger gets INFO unless `--log-level` or `-v`
-    says otherwise.
+    The root logger is configured (a worker is an application): a handler's
+    `logging.getLogger(__name__).info(...)` comes out with the worker's lines, in one format.
+    `--log-level` wins, then `-q`/`-v` (or `tasker-pg -vv worker`), then INFO.
     """
-    if not logging.getLogger().handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    package_logger = logging.getLogger("tasker_pg")
-    if level_name is not None:
-        package_logger.setLevel(level_name.upper())
-    elif logging.getLogger().getEffectiveLevel() > logging.INFO:
-        package_logger.setLevel(logging.INFO)
+    if args.log_level is not None:
+        level = logging.getLevelName(args.log_level.upper())
+    elif getattr(args, "worker_quiet", False):
+        level = logging.WARNING
+    elif getattr(args, "worker_verbose", False) or getattr(args, "verbose", 0) >= 2:
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
+    entry.configure_console_logging(level)
+    # A level set on the package logger earlier (e.g. by a previous run in this process) would
+    # override the root's.
+    logging.getLogger("tasker_pg").setLevel(logging.NOTSET)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -111,7 +111,7 @@ async def claim_all(
     got: list[Row] = []
     deadline = time.monotonic() + 10
     while len(got) < expected:
-        got.extend(await conn.claim_steps(NS, worker, expected - len(got), lease))
+        got.extend(await conn.claim_step_rows(NS, worker, expected - len(got), lease))
         if len(got) < expected:
             assert time.monotonic() < deadline, f"claimed {len(got)} of {expected} steps"
             await asyncio.sleep(0.01)
@@ -147,7 +147,7 @@ def completing(outcomes: Sequence[dict[str, Any]]) -> Call:
 
 
 def claiming(worker: str, qty: int) -> Call:
-    return lambda c: c.claim_steps(NS, worker, qty, LONG_LEASE)
+    return lambda c: c.claim_step_rows(NS, worker, qty, LONG_LEASE)
 
 
 def cancelling(task: uuid.UUID) -> Call:
@@ -312,7 +312,7 @@ def assert_enqueued_once(children: Sequence[Row], expected: int) -> None:
 async def drain(conn: db.Connection, worker: str = "drainer") -> int:
     """Claim and complete everything until the queue is empty; returns the steps completed."""
     done = 0
-    while rows := await conn.claim_steps(NS, worker, 200, LONG_LEASE):
+    while rows := await conn.claim_step_rows(NS, worker, 200, LONG_LEASE):
         result = await conn.complete_steps([success(r) for r in rows])
         assert set(statuses(result)) == {"applied"}
         done += len(rows)
@@ -449,7 +449,7 @@ async def run_workers(
         nonlocal done
         claimed: list[Row] = []
         while done < total_steps:
-            rows = await conn.claim_steps(NS, name, 20, LONG_LEASE)
+            rows = await conn.claim_step_rows(NS, name, 20, LONG_LEASE)
             if not rows:
                 assert time.monotonic() < deadline, f"stuck at {done} of {total_steps} steps"
                 await asyncio.sleep(0.002)
@@ -605,7 +605,7 @@ async def test_claim_then_cancel_in_open_transactions(
 
     tx = claimer.raw.transaction()
     await tx.start()
-    claims = await claimer.claim_steps(NS, "claimer", 10, LONG_LEASE)
+    claims = await claimer.claim_step_rows(NS, "claimer", 10, LONG_LEASE)
     assert sorted(r["step_name"] for r in claims) == ["a", "b"]
     cancel = asyncio.create_task(canceller.cancel_task(task, "race"))
     await observer.until_blocked(canceller.backend_pid, by=claimer.backend_pid)
@@ -637,12 +637,12 @@ async def test_cancel_then_claim_in_open_transactions(
     await canceller.cancel_task(doomed, "race")
     tx_claim = claimer.raw.transaction()
     await tx_claim.start()
-    claims = await asyncio.wait_for(claimer.claim_steps(NS, "claimer", 10, LONG_LEASE), 5)
+    claims = await asyncio.wait_for(claimer.claim_step_rows(NS, "claimer", 10, LONG_LEASE), 5)
     assert {r["task_uuid"] for r in claims} == {other}
     await tx.commit()
     await tx_claim.commit()
 
-    assert await claimer.claim_steps(NS, "claimer", 10, LONG_LEASE) == []
+    assert await claimer.claim_step_rows(NS, "claimer", 10, LONG_LEASE) == []
     states = await conn.fetch("SELECT state FROM tasker.steps WHERE task_uuid = $1", doomed)
     assert {r["state"] for r in states} == {"cancelled"}
     await assert_no_violations(conn)
@@ -685,7 +685,7 @@ async def test_claim_cancel_race(conn: db.Connection, sessions: Opener, mode: st
     # was finished (cancelled) while a claim held it; then the invariants must hold.
     for task in tasks:
         await make_visible(conn, task)
-    assert await conn.claim_steps(NS, "sweeper", 1000, LONG_LEASE) == []
+    assert await conn.claim_step_rows(NS, "sweeper", 1000, LONG_LEASE) == []
     states = await conn.fetch(
         "SELECT DISTINCT state FROM tasker.steps WHERE task_uuid = ANY($1)", tasks
     )
@@ -851,7 +851,7 @@ async def test_late_completion_waits_for_uncommitted_reclaim_and_is_stale(
 
     tx = reclaimer.raw.transaction()
     await tx.start()
-    [second] = await reclaimer.claim_steps(NS, "reclaimer", 1, LONG_LEASE)
+    [second] = await reclaimer.claim_step_rows(NS, "reclaimer", 1, LONG_LEASE)
     assert (second["step_uuid"], second["attempt"]) == (first["step_uuid"], 2)
     pending = asyncio.create_task(late.complete_steps([success(first, {"by": "late"})]))
     await observer.until_blocked(late.backend_pid, by=reclaimer.backend_pid)
@@ -884,9 +884,9 @@ async def test_completion_first_then_claim_skips_without_waiting(
     tx = late.raw.transaction()
     await tx.start()
     assert statuses(await late.complete_steps([success(first)])) == ["applied"]
-    assert await asyncio.wait_for(claimer.claim_steps(NS, "claimer", 5, LONG_LEASE), 5) == []
+    assert await asyncio.wait_for(claimer.claim_step_rows(NS, "claimer", 5, LONG_LEASE), 5) == []
     await tx.commit()
-    assert await claimer.claim_steps(NS, "claimer", 5, LONG_LEASE) == []
+    assert await claimer.claim_step_rows(NS, "claimer", 5, LONG_LEASE) == []
     await assert_all_committed_once_any_attempt(conn, [task])
 
 
@@ -951,7 +951,9 @@ async def test_claimers_in_open_transactions_never_share_a_step(
     try:
         if mode == "one_after_another":
             # each claims while the previous ones still hold their uncommitted claims
-            got = [await c.claim_steps(NS, f"c{i}", 10, LONG_LEASE) for i, c in enumerate(claimers)]
+            got = [
+                await c.claim_step_rows(NS, f"c{i}", 10, LONG_LEASE) for i, c in enumerate(claimers)
+            ]
         else:
             got = await together([(c, claiming(f"c{i}", 10)) for i, c in enumerate(claimers)])
         for tx in txs:
@@ -1103,7 +1105,7 @@ async def test_hot_statements_use_indexes_with_100k_steps(conn: db.Connection) -
             for _ in range(PLAN_ROUNDS):
                 async with conn.transaction():
                     before = await seq_scans(conn)
-                    claims = await conn.claim_steps(PLAN_NS, "w", PLAN_QTY, 30)
+                    claims = await conn.claim_step_rows(PLAN_NS, "w", PLAN_QTY, 30)
                     assert len(claims) == PLAN_QTY
                     done = await conn.complete_steps([success(r) for r in claims])
                     assert set(statuses(done)) == {"applied"}
@@ -1147,7 +1149,7 @@ async def test_lease_statements_use_indexes_with_100k_steps(conn: db.Connection)
         ),
     }
     async with plans.collect_plans(conn) as log:
-        claims = await conn.claim_steps(PLAN_NS, "w", PLAN_QTY, 30)
+        claims = await conn.claim_step_rows(PLAN_NS, "w", PLAN_QTY, 30)
         fences = [
             {"step_uuid": str(r["step_uuid"]), "attempt": r["attempt"], "claim_seq": r["claim_seq"]}
             for r in claims

@@ -193,7 +193,7 @@ async def claim(
     worker: str = "w1",
 ) -> list[Row]:
     """One `claim_steps` call."""
-    return await conn.claim_steps(queue, worker, qty, lease)
+    return await conn.claim_step_rows(queue, worker, qty, lease)
 
 
 async def wait_for_claim(

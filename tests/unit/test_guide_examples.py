@@ -21,8 +21,11 @@ from examples.ecommerce.handlers import (
 )
 from tasker_pg import HandlerRegistry, StepContext, StepHandler, StepHandlerResult
 from tasker_pg.errors import PermanentError, RetryableError
-from tasker_pg.outcome import outcome_from_exception, outcome_from_result
+from tasker_pg.outcome import Fence, outcome_from_exception, outcome_from_result
 from tasker_pg.testing import build_test_context
+
+# The claim every outcome in these tests answers.
+FENCE = Fence("0b7e3c52-4a57-4c39-a0c4-8f2d0c1e9b11", 1, 1)
 
 # --- the guide's "Testing" section, verbatim apart from imports -------------------------------
 
@@ -100,8 +103,8 @@ def test_out_of_stock_outcome_is_retryable_with_retry_after_and_context() -> Non
         ValidateCartHandler().call(context)
 
     outcome = outcome_from_exception(
-        exc_info.value, step_uuid=context.step_uuid, attempt=1, duration_ms=1.0
-    )
+        exc_info.value, fence=Fence(context.step_uuid, 1, 1), duration_ms=1.0
+    ).to_json()
     assert outcome["kind"] == "failure"
     assert outcome["error"]["retryable"] is True
     assert outcome["error"]["retry_after"] == 30.0
@@ -167,7 +170,7 @@ def test_checkout_handlers_chain_through_dependency_results() -> None:
     assert "2 x Widget A" in email["body"]
     # Every result is storable.
     for result in out.values():
-        outcome = outcome_from_result(result, step_uuid="s", attempt=1, duration_ms=0.0)
+        outcome = outcome_from_result(result, fence=FENCE, duration_ms=0.0).to_json()
         assert outcome["kind"] == "success"
 
 
@@ -289,7 +292,7 @@ def test_linear_step_1_rejects_odd_or_missing_numbers(task_context: dict[str, An
     assert result.error_message == "Task context must contain an even number"
     assert result.error_type == "validation_error"
     assert result.retryable is False
-    outcome = outcome_from_result(result, step_uuid="s", attempt=1, duration_ms=0.5)
+    outcome = outcome_from_result(result, fence=FENCE, duration_ms=0.5).to_json()
     assert outcome["error"]["retryable"] is False
     assert outcome["error"]["error_type"] == "validation_error"
 
@@ -344,7 +347,7 @@ def test_metadata_for_observability_pattern() -> None:
             "execution_hints": {"items_processed": 100, "duration_ms": 250},
         },
     )
-    outcome = outcome_from_result(result, step_uuid="s", attempt=1, duration_ms=2.0)
+    outcome = outcome_from_result(result, fence=FENCE, duration_ms=2.0).to_json()
     assert outcome["result"] == {"data": [1, 2, 3]}
     assert outcome["metadata"]["execution_hints"] == {"items_processed": 100, "duration_ms": 250}
 
@@ -433,7 +436,7 @@ def test_batch_process_checkpoints_until_done() -> None:
         context = build_test_context({"batch_size": 100}, checkpoint=checkpoint)
         result = handler.call(context)
         seen.append(result)
-        outcome = outcome_from_result(result, step_uuid="s", attempt=1, duration_ms=1.0)
+        outcome = outcome_from_result(result, fence=FENCE, duration_ms=1.0).to_json()
         if result.is_success:
             assert outcome["kind"] == "success"
             break

@@ -31,8 +31,13 @@ from tasker_pg.errors import (
 from tasker_pg.outcome import (
     MAX_MESSAGE_BYTES,
     MAX_TRACEBACK_BYTES,
+    Checkpoint,
+    Failure,
+    Fence,
+    Success,
     outcome_from_exception,
     outcome_from_result,
+    refused_outcome,
     timeout_outcome,
     truncate_head,
     truncate_tail,
@@ -40,6 +45,7 @@ from tasker_pg.outcome import (
 from tasker_pg.testing import build_test_context
 
 STEP = "0b7e3c52-4a57-4c39-a0c4-8f2d0c1e9b11"
+CLAIM_SEQ = 7
 
 DEPS: dict[str, Any] = {
     "fetch": {
@@ -670,8 +676,8 @@ def assert_storable(outcome: dict[str, Any]) -> None:
 def test_success_outcome_shape() -> None:
     result = StepHandlerResult.success({"total": 1.5}, metadata={"op": "x"})
     outcome = outcome_from_result(
-        result, step_uuid=uuid.UUID(STEP), attempt=2, duration_ms=3, worker_id="w1"
-    )
+        result, fence=Fence(STEP, 2, CLAIM_SEQ), duration_ms=3, worker_id="w1"
+    ).to_json()
     assert outcome == {
         "step_uuid": STEP,
         "attempt": 2,
@@ -680,6 +686,7 @@ def test_success_outcome_shape() -> None:
         "worker_id": "w1",
         "result": {"total": 1.5},
         "metadata": {"op": "x"},
+        "claim_seq": CLAIM_SEQ,
     }
     assert isinstance(outcome["duration_ms"], float)
     assert_storable(outcome)
@@ -687,8 +694,8 @@ def test_success_outcome_shape() -> None:
 
 def test_success_with_none_result_is_stored_as_null() -> None:
     outcome = outcome_from_result(
-        StepHandlerResult.success(None), step_uuid=STEP, attempt=1, duration_ms=0.1
-    )
+        StepHandlerResult.success(None), fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=0.1
+    ).to_json()
     assert outcome["kind"] == "success"
     assert outcome["result"] is None
     assert outcome["metadata"] == {}
@@ -703,7 +710,9 @@ def test_failure_result_outcomes() -> None:
         context={"gw": "x"},
         metadata={"m": 1},
     )
-    outcome = outcome_from_result(retryable, step_uuid=STEP, attempt=1, duration_ms=1.0)
+    outcome = outcome_from_result(
+        retryable, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()
     assert outcome["kind"] == "failure"
     assert outcome["error"] == {
         "message": "gateway down",
@@ -719,7 +728,9 @@ def test_failure_result_outcomes() -> None:
     permanent = StepHandlerResult.failure(
         "bad", error_type="validation_error", retryable=False, error_code="E1", retry_after=9
     )
-    error = outcome_from_result(permanent, step_uuid=STEP, attempt=1, duration_ms=1.0)["error"]
+    error = outcome_from_result(
+        permanent, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()["error"]
     assert error["retryable"] is False
     assert error["error_code"] == "E1"
     assert error["retry_after"] is None  # no retry, so no delay
@@ -730,7 +741,9 @@ def test_checkpoint_outcome_shape() -> None:
     result = StepHandlerResult.checkpoint(
         cursor={"offset": 200}, items_processed=200, accumulated_results={"sum": 5}
     )
-    outcome = outcome_from_result(result, step_uuid=STEP, attempt=1, duration_ms=5.5)
+    outcome = outcome_from_result(
+        result, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=5.5
+    ).to_json()
     assert outcome == {
         "step_uuid": STEP,
         "attempt": 1,
@@ -742,6 +755,7 @@ def test_checkpoint_outcome_shape() -> None:
             "items_processed": 200,
             "accumulated_results": {"sum": 5},
         },
+        "claim_seq": CLAIM_SEQ,
     }
 
 
@@ -751,8 +765,8 @@ def test_checkpoint_outcome_shape() -> None:
 )
 def test_non_result_return_is_a_permanent_invalid_result(value: object, type_name: str) -> None:
     outcome = outcome_from_result(
-        value, step_uuid=STEP, attempt=1, duration_ms=1.0, handler_name="app.Foo"
-    )
+        value, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0, handler_name="app.Foo"
+    ).to_json()
     error = outcome["error"]
     assert outcome["kind"] == "failure"
     assert error["error_type"] == "invalid_result"
@@ -767,7 +781,9 @@ def test_non_result_return_is_a_permanent_invalid_result(value: object, type_nam
 def test_returned_coroutine_gets_an_await_hint() -> None:
     coroutine = AsyncHandler().call(build_test_context({}))
     try:
-        outcome = outcome_from_result(coroutine, step_uuid=STEP, attempt=1, duration_ms=1.0)
+        outcome = outcome_from_result(
+            coroutine, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+        ).to_json()
     finally:
         coroutine.close()
     assert "returned coroutine instead of a StepHandlerResult" in outcome["error"]["message"]
@@ -777,8 +793,8 @@ def test_returned_coroutine_gets_an_await_hint() -> None:
 def test_non_json_result_is_a_permanent_invalid_result() -> None:
     result = StepHandlerResult.success({"at": datetime(2024, 1, 1, tzinfo=timezone.utc)})  # noqa: UP017
     outcome = outcome_from_result(
-        result, step_uuid=STEP, attempt=1, duration_ms=1.0, handler_name="app.Stamp"
-    )
+        result, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0, handler_name="app.Stamp"
+    ).to_json()
     error = outcome["error"]
     assert outcome["kind"] == "failure"
     assert error["error_type"] == "invalid_result"
@@ -794,8 +810,8 @@ def test_non_json_result_is_a_permanent_invalid_result() -> None:
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
 def test_nan_and_infinity_are_not_serialisable(bad: float) -> None:
     outcome = outcome_from_result(
-        StepHandlerResult.success({"ratio": bad}), step_uuid=STEP, attempt=1, duration_ms=1.0
-    )
+        StepHandlerResult.success({"ratio": bad}), fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()
     assert outcome["error"]["error_type"] == "invalid_result"
     assert "not JSON-serialisable" in outcome["error"]["message"]
     assert "NaN or Infinity" in outcome["error"]["message"]
@@ -804,18 +820,22 @@ def test_nan_and_infinity_are_not_serialisable(bad: float) -> None:
 
 def test_non_json_metadata_and_checkpoint_are_invalid_results() -> None:
     bad_meta = StepHandlerResult.success({"ok": 1}, metadata={"when": {1, 2}})
-    message = outcome_from_result(bad_meta, step_uuid=STEP, attempt=1, duration_ms=1.0)["error"][
-        "message"
-    ]
+    message = outcome_from_result(
+        bad_meta, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()["error"]["message"]
     assert "returned a metadata that is not JSON-serialisable: Object of type set" in message
 
     list_meta = StepHandlerResult.success({"ok": 1}, metadata=[1])  # type: ignore[arg-type]
-    error = outcome_from_result(list_meta, step_uuid=STEP, attempt=1, duration_ms=1.0)["error"]
+    error = outcome_from_result(
+        list_meta, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()["error"]
     assert error["error_type"] == "invalid_result"
     assert "metadata must be a JSON object" in error["message"]
 
     bad_checkpoint = StepHandlerResult.checkpoint(cursor=Decimal("1.5"))
-    error = outcome_from_result(bad_checkpoint, step_uuid=STEP, attempt=1, duration_ms=1.0)["error"]
+    error = outcome_from_result(
+        bad_checkpoint, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()["error"]
     assert error["error_type"] == "invalid_result"
     assert error["retryable"] is False
     assert "checkpoint that is not JSON-serialisable: Object of type Decimal" in error["message"]
@@ -825,7 +845,9 @@ def test_permanent_error_outcome() -> None:
     exc = PermanentError(
         "Product 9 not found", error_code="PRODUCT_NOT_FOUND", context={"product_id": 9}
     )
-    outcome = outcome_from_exception(exc, step_uuid=STEP, attempt=3, duration_ms=2.0, worker_id="w")
+    outcome = outcome_from_exception(
+        exc, fence=Fence(STEP, 3, CLAIM_SEQ), duration_ms=2.0, worker_id="w"
+    ).to_json()
     assert outcome == {
         "step_uuid": STEP,
         "attempt": 3,
@@ -842,24 +864,27 @@ def test_permanent_error_outcome() -> None:
             "traceback": None,
         },
         "metadata": {},
+        "claim_seq": CLAIM_SEQ,
     }
     default = outcome_from_exception(
-        PermanentError("x"), step_uuid=STEP, attempt=1, duration_ms=0.0
-    )
+        PermanentError("x"), fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=0.0
+    ).to_json()
     assert default["error"]["error_code"] == "permanent_error"
 
 
 def test_retryable_error_outcome() -> None:
     exc = RetryableError("Payment gateway timeout", retry_after=30, context={"gateway": "stripe"})
-    error = outcome_from_exception(exc, step_uuid=STEP, attempt=1, duration_ms=2.0)["error"]
+    error = outcome_from_exception(exc, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=2.0).to_json()[
+        "error"
+    ]
     assert error["error_type"] == "RetryableError"
     assert error["retryable"] is True
     assert error["retry_after"] == 30.0
     assert error["error_code"] == "retryable_error"
     assert error["context"] == {"gateway": "stripe"}
     no_delay = outcome_from_exception(
-        RetryableError("x", error_code="FLAKY"), step_uuid=STEP, attempt=1, duration_ms=0.0
-    )
+        RetryableError("x", error_code="FLAKY"), fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=0.0
+    ).to_json()
     assert no_delay["error"]["retry_after"] is None
     assert no_delay["error"]["error_code"] == "FLAKY"
 
@@ -872,7 +897,9 @@ def test_generic_exception_is_retryable_with_traceback() -> None:
     try:
         _explode()
     except KeyError as exc:
-        outcome = outcome_from_exception(exc, step_uuid=STEP, attempt=1, duration_ms=1.0)
+        outcome = outcome_from_exception(
+            exc, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+        ).to_json()
     error = outcome["error"]
     assert error["error_type"] == "KeyError"
     assert error["message"] == "'missing_key'"
@@ -886,17 +913,17 @@ def test_generic_exception_is_retryable_with_traceback() -> None:
 
 
 def test_exception_without_message_uses_class_name() -> None:
-    error = outcome_from_exception(ZeroDivisionError(), step_uuid=STEP, attempt=1, duration_ms=1.0)[
-        "error"
-    ]
+    error = outcome_from_exception(
+        ZeroDivisionError(), fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()["error"]
     assert error["message"] == "ZeroDivisionError"
     assert error["traceback"] == "ZeroDivisionError\n"  # never raised: no frames
 
 
 def test_other_tasker_errors_keep_their_code_and_stay_retryable() -> None:
     error = outcome_from_exception(
-        ValidationError("bad name"), step_uuid=STEP, attempt=1, duration_ms=1.0
-    )["error"]
+        ValidationError("bad name"), fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()["error"]
     assert error["error_type"] == "ValidationError"
     assert error["error_code"] == "validation_error"
     assert error["retryable"] is True
@@ -906,12 +933,16 @@ def test_non_json_error_context_is_made_storable() -> None:
     when = datetime(2024, 5, 1)
     context: dict[Any, Any] = {"when": when, "ratio": math.nan, 3: (1, 2)}
     exc = PermanentError("x", context=context)
-    outcome = outcome_from_exception(exc, step_uuid=STEP, attempt=1, duration_ms=1.0)
+    outcome = outcome_from_exception(
+        exc, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()
     assert outcome["error"]["context"] == {"when": repr(when), "ratio": "nan", "3": [1, 2]}
     assert_storable(outcome)
 
     failure = StepHandlerResult.failure("x", context={"obj": object()}, metadata={"s": {1}})
-    outcome = outcome_from_result(failure, step_uuid=STEP, attempt=1, duration_ms=1.0)
+    outcome = outcome_from_result(
+        failure, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()
     assert outcome["error"]["context"]["obj"].startswith("<object object")
     assert outcome["metadata"] == {"s": "{1}"}
     assert_storable(outcome)
@@ -919,9 +950,9 @@ def test_non_json_error_context_is_made_storable() -> None:
 
 def test_huge_error_context_is_replaced_by_a_preview() -> None:
     exc = RetryableError("x", context={"blob": "z" * 100_000})
-    context = outcome_from_exception(exc, step_uuid=STEP, attempt=1, duration_ms=1.0)["error"][
-        "context"
-    ]
+    context = outcome_from_exception(
+        exc, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()["error"]["context"]
     assert context["truncated"] is True
     assert len(context["preview"].encode()) <= 8 * 1024
 
@@ -931,7 +962,9 @@ def test_long_messages_and_tracebacks_are_truncated() -> None:
     try:
         raise RuntimeError(long_message)
     except RuntimeError as exc:
-        error = outcome_from_exception(exc, step_uuid=STEP, attempt=1, duration_ms=1.0)["error"]
+        error = outcome_from_exception(
+            exc, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+        ).to_json()["error"]
     message = error["message"]
     assert len(message.encode()) <= MAX_MESSAGE_BYTES
     assert message.startswith("éééé")
@@ -942,11 +975,63 @@ def test_long_messages_and_tracebacks_are_truncated() -> None:
     assert tb.rstrip().endswith("é")  # the end, where the exception line is, is kept
 
     failure = StepHandlerResult.failure("m" * 5000)
-    message = outcome_from_result(failure, step_uuid=STEP, attempt=1, duration_ms=1.0)["error"][
-        "message"
-    ]
+    message = outcome_from_result(
+        failure, fence=Fence(STEP, 1, CLAIM_SEQ), duration_ms=1.0
+    ).to_json()["error"]["message"]
     assert len(message.encode()) <= MAX_MESSAGE_BYTES
     assert "truncated 5000 bytes" in message
+
+
+def test_outcomes_are_frozen_values_carrying_their_fence() -> None:
+    fence = Fence(STEP, 2, CLAIM_SEQ)
+    success = outcome_from_result(StepHandlerResult.success({"a": 1}), fence=fence, duration_ms=1)
+    checkpoint = outcome_from_result(
+        StepHandlerResult.checkpoint(cursor=5), fence=fence, duration_ms=1
+    )
+    failure = outcome_from_exception(ValueError("boom"), fence=fence, duration_ms=1)
+    assert isinstance(success, Success)
+    assert isinstance(checkpoint, Checkpoint)
+    assert isinstance(failure, Failure)
+    for outcome in (success, checkpoint, failure):
+        assert outcome.fence is fence
+        json = outcome.to_json()
+        assert (json["step_uuid"], json["attempt"], json["claim_seq"]) == (STEP, 2, CLAIM_SEQ)
+        assert json["kind"] == outcome.kind
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            outcome.fence = Fence(STEP, 3, 8)  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        failure.error.retryable = False  # type: ignore[misc]
+    assert failure.error.error_type == "ValueError"
+    assert fence.to_json() == {"step_uuid": STEP, "attempt": 2, "claim_seq": CLAIM_SEQ}
+
+
+def test_refused_outcome_replaces_a_result_the_engine_would_not_store() -> None:
+    success = outcome_from_result(
+        StepHandlerResult.success({"a": 1}),
+        fence=Fence(STEP, 1, CLAIM_SEQ),
+        duration_ms=4.0,
+        worker_id="w",
+    )
+    refusal = ValidationError("result too big", error_code="payload_too_large")
+    replacement = refused_outcome(success, refusal)
+    assert replacement.to_json() == {
+        "step_uuid": STEP,
+        "attempt": 1,
+        "kind": "failure",
+        "duration_ms": 4.0,
+        "worker_id": "w",
+        "error": {
+            "message": "the engine refused the step's success outcome: result too big",
+            "error_type": "invalid_result",
+            "error_code": "payload_too_large",
+            "retryable": False,
+            "retry_after": None,
+            "context": {},
+            "traceback": None,
+        },
+        "metadata": {},
+        "claim_seq": CLAIM_SEQ,
+    }
 
 
 def test_truncate_helpers_leave_short_text_alone() -> None:
@@ -959,8 +1044,8 @@ def test_truncate_helpers_leave_short_text_alone() -> None:
 
 def test_timeout_outcome() -> None:
     outcome = timeout_outcome(
-        step_uuid=STEP, attempt=2, duration_ms=2500.0, timeout_seconds=2.5, worker_id="w"
-    )
+        fence=Fence(STEP, 2, CLAIM_SEQ), duration_ms=2500.0, timeout_seconds=2.5, worker_id="w"
+    ).to_json()
     error = outcome["error"]
     assert outcome["kind"] == "failure"
     assert outcome["attempt"] == 2

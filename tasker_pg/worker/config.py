@@ -1,0 +1,106 @@
+"""The worker's settings, checked once when the worker is built."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tasker_pg.errors import ConfigurationError
+
+# PostgreSQL truncates application_name at 63 bytes.
+_APPLICATION_NAME_MAX = 63
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerConfig:
+    """What one worker serves and how (see `Worker` for what each setting means)."""
+
+    namespaces: tuple[str, ...]
+    worker_id: str
+    dsn: str | None = None
+    concurrency: int = 10
+    lease_seconds: float = 30.0
+    grace_seconds: float = 30.0
+    poll_interval: float = 1.0
+    flush_delay: float = 0.001
+    max_batch: int = 200
+    heartbeat_interval: float = 10.0
+    summary_interval: float = 30.0
+
+    @classmethod
+    def build(
+        cls,
+        namespaces: Iterable[str],
+        *,
+        worker_id: str | None,
+        dsn: str | None,
+        concurrency: int,
+        lease_seconds: float,
+        grace_seconds: float,
+        poll_interval: float,
+        flush_delay: float,
+        max_batch: int,
+        heartbeat_interval: float | None,
+        summary_interval: float,
+    ) -> WorkerConfig:
+        """Validate the settings; raises `ConfigurationError` naming the one that is wrong."""
+        names = tuple(dict.fromkeys(namespaces))
+        if not names:
+            raise ConfigurationError(
+                "the worker has no namespace to work on: pass namespaces (--namespace NS) "
+                "or templates whose namespace_name it should serve"
+            )
+        if heartbeat_interval is None:
+            heartbeat_interval = lease_seconds / 3
+        _check_positive("concurrency", concurrency, integer=True)
+        _check_positive("max_batch", max_batch, integer=True)
+        _check_positive("lease_seconds", lease_seconds)
+        _check_positive("poll_interval", poll_interval)
+        _check_positive("heartbeat_interval", heartbeat_interval)
+        _check_non_negative("grace_seconds", grace_seconds)
+        _check_non_negative("flush_delay", flush_delay)
+        _check_non_negative("summary_interval", summary_interval)
+        if heartbeat_interval >= lease_seconds:
+            raise ConfigurationError(
+                f"heartbeat_interval ({heartbeat_interval:g}s) must be shorter than "
+                f"lease_seconds ({lease_seconds:g}s), or leases expire between heartbeats"
+            )
+        return cls(
+            namespaces=names,
+            worker_id=worker_id or default_worker_id(),
+            dsn=dsn,
+            concurrency=int(concurrency),
+            lease_seconds=float(lease_seconds),
+            grace_seconds=float(grace_seconds),
+            poll_interval=float(poll_interval),
+            flush_delay=float(flush_delay),
+            max_batch=int(max_batch),
+            heartbeat_interval=float(heartbeat_interval),
+            summary_interval=float(summary_interval),
+        )
+
+    def application_name(self, role: str) -> str:
+        """The `application_name` of this worker's sessions: `tasker-pg worker <id> <role>`."""
+        name = f"tasker-pg worker {self.worker_id} {role}"
+        return name.encode("utf-8")[:_APPLICATION_NAME_MAX].decode("utf-8", errors="ignore")
+
+
+def default_worker_id() -> str:
+    """`<host>-<pid>-<random>`: unique enough to tell workers apart in logs and audit rows."""
+    host = socket.gethostname().split(".")[0] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def _check_positive(name: str, value: float, *, integer: bool = False) -> None:
+    if integer and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigurationError(f"{name} must be an integer, got {value!r}")
+    if not value > 0:
+        raise ConfigurationError(f"{name} must be > 0, got {value!r}")
+
+
+def _check_non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ConfigurationError(f"{name} must be >= 0, got {value!r}")

@@ -1,0 +1,119 @@
+"""Leases: the heartbeat that keeps running steps claimed, and handing back unstarted claims.
+
+A heartbeat extends, in one `tasker.extend_leases` call, the leases of every held step that
+would otherwise expire before the next heartbeat. A lease reported lost is logged; the handler
+keeps running (at-least-once) and its outcome will come back stale. At shutdown, claims whose
+handler never started go back with `tasker.release_steps` (no attempt spent).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+
+from tasker_pg.errors import ConnectionLostError, TaskerError
+from tasker_pg.worker.session import Session, backoff, wait_event
+from tasker_pg.worker.state import Claim, Shared
+
+logger = logging.getLogger(__name__)
+
+
+class Leases:
+    """Heartbeats and releases, on the claim session."""
+
+    def __init__(self, shared: Shared, session: Session) -> None:
+        self._shared = shared
+        self._session = session
+
+    async def heartbeat_loop(self) -> None:
+        """Every heartbeat_interval, extend the leases that would lapse before the next one."""
+        while True:
+            await asyncio.sleep(self._shared.config.heartbeat_interval)
+            await self.heartbeat()
+
+    async def heartbeat(self) -> None:
+        """One `extend_leases` call for every held claim whose lease ends within two intervals."""
+        shared = self._shared
+        config = shared.config
+        horizon = time.monotonic() + 2 * config.heartbeat_interval
+        due = [c for c in shared.held if not c.lease_lost and c.lease_deadline < horizon]
+        if not due:
+            return
+        fences = [c.fence.to_json() for c in due]
+        sent_at = time.monotonic()
+        try:
+            rows = await self._session.call(
+                lambda conn: conn.extend_leases(fences, config.lease_seconds)
+            )
+        except ConnectionLostError as exc:
+            logger.warning(
+                "worker %s: heartbeat for %d step(s) failed (%s)", shared.worker_id, len(due), exc
+            )
+            return
+        except TaskerError as exc:
+            logger.error("worker %s: extend_leases failed: %s", shared.worker_id, exc)
+            return
+        extended = {str(r["step_uuid"]): bool(r["extended"]) for r in rows}
+        for claim in due:
+            if extended.get(claim.fence.step_uuid, False):
+                claim.lease_deadline = sent_at + config.lease_seconds
+            elif claim in shared.held:
+                claim.lease_lost = True
+                shared.bump("leases_lost")
+                logger.warning(
+                    "worker %s: lost the lease of %s; another worker may run it now, and this "
+                    "run's outcome will be stale",
+                    shared.worker_id,
+                    claim.describe(),
+                    extra=claim.log,
+                )
+
+    async def release(self, claims: Sequence[Claim], timeout: float) -> None:
+        """Hand back claims whose handler never started (no attempt spent)."""
+        shared = self._shared
+        fences = [c.fence.to_json() for c in claims]
+        deadline = time.monotonic() + timeout
+        failures = 0
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                    rows = await self._session.call(lambda conn: conn.release_steps(fences))
+            except TimeoutError:
+                logger.error(
+                    "worker %s: could not release %d unstarted claim(s) in time; they become "
+                    "visible when their leases expire",
+                    shared.worker_id,
+                    len(claims),
+                )
+                return
+            except ConnectionLostError as exc:
+                if time.monotonic() >= deadline or shared.closed.is_set():
+                    logger.error("worker %s: releasing claims failed: %s", shared.worker_id, exc)
+                    return
+                failures += 1
+                await wait_event(shared.closed, backoff(failures - 1))
+                continue
+            except TaskerError as exc:
+                logger.error("worker %s: releasing claims failed: %s", shared.worker_id, exc)
+                return
+            break
+        released = {str(r["step_uuid"]) for r in rows if r["released"]}
+        for claim in claims:
+            shared.held.pop(claim, None)
+            if claim.fence.step_uuid in released:
+                shared.bump("released")
+                logger.info(
+                    "worker %s: released unstarted %s",
+                    shared.worker_id,
+                    claim.describe(),
+                    extra=claim.log,
+                )
+            else:
+                logger.info(
+                    "worker %s: could not release %s (no longer held)",
+                    shared.worker_id,
+                    claim.describe(),
+                    extra=claim.log,
+                )

@@ -1,0 +1,216 @@
+"""Running handlers: async ones on the event loop, sync ones in a thread pool, with timeouts.
+
+Every claimed step gets an asyncio task at once. Async handlers run on the loop, sync handlers
+in a thread pool of `concurrency` threads, so the loop keeps serving while they block.
+`timeout_seconds` is enforced: an async handler is cancelled; for a sync handler the worker
+stops waiting and the thread finishes in the background (its slot stays taken until it does,
+so the pool never over-commits).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from tasker_pg.context import StepContext
+from tasker_pg.handler import StepHandler
+from tasker_pg.outcome import Outcome, outcome_from_exception, outcome_from_result, timeout_outcome
+from tasker_pg.registry import HandlerRegistry
+from tasker_pg.worker.state import Claim, Shared
+
+logger = logging.getLogger(__name__)
+
+
+class _StepTimedOut(Exception):
+    """Raised inside the worker (never by a handler) when a step exceeds its timeout_seconds."""
+
+
+class Runner:
+    """Runs each claimed step's handler and passes its outcome to `on_outcome`."""
+
+    def __init__(
+        self,
+        shared: Shared,
+        registry: HandlerRegistry,
+        on_outcome: Callable[[Claim, Outcome], None],
+    ) -> None:
+        self._shared = shared
+        self._registry = registry
+        self._on_outcome = on_outcome
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def open(self) -> None:
+        """Create the thread pool for sync handlers (call from the running loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=self._shared.config.concurrency,
+            thread_name_prefix=f"tasker-{self._shared.worker_id}",
+        )
+
+    @property
+    def abandoned_threads(self) -> int:
+        """Sync handler threads still running that the worker stopped waiting for."""
+        return sum(1 for f in self._shared.zombies if not f.done())
+
+    def start(self, claim: Claim) -> None:
+        """Start the step's handler in its own task."""
+        self._shared.running[claim] = None
+        self._shared.idle.clear()
+        claim.task = asyncio.create_task(self._execute(claim))
+
+    async def finish_or_abandon(self, deadline: float) -> list[Claim]:
+        """Give running steps until `deadline` (a second stop request cuts it short), then
+        abandon what still runs to lease expiry; returns the sync steps that never started."""
+        shared = self._shared
+        if shared.running:
+            idle = asyncio.ensure_future(shared.idle.wait())
+            force = asyncio.ensure_future(shared.force_stop.wait())
+            try:
+                await asyncio.wait(
+                    {idle, force},
+                    timeout=max(deadline - time.monotonic(), 0),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                idle.cancel()
+                force.cancel()
+        unstarted: list[Claim] = []
+        if not shared.running:
+            return unstarted
+        forced = shared.force_stop.is_set()
+        why = "at the second stop request" if forced else "after the grace period"
+        for claim in list(shared.running):
+            if claim.cfuture is not None and claim.cfuture.cancel():
+                unstarted.append(claim)  # a sync handler still queued for a thread
+            else:
+                shared.held.pop(claim, None)  # no more heartbeats: let the lease expire
+                if claim.cfuture is not None:
+                    shared.zombies.add(claim.cfuture)
+                shared.bump("abandoned")
+                logger.warning(
+                    "worker %s: abandoning %s %s; its lease expires and another worker retries it",
+                    shared.worker_id,
+                    claim.describe(),
+                    why,
+                    extra=claim.log,
+                )
+            if claim.task is not None:
+                claim.task.cancel()
+        await asyncio.gather(
+            *[c.task for c in list(shared.running) if c.task is not None],
+            return_exceptions=True,
+        )
+        return unstarted
+
+    async def close(self) -> None:
+        """Cancel whatever still runs and let the pool go (its threads are not waited for)."""
+        tasks = [c.task for c in self._shared.running if c.task is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _execute(self, claim: Claim) -> None:
+        """Run one step's handler and queue its outcome; never raises (except cancellation)."""
+        shared = self._shared
+        step = claim.step
+        started = time.perf_counter()
+        outcome: Outcome | None = None
+        try:
+            try:
+                handler = self._registry.resolve(step.handler)
+                context = StepContext.from_claimed(step, worker_id=shared.worker_id)
+                if handler.is_async:
+                    result = await self._call_async(handler, context, step.timeout_seconds)
+                else:
+                    result = await self._call_sync(handler, context, claim)
+                outcome = outcome_from_result(
+                    result,
+                    fence=claim.fence,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    worker_id=shared.worker_id,
+                    handler_name=step.handler,
+                )
+            except _StepTimedOut:
+                shared.bump("timeouts")
+                outcome = timeout_outcome(
+                    fence=claim.fence,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    timeout_seconds=step.timeout_seconds or 0.0,
+                    worker_id=shared.worker_id,
+                )
+            except Exception as exc:
+                claim.error = exc
+                outcome = outcome_from_exception(
+                    exc,
+                    fence=claim.fence,
+                    duration_ms=(time.perf_counter() - started) * 1000,
+                    worker_id=shared.worker_id,
+                )
+        finally:
+            shared.running.pop(claim, None)
+            if not shared.running:
+                shared.idle.set()
+            shared.claim_wake.set()  # a slot is free
+            if outcome is not None:
+                self._on_outcome(claim, outcome)
+
+    async def _call_async(
+        self, handler: StepHandler, context: StepContext, timeout: float | None
+    ) -> Any:
+        value: Any = handler.call(context)
+        if not inspect.isawaitable(value):
+            return value
+        if timeout is None:
+            return await value
+        cm = asyncio.timeout(timeout)
+        try:
+            async with cm:
+                return await value
+        except TimeoutError:
+            if cm.expired():
+                raise _StepTimedOut from None
+            raise
+
+    async def _call_sync(self, handler: StepHandler, context: StepContext, claim: Claim) -> Any:
+        assert self._executor is not None and self._loop is not None
+        cfuture = self._executor.submit(handler.call, context)
+        claim.cfuture = cfuture
+        afuture = asyncio.wrap_future(cfuture, loop=self._loop)
+        timeout = claim.step.timeout_seconds
+        if timeout is None:
+            return await afuture
+        done, _ = await asyncio.wait({afuture}, timeout=timeout)
+        if done:
+            return afuture.result()
+        # Threads cannot be interrupted: stop waiting, and keep the slot taken until the thread
+        # really ends so the pool is never asked for more threads than it has.
+        self._shared.zombies.add(cfuture)
+        loop = self._loop
+
+        def thread_ended(future: concurrent.futures.Future[Any]) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+                loop.call_soon_threadsafe(self._zombie_done, future)
+
+        cfuture.add_done_callback(thread_ended)
+        logger.warning(
+            "worker %s: %s exceeded its timeout of %gs; its thread keeps running in the "
+            "background and holds a slot until it ends",
+            self._shared.worker_id,
+            claim.describe(),
+            timeout,
+            extra=claim.log,
+        )
+        raise _StepTimedOut
+
+    def _zombie_done(self, future: concurrent.futures.Future[Any]) -> None:
+        self._shared.zombies.discard(future)
+        self._shared.claim_wake.set()
