@@ -1,7 +1,6 @@
 -- Operator actions: cancel_task, retry_step, resolve_step. Calls on one task are serialised
--- by a row lock on the task (_lock_task_operations), taken before any message or step lock.
-
--- Operator functions
+-- by a transaction-level advisory lock per task (_lock_task_operations), taken before any
+-- message or step lock.
 
 -- Serialises the operator functions (cancel_task, retry_step, resolve_step) of one task. They
 -- lock steps in different orders (all steps of the task; a step then its children; a step,

@@ -1,7 +1,7 @@
 """The asyncio worker: claims ready steps, runs their handlers, hands the outcomes back to SQL.
 
-PostgreSQL makes every decision (see DESIGN.md); the worker only moves work between the database
-and the handlers, and does it with as few round trips as it can. `Worker` (core.py) is a facade
+PostgreSQL makes every decision (docs/architecture.md); the worker only moves work between the
+database and the handlers, with as few round trips as it can. `Worker` (core.py) is a facade
 over one part per job:
 
 - `claiming`: one claim loop, woken by LISTEN/NOTIFY on `tasker_<namespace>` and a polling

@@ -4,7 +4,8 @@ Every simulated worker is its own connection (its own backend); interleavings ar
 transactions are opened by hand, calls are released together by an `asyncio.Barrier`, and a
 session that must be blocked is observed blocked in `pg_stat_activity` / `pg_locks` (polled
 with a deadline, never a fixed sleep) before the session it waits for commits. Each test runs
-on a fresh database and has its own timeout; DESIGN.md invariants 1-3 are checked at the end.
+on a fresh database and has its own timeout; the invariants (docs/architecture.md) are checked
+at the end.
 """
 
 from __future__ import annotations
@@ -1171,7 +1172,7 @@ HOT_TASKS = 1000
 
 @pytest.mark.timeout(60)
 async def test_hot_path_updates_are_heap_only(conn: db.Connection, sessions: Opener) -> None:
-    """DESIGN.md: no index on a mutable column, fillfactor 70: the claim and completion updates
+    """No index on a mutable column, fillfactor 70: the claim and completion updates
     of steps, tasks and queue messages should be HOT. A low ratio is a performance finding
     (reported as xfail with the numbers), not a correctness failure."""
     await register(conn, "single", SINGLE)

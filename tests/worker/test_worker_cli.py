@@ -1,4 +1,4 @@
-"""The worker's command line: options, usage errors, and the issue's "done when" command.
+"""The worker's command line: options, usage errors, and the documented worker command.
 
 `tasker-pg worker --namespace ecommerce --handlers examples.ecommerce.handlers --templates
 examples/ecommerce` processes a task created from plain SQL and exits 0 on SIGTERM.
@@ -125,7 +125,7 @@ def test_invalid_template_is_named(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_done_when_command_runs_a_task_created_from_sql(dsn: str, tmp_path: Path) -> None:
     log_path = tmp_path / "worker.log"
-    # exactly the issue's command, through the main `tasker-pg` entry point
+    # the documented command, through the main `tasker-pg` entry point
     proc = spawn(
         log_path,
         dsn,
