@@ -53,6 +53,9 @@ class WorkerProcess:
             "10",
             "--log-level",
             "info",
+            # the engine is measured, not the worker's log output
+            "--log-steps",
+            "failures",
         ]
 
     def start(self) -> None:

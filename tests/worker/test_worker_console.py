@@ -217,3 +217,20 @@ async def test_cli_shows_handler_logs_and_one_line_per_step(
     output = quiet.log()
     assert " INFO " not in output, output
     assert "gated handler says hello" not in output
+
+    # --log-steps failures: INFO stays on (handlers, start and stop), the per-step lines go
+    lean = Process(
+        tmp_path / "lean.log", dsn, *common, "--worker-id", "lean", "--log-steps", "failures"
+    )
+    processes.append(lean)
+    await lean.wait_log("worker lean started")
+    third = tmp_path / "third"
+    third.mkdir()
+    task3, gate3 = await start_gated_task(conn, third)
+    gate3.write_text("open")
+    assert (await wait_final(conn, [task3]))[task3] == "complete"
+    lean.proc.send_signal(signal.SIGTERM)
+    assert await lean.wait_exit() == 0
+    output = lean.log()
+    assert f"gated handler says hello from task {task3}" in output, output
+    assert "tasker_pg.worker.steplog" not in output, output
