@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -75,15 +75,6 @@ def processes() -> Iterator[list[Process]]:
     yield started
     for process in started:
         process.kill()
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[db.Connection]:
-    connection = await db.connect(dsn)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def start_gated_task(conn: db.Connection, tmp_path: Path) -> tuple[uuid.UUID, Path]:

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -111,15 +111,6 @@ def workers(dsn: str, tmp_path: Path) -> Iterator[list[WorkerProcess]]:
     yield started
     for worker in started:
         worker.cleanup()
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[db.Connection]:
-    connection = await db.connect(dsn)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 def start(

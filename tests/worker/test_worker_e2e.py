@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,6 @@ from tasker_pg.errors import RetryableError
 from tasker_pg.template import TaskTemplate, load_templates
 from tests.support.worker import (
     assert_each_completed_once,
-    assert_invariants,
     poll,
     registry_of,
     steps_of,
@@ -33,16 +31,6 @@ from tests.support.workflows import math_handlers, timing_handlers
 CHECKOUT = Path(__file__).resolve().parents[2] / "examples" / "ecommerce" / "checkout_workflow.yaml"
 
 FAST = {"poll_interval": 0.1, "summary_interval": 0}
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[db.Connection]:
-    connection = await db.connect(dsn)
-    try:
-        yield connection
-    finally:
-        await assert_invariants(connection)
-        await connection.close()
 
 
 # --- the guide's checkout ----------------------------------------------------------------------

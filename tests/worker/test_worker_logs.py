@@ -11,27 +11,16 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tasker_pg import HandlerRegistry, Worker, db
 from tasker_pg.template import TaskTemplate
-from tests.support.worker import assert_invariants, registry_of, steps_of, wait_final
+from tests.support.worker import registry_of, steps_of, wait_final
 from tests.support.workflows import console_handlers
 
 FAST: dict[str, Any] = {"poll_interval": 0.1, "summary_interval": 0}
-
-
-@pytest.fixture
-async def conn(dsn: str) -> AsyncIterator[db.Connection]:
-    connection = await db.connect(dsn)
-    try:
-        yield connection
-    finally:
-        await assert_invariants(connection)
-        await connection.close()
 
 
 def one_step(name: str, handler: str, version: str = "1.0.0", **retry: Any) -> TaskTemplate:
