@@ -243,7 +243,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     # A level set on the package logger earlier (e.g. by a previous run in this process) would
     # override the root's.
     logging.getLogger("tasker_pg").setLevel(logging.NOTSET)
-    steps = logging.getLogger(steplog.__name__)
+    steps = logging.getLogger(steplog.STEP_LOGGER)
     steps.setLevel(logging.WARNING if getattr(args, "log_steps", "all") == "failures" else 0)
 
 

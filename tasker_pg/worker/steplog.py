@@ -16,6 +16,10 @@ from tasker_pg.outcome import Failure, Outcome
 from tasker_pg.worker.state import Claim, Shared
 
 logger = logging.getLogger(__name__)
+# The lines about single steps have a logger of their own, so a deployment can turn them off
+# (`tasker-pg worker --log-steps failures` raises it to WARNING) and keep the summaries.
+STEP_LOGGER = "tasker_pg.worker.steps"
+step_logger = logging.getLogger(STEP_LOGGER)
 
 # The step states `tasker.complete_steps` reports for an applied outcome, and what they count as.
 COUNTER_OF_STATE = {
@@ -42,7 +46,7 @@ def log_step_end(worker_id: str, claim: Claim, outcome: Outcome, state: str) -> 
     """The one line about a step whose outcome the engine applied, moving it to `state`."""
     step = claim.step
     if state == "complete":
-        logger.info(
+        step_logger.info(
             "worker %s: step %s %s of task %s succeeded in %.1f ms (attempt %d/%d)",
             worker_id,
             step.step_name,
@@ -54,7 +58,7 @@ def log_step_end(worker_id: str, claim: Claim, outcome: Outcome, state: str) -> 
             extra=claim.log,
         )
     elif state == "in_progress":
-        logger.info(
+        step_logger.info(
             "worker %s: step %s %s of task %s checkpointed in %.1f ms (attempt %d/%d, "
             "%s item(s) processed so far); it continues from its cursor",
             worker_id,
@@ -68,7 +72,7 @@ def log_step_end(worker_id: str, claim: Claim, outcome: Outcome, state: str) -> 
             extra=claim.log,
         )
     elif state == "waiting_for_retry" and isinstance(outcome, Failure):
-        logger.warning(
+        step_logger.warning(
             "worker %s: step %s %s of task %s failed in %.1f ms (will retry, attempt %d/%d, "
             "next in %s): %s",
             worker_id,
@@ -110,7 +114,7 @@ def _log_final_failure(worker_id: str, claim: Claim, outcome: Outcome) -> None:
             "tasker.max_payload_bytes); see the step's last_error"
         )
     exc = claim.error
-    logger.error(
+    step_logger.error(
         "worker %s: step %s %s of task %s failed permanently in %.1f ms (attempt %d/%d, "
         "giving up: %s): %s",
         worker_id,

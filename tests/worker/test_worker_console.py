@@ -194,7 +194,7 @@ async def test_cli_shows_handler_logs_and_one_line_per_step(
         f"INFO tests.support.workflows.console_handlers: gated handler says hello from task {task}"
         in output
     ), output
-    assert "INFO tasker_pg.worker.steplog: worker loud: step wait" in output
+    assert "INFO tasker_pg.worker.steps: worker loud: step wait" in output
 
     quiet = Process(tmp_path / "quiet.log", dsn, *common, "--worker-id", "quiet", "-q")
     processes.append(quiet)
@@ -224,4 +224,5 @@ async def test_cli_shows_handler_logs_and_one_line_per_step(
     assert await lean.wait_exit() == 0
     output = lean.log()
     assert f"gated handler says hello from task {task3}" in output, output
-    assert "tasker_pg.worker.steplog" not in output, output
+    assert "tasker_pg.worker.steps" not in output, output
+    assert "worker lean final: claimed=1 succeeded=1" in output, output
