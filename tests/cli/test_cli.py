@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -483,10 +484,12 @@ RAISE_LINE = next(
 
 
 async def test_a_handler_exception_is_shown_with_its_traceback(
-    dsn: str, conn: db.Connection
+    dsn: str, conn: db.Connection, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A real worker runs a handler raising ValueError once (max_attempts 1): the CLI shows the
-    failed step, its message and where it was raised, and the commands that move it on."""
+    failed step, its message and where it was raised, and the commands that move it on; the
+    worker's log has the final-failure line with the traceback."""
+    caplog.set_level(logging.INFO, logger="tasker_pg")
     await conn.register_template(
         template(
             "parsing",
@@ -508,6 +511,15 @@ async def test_a_handler_exception_is_shown_with_its_traceback(
     assert created.returncode == 1, created.stderr
     task = created.stdout.split()[2].rstrip(";")
     parse = str(await conn.step_uuid_by_name(task, "parse"))
+    [final] = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.ERROR and getattr(r, "step_uuid", None) == parse
+    ]
+    logged = logging.Formatter().format(final)  # the message and the exception it carries
+    assert f"step parse {parse} of task {task} failed permanently" in logged, logged
+    assert "giving up" in logged and "ValueError: bad record 7" in logged, logged
+    assert where in logged, logged  # the handler's traceback follows the line
     for out in (created.stdout, cli(dsn, "task", "wait", task, "--timeout", "10").stdout):
         assert f"failed step parse ({parse})" in out, out
         assert "ValueError: bad record 7" in out

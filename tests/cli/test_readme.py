@@ -39,8 +39,6 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from tasker_pg import Worker
-
 pytestmark = pytest.mark.timeout(600)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,10 +95,6 @@ SKIPPED = {
     "make demo": "`make demo` is run by tests/cli/test_demo.py on its own embedded database, and "
     "`make test` is the suite this walk is part of",
 }
-RUN_FOREVER_REASON = (
-    "Worker.run_forever() is not on this branch yet (it is added with the worker package); "
-    "the walk runs this block once it exists"
-)
 
 
 def _starts_worker(block: Block) -> bool:
@@ -267,9 +261,6 @@ class Walk:
         self.transcript.append((block, buffer.getvalue()))
 
     def start_worker(self, block: Block) -> None:
-        if "run_forever()" in block.code and not hasattr(Worker, "run_forever"):
-            self.skipped.append((block, RUN_FOREVER_REASON))
-            return
         if block.lang == "bash":
             lines = [line for line in block.code.splitlines() if line.strip()]
             assert len(lines) == 1, f"{block.where}: a worker block holds the worker only"
@@ -341,7 +332,7 @@ def test_readme_walk(walk: Walk) -> None:
     for worker, code in stopped:
         assert code == 0, f"{worker.block.where} exited {code} on SIGINT:\n{worker.output}"
     # Only the listed blocks were skipped, each with its reason.
-    assert {reason for _, reason in walk.skipped} <= {*SKIPPED.values(), RUN_FOREVER_REASON}
+    assert {reason for _, reason in walk.skipped} <= set(SKIPPED.values())
 
     # What the reader is told to expect, as the README tells it.
     assert "complete 100.0" in walk.output_of("TaskerClient(")
