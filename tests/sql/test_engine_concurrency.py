@@ -1089,6 +1089,7 @@ async def seq_scans(conn: db.Connection) -> dict[str, int]:
     return {r["relname"]: r["seq_scan"] for r in rows}
 
 
+@pytest.mark.plans
 @pytest.mark.timeout(90)
 async def test_hot_statements_use_indexes_with_100k_steps(conn: db.Connection) -> None:
     """claim_steps + complete_steps round trips on 100,000 steps, with the plan of every
@@ -1130,6 +1131,7 @@ async def test_hot_statements_use_indexes_with_100k_steps(conn: db.Connection) -
     ) == PLAN_QTY * PLAN_ROUNDS * len(modes)
 
 
+@pytest.mark.plans
 @pytest.mark.timeout(90)
 async def test_lease_statements_use_indexes_with_100k_steps(conn: db.Connection) -> None:
     """extend_leases (the heartbeat) and release_steps on 100,000 steps: every statement they

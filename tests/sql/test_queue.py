@@ -382,6 +382,7 @@ async def take_plan_problems(
     return problems, taken
 
 
+@pytest.mark.plans
 async def test_read_and_pop_use_the_claim_index_with_100k_messages(conn: db.Connection) -> None:
     """The plans read() and pop() really run, custom (a session's first calls) and generic
     (what plan_cache_mode auto may switch to after five calls): index scans only."""
@@ -394,6 +395,7 @@ async def test_read_and_pop_use_the_claim_index_with_100k_messages(conn: db.Conn
         first += 20
 
 
+@pytest.mark.plans
 async def test_plan_check_notices_a_missing_claim_index(conn: db.Connection) -> None:
     """The check above can fail: without the claim index, read() and pop() pick their
     candidates by a sequential scan of the queue's partition."""
