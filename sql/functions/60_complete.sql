@@ -27,7 +27,7 @@ CREATE TYPE tasker._applied_outcome AS (
 );
 
 -- Applies a batch of handler outcomes (success, failure, checkpoint), each fenced by
--- (step_uuid, attempt[, claim_seq]) in the WHERE clause of the step row it changes: an outcome
+-- (step_uuid, attempt, claim_seq) in the WHERE clause of the step row it changes: an outcome
 -- whose claim is no longer current (lease lost, step cancelled, already applied) is answered
 -- 'stale' and changes nothing. Everything that follows from the applied ones commits with
 -- them: results, children released and enqueued, messages deleted or moved, task counters
@@ -58,8 +58,10 @@ BEGIN
                    WHEN coalesce(e.o->>'step_uuid', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                        THEN 'step_uuid must be a uuid'
                    WHEN NOT tasker._is_int_json(e.o->'attempt', 1) THEN 'attempt must be an integer >= 1'
-                   WHEN jsonb_typeof(e.o->'claim_seq') <> 'null' AND NOT tasker._is_int_json(e.o->'claim_seq', 0)
-                       THEN 'claim_seq must be an integer >= 0'
+                   -- required: the attempt number alone repeats (retry_step resets it, a
+                   -- checkpoint continuation keeps it), the claim token never does
+                   WHEN NOT tasker._is_int_json(e.o->'claim_seq', 0)
+                       THEN 'claim_seq is required: the integer claim token claim_steps returned for this claim'
                    WHEN coalesce(e.o->>'kind', '') NOT IN ('success', 'failure', 'checkpoint')
                        THEN 'kind must be success, failure or checkpoint'
                    WHEN e.o->>'kind' = 'failure' AND jsonb_typeof(e.o->'error') IS DISTINCT FROM 'object'
@@ -137,7 +139,7 @@ BEGIN
           JOIN tasker.steps s ON s.step_uuid = i.step_uuid
           JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
          WHERE s.state = 'in_progress' AND s.attempts = i.attempt
-           AND (i.claim_seq IS NULL OR s.claim_seq = i.claim_seq)
+           AND s.claim_seq = i.claim_seq
            AND NOT s.continuation
     ),
     -- 3. Apply, fenced in the WHERE clause of the row itself (re-checked after a lock wait).

@@ -26,8 +26,8 @@ BEGIN
                        WHEN coalesce(e.c->>'step_uuid', '') !~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                            THEN 'step_uuid must be a uuid'
                        WHEN NOT tasker._is_int_json(e.c->'attempt', 1) THEN 'attempt must be an integer >= 1'
-                       WHEN e.c->'claim_seq' IS NOT NULL AND jsonb_typeof(e.c->'claim_seq') <> 'null'
-                            AND NOT tasker._is_int_json(e.c->'claim_seq', 0) THEN 'claim_seq must be an integer >= 0'
+                       WHEN NOT tasker._is_int_json(e.c->'claim_seq', 0)
+                           THEN 'claim_seq is required: the integer claim token claim_steps returned for this claim'
                    END AS problem
               FROM jsonb_array_elements(p_claims) WITH ORDINALITY e(c, ord)) x
      WHERE x.problem IS NOT NULL
@@ -86,7 +86,7 @@ BEGIN
           JOIN tasker.steps s ON s.step_uuid = c.step_uuid
           JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
          WHERE s.state = 'in_progress' AND s.attempts = c.attempt
-           AND (c.claim_seq IS NULL OR s.claim_seq = c.claim_seq)
+           AND s.claim_seq = c.claim_seq
            AND NOT s.continuation
     ),
     upd AS (
@@ -136,7 +136,7 @@ BEGIN
           FROM c
          WHERE s.step_uuid = c.step_uuid
            AND s.state = 'in_progress' AND s.attempts = c.attempt
-           AND (c.claim_seq IS NULL OR s.claim_seq = c.claim_seq)
+           AND s.claim_seq = c.claim_seq
            AND NOT s.continuation
         RETURNING c.ord, s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id
     ),

@@ -92,17 +92,15 @@ async def step_ids(
     return out
 
 
-def success(row: Row, result: Any = None, *, with_claim_seq: bool = True) -> dict[str, Any]:
-    """A success outcome for a claim row (fenced by attempt, and claim_seq unless told not to)."""
-    outcome: dict[str, Any] = {
+def success(row: Row, result: Any = None) -> dict[str, Any]:
+    """A success outcome for a claim row, fenced by its attempt and claim token."""
+    return {
         "step_uuid": str(row["step_uuid"]),
         "attempt": row["attempt"],
+        "claim_seq": row["claim_seq"],
         "kind": "success",
         "result": {"step": row["step_name"]} if result is None else result,
     }
-    if with_claim_seq:
-        outcome["claim_seq"] = row["claim_seq"]
-    return outcome
 
 
 async def claim_all(
@@ -897,9 +895,8 @@ ZOMBIE_STEPS = 10
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.parametrize("fence", ["claim_seq", "attempt_only"])
 async def test_zombie_success_is_stale_when_completing_concurrently(
-    conn: db.Connection, sessions: Opener, fence: str
+    conn: db.Connection, sessions: Opener
 ) -> None:
     """Worker A's leases (0.3 s) run out, worker B reclaims every step as attempt 2; A and B
     then complete at the same moment in open transactions: A is stale, only B's results stay."""
@@ -912,9 +909,8 @@ async def test_zombie_success_is_stale_when_completing_concurrently(
     assert {r["step_uuid"] for r in held_b} == {r["step_uuid"] for r in held_a}
     assert {(r["attempt"], r["claim_event"]) for r in held_b} == {(2, "lease_expired")}
 
-    with_seq = fence == "claim_seq"
-    outcomes_a = [success(r, {"by": "A"}, with_claim_seq=with_seq) for r in held_a]
-    outcomes_b = [success(r, {"by": "B"}, with_claim_seq=with_seq) for r in reversed(held_b)]
+    outcomes_a = [success(r, {"by": "A"}) for r in held_a]
+    outcomes_b = [success(r, {"by": "B"}) for r in reversed(held_b)]
     results, _ = await overlapped(
         observer, [(zombie, completing(outcomes_a)), (worker_b, completing(outcomes_b))]
     )

@@ -793,6 +793,59 @@ async def test_lost_lease_without_attempts_left_is_an_error(conn: db.Connection)
     await assert_healthy(conn)
 
 
+def unfenced(outcome: dict[str, Any]) -> dict[str, Any]:
+    """The outcome without its claim token, as a caller that skips the fence would send it."""
+    return {k: v for k, v in outcome.items() if k != "claim_seq"}
+
+
+async def test_a_zombie_without_claim_seq_cannot_win_after_retry_step(conn: db.Connection) -> None:
+    """W1's lease expires and the step fails for good; an operator retries it; W3 claims attempt
+    1 again. Zombie W1's outcome repeats (step_uuid, attempt 1): without the claim token it
+    would be taken for W3's. The token is required, so it is refused and W3's success wins."""
+    task = await start(conn, single(retry={"max_attempts": 1}))
+    [zombie] = await claim(conn, lease=0.2, worker="w1")
+
+    async def errored() -> bool:
+        await claim(conn, worker="sweeper")  # the claim that finds the expired lease
+        return (await step_row(conn, task, "only"))["state"] == "error"
+
+    await wait_for(errored, what="lease expiry to error")
+    await conn.retry_step(zombie["step_uuid"])
+    [current] = await claim(conn, worker="w3")
+    assert (current["attempt"], current["claim_seq"]) == (1, zombie["claim_seq"] + 1)
+
+    for call in (
+        complete(conn, unfenced(success(zombie, {"from": "zombie"}))),
+        complete(conn, {**success(zombie, {"from": "zombie"}), "claim_seq": None}),
+        conn.extend_leases([unfenced(success(zombie))], 60),
+        conn.release_steps([{"step_uuid": str(zombie["step_uuid"]), "attempt": 1}]),
+    ):
+        with pytest.raises(ValidationError, match="claim_seq is required"):
+            await call
+    answer = await complete(conn, success(current, {"from": "w3"}))
+    assert answer[str(current["step_uuid"])]["status"] == "applied"
+    assert (await step_row(conn, task, "only"))["results"] == {"from": "w3"}
+    await assert_healthy(conn)
+
+
+async def test_a_checkpointed_claim_without_claim_seq_cannot_take_the_continuation(
+    conn: db.Connection,
+) -> None:
+    """A continuation keeps the attempt number: only the claim token tells the claim that
+    checkpointed from the one that continues it."""
+    task = await start(conn, single())
+    [first] = await claim(conn)
+    await complete(conn, checkpoint(first, cursor=1, items_processed=1))
+    [cont] = await claim(conn, worker="w2")
+    assert cont["attempt"] == first["attempt"]
+    with pytest.raises(ValidationError, match="claim_seq is required"):
+        await complete(conn, unfenced(success(first, {"from": "first"})))
+    answer = await complete(conn, success(cont, {"from": "w2"}))
+    assert answer[str(cont["step_uuid"])]["status"] == "applied"
+    assert (await step_row(conn, task, "only"))["results"] == {"from": "w2"}
+    await assert_healthy(conn)
+
+
 async def test_extend_leases_keeps_a_claim_alive(conn: db.Connection) -> None:
     task = await start(conn, single())
     claimed_at = time.monotonic()
@@ -1314,7 +1367,7 @@ async def test_oversized_result_fails_the_step_permanently(conn: db.Connection, 
 async def test_outcome_for_an_unknown_step_is_stale(conn: db.Connection) -> None:
     ghost = str(uuid.uuid4())
     [a] = await conn.complete_steps(
-        [{"step_uuid": ghost, "attempt": 1, "kind": "success", "result": {}}]
+        [{"step_uuid": ghost, "attempt": 1, "claim_seq": 1, "kind": "success", "result": {}}]
     )
     assert (str(a["step_uuid"]), a["status"], a["detail"]) == (ghost, "stale", "no such step")
     await assert_healthy(conn)
