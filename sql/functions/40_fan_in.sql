@@ -116,6 +116,17 @@ ALTER FUNCTION tasker._release_children(uuid[]) SET plan_cache_mode = force_gene
 -- Enqueues the given steps that are (still) pending with every parent satisfied, when their
 -- task is running (a task in error starts nothing new): state enqueued, one message each, one
 -- notification per queue. Returns how many were enqueued.
+-- Raised by _enqueue_ready when a task's namespace queue no longer exists.
+CREATE FUNCTION tasker._raise_missing_queue(p_queue text, p_task uuid) RETURNS bigint
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'queue % of task % does not exist, so its ready steps cannot be enqueued',
+        quote_literal(p_queue), p_task
+        USING ERRCODE = 'TN001',
+              HINT = 'create it again with tasker.create_queue(' || quote_literal(p_queue) || ')';
+END
+$$;
+
 CREATE FUNCTION tasker._enqueue_ready(p_steps uuid[], p_event text) RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -127,10 +138,12 @@ BEGIN
         RETURN 0;
     END IF;
     WITH ready AS MATERIALIZED (
-        SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority, nextval(q.msg_seq) AS msg_id
+        -- a task whose queue was dropped must not leave its ready steps pending in silence
+        SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority,
+               coalesce(nextval(q.msg_seq), tasker._raise_missing_queue(t.namespace, s.task_uuid)) AS msg_id
           FROM tasker.steps s
           JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-          JOIN tasker.queues q ON q.queue_name = t.namespace
+          LEFT JOIN tasker.queues q ON q.queue_name = t.namespace
          WHERE s.step_uuid = ANY (p_steps)
            AND s.state = 'pending' AND s.pending_parents <= 0
            AND t.state IN ('pending', 'steps_in_process')

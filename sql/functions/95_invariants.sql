@@ -1,8 +1,9 @@
 -- check_invariants(): one row per broken engine invariant; the tests assert it is empty after
 -- every test that runs work. It checks that every live step (enqueued, waiting_for_retry,
 -- in_progress) has exactly one message and no other step has one, that fan-in counters
--- (pending_parents) and task counters match the steps they count, and that no step has
--- started before its parents were satisfied. docs/architecture.md lists the invariants.
+-- (pending_parents) and task counters match the steps they count, that a step whose parents
+-- are satisfied in a running task is enqueued, and that no step has started before its
+-- parents were satisfied. docs/architecture.md lists the invariants.
 
 -- One row per violation over the whole database; no rows means healthy. Meant for tests and
 -- for operators after an incident; it reads everything, so it is not for the hot path.
@@ -17,7 +18,8 @@ LANGUAGE sql STABLE AS $$
         SELECT msg.step_uuid, count(*) AS n FROM msg GROUP BY msg.step_uuid
     ),
     per_step AS (
-        SELECT s.step_uuid, s.name, s.state, s.msg_id, t.namespace, coalesce(mc.n, 0) AS messages,
+        SELECT s.step_uuid, s.name, s.state, s.msg_id, s.pending_parents, t.namespace,
+               t.state AS task_state, coalesce(mc.n, 0) AS messages,
                EXISTS (SELECT 1 FROM tasker.queue_messages m
                         WHERE m.queue = t.namespace AND m.msg_id = s.msg_id
                           AND m.message->>'step_uuid' = s.step_uuid::text) AS pointer_ok
@@ -53,6 +55,12 @@ LANGUAGE sql STABLE AS $$
            format('step %s (%s) is %s but has %s messages', ps.name, ps.step_uuid, ps.state, ps.messages)
       FROM per_step ps
      WHERE ps.state NOT IN ('enqueued', 'waiting_for_retry', 'in_progress') AND ps.messages > 0
+    UNION ALL
+    -- a step whose parents are all satisfied, in a task that runs, has been enqueued
+    SELECT 'ready_step_is_enqueued',
+           format('step %s (%s) is pending with no pending parents in %s task', ps.name, ps.step_uuid, ps.task_state)
+      FROM per_step ps
+     WHERE ps.state = 'pending' AND ps.pending_parents <= 0 AND ps.task_state IN ('pending', 'steps_in_process')
     UNION ALL
     SELECT 'message_has_a_step', format('message %s in queue %s names unknown step %s', msg.msg_id, msg.queue, msg.step_uuid)
       FROM msg WHERE NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = msg.step_uuid)

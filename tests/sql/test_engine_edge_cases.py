@@ -108,3 +108,38 @@ async def test_namespace_queue_with_live_steps_cannot_be_purged_or_dropped(
     assert await conn.purge_queue(NAMESPACE) == 0
     assert await conn.drop_queue(NAMESPACE) is True
     await assert_healthy(conn)
+
+
+async def test_a_dropped_namespace_queue_cannot_strand_a_ready_step(conn: db.Connection) -> None:
+    """The raw queue layer can take a step's message away (pop) and then drop the queue; a
+    resolve that makes a child ready must then fail loudly instead of leaving it pending."""
+    from tasker_pg.errors import NotFoundError
+
+    task = await start(conn, linear(2))
+    popped = await conn.pop(NAMESPACE, 10)
+    assert len(popped) == 1
+    problems = {r["invariant"] for r in await conn.check_invariants()}
+    assert problems == {"live_step_has_one_message"}
+    assert await conn.drop_queue(NAMESPACE) is True
+    s1 = await conn.fetchval(
+        "SELECT step_uuid FROM tasker.steps WHERE task_uuid = $1 AND name = 's1'", task
+    )
+    with pytest.raises(NotFoundError, match=f"queue '{NAMESPACE}' of task {task} does not exist"):
+        await conn.resolve_step(s1, {"by": "hand"})
+    states = await conn.fetch(
+        "SELECT name, state FROM tasker.steps WHERE task_uuid = $1 ORDER BY name", task
+    )
+    assert [(r["name"], r["state"]) for r in states] == [("s1", "enqueued"), ("s2", "pending")]
+
+
+async def test_check_invariants_reports_a_ready_step_nothing_will_enqueue(
+    conn: db.Connection,
+) -> None:
+    task = await start(conn, linear(2))
+    await assert_healthy(conn)
+    # what a lost enqueue would leave behind: the child's parents satisfied, the child pending
+    await conn.execute(
+        "UPDATE tasker.steps SET pending_parents = 0 WHERE task_uuid = $1 AND name = 's2'", task
+    )
+    rows = [r for r in await conn.check_invariants() if r["invariant"] == "ready_step_is_enqueued"]
+    assert len(rows) == 1 and "s2" in rows[0]["detail"], rows
