@@ -289,15 +289,21 @@ async def _task_create(args: argparse.Namespace) -> int:
             priority=args.priority,
             idempotency_key=args.idempotency_key,
         )
+        verb = "created" if task.created is not False else "found existing"
+        if task.created is False and not args.json:
+            print(
+                f"idempotency key {args.idempotency_key!r} was used before: this is the task it "
+                "created, nothing new was created"
+            )
         if not args.wait:
             if args.json:
                 _print_json(task.to_dict())
             else:
-                print(f"created {_task_line(task)}")
+                print(f"{verb} {_task_line(task)}")
                 print(f"next: tasker-pg task show {task.task_uuid}")
             return EXIT_OK
         if not args.json:
-            print(f"created task {task.task_uuid}; waiting for it to finish ...", flush=True)
+            print(f"{verb} task {task.task_uuid}; waiting for it to finish ...", flush=True)
         task = await client.wait_for_task(task.task_uuid, args.timeout)
         if args.json:
             _print_json(task.to_dict())

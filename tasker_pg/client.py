@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -387,7 +388,7 @@ class AsyncTaskerClient:
         """Create a task from the registered template `namespace`/`name` (newest version
         unless `version` is given). Options: priority, tags, idempotency_key, correlation_id,
         delay_seconds, and initiator/source_system to override the client's. A repeated
-        idempotency_key returns the task created first."""
+        idempotency_key returns the task created first, with `created` False."""
         name = str(_text(name, "task template name"))
         namespace = str(_text(namespace, "namespace"))
         version = _text(version, "version", optional=True)
@@ -396,10 +397,11 @@ class AsyncTaskerClient:
             kwargs, initiator=self.initiator, source_system=self.source_system, reason=reason
         )
         async with self._session() as conn:
-            task_uuid = await conn.create_task(
+            task_uuid, created = await conn.create_or_get_task(
                 namespace, name, ctx, version=version, options=options
             )
-            return await self._read_task(conn, str(task_uuid))
+            task = await self._read_task(conn, str(task_uuid))
+            return dataclasses.replace(task, created=created)
 
     async def create_tasks(
         self,

@@ -381,6 +381,29 @@ class Connection:
         )
         return value  # type: ignore[no-any-return]
 
+    async def create_or_get_task(
+        self,
+        namespace: str,
+        name: str,
+        context: Mapping[str, Any] | None = None,
+        *,
+        version: str | None = None,
+        options: Mapping[str, Any] | None = None,
+    ) -> tuple[uuid.UUID, bool]:
+        """`create_task`, and whether the task was created (False: its idempotency key
+        returned the task created earlier)."""
+        row = await self.fetchrow(
+            "SELECT task_uuid, created"
+            " FROM tasker.create_or_get_task($1, $2, $3::jsonb, $4, $5::jsonb)",
+            namespace,
+            name,
+            dict(context) if context is not None else {},
+            version,
+            dict(options or {}),
+        )
+        assert row is not None
+        return row["task_uuid"], bool(row["created"])
+
     async def create_tasks(
         self,
         namespace: str,

@@ -144,6 +144,9 @@ class TaskResponse(_ToDict):
     created_at: datetime
     updated_at: datetime
     completed_at: datetime | None
+    created: bool | None = dataclasses.field(default=None, compare=False)
+    """Set by `create_task`: True for a new task, False when its idempotency key returned the
+    task created earlier; None where the task was only read."""
 
     @property
     def is_final(self) -> bool:

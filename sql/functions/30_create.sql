@@ -223,17 +223,21 @@ COMMENT ON FUNCTION tasker.create_tasks(text,text,jsonb,text,jsonb) IS
 -- Creates a task from a registered template: the task row, its steps and edges, their first
 -- transitions, and a message for each root step, in one statement for the whole DAG. Works in
 -- the caller's transaction (workers see nothing before it commits; a rollback leaves nothing).
--- A repeated idempotency_key for the same template returns the original task. (create_tasks
--- does the same for many contexts; this one-context path is kept separate because it is about
--- a quarter faster per call, and DBAs call it per row, in triggers too.)
-CREATE FUNCTION tasker.create_task(
+-- A repeated idempotency_key for the same template returns the original task with
+-- created = false, so the caller can tell it from a new one. (create_tasks does the same for
+-- many contexts; this one-context path is kept separate because it is about a quarter faster
+-- per call, and DBAs call it per row, in triggers too.)
+CREATE FUNCTION tasker.create_or_get_task(
     p_namespace text,
     p_name      text,
     p_context   jsonb DEFAULT '{}',
     p_version   text DEFAULT NULL,
-    p_options   jsonb DEFAULT '{}'
-) RETURNS uuid
+    p_options   jsonb DEFAULT '{}',
+    OUT task_uuid uuid,
+    OUT created   boolean
+)
 LANGUAGE plpgsql AS $$
+#variable_conflict use_column
 DECLARE
     v_task      uuid := gen_random_uuid();
     v_tpl       bigint;
@@ -281,7 +285,9 @@ BEGIN
         SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
          WHERE t.namespace = p_namespace AND t.name = p_name AND t.idempotency_key = v_key;
         IF FOUND THEN
-            RETURN v_existing;
+            task_uuid := v_existing;
+            created := false;
+            RETURN;
         END IF;
     END IF;
 
@@ -296,7 +302,9 @@ BEGIN
         -- a concurrent creator with the same key committed first
         SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
          WHERE t.namespace = p_namespace AND t.name = p_name AND t.idempotency_key = v_key;
-        RETURN v_existing;
+        task_uuid := v_existing;
+        created := false;
+        RETURN;
     END IF;
 
     SELECT q.msg_seq INTO v_seq FROM tasker.queues q WHERE q.queue_name = p_namespace;
@@ -353,8 +361,23 @@ BEGIN
             jsonb_build_object('version', v_version, 'initiator', p_options->>'initiator'), v_now);
 
     PERFORM pg_notify('tasker_' || p_namespace, '');
-    RETURN v_task;
+    task_uuid := v_task;
+    created := true;
 END
+$$;
+COMMENT ON FUNCTION tasker.create_or_get_task(text,text,jsonb,text,jsonb) IS
+    'create_task that also says whether the task was created (false: an idempotency key returned an existing task).';
+
+-- create_or_get_task for callers that want only the uuid (triggers, scripts, psql).
+CREATE FUNCTION tasker.create_task(
+    p_namespace text,
+    p_name      text,
+    p_context   jsonb DEFAULT '{}',
+    p_version   text DEFAULT NULL,
+    p_options   jsonb DEFAULT '{}'
+) RETURNS uuid
+LANGUAGE sql AS $$
+    SELECT c.task_uuid FROM tasker.create_or_get_task(p_namespace, p_name, p_context, p_version, p_options) c
 $$;
 COMMENT ON FUNCTION tasker.create_task(text,text,jsonb,text,jsonb) IS
     'Creates a task with its steps and edges and enqueues its root steps; returns the task uuid.';

@@ -142,6 +142,11 @@ async def test_json_output_parses_for_every_command(
         "order-7",
     )
     assert again["task_uuid"] == task  # the idempotency key returned the first task
+    assert (created["created"], again["created"]) == (True, False)
+    said = cli(dsn, "task", "create", "flows", "yaml_diamond", "--idempotency-key", "order-7")
+    assert said.returncode == 0, said.stderr
+    assert "idempotency key 'order-7' was used before" in said.stdout
+    assert f"found existing task {task}" in said.stdout, said.stdout
 
     listed = ok_json(dsn, "task", "list")
     assert [t["task_uuid"] for t in listed["tasks"]] == [task]

@@ -215,11 +215,13 @@ async def test_create_task_returns_the_task_and_get_task_reads_it(
     assert created.completed_at is None
     assert not created.is_final
 
+    assert created.created is True
     assert await client.get_task(created.task_uuid) == created
-    assert await client.get_task(uuid.UUID(created.task_uuid)) == created
-    # the same idempotency key returns the first task, not a second one
+    assert (await client.get_task(uuid.UUID(created.task_uuid))).created is None  # only read
+    # the same idempotency key returns the first task, not a second one, and says so
     again = await client.create_task("order", namespace=SHOP, idempotency_key="order-7")
     assert again.task_uuid == created.task_uuid
+    assert again.created is False
     assert (await client.list_tasks()).pagination.total_count == 1
 
 

@@ -1065,10 +1065,21 @@ async def test_idempotency_key_returns_the_same_task(conn: db.Connection) -> Non
     assert (await task_row(conn, first))["context"] == {"n": 1}
     other = await start(conn, tpl, {"n": 3}, idempotency_key="order-43")
     assert other != first
+    # create_or_get_task says which of the two happened; create_task keeps its uuid answer
+    template_name = (await task_row(conn, first))["name"]
+    opts = {"idempotency_key": "order-42"}
+    assert await conn.create_or_get_task(NAMESPACE, template_name, {}, options=opts) == (
+        first,
+        False,
+    )
+    made, created = await conn.create_or_get_task(
+        NAMESPACE, template_name, {}, options={"idempotency_key": "order-44"}
+    )
+    assert created is True and made not in (first, other)
     # the key is scoped to the template: the same key elsewhere is another task
     elsewhere = await start(conn, linear(2), idempotency_key="order-42")
     assert elsewhere != first
-    assert await conn.fetchval("SELECT count(*) FROM tasker.tasks") == 3
+    assert await conn.fetchval("SELECT count(*) FROM tasker.tasks") == 4
     await assert_healthy(conn)
 
 
