@@ -2,8 +2,14 @@
 
 A cluster lives in one home directory (`./.tasker-pg/` by default, `TASKER_PG_HOME` to move
 it): `data/` is the PostgreSQL data directory, `port` remembers the TCP port across restarts,
+`password` holds the superuser's password (mode 0600, owned by whoever runs tasker-pg),
 `server.log` is the server log. The server listens on 127.0.0.1 and on a unix socket inside
-the data directory, with trust authentication for local connections only.
+the data directory and asks every connection for that password (scram-sha-256), so other local
+OS users cannot connect; `EmbeddedCluster.dsn()` (and `tasker-pg db url`) carries it.
+
+A cluster created by an older tasker-pg with trust authentication and no password file keeps
+working as it was, with a warning that any local user can connect to it as superuser and that
+`tasker-pg db destroy` followed by `tasker-pg db start` recreates it with a password.
 
 PostgreSQL refuses to run as root. When we are root, the server runs as the `postgres` OS user
 (it must exist); the data directory is owned by that user. If that user cannot reach the home
@@ -21,11 +27,13 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import shutil
 import socket
 import stat
 import subprocess
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -144,6 +152,7 @@ class EmbeddedCluster:
         self.data_dir = self._choose_data_dir()
         self.log_file = self.data_dir.parent / "server.log"
         self.port_file = self.home / "port"
+        self.password_file = self.home / "password"
 
     # --- paths and identity ------------------------------------------------------------------
 
@@ -173,7 +182,42 @@ class EmbeddedCluster:
                 f"the embedded database in {self.home} has never been started; "
                 "run `tasker-pg db start`"
             )
-        return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{database}"
+        password = self._password()
+        if password is None:
+            return f"postgresql://{SUPERUSER}@127.0.0.1:{port}/{database}"
+        secret = urllib.parse.quote(password, safe="")
+        return f"postgresql://{SUPERUSER}:{secret}@127.0.0.1:{port}/{database}"
+
+    def _password(self) -> str | None:
+        """The superuser's password; None for a cluster created with trust authentication."""
+        try:
+            return self.password_file.read_text().strip()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise EmbeddedDatabaseError(
+                f"cannot read the embedded database's password file {self.password_file}: {exc}; "
+                "run tasker-pg as the user who created the cluster"
+            ) from exc
+        if self.is_initialized() and not self._uses_trust_auth():
+            raise EmbeddedDatabaseError(
+                f"the embedded database in {self.home} asks for a password but its password "
+                f"file {self.password_file} is missing; recreate the cluster with "
+                "`tasker-pg db destroy` and `tasker-pg db start` (this deletes its data)"
+            )
+        return None
+
+    def _uses_trust_auth(self) -> bool:
+        """Whether pg_hba.conf lets connections in without a password (an older cluster)."""
+        try:
+            lines = (self.data_dir / "pg_hba.conf").read_text().splitlines()
+        except OSError:
+            return False
+        return any(
+            line.split()[-1] == "trust"
+            for line in lines
+            if line.strip() and not line.lstrip().startswith("#")
+        )
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -205,6 +249,13 @@ class EmbeddedCluster:
         bindir = self._server_binaries()
         if not self.is_initialized():
             self._initdb(bindir)
+        elif self._password() is None:
+            logger.warning(
+                "the embedded database in %s was created with trust authentication: every local "
+                "OS user can connect to it as superuser. Recreate it with a password by running "
+                "`tasker-pg db destroy` and `tasker-pg db start` (this deletes its data)",
+                self.home,
+            )
         if self._running_pid() is not None and self._answers():
             return self.dsn()
         self._remove_stale_pid_file()
@@ -302,21 +353,33 @@ class EmbeddedCluster:
             os.chown(self.data_dir.parent, uid, gid)
             os.chown(self.data_dir, uid, gid)
         os.chmod(self.data_dir, 0o700)
-        self._run(
-            [
-                str(bindir / "initdb"),
-                "-D",
-                str(self.data_dir),
-                "-U",
-                SUPERUSER,
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--locale=C",
-                "--no-instructions",
-            ],
-            what="initialise the data directory",
-        )
+        password = secrets.token_urlsafe(24)
+        # initdb runs as the run-as user, who may not read the home directory's password file:
+        # it gets its own copy next to the data directory, removed once initdb is done.
+        pwfile = self.data_dir.parent / f".initdb-password.{os.getpid()}"
+        _write_private(pwfile, password)
+        try:
+            if self._run_as is not None:
+                os.chown(pwfile, self._run_as.pw_uid, self._run_as.pw_gid)
+            self._run(
+                [
+                    str(bindir / "initdb"),
+                    "-D",
+                    str(self.data_dir),
+                    "-U",
+                    SUPERUSER,
+                    f"--pwfile={pwfile}",
+                    "--auth=scram-sha-256",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                    "--no-instructions",
+                ],
+                what="initialise the data directory",
+            )
+        finally:
+            pwfile.unlink(missing_ok=True)
+        _write_private(self.password_file, password)
         settings = [
             "# written by tasker-pg",
             "listen_addresses = '127.0.0.1'",
@@ -349,6 +412,7 @@ class EmbeddedCluster:
                 f"select 1 from pg_database where datname = '{DATABASE_NAME}'",
             ],
             what="look up the tasker database",
+            env=self._client_env(),
         )
         if exists.strip() != "1":
             self._run(
@@ -366,6 +430,7 @@ class EmbeddedCluster:
                     f"create database {DATABASE_NAME}",
                 ],
                 what="create the tasker database",
+                env=self._client_env(),
             )
 
     def _running_pid(self) -> int | None:
@@ -397,7 +462,15 @@ class EmbeddedCluster:
                 logger.info("removing stale %s left by a crashed server", lock_file)
                 lock_file.unlink(missing_ok=True)
 
-    def _run(self, argv: list[str], *, what: str) -> str:
+    def _client_env(self) -> dict[str, str]:
+        """The environment of a psql run against this cluster: with the password, if any."""
+        env = dict(os.environ)
+        password = self._password()
+        if password is not None:
+            env["PGPASSWORD"] = password
+        return env
+
+    def _run(self, argv: list[str], *, what: str, env: dict[str, str] | None = None) -> str:
         started = time.monotonic()
         try:
             proc = subprocess.run(
@@ -410,6 +483,7 @@ class EmbeddedCluster:
                 group=self._run_as.pw_gid if self._run_as else None,
                 # pg_ctl keeps the server's stdout/stderr; the log file has the details.
                 stdin=subprocess.DEVNULL,
+                env=env,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             raise EmbeddedDatabaseError(f"could not {what}: {exc}") from exc
@@ -424,6 +498,17 @@ class EmbeddedCluster:
                 + (f"\nserver log {self.log_file}:\n{log_tail}" if log_tail else "")
             )
         return proc.stdout
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `text` to a new file only its owner can read (mode 0600 whatever the umask)."""
+    partial = path.with_name(path.name + ".partial")
+    partial.unlink(missing_ok=True)
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        os.fchmod(f.fileno(), 0o600)
+        f.write(text + "\n")
+    os.replace(partial, path)
 
 
 def _pid_alive(pid: int) -> bool:

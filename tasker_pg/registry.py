@@ -20,12 +20,15 @@ _MAX_NAMES_IN_MESSAGE = 50
 class HandlerRegistry:
     """The handler classes one worker (or test) knows, and one shared instance of each.
 
-    Handlers are found by `handler_name` first. A name that is not registered is then tried as a
-    dotted import path `package.module.ClassName`, imported on demand (turn that off with
-    `allow_import=False`). Each registry is independent; there is no global registry.
+    Handlers are found by `handler_name` only: a worker runs only classes its operator registered
+    (`register`, `register_module`, `tasker-pg worker --handlers`), whatever names templates
+    carry. With `allow_import=True` a name that is not registered is also tried as a dotted
+    import path `package.module.ClassName` and imported on demand; then whoever can register a
+    template can make the worker import any installed module and run any `StepHandler` subclass
+    in it. Each registry is independent; there is no global registry.
     """
 
-    def __init__(self, *, allow_import: bool = True) -> None:
+    def __init__(self, *, allow_import: bool = False) -> None:
         self._allow_import = allow_import
         self._by_name: dict[str, type[StepHandler]] = {}
         self._by_path: dict[str, type[StepHandler]] = {}
@@ -115,11 +118,11 @@ class HandlerRegistry:
     def resolve(self, callable_name: str) -> StepHandler:
         """The shared handler instance for a template's `handler.callable`.
 
-        Looks the name up among registered handler names, then as a dotted `module.ClassName`
-        import path. Raises `PermanentError` with error_code `handler_not_found` when neither
-        finds a handler (the message names the callable and the registered handlers), and
-        `handler_import_failed` / `invalid_handler` when the module breaks on import or the
-        attribute is not a handler class.
+        Looks the name up among registered handler names, then (only with `allow_import=True`)
+        as a dotted `module.ClassName` import path. Raises `PermanentError` with error_code
+        `handler_not_found` when neither finds a handler (the message names the callable and the
+        registered handlers), and `handler_import_failed` / `invalid_handler` when an imported
+        module breaks on import or the attribute is not a handler class.
         """
         cls = self.handler_class(callable_name)
         instance = self._instances.get(cls)
@@ -132,7 +135,7 @@ class HandlerRegistry:
         return instance
 
     def handler_class(self, callable_name: str) -> type[StepHandler]:
-        """The class `resolve` would instantiate for `callable_name` (importing it if need be).
+        """The class `resolve` would instantiate for `callable_name` (importing it if allowed).
 
         Raises the same `PermanentError`s as `resolve`; creates no instance.
         """
@@ -194,7 +197,8 @@ class HandlerRegistry:
         how = (
             "nor importable as a dotted 'module.ClassName' path"
             if self._allow_import
-            else "(importing by dotted path is disabled)"
+            else "(importing by dotted path is disabled; HandlerRegistry(allow_import=True) "
+            "or `tasker-pg worker --allow-import` enables it)"
         )
         return PermanentError(
             f"no step handler {callable_name!r}: it is not registered in this worker {how}. "

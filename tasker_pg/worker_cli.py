@@ -6,7 +6,9 @@ tasker-pg worker --namespace ecommerce --handlers examples.ecommerce.handlers \\
 ```
 
 Each `--handlers` module is imported (the current directory is importable) and every
-`StepHandler` subclass defined in it is registered under its `handler_name`. Each `--templates`
+`StepHandler` subclass defined in it is registered under its `handler_name`; those are the only
+handlers the worker runs unless `--allow-import` lets a template's `handler.callable` name any
+importable `module.ClassName`. Each `--templates`
 path (a YAML file or a directory of them) is validated and registered at start; without
 `--namespace`, the worker serves the templates' namespaces. SIGTERM or SIGINT stops gracefully
 (running steps get `--grace` seconds, unstarted claims are handed back) and the command exits 0;
@@ -58,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="MODULE",
         help="module whose StepHandler subclasses are registered, e.g. myapp.handlers; repeatable",
+    )
+    parser.add_argument(
+        "--allow-import",
+        action="store_true",
+        help="also run handler.callable names that are not registered by importing them as "
+        "dotted module.ClassName paths: anyone who can register a template can then make this "
+        "worker import any installed module (default: only --handlers classes run)",
     )
     parser.add_argument(
         "--templates",
@@ -159,7 +168,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         )
         return EXIT_USAGE
     try:
-        registry, templates = load_handlers_and_templates(args.handlers, args.templates)
+        registry, templates = load_handlers_and_templates(
+            args.handlers, args.templates, allow_import=args.allow_import
+        )
         worker = Worker(
             args.namespace,
             registry,
@@ -196,9 +207,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def load_handlers_and_templates(
-    handler_modules: Sequence[str], template_paths: Sequence[str]
+    handler_modules: Sequence[str],
+    template_paths: Sequence[str],
+    *,
+    allow_import: bool = False,
 ) -> tuple[HandlerRegistry, list[TaskTemplate]]:
     """Import and register the handler modules; load and validate the template files.
+
+    With `allow_import`, the registry also imports unregistered dotted `handler.callable` paths.
 
     The current working directory is put on `sys.path` first, so `--handlers myapp.handlers`
     finds `./myapp/handlers.py` as `python -m` would.
@@ -206,7 +222,7 @@ def load_handlers_and_templates(
     cwd = os.getcwd()
     if cwd not in sys.path and "" not in sys.path:
         sys.path.insert(0, cwd)
-    registry = HandlerRegistry()
+    registry = HandlerRegistry(allow_import=allow_import)
     for module in handler_modules:
         found = registry.register_module(module)
         if not found:

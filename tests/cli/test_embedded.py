@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,7 @@ import pytest
 
 from tasker_pg.dsn import resolve_dsn
 from tasker_pg.embedded import EmbeddedCluster
-from tasker_pg.errors import DatabaseNotFoundError
+from tasker_pg.errors import DatabaseNotFoundError, EmbeddedDatabaseError
 from tests.support.pgserver import docker_unavailable_reason
 
 
@@ -65,6 +67,72 @@ def test_server_not_owned_by_root(cluster: EmbeddedCluster) -> None:
     assert _owner_of(pid) != 0
 
 
+def _psql_without_password(dsn: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """psql with the password removed from `dsn` and no other source of one."""
+    env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+    env["PGPASSFILE"] = os.devnull
+    parts = urllib.parse.urlsplit(dsn)
+    port = parts.port
+    assert port is not None
+    bare = urllib.parse.urlunsplit(parts._replace(netloc=f"postgres@127.0.0.1:{port}"))
+    return subprocess.run(
+        ["psql", "-w", bare, *extra, "-Atc", "select 1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+
+
+def test_connections_need_the_password(cluster: EmbeddedCluster) -> None:
+    dsn = cluster.start()
+    password = cluster.password_file.read_text().strip()
+    assert len(password) >= 24
+    assert urllib.parse.urlsplit(dsn).password == password
+    assert _psql(dsn, "select current_user") == "postgres"
+
+    over_tcp = _psql_without_password(dsn)
+    assert over_tcp.returncode != 0
+    assert "password" in over_tcp.stderr
+    # The unix socket in the data directory asks for it too.
+    over_socket = _psql_without_password(dsn, "-h", str(cluster.socket_dir))
+    assert over_socket.returncode != 0
+    assert "password" in over_socket.stderr
+    wrong = dsn.replace(f":{password}@", ":not-the-password@")
+    assert _psql_without_password(wrong).returncode != 0
+
+    # Readable by the user who runs tasker-pg only; nothing else left behind by initdb.
+    st = cluster.password_file.stat()
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_uid == os.geteuid()
+    assert not list(cluster.data_dir.parent.glob(".initdb-password*"))
+    assert cluster.stop() is True
+    assert cluster.start() == dsn  # the same password after a restart
+
+
+def test_cluster_created_with_trust_auth_keeps_working(
+    cluster: EmbeddedCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    dsn = cluster.start()
+    cluster.stop()
+    # What an older tasker-pg left: trust authentication and no password file.
+    hba = cluster.data_dir / "pg_hba.conf"
+    hba.write_text(hba.read_text().replace("scram-sha-256", "trust"))
+    cluster.password_file.unlink()
+    trust_dsn = cluster.start()
+    assert trust_dsn == dsn.replace(f":{urllib.parse.urlsplit(dsn).password}@", "@")
+    assert _psql(trust_dsn, "select 1") == "1"
+    assert "created with trust authentication" in caplog.text
+    assert "tasker-pg db destroy" in caplog.text
+
+
+def test_missing_password_file_is_named(cluster: EmbeddedCluster) -> None:
+    cluster.start()
+    cluster.password_file.unlink()
+    with pytest.raises(EmbeddedDatabaseError, match=r"password file .* is missing"):
+        cluster.dsn()
+
+
 def test_start_after_crash_with_stale_pid_file(cluster: EmbeddedCluster) -> None:
     dsn = cluster.start()
     pid = cluster.status().pid
@@ -105,7 +173,8 @@ def test_cli_url_status_and_dsn_resolution(tmp_path: Path, monkeypatch: pytest.M
     try:
         assert cli("db", "start").returncode == 0
         url = cli("db", "url").stdout.strip()
-        assert url.startswith("postgresql://postgres@127.0.0.1:")
+        password = (home / "password").read_text().strip()
+        assert url.startswith(f"postgresql://postgres:{password}@127.0.0.1:")
         assert cli("db", "status").returncode == 0
         assert resolve_dsn().dsn == url
         assert resolve_dsn("postgresql://x@h/db").source == "--dsn"

@@ -540,7 +540,7 @@ def test_resolve_by_name_caches_one_instance_per_class() -> None:
 def test_resolve_by_dotted_path() -> None:
     from examples.ecommerce.handlers import ValidateCartHandler
 
-    registry = HandlerRegistry()
+    registry = HandlerRegistry(allow_import=True)
     by_path = registry.resolve("examples.ecommerce.handlers.ValidateCartHandler")
     assert type(by_path) is ValidateCartHandler
     assert registry.resolve("examples.ecommerce.handlers.ValidateCartHandler") is by_path
@@ -565,7 +565,7 @@ def test_resolve_nested_class_path(module_dir: tuple[Path, str]) -> None:
                     return self.success("inner")
         """,
     )
-    handler = HandlerRegistry().resolve(f"{prefix}_nested.Outer.Inner")
+    handler = HandlerRegistry(allow_import=True).resolve(f"{prefix}_nested.Outer.Inner")
     assert handler.call(build_test_context({})).result == "inner"  # type: ignore[union-attr]
 
 
@@ -595,7 +595,7 @@ def test_import_can_be_disabled() -> None:
 
 def test_resolve_refuses_things_that_are_not_handlers() -> None:
     with pytest.raises(PermanentError, match="not a StepHandler subclass") as exc_info:
-        HandlerRegistry().resolve("json.dumps")
+        HandlerRegistry(allow_import=True).resolve("json.dumps")
     assert exc_info.value.error_code == "invalid_handler"
 
 
@@ -603,7 +603,7 @@ def test_resolve_reports_a_module_that_fails_to_import(module_dir: tuple[Path, s
     directory, prefix = module_dir
     write_module(directory, f"{prefix}_broken", "raise RuntimeError('config missing')\n")
     write_module(directory, f"{prefix}_dep", "import thmod_missing_dependency_xyz\n")
-    registry = HandlerRegistry()
+    registry = HandlerRegistry(allow_import=True)
     with pytest.raises(PermanentError, match="RuntimeError: config missing") as exc_info:
         registry.resolve(f"{prefix}_broken.Handler")
     assert exc_info.value.error_code == "handler_import_failed"

@@ -159,7 +159,8 @@ async def test_start_warns_once_per_handler_the_registry_cannot_resolve(
             "version": "2.0.0",
             "steps": [
                 {"name": "typo_module", "handler": {"callable": typo}},
-                # not registered by name, but importable by its dotted path: fine
+                # not registered by name, but importable by its dotted path and the registry
+                # allows importing: fine
                 {
                     "name": "by_path",
                     "handler": {"callable": "tests.support.workflows.console_handlers.OkHandler"},
@@ -169,9 +170,9 @@ async def test_start_warns_once_per_handler_the_registry_cannot_resolve(
             ],
         }
     )
-    async with Worker(
-        ["console"], registry_of(console_handlers), dsn=dsn, templates=[mine], **FAST
-    ):
+    registry = HandlerRegistry(allow_import=True)
+    registry.register_module(console_handlers)
+    async with Worker(["console"], registry, dsn=dsn, templates=[mine], **FAST):
         pass
 
     warnings = {
