@@ -67,9 +67,10 @@ def cmd_db_start(args: argparse.Namespace) -> int:
     was_running = cluster.status().running
     dsn = cluster.start()
     if was_running:
-        print(f"already running: {dsn}")
+        print(f"already running: {db.mask_dsn(dsn)}")
     else:
-        print(f"started in {time.monotonic() - started:.2f}s: {dsn}")
+        print(f"started in {time.monotonic() - started:.2f}s: {db.mask_dsn(dsn)}")
+    print("the URL with its password: tasker-pg db url")
     return EXIT_OK
 
 
@@ -90,7 +91,7 @@ def cmd_db_status(args: argparse.Namespace) -> int:
         "pid": st.pid,
         "port": st.port,
         "bin_dir": str(st.bin_dir) if st.bin_dir else None,
-        "dsn": cluster.dsn() if st.port else None,
+        "dsn": db.mask_dsn(cluster.dsn()) if st.port else None,  # `db url` has the password
     }
     if args.json:
         _print_json(info)

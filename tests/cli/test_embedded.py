@@ -171,11 +171,16 @@ def test_cli_url_status_and_dsn_resolution(tmp_path: Path, monkeypatch: pytest.M
     for option in ("--dsn", "TASKER_DATABASE_URL", "DATABASE_URL", "tasker-pg db start"):
         assert option in str(err.value)
     try:
-        assert cli("db", "start").returncode == 0
+        started = cli("db", "start")
+        assert started.returncode == 0
         url = cli("db", "url").stdout.strip()
         password = (home / "password").read_text().strip()
         assert url.startswith(f"postgresql://postgres:{password}@127.0.0.1:")
-        assert cli("db", "status").returncode == 0
+        status = cli("db", "status")
+        assert status.returncode == 0
+        # only `db url` prints the password; start and status mask it
+        for shown in (started.stdout, status.stdout):
+            assert password not in shown and "postgres:***@127.0.0.1:" in shown, shown
         assert resolve_dsn().dsn == url
         assert resolve_dsn("postgresql://x@h/db").source == "--dsn"
         monkeypatch.setenv("DATABASE_URL", "postgresql://from-database-url/db")
