@@ -255,6 +255,14 @@ class Connection:
         with _translating():
             await self._raw.add_listener(channel, _callback)
 
+    def on_termination(self, callback: Callable[[], None]) -> None:
+        """Call `callback()` once when the connection is lost or closed (an idle one too)."""
+
+        def _callback(_conn: object) -> None:
+            callback()
+
+        self._raw.add_termination_listener(_callback)
+
     async def unlisten_all(self) -> None:
         with _translating():
             await self._raw.execute("UNLISTEN *")

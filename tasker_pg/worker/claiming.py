@@ -19,7 +19,7 @@ from tasker_pg import db
 from tasker_pg.errors import ConnectionLostError, NotFoundError, TaskerError
 from tasker_pg.rows import ClaimedStep
 from tasker_pg.worker.leases import Leases
-from tasker_pg.worker.session import Session, backoff, wait_event, wait_task
+from tasker_pg.worker.session import Session, backoff, wait_any, wait_event, wait_task
 from tasker_pg.worker.state import Claim, Shared
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,9 @@ class Claimer:
         self._session = session
         # The listener session: LISTEN on every namespace's channel, re-subscribed on reconnect.
         self.listen_session = Session(shared, "listen", on_connect=self._on_listener_connect)
+        # Set when the listener connection ends (the server terminated it, the socket broke):
+        # an idle connection learns of that from asyncpg, not from a query.
+        self._listener_lost = asyncio.Event()
         self._leases = leases
         self._start_step = start_step
         self._paused = paused  # True while outcomes cannot be delivered
@@ -182,6 +185,8 @@ class Claimer:
 
     async def _on_listener_connect(self, conn: db.Connection) -> None:
         namespaces = self._shared.config.namespaces
+        self._listener_lost.clear()
+        conn.on_termination(self._listener_lost.set)
         for namespace in namespaces:
             await conn.listen(f"tasker_{namespace}", self._on_notification)
         # Notifications sent while we were not listening are lost: look at every queue.
@@ -203,7 +208,8 @@ class Claimer:
                 conn = await self.listen_session.ensure()
             except ConnectionLostError:
                 return  # closed
-            if await wait_event(shared.closed, shared.config.poll_interval):
+            await wait_any((shared.closed, self._listener_lost), shared.config.poll_interval)
+            if shared.closed.is_set():
                 return
             if conn.is_closed():
                 logger.warning(

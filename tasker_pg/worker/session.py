@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TypeVar
 
 from tasker_pg import db
@@ -138,6 +138,16 @@ async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
     except TimeoutError:
         return event.is_set()
     return True
+
+
+async def wait_any(events: Iterable[asyncio.Event], timeout: float) -> None:
+    """Wait until any of `events` is set, at most `timeout` seconds."""
+    waiters = {asyncio.ensure_future(e.wait()) for e in events}
+    try:
+        await asyncio.wait(waiters, timeout=max(timeout, 0), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
 
 
 async def wait_task(task: asyncio.Task[None], timeout: float) -> bool:
