@@ -775,7 +775,7 @@ async def test_wait_for_task_times_out(client: Any, shop: dict[str, Any]) -> Non
     with pytest.raises(TaskTimeoutError) as info:
         await client.wait_for_task(task.task_uuid, timeout=0.5)
     elapsed = time.monotonic() - started
-    assert 0.5 <= elapsed < 1.5
+    assert elapsed >= 0.5  # it waited the whole timeout (no upper bound: CI stalls)
     error = info.value
     assert isinstance(error, TimeoutError) and isinstance(error, TaskerError)
     assert error.error_code == "wait_timeout"
@@ -797,9 +797,9 @@ async def test_wait_for_task_survives_a_lost_listen_session(
     async def new_listener() -> set[int]:
         return await listener_pids(conn) - {first}
 
-    await poll(new_listener)
+    await poll(new_listener, deadline=30)  # reconnects back off; a loaded CI box is slow
     await drive(conn, SHOP, lambda r: None)
-    assert (await asyncio.wait_for(waiter, 10)).status == "complete"
+    assert (await asyncio.wait_for(waiter, 30)).status == "complete"
 
 
 async def test_wait_for_task_survives_losing_every_session(
@@ -822,9 +822,9 @@ async def test_wait_for_task_survives_losing_every_session(
     async def new_listener() -> set[int]:
         return await listener_pids(conn) - {first}
 
-    await poll(new_listener)
+    await poll(new_listener, deadline=30)  # reconnects back off; a loaded CI box is slow
     await drive(conn, SHOP, lambda r: None)
-    assert (await asyncio.wait_for(waiter, 10)).status == "complete"
+    assert (await asyncio.wait_for(waiter, 30)).status == "complete"
 
 
 # --- register_templates -----------------------------------------------------------------------

@@ -648,43 +648,58 @@ async def test_cancel_then_claim_in_open_transactions(
 
 
 CANCEL_ROUNDS = 60
+# A race whose named outcomes have not all occurred after CANCEL_ROUNDS goes on, a batch of
+# CANCEL_ROUNDS tasks at a time, up to this many rounds: then the test fails (it did not race).
+CANCEL_MAX_ROUNDS = 10 * CANCEL_ROUNDS
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["transactions", "autocommit"])
 async def test_claim_cancel_race(conn: db.Connection, sessions: Opener, mode: str) -> None:
     """claim_steps and cancel_task of the same task released together, many times: never a
-    deadlock or an error; a step the claim got is cancelled under it and its success is stale."""
+    deadlock or an error; a step the claim got is cancelled under it and its success is stale.
+    Both outcomes (the claim got the steps, the cancel came first) occur, and with open
+    transactions a side was seen waiting for the other's locks."""
     await register(conn, "fanin", FAN_IN)
-    # every message starts hidden; each round makes only its own task's messages visible
-    tasks = await create_tasks(conn, "fanin", CANCEL_ROUNDS, options={"delay_seconds": 3600})
     claimer, canceller, watcher = await sessions(3)
     observer = Observer(watcher)
 
-    claimed_rounds = 0
-    for i, task in enumerate(tasks):
-        await make_visible(conn, task)
-        # alternate which call is sent first after the barrier
-        sides = [(claimer, claiming("claimer", 2)), (canceller, cancelling(task))]
-        if i % 2:
-            sides.reverse()
-        if mode == "transactions":
-            results = settled((await overlapped(observer, sides))[0])
-        else:
-            results = await together(sides)
-        claims: list[Row] = results[0] if i % 2 == 0 else results[1]
-        assert all(r["task_uuid"] == task for r in claims)
-        if claims:
-            claimed_rounds += 1
-            assert set(statuses(await claimer.complete_steps([success(r) for r in claims]))) == {
-                "stale"
-            }
+    tasks: list[uuid.UUID] = []
+    claimed_rounds = blocked = 0
+    while len(tasks) < CANCEL_ROUNDS or claimed_rounds in (0, len(tasks)):
+        assert len(tasks) < CANCEL_MAX_ROUNDS, (
+            f"after {len(tasks)} rounds the claim won {claimed_rounds}: the calls never raced"
+        )
+        # every message starts hidden; each round makes only its own task's messages visible
+        batch = await create_tasks(conn, "fanin", CANCEL_ROUNDS, options={"delay_seconds": 3600})
+        for task in batch:
+            i = len(tasks)
+            tasks.append(task)
+            await make_visible(conn, task)
+            # alternate which call is sent first after the barrier
+            sides = [(claimer, claiming("claimer", 2)), (canceller, cancelling(task))]
+            if i % 2:
+                sides.reverse()
+            if mode == "transactions":
+                raw, waits = await overlapped(observer, sides)
+                results = settled(raw)
+                blocked += waits
+            else:
+                results = await together(sides)
+            claims: list[Row] = results[0] if i % 2 == 0 else results[1]
+            assert all(r["task_uuid"] == task for r in claims)
+            if claims:
+                claimed_rounds += 1
+                answers = await claimer.complete_steps([success(r) for r in claims])
+                assert set(statuses(answers)) == {"stale"}
+    if mode == "transactions":
+        assert blocked > 0, "no side ever waited for the other's locks"
 
     # After the race settles: one more claim pass, which deletes the message of any step that
     # was finished (cancelled) while a claim held it; then the invariants must hold.
     for task in tasks:
         await make_visible(conn, task)
-    assert await conn.claim_step_rows(NS, "sweeper", 1000, LONG_LEASE) == []
+    assert await conn.claim_step_rows(NS, "sweeper", 10000, LONG_LEASE) == []
     states = await conn.fetch(
         "SELECT DISTINCT state FROM tasker.steps WHERE task_uuid = ANY($1)", tasks
     )
@@ -695,39 +710,51 @@ async def test_claim_cancel_race(conn: db.Connection, sessions: Opener, mode: st
     assert [r["state"] for r in task_states] == ["cancelled"]
     assert await live_messages(conn) == 0
     await assert_no_violations(conn)
-    print(f"claim won the race in {claimed_rounds} of {CANCEL_ROUNDS} rounds")
+    print(f"claim won the race in {claimed_rounds} of {len(tasks)} rounds, {blocked} waits")
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(120)
 @pytest.mark.parametrize("mode", ["transactions", "autocommit"])
 async def test_completion_cancel_race(conn: db.Connection, sessions: Opener, mode: str) -> None:
     """A worker completes both parents of a fan-in (which enqueues the child) while an operator
     cancels the task, released together: never a deadlock; either the successes are applied
-    and the cancel then takes the child and its fresh message too, or they are stale."""
+    and the cancel then takes the child and its fresh message too, or they are stale. Both
+    outcomes occur, and with open transactions a side was seen waiting for the other's locks."""
     await register(conn, "fanin", FAN_IN)
-    tasks = await create_tasks(conn, "fanin", CANCEL_ROUNDS)
-    held = await claim_all(conn, "claimer", 2 * CANCEL_ROUNDS)
-    by_task: dict[uuid.UUID, list[Row]] = {t: [] for t in tasks}
-    for r in held:
-        by_task[r["task_uuid"]].append(r)
     worker, operator, watcher = await sessions(3)
     observer = Observer(watcher)
 
-    applied_rounds = 0
-    for i, task in enumerate(tasks):
-        sides = [
-            (worker, completing([success(r) for r in by_task[task]])),
-            (operator, cancelling(task)),
-        ]
-        if i % 2:
-            sides.reverse()
-        if mode == "transactions":
-            results = settled((await overlapped(observer, sides))[0])
-        else:
-            results = await together(sides)
-        answers = statuses(results[0] if i % 2 == 0 else results[1])
-        assert set(answers) in ({"applied"}, {"stale"}), answers
-        applied_rounds += answers[0] == "applied"
+    tasks: list[uuid.UUID] = []
+    applied_rounds = blocked = 0
+    while len(tasks) < CANCEL_ROUNDS or applied_rounds in (0, len(tasks)):
+        assert len(tasks) < CANCEL_MAX_ROUNDS, (
+            f"after {len(tasks)} rounds the successes won {applied_rounds}: the calls never raced"
+        )
+        batch = await create_tasks(conn, "fanin", CANCEL_ROUNDS)
+        held = await claim_all(conn, "claimer", 2 * CANCEL_ROUNDS)
+        by_task: dict[uuid.UUID, list[Row]] = {t: [] for t in batch}
+        for r in held:
+            by_task[r["task_uuid"]].append(r)
+        for task in batch:
+            i = len(tasks)
+            tasks.append(task)
+            sides = [
+                (worker, completing([success(r) for r in by_task[task]])),
+                (operator, cancelling(task)),
+            ]
+            if i % 2:
+                sides.reverse()
+            if mode == "transactions":
+                raw, waits = await overlapped(observer, sides)
+                results = settled(raw)
+                blocked += waits
+            else:
+                results = await together(sides)
+            answers = statuses(results[0] if i % 2 == 0 else results[1])
+            assert set(answers) in ({"applied"}, {"stale"}), answers
+            applied_rounds += answers[0] == "applied"
+    if mode == "transactions":
+        assert blocked > 0, "no side ever waited for the other's locks"
 
     rows = await conn.fetch(
         """
@@ -737,7 +764,7 @@ async def test_completion_cancel_race(conn: db.Connection, sessions: Opener, mod
         tasks,
     )
     by_state = {(r["name"], r["state"]): r["n"] for r in rows}
-    assert by_state.get(("c", "cancelled")) == CANCEL_ROUNDS
+    assert by_state.get(("c", "cancelled")) == len(tasks)
     assert by_state.get(("a", "complete"), 0) == applied_rounds
     task_states = await conn.fetch(
         "SELECT DISTINCT state FROM tasker.tasks WHERE task_uuid = ANY($1)", tasks
@@ -745,7 +772,7 @@ async def test_completion_cancel_race(conn: db.Connection, sessions: Opener, mod
     assert [r["state"] for r in task_states] == ["cancelled"]
     assert await live_messages(conn) == 0
     await assert_no_violations(conn)
-    print(f"the successes won the race in {applied_rounds} of {CANCEL_ROUNDS} rounds")
+    print(f"the successes won the race in {applied_rounds} of {len(tasks)} rounds, {blocked} waits")
 
 
 async def expire_and_wait(conn: db.Connection, count: int) -> None:
@@ -1171,8 +1198,8 @@ HOT_TASKS = 1000
 @pytest.mark.timeout(60)
 async def test_hot_path_updates_are_heap_only(conn: db.Connection, sessions: Opener) -> None:
     """No index on a mutable column, fillfactor 70: the claim and completion updates
-    of steps, tasks and queue messages should be HOT. A low ratio is a performance finding
-    (reported as xfail with the numbers), not a correctness failure."""
+    of steps, tasks and queue messages are mostly HOT (measured 54-67 %; an index on a column
+    these updates change, such as vt or state, drops a table's ratio to about 0)."""
     await register(conn, "single", SINGLE)
     tasks = await create_tasks(conn, "single", HOT_TASKS)
     workers = await sessions(2)
@@ -1207,6 +1234,5 @@ async def test_hot_path_updates_are_heap_only(conn: db.Connection, sessions: Ope
         f"{rel}: {hot}/{upd} HOT ({ratios[rel]:.0%})" for rel, (upd, hot) in sorted(stats.items())
     )
     print(report)
-    low = {rel: r for rel, r in ratios.items() if r <= 0.5}
-    if low:
-        pytest.xfail(f"performance finding: few HOT updates: {report}")
+    low = {rel: r for rel, r in ratios.items() if r < 0.3}
+    assert low == {}, f"few HOT updates: {report}"

@@ -12,16 +12,21 @@ from tasker_pg import db
 from tests.support.engine import NAMESPACE, assert_healthy, claim, linear, start, success
 
 
-async def wait_for_lock_wait(conn: db.Connection, locktype: str, deadline_s: float = 10) -> None:
+async def wait_for_lock_wait(
+    conn: db.Connection, waiter: db.Connection, locktype: str, deadline_s: float = 10
+) -> None:
+    """Poll from `conn` until session `waiter` waits for a lock of type `locktype`."""
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         waiting = await conn.fetchval(
-            "SELECT count(*) FROM pg_locks WHERE locktype = $1 AND NOT granted", locktype
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND locktype = $2 AND NOT granted",
+            waiter.backend_pid,
+            locktype,
         )
         if waiting:
             return
         await asyncio.sleep(0.02)
-    raise AssertionError(f"nobody waited on a {locktype} lock within {deadline_s}s")
+    raise AssertionError(f"session {waiter.backend_pid} never waited on a {locktype} lock")
 
 
 async def test_concurrent_idempotency_key_returns_the_original_task(dsn: str) -> None:
@@ -34,7 +39,7 @@ async def test_concurrent_idempotency_key_returns_the_original_task(dsn: str) ->
         second = asyncio.create_task(
             b.create_tasks(NAMESPACE, "linear", [{}], options={"idempotency_key": "k"})
         )
-        await wait_for_lock_wait(a, "transactionid")  # b waits on a's uncommitted key
+        await wait_for_lock_wait(a, b, "transactionid")  # b waits on a's uncommitted key
         await tx.commit()
         assert await asyncio.wait_for(second, timeout=10) == [first]
         assert await a.fetchval("SELECT count(*) FROM tasker.tasks") == 1
@@ -80,7 +85,7 @@ async def test_operator_calls_on_one_task_wait_for_each_other(dsn: str) -> None:
         await tx.start()
         await a.resolve_step(s2, {"by": "hand"})
         cancel = asyncio.create_task(b.cancel_task(task, "operator"))
-        await wait_for_lock_wait(a, "advisory")  # serialised, not deadlocked
+        await wait_for_lock_wait(a, b, "advisory")  # serialised, not deadlocked
         await tx.commit()
         summary = await asyncio.wait_for(cancel, timeout=10)
         assert summary["state"] == "cancelled"
