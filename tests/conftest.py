@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+from hypothesis import settings
 
 from tasker_pg import db
 from tests.support.pgserver import TestServer, start_server
+
+# Property tests: `ci` (what .ci/run uses) is derandomized, keeps no example database and
+# prints a blob to reproduce a failure; `dev` explores new examples on every run.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True, deadline=None)
+settings.register_profile("dev", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
 
 @pytest.fixture(scope="session")

@@ -200,6 +200,8 @@ def test_cli_url_status_and_dsn_resolution(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_testcontainers_path() -> None:
+    if os.environ.get("TASKER_TEST_DOCKER") != "1":
+        pytest.skip("Docker is used only when asked for: TASKER_TEST_DOCKER=1")
     reason = docker_unavailable_reason()
     if reason is not None:
         pytest.skip(f"testcontainers PostgreSQL not tried: {reason}")

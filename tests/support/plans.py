@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import asyncpg
+import pytest
 
 from tasker_pg import db
 
@@ -132,7 +133,10 @@ async def collect_plans(conn: db.Connection) -> AsyncIterator[PlanLog]:
         if getattr(message, "severity_en", None) == "LOG":
             log._add(str(message.message))
 
-    await raw.execute("LOAD 'auto_explain'")
+    try:
+        await raw.execute("LOAD 'auto_explain'")
+    except asyncpg.UndefinedFileError as exc:  # a server built without contrib modules
+        pytest.skip(f"this PostgreSQL ships no auto_explain module, which plan tests need: {exc}")
     for name, value in SETTINGS.items():
         await raw.execute(f"SET {name} = {value}")
     raw.add_log_listener(on_log)

@@ -3,7 +3,8 @@
 A step fails retryably on its first `failures` attempts, a number drawn from the seed in the
 task context and the step's name, so every run of a task fails the same way and retries always
 end in success. The failure takes one of three shapes (RetryableError, an unhandled exception,
-a retryable `failure()` result) and a short random pause reshuffles the interleavings.
+a retryable `failure()` result) and a short pause, drawn from the same seed, reshuffles the
+interleavings (so a failing seed replays the same pauses).
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ MAX_FAILURES = 3
 def planned_failures(seed: int, step_name: str) -> int:
     """How many attempts of `step_name` fail in a task seeded with `seed`."""
     return random.Random(f"{seed}:{step_name}").choice([0, 0, 0, 1, 1, 2, MAX_FAILURES])
+
+
+def pause(context: StepContext) -> float:
+    """Seconds to pause before running: up to 5 ms, fixed by the seed, step and attempt."""
+    seed = context.get_input("seed")
+    return random.Random(f"{seed}:{context.step_name}:{context.attempt}:pause").random() * 0.005
 
 
 def _run(context: StepContext, handler: StepHandler) -> StepHandlerResult:
@@ -48,7 +55,7 @@ class PropSyncHandler(StepHandler):
     handler_name = "prop.sync"
 
     def call(self, context: StepContext) -> StepHandlerResult:
-        time.sleep(random.random() * 0.005)
+        time.sleep(pause(context))
         return _run(context, self)
 
 
@@ -56,5 +63,5 @@ class PropAsyncHandler(StepHandler):
     handler_name = "prop.async"
 
     async def call(self, context: StepContext) -> StepHandlerResult:
-        await asyncio.sleep(random.random() * 0.005)
+        await asyncio.sleep(pause(context))
         return _run(context, self)
