@@ -37,6 +37,9 @@ from tests.support.worker import (
 
 pytestmark = pytest.mark.slow
 
+# A worker holds three sessions: claim, flush (outcomes and heartbeats) and listen.
+WORKER_SESSIONS = 3
+
 REPO = Path(__file__).resolve().parents[2]
 HANDLERS = "tests.support.workflows.crash_handlers"
 
@@ -380,8 +383,16 @@ async def test_worker_reconnects_after_its_backends_are_terminated(
             )
         )
 
+    async def sessions_up() -> bool:
+        count = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND application_name LIKE 'tasker-pg worker w1 %'"
+        )
+        return bool(count == WORKER_SESSIONS)
+
     terminated_total = 0
     for _round in range(3):
+        await poll(sessions_up, timeout=20, what=f"the worker's {WORKER_SESSIONS} sessions")
         before = await completed_steps()
         terminated = await conn.fetchval(
             "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
@@ -395,7 +406,7 @@ async def test_worker_reconnects_after_its_backends_are_terminated(
 
         await poll(progressed, timeout=20, what="progress after terminating the backends")
 
-    assert terminated_total >= 3
+    assert terminated_total == 3 * WORKER_SESSIONS
     states = await wait_final(conn, tasks, timeout=40)
     assert set(states.values()) == {"complete"}
     for n, task in enumerate(tasks):
