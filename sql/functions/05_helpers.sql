@@ -2,11 +2,13 @@
 -- retry backoff, semantic-version sort keys, and the settings the engine reads
 -- (tasker.max_payload_bytes) or fixes (the park interval). All internal (leading underscore).
 
+-- A number of seconds from 0 to a year (NaN is above every number in SQL, so it is refused too;
+-- a larger value would overflow the interval it becomes).
 CREATE FUNCTION tasker._check_positive(p_value double precision, p_what text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    IF p_value IS NULL OR p_value < 0 THEN
-        RAISE EXCEPTION '% must be a number >= 0, got %', p_what, coalesce(p_value::text, 'NULL')
+    IF p_value IS NULL OR p_value < 0 OR p_value > 31536000 THEN
+        RAISE EXCEPTION '% must be a number of seconds from 0 to 31536000 (a year), got %', p_what, coalesce(p_value::text, 'NULL')
             USING ERRCODE = 'TV002';
     END IF;
 END
@@ -46,6 +48,13 @@ LANGUAGE sql IMMUTABLE AS $$
            OR coalesce(jsonb_typeof(p_value) = 'number'
                        AND (p_value::text)::numeric BETWEEN p_min::numeric AND p_max::numeric
                        AND ((p_value::text)::numeric = 0 OR abs((p_value::text)::numeric) >= 2.5e-324), false)
+$$;
+
+-- Does this JSON value hold, anywhere inside, a number too large for double precision (1e400)?
+-- jsonb keeps it, but the Python side reads it as infinity and cannot write it back.
+CREATE FUNCTION tasker._has_huge_number(p_value jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(jsonb_path_exists(p_value, '$.** ? (@.type() == "number" && @.abs() > 1.7976931348623157e308)'), false)
 $$;
 
 -- The parts of a semantic version (semver 2.0.0): {major, minor, patch, pre-release or NULL},

@@ -74,6 +74,10 @@ BEGIN
     IF jsonb_typeof(p_template->'metadata') NOT IN ('object', 'null') THEN
         RAISE EXCEPTION 'template %: metadata must be an object', v_name USING ERRCODE = 'TV010';
     END IF;
+    IF tasker._has_huge_number(p_template->'metadata') THEN
+        RAISE EXCEPTION 'template %: metadata holds a number too large for a double (such as 1e400)', v_name
+            USING ERRCODE = 'TV010';
+    END IF;
     IF jsonb_typeof(p_template->'description') NOT IN ('string', 'null') THEN
         RAISE EXCEPTION 'template %: description must be a string', v_name USING ERRCODE = 'TV010';
     END IF;
@@ -266,18 +270,18 @@ BEGIN
     v_name := p_step->>'name';
     IF v_name IS NULL OR v_name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,127}$' THEN
         RAISE EXCEPTION 'template %: step #% has an invalid name %: letters, digits, _, - and ., starting with a letter or _',
-            p_template, p_index, coalesce(quote_literal(v_name), 'NULL') USING ERRCODE = 'TV010';
+            p_template, p_index, coalesce(quote_literal(left(v_name, 200)), 'NULL') USING ERRCODE = 'TV010';
     END IF;
     v_where := format('template %s, step %L', p_template, v_name);
     FOR v_key IN SELECT jsonb_object_keys(p_step) LOOP
         IF v_key NOT IN ('name', 'description', 'handler', 'dependencies', 'depends_on', 'retry', 'timeout_seconds', 'type') THEN
             RAISE EXCEPTION '%: unknown key % (valid: name, description, handler, dependencies, retry, timeout_seconds, type)',
-                v_where, quote_literal(v_key) USING ERRCODE = 'TV010';
+                v_where, quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
     v_type := coalesce(p_step->>'type', 'standard');
     IF v_type <> 'standard' THEN
-        RAISE EXCEPTION '%: step type % is not supported yet (only standard)', v_where, quote_literal(v_type)
+        RAISE EXCEPTION '%: step type % is not supported yet (only standard)', v_where, quote_literal(left(v_type, 200))
             USING ERRCODE = 'TV010';
     END IF;
     v_handler := p_step->'handler';
@@ -287,6 +291,10 @@ BEGIN
     END IF;
     IF v_handler ? 'initialization' AND jsonb_typeof(v_handler->'initialization') NOT IN ('object', 'null') THEN
         RAISE EXCEPTION '%: handler.initialization must be an object', v_where USING ERRCODE = 'TV010';
+    END IF;
+    IF tasker._has_huge_number(v_handler->'initialization') THEN
+        RAISE EXCEPTION '%: handler.initialization holds a number too large for a double (such as 1e400)', v_where
+            USING ERRCODE = 'TV010';
     END IF;
     v_deps := coalesce(p_step->'dependencies', p_step->'depends_on', '[]'::jsonb);
     IF jsonb_typeof(v_deps) = 'null' THEN
@@ -308,7 +316,7 @@ BEGIN
     FOR v_key IN SELECT jsonb_object_keys(v_retry) LOOP
         IF v_key NOT IN ('retryable', 'max_attempts', 'backoff', 'backoff_base_ms', 'max_backoff_ms', 'jitter') THEN
             RAISE EXCEPTION '%: unknown retry key % (valid: retryable, max_attempts, backoff, backoff_base_ms, max_backoff_ms, jitter)',
-                v_where, quote_literal(v_key) USING ERRCODE = 'TV010';
+                v_where, quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
     v_max := coalesce(v_retry->'max_attempts', '3');
@@ -317,8 +325,11 @@ BEGIN
             USING ERRCODE = 'TV010';
     END IF;
     v_backoff := coalesce(v_retry->>'backoff', 'exponential');
+    IF v_retry ? 'backoff' AND jsonb_typeof(v_retry->'backoff') <> 'string' THEN
+        v_backoff := left((v_retry->'backoff')::text, 100);  -- null or a non-string: refused below
+    END IF;
     IF v_backoff NOT IN ('exponential', 'linear', 'fixed', 'none') THEN
-        RAISE EXCEPTION '%: retry.backoff must be exponential, linear, fixed or none, got %', v_where, quote_literal(v_backoff)
+        RAISE EXCEPTION '%: retry.backoff must be exponential, linear, fixed or none, got %', v_where, quote_literal(left(v_backoff, 200))
             USING ERRCODE = 'TV010';
     END IF;
     IF v_retry ? 'retryable' AND jsonb_typeof(v_retry->'retryable') <> 'boolean' THEN

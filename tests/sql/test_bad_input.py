@@ -162,6 +162,8 @@ class Env:
 
     async def _setup(self) -> None:
         await self.conn.register_template(template_body())
+        await self.conn.execute("SELECT tasker.create_queue('plain')")
+        await self.conn.execute("SELECT tasker.send('plain', '{\"m\": 1}'::jsonb)")
         self.task = await self.conn.fetchval(
             "SELECT tasker.create_task($1, 'flow', '{\"n\": 1}'::jsonb)", NS
         )
@@ -291,6 +293,18 @@ def with_retry(**changes: Any) -> dict[str, Any]:
         (with_retry(max_backoff_ms=Raw("-1")), "step 'a': retry.max_backoff_ms must be"),
         (with_retry(retryable="yes"), "step 'a': retry.retryable must be true or false"),
         ({**template_body(), "name": HUGE_TEXT}, "template name 'xxxx"),
+        ({**template_body(), "metadata": {"owner": Raw("1e400")}}, "metadata holds a number too"),
+        (with_step_a(name=HUGE_TEXT), "step #1 has an invalid name 'xxxx"),
+        (with_step_a(type=HUGE_TEXT), "step type 'xxxx"),
+        (
+            with_retry(backoff=None),
+            "step 'a': retry.backoff must be exponential, linear, fixed or none",
+        ),
+        (with_retry(backoff=HUGE_TEXT), "retry.backoff must be"),
+        (
+            with_step_a(handler={"callable": "h", "initialization": {"k": [Raw("-1e400")]}}),
+            "step 'a'",
+        ),
         ({**template_body(), "version": None}, "template version null is invalid"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
@@ -720,6 +734,28 @@ def test_extend_and_release_bad_input(
             assert kind == "error"
     else:
         env.call("SELECT * FROM tasker.release_steps($1::text::jsonb)", dump(claims))
+
+
+# --- queue calls (a plain queue, not an engine one) -------------------------------------------
+
+QUEUE_CALLS = {
+    "send": "SELECT tasker.send('plain', '{}'::jsonb, $1)",
+    "send_batch": "SELECT tasker.send_batch('plain', ARRAY['{}'::jsonb], $1)",
+    "read": "SELECT * FROM tasker.read('plain', $1, 1)",
+    "set_vt": "SELECT * FROM tasker.set_vt('plain', 1, $1)",
+}
+
+
+@pytest.mark.parametrize("fn", sorted(QUEUE_CALLS))
+@pytest.mark.parametrize("seconds", [float("nan"), float("inf"), 1e300, 31536001.0, -1.0, None])
+def test_queue_calls_refuse_seconds_an_interval_cannot_hold(
+    env: Env, fn: str, seconds: float | None
+) -> None:
+    # before: NaN, infinity and 1e300 failed deep inside with 22008 ("interval out of range",
+    # "timestamp out of range")
+    error = refused(env.call(QUEUE_CALLS[fn], seconds))
+    assert error.sqlstate == "TV002"
+    assert "seconds must be a number of seconds from 0 to 31536000" in str(error)
 
 
 # --- operator calls ---------------------------------------------------------------------------
