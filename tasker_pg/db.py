@@ -364,7 +364,8 @@ class Connection:
               FROM tasker.named_tasks nt
              WHERE nt.namespace = ANY($1::text[])
              ORDER BY nt.namespace, nt.name, nt.version_major DESC, nt.version_minor DESC,
-                      nt.version_patch DESC, nt.version_pre IS NULL DESC, nt.version_pre_key DESC
+                      nt.version_patch DESC, nt.version_pre IS NULL DESC,
+                      tasker._semver_pre_key(nt.version_pre) DESC
             """,
             list(namespaces),
         )

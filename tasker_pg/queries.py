@@ -118,7 +118,7 @@ SELECT nt.namespace, nt.name, nt.version, nt.step_count, nt.description, nt.crea
   FROM tasker.named_tasks nt
  WHERE ($1::text IS NULL OR nt.namespace = $1)
  ORDER BY nt.namespace, nt.name, nt.version_major DESC, nt.version_minor DESC,
-          nt.version_patch DESC, nt.version_pre_key DESC NULLS FIRST
+          nt.version_patch DESC, tasker._semver_pre_key(nt.version_pre) DESC NULLS FIRST
 """
 
 # One cheap round trip for the health check; its time is the reported latency.

@@ -20,20 +20,21 @@ Naming rules, and why:
 - template `name`: ASCII letters, digits, `_`, `-` and `.`, starting with a letter, at most 128.
 - step `name`: ASCII letters, digits, `_`, `-` and `.`, starting with a letter or `_`, at most
   128; unique within the template.
-- `version`: a semantic version `MAJOR.MINOR.PATCH` (decimal numbers without leading zeros), with
-  an optional pre-release suffix such as `1.2.0-rc.1`; at most 64 characters. Build metadata
+- `version`: a semantic version `MAJOR.MINOR.PATCH` (decimal numbers without leading zeros, each
+  at most 2147483647), with an optional pre-release suffix such as `1.2.0-rc.1` (semver 2.0.0:
+  no empty identifier, no leading zero in a numeric one); at most 64 characters. Build metadata
   (`+build`) is not accepted: semver ignores it when ordering, so two versions differing only in
   it could not be told apart when picking the latest one.
 
 Further rules: a template has 1 to 1000 steps; a step may not list
 the same dependency twice; `max_attempts`, `backoff_base_ms` and `max_backoff_ms` must fit a
 PostgreSQL `integer` (at most 2147483647), `backoff_base_ms` may be 0 (retry at once) and
-`max_backoff_ms` may not be below it; numbers must be finite; integer fields refuse booleans,
-floats and strings, and string fields refuse numbers and booleans (no silent coercion of what
-YAML read); `metadata` and `handler.initialization` must be plain JSON data (string keys, no
-dates, no NaN) because they are stored as jsonb; an empty YAML value (`dependencies:`,
-`retry:`, `metadata:`, `initialization:`) means "the default"; YAML duplicate keys are errors
-(PyYAML would silently keep the last one).
+`max_backoff_ms` may not be below it; numbers must be finite; `timeout_seconds` is at most a
+year; integer fields refuse booleans, floats and strings, and string fields refuse numbers
+and booleans (no silent coercion of what YAML read); `metadata` and `handler.initialization`
+must be plain JSON data (string keys, no dates, no NaN) because they are stored as jsonb; an
+empty YAML value (`dependencies:`, `retry:`, `metadata:`, `initialization:`) means "the
+default"; YAML duplicate keys are errors (PyYAML would silently keep the last one).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from tasker_pg.errors import NotFoundError, ValidationError
 
 __all__ = [
     "MAX_STEPS",
+    "MAX_TIMEOUT_SECONDS",
     "BackoffKind",
     "HandlerSpec",
     "RetryPolicy",
@@ -75,6 +77,8 @@ __all__ = [
     "TemplateValidationError",
     "load_template",
     "load_templates",
+    "parse_version",
+    "version_key",
 ]
 
 # --- limits and naming rules -----------------------------------------------------------------
@@ -92,10 +96,13 @@ VERSION_MAX_LEN = 64
 _NAMESPACE_RE = re.compile(rf"[a-z][a-z0-9_]{{0,{NAMESPACE_MAX_LEN - 1}}}")
 _TEMPLATE_NAME_RE = re.compile(rf"[A-Za-z][A-Za-z0-9_.\-]{{0,{NAME_MAX_LEN - 1}}}")
 _STEP_NAME_RE = re.compile(rf"[A-Za-z_][A-Za-z0-9_.\-]{{0,{NAME_MAX_LEN - 1}}}")
+_PRE_IDENT = r"(?:0|[1-9][0-9]*|[0-9]*[A-Za-z\-][0-9A-Za-z\-]*)"
 _VERSION_RE = re.compile(
     r"(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)"
-    r"(-[0-9A-Za-z\-]+(\.[0-9A-Za-z\-]+)*)?"
+    rf"(?:-({_PRE_IDENT}(?:\.{_PRE_IDENT})*))?"
 )
+"""Semver 2.0.0 without build metadata: pre-release identifiers are non-empty, and a numeric one
+has no leading zero (the same pattern as tasker._semver_parts in SQL)."""
 
 _NAMESPACE_RULE = (
     "a queue name: lowercase letters, digits and '_', starting with a letter, "
@@ -109,10 +116,14 @@ _STEP_NAME_RULE = (
     f"at most {NAME_MAX_LEN} characters"
 )
 _VERSION_RULE = (
-    "a semantic version MAJOR.MINOR.PATCH such as '1.0.0' (numbers without leading zeros), "
-    f"optionally with a pre-release suffix such as '1.2.0-rc.1', at most {VERSION_MAX_LEN} "
-    "characters"
+    "a semantic version MAJOR.MINOR.PATCH such as '1.0.0' (numbers without leading zeros, each "
+    f"at most {PG_INT_MAX}), optionally with a pre-release suffix such as '1.2.0-rc.1' "
+    "(dot-separated identifiers of letters, digits and '-', none empty, numeric ones without "
+    f"leading zeros), at most {VERSION_MAX_LEN} characters"
 )
+
+MAX_TIMEOUT_SECONDS = 31_536_000
+"""Longest `timeout_seconds` a step may declare: a year (the SQL side refuses more too)."""
 
 BackoffKind = Literal["exponential", "linear", "fixed", "none"]
 """How the retry delay grows: doubling from the base, growing by the base each attempt, always
@@ -233,8 +244,11 @@ class StepTemplate(_Frozen):
     handler: HandlerSpec
     dependencies: tuple[StrictStr, ...] = Field(default=(), alias="depends_on")
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
-    timeout_seconds: Annotated[float, Strict(), Field(gt=0, allow_inf_nan=False)] | None = None
-    """Longest one attempt may run before the worker abandons it (None: no limit)."""
+    timeout_seconds: (
+        Annotated[float, Strict(), Field(gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False)] | None
+    ) = None
+    """Longest one attempt may run before the worker abandons it (None: no limit; at most a
+    year)."""
     type: Literal["standard"] = "standard"
 
     @model_validator(mode="before")
@@ -335,11 +349,17 @@ class TaskTemplate(_Frozen):
                 "version must be {rule}; got {got}{hint}",
                 {"rule": _VERSION_RULE, "got": _describe(value), "hint": hint},
             )
-        if len(value) > VERSION_MAX_LEN or not _VERSION_RE.fullmatch(value):
+        if parse_version(value) is None:
+            hint = ""
+            if "+" in value:
+                hint = (
+                    "; build metadata (+...) is not accepted: semver ignores it when ordering, "
+                    "so the newest version would be ambiguous"
+                )
             raise PydanticCustomError(
                 "invalid_version",
-                "version {value} is not valid: expected {rule}",
-                {"value": repr(value), "rule": _VERSION_RULE},
+                "version {value} is not valid: expected {rule}{hint}",
+                {"value": _short(repr(value)), "rule": _VERSION_RULE, "hint": hint},
             )
         return value
 
@@ -817,6 +837,47 @@ def _kahn_order(steps: Sequence[StepTemplate], index: Mapping[str, int]) -> list
     return order
 
 
+# --- semantic versions -----------------------------------------------------------------------
+
+_PreKey = tuple[tuple[int, int | str], ...]
+VersionKey = tuple[int, int, int, int, _PreKey]
+"""Sort key of a version: (major, minor, patch, 1 for a release or 0 for a pre-release, the
+pre-release identifiers as (0, number) or (1, text))."""
+
+
+def parse_version(version: str) -> VersionKey | None:
+    """The semver 2.0.0 precedence key of `version`, or None when it is not a valid version.
+
+    Valid: MAJOR.MINOR.PATCH without leading zeros, each at most 2147483647, an optional
+    pre-release of non-empty dot-separated identifiers ([0-9A-Za-z-], numeric ones without
+    leading zeros), at most 64 characters, no build metadata. Keys order as semver says: a
+    pre-release below its release, numeric identifiers by value and below alphanumeric ones,
+    alphanumeric ones in ASCII order, more identifiers above fewer when the rest are equal.
+    tasker._semver_parts and tasker._semver_pre_key give the same answers in SQL.
+    """
+    match = _VERSION_RE.fullmatch(version) if len(version) <= VERSION_MAX_LEN else None
+    if match is None:
+        return None
+    major, minor, patch = (int(part) for part in match.group(1, 2, 3))
+    if max(major, minor, patch) > PG_INT_MAX:
+        return None
+    pre = match.group(4)
+    if pre is None:
+        return (major, minor, patch, 1, ())
+    idents: _PreKey = tuple(
+        (0, int(ident)) if ident.isdigit() else (1, ident) for ident in pre.split(".")
+    )
+    return (major, minor, patch, 0, idents)
+
+
+def version_key(version: str) -> VersionKey:
+    """`parse_version`, raising ValueError for an invalid version (for sorted(..., key=))."""
+    key = parse_version(version)
+    if key is None:
+        raise ValueError(f"{version!r} is not a valid version: expected {_VERSION_RULE}")
+    return key
+
+
 # --- field helpers ---------------------------------------------------------------------------
 
 
@@ -965,6 +1026,8 @@ def _pydantic_problems(exc: PydanticValidationError, raw: Mapping[str, Any]) -> 
 
 def _describe_error(kind: str, default: str, ctx: Mapping[str, Any], value: Any) -> str:
     """The readable text of one pydantic error."""
+    if kind == "float_type" and isinstance(value, int) and not isinstance(value, bool):
+        return f"must be a finite number (got {_describe(value)}, too large for a float)"
     if kind in _EXPECTED:
         message = f"expected {_EXPECTED[kind]}, got {_describe(value)}"
         if kind == "string_type" and isinstance(value, bool | int | float):
@@ -989,7 +1052,7 @@ def _describe(value: Any) -> str:
     if isinstance(value, bool):
         return f"boolean {str(value).lower()}"
     if isinstance(value, int | float):
-        return f"number {value!r}"
+        return f"number {_short(repr(value))}"
     if isinstance(value, str):
         return f"string {_short(repr(value))}"
     if isinstance(value, Mapping):

@@ -2,11 +2,13 @@
 -- retry backoff, semantic-version sort keys, and the settings the engine reads
 -- (tasker.max_payload_bytes) or fixes (the park interval). All internal (leading underscore).
 
+-- A number of seconds from 0 to a year (NaN is above every number in SQL, so it is refused too;
+-- a larger value would overflow the interval it becomes).
 CREATE FUNCTION tasker._check_positive(p_value double precision, p_what text) RETURNS void
 LANGUAGE plpgsql IMMUTABLE AS $$
 BEGIN
-    IF p_value IS NULL OR p_value < 0 THEN
-        RAISE EXCEPTION '% must be a number >= 0, got %', p_what, coalesce(p_value::text, 'NULL')
+    IF p_value IS NULL OR p_value < 0 OR p_value > 31536000 THEN
+        RAISE EXCEPTION '% must be a number of seconds from 0 to 31536000 (a year), got %', p_what, coalesce(p_value::text, 'NULL')
             USING ERRCODE = 'TV002';
     END IF;
 END
@@ -37,21 +39,49 @@ LANGUAGE sql IMMUTABLE AS $$
                     AND (p_value::text)::numeric BETWEEN p_min AND 2147483647, false)
 $$;
 
--- Is this JSON value null/absent or a finite number in [p_min, p_max]?
+-- Is this JSON value null/absent or a number in [p_min, p_max] that double precision can hold?
+-- (jsonb keeps any numeric: 1e400 or 1e-400 pass a numeric range test and then fail the cast
+-- to double precision deep inside the caller; a non-zero magnitude below 2.5e-324 rounds to 0.)
 CREATE FUNCTION tasker._is_number_json(p_value jsonb, p_min double precision, p_max double precision) RETURNS boolean
 LANGUAGE sql IMMUTABLE AS $$
     SELECT p_value IS NULL OR jsonb_typeof(p_value) = 'null'
            OR coalesce(jsonb_typeof(p_value) = 'number'
-                       AND (p_value::text)::numeric BETWEEN p_min::numeric AND p_max::numeric, false)
+                       AND (p_value::text)::numeric BETWEEN p_min::numeric AND p_max::numeric
+                       AND ((p_value::text)::numeric = 0 OR abs((p_value::text)::numeric) >= 2.5e-324), false)
 $$;
 
--- Sort key of a semantic-version pre-release ('rc.10' -> {'0000000000rc'...}): numeric
--- identifiers compare by value and below alphanumeric ones; a longer list of equal leading
--- identifiers sorts higher, as the semver rules say.
+-- Does this JSON value hold, anywhere inside, a number too large for double precision (1e400)?
+-- jsonb keeps it, but the Python side reads it as infinity and cannot write it back.
+CREATE FUNCTION tasker._has_huge_number(p_value jsonb) RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT coalesce(jsonb_path_exists(p_value, '$.** ? (@.type() == "number" && @.abs() > 1.7976931348623157e308)'), false)
+$$;
+
+-- The parts of a semantic version (semver 2.0.0): {major, minor, patch, pre-release or NULL},
+-- or NULL when p_version is not one. Pre-release identifiers are non-empty, [0-9A-Za-z-], and a
+-- numeric one has no leading zero; MAJOR, MINOR and PATCH fit an integer. Build metadata
+-- (+...) is refused by register_template: semver ignores it for precedence, so two versions
+-- differing only in it could not be told apart when picking the newest.
+CREATE FUNCTION tasker._semver_parts(p_version text) RETURNS text[]
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE WHEN length(p_version) <= 64
+                 AND m[1]::numeric <= 2147483647 AND m[2]::numeric <= 2147483647 AND m[3]::numeric <= 2147483647
+                THEN m END
+      FROM (SELECT regexp_match(p_version,
+                '^(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)\.(0|[1-9][0-9]*)(?:-((?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*)(?:\.(?:0|[1-9][0-9]*|[0-9]*[A-Za-z-][0-9A-Za-z-]*))*))?$') AS m) x
+$$;
+
+-- Sort key of a semantic-version pre-release, one element per identifier (semver 2.0.0
+-- precedence): a numeric identifier is '0', its length in two digits, then its digits, so
+-- numbers of any length compare by value and below alphanumeric ones; an alphanumeric one is
+-- '1' and its bytes in hex, so it compares in ASCII order under any collation; a longer list
+-- of equal leading identifiers sorts higher. Compare keys of equal MAJOR.MINOR.PATCH only; a
+-- release (no pre-release, NULL key) sorts above all of its pre-releases.
 CREATE FUNCTION tasker._semver_pre_key(p_pre text) RETURNS text[]
 LANGUAGE sql IMMUTABLE AS $$
     SELECT CASE WHEN p_pre IS NULL THEN NULL ELSE ARRAY(
-        SELECT CASE WHEN ident ~ '^[0-9]+$' THEN '0' || lpad(ident, 20, '0') ELSE '1' || ident END
+        SELECT CASE WHEN ident ~ '^[0-9]+$' THEN '0' || lpad(length(ident)::text, 2, '0') || ident
+                    ELSE '1' || encode(convert_to(ident, 'UTF8'), 'hex') END
           FROM unnest(string_to_array(p_pre, '.')) WITH ORDINALITY AS x(ident, ord)
          ORDER BY ord) END
 $$;

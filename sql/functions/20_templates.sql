@@ -15,19 +15,28 @@ DECLARE
     v_parts     text[];
     v_steps     jsonb;
     v_norm      jsonb;
-    v_step      jsonb;
-    v_idx       integer;
-    v_names     text[] := '{}';
     v_key       text;
-    v_dep       text;
     v_id        bigint;
     v_existing  jsonb;
-    v_remaining text[];
-    v_done      text[] := '{}';
-    v_progress  boolean;
+    v_bad       text;
+    v_index     jsonb;      -- step name -> 0-based position in v_norm
+    v_count     integer;
+    v_names     text[];     -- by position (1-based below)
+    v_pending   integer[];  -- dependencies not yet placed, by position
+    v_child     integer[];  -- child positions, sorted by parent position
+    v_parent    integer[];  -- the parent position of each entry of v_child
+    v_first     integer[];
+    v_order     integer[];  -- positions in topological order
+    v_head      integer;
+    v_pos       integer;
+    v_edge      integer;
+    v_kid       integer;
+    v_anc       varbit[];   -- by position: its ancestors as bits
+    v_list      jsonb[];    -- by position: its ancestors' names
+    v_bits      varbit;
+    v_zero      varbit;
     v_cycle     text[];
     v_cur       text;
-    v_deps      jsonb := '{}';  -- step name -> array of dependency names
 BEGIN
     IF p_template IS NULL OR jsonb_typeof(p_template) <> 'object' THEN
         RAISE EXCEPTION 'a task template must be a JSON object' USING ERRCODE = 'TV010';
@@ -35,27 +44,39 @@ BEGIN
     FOR v_key IN SELECT jsonb_object_keys(p_template) LOOP
         IF v_key NOT IN ('name', 'namespace_name', 'version', 'description', 'metadata', 'steps') THEN
             RAISE EXCEPTION 'unknown key % in task template (valid: name, namespace_name, version, description, metadata, steps)',
-                quote_literal(v_key) USING ERRCODE = 'TV010';
+                quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
+        END IF;
+    END LOOP;
+    FOREACH v_key IN ARRAY ARRAY['name', 'namespace_name', 'version'] LOOP
+        IF jsonb_typeof(p_template->v_key) IS DISTINCT FROM 'string' THEN
+            RAISE EXCEPTION 'template % % is invalid: a task template needs name, namespace_name and version, each a string',
+                v_key, coalesce(left((p_template->v_key)::text, 200), 'NULL') USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
     v_ns := p_template->>'namespace_name';
     v_name := p_template->>'name';
     v_version := p_template->>'version';
-    IF v_ns IS NULL OR v_ns !~ '^[a-z][a-z0-9_]{0,46}$' THEN
+    IF v_ns !~ '^[a-z][a-z0-9_]{0,46}$' THEN
         RAISE EXCEPTION 'template namespace_name % is invalid: 1 to 47 lowercase letters, digits and _, starting with a letter',
-            coalesce(quote_literal(v_ns), 'NULL') USING ERRCODE = 'TV010';
+            quote_literal(left(v_ns, 200)) USING ERRCODE = 'TV010';
     END IF;
-    IF v_name IS NULL OR v_name !~ '^[A-Za-z][A-Za-z0-9_.-]{0,127}$' THEN
+    IF v_name !~ '^[A-Za-z][A-Za-z0-9_.-]{0,127}$' THEN
         RAISE EXCEPTION 'template name % is invalid: letters, digits, _, - and ., starting with a letter, at most 128',
-            coalesce(quote_literal(v_name), 'NULL') USING ERRCODE = 'TV010';
+            quote_literal(left(v_name, 200)) USING ERRCODE = 'TV010';
     END IF;
-    v_parts := regexp_match(v_version, '^(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})\.(0|[1-9][0-9]{0,8})(?:-([0-9A-Za-z.-]+))?$');
-    IF v_version IS NULL OR v_parts IS NULL OR length(v_version) > 64 THEN
-        RAISE EXCEPTION 'template % version % is invalid: expected a semantic version MAJOR.MINOR.PATCH such as 1.0.0',
-            v_name, coalesce(quote_literal(v_version), 'NULL') USING ERRCODE = 'TV010';
+    v_parts := tasker._semver_parts(v_version);
+    IF v_parts IS NULL THEN
+        RAISE EXCEPTION 'template % version % is invalid: expected a semantic version MAJOR.MINOR.PATCH such as 1.0.0 (numbers without leading zeros, each at most 2147483647), optionally with a pre-release such as 1.2.0-rc.1 (dot-separated identifiers of letters, digits and -, none empty, numeric ones without leading zeros); at most 64 characters%',
+            v_name, quote_literal(left(v_version, 200)),
+            CASE WHEN v_version LIKE '%+%' THEN '; build metadata (+...) is not accepted: semver ignores it when ordering versions, so the newest version would be ambiguous' ELSE '' END
+            USING ERRCODE = 'TV010';
     END IF;
     IF jsonb_typeof(p_template->'metadata') NOT IN ('object', 'null') THEN
         RAISE EXCEPTION 'template %: metadata must be an object', v_name USING ERRCODE = 'TV010';
+    END IF;
+    IF tasker._has_huge_number(p_template->'metadata') THEN
+        RAISE EXCEPTION 'template %: metadata holds a number too large for a double (such as 1e400)', v_name
+            USING ERRCODE = 'TV010';
     END IF;
     IF jsonb_typeof(p_template->'description') NOT IN ('string', 'null') THEN
         RAISE EXCEPTION 'template %: description must be a string', v_name USING ERRCODE = 'TV010';
@@ -69,52 +90,108 @@ BEGIN
             USING ERRCODE = 'TV010';
     END IF;
 
-    -- Per-step structure, names and defaults.
-    v_norm := '[]';
-    v_idx := 0;
-    FOR v_step IN SELECT value FROM jsonb_array_elements(v_steps) LOOP
-        v_idx := v_idx + 1;
-        v_norm := v_norm || jsonb_build_array(tasker._normalise_step(v_step, v_idx, v_name));
-        v_cur := v_norm->(v_idx - 1)->>'name';
-        IF v_cur = ANY (v_names) THEN
-            RAISE EXCEPTION 'template %: duplicate step name %', v_name, quote_literal(v_cur) USING ERRCODE = 'TV010';
-        END IF;
-        v_names := v_names || v_cur;
-        v_deps := v_deps || jsonb_build_object(v_cur, v_norm->(v_idx - 1)->'dependencies');
+    -- Per-step structure, names and defaults (the first bad step, in declared order, is named).
+    SELECT jsonb_agg(tasker._normalise_step(e.step, e.ord::integer, v_name) ORDER BY e.ord) INTO v_norm
+      FROM jsonb_array_elements(v_steps) WITH ORDINALITY e(step, ord);
+    SELECT jsonb_object_agg(x.name, x.ord - 1) INTO v_index
+      FROM (SELECT e.step->>'name' AS name, min(e.ord) AS ord
+              FROM jsonb_array_elements(v_norm) WITH ORDINALITY e(step, ord)
+             GROUP BY e.step->>'name') x;
+
+    -- Names and dependencies, set-based (a 1000-step template is checked in milliseconds).
+    SELECT format('template %s: duplicate step name %L', v_name, x.name) INTO v_bad
+      FROM (SELECT e.step->>'name' AS name, e.ord
+              FROM jsonb_array_elements(v_norm) WITH ORDINALITY e(step, ord)) x
+     WHERE (v_index->>x.name)::integer <> x.ord - 1
+     ORDER BY x.ord
+     LIMIT 1;
+    IF v_bad IS NULL THEN
+        SELECT CASE WHEN d.dep = e.step->>'name'
+                    THEN format('template %s: step %L depends on itself', v_name, d.dep)
+                    ELSE format('template %s: step %L depends on unknown step %L (steps: %s)', v_name,
+                                e.step->>'name', left(d.dep, 200),
+                                (SELECT string_agg(s->>'name', ', ') FROM jsonb_array_elements(v_norm) s))
+               END INTO v_bad
+          FROM jsonb_array_elements(v_norm) WITH ORDINALITY e(step, ord)
+         CROSS JOIN LATERAL jsonb_array_elements_text(e.step->'dependencies') WITH ORDINALITY d(dep, dord)
+         WHERE d.dep = e.step->>'name' OR NOT v_index ? d.dep
+         ORDER BY e.ord, d.dord
+         LIMIT 1;
+    END IF;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'TV010';
+    END IF;
+
+    -- Topological pass (Kahn): place the steps whose dependencies are all placed, finding
+    -- children through one child list sorted by parent, so the work is linear in steps plus
+    -- edges (the old peel-and-rescan loop and per-step scans of every ancestor pair were cubic
+    -- in the depth of a chain). Positions are 1-based declared order.
+    v_count := jsonb_array_length(v_norm);
+    v_names := ARRAY(SELECT e.step->>'name' FROM jsonb_array_elements(v_norm) WITH ORDINALITY e(step, ord) ORDER BY e.ord);
+    v_pending := ARRAY(SELECT jsonb_array_length(e.step->'dependencies')
+                         FROM jsonb_array_elements(v_norm) WITH ORDINALITY e(step, ord) ORDER BY e.ord);
+    SELECT coalesce(array_agg(x.child ORDER BY x.parent, x.child), '{}'),
+           coalesce(array_agg(x.parent ORDER BY x.parent, x.child), '{}')
+      INTO v_child, v_parent
+      FROM (SELECT (v_index->>d)::integer + 1 AS parent, e.ord::integer AS child
+              FROM jsonb_array_elements(v_norm) WITH ORDINALITY e(step, ord)
+             CROSS JOIN jsonb_array_elements_text(e.step->'dependencies') d) x;
+    -- v_first[p] .. v_first[p + 1] - 1: where the children of p are in v_child
+    v_first := array_fill(0, ARRAY[v_count + 1]);
+    FOREACH v_pos IN ARRAY v_parent LOOP
+        v_first[v_pos + 1] := v_first[v_pos + 1] + 1;
     END LOOP;
-    FOR v_step IN SELECT value FROM jsonb_array_elements(v_norm) LOOP
-        FOR v_dep IN SELECT jsonb_array_elements_text(v_step->'dependencies') LOOP
-            IF v_dep = v_step->>'name' THEN
-                RAISE EXCEPTION 'template %: step % depends on itself', v_name, quote_literal(v_dep) USING ERRCODE = 'TV010';
+    v_first[1] := 1;
+    FOR v_pos IN 2 .. v_count + 1 LOOP
+        v_first[v_pos] := v_first[v_pos - 1] + v_first[v_pos];
+    END LOOP;
+    -- Ancestors ride along: a step is taken only once every parent is, so its set is final
+    -- when its children receive it. v_list holds the names (a single parent's list plus that
+    -- parent, copied in C), v_anc the same set as bits (bit p - 1: step p) so that a second
+    -- parent adds only the ancestors the child does not have yet.
+    v_zero := repeat('0', v_count)::varbit;
+    v_anc := array_fill(v_zero, ARRAY[v_count]);
+    v_list := array_fill(NULL::jsonb, ARRAY[v_count]);
+    v_order := ARRAY(SELECT p.i::integer FROM unnest(v_pending) WITH ORDINALITY p(n, i) WHERE p.n = 0 ORDER BY p.i);
+    v_head := 1;
+    WHILE v_head <= cardinality(v_order) LOOP
+        v_pos := v_order[v_head];
+        v_head := v_head + 1;
+        FOR v_edge IN v_first[v_pos] .. v_first[v_pos + 1] - 1 LOOP
+            v_kid := v_child[v_edge];
+            v_bits := set_bit(v_anc[v_pos], v_pos - 1, 1);
+            IF v_list[v_kid] IS NULL THEN
+                v_list[v_kid] := coalesce(v_list[v_pos], '[]') || to_jsonb(v_names[v_pos]);
+                v_anc[v_kid] := v_bits;
+            ELSE
+                v_bits := v_bits & ~v_anc[v_kid];
+                IF v_bits <> v_zero THEN
+                    v_list[v_kid] := v_list[v_kid] || (
+                        SELECT jsonb_agg(a.name ORDER BY a.i)
+                          FROM unnest(v_names, string_to_array(v_bits::text, NULL)) WITH ORDINALITY a(name, bit, i)
+                         WHERE a.bit = '1');
+                    v_anc[v_kid] := v_anc[v_kid] | v_bits;
+                END IF;
             END IF;
-            IF NOT v_dep = ANY (v_names) THEN
-                RAISE EXCEPTION 'template %: step % depends on unknown step % (steps: %)',
-                    v_name, quote_literal(v_step->>'name'), quote_literal(v_dep), array_to_string(v_names, ', ')
-                    USING ERRCODE = 'TV010';
+            v_pending[v_kid] := v_pending[v_kid] - 1;
+            IF v_pending[v_kid] = 0 THEN
+                v_order := v_order || v_kid;
             END IF;
         END LOOP;
     END LOOP;
 
-    -- Cycles: peel off steps whose dependencies are all done; whatever is left lies on or
-    -- behind a cycle. Walk dependencies from the first leftover step until a name repeats.
-    v_remaining := v_names;
-    LOOP
-        v_progress := false;
-        FOREACH v_cur IN ARRAY v_remaining LOOP
-            IF NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(v_deps->v_cur) d WHERE NOT d = ANY (v_done)) THEN
-                v_done := v_done || v_cur;
-                v_remaining := array_remove(v_remaining, v_cur);
-                v_progress := true;
-            END IF;
-        END LOOP;
-        EXIT WHEN NOT v_progress OR cardinality(v_remaining) = 0;
-    END LOOP;
-    IF cardinality(v_remaining) > 0 THEN
-        v_cur := v_remaining[1];
+    -- A cycle: the steps never placed lie on or behind one. From the first of them (declared
+    -- order) follow the first dependency that is not placed either until a name repeats; that
+    -- stretch is a cycle.
+    IF cardinality(v_order) < v_count THEN
+        v_cur := v_names[array_position(ARRAY(SELECT n > 0 FROM unnest(v_pending) n), true)];
         v_cycle := ARRAY[v_cur];
         LOOP
-            SELECT d INTO v_cur FROM jsonb_array_elements_text(v_deps->v_cur) WITH ORDINALITY x(d, o)
-             WHERE d = ANY (v_remaining) ORDER BY o LIMIT 1;
+            SELECT x.d INTO v_cur
+              FROM jsonb_array_elements_text(v_norm->((v_index->>v_cur)::integer)->'dependencies') WITH ORDINALITY x(d, o)
+             WHERE v_pending[(v_index->>x.d)::integer + 1] > 0
+             ORDER BY x.o
+             LIMIT 1;
             IF v_cur = ANY (v_cycle) THEN
                 v_cycle := v_cycle[array_position(v_cycle, v_cur):] || v_cur;
                 EXIT;
@@ -152,33 +229,18 @@ BEGIN
             jsonb_array_length(v_norm->'steps'))
     RETURNING named_task_id INTO v_id;
 
-    WITH RECURSIVE
-    s AS (
-        SELECT (e.ord - 1)::integer AS step_index, e.step
-          FROM jsonb_array_elements(v_norm->'steps') WITH ORDINALITY e(step, ord)
-    ),
-    edge AS (
-        SELECT s.step->>'name' AS child, d AS parent
-          FROM s CROSS JOIN jsonb_array_elements_text(s.step->'dependencies') d
-    ),
-    -- every (step, ancestor) pair; UNION (not ALL) removes duplicates from diamonds
-    anc(step, ancestor) AS (
-        SELECT child, parent FROM edge
-        UNION
-        SELECT a.step, e.parent FROM anc a JOIN edge e ON e.child = a.ancestor
-    )
     INSERT INTO tasker.named_steps (named_task_id, step_index, name, description, handler, config, step_type,
                                     parent_names, ancestor_names, retryable, max_attempts, backoff,
                                     backoff_base_ms, max_backoff_ms, jitter, timeout_seconds)
-    SELECT v_id, s.step_index, s.step->>'name', s.step->>'description',
+    SELECT v_id, (s.ord - 1)::integer, s.step->>'name', s.step->>'description',
            s.step->'handler'->>'callable', s.step->'handler'->'initialization', s.step->>'type',
            ARRAY(SELECT jsonb_array_elements_text(s.step->'dependencies')),
-           ARRAY(SELECT a.ancestor FROM anc a WHERE a.step = s.step->>'name' ORDER BY a.ancestor),
+           ARRAY(SELECT jsonb_array_elements_text(coalesce(v_list[s.ord], '[]'))),
            (s.step->'retry'->>'retryable')::boolean, (s.step->'retry'->>'max_attempts')::integer,
            s.step->'retry'->>'backoff', (s.step->'retry'->>'backoff_base_ms')::integer,
            (s.step->'retry'->>'max_backoff_ms')::integer, (s.step->'retry'->>'jitter')::double precision,
            (s.step->>'timeout_seconds')::double precision
-      FROM s;
+      FROM jsonb_array_elements(v_norm->'steps') WITH ORDINALITY s(step, ord);
 
     PERFORM tasker.create_queue(v_ns);
     RETURN v_id;
@@ -208,18 +270,18 @@ BEGIN
     v_name := p_step->>'name';
     IF v_name IS NULL OR v_name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,127}$' THEN
         RAISE EXCEPTION 'template %: step #% has an invalid name %: letters, digits, _, - and ., starting with a letter or _',
-            p_template, p_index, coalesce(quote_literal(v_name), 'NULL') USING ERRCODE = 'TV010';
+            p_template, p_index, coalesce(quote_literal(left(v_name, 200)), 'NULL') USING ERRCODE = 'TV010';
     END IF;
     v_where := format('template %s, step %L', p_template, v_name);
     FOR v_key IN SELECT jsonb_object_keys(p_step) LOOP
         IF v_key NOT IN ('name', 'description', 'handler', 'dependencies', 'depends_on', 'retry', 'timeout_seconds', 'type') THEN
             RAISE EXCEPTION '%: unknown key % (valid: name, description, handler, dependencies, retry, timeout_seconds, type)',
-                v_where, quote_literal(v_key) USING ERRCODE = 'TV010';
+                v_where, quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
     v_type := coalesce(p_step->>'type', 'standard');
     IF v_type <> 'standard' THEN
-        RAISE EXCEPTION '%: step type % is not supported yet (only standard)', v_where, quote_literal(v_type)
+        RAISE EXCEPTION '%: step type % is not supported yet (only standard)', v_where, quote_literal(left(v_type, 200))
             USING ERRCODE = 'TV010';
     END IF;
     v_handler := p_step->'handler';
@@ -229,6 +291,10 @@ BEGIN
     END IF;
     IF v_handler ? 'initialization' AND jsonb_typeof(v_handler->'initialization') NOT IN ('object', 'null') THEN
         RAISE EXCEPTION '%: handler.initialization must be an object', v_where USING ERRCODE = 'TV010';
+    END IF;
+    IF tasker._has_huge_number(v_handler->'initialization') THEN
+        RAISE EXCEPTION '%: handler.initialization holds a number too large for a double (such as 1e400)', v_where
+            USING ERRCODE = 'TV010';
     END IF;
     v_deps := coalesce(p_step->'dependencies', p_step->'depends_on', '[]'::jsonb);
     IF jsonb_typeof(v_deps) = 'null' THEN
@@ -250,24 +316,35 @@ BEGIN
     FOR v_key IN SELECT jsonb_object_keys(v_retry) LOOP
         IF v_key NOT IN ('retryable', 'max_attempts', 'backoff', 'backoff_base_ms', 'max_backoff_ms', 'jitter') THEN
             RAISE EXCEPTION '%: unknown retry key % (valid: retryable, max_attempts, backoff, backoff_base_ms, max_backoff_ms, jitter)',
-                v_where, quote_literal(v_key) USING ERRCODE = 'TV010';
+                v_where, quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
     v_max := coalesce(v_retry->'max_attempts', '3');
     IF NOT tasker._is_int_json(v_max, 1) THEN
-        RAISE EXCEPTION '%: retry.max_attempts must be an integer >= 1, got %', v_where, v_max USING ERRCODE = 'TV010';
-    END IF;
-    v_backoff := coalesce(v_retry->>'backoff', 'exponential');
-    IF v_backoff NOT IN ('exponential', 'linear', 'fixed', 'none') THEN
-        RAISE EXCEPTION '%: retry.backoff must be exponential, linear, fixed or none, got %', v_where, quote_literal(v_backoff)
+        RAISE EXCEPTION '%: retry.max_attempts must be an integer >= 1, got % (at most 2147483647)', v_where, left(v_max::text, 100)
             USING ERRCODE = 'TV010';
     END IF;
-    IF (v_retry ? 'retryable' AND jsonb_typeof(v_retry->'retryable') <> 'boolean')
-       OR (v_retry ? 'backoff_base_ms' AND NOT tasker._is_int_json(v_retry->'backoff_base_ms', 0))
-       OR (v_retry ? 'max_backoff_ms' AND NOT tasker._is_int_json(v_retry->'max_backoff_ms', 0))
-       OR (v_retry ? 'jitter' AND (jsonb_typeof(v_retry->'jitter') <> 'number' OR NOT tasker._is_number_json(v_retry->'jitter', 0, 1))) THEN
-        RAISE EXCEPTION '%: retry settings out of range (retryable a boolean, backoff_base_ms and max_backoff_ms integers >= 0, jitter 0..1)',
-            v_where USING ERRCODE = 'TV010';
+    v_backoff := coalesce(v_retry->>'backoff', 'exponential');
+    IF v_retry ? 'backoff' AND jsonb_typeof(v_retry->'backoff') <> 'string' THEN
+        v_backoff := left((v_retry->'backoff')::text, 100);  -- null or a non-string: refused below
+    END IF;
+    IF v_backoff NOT IN ('exponential', 'linear', 'fixed', 'none') THEN
+        RAISE EXCEPTION '%: retry.backoff must be exponential, linear, fixed or none, got %', v_where, quote_literal(left(v_backoff, 200))
+            USING ERRCODE = 'TV010';
+    END IF;
+    IF v_retry ? 'retryable' AND jsonb_typeof(v_retry->'retryable') <> 'boolean' THEN
+        RAISE EXCEPTION '%: retry.retryable must be true or false, got %', v_where, left((v_retry->'retryable')::text, 100)
+            USING ERRCODE = 'TV010';
+    END IF;
+    FOREACH v_key IN ARRAY ARRAY['backoff_base_ms', 'max_backoff_ms'] LOOP
+        IF v_retry ? v_key AND NOT tasker._is_int_json(v_retry->v_key, 0) THEN
+            RAISE EXCEPTION '%: retry.% must be an integer number of milliseconds from 0 to 2147483647, got %',
+                v_where, v_key, left((v_retry->v_key)::text, 100) USING ERRCODE = 'TV010';
+        END IF;
+    END LOOP;
+    IF v_retry ? 'jitter' AND (jsonb_typeof(v_retry->'jitter') <> 'number' OR NOT tasker._is_number_json(v_retry->'jitter', 0, 1)) THEN
+        RAISE EXCEPTION '%: retry.jitter must be a number from 0 to 1, got %', v_where, left((v_retry->'jitter')::text, 100)
+            USING ERRCODE = 'TV010';
     END IF;
     IF coalesce((v_retry->>'max_backoff_ms')::numeric, 60000) < coalesce((v_retry->>'backoff_base_ms')::numeric, 1000) THEN
         RAISE EXCEPTION '%: retry.max_backoff_ms must be >= backoff_base_ms', v_where USING ERRCODE = 'TV010';
@@ -278,9 +355,10 @@ BEGIN
     IF jsonb_typeof(p_step->'description') NOT IN ('string', 'null') THEN
         RAISE EXCEPTION '%: description must be a string', v_where USING ERRCODE = 'TV010';
     END IF;
-    IF p_step ? 'timeout_seconds' AND jsonb_typeof(p_step->'timeout_seconds') <> 'null'
-       AND (jsonb_typeof(p_step->'timeout_seconds') <> 'number' OR (p_step->>'timeout_seconds')::numeric <= 0) THEN
-        RAISE EXCEPTION '%: timeout_seconds must be a number > 0', v_where USING ERRCODE = 'TV010';
+    IF NOT tasker._is_number_json(p_step->'timeout_seconds', 0, 31536000)
+       OR jsonb_typeof(p_step->'timeout_seconds') = 'number' AND (p_step->>'timeout_seconds')::numeric = 0 THEN
+        RAISE EXCEPTION '%: timeout_seconds must be a number of seconds > 0 and at most 31536000 (a year), got %',
+            v_where, left((p_step->'timeout_seconds')::text, 100) USING ERRCODE = 'TV010';
     END IF;
     RETURN jsonb_build_object(
         'name', v_name,

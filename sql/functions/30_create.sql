@@ -22,14 +22,15 @@ BEGIN
     END LOOP;
     IF p_options ? 'priority' AND jsonb_typeof(p_options->'priority') <> 'null'
        AND NOT tasker._is_int_json(p_options->'priority', -2147483647) THEN
-        RAISE EXCEPTION '%option priority must be an integer, got %', p_where, p_options->'priority' USING ERRCODE = 'TV022';
+        RAISE EXCEPTION '%option priority must be an integer from -2147483647 to 2147483647, got %',
+            p_where, left((p_options->'priority')::text, 100) USING ERRCODE = 'TV022';
     END IF;
     IF NOT tasker._is_number_json(p_options->'delay_seconds', 0, 31536000) THEN
         RAISE EXCEPTION '%option delay_seconds must be a number of seconds between 0 and a year, got %',
-            p_where, p_options->'delay_seconds' USING ERRCODE = 'TV022';
+            p_where, left((p_options->'delay_seconds')::text, 100) USING ERRCODE = 'TV022';
     END IF;
     IF jsonb_typeof(p_options->'tags') NOT IN ('array', 'null') THEN
-        RAISE EXCEPTION '%option tags must be a list, got %', p_where, p_options->'tags' USING ERRCODE = 'TV022';
+        RAISE EXCEPTION '%option tags must be a list, got %', p_where, left((p_options->'tags')::text, 100) USING ERRCODE = 'TV022';
     END IF;
     IF EXISTS (SELECT 1 FROM jsonb_each(p_options) o
                 WHERE o.key IN ('initiator', 'source_system', 'reason', 'idempotency_key', 'correlation_id')
@@ -101,7 +102,7 @@ BEGIN
      WHERE nt.namespace = p_namespace AND nt.name = p_name
        AND (p_version IS NULL OR nt.version = p_version)
      ORDER BY nt.version_major DESC, nt.version_minor DESC, nt.version_patch DESC,
-              nt.version_pre IS NULL DESC, nt.version_pre_key DESC
+              nt.version_pre IS NULL DESC, tasker._semver_pre_key(nt.version_pre) DESC
      LIMIT 1;
     IF NOT FOUND THEN
         PERFORM tasker._raise_unknown_template(p_namespace, p_name, p_version);
@@ -275,7 +276,7 @@ BEGIN
      WHERE nt.namespace = p_namespace AND nt.name = p_name
        AND (p_version IS NULL OR nt.version = p_version)
      ORDER BY nt.version_major DESC, nt.version_minor DESC, nt.version_patch DESC,
-              nt.version_pre IS NULL DESC, nt.version_pre_key DESC
+              nt.version_pre IS NULL DESC, tasker._semver_pre_key(nt.version_pre) DESC
      LIMIT 1;
     IF NOT FOUND THEN
         PERFORM tasker._raise_unknown_template(p_namespace, p_name, p_version);
@@ -389,7 +390,7 @@ DECLARE
     v_versions text;
     v_names    text;
 BEGIN
-    SELECT string_agg(nt.version, ', ' ORDER BY nt.version_major, nt.version_minor, nt.version_patch, nt.version_pre_key NULLS LAST)
+    SELECT string_agg(nt.version, ', ' ORDER BY nt.version_major, nt.version_minor, nt.version_patch, tasker._semver_pre_key(nt.version_pre) NULLS LAST)
       INTO v_versions
       FROM tasker.named_tasks nt WHERE nt.namespace = p_namespace AND nt.name = p_name;
     IF v_versions IS NOT NULL THEN

@@ -46,8 +46,8 @@ BEGIN
     IF p_qty IS NULL OR p_qty < 1 THEN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
-    IF p_lease_seconds IS NULL OR p_lease_seconds <= 0 THEN
-        RAISE EXCEPTION 'lease_seconds must be > 0, got %', coalesce(p_lease_seconds::text, 'NULL') USING ERRCODE = 'TV002';
+    IF p_lease_seconds IS NULL OR NOT (p_lease_seconds > 0 AND p_lease_seconds <= 31536000) THEN  -- NaN > 0 in SQL
+        RAISE EXCEPTION 'lease_seconds must be > 0 and at most a year, got %', coalesce(p_lease_seconds::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
     v_lease := v_now + make_interval(secs => p_lease_seconds);
 

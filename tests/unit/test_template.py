@@ -24,6 +24,8 @@ from tasker_pg.template import (
     TemplateValidationError,
     load_template,
     load_templates,
+    parse_version,
+    version_key,
 )
 
 # The guide's checkout workflow, verbatim.
@@ -372,20 +374,79 @@ def test_too_many_steps() -> None:
     assert f"the template has {MAX_STEPS + 1} steps; at most {MAX_STEPS} are allowed" in message
 
 
-@pytest.mark.parametrize("version", ["0.0.1", "1.0.0", "10.20.30", "1.2.0-rc.1", "2.0.0-alpha-2"])
+@pytest.mark.parametrize(
+    "version",
+    [
+        "0.0.1",
+        "1.0.0",
+        "10.20.30",
+        "1.2.0-rc.1",
+        "2.0.0-alpha-2",
+        "1.0.0-0",
+        "1.0.0-0a",  # alphanumeric: a leading zero is fine
+        "1.0.0-x.7.z.92",
+        "1.0.0--",
+        "1.0.0-" + "1" * 30,  # longer than any integer type: still a valid identifier
+        "2147483647.0.0",
+    ],
+)
 def test_valid_versions(version: str) -> None:
     assert TaskTemplate.from_dict(template(step("a"), version=version)).version == version
 
 
 @pytest.mark.parametrize(
     "version",
-    ["1.0", "1", "v1.0.0", "01.0.0", "1.0.0+build.5", "1.0.0-", "1.0.0\n", "1.0.0-rc..1", ""],
+    [
+        "1.0",
+        "1",
+        "v1.0.0",
+        "01.0.0",
+        "1.0.0+build.5",
+        "1.0.0-",
+        "1.0.0\n",
+        "1.0.0-rc..1",
+        "",
+        "1.0.0-01",  # numeric identifier with a leading zero
+        "1.0.0-rc.01",
+        "1.0.0-a.",
+        "1.0.0-.a",
+        "2147483648.0.0",  # does not fit an integer
+        "1.0.0-é",
+    ],
 )
 def test_invalid_versions_say_which_form_is_expected(version: str) -> None:
     message = error_of(template(step("a"), version=version)).message
     assert f"version {version!r} is not valid" in message
     assert "MAJOR.MINOR.PATCH" in message
     assert "'1.2.0-rc.1'" in message
+
+
+def test_build_metadata_is_refused_with_the_reason() -> None:
+    message = error_of(template(step("a"), version="1.0.0+build.5")).message
+    assert "build metadata (+...) is not accepted" in message
+
+
+def test_versions_order_by_semver_precedence() -> None:
+    ordered = [
+        "1.0.0-alpha",
+        "1.0.0-alpha.1",
+        "1.0.0-alpha.beta",
+        "1.0.0-beta",
+        "1.0.0-beta.2",
+        "1.0.0-beta.11",
+        "1.0.0-rc.1",
+        "1.0.0",
+        "1.0.1-" + "9" * 29,
+        "1.0.1-" + "1" + "0" * 29,  # numeric identifiers by value, past any integer type
+        "1.0.1-B",
+        "1.0.1-a",  # ASCII: upper case sorts first
+        "1.0.1",
+        "1.10.0",
+    ]
+    assert sorted(reversed(ordered), key=version_key) == ordered
+    assert parse_version("1.0.0-01") is None
+    with pytest.raises(ValueError, match="not a valid version"):
+        version_key("1.0.0-")
 
 
 def test_version_read_as_number_by_yaml_says_to_quote_it() -> None:
@@ -440,12 +501,15 @@ def test_every_backoff_kind_loads(backoff: str) -> None:
         (-5, "must be > 0"),
         ("30", "expected a number, got string '30'"),
         (float("inf"), "must be a finite number"),
+        (1e300, "must be <= 31536000"),
+        (10**400, "must be a finite number (got number 1000000"),
     ],
 )
 def test_timeout_must_be_a_positive_number(timeout: Any, words: str) -> None:
     message = error_of(template(step("a", timeout_seconds=timeout))).message
     assert "steps[0] (a).timeout_seconds" in message
     assert words in message
+    assert len(message) < 500  # a huge number is shortened, not printed in full
 
 
 @pytest.mark.parametrize("value", ["", "   ", " pkg.Handler"])
