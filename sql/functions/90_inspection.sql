@@ -142,10 +142,11 @@ SELECT t.task_uuid, t.namespace, t.name, t.version,
        round(100.0 * t.completed_steps / greatest(t.total_steps, 1), 1) AS completion_percentage,
        t.priority, t.initiator, t.source_system, t.reason, t.tags, t.idempotency_key, t.correlation_id,
        t.context, t.created_at, t.updated_at, t.completed_at,
-       coalesce(t.completed_at, now()) - t.created_at AS age
+       coalesce(t.completed_at, now()) - t.created_at AS age,
+       t.state AS raw_state
   FROM tasker.tasks t;
 COMMENT ON VIEW tasker.v_tasks IS
-    'Tasks with their effective state and step counts, for DBAs.';
+    'Tasks with their effective state (raw_state: the stored one) and step counts, for DBAs.';
 
 -- For DBAs: steps with their task, handler, attempts, timing and last error.
 CREATE VIEW tasker.v_steps AS
@@ -156,7 +157,7 @@ SELECT s.step_uuid, s.task_uuid, t.namespace, t.name AS task_name, s.name, ns.ha
        CASE WHEN s.state = 'in_progress' THEN m.vt END AS lease_expires_at,
        s.last_error->>'error_type' AS last_error_type,
        s.last_error->>'message' AS last_error_message,
-       s.results, s.metadata, s.checkpoint, s.last_error
+       s.results, s.metadata, s.checkpoint, s.last_error, ns.step_index, ns.parent_names
   FROM tasker.steps s
   JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
   JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id

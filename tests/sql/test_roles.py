@@ -21,10 +21,12 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tasker_pg import db, migrations
+from tasker_pg import AsyncTaskerClient, Worker, db, migrations
 from tasker_pg.errors import DatabaseError, MigrationError
 from tests.support import pgserver
 from tests.support.engine import NAMESPACE, claim, diamond, single, start, success
+from tests.support.worker import registry_of, templates
+from tests.support.workflows import math_handlers
 
 ROLES = ("worker", "client", "operator", "reader")
 
@@ -85,24 +87,42 @@ def _as_user(dsn: str, user: str, password: str) -> str:
 
 
 Login = Callable[..., Awaitable[db.Connection]]
+LoginDsn = Callable[..., Awaitable[str]]
 
 
 @pytest.fixture
-async def login(dsn: str) -> AsyncIterator[Login]:
-    """`await login("worker")`: a connection as a new LOGIN role that is a member of
-    tasker_worker (any other kinds given too), with a password; dropped afterwards."""
+async def login_dsn(dsn: str) -> AsyncIterator[LoginDsn]:
+    """`await login_dsn("worker")`: the DSN of a new LOGIN role with a password that is a
+    member of tasker_worker (and of any other kinds given); dropped afterwards."""
     admin = await asyncpg.connect(dsn)
     made: list[str] = []
-    conns: list[db.Connection] = []
 
-    async def _login(*kinds: str, prefix: str = "") -> db.Connection:
+    async def _make(*kinds: str, prefix: str = "") -> str:
         name = f"h10_{'_'.join(kinds) or 'nobody'}_{uuid.uuid4().hex[:8]}"
         password = uuid.uuid4().hex
         await admin.execute(f"CREATE ROLE {name} LOGIN PASSWORD '{password}'")
         made.append(name)
         for kind in kinds:
             await admin.execute(f"GRANT {migrations.role_name(prefix, kind)} TO {name}")
-        conn = await db.connect(_as_user(dsn, name, password), check_schema=bool(kinds))
+        return _as_user(dsn, name, password)
+
+    try:
+        yield _make
+    finally:
+        # their sessions are closed by now (the tests' fixtures and context managers)
+        for name in made:
+            await admin.execute(f"DROP OWNED BY {name}")
+            await admin.execute(f"DROP ROLE {name}")
+        await admin.close()
+
+
+@pytest.fixture
+async def login(login_dsn: LoginDsn) -> AsyncIterator[Login]:
+    """`await login("worker")`: a connection as a new LOGIN member of tasker_worker."""
+    conns: list[db.Connection] = []
+
+    async def _login(*kinds: str) -> db.Connection:
+        conn = await db.connect(await login_dsn(*kinds), check_schema=bool(kinds))
         conns.append(conn)
         return conn
 
@@ -111,10 +131,6 @@ async def login(dsn: str) -> AsyncIterator[Login]:
     finally:
         for conn in conns:
             await conn.close()
-        for name in made:
-            await admin.execute(f"DROP OWNED BY {name}")
-            await admin.execute(f"DROP ROLE {name}")
-        await admin.close()
 
 
 async def _refused(call: Awaitable[Any]) -> None:
@@ -385,6 +401,53 @@ async def test_audit_tables_are_append_only_to_all_but_the_owner(
     # the owner may rewrite its audit tables (retention); no other role may, checked above
     await owner.execute("SET ROLE tasker_owner")
     assert await owner.execute("DELETE FROM tasker.step_transitions") != "DELETE 0"
+
+
+# --- the worker and the client, as their roles ----------------------------------------
+
+
+async def test_worker_and_client_run_as_their_roles(
+    conn: db.Connection, login_dsn: LoginDsn
+) -> None:
+    """A Worker logged in as a tasker_worker member registers its templates and runs tasks a
+    tasker_client member creates, waits for, lists and inspects through the client."""
+    worker_dsn, client_dsn, operator_dsn = (
+        await login_dsn("worker"),
+        await login_dsn("client"),
+        await login_dsn("operator"),
+    )
+    async with Worker(
+        ["math"],
+        registry_of(math_handlers),
+        dsn=worker_dsn,
+        templates=templates("diamond"),
+        concurrency=4,
+        poll_interval=0.1,
+        summary_interval=0,
+    ):
+        client = AsyncTaskerClient(client_dsn)
+        try:
+            created = await client.create_task(
+                "diamond_workflow", namespace="math", context={"even_number": 6}
+            )
+            done = await client.wait_for_task(created.task_uuid, timeout=60)
+            assert done.status == "complete"
+            page = await client.list_tasks(namespace="math", status="complete")
+            assert [t.task_uuid for t in page.tasks] == [created.task_uuid]
+            steps = await client.list_task_steps(created.task_uuid)
+            assert {s.current_state for s in steps} == {"complete"}
+            audit = await client.get_step_audit_history(created.task_uuid, steps[0].step_uuid)
+            assert audit
+            with pytest.raises(DatabaseError):
+                await client.retry_step(steps[0].step_uuid)
+        finally:
+            await client.close()
+    operator = AsyncTaskerClient(operator_dsn)
+    try:
+        assert (await operator.get_task(created.task_uuid)).status == "complete"
+    finally:
+        await operator.close()
+    assert await conn.check_invariants() == []
 
 
 # --- pinned search_path -------------------------------------------------------------------
