@@ -33,8 +33,7 @@ SELECT {_TASK_COLUMNS}
 _TASK_FILTER = """
  WHERE ($1::text IS NULL OR t.namespace = $1)
    AND ($2::text IS NULL
-        OR (t.raw_state = ANY ($3::text[])
-            AND tasker.effective_task_state(t.task_uuid, t.raw_state) = $2))"""
+        OR (t.raw_state = ANY ($3::text[]) AND t.state = $2))"""
 
 # One page of tasks, newest first ($4 limit, $5 offset), each row carrying the filter's total
 # count (computed once, in the same snapshot as the page). The page is chosen on the view's

@@ -375,9 +375,25 @@ async def test_reader_reads_views_readiness_and_audit_and_changes_nothing(
     assert len(await reader.fetch("SELECT * FROM tasker.v_steps")) == 1
     assert await reader.fetch("SELECT * FROM tasker.v_step_transitions")
     assert await reader.fetch("SELECT * FROM tasker.v_templates")
+    step = await reader.fetchval("SELECT step_uuid FROM tasker.v_steps")
     assert [r["name"] for r in await reader.step_readiness(task)] == ["only"]
     assert await reader.check_invariants() == []
-    step = await reader.fetchval("SELECT step_uuid FROM tasker.v_steps")
+    # v_tasks writes effective_task_state's rule out (a definer function is never inlined):
+    # both agree on a pending task, one in process and a finished one
+    busy = await start(conn, single(name="busy"))
+    await claim(conn)
+    done = await start(conn, single(name="done"))
+    await conn.cancel_task(done)
+    disagree = await reader.fetch(
+        "SELECT task_uuid, state, tasker.effective_task_state(task_uuid, raw_state) AS fn"
+        " FROM tasker.v_tasks WHERE state IS DISTINCT FROM"
+        " tasker.effective_task_state(task_uuid, raw_state)"
+    )
+    assert disagree == []
+    states = {
+        r["task_uuid"]: r["state"] for r in await reader.fetch("SELECT * FROM tasker.v_tasks")
+    }
+    assert {states[busy], states[done]} == {"steps_in_process", "cancelled"}
     await _refused(reader.create_task(NAMESPACE, tpl["name"], {}))
     await _refused(reader.cancel_task(task))
     await _refused(reader.retry_step(step))
