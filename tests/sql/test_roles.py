@@ -514,9 +514,11 @@ async def prefixed(pg_server: pgserver.TestServer) -> AsyncIterator[tuple[str, s
     try:
         yield dsn, prefix
     finally:
-        await pg_server.drop_database(dsn)
+        # dropped here and now (not handed back for a later drop): the roles own its objects
+        name = urllib.parse.urlsplit(dsn).path.lstrip("/")
         admin = await asyncpg.connect(pg_server.admin_dsn)
         try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             for kind in migrations.ROLE_KINDS:
                 await admin.execute(f"DROP ROLE IF EXISTS {migrations.role_name(prefix, kind)}")
         finally:
