@@ -64,8 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--dsn",
-        help="server to benchmark on (its user needs CREATEDB; default: the embedded cluster, "
-        "started if needed)",
+        help="server to benchmark on (its user needs CREATEDB, and CREATEROLE until migrate has "
+        "created the tasker roles; default: the embedded cluster, started if needed)",
     )
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tasker_pg
-from tasker_pg import argtypes, bench_args, db, migrations, worker_cli
+from tasker_pg import argtypes, bench_args, db, migrations, roles, worker_cli
 from tasker_pg.client import AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
@@ -119,7 +119,7 @@ def cmd_db_destroy(args: argparse.Namespace) -> int:
 async def _migrate(args: argparse.Namespace) -> int:
     conn = await db.connect(args.dsn, check_schema=False)
     try:
-        report = await migrations.migrate(conn)
+        report = await migrations.migrate(conn, role_prefix=args.role_prefix)
     finally:
         await conn.close()
     for m in report.applied:
@@ -136,6 +136,52 @@ async def _migrate(args: argparse.Namespace) -> int:
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     return _run(_migrate(args))
+
+
+# --- roles ---------------------------------------------------------------------------------------
+
+
+async def _roles_list(args: argparse.Namespace) -> int:
+    conn = await db.connect(args.dsn)
+    try:
+        prefix, infos = await roles.list_roles(conn)
+    finally:
+        await conn.close()
+    if args.json:
+        _print_json({"prefix": prefix, "roles": [i.to_dict() for i in infos]})
+        return EXIT_OK
+    print(f"role prefix: {prefix or '(none)'}")
+    rows = [
+        (i.kind, i.name, "yes" if i.exists else "MISSING", ", ".join(i.members) or "-")
+        for i in infos
+    ]
+    print(format_table(("kind", "role", "exists", "members"), rows))
+    return EXIT_OK
+
+
+def cmd_roles_list(args: argparse.Namespace) -> int:
+    return _run(_roles_list(args))
+
+
+async def _roles_membership(args: argparse.Namespace, *, grant: bool) -> int:
+    conn = await db.connect(args.dsn)
+    try:
+        name = await roles.set_membership(conn, args.role, args.login, grant=grant)
+    finally:
+        await conn.close()
+    if args.json:
+        _print_json({"role": name, "login": args.login, "member": grant})
+    else:
+        print(f"granted {name} to {args.login}" if grant else f"revoked {name} from {args.login}")
+    return EXIT_OK
+
+
+def cmd_roles_grant(args: argparse.Namespace) -> int:
+    return _run(_roles_membership(args, grant=True))
+
+
+def cmd_roles_revoke(args: argparse.Namespace) -> int:
+    return _run(_roles_membership(args, grant=False))
 
 
 # --- queue ---------------------------------------------------------------------------------------
@@ -671,9 +717,26 @@ def build_parser() -> argparse.ArgumentParser:
     dbsub.add_parser("url", help="print the connection URL").set_defaults(func=cmd_db_url)
     dbsub.add_parser("destroy", help="stop and delete all data").set_defaults(func=cmd_db_destroy)
 
-    with_dsn(sub.add_parser("migrate", help="apply pending schema migrations")).set_defaults(
-        func=cmd_migrate
+    mig = with_dsn(sub.add_parser("migrate", help="apply pending schema migrations"))
+    mig.add_argument(
+        "--role-prefix",
+        metavar="PREFIX",
+        help="prefix of the group roles' names (e.g. acme_ -> acme_tasker_worker); chosen on "
+        "the first migrate and kept (default: none)",
     )
+    mig.set_defaults(func=cmd_migrate)
+
+    # roles
+    rp = sub.add_parser("roles", help="the least-privilege roles: list, grant to a login role")
+    rsub = rp.add_subparsers(dest="roles_command", required=True, metavar="ACTION")
+    op(rsub, "list", cmd_roles_list, "the group roles and their members")
+    for action, func, verb in (
+        ("grant", cmd_roles_grant, "make LOGIN a member of"),
+        ("revoke", cmd_roles_revoke, "remove LOGIN from"),
+    ):
+        rg = op(rsub, action, func, f"{verb} a group role (as a user with CREATEROLE)")
+        rg.add_argument("--role", required=True, choices=roles.GRANTABLE, help="the group role")
+        rg.add_argument("login", metavar="LOGIN", help="an existing role, e.g. orders_svc")
 
     # task
     tp = sub.add_parser("task", help="create, list, show, cancel and wait for tasks")

@@ -361,7 +361,7 @@ class Connection:
             """
             SELECT DISTINCT ON (nt.namespace, nt.name)
                    nt.namespace, nt.name, nt.version, nt.template
-              FROM tasker.named_tasks nt
+              FROM tasker.v_templates nt
              WHERE nt.namespace = ANY($1::text[])
              ORDER BY nt.namespace, nt.name, nt.version_major DESC, nt.version_minor DESC,
                       nt.version_patch DESC, nt.version_pre IS NULL DESC,

@@ -9,14 +9,19 @@ one transaction:
    order: the objects the file defines (and those its previous version defined) are dropped
    first, so a changed argument list or return type is re-created, not overloaded; objects of
    a file that is gone are dropped; grants files (`NN_grants.sql`) are re-applied whenever any
-   function file was;
+   function file was, a migration was applied or a role was created;
 3. records the engine version in `tasker.schema_engine`.
+Between 1 and 2 it creates the cluster-wide group roles (`<prefix>tasker_owner`, `_worker`,
+`_client`, `_operator`, `_reader`, all NOLOGIN) that do not exist yet, and records the role
+prefix in `tasker.roles_config` on the first run; a later run with another prefix is refused
+(docs/architecture.md, "Roles").
 Either all of it commits or none of it does. It refuses an applied migration that was edited
 afterwards, and a database that a newer tasker-pg migrated (`ENGINE_VERSION` only goes up).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +43,7 @@ __all__ = [
     "ENGINE_VERSION",
     "MIGRATE_HINT",
     "MIGRATION_LOCK_KEY",
+    "ROLE_KINDS",
     "FunctionFile",
     "Migration",
     "MigrationReport",
@@ -46,12 +52,18 @@ __all__ = [
     "load_function_files",
     "load_migrations",
     "migrate",
+    "role_name",
+    "role_prefix",
     "schema_version",
     "sql_dir",
 ]
 
 # pg_advisory_lock key for migrators: 'tasker' in ASCII, so it is recognisable in pg_locks.
 MIGRATION_LOCK_KEY = 0x7461736B6572
+
+# The group roles, by kind; their names are `<prefix>tasker_<kind>`.
+ROLE_KINDS = ("owner", "worker", "client", "operator", "reader")
+_ROLE_PREFIX_RE = re.compile(r"^(?:[a-z][a-z0-9_]{0,29})?$")
 
 check_schema = db.check_schema
 schema_version = db.schema_version
@@ -121,12 +133,21 @@ class MigrationReport:
         return bool(self.applied or self.functions or self.dropped)
 
 
-async def migrate(conn: db.Connection, *, directory: Path | None = None) -> MigrationReport:
+async def migrate(
+    conn: db.Connection, *, directory: Path | None = None, role_prefix: str | None = None
+) -> MigrationReport:
     """Bring the database to this package's schema; a no-op when it is current.
 
     `directory` (tests, tools) is an SQL root with `migrations/` and `functions/`, or a plain
-    directory of versioned migrations.
+    directory of versioned migrations. `role_prefix` names the group roles
+    (`<prefix>tasker_worker`, ...); None keeps the one recorded (none on a fresh database).
     """
+    if role_prefix is not None and not _ROLE_PREFIX_RE.match(role_prefix):
+        raise MigrationError(
+            f"role prefix {role_prefix!r} is not valid: a lowercase letter, then up to 29 "
+            "lowercase letters, digits and _ (e.g. acme_)",
+            error_code="invalid_argument",
+        )
     from tasker_pg import __version__
 
     migrations = load_migrations(directory)
@@ -146,7 +167,10 @@ async def migrate(conn: db.Connection, *, directory: Path | None = None) -> Migr
         async with conn.transaction():
             for migration in pending:
                 await _apply_migration(conn, migration)
-            changed, dropped = await _apply_function_files(conn, files, recorded)
+            roles_changed = await _ensure_roles(conn, role_prefix)
+            changed, dropped = await _apply_function_files(
+                conn, files, recorded, force_grants=bool(pending) or roles_changed
+            )
             await conn.execute(
                 """
                 INSERT INTO tasker.schema_engine (engine_version, package_version)
@@ -231,13 +255,16 @@ async def _apply_function_files(
     conn: db.Connection,
     files: Sequence[FunctionFile],
     recorded: dict[str, tuple[str, list[str]]],
+    *,
+    force_grants: bool = False,
 ) -> tuple[list[FunctionFile], list[str]]:
     """Re-apply changed function files; drop the objects of files that are gone."""
     defined_now = {obj for f in files for obj in f.objects}
     changed = [f for f in files if recorded.get(f.name, ("", []))[0] != f.checksum]
     gone = [name for name in recorded if name not in {f.name for f in files}]
-    if changed or gone:
-        # grants follow every change: dropping and re-creating an object loses its grants
+    if changed or gone or force_grants:
+        # grants follow every change: dropping and re-creating an object loses its grants, and
+        # a table a migration created belongs to the migrating user until the grants file runs
         changed += [f for f in files if f.is_grants and f not in changed]
         changed.sort(key=lambda f: f.name)
     dropped: list[str] = []
@@ -263,6 +290,83 @@ async def _apply_function_files(
             list(file.objects),
         )
     return changed, dropped
+
+
+def role_name(prefix: str, kind: str) -> str:
+    """The name of a group role: `<prefix>tasker_<kind>`."""
+    if kind not in ROLE_KINDS:
+        raise ValueError(f"unknown role kind {kind!r}; one of {', '.join(ROLE_KINDS)}")
+    return f"{prefix}tasker_{kind}"
+
+
+async def role_prefix(conn: db.Connection) -> str | None:
+    """The role prefix recorded in the database; None before the roles migration."""
+    if not await conn.fetchval("SELECT to_regclass('tasker.roles_config') IS NOT NULL"):
+        return None
+    value = await conn.fetchval("SELECT role_prefix FROM tasker.roles_config")
+    return str(value) if value is not None else None
+
+
+async def _ensure_roles(conn: db.Connection, requested: str | None) -> bool:
+    """Record the role prefix (first run) and create the group roles that are missing.
+
+    Returns whether anything changed (the grants file must then run). Roles are cluster-wide:
+    another database on the server may have created them already, which is fine.
+    """
+    if not await conn.fetchval("SELECT to_regclass('tasker.roles_config') IS NOT NULL"):
+        return False  # a migrations directory without the roles migration (tests, tools)
+    recorded = await role_prefix(conn)
+    changed = False
+    if recorded is None:
+        recorded = requested or ""
+        await conn.execute("INSERT INTO tasker.roles_config (role_prefix) VALUES ($1)", recorded)
+        changed = True
+    elif requested is not None and requested != recorded:
+        raise MigrationError(
+            f"this database's roles use the prefix {recorded!r} (e.g. "
+            f"{role_name(recorded, 'worker')}), not {requested!r}; the prefix is chosen on the "
+            "first migrate and kept: run migrate without --role-prefix, or with "
+            f"--role-prefix {recorded!r}",
+            error_code="role_prefix_mismatch",
+        )
+    me = await conn.fetchrow(
+        "SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    )
+    for kind in ROLE_KINDS:
+        name = role_name(recorded, kind)
+        if await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", name):
+            continue
+        if me is None or not (me["rolsuper"] or me["rolcreaterole"]):
+            raise MigrationError(
+                f"role {name} does not exist and this user cannot create it: run migrate once "
+                "as a user with CREATEROLE (or a superuser), or create the roles first: "
+                + "; ".join(f'CREATE ROLE "{role_name(recorded, k)}" NOLOGIN' for k in ROLE_KINDS),
+                error_code="roles_missing",
+            )
+        try:
+            async with conn.transaction():  # a savepoint: another migrator may win the race
+                await conn.execute(f'CREATE ROLE "{name}" NOLOGIN')
+        except DatabaseError as exc:
+            if exc.sqlstate not in ("42710", "23505"):  # duplicate_object, unique_violation
+                raise
+        changed = True
+    owner = role_name(recorded, "owner")
+    if not me or not me["rolsuper"]:
+        # the migrating user re-creates the owner's objects: it must be a member of the owner
+        # role, and the owner of schema tasker needs CREATE on the database
+        if not await conn.fetchval("SELECT pg_has_role(current_user, $1, 'USAGE')", owner):
+            await conn.execute(f'GRANT "{owner}" TO current_user')
+            changed = True
+        if not await conn.fetchval(
+            "SELECT has_database_privilege($1, current_database(), 'CREATE')", owner
+        ):
+            grant = await conn.fetchval(
+                "SELECT format('GRANT CREATE ON DATABASE %I TO %I', current_database(), $1::text)",
+                owner,
+            )
+            await conn.execute(str(grant))
+            changed = True
+    return changed
 
 
 async def _drop_objects(conn: db.Connection, names: Sequence[str], file: str) -> list[str]:

@@ -28,25 +28,26 @@ SELECT {_TASK_COLUMNS}
 # The filter shared by the page and the count ($1 namespace, $2 effective state, $3 the raw
 # states that can show as $2). The raw-state test comes first so the effective state, which
 # looks at the task's steps, is only computed for rows that can match: only a pending task
-# can show as steps_in_process, every other state shows as itself.
+# can show as steps_in_process, every other state shows as itself. Everything here reads
+# views and functions, never tables, so a tasker_client or tasker_reader login can run it.
 _TASK_FILTER = """
  WHERE ($1::text IS NULL OR t.namespace = $1)
    AND ($2::text IS NULL
-        OR (t.state = ANY ($3::text[])
-            AND tasker.effective_task_state(t.task_uuid, t.state) = $2))"""
+        OR (t.raw_state = ANY ($3::text[]) AND t.state = $2))"""
 
 # One page of tasks, newest first ($4 limit, $5 offset), each row carrying the filter's total
-# count (computed once, in the same snapshot as the page). The page is chosen on tasker.tasks
-# (created_at is indexed); the view and the execution context are read for its rows only.
+# count (computed once, in the same snapshot as the page). The page is chosen on the view's
+# tasker.tasks columns (created_at is indexed; the view's computed columns are not evaluated);
+# the view's state and the execution context are read for the page's rows only.
 LIST_TASKS: Final = f"""
 WITH page AS (
     SELECT t.task_uuid, t.created_at
-      FROM tasker.tasks t {_TASK_FILTER}
+      FROM tasker.v_tasks t {_TASK_FILTER}
      ORDER BY t.created_at DESC, t.task_uuid DESC
      LIMIT $4 OFFSET $5
 )
 SELECT {_TASK_COLUMNS},
-       (SELECT count(*) FROM tasker.tasks t {_TASK_FILTER}) AS total_count
+       (SELECT count(*) FROM tasker.v_tasks t {_TASK_FILTER}) AS total_count
   FROM page
   JOIN tasker.v_tasks v ON v.task_uuid = page.task_uuid
  CROSS JOIN LATERAL tasker.task_execution_context(v.task_uuid) e
@@ -55,7 +56,7 @@ SELECT {_TASK_COLUMNS},
 
 # How many tasks the same filter matches (for an empty page, which carries no count).
 COUNT_TASKS: Final = f"""
-SELECT count(*) FROM tasker.tasks t {_TASK_FILTER}
+SELECT count(*) FROM tasker.v_tasks t {_TASK_FILTER}
 """
 
 # Every step of a task in template order ($1 task; $2 one step, or NULL for all): the DBA
@@ -68,54 +69,45 @@ SELECT v.step_uuid, v.task_uuid, v.name, v.handler, v.state, v.attempts, v.max_a
        v.retryable, v.worker_id, v.created_at, v.started_at, v.completed_at,
        v.last_run_duration, v.lease_expires_at, v.results, v.metadata, v.last_error,
        r.ready, r.reason, r.dependencies_satisfied, r.next_attempt_at AS ready_at,
-       ns.parent_names AS dependencies
+       v.parent_names AS dependencies
   FROM tasker.v_steps v
   JOIN tasker.step_readiness($1::uuid) r ON r.step_uuid = v.step_uuid
-  JOIN tasker.steps s ON s.step_uuid = v.step_uuid
-  JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
  WHERE v.task_uuid = $1::uuid
    AND ($2::uuid IS NULL OR v.step_uuid = $2::uuid)
- ORDER BY ns.step_index
+ ORDER BY v.step_index
 """
 
 # A step's audit trail, oldest first ($1 task, $2 step).
 STEP_AUDIT: Final = """
 SELECT tr.transition_id, tr.step_uuid, tr.task_uuid, tr.from_state, tr.to_state, tr.event,
        tr.attempt, tr.worker_id, tr.duration_ms, tr.error_summary, tr.created_at, tr.metadata
-  FROM tasker.step_transitions tr
+  FROM tasker.v_step_transitions tr
  WHERE tr.step_uuid = $2::uuid AND tr.task_uuid = $1::uuid
  ORDER BY tr.transition_id
 """
 
 # Whether a task exists ($1 task), to say which of a (task, step) pair is unknown.
 TASK_EXISTS: Final = """
-SELECT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = $1::uuid)
+SELECT EXISTS (SELECT 1 FROM tasker.v_tasks t WHERE t.task_uuid = $1::uuid)
 """
 
 # The task a step belongs to ($1 step), for commands that are given only a step uuid.
-STEP_TASK: Final = "SELECT s.task_uuid FROM tasker.steps s WHERE s.step_uuid = $1::uuid"
+STEP_TASK: Final = "SELECT s.task_uuid FROM tasker.v_steps s WHERE s.step_uuid = $1::uuid"
 
 # The step of a task with a given name ($1 task, $2 step name).
 STEP_BY_NAME: Final = """
-SELECT s.step_uuid
-  FROM tasker.steps s
-  JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
- WHERE s.task_uuid = $1::uuid AND ns.name = $2
+SELECT s.step_uuid FROM tasker.v_steps s WHERE s.task_uuid = $1::uuid AND s.name = $2
 """
 
 # The step names of a task in template order ($1 task), for "no step X; its steps are ...".
 STEP_NAMES: Final = """
-SELECT ns.name
-  FROM tasker.steps s
-  JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
- WHERE s.task_uuid = $1::uuid
- ORDER BY ns.step_index
+SELECT s.name FROM tasker.v_steps s WHERE s.task_uuid = $1::uuid ORDER BY s.step_index
 """
 
 # Registered templates, newest version first within a name ($1 namespace or NULL).
 TEMPLATES: Final = """
 SELECT nt.namespace, nt.name, nt.version, nt.step_count, nt.description, nt.created_at
-  FROM tasker.named_tasks nt
+  FROM tasker.v_templates nt
  WHERE ($1::text IS NULL OR nt.namespace = $1)
  ORDER BY nt.namespace, nt.name, nt.version_major DESC, nt.version_minor DESC,
           nt.version_patch DESC, tasker._semver_pre_key(nt.version_pre) DESC NULLS FIRST

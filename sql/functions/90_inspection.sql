@@ -134,18 +134,29 @@ $$;
 COMMENT ON FUNCTION tasker.task_execution_context(uuid) IS
     'Counts of a task''s steps by state and its execution status in one row.';
 
--- For DBAs: tasks with their progress, no joins needed.
+-- For DBAs: tasks with their progress, no joins needed. `state` is effective_task_state's
+-- rule written out: an entry point is SECURITY DEFINER (sql/functions/99_grants.sql), which
+-- the planner never inlines, and the view must read steps with its owner's rights (an inlined
+-- function's body is checked against the caller's). Keep the two in step.
 CREATE VIEW tasker.v_tasks AS
 SELECT t.task_uuid, t.namespace, t.name, t.version,
-       tasker.effective_task_state(t.task_uuid, t.state) AS state,
+       CASE
+           WHEN t.state = 'pending' AND EXISTS (
+               SELECT 1 FROM tasker.steps s
+                WHERE s.task_uuid = t.task_uuid
+                  AND (s.attempts > 0 OR s.state <> 'pending' AND s.state <> 'enqueued'))
+           THEN 'steps_in_process'
+           ELSE t.state
+       END AS state,
        t.total_steps, t.completed_steps, t.error_steps,
        round(100.0 * t.completed_steps / greatest(t.total_steps, 1), 1) AS completion_percentage,
        t.priority, t.initiator, t.source_system, t.reason, t.tags, t.idempotency_key, t.correlation_id,
        t.context, t.created_at, t.updated_at, t.completed_at,
-       coalesce(t.completed_at, now()) - t.created_at AS age
+       coalesce(t.completed_at, now()) - t.created_at AS age,
+       t.state AS raw_state
   FROM tasker.tasks t;
 COMMENT ON VIEW tasker.v_tasks IS
-    'Tasks with their effective state and step counts, for DBAs.';
+    'Tasks with their effective state (raw_state: the stored one) and step counts, for DBAs.';
 
 -- For DBAs: steps with their task, handler, attempts, timing and last error.
 CREATE VIEW tasker.v_steps AS
@@ -156,7 +167,7 @@ SELECT s.step_uuid, s.task_uuid, t.namespace, t.name AS task_name, s.name, ns.ha
        CASE WHEN s.state = 'in_progress' THEN m.vt END AS lease_expires_at,
        s.last_error->>'error_type' AS last_error_type,
        s.last_error->>'message' AS last_error_message,
-       s.results, s.metadata, s.checkpoint, s.last_error
+       s.results, s.metadata, s.checkpoint, s.last_error, ns.step_index, ns.parent_names
   FROM tasker.steps s
   JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
   JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id

@@ -8,8 +8,9 @@ python -m tasker_pg.bench --dsn postgresql://user@host/db --n 0.1
 
 Absolute numbers drift on shared machines; ratios to a baseline measured in the same run hold.
 Every scenario runs on a fresh database (`bench_<scenario>_<pid>`, created on the server of the
-DSN, migrated, dropped afterwards: the DSN's user needs CREATEDB). The server is the embedded
-cluster (started if needed) unless `--dsn` is given.
+DSN, migrated, dropped afterwards: the DSN's user needs CREATEDB, and CREATEROLE until
+`migrate` has created the tasker roles). The server is the embedded cluster (started if
+needed) unless `--dsn` is given.
 
 Scenarios (default sizes; `--n` scales every count):
 

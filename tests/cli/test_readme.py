@@ -312,6 +312,18 @@ def walk(dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[
             capture_output=True,
             timeout=60,
         )
+        # roles are server-wide: drop the login roles the README's SQL created
+        with contextlib.suppress(Exception):
+            asyncio.run(_drop_readme_roles(dsn))
+
+
+async def _drop_readme_roles(dsn: str) -> None:
+    conn = await asyncpg.connect(dsn)
+    try:
+        for name in re.findall(r"CREATE ROLE (\w+)", README.read_text()):
+            await conn.execute(f"DROP ROLE IF EXISTS {name}")
+    finally:
+        await conn.close()
 
 
 def test_readme_blocks_are_all_known() -> None:
