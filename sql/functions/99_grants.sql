@@ -159,6 +159,9 @@ BEGIN
                        v_reader);
     END LOOP;
     EXECUTE format('GRANT SELECT ON tasker.v_templates TO %I', v_worker);
+    -- The semantic-version precedence key: pure, and what a template list is ordered by
+    -- (ORDER BY ... tasker._semver_pre_key(version_pre) in tasker_pg/queries.py and db.py).
+    EXECUTE format('GRANT EXECUTE ON FUNCTION tasker._semver_pre_key(text) TO %s', v_roles);
     FOREACH v_name IN ARRAY c_bookkeeping LOOP
         EXECUTE format('GRANT SELECT ON tasker.%I TO %s', v_name, v_roles);
     END LOOP;
