@@ -42,3 +42,15 @@ async def test_repair_interval_zero_disables_repair(dsn: str, conn: db.Connectio
         Worker([NAMESPACE], registry_of(timing_handlers), dsn=dsn, repair_interval=-1)
     with pytest.raises(ConfigurationError, match="missing_handler_delay"):
         Worker([NAMESPACE], registry_of(timing_handlers), dsn=dsn, missing_handler_delay=7200)
+
+
+def test_worker_cli_repair_and_missing_handler_options() -> None:
+    from tasker_pg import worker_cli
+
+    parser = worker_cli.build_parser()
+    defaults = parser.parse_args(["--namespace", "x"])
+    assert (defaults.repair_interval, defaults.missing_handler_delay) == (60.0, 10.0)
+    args = parser.parse_args(
+        ["--namespace", "x", "--repair-interval", "0", "--missing-handler-delay", "2.5"]
+    )
+    assert (args.repair_interval, args.missing_handler_delay) == (0.0, 2.5)
