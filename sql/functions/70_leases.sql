@@ -109,7 +109,9 @@ COMMENT ON FUNCTION tasker.extend_leases(jsonb,double precision) IS
 -- or because the worker has no handler for the step (reason 'handler_missing', during a
 -- rolling deploy). The attempt the claim started is given back (a checkpoint continuation goes
 -- back to waiting for its continuation) and the message becomes visible after p_delay_seconds
--- (0 to 3600) for another worker. The 'released' transition names the worker and the reason;
+-- (0 to 3600) for another worker. A step handed back for a missing handler again and again
+-- (no worker has it) waits twice as long each time, up to 5 minutes (or p_delay_seconds when
+-- longer), so a worker without the handler does not churn claims and audit rows. The 'released' transition names the worker and the reason;
 -- a handler_missing release also records the handler in the worker's tasker.workers row
 -- (first sighting kept), so step_readiness can say who lacked it since when. One row per
 -- claim, in input order.
@@ -139,7 +141,16 @@ BEGIN
     PERFORM tasker._lock_claim_messages(p_claims);
     RETURN QUERY
     WITH c AS (
-        SELECT * FROM tasker._parse_claims(p_claims)
+        SELECT pc.*,
+               CASE WHEN p_reason = 'handler_missing' THEN
+                   v_now + make_interval(secs => least(
+                       p_delay_seconds * 2 ^ least((SELECT count(*) FROM tasker.step_transitions tr
+                                                     WHERE tr.step_uuid = pc.step_uuid AND tr.event = 'released'
+                                                       AND tr.metadata->>'reason' = 'handler_missing'), 10),
+                       greatest(p_delay_seconds, 300)))
+                    ELSE v_vt
+               END AS vt
+          FROM tasker._parse_claims(p_claims) pc
     ),
     upd AS (
         UPDATE tasker.steps s
@@ -151,7 +162,7 @@ BEGIN
                END,
                continuation = NOT s.claim_spent_attempt,
                claim_spent_attempt = false,
-               next_attempt_at = CASE WHEN s.claim_spent_attempt AND s.attempts - 1 > 0 THEN v_vt END,
+               next_attempt_at = CASE WHEN s.claim_spent_attempt AND s.attempts - 1 > 0 THEN c.vt END,
                worker_id = NULL,
                updated_at = v_now
           FROM c
@@ -159,11 +170,11 @@ BEGIN
            AND s.state = 'in_progress' AND s.attempts = c.attempt
            AND s.claim_seq = c.claim_seq
            AND NOT s.continuation
-        RETURNING c.ord, s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id, s.named_step_id
+        RETURNING c.ord, s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id, s.named_step_id, c.vt
     ),
     msgs AS (
         UPDATE tasker.queue_messages m
-           SET vt = v_vt
+           SET vt = upd.vt
           FROM upd JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
          WHERE m.queue = t.namespace AND m.msg_id = upd.msg_id
         RETURNING m.queue
@@ -174,7 +185,8 @@ BEGIN
         SELECT upd.step_uuid, upd.task_uuid, 'in_progress', upd.state, 'released', upd.attempts, p_worker_id,
                CASE WHEN p_reason = 'handler_missing'
                     THEN format('handler_missing: worker %s has no handler %s', coalesce(p_worker_id, '?'), ns.handler) END,
-               jsonb_build_object('reason', p_reason, 'handler', ns.handler, 'delay_seconds', p_delay_seconds),
+               jsonb_build_object('reason', p_reason, 'handler', ns.handler,
+                                  'delay_seconds', round(extract(epoch FROM upd.vt - v_now)::numeric, 3)),
                v_now
           FROM upd JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id
     ),

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from tasker_pg import db
-from tasker_pg.errors import InvalidStateError
+from tasker_pg.errors import InvalidStateError, ValidationError
 from tests.support.engine import (
     NAMESPACE,
     assert_healthy,
@@ -262,4 +262,41 @@ async def test_repair_reads_only_live_tasks_at_100k_steps(conn: db.Connection) -
     )
     assert "tasks_live_idx" in plan, plan
     assert "Seq Scan on steps" not in plan and "Seq Scan on tasks" not in plan, plan
+    await assert_healthy(conn)
+
+
+async def test_handler_missing_release_gives_the_attempt_back_and_backs_off(
+    conn: db.Connection,
+) -> None:
+    task = await start(conn, linear(1))
+    for round_ in range(3):
+        [row] = await claim(conn, worker="old")
+        assert (row["attempt"], row["claim_seq"]) == (1, round_ + 1)
+        fence = {"step_uuid": str(row["step_uuid"]), "attempt": 1, "claim_seq": row["claim_seq"]}
+        [released] = await conn.release_steps(
+            [fence], delay_seconds=10, reason="handler_missing", worker_id="old"
+        )
+        assert released["released"] is True
+        step = await step_row(conn, task, "s1")
+        assert (step["state"], step["attempts"]) == ("enqueued", 0)
+        hidden = await conn.fetchval(
+            f"SELECT vt > clock_timestamp() + interval '9 seconds' FROM tasker.q_{NAMESPACE}"
+        )
+        assert hidden is True
+        # make it visible again by hand, as if the delay had passed
+        await conn.execute(f"UPDATE tasker.q_{NAMESPACE} SET vt = clock_timestamp()")
+    rows = await conn.fetch(
+        "SELECT worker_id, metadata FROM tasker.step_transitions"
+        " WHERE task_uuid = $1 AND event = 'released' ORDER BY transition_id",
+        task,
+    )
+    delays = [float(r["metadata"]["delay_seconds"]) for r in rows]
+    assert delays == [10.0, 20.0, 40.0]  # doubling while no worker has the handler
+    assert {r["worker_id"] for r in rows} == {"old"}
+    for bad in ({"delay_seconds": -1}, {"delay_seconds": 3601}, {"reason": "whatever"}):
+        with pytest.raises(ValidationError) as err:
+            await conn.release_steps([], **bad)  # type: ignore[arg-type]
+        assert err.value.error_code == "invalid_argument", bad
+    await drive(conn, NAMESPACE, lambda row: None)
+    assert (await task_row(conn, task))["state"] == "complete"
     await assert_healthy(conn)
