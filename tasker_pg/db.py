@@ -59,6 +59,7 @@ SQLSTATE_ERROR_CODES: dict[str, str] = {
     "TS002": "step_not_in_error",
     "TS003": "step_finished",
     "TS004": "queue_has_live_steps",
+    "TS005": "engine_queue",
 }
 _CONNECTION_SQLSTATE_PREFIXES = ("08", "57P")
 
@@ -504,10 +505,58 @@ class Connection:
         """Violations of the engine's invariants over the whole database (empty: healthy)."""
         return await self.fetch("SELECT * FROM tasker.check_invariants()")
 
-    async def release_steps(self, claims: Sequence[Mapping[str, Any]]) -> list[Row]:
-        """Hand back claims whose handler never started, without spending an attempt."""
+    async def release_steps(
+        self,
+        claims: Sequence[Mapping[str, Any]],
+        *,
+        delay_seconds: float = 0.0,
+        reason: str = "shutdown",
+        worker_id: str | None = None,
+    ) -> list[Row]:
+        """Hand back claims whose handler never started, without spending an attempt.
+
+        `reason` is `shutdown` or `handler_missing`; the message becomes visible again after
+        `delay_seconds`; the `released` transition names `worker_id`.
+        """
         return await self.fetch(
-            "SELECT * FROM tasker.release_steps($1::jsonb)", [dict(c) for c in claims]
+            "SELECT * FROM tasker.release_steps($1::jsonb, $2, $3, $4)",
+            [dict(c) for c in claims],
+            float(delay_seconds),
+            reason,
+            worker_id,
+        )
+
+    async def repair_messages(self) -> list[Row]:
+        """`tasker.repair_messages()`: re-send lost messages, enqueue stranded ready steps.
+
+        One row per repaired step (kind, step_uuid, task_uuid, namespace, step_state, msg_id);
+        none when nothing needed repair or another session was repairing.
+        """
+        return await self.fetch("SELECT * FROM tasker.repair_messages()")
+
+    async def worker_heartbeat(
+        self,
+        *,
+        worker_id: str,
+        host: str,
+        pid: int,
+        namespaces: Sequence[str],
+        handlers: Sequence[str],
+        started_at: datetime,
+        in_flight: int,
+        missing_handlers: Mapping[str, str],
+    ) -> None:
+        """Upsert this worker's `tasker.workers` row (`tasker.worker_heartbeat`)."""
+        await self.execute(
+            "SELECT tasker.worker_heartbeat($1, $2, $3, $4::text[], $5::text[], $6, $7, $8::jsonb)",
+            worker_id,
+            host,
+            pid,
+            list(namespaces),
+            list(handlers),
+            started_at,
+            in_flight,
+            dict(missing_handlers),
         )
 
     # --- reads of the client and the operator CLI (statements in tasker_pg.queries) ----------

@@ -110,6 +110,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="log a one-line summary this often; 0 disables it (default 30)",
     )
+    parser.add_argument(
+        "--repair-interval",
+        type=argtypes.non_negative_float,
+        default=60.0,
+        metavar="S",
+        help="call tasker.repair_messages() this often (re-sends lost step messages, one worker "
+        "at a time); 0 disables it (default 60)",
+    )
+    parser.add_argument(
+        "--missing-handler-delay",
+        type=argtypes.non_negative_float,
+        default=10.0,
+        metavar="S",
+        help="a step whose handler this worker lacks is handed back without spending an attempt "
+        "and hidden this long, for a worker that has the handler (default 10)",
+    )
     parser.add_argument("--worker-id", metavar="ID", help="default: <host>-<pid>-<random>")
     parser.add_argument(
         "--dsn",
@@ -182,6 +198,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             templates=templates,
             poll_interval=args.poll_interval,
             summary_interval=args.summary_interval,
+            repair_interval=args.repair_interval,
+            missing_handler_delay=args.missing_handler_delay,
         )
     except TaskerError as exc:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)

@@ -4,8 +4,14 @@
 -- tasker.queue_messages; dynamic SQL is used only for DDL in create_queue/drop_queue, after the
 -- name has been validated.
 --
+-- A namespace's queue (a queue named like the namespace of a registered template) belongs to
+-- the engine: the raw functions below refuse to send to, read, pop, delete, archive, re-time,
+-- purge or drop it (TS005), because a message taken away there strands its step. The engine
+-- writes its queues with direct statements on tasker.queue_messages and the internal
+-- tasker._archive_messages, never through these guarded entry points; metrics() stays open.
+--
 -- SQLSTATEs: TV001 invalid queue name, TV002 invalid argument, TN001 unknown queue,
--- TS004 a namespace queue still holds live steps.
+-- TS005 the queue belongs to the engine.
 
 CREATE TYPE tasker.message_record AS (
     msg_id       bigint,
@@ -62,6 +68,23 @@ BEGIN
 END
 $$;
 
+-- Refuses a raw queue call on a namespace's engine queue. A queue is the engine's when a
+-- template of that namespace is registered (named_tasks' unique key starts with namespace:
+-- one index probe). Called by every raw function that changes or hands out messages.
+CREATE FUNCTION tasker._refuse_engine_queue(p_queue text, p_action text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM tasker.named_tasks nt WHERE nt.namespace = p_queue) THEN
+        RAISE EXCEPTION 'cannot % on queue %: it is the engine queue of namespace %, whose messages belong to workflow steps',
+            p_action, quote_literal(p_queue), quote_literal(p_queue)
+            USING ERRCODE = 'TS005',
+                  HINT = 'use the engine''s functions instead: tasker.cancel_task, tasker.retry_step or tasker.resolve_step '
+                         'for a task''s steps, tasker.repair_messages() for a step whose message was lost, '
+                         'tasker.metrics() to look at the queue; use a queue of another name for plain messages';
+    END IF;
+END
+$$;
+
 -- Creates the queue's sequence and partitions. Safe to call again (no-op) and from several
 -- sessions at once: an advisory lock on the name makes a concurrent creator wait until the
 -- first one commits, and its re-check (a new snapshot) then finds the queue. (CREATE ... IF
@@ -111,9 +134,7 @@ CREATE FUNCTION tasker.drop_queue(p_queue text) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM tasker._validate_queue_name(p_queue);
-    IF EXISTS (SELECT 1 FROM tasker.queues WHERE queue_name = p_queue) THEN
-        PERFORM tasker._refuse_if_live_steps(p_queue, 'drop');
-    END IF;
+    PERFORM tasker._refuse_engine_queue(p_queue, 'drop_queue');
     DELETE FROM tasker.queues WHERE queue_name = p_queue;
     IF NOT FOUND THEN
         RETURN false;
@@ -125,7 +146,7 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION tasker.drop_queue(text) IS
-    'Drops a queue with its live and archived messages; refuses a namespace queue that holds live steps.';
+    'Drops a queue with its live and archived messages; refuses a namespace''s engine queue (TS005).';
 
 -- Sends one message, visible after p_delay_seconds; returns its msg_id. The pg_notify hint
 -- reaches listeners only when the sending transaction commits.
@@ -138,6 +159,7 @@ DECLARE
     v_id  bigint;
 BEGIN
     PERFORM tasker._check_positive(p_delay_seconds, 'delay_seconds');
+    PERFORM tasker._refuse_engine_queue(p_queue, 'send');
     IF p_message IS NULL THEN
         RAISE EXCEPTION 'message must not be NULL' USING ERRCODE = 'TV002';
     END IF;
@@ -161,6 +183,7 @@ DECLARE
     v_seq regclass := tasker._queue_sequence(p_queue);
 BEGIN
     PERFORM tasker._check_positive(p_delay_seconds, 'delay_seconds');
+    PERFORM tasker._refuse_engine_queue(p_queue, 'send_batch');
     IF p_messages IS NULL OR array_position(p_messages, NULL) IS NOT NULL THEN
         RAISE EXCEPTION 'messages must be an array of non-NULL jsonb values' USING ERRCODE = 'TV002';
     END IF;
@@ -187,6 +210,7 @@ RETURNS SETOF tasker.message_record
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
+    PERFORM tasker._refuse_engine_queue(p_queue, 'read');
     PERFORM tasker._check_positive(p_vt_seconds, 'vt_seconds');
     IF p_qty IS NULL OR p_qty < 1 THEN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
@@ -225,6 +249,7 @@ RETURNS SETOF tasker.message_record
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
+    PERFORM tasker._refuse_engine_queue(p_queue, 'pop');
     IF p_qty IS NULL OR p_qty < 1 THEN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
@@ -258,6 +283,7 @@ RETURNS SETOF tasker.message_record
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
+    PERFORM tasker._refuse_engine_queue(p_queue, 'set_vt');
     PERFORM tasker._check_positive(p_vt_seconds, 'vt_seconds');
     RETURN QUERY
     UPDATE tasker.queue_messages m
@@ -274,6 +300,7 @@ CREATE FUNCTION tasker.delete(p_queue text, p_msg_id bigint) RETURNS boolean
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
+    PERFORM tasker._refuse_engine_queue(p_queue, 'delete');
     DELETE FROM tasker.queue_messages m WHERE m.queue = p_queue AND m.msg_id = p_msg_id;
     RETURN FOUND;
 END
@@ -286,6 +313,7 @@ CREATE FUNCTION tasker.delete(p_queue text, p_msg_ids bigint[]) RETURNS SETOF bi
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
+    PERFORM tasker._refuse_engine_queue(p_queue, 'delete');
     RETURN QUERY
     DELETE FROM tasker.queue_messages m
      WHERE m.queue = p_queue AND m.msg_id = ANY (p_msg_ids)
@@ -310,7 +338,17 @@ CREATE FUNCTION tasker.archive(p_queue text, p_msg_ids bigint[]) RETURNS SETOF b
 LANGUAGE plpgsql AS $$
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
-    RETURN QUERY
+    PERFORM tasker._refuse_engine_queue(p_queue, 'archive');
+    RETURN QUERY SELECT a.msg_id FROM tasker._archive_messages(p_queue, p_msg_ids) a(msg_id);
+END
+$$;
+COMMENT ON FUNCTION tasker.archive(text,bigint[]) IS
+    'Moves many messages to the queue''s archive; returns the ids that existed.';
+
+-- The archive move itself, unguarded: the engine archives foreign and finished messages of its
+-- own queues with it (claim_steps), so it must not go through the guarded archive().
+CREATE FUNCTION tasker._archive_messages(p_queue text, p_msg_ids bigint[]) RETURNS SETOF bigint
+LANGUAGE sql AS $$
     WITH moved AS (
         DELETE FROM tasker.queue_messages m
          WHERE m.queue = p_queue AND m.msg_id = ANY (p_msg_ids)
@@ -320,10 +358,7 @@ BEGIN
     SELECT moved.queue, moved.msg_id, moved.read_ct, moved.enqueued_at, moved.vt, moved.priority, moved.message
       FROM moved
     RETURNING queue_archive.msg_id;
-END
 $$;
-COMMENT ON FUNCTION tasker.archive(text,bigint[]) IS
-    'Moves many messages to the queue''s archive; returns the ids that existed.';
 
 -- Deletes every live message of the queue; returns how many there were.
 CREATE FUNCTION tasker.purge_queue(p_queue text) RETURNS bigint
@@ -332,14 +367,14 @@ DECLARE
     v_count bigint;
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
-    PERFORM tasker._refuse_if_live_steps(p_queue, 'purge');
+    PERFORM tasker._refuse_engine_queue(p_queue, 'purge_queue');
     DELETE FROM tasker.queue_messages m WHERE m.queue = p_queue;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     RETURN v_count;
 END
 $$;
 COMMENT ON FUNCTION tasker.purge_queue(text) IS
-    'Deletes every live message of a queue; refuses a namespace queue that holds live steps.';
+    'Deletes every live message of a queue; refuses a namespace''s engine queue (TS005).';
 
 -- Queue length, messages visible now, age of the newest and oldest message, total ever sent.
 CREATE FUNCTION tasker.metrics(p_queue text) RETURNS tasker.queue_metrics
@@ -374,27 +409,3 @@ LANGUAGE sql STABLE AS $$
 $$;
 COMMENT ON FUNCTION tasker.metrics_all() IS
     'metrics() of every queue, ordered by name.';
-
--- A namespace queue carries the messages of live steps: purging or dropping it would leave
--- enqueued, running and retrying steps without their message and their tasks unfinished
--- forever. Both refuse while the queue has such steps (cancel the tasks first); queues used
--- on their own behave as before.
-CREATE FUNCTION tasker._refuse_if_live_steps(p_queue text, p_action text) RETURNS void
-LANGUAGE plpgsql STABLE AS $$
-DECLARE
-    v_live bigint;
-BEGIN
-    SELECT count(*) INTO v_live
-      FROM tasker.queue_messages m
-      JOIN tasker.steps s
-        ON s.step_uuid = CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                              THEN (m.message->>'step_uuid')::uuid END
-       AND s.msg_id = m.msg_id
-     WHERE m.queue = p_queue
-       AND s.state IN ('enqueued', 'waiting_for_retry', 'in_progress');
-    IF v_live > 0 THEN
-        RAISE EXCEPTION 'cannot % queue %: it holds the messages of % live workflow steps; cancel their tasks first (tasker.cancel_task)',
-            p_action, quote_literal(p_queue), v_live USING ERRCODE = 'TS004';
-    END IF;
-END
-$$;

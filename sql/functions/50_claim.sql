@@ -181,7 +181,7 @@ DECLARE
     v_errors tasker._task_delta[];
 BEGIN
     -- archived rather than deleted, so a message that was not the engine's can be found again
-    PERFORM tasker.archive(p_queue, ARRAY(SELECT b.msg_id FROM unnest(p_batch) b WHERE b.kind = 'dead'));
+    PERFORM tasker._archive_messages(p_queue, ARRAY(SELECT b.msg_id FROM unnest(p_batch) b WHERE b.kind = 'dead'));
 
     UPDATE tasker.queue_messages m
        SET vt = v_now + tasker._park_interval()

@@ -105,20 +105,52 @@ ALTER FUNCTION tasker.extend_leases(jsonb, double precision) SET plan_cache_mode
 COMMENT ON FUNCTION tasker.extend_leases(jsonb,double precision) IS
     'Heartbeat: extends the leases of fenced claims still held by the caller.';
 
--- Graceful shutdown: hands back claims whose handler never started. The attempt the claim
--- started is given back (a checkpoint continuation goes back to waiting for its continuation)
--- and the message is visible at once for another worker. One row per claim, in input order.
-CREATE FUNCTION tasker.release_steps(p_claims jsonb)
+-- Hands back claims whose handler never started: at graceful shutdown (reason 'shutdown'),
+-- or because the worker has no handler for the step (reason 'handler_missing', during a
+-- rolling deploy). The attempt the claim started is given back (a checkpoint continuation goes
+-- back to waiting for its continuation) and the message becomes visible after p_delay_seconds
+-- (0 to 3600) for another worker. A step handed back for a missing handler again and again
+-- (no worker has it) waits twice as long each time, up to 5 minutes (or p_delay_seconds when
+-- longer), so a worker without the handler does not churn claims and audit rows. The 'released' transition names the worker and the reason;
+-- a handler_missing release also records the handler in the worker's tasker.workers row
+-- (first sighting kept), so step_readiness can say who lacked it since when. One row per
+-- claim, in input order.
+CREATE FUNCTION tasker.release_steps(
+    p_claims jsonb, p_delay_seconds double precision DEFAULT 0, p_reason text DEFAULT 'shutdown',
+    p_worker_id text DEFAULT NULL
+)
 RETURNS TABLE (step_uuid uuid, released boolean)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now timestamptz := clock_timestamp();
+    v_vt  timestamptz;
 BEGIN
+    IF p_delay_seconds IS NULL OR NOT p_delay_seconds BETWEEN 0 AND 3600 THEN
+        RAISE EXCEPTION 'delay_seconds must be between 0 and 3600, got %', coalesce(p_delay_seconds::text, 'NULL')
+            USING ERRCODE = 'TV002';
+    END IF;
+    IF p_reason IS NULL OR p_reason NOT IN ('shutdown', 'handler_missing') THEN
+        RAISE EXCEPTION 'reason must be shutdown or handler_missing, got %', coalesce(quote_literal(p_reason), 'NULL')
+            USING ERRCODE = 'TV002';
+    END IF;
+    IF octet_length(p_worker_id) > 200 THEN
+        RAISE EXCEPTION 'worker_id must be at most 200 bytes' USING ERRCODE = 'TV002';
+    END IF;
+    v_vt := v_now + make_interval(secs => p_delay_seconds);
     PERFORM tasker._lock_claim_messages(p_claims);
     RETURN QUERY
     WITH c AS (
-        SELECT * FROM tasker._parse_claims(p_claims)
+        SELECT pc.*,
+               CASE WHEN p_reason = 'handler_missing' THEN
+                   v_now + make_interval(secs => least(
+                       p_delay_seconds * 2 ^ least((SELECT count(*) FROM tasker.step_transitions tr
+                                                     WHERE tr.step_uuid = pc.step_uuid AND tr.event = 'released'
+                                                       AND tr.metadata->>'reason' = 'handler_missing'), 10),
+                       greatest(p_delay_seconds, 300)))
+                    ELSE v_vt
+               END AS vt
+          FROM tasker._parse_claims(p_claims) pc
     ),
     upd AS (
         UPDATE tasker.steps s
@@ -130,7 +162,7 @@ BEGIN
                END,
                continuation = NOT s.claim_spent_attempt,
                claim_spent_attempt = false,
-               next_attempt_at = CASE WHEN s.claim_spent_attempt AND s.attempts - 1 > 0 THEN v_now END,
+               next_attempt_at = CASE WHEN s.claim_spent_attempt AND s.attempts - 1 > 0 THEN c.vt END,
                worker_id = NULL,
                updated_at = v_now
           FROM c
@@ -138,21 +170,37 @@ BEGIN
            AND s.state = 'in_progress' AND s.attempts = c.attempt
            AND s.claim_seq = c.claim_seq
            AND NOT s.continuation
-        RETURNING c.ord, s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id
+        RETURNING c.ord, s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id, s.named_step_id, c.vt
     ),
     msgs AS (
         UPDATE tasker.queue_messages m
-           SET vt = v_now
+           SET vt = upd.vt
           FROM upd JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
          WHERE m.queue = t.namespace AND m.msg_id = upd.msg_id
         RETURNING m.queue
     ),
     audit AS (
-        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, created_at)
-        SELECT upd.step_uuid, upd.task_uuid, 'in_progress', upd.state, 'released', upd.attempts, v_now FROM upd
+        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt,
+                                             worker_id, error_summary, metadata, created_at)
+        SELECT upd.step_uuid, upd.task_uuid, 'in_progress', upd.state, 'released', upd.attempts, p_worker_id,
+               CASE WHEN p_reason = 'handler_missing'
+                    THEN format('handler_missing: worker %s has no handler %s', coalesce(p_worker_id, '?'), ns.handler) END,
+               jsonb_build_object('reason', p_reason, 'handler', ns.handler,
+                                  'delay_seconds', round(extract(epoch FROM upd.vt - v_now)::numeric, 3)),
+               v_now
+          FROM upd JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id
+    ),
+    missing AS (
+        UPDATE tasker.workers w
+           SET missing_handlers = h.handlers || w.missing_handlers
+          FROM (SELECT jsonb_object_agg(ns.handler, to_jsonb(v_now)) AS handlers
+                  FROM upd JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id) h
+         WHERE p_reason = 'handler_missing' AND w.worker_id = p_worker_id AND h.handlers IS NOT NULL
     ),
     notified AS (
-        SELECT count(pg_notify('tasker_' || q.queue, '')) AS n FROM (SELECT DISTINCT msgs.queue FROM msgs) q
+        SELECT count(pg_notify('tasker_' || q.queue, '')) AS n
+          FROM (SELECT DISTINCT msgs.queue FROM msgs) q
+         WHERE p_delay_seconds = 0
     )
     SELECT c.step_uuid, upd.ord IS NOT NULL
       FROM c
@@ -161,6 +209,6 @@ BEGIN
      ORDER BY c.ord;
 END
 $$;
-ALTER FUNCTION tasker.release_steps(jsonb) SET plan_cache_mode = force_generic_plan;
-COMMENT ON FUNCTION tasker.release_steps(jsonb) IS
-    'Hands back fenced claims whose handlers never started, without spending an attempt.';
+ALTER FUNCTION tasker.release_steps(jsonb, double precision, text, text) SET plan_cache_mode = force_generic_plan;
+COMMENT ON FUNCTION tasker.release_steps(jsonb,double precision,text,text) IS
+    'Hands back fenced claims whose handlers never started (shutdown, or handler_missing after a delay), without spending an attempt.';

@@ -52,6 +52,12 @@ BEGIN
                WHEN t.state = 'error' AND s.state <> 'in_progress' THEN 'task is in error'
                WHEN s.state = 'pending' AND p.total > p.done THEN 'waiting for ' || p.waiting
                WHEN s.state = 'pending' THEN 'dependencies complete, about to be enqueued'
+               -- the last claim was handed back by a worker without the step's handler
+               WHEN rel.worker_id IS NOT NULL AND s.state IN ('enqueued', 'waiting_for_retry', 'in_progress') THEN
+                   'worker ' || rel.worker_id || ' has no handler ' || ns.handler || ' (missing there since ' ||
+                   to_char(coalesce(rel.missing_since, rel.created_at), 'YYYY-MM-DD HH24:MI:SS') ||
+                   '); released without spending an attempt, ready again at ' ||
+                   to_char(coalesce(m.vt, rel.created_at), 'HH24:MI:SS') || ' for a worker that has it'
                WHEN s.state = 'enqueued' AND m.vt > clock_timestamp() THEN 'scheduled to start at ' || to_char(m.vt, 'HH24:MI:SS')
                WHEN s.state = 'enqueued' THEN 'ready: waiting for a worker'
                WHEN s.state = 'waiting_for_retry' THEN
@@ -71,6 +77,18 @@ BEGIN
       JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
       JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
       LEFT JOIN tasker.queue_messages m ON m.queue = t.namespace AND m.msg_id = s.msg_id
+      -- the step's last transition, when it is a release by a worker lacking the handler
+      LEFT JOIN LATERAL (
+          SELECT lt.worker_id, lt.created_at,
+                 (SELECT (w.missing_handlers->>ns.handler)::timestamptz
+                    FROM tasker.workers w WHERE w.worker_id = lt.worker_id) AS missing_since
+            FROM (SELECT tr.event, tr.worker_id, tr.created_at, tr.metadata
+                    FROM tasker.step_transitions tr
+                   WHERE tr.step_uuid = s.step_uuid
+                   ORDER BY tr.transition_id DESC
+                   LIMIT 1) lt
+           WHERE lt.event = 'released' AND lt.metadata->>'reason' = 'handler_missing'
+      ) rel ON true
       CROSS JOIN LATERAL (
           SELECT count(*)::integer AS total,
                  (count(*) FILTER (WHERE ps.state IN ('complete', 'resolved_manually')))::integer AS done,

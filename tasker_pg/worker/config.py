@@ -29,6 +29,8 @@ class WorkerConfig:
     max_batch: int = 200
     heartbeat_interval: float = 10.0
     summary_interval: float = 30.0
+    repair_interval: float = 60.0
+    missing_handler_delay: float = 10.0
 
     @classmethod
     def build(
@@ -45,6 +47,8 @@ class WorkerConfig:
         max_batch: int,
         heartbeat_interval: float | None,
         summary_interval: float,
+        repair_interval: float = 60.0,
+        missing_handler_delay: float = 10.0,
     ) -> WorkerConfig:
         """Validate the settings; raises `ConfigurationError` naming the one that is wrong."""
         names = tuple(dict.fromkeys(namespaces))
@@ -63,6 +67,12 @@ class WorkerConfig:
         _check_non_negative("grace_seconds", grace_seconds)
         _check_non_negative("flush_delay", flush_delay)
         _check_non_negative("summary_interval", summary_interval)
+        _check_non_negative("repair_interval", repair_interval)
+        _check_non_negative("missing_handler_delay", missing_handler_delay)
+        if missing_handler_delay > 3600:
+            raise ConfigurationError(
+                f"missing_handler_delay must be at most 3600 seconds, got {missing_handler_delay!r}"
+            )
         if heartbeat_interval >= lease_seconds:
             raise ConfigurationError(
                 f"heartbeat_interval ({heartbeat_interval:g}s) must be shorter than "
@@ -80,6 +90,8 @@ class WorkerConfig:
             max_batch=int(max_batch),
             heartbeat_interval=float(heartbeat_interval),
             summary_interval=float(summary_interval),
+            repair_interval=float(repair_interval),
+            missing_handler_delay=float(missing_handler_delay),
         )
 
     def application_name(self, role: str) -> str:

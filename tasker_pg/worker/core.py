@@ -15,9 +15,10 @@ from tasker_pg.worker.claiming import SHUTDOWN_DB_TIMEOUT, Claimer
 from tasker_pg.worker.config import WorkerConfig
 from tasker_pg.worker.delivery import Deliverer
 from tasker_pg.worker.leases import Leases
+from tasker_pg.worker.maintenance import Maintenance
 from tasker_pg.worker.running import Runner
 from tasker_pg.worker.session import Session
-from tasker_pg.worker.state import Shared, WorkerStats
+from tasker_pg.worker.state import Claim, Shared, WorkerStats
 from tasker_pg.worker.steplog import Summary
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,10 @@ class Worker:
     for running steps; `poll_interval` the fallback claim interval when no notification
     arrives; `flush_delay` the longest an outcome waits for others to share its flush while
     handlers are still running; `max_batch` caps the steps per claim and the outcomes per flush;
-    `summary_interval` how often a one-line summary is logged at INFO (0 disables it).
+    `summary_interval` how often a one-line summary is logged at INFO (0 disables it);
+    `repair_interval` how often the worker calls `tasker.repair_messages()` (one worker at a
+    time; 0 disables it); `missing_handler_delay` how long a step whose handler this worker
+    lacks stays hidden after the worker hands it back (no attempt spent).
     """
 
     def __init__(
@@ -66,6 +70,8 @@ class Worker:
         max_batch: int = 200,
         heartbeat_interval: float | None = None,
         summary_interval: float = 30.0,
+        repair_interval: float = 60.0,
+        missing_handler_delay: float = 10.0,
     ) -> None:
         self._templates = list(templates)
         names = [namespaces] if isinstance(namespaces, str) else list(namespaces)
@@ -81,6 +87,8 @@ class Worker:
             max_batch=max_batch,
             heartbeat_interval=heartbeat_interval,
             summary_interval=summary_interval,
+            repair_interval=repair_interval,
+            missing_handler_delay=missing_handler_delay,
         )
         self.registry = registry
         self.dsn = dsn
@@ -90,14 +98,21 @@ class Worker:
         self._claim_session = Session(shared, "claim")
         self._flush_session = Session(shared, "flush")
         self._deliverer = Deliverer(shared, self._flush_session)
-        self._runner = Runner(shared, registry, self._deliverer.enqueue)
         self._leases = Leases(shared, self._claim_session)
         self._claimer = Claimer(
             shared,
             self._claim_session,
             self._leases,
-            self._runner.start,
+            self._start_step,
             paused=lambda: self._deliverer.broken,
+        )
+        # on the listener session, which is idle by nature
+        self._maintenance = Maintenance(shared, self._claimer.listen_session, registry)
+        self._runner = Runner(
+            shared,
+            registry,
+            self._deliverer.enqueue,
+            on_missing_handler=self._maintenance.handler_missing,
         )
         self._summary = Summary(shared)
         self._ready = asyncio.Event()
@@ -238,6 +253,7 @@ class Worker:
                 self._spawn(self._deliverer.loop(), "flush"),
                 self._spawn(self._leases.heartbeat_loop(), "heartbeat"),
                 self._spawn(self._claimer.listen_loop(), "listen"),
+                self._spawn(self._maintenance.loop(), "maintenance"),
             ]
             if config.summary_interval > 0:
                 loops.append(self._spawn(self._summary.loop(), "summary"))
@@ -307,9 +323,13 @@ class Worker:
         await self._claimer.stop(deadline)
         unstarted = await self._runner.finish_or_abandon(deadline)
         await self._deliverer.drain(SHUTDOWN_DB_TIMEOUT)
+        await self._maintenance.drain(SHUTDOWN_DB_TIMEOUT)
         if unstarted:
             await self._leases.release(unstarted, SHUTDOWN_DB_TIMEOUT)
         self._summary.log(final=True)
+
+    def _start_step(self, claim: Claim) -> None:
+        self._runner.start(claim)
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         """Start one of the worker's loops; an unexpected error in it stops the worker."""

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tasker_pg.context import StepContext
+from tasker_pg.errors import PermanentError
 from tasker_pg.handler import StepHandler
 from tasker_pg.outcome import Outcome, outcome_from_exception, outcome_from_result, timeout_outcome
 from tasker_pg.registry import HandlerRegistry
@@ -39,10 +40,13 @@ class Runner:
         shared: Shared,
         registry: HandlerRegistry,
         on_outcome: Callable[[Claim, Outcome], None],
+        on_missing_handler: Callable[[Claim, PermanentError], None] | None = None,
     ) -> None:
         self._shared = shared
         self._registry = registry
         self._on_outcome = on_outcome
+        # A step whose handler this worker lacks goes here (handed back), not to on_outcome.
+        self._on_missing_handler = on_missing_handler
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -126,7 +130,13 @@ class Runner:
         outcome: Outcome | None = None
         try:
             try:
-                handler = self._registry.resolve(step.handler)
+                try:
+                    handler = self._registry.resolve(step.handler)
+                except PermanentError as exc:
+                    if exc.error_code != "handler_not_found" or self._on_missing_handler is None:
+                        raise
+                    self._on_missing_handler(claim, exc)  # released, not failed
+                    return
                 context = StepContext.from_claimed(step, worker_id=shared.worker_id)
                 if handler.is_async:
                     result = await self._call_async(handler, context, step.timeout_seconds)

@@ -53,10 +53,19 @@ async def test_foreign_and_copied_messages_do_not_stop_or_steal_claims(conn: db.
     task = await start(conn, linear(2))
     [row] = await claim(conn)
     # a message that is not the engine's, one with a malformed step_uuid, and a copy of the
-    # claimed step's own message
-    await conn.send(NAMESPACE, {"hello": "world"})
-    await conn.send(NAMESPACE, {"step_uuid": "not-a-uuid"})
-    await conn.send(NAMESPACE, {"step_uuid": str(row["step_uuid"]), "task_uuid": str(task)})
+    # claimed step's own message (tasker.send refuses an engine queue, so written by hand, as
+    # a superuser could, or sent before the namespace's first template was registered)
+    for message in (
+        {"hello": "world"},
+        {"step_uuid": "not-a-uuid"},
+        {"step_uuid": str(row["step_uuid"]), "task_uuid": str(task)},
+    ):
+        await conn.execute(
+            "INSERT INTO tasker.queue_messages (queue, msg_id, vt, message)"
+            f" VALUES ($1, nextval('tasker.q_{NAMESPACE}_seq'), clock_timestamp(), $2::jsonb)",
+            NAMESPACE,
+            message,
+        )
     assert await claim(conn) == []  # nothing real is ready; the claim does not fail
     step = await conn.fetchrow(
         "SELECT attempts, claim_seq, state FROM tasker.steps WHERE step_uuid = $1", row["step_uuid"]
@@ -99,33 +108,38 @@ async def test_operator_calls_on_one_task_wait_for_each_other(dsn: str) -> None:
         await b.close()
 
 
-async def test_namespace_queue_with_live_steps_cannot_be_purged_or_dropped(
-    conn: db.Connection,
-) -> None:
+async def test_namespace_queue_cannot_be_purged_or_dropped(conn: db.Connection) -> None:
     from tasker_pg.errors import InvalidStateError
 
     task = await start(conn, linear(2))
     for call in (conn.purge_queue(NAMESPACE), conn.drop_queue(NAMESPACE)):
-        with pytest.raises(InvalidStateError, match="1 live workflow steps") as err:
+        with pytest.raises(InvalidStateError, match="engine queue of namespace") as err:
             await call
-        assert err.value.error_code == "queue_has_live_steps"
+        assert err.value.error_code == "engine_queue"
     await conn.cancel_task(task)
-    assert await conn.purge_queue(NAMESPACE) == 0
-    assert await conn.drop_queue(NAMESPACE) is True
+    # still the engine's queue once nothing lives in it: its templates are registered
+    with pytest.raises(InvalidStateError, match="engine queue of namespace"):
+        await conn.drop_queue(NAMESPACE)
     await assert_healthy(conn)
 
 
 async def test_a_dropped_namespace_queue_cannot_strand_a_ready_step(conn: db.Connection) -> None:
-    """The raw queue layer can take a step's message away (pop) and then drop the queue; a
-    resolve that makes a child ready must then fail loudly instead of leaving it pending."""
+    """A superuser can still take a step's message away and drop the queue's tables behind
+    the engine's back; a resolve that makes a child ready must then fail loudly instead of
+    leaving it pending (tasker.repair_messages() creates the queue again)."""
     from tasker_pg.errors import NotFoundError
 
     task = await start(conn, linear(2))
-    popped = await conn.pop(NAMESPACE, 10)
-    assert len(popped) == 1
+    await conn.execute(f"DELETE FROM tasker.q_{NAMESPACE}")
     problems = {r["invariant"] for r in await conn.check_invariants()}
     assert problems == {"live_step_has_one_message"}
-    assert await conn.drop_queue(NAMESPACE) is True
+    await conn.execute(
+        f"""
+        DROP TABLE tasker.q_{NAMESPACE};
+        DROP TABLE tasker.a_{NAMESPACE};
+        DELETE FROM tasker.queues WHERE queue_name = '{NAMESPACE}';
+        """
+    )
     s1 = await conn.fetchval(
         "SELECT step_uuid FROM tasker.steps WHERE task_uuid = $1 AND name = 's1'", task
     )
@@ -135,6 +149,9 @@ async def test_a_dropped_namespace_queue_cannot_strand_a_ready_step(conn: db.Con
         "SELECT name, state FROM tasker.steps WHERE task_uuid = $1 ORDER BY name", task
     )
     assert [(r["name"], r["state"]) for r in states] == [("s1", "enqueued"), ("s2", "pending")]
+    await conn.execute(f"DROP SEQUENCE tasker.q_{NAMESPACE}_seq")
+    assert [r["kind"] for r in await conn.repair_messages()] == ["message_resent"]
+    await assert_healthy(conn)
 
 
 async def test_check_invariants_reports_a_ready_step_nothing_will_enqueue(

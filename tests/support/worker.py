@@ -100,3 +100,26 @@ async def assert_each_completed_once(conn: db.Connection, tasks: Sequence[uuid.U
     )
     wrong = [dict(r) for r in rows if r["state"] != "complete" or r["completions"] != 1]
     assert wrong == []
+
+
+async def wait_handler_missing(
+    conn: db.Connection, step_uuids: Iterable[uuid.UUID], *, timeout: float = 20.0
+) -> list[Any]:
+    """Wait until each step was handed back by a worker lacking its handler; returns those
+    `released` transitions (reason handler_missing), one per step, oldest first."""
+    wanted = list(step_uuids)
+
+    async def probe() -> list[Any] | None:
+        rows = await conn.fetch(
+            """
+            SELECT DISTINCT ON (step_uuid) *
+              FROM tasker.step_transitions
+             WHERE step_uuid = ANY($1::uuid[]) AND event = 'released'
+               AND metadata->>'reason' = 'handler_missing'
+             ORDER BY step_uuid, transition_id
+            """,
+            wanted,
+        )
+        return list(rows) if len(rows) == len(wanted) else None
+
+    return await poll(probe, timeout=timeout, what=f"{len(wanted)} handler_missing release(s)")

@@ -23,6 +23,7 @@ from tests.support.worker import (
     steps_of,
     templates,
     wait_final,
+    wait_handler_missing,
 )
 from tests.support.workflows import math_handlers, timing_handlers
 
@@ -361,7 +362,7 @@ async def test_cancelled_while_running_loses_lease_and_outcome_is_stale(
     assert str(task) in lost[0].getMessage()
 
 
-async def test_unknown_handler_is_a_permanent_failure_not_a_crash(
+async def test_unknown_handler_is_handed_back_not_failed_nor_a_crash(
     dsn: str, conn: db.Connection
 ) -> None:
     broken = TaskTemplate.from_dict(
@@ -378,16 +379,18 @@ async def test_unknown_handler_is_a_permanent_failure_not_a_crash(
         dsn=dsn,
         templates=[broken, *templates("quick")],
         **FAST,
-    ):
+    ) as worker:
         bad = await conn.create_task("timing_async", "broken", {})
-        assert (await wait_final(conn, [bad]))[bad] == "error"
+        nope = (await steps_of(conn, bad))["nope"]
+        [released] = await wait_handler_missing(conn, [nope["step_uuid"]])
         good = await conn.create_task("timing_async", "quick", {})
         assert (await wait_final(conn, [good]))[good] == "complete"
 
+    assert released["worker_id"] == worker.worker_id
+    assert "no_such.module.Handler" in released["error_summary"]
     step = (await steps_of(conn, bad))["nope"]
-    assert step["attempts"] == 1
-    assert step["last_error"]["error_code"] == "handler_not_found"
-    assert "no_such.module.Handler" in step["last_error"]["message"]
+    assert step["state"] in ("enqueued", "in_progress") and step["attempts"] == 0, step
+    assert step["last_error"] is None
 
 
 async def test_outcomes_are_batched(dsn: str, conn: db.Connection) -> None:
