@@ -28,8 +28,9 @@ DECLARE
     -- Maintenance calls workers make (repair, later retention and schedules) go here too.
     c_worker   CONSTANT text[] := ARRAY[
         'claim_steps', 'complete_steps', 'extend_leases', 'release_steps',
-        'register_template', 'metrics', 'metrics_all'
-        -- maintenance: 'repair_messages' (added at merge)
+        'register_template', 'metrics', 'metrics_all',
+        -- maintenance: re-send lost messages, the worker's own row, old rows of gone workers
+        'repair_messages', 'worker_heartbeat', 'cleanup_workers'
     ];
     -- Read-only inspection: readiness, counts, effective state, invariants, queue metrics.
     c_reader   CONSTANT text[] := ARRAY[
@@ -42,7 +43,7 @@ DECLARE
     ];
     -- Operators: the client's rights plus the repairs an operator makes.
     c_operator CONSTANT text[] := ARRAY[
-        'retry_step', 'resolve_step'
+        'retry_step', 'resolve_step', 'repair_messages', 'cleanup_workers'
     ];
     -- Owner only: the raw queue API. The engine's queues are its internal state (a pop or an
     -- archive on one strands a step); whoever uses the queue layer for queues of their own
@@ -53,7 +54,8 @@ DECLARE
     ];
     -- Views: every role that reads tasks gets all of them; workers read templates only.
     c_views    CONSTANT text[] := ARRAY[
-        'v_tasks', 'v_steps', 'v_templates', 'v_step_transitions', 'v_task_transitions'
+        'v_tasks', 'v_steps', 'v_templates', 'v_step_transitions', 'v_task_transitions',
+        'v_workers'
     ];
     -- Bookkeeping of migrate, read by every connection's schema check (tasker_pg.db); no
     -- engine data. The only tables any role may read directly.
