@@ -72,7 +72,8 @@ class ClaimedStep:
     task_version: str | None = None
     msg_id: int | None = None
     lease_expires_at: datetime | None = None
-    # claimed (a new attempt) | resumed (a checkpoint continuation) | lease_expired (reclaimed)
+    # claimed (a new attempt) | resumed (a checkpoint continuation); an expired lease is never
+    # handed out: the engine records it and retries the step after its backoff
     claim_event: str = "claimed"
 
     @classmethod

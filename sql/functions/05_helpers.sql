@@ -1,6 +1,6 @@
 -- Small helpers shared by the other function files: argument checks, JSON number checks,
 -- retry backoff, semantic-version sort keys, and the settings the engine reads
--- (tasker.max_payload_bytes) or fixes (the park interval). All internal (leading underscore).
+-- (tasker.max_payload_bytes). All internal (leading underscore).
 
 -- A number of seconds from 0 to a year (NaN is above every number in SQL, so it is refused too;
 -- a larger value would overflow the interval it becomes).
@@ -92,8 +92,3 @@ CREATE FUNCTION tasker._max_payload_bytes() RETURNS integer
 LANGUAGE sql STABLE AS $$
     SELECT coalesce(nullif(current_setting('tasker.max_payload_bytes', true), '')::integer, 1048576)
 $$;
-
--- Visibility delay for messages of a task in error: they wait here until retry_step or
--- resolve_step wakes them; the interval only bounds how long a missed wake-up can last.
-CREATE FUNCTION tasker._park_interval() RETURNS interval
-LANGUAGE sql IMMUTABLE AS $$ SELECT interval '5 minutes' $$;

@@ -173,34 +173,39 @@ $$;
 ALTER FUNCTION tasker._enqueue_ready(uuid[], text) SET plan_cache_mode = force_generic_plan;
 
 -- A task that left the error state goes on: steps whose parents completed meanwhile are
--- enqueued, and the messages parked while it was in error become visible again (at their
--- retry time for steps waiting to retry). Messages another session holds are left alone:
--- their holder re-parks or deletes them, and a re-parked one wakes at the next park check.
+-- enqueued, and the steps parked while it was in error (enqueued or waiting_for_retry with no
+-- message, see _claim_exceptions) get a new message from their step row, visible at once or
+-- at their retry time. Nothing is skipped: a parked step has no message to be locked, a step
+-- whose message was not parked yet keeps it (its visibility time was never moved), and a
+-- claim parking a message right now holds the task row, so this caller (which has updated the
+-- task) runs after it and sees the step parked.
 CREATE FUNCTION tasker._resume_task(p_task uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_now timestamptz := clock_timestamp();
     v_ns  text;
+    v_pri integer;
+    v_seq regclass;
 BEGIN
     PERFORM tasker._enqueue_ready(
         ARRAY(SELECT s.step_uuid FROM tasker.steps s
                WHERE s.task_uuid = p_task AND s.state = 'pending' AND s.pending_parents <= 0),
         'task_resumed');
-    WITH parked AS (
-        SELECT m.queue, m.msg_id, s.next_attempt_at
-          FROM tasker.steps s
-          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-          JOIN tasker.queue_messages m ON m.queue = t.namespace AND m.msg_id = s.msg_id
-         WHERE s.task_uuid = p_task
-           AND s.state IN ('enqueued', 'waiting_for_retry')
-           AND m.vt > v_now
-           FOR UPDATE OF m SKIP LOCKED
-    )
-    UPDATE tasker.queue_messages m
-       SET vt = greatest(v_now, coalesce(p.next_attempt_at, v_now))
-      FROM parked p
-     WHERE m.queue = p.queue AND m.msg_id = p.msg_id;
-    SELECT t.namespace INTO v_ns FROM tasker.tasks t WHERE t.task_uuid = p_task;
+    SELECT t.namespace, t.priority INTO v_ns, v_pri FROM tasker.tasks t WHERE t.task_uuid = p_task;
+    IF EXISTS (SELECT 1 FROM tasker.steps s
+                WHERE s.task_uuid = p_task AND s.state IN ('enqueued', 'waiting_for_retry') AND s.msg_id IS NULL) THEN
+        v_seq := tasker._queue_sequence(v_ns);
+        WITH unparked AS (
+            UPDATE tasker.steps s
+               SET msg_id = nextval(v_seq), updated_at = v_now
+             WHERE s.task_uuid = p_task AND s.state IN ('enqueued', 'waiting_for_retry') AND s.msg_id IS NULL
+            RETURNING s.step_uuid, s.msg_id, s.next_attempt_at
+        )
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        SELECT v_ns, u.msg_id, v_now, greatest(v_now, coalesce(u.next_attempt_at, v_now)), v_pri,
+               jsonb_build_object('step_uuid', u.step_uuid, 'task_uuid', p_task)
+          FROM unparked u;
+    END IF;
     PERFORM pg_notify('tasker_' || v_ns, '');
 END
 $$;

@@ -1,8 +1,8 @@
 -- Claiming: claim_steps hands out ready steps of one namespace queue with a lease (the
 -- message's visibility time) and a new claim_seq, the fence every later write of the claim
--- must carry. A reclaimed expired lease is a new attempt; a checkpointed step continues its
--- attempt. Messages that cannot be run (task in error, cancelled, malformed) are dealt with in
--- _claim_exceptions so the hot statement stays one CTE.
+-- must carry. A checkpointed step continues its attempt. Messages that cannot be run (an
+-- expired lease, task in error, cancelled, malformed) are dealt with in _claim_exceptions so
+-- the hot statement stays one CTE.
 --
 -- The hot functions plan their statements generically from the first call (SET
 -- plan_cache_mode below). A custom plan sees the outcome array's real size and the statistics
@@ -17,16 +17,17 @@ CREATE TYPE tasker._claim_candidate AS (
     task_uuid    uuid,
     step_state   text,
     attempts     integer,
-    -- run_new | run_resume | run_reclaim | skip | dead | park | park_expire | expire_fail
+    -- run_new | run_resume | skip | dead | park | expire
     kind         text
 );
 
 -- Hands out up to p_qty ready steps of a namespace queue, each as one row with everything its
 -- handler needs (ids, attempt = fencing token, handler, config, task context, every ancestor's
 -- result by step name, checkpoint, retry settings, timeout). The message's visibility timeout
--- becomes the lease. A message whose step's lease expired is reclaimed as a new attempt
--- (event lease_expired), or moves the step to error when no attempt is left; messages of
--- finished steps are deleted; messages of tasks in error are parked.
+-- becomes the lease. A message whose step's lease expired is not handed out: the lost lease
+-- is recorded as a failed attempt (event lease_expired, naming the worker that lost it) and the
+-- step waits for its backoff, or goes to error when no attempt is left; messages of finished
+-- steps are archived; messages of tasks in error are parked (taken out of the queue).
 CREATE FUNCTION tasker.claim_steps(p_queue text, p_worker_id text, p_qty integer, p_lease_seconds double precision)
 RETURNS TABLE (
     msg_id bigint, step_uuid uuid, task_uuid uuid, step_name text, handler text, config jsonb,
@@ -93,12 +94,10 @@ BEGIN
                    WHEN ls.task_state IN ('complete', 'cancelled', 'resolved_manually') THEN 'dead'
                    -- a checkpointed step continues its attempt (it was running when it checkpointed)
                    WHEN ls.state = 'in_progress' AND ls.continuation THEN 'run_resume'
-                   WHEN ls.task_state = 'error' THEN
-                       CASE WHEN ls.state = 'in_progress' THEN 'park_expire' ELSE 'park' END
-                   WHEN ls.state IN ('enqueued', 'waiting_for_retry') THEN 'run_new'
                    -- in_progress and visible again: the holder's lease expired
-                   WHEN ls.retryable AND ls.attempts < ls.max_attempts THEN 'run_reclaim'
-                   ELSE 'expire_fail'
+                   WHEN ls.state = 'in_progress' THEN 'expire'
+                   WHEN ls.task_state = 'error' THEN 'park'
+                   ELSE 'run_new'
                END)::tasker._claim_candidate)
       INTO v_batch
       FROM msgs
@@ -108,14 +107,14 @@ BEGIN
         PERFORM tasker._queue_sequence(p_queue);  -- an unknown queue is an error, not "no work"
         RETURN;
     END IF;
-    IF EXISTS (SELECT 1 FROM unnest(v_batch) b WHERE b.kind IN ('dead', 'park', 'park_expire', 'expire_fail')) THEN
+    IF EXISTS (SELECT 1 FROM unnest(v_batch) b WHERE b.kind IN ('dead', 'park', 'expire')) THEN
         PERFORM tasker._claim_exceptions(p_queue, v_batch);
     END IF;
 
     RETURN QUERY
     WITH
     run AS (
-        SELECT b.* FROM unnest(v_batch) b WHERE b.kind IN ('run_new', 'run_resume', 'run_reclaim')
+        SELECT b.* FROM unnest(v_batch) b WHERE b.kind IN ('run_new', 'run_resume')
     ),
     -- 4. The step is now held: a new attempt, unless it continues a checkpoint.
     upd AS (
@@ -144,7 +143,7 @@ BEGIN
     audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, worker_id, created_at)
         SELECT upd.step_uuid, upd.task_uuid, upd.step_state, 'in_progress',
-               CASE upd.kind WHEN 'run_new' THEN 'claimed' WHEN 'run_resume' THEN 'resumed' ELSE 'lease_expired' END,
+               CASE upd.kind WHEN 'run_resume' THEN 'resumed' ELSE 'claimed' END,
                upd.attempts, p_worker_id, v_now
           FROM upd
     )
@@ -159,7 +158,7 @@ BEGIN
                               '{}'::jsonb)
            END,
            upd.checkpoint, upd.inputs, t.namespace, t.name, t.version, v_lease,
-           CASE upd.kind WHEN 'run_new' THEN 'claimed' WHEN 'run_resume' THEN 'resumed' ELSE 'lease_expired' END
+           CASE upd.kind WHEN 'run_resume' THEN 'resumed' ELSE 'claimed' END
       FROM upd
       JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
       JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id
@@ -170,10 +169,21 @@ ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision) SET pla
 COMMENT ON FUNCTION tasker.claim_steps(text,text,integer,double precision) IS
     'Claims up to qty ready steps of a namespace for a worker, with a lease and a new claim_seq fence.';
 
--- The rare outcomes of a claim (kept out of the hot statement): messages of finished steps
--- (and messages that name no step of ours) are archived, messages of tasks in error are parked, and a lost lease is charged as an attempt:
--- the step waits to retry (parked if its task is in error) or, out of attempts, goes to error
--- with error type lease_expired, and its task with it.
+-- The rare outcomes of a claim (kept out of the hot statement), none of them handed out:
+-- - messages of finished steps (and messages that name no step of ours) are archived;
+-- - a message of a step waiting to start (enqueued, waiting_for_retry) whose task is in error
+--   is parked: deleted, and the step's msg_id cleared. It costs nothing while parked; the
+--   step row is the source of truth, and _resume_task gives it a new message when the task
+--   goes on. One visit per message, once: nothing re-parks it;
+-- - a lost lease (an in_progress step whose message is visible again) is a failed attempt:
+--   with an attempt left the step waits for its backoff (the same _backoff_seconds a retryable
+--   failure uses; parked if its task is in error), else it goes to error and its task with it.
+--   Either way last_error and a lease_expired transition name the worker that lost the lease.
+--   The checkpoint is kept: the retry resumes from it.
+-- The tasks concerned are locked first (in task_uuid order, after the messages and steps the
+-- claim holds: the common lock order), so whether a task is in error is decided against its
+-- current row: an operator's resume either commits first (the message is left alone or
+-- scheduled) or waits for this claim and then finds the step parked and re-sends its message.
 CREATE FUNCTION tasker._claim_exceptions(p_queue text, p_batch tasker._claim_candidate[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -183,44 +193,73 @@ BEGIN
     -- archived rather than deleted, so a message that was not the engine's can be found again
     PERFORM tasker._archive_messages(p_queue, ARRAY(SELECT b.msg_id FROM unnest(p_batch) b WHERE b.kind = 'dead'));
 
-    UPDATE tasker.queue_messages m
-       SET vt = v_now + tasker._park_interval()
-      FROM unnest(p_batch) b
-     WHERE b.kind = 'park' AND m.queue = p_queue AND m.msg_id = b.msg_id;
+    PERFORM 1 FROM tasker.tasks t
+     WHERE t.task_uuid IN (SELECT b.task_uuid FROM unnest(p_batch) b WHERE b.kind IN ('park', 'expire'))
+     ORDER BY t.task_uuid
+       FOR NO KEY UPDATE;
+
+    -- Park: only while the task is still in error (read after the lock above).
+    WITH park AS (
+        SELECT b.msg_id, b.step_uuid
+          FROM unnest(p_batch) b
+          JOIN tasker.tasks t ON t.task_uuid = b.task_uuid
+         WHERE b.kind = 'park' AND t.state = 'error'
+    ),
+    unlink AS (
+        UPDATE tasker.steps s SET msg_id = NULL
+          FROM park p
+         WHERE s.step_uuid = p.step_uuid AND s.msg_id = p.msg_id
+    )
+    DELETE FROM tasker.queue_messages m USING park p
+     WHERE m.queue = p_queue AND m.msg_id = p.msg_id;
 
     WITH expired AS (
-        SELECT b.* FROM unnest(p_batch) b WHERE b.kind IN ('park_expire', 'expire_fail')
+        SELECT b.msg_id, b.step_uuid, t.state AS task_state, m.vt AS lease_end,
+               s.retryable AND s.attempts < s.max_attempts AS retry,
+               -- the backoff of a retryable failure of this attempt
+               v_now + make_interval(secs => tasker._backoff_seconds(
+                   n.backoff, n.backoff_base_ms, n.max_backoff_ms, n.jitter, s.attempts)) AS retry_at
+          FROM unnest(p_batch) b
+          JOIN tasker.steps s ON s.step_uuid = b.step_uuid
+          JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+          JOIN tasker.tasks t ON t.task_uuid = b.task_uuid
+          JOIN tasker.queue_messages m ON m.queue = p_queue AND m.msg_id = b.msg_id
+         WHERE b.kind = 'expire'
     ),
     upd AS (
         UPDATE tasker.steps s
-           SET state = CASE WHEN s.retryable AND s.attempts < s.max_attempts THEN 'waiting_for_retry' ELSE 'error' END,
+           SET state = CASE WHEN e.retry THEN 'waiting_for_retry' ELSE 'error' END,
                last_error = jsonb_build_object(
-                   'message', format('lease expired: worker %s stopped renewing attempt %s', coalesce(s.worker_id, '?'), s.attempts),
+                   'message', format('lease of worker %s expired at %s (attempt %s of %s): it stopped renewing it',
+                                     coalesce(s.worker_id, '?'), e.lease_end, s.attempts, s.max_attempts),
                    'error_type', 'lease_expired', 'error_code', 'lease_expired',
-                   'retryable', s.retryable AND s.attempts < s.max_attempts,
+                   'retryable', e.retry, 'lease_expired_at', e.lease_end,
                    'attempt', s.attempts, 'worker_id', s.worker_id, 'at', v_now),
-               next_attempt_at = CASE WHEN s.retryable AND s.attempts < s.max_attempts THEN v_now END,
-               msg_id = CASE WHEN s.retryable AND s.attempts < s.max_attempts THEN s.msg_id END,
-               completed_at = CASE WHEN s.retryable AND s.attempts < s.max_attempts THEN NULL ELSE v_now END,
+               next_attempt_at = CASE WHEN e.retry THEN e.retry_at END,
+               -- parked (no message) when its task is in error
+               msg_id = CASE WHEN e.retry AND e.task_state <> 'error' THEN s.msg_id END,
+               completed_at = CASE WHEN e.retry THEN NULL ELSE v_now END,
                continuation = false,
+               claim_spent_attempt = false,
                updated_at = v_now
           FROM expired e
          WHERE s.step_uuid = e.step_uuid
-        RETURNING s.step_uuid, s.task_uuid, s.state, s.attempts, e.msg_id, s.worker_id
+        RETURNING s.step_uuid, s.task_uuid, s.state, s.attempts, e.msg_id, s.msg_id AS kept_msg,
+                  s.worker_id, s.next_attempt_at
     ),
     drop_msgs AS (
         DELETE FROM tasker.queue_messages m USING upd
-         WHERE upd.state = 'error' AND m.queue = p_queue AND m.msg_id = upd.msg_id
+         WHERE upd.kept_msg IS NULL AND m.queue = p_queue AND m.msg_id = upd.msg_id
     ),
-    park_msgs AS (
-        UPDATE tasker.queue_messages m SET vt = v_now + tasker._park_interval()
+    retry_msgs AS (
+        UPDATE tasker.queue_messages m SET vt = upd.next_attempt_at
           FROM upd
-         WHERE upd.state = 'waiting_for_retry' AND m.queue = p_queue AND m.msg_id = upd.msg_id
+         WHERE upd.kept_msg IS NOT NULL AND m.queue = p_queue AND m.msg_id = upd.msg_id
     ),
     audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, worker_id, error_summary, created_at)
         SELECT upd.step_uuid, upd.task_uuid, 'in_progress', upd.state, 'lease_expired', upd.attempts, upd.worker_id,
-               'lease_expired: the worker stopped renewing its lease', v_now
+               format('lease_expired: the lease of worker %s expired', coalesce(upd.worker_id, '?')), v_now
           FROM upd
     )
     SELECT array_agg(ROW(upd.task_uuid, 0, 1)::tasker._task_delta) INTO v_errors
@@ -228,6 +267,9 @@ BEGIN
     IF v_errors IS NOT NULL THEN
         PERFORM tasker._apply_task_deltas(v_errors, 'step_failed');
     END IF;
+    -- This claim took messages without handing them out: a worker asking again may find the
+    -- ready ones behind them.
+    PERFORM pg_notify('tasker_' || p_queue, '');
 END
 $$;
 ALTER FUNCTION tasker._claim_exceptions(text, tasker._claim_candidate[]) SET plan_cache_mode = force_generic_plan;

@@ -64,9 +64,9 @@ BEGIN
                    'retry at ' || to_char(s.next_attempt_at, 'HH24:MI:SS') || ' (attempt ' || (s.attempts + 1) || ' of ' || s.max_attempts || ')'
                WHEN s.state = 'in_progress' AND s.continuation THEN 'checkpointed: waiting to continue'
                WHEN s.state = 'in_progress' AND m.vt <= clock_timestamp() THEN
-                   'lease expired at ' || to_char(m.vt, 'HH24:MI:SS') ||
+                   'lease of ' || coalesce(s.worker_id, '?') || ' expired at ' || to_char(m.vt, 'HH24:MI:SS') ||
                    CASE WHEN s.retryable AND s.attempts < s.max_attempts
-                        THEN '; the next claim retries it (attempt ' || (s.attempts + 1) || ' of ' || s.max_attempts || ')'
+                        THEN '; recorded at the next claim, retried after backoff (attempt ' || (s.attempts + 1) || ' of ' || s.max_attempts || ')'
                         ELSE '; no attempts left (' || s.attempts || ' of ' || s.max_attempts || '): the next claim marks it failed'
                    END
                WHEN s.state = 'in_progress' THEN

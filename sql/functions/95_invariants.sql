@@ -1,6 +1,8 @@
 -- check_invariants(): one row per broken engine invariant; the tests assert it is empty after
 -- every test that runs work. It checks that every live step (enqueued, waiting_for_retry,
--- in_progress) has exactly one message and no other step has one, that fan-in counters
+-- in_progress) has exactly one message, except a parked one (a step waiting to start in a task
+-- in error, whose message was taken out of the queue: msg_id NULL and no message), and no
+-- other step has one, that fan-in counters
 -- (pending_parents) and task counters match the steps they count, that a step whose parents
 -- are satisfied in a running task is enqueued, and that no step has started before its
 -- parents were satisfied. docs/architecture.md lists the invariants.
@@ -44,11 +46,14 @@ LANGUAGE sql STABLE AS $$
           FROM tasker.tasks t LEFT JOIN tasker.steps s ON s.task_uuid = t.task_uuid
          GROUP BY t.task_uuid
     )
-    -- 3. every live step has exactly one message, and steps point at it
+    -- 3. every live step has exactly one message, and steps point at it; only a step waiting
+    --    to start in a task in error may be parked instead: no msg_id and no message at all
     SELECT 'live_step_has_one_message',
-           format('step %s (%s) is %s with %s messages', ps.name, ps.step_uuid, ps.state, ps.messages)
+           format('step %s (%s) is %s with %s messages in %s task', ps.name, ps.step_uuid, ps.state, ps.messages, ps.task_state)
       FROM per_step ps
      WHERE ps.state IN ('enqueued', 'waiting_for_retry', 'in_progress') AND (ps.messages <> 1 OR NOT ps.pointer_ok)
+       AND NOT (ps.msg_id IS NULL AND ps.messages = 0 AND ps.state IN ('enqueued', 'waiting_for_retry')
+                AND ps.task_state = 'error')
     UNION ALL
     -- 3. no other step has one
     SELECT 'only_live_steps_have_messages',

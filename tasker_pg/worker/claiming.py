@@ -2,7 +2,9 @@
 
 A namespace is "dirty" when a notification on `tasker_<namespace>` arrived, when the polling
 fallback fires (`poll_interval`, for work that becomes visible by time: retries, expired
-leases), or when the last claim filled every free slot. The loop clears the flag *before* it
+leases), or when the last claim filled every free slot. A claim that met expired leases or
+parked messages hands none of them out (the engine records them) and notifies the namespace,
+so the loop asks again for the ready steps behind them. The loop clears the flag *before* it
 claims, so a notification that arrives while a claim is in flight marks the namespace again and
 triggers a re-check: no wake-up is lost. Each claim asks for as many steps as there are free
 slots (capped at `max_batch`) in one `tasker.claim_steps` call.
@@ -162,21 +164,12 @@ class Claimer:
         debug = logger.isEnabledFor(logging.DEBUG)
         for claim in claims:
             shared.held[claim] = None
-            event = claim.step.claim_event
-            if event == "lease_expired":
-                shared.bump("reclaimed")
-                logger.info(
-                    "worker %s: reclaimed %s after its previous lease expired",
-                    shared.worker_id,
-                    claim.describe(),
-                    extra=claim.log,
-                )
-            elif debug:
+            if debug:
                 logger.debug(
                     "worker %s: claimed %s (%s)",
                     shared.worker_id,
                     claim.describe(),
-                    event,
+                    claim.step.claim_event,
                     extra=claim.log,
                 )
         return claims

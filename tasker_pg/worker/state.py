@@ -23,10 +23,9 @@ class WorkerStats:
     it refused because the claim was no longer current (lease lost, step cancelled, delivered
     twice); `released` counts claims handed back unstarted at shutdown; `abandoned` counts steps
     still running when the grace period ended; `leases_lost` counts heartbeats that found a lease
-    gone; `reclaimed` counts claims of steps whose previous lease had expired; `timeouts` counts
-    runs abandoned after `timeout_seconds`; `reconnects` counts sessions re-opened after a lost
-    connection; `claim_calls` and `flush_calls` count `claim_steps` and `complete_steps` round
-    trips that succeeded (how well work is batched).
+    gone; `timeouts` counts runs abandoned after `timeout_seconds`; `reconnects` counts sessions
+    re-opened after a lost connection; `claim_calls` and `flush_calls` count `claim_steps` and
+    `complete_steps` round trips that succeeded (how well work is batched).
     """
 
     claimed: int = 0
@@ -38,7 +37,6 @@ class WorkerStats:
     released: int = 0
     abandoned: int = 0
     leases_lost: int = 0
-    reclaimed: int = 0
     timeouts: int = 0
     reconnects: int = 0
     claim_calls: int = 0

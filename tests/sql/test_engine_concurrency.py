@@ -796,9 +796,10 @@ CLAIM_COMPLETE_STEPS = 100
 async def test_reclaim_races_late_completion(
     conn: db.Connection, sessions: Opener, mode: str
 ) -> None:
-    """Worker 1's leases ran out; its batch of successes races worker 2's reclaim of the same
-    messages. Per step exactly one side wins: either worker 1's success is applied and the
-    claim does not get the step, or the claim gets attempt 2 and worker 1's success is stale."""
+    """Worker 1's leases ran out; its batch of successes races worker 2's claim meeting the same
+    messages. Per step exactly one side wins: either worker 1's success is applied, or the claim
+    records the lost lease (the step waits for its backoff) and worker 1's success is stale. The
+    claim hands out none of them."""
     await register(conn, "single", SINGLE)
     tasks = await create_tasks(conn, "single", CLAIM_COMPLETE_STEPS)
     late, reclaimer, watcher = await sessions(3)
@@ -815,26 +816,32 @@ async def test_reclaim_races_late_completion(
     else:
         results = await together(sides)
     completed: list[Row] = results[0]
-    reclaimed: list[Row] = results[1]
+    assert results[1] == []  # a lost lease is never handed out at once
     applied = {r["step_uuid"] for r in completed if r["status"] == "applied"}
     stale = {r["step_uuid"] for r in completed if r["status"] == "stale"}
-    taken = {r["step_uuid"] for r in reclaimed}
-    assert applied | stale == {r["step_uuid"] for r in first}
-    assert stale == taken, "a step both stale for worker 1 and not reclaimed (or vice versa)"
-    assert {r["attempt"] for r in reclaimed} <= {2}
-    assert {r["claim_event"] for r in reclaimed} <= {"lease_expired"}
-    print(f"worker 1 kept {len(applied)}, worker 2 reclaimed {len(taken)}")
-
-    if reclaimed:
-        result = await reclaimer.complete_steps(
-            [success(r, {"by": "reclaimer"}) for r in reclaimed]
+    recorded = {
+        r["step_uuid"]
+        for r in await conn.fetch(
+            "SELECT step_uuid FROM tasker.steps WHERE state = 'waiting_for_retry' "
+            "AND last_error->>'error_code' = 'lease_expired' AND last_error->>'worker_id' = 'late'"
         )
+    }
+    assert applied | stale == {r["step_uuid"] for r in first}
+    assert stale == recorded, "a step both stale for worker 1 and not recorded lost (or vice versa)"
+    print(f"worker 1 kept {len(applied)}, worker 2 recorded {len(recorded)} lost leases")
+
+    if recorded:
+        # after their backoff (claim_all polls) the recorded steps run as attempt 2
+        retried = await claim_all(reclaimer, "reclaimer", len(recorded))
+        assert {r["step_uuid"] for r in retried} == recorded
+        assert {(r["attempt"], r["claim_event"]) for r in retried} == {(2, "claimed")}
+        result = await reclaimer.complete_steps([success(r, {"by": "reclaimer"}) for r in retried])
         assert set(statuses(result)) == {"applied"}
     await assert_all_committed_once_any_attempt(conn, tasks)
     stored = await conn.fetch(
         "SELECT step_uuid, results->>'by' AS by FROM tasker.steps WHERE task_uuid = ANY($1)", tasks
     )
-    assert {r["step_uuid"] for r in stored if r["by"] == "reclaimer"} == taken
+    assert {r["step_uuid"] for r in stored if r["by"] == "reclaimer"} == recorded
 
 
 async def assert_all_committed_once_any_attempt(
@@ -866,8 +873,9 @@ async def assert_all_committed_once_any_attempt(
 async def test_late_completion_waits_for_uncommitted_reclaim_and_is_stale(
     conn: db.Connection, sessions: Opener
 ) -> None:
-    """Deterministic order: the reclaim (attempt 2) is uncommitted; worker 1's success for
-    attempt 1 blocks on the message, and once the reclaim commits it is stale."""
+    """Deterministic order: the claim recording the lost lease is uncommitted; worker 1's
+    success for attempt 1 blocks on the message, and once the claim commits it is stale. The
+    step then runs as attempt 2 after its backoff."""
     await register(conn, "single", SINGLE)
     [task] = await create_tasks(conn, "single", 1)
     late, reclaimer, watcher = await sessions(3)
@@ -877,15 +885,16 @@ async def test_late_completion_waits_for_uncommitted_reclaim_and_is_stale(
 
     tx = reclaimer.raw.transaction()
     await tx.start()
-    [second] = await reclaimer.claim_step_rows(NS, "reclaimer", 1, LONG_LEASE)
-    assert (second["step_uuid"], second["attempt"]) == (first["step_uuid"], 2)
+    assert await reclaimer.claim_step_rows(NS, "reclaimer", 1, LONG_LEASE) == []  # records it
     pending = asyncio.create_task(late.complete_steps([success(first, {"by": "late"})]))
     await observer.until_blocked(late.backend_pid, by=reclaimer.backend_pid)
     await tx.commit()
     [answer] = await asyncio.wait_for(pending, 10)
     assert answer["status"] == "stale"
-    assert "attempt 2" in answer["detail"]
+    assert answer["detail"] == "step is waiting_for_retry at attempt 1, claim 1"
 
+    [second] = await claim_all(reclaimer, "reclaimer", 1)
+    assert (second["step_uuid"], second["attempt"]) == (first["step_uuid"], 2)
     [ok] = await reclaimer.complete_steps([success(second, {"by": "reclaimer"})])
     assert ok["status"] == "applied"
     assert (
@@ -925,7 +934,8 @@ ZOMBIE_STEPS = 10
 async def test_zombie_success_is_stale_when_completing_concurrently(
     conn: db.Connection, sessions: Opener
 ) -> None:
-    """Worker A's leases (0.3 s) run out, worker B reclaims every step as attempt 2; A and B
+    """Worker A's leases (0.3 s) run out, worker B claims every step as attempt 2 (after the
+    lost leases were recorded and their backoff passed); A and B
     then complete at the same moment in open transactions: A is stale, only B's results stay."""
     await register(conn, "single", SINGLE)
     tasks = await create_tasks(conn, "single", ZOMBIE_STEPS)
@@ -934,7 +944,7 @@ async def test_zombie_success_is_stale_when_completing_concurrently(
     held_a = await claim_all(zombie, "A", ZOMBIE_STEPS, lease=0.3)
     held_b = await claim_all(worker_b, "B", ZOMBIE_STEPS)  # polls until the leases ran out
     assert {r["step_uuid"] for r in held_b} == {r["step_uuid"] for r in held_a}
-    assert {(r["attempt"], r["claim_event"]) for r in held_b} == {(2, "lease_expired")}
+    assert {(r["attempt"], r["claim_event"]) for r in held_b} == {(2, "claimed")}
 
     outcomes_a = [success(r, {"by": "A"}) for r in held_a]
     outcomes_b = [success(r, {"by": "B"}) for r in reversed(held_b)]

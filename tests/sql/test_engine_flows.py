@@ -524,14 +524,17 @@ async def test_permanent_failure_holds_every_branch_until_retry_step(
     assert (await task_row(conn, task))["state"] == "error"
 
     # the enqueued sibling is not handed out while the task is in error: its message is parked
+    # (taken out of the queue; the step row keeps its state)
     assert await claim(conn) == []
     parked_row = await step_row(conn, task, parked)
-    assert parked_row["state"] == "enqueued"
-    vt = await conn.fetchval(
-        "SELECT vt - clock_timestamp() FROM tasker.queue_messages WHERE msg_id = $1",
-        parked_row["msg_id"],
+    assert (parked_row["state"], parked_row["msg_id"]) == ("enqueued", None)
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM tasker.queue_messages WHERE message->>'step_uuid' = $1::text",
+            str(parked_row["step_uuid"]),
+        )
+        == 0
     )
-    assert seconds(vt) > 60
 
     # the step already running finishes and keeps its result; its child is not enqueued
     answer = await complete(conn, success(running, {"kept": rname}))
@@ -719,43 +722,109 @@ async def test_cancel_a_task_in_error(conn: db.Connection) -> None:
 # --- leases -----------------------------------------------------------------------------------
 
 
-async def test_lost_lease_is_reclaimed_and_old_outcome_is_stale(conn: db.Connection) -> None:
-    task = await start(conn, single())
-    [old] = await claim(conn, lease=0.3, worker="zombie")
+SLOW_RETRY = {"backoff": "fixed", "backoff_base_ms": 600_000, "max_backoff_ms": 600_000}  # 10 min
+
+
+async def expire_lease(conn: db.Connection, step_uuid: Any) -> None:
+    """Make a step's lease (its message's visibility time) lapse now, as if time passed."""
+    await conn.execute(
+        "UPDATE tasker.queue_messages m SET vt = clock_timestamp() - interval '1 second' "
+        "FROM tasker.steps s WHERE s.step_uuid = $1 AND m.msg_id = s.msg_id",
+        step_uuid,
+    )
+
+
+async def test_lost_lease_is_recorded_and_retried_after_backoff(conn: db.Connection) -> None:
+    task = await start(conn, single(retry=SLOW_RETRY))
+    [old] = await claim(conn, lease=30, worker="zombie")
     assert old["attempt"] == 1
-
-    async def expired() -> bool:
-        reason = (await readiness(conn, task))["only"]["reason"]
-        return reason.startswith("lease expired at")
-
-    await wait_for(expired, what="lease expiry")
+    await expire_lease(conn, old["step_uuid"])
     reason = (await readiness(conn, task))["only"]["reason"]
-    assert reason.endswith("; the next claim retries it (attempt 2 of 3)"), reason
-    [new] = await wait_for_claim(conn, worker="w2")
-    assert new["step_uuid"] == old["step_uuid"]
-    assert (new["attempt"], new["claim_event"]) == (2, "lease_expired")
-    assert new["claim_seq"] == old["claim_seq"] + 1
+    assert reason.startswith("lease of zombie expired at"), reason
+    assert reason.endswith(
+        "; recorded at the next claim, retried after backoff (attempt 2 of 3)"
+    ), reason
 
+    # the claim that meets the lost lease records it and does not run the step again at once
+    assert await claim(conn, worker="w2") == []
+    s = await step_row(conn, task, "only")
+    assert (s["state"], s["attempts"]) == ("waiting_for_retry", 1)
+    assert s["last_error"]["error_code"] == "lease_expired"
+    assert s["last_error"]["worker_id"] == "zombie"
+    assert s["last_error"]["retryable"] is True
+    assert s["last_error"]["message"].startswith("lease of worker zombie expired at ")
+    # the step's backoff applies: fixed 10 minutes, and the message waits for it
+    assert seconds(s["next_attempt_at"] - s["updated_at"]) > 590
+    vt = await conn.fetchval("SELECT vt FROM tasker.queue_messages WHERE msg_id = $1", s["msg_id"])
+    assert vt == s["next_attempt_at"]
+    trs = await transitions(conn, old["step_uuid"])
+    assert [
+        (t["event"], t["from_state"], t["to_state"], t["attempt"], t["worker_id"]) for t in trs
+    ] == [
+        ("created", None, "enqueued", 0, None),
+        ("claimed", "enqueued", "in_progress", 1, "zombie"),
+        ("lease_expired", "in_progress", "waiting_for_retry", 1, "zombie"),
+    ]
+    assert (await readiness(conn, task))["only"]["reason"].startswith("retry at ")
+    await assert_healthy(conn)
+
+    # the zombie's outcome is stale already
     answer = await complete(conn, success(old, {"from": "zombie"}))
     a = answer[str(old["step_uuid"])]
-    assert a["status"] == "stale" and a["detail"] == "step is in_progress at attempt 2, claim 2"
-    s = await step_row(conn, task, "only")
-    assert (s["state"], s["attempts"], s["results"]) == ("in_progress", 2, None)
-    # a failure from the zombie cannot touch it either
+    assert (
+        a["status"] == "stale" and a["detail"] == "step is waiting_for_retry at attempt 1, claim 1"
+    )
+
+    # after the backoff (brought forward here) the next claim starts attempt 2
+    await expire_lease(conn, old["step_uuid"])
+    [new] = await claim(conn, worker="w2")
+    assert (new["attempt"], new["claim_event"], new["claim_seq"]) == (2, "claimed", 2)
     answer = await complete(conn, failure(old, retryable=False))
     assert answer[str(old["step_uuid"])]["status"] == "stale"
-
-    answer = await complete(conn, success(new, {"from": "w2"}))
+    answer = await complete(conn, success(new, {"from": "w2"}, worker="w2"))
     assert answer[str(new["step_uuid"])]["status"] == "applied"
     assert (await step_row(conn, task, "only"))["results"] == {"from": "w2"}
     trs = await transitions(conn, new["step_uuid"])
-    assert [(t["event"], t["attempt"], t["worker_id"]) for t in trs] == [
-        ("created", 0, None),
-        ("claimed", 1, "zombie"),
-        ("lease_expired", 2, "w2"),
-        ("succeeded", 2, "w1"),
+    assert [(t["event"], t["attempt"], t["worker_id"]) for t in trs][2:] == [
+        ("lease_expired", 1, "zombie"),
+        ("claimed", 2, "w2"),
+        ("succeeded", 2, "w2"),
     ]
     await assert_complete(conn, task)
+    await assert_healthy(conn)
+
+
+async def test_lost_leases_do_not_burn_attempts_back_to_back(conn: db.Connection) -> None:
+    """Each lost lease costs one attempt and a backoff; claims in between get nothing."""
+    task = await start(conn, single(retry=SLOW_RETRY))
+    for attempt in (1, 2, 3):
+        [row] = await claim(conn, worker=f"w{attempt}")
+        assert row["attempt"] == attempt
+        await expire_lease(conn, row["step_uuid"])
+        assert await claim(conn, worker="other") == []  # records the loss, runs nothing
+        assert await claim(conn, worker="other") == []  # still waiting for the backoff
+        s = await step_row(conn, task, "only")
+        assert s["attempts"] == attempt
+        assert s["last_error"]["worker_id"] == f"w{attempt}"
+        if attempt < 3:
+            assert s["state"] == "waiting_for_retry"
+            await expire_lease(conn, row["step_uuid"])  # the backoff, brought forward
+    assert s["state"] == "error"
+    assert s["last_error"]["retryable"] is False
+    events = [
+        (t["event"], t["attempt"], t["worker_id"])
+        for t in await transitions(conn, row["step_uuid"])
+    ]
+    assert events[1:] == [
+        ("claimed", 1, "w1"),
+        ("lease_expired", 1, "w1"),
+        ("claimed", 2, "w2"),
+        ("lease_expired", 2, "w2"),
+        ("claimed", 3, "w3"),
+        ("lease_expired", 3, "w3"),
+    ]
+    assert (await task_row(conn, task))["state"] == "error"
+    assert await message_count(conn, task) == 0
     await assert_healthy(conn)
 
 
@@ -765,7 +834,7 @@ async def test_lost_lease_without_attempts_left_is_an_error(conn: db.Connection)
 
     async def expired() -> bool:
         reason = (await readiness(conn, task))["only"]["reason"]
-        return reason.startswith("lease expired at")
+        return reason.startswith("lease of zombie expired at")
 
     # step_readiness does not promise a retry that will not happen
     await wait_for(expired, what="lease expiry")
@@ -972,10 +1041,17 @@ async def test_checkpoint_then_lost_lease_resumes_from_checkpoint_as_new_attempt
     task = await start(conn, single())
     [first] = await claim(conn)
     await complete(conn, checkpoint(first, cursor="page-2", items_processed=50))
-    [cont] = await claim(conn, lease=0.3, worker="zombie")
+    [cont] = await claim(conn, worker="zombie")
     assert (cont["claim_event"], cont["attempt"]) == ("resumed", 1)
+    await expire_lease(conn, cont["step_uuid"])
+    # the lost lease of the continuation is a failed attempt: backoff, checkpoint kept
+    assert await claim(conn, worker="w3") == []
+    s = await step_row(conn, task, "only")
+    assert (s["state"], s["attempts"], s["continuation"]) == ("waiting_for_retry", 1, False)
+    assert s["last_error"]["worker_id"] == "zombie"
+    assert s["checkpoint"]["cursor"] == "page-2"
     [again] = await wait_for_claim(conn, worker="w3")
-    assert (again["claim_event"], again["attempt"]) == ("lease_expired", 2)
+    assert (again["claim_event"], again["attempt"]) == ("claimed", 2)
     assert again["checkpoint"] == {
         "cursor": "page-2",
         "items_processed": 50,
@@ -1468,6 +1544,7 @@ async def test_lease_lost_while_task_in_error_waits_for_the_operator(conn: db.Co
     await wait_for(charged, what="the lost lease to be charged")
     x = await step_row(conn, task, "x")
     assert x["attempts"] == 1 and x["last_error"]["error_type"] == "lease_expired"
+    assert x["msg_id"] is None and await message_count(conn, task) == 0  # parked
     assert (await readiness(conn, task))["x"]["reason"] == "task is in error"
     await assert_healthy(conn)
 

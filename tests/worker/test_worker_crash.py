@@ -4,6 +4,8 @@
   cursor, not from zero;
 - a worker SIGKILLed in the middle of a step: another worker completes it after the lease, as
   attempt 2, and nothing else is lost or duplicated;
+- a handler that kills every worker that runs it: each lost lease is recorded (naming the worker
+  that lost it, in last_error too) and the next attempt waits for the step's backoff;
 - SIGTERM during work: running steps finish, unstarted claims are released (no attempt spent),
   exit code 0;
 - pg_terminate_backend of every worker session: the worker reconnects and every task completes.
@@ -192,7 +194,8 @@ async def test_checkpointed_batch_resumes_from_cursor_after_sigkill(
         ("claimed", 1, "w1"),
         ("checkpointed", 1, "w1"),
         ("resumed", 1, "w1"),  # a continuation keeps its attempt
-        ("lease_expired", 2, "w2"),  # a lost lease costs one
+        ("lease_expired", 1, "w1"),  # recorded by w2's claim; names the worker that lost it
+        ("claimed", 2, "w2"),  # after the backoff: a lost lease costs one attempt
         ("checkpointed", 2, "w2"),
         ("resumed", 2, "w2"),
         ("succeeded", 2, "w2"),
@@ -243,13 +246,72 @@ async def test_sigkill_mid_step_is_retried_after_the_lease(
             work["step_uuid"],
         )
     ]
-    assert events[-3:] == ["claimed", "lease_expired", "succeeded"]
+    assert events[-4:] == ["claimed", "lease_expired", "claimed", "succeeded"]
     for n, task in enumerate(tasks, start=1):
         steps = await steps_of(conn, task)
         assert steps["finish"]["results"] == {"n": 2 * n + 1}
     await assert_each_completed_once(conn, tasks)
     second.send(signal.SIGTERM)
     assert await second.wait_exit() == 0
+    await assert_invariants(conn)
+
+
+async def test_worker_killed_by_its_handler_is_retried_after_backoff(
+    dsn: str, conn: db.Connection, workers: list[WorkerProcess], tmp_path: Path
+) -> None:
+    """The handler SIGKILLs w1 and w2 (a real process kill each time); w3 finishes it. Each lost
+    lease is recorded as attempt n's failure naming its worker, and attempt n+1 starts no
+    sooner than the step's backoff (fixed 3 s) after that record: attempts are not burned back
+    to back."""
+    options = ("--namespace", "crash_loop", "--lease-seconds", "2")
+    first = start(
+        workers,
+        dsn,
+        tmp_path,
+        "w1",
+        *options,
+        "--templates",
+        "tests/support/workflows/crash_loop.yaml",
+    )
+    await first.wait_ready()
+    task = await conn.create_task(
+        "crash_loop", "crash_loop", {"crash_workers": ["w1", "w2"], "marker_dir": str(tmp_path)}
+    )
+    assert await first.wait_exit() == -signal.SIGKILL
+    second = start(workers, dsn, tmp_path, "w2", *options)
+    assert await second.wait_exit(timeout=30) == -signal.SIGKILL
+    third = start(workers, dsn, tmp_path, "w3", *options)
+    assert (await wait_final(conn, [task], timeout=30))[task] == "complete"
+
+    boom = (await steps_of(conn, task))["boom"]
+    assert boom["attempts"] == 3
+    assert boom["results"] == {"attempt": 3, "worker": "w3"}
+    # the last lost lease stays the step's last error
+    assert boom["last_error"]["error_code"] == "lease_expired"
+    assert boom["last_error"]["worker_id"] == "w2"
+    assert "w2" in boom["last_error"]["message"]
+    rows = await conn.fetch(
+        "SELECT event, attempt, worker_id, to_state, error_summary, created_at "
+        "FROM tasker.step_transitions WHERE step_uuid = $1 ORDER BY transition_id",
+        boom["step_uuid"],
+    )
+    assert [(r["event"], r["attempt"], r["worker_id"], r["to_state"]) for r in rows] == [
+        ("created", 0, None, "enqueued"),
+        ("claimed", 1, "w1", "in_progress"),
+        ("lease_expired", 1, "w1", "waiting_for_retry"),
+        ("claimed", 2, "w2", "in_progress"),
+        ("lease_expired", 2, "w2", "waiting_for_retry"),
+        ("claimed", 3, "w3", "in_progress"),
+        ("succeeded", 3, "w3", "complete"),
+    ]
+    assert "w1" in rows[2]["error_summary"] and "w2" in rows[4]["error_summary"]
+    # the backoff separates each record from the next attempt (a lower bound the engine
+    # guarantees, whatever the machine's load)
+    for lost, retried in ((rows[2], rows[3]), (rows[4], rows[5])):
+        assert (retried["created_at"] - lost["created_at"]).total_seconds() >= 3.0
+    third.send(signal.SIGTERM)
+    assert await third.wait_exit() == 0
+    await assert_each_completed_once(conn, [task])
     await assert_invariants(conn)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -47,6 +48,19 @@ class WorkHandler(StepHandler):
             time.sleep(60)  # the test SIGKILLs the worker long before this ends
         n = context.get_dependency_field("prepare", "n")
         return self.success({"n": n * 2, "attempt": context.attempt})
+
+
+class KillWorkerHandler(StepHandler):
+    """Kills its own worker process (SIGKILL) on the workers named in `crash_workers`: a
+    handler that crashes whatever runs it. Elsewhere it succeeds."""
+
+    handler_name = "crash.kill_worker"
+
+    def call(self, context: StepContext) -> StepHandlerResult:
+        if context.worker_id in context.get_input_or("crash_workers", []):
+            _touch(context.get_input("marker_dir"), f"killed-{context.worker_id}", str(os.getpid()))
+            os.kill(os.getpid(), signal.SIGKILL)
+        return self.success({"attempt": context.attempt, "worker": context.worker_id})
 
 
 class FinishHandler(StepHandler):
