@@ -9,6 +9,16 @@
 CREATE FUNCTION tasker._repair_lease_interval() RETURNS interval
 LANGUAGE sql IMMUTABLE AS $$ SELECT interval '5 minutes' $$;
 
+-- A parked step: waiting to start (enqueued or waiting for retry) in a task in error, with no
+-- message on purpose (the first claim that met its message deleted it; resume_task sends a
+-- new one). Repair must leave it so, or it would undo the parking.
+CREATE FUNCTION tasker._is_parked(p_task_state text, p_step_state text, p_msg_id bigint)
+RETURNS boolean
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT p_task_state = 'error' AND p_step_state IN ('enqueued', 'waiting_for_retry')
+           AND p_msg_id IS NULL
+$$;
+
 -- Re-sends the message of every live step (enqueued, waiting_for_retry, in_progress) that has
 -- none, and enqueues every pending step whose parents are all satisfied in a running task:
 -- the two ways a step can be stranded (invariant 3 and ready_step_is_enqueued of
@@ -44,6 +54,7 @@ BEGIN
              WHERE t.completed_at IS NULL
                AND ((s.state IN ('enqueued', 'waiting_for_retry', 'in_progress')
                      AND t.state IN ('pending', 'steps_in_process', 'error')
+                     AND NOT tasker._is_parked(t.state, s.state, s.msg_id)
                      AND NOT EXISTS (SELECT 1 FROM tasker.queue_messages m
                                       WHERE m.queue = t.namespace AND m.msg_id = s.msg_id
                                         AND m.message->>'step_uuid' = s.step_uuid::text))
@@ -86,6 +97,7 @@ BEGIN
          WHERE s.step_uuid = ANY (v_locked) AND s.step_uuid = ANY (v_lost)
            AND s.state IN ('enqueued', 'waiting_for_retry', 'in_progress')
            AND t.state IN ('pending', 'steps_in_process', 'error')
+           AND NOT tasker._is_parked(t.state, s.state, s.msg_id)
            AND NOT EXISTS (SELECT 1 FROM tasker.queue_messages m
                             WHERE m.queue = t.namespace AND m.msg_id = s.msg_id
                               AND m.message->>'step_uuid' = s.step_uuid::text)

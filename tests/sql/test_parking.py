@@ -222,3 +222,18 @@ async def test_resume_racing_a_claim_that_parks(conn: db.Connection, sessions: O
     assert blocked  # the retry waited for the claim's decision on the task
     assert (await task_row(conn, task))["state"] == "steps_in_process"
     await assert_healthy(conn)
+
+
+async def test_repair_leaves_parked_steps_parked(conn: db.Connection) -> None:
+    task, rows = await task_in_error(conn, "parked_repair")
+    await pass_time(conn)
+    assert await claim(conn) == []  # parks z and w
+    parked = await xmins(conn, task)
+    assert await conn.fetch("SELECT * FROM tasker.repair_messages()") == []
+    assert await messages_of(conn, task) == {}
+    assert await xmins(conn, task) == parked
+    await assert_healthy(conn)
+    # the operator lets the task go on: the parked steps come back from their rows
+    await conn.retry_step(rows["x"]["step_uuid"])
+    assert set(await messages_of(conn, task)) == {"x", "w", "z"}
+    await assert_healthy(conn)
