@@ -28,6 +28,10 @@ DECLARE
     v_cycle     text[];
     v_cur       text;
     v_deps      jsonb := '{}';  -- step name -> array of dependency names
+    v_too_big   text;
+    v_init_lim  bigint := tasker._setting_int('max_initialization_bytes');
+    v_name_lim  bigint := tasker._setting_int('max_name_bytes');
+    v_text_lim  bigint := tasker._setting_int('max_text_bytes');
 BEGIN
     IF p_template IS NULL OR jsonb_typeof(p_template) <> 'object' THEN
         RAISE EXCEPTION 'a task template must be a JSON object' USING ERRCODE = 'TV010';
@@ -60,6 +64,29 @@ BEGIN
     IF jsonb_typeof(p_template->'description') NOT IN ('string', 'null') THEN
         RAISE EXCEPTION 'template %: description must be a string', v_name USING ERRCODE = 'TV010';
     END IF;
+    -- Sizes, by the length of each value's text form (limits in tasker.settings): each step's
+    -- handler (its initialization is sent to the worker with every claim of the step) and
+    -- description, then the template's description and its whole body.
+    SELECT format('template %s, step %s: %s is %s bytes, more than the limit of %s bytes (%s in tasker.settings)',
+                  v_name, coalesce(quote_literal(left(x.s->>'name', 128)), '#' || x.ord), x.what, x.bytes, x.lim, x.setting)
+      INTO v_too_big
+      FROM (SELECT e.ord, e.s, v.rank, v.what, v.bytes, v.setting, v.lim
+              FROM jsonb_array_elements(CASE WHEN jsonb_typeof(p_template->'steps') = 'array'
+                                             THEN p_template->'steps' ELSE '[]' END) WITH ORDINALITY e(s, ord)
+              CROSS JOIN LATERAL (VALUES
+                  (1, 'handler.initialization', octet_length((e.s->'handler'->'initialization')::text),
+                   'max_initialization_bytes', v_init_lim),
+                  (2, 'handler.callable', octet_length(e.s->'handler'->>'callable'), 'max_name_bytes', v_name_lim),
+                  (3, 'description', octet_length(e.s->>'description'), 'max_text_bytes', v_text_lim)
+              ) v(rank, what, bytes, setting, lim)) x
+     WHERE x.bytes > x.lim
+     ORDER BY x.ord, x.rank
+     LIMIT 1;
+    IF v_too_big IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_too_big USING ERRCODE = 'TV021';
+    END IF;
+    PERFORM tasker._check_json_size(p_template, 'max_template_bytes', format('template %s', v_name));
+    PERFORM tasker._check_text_size(p_template->>'description', 'max_text_bytes', format('template %s: description', v_name));
     v_steps := p_template->'steps';
     IF v_steps IS NULL OR jsonb_typeof(v_steps) <> 'array' OR jsonb_array_length(v_steps) = 0 THEN
         RAISE EXCEPTION 'template % has no steps: steps must be a non-empty list', v_name USING ERRCODE = 'TV010';

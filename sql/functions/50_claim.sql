@@ -49,6 +49,7 @@ BEGIN
     IF p_lease_seconds IS NULL OR p_lease_seconds <= 0 THEN
         RAISE EXCEPTION 'lease_seconds must be > 0, got %', coalesce(p_lease_seconds::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
+    PERFORM tasker._check_text_size(p_worker_id, 'max_name_bytes', 'worker_id');
     v_lease := v_now + make_interval(secs => p_lease_seconds);
 
     WITH
