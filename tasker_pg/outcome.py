@@ -22,10 +22,11 @@ contexts are capped.
 
 from __future__ import annotations
 
+import json
 import math
 import traceback
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Literal
 
 from tasker_pg import jsonutil
@@ -54,6 +55,10 @@ MAX_TRACEBACK_BYTES = 16 * 1024
 
 MAX_ERROR_CONTEXT_BYTES = 16 * 1024
 """An error context whose JSON is longer than this is replaced by a truncated preview."""
+
+MAX_ERROR_JSON_BYTES = 60 * 1024
+"""The whole error object, as PostgreSQL's JSON text, is kept under this: below the 64 KiB floor
+of `max_error_bytes` in `tasker.settings`, so the engine never refuses a failure for its size."""
 
 _JSON_ERRORS = (TypeError, ValueError, RecursionError)
 
@@ -379,16 +384,56 @@ def _failure(
         fence=fence,
         duration_ms=duration_ms,
         worker_id=worker_id,
-        error=StepError(
-            message=truncate_head(str(message), MAX_MESSAGE_BYTES),
-            error_type=truncate_head(str(error_type), 200),
-            error_code=None if error_code is None else truncate_head(str(error_code), 200),
-            retryable=retryable,
-            retry_after=_safe_retry_after(retry_after),
-            context=_safe_object(context, MAX_ERROR_CONTEXT_BYTES),
-            traceback=None if tb is None else truncate_tail(tb, MAX_TRACEBACK_BYTES),
+        error=_truncate_text(
+            StepError(
+                message=truncate_head(str(message), MAX_MESSAGE_BYTES),
+                error_type=truncate_head(str(error_type), 200),
+                error_code=None if error_code is None else truncate_head(str(error_code), 200),
+                retryable=retryable,
+                retry_after=_safe_retry_after(retry_after),
+                context=_safe_object(context, MAX_ERROR_CONTEXT_BYTES),
+                traceback=None if tb is None else truncate_tail(tb, MAX_TRACEBACK_BYTES),
+            )
         ),
         metadata=_safe_object(metadata, MAX_ERROR_CONTEXT_BYTES),
+    )
+
+
+def _truncate_text(error: StepError, limit: int = MAX_ERROR_JSON_BYTES) -> StepError:
+    """`error` with its texts cut until its JSON (as PostgreSQL writes it) fits in `limit` bytes.
+
+    The per-field caps bound raw UTF-8 bytes; JSON escaping can still multiply them (a control
+    character is six bytes as `\\u0001`). Cut the traceback first, then the context, then the
+    message, each marked as truncated, so an error from an arbitrary exception always fits the
+    engine's `max_error_bytes` and the failure is stored rather than refused.
+    """
+    for _ in range(12):
+        over = _pg_json_bytes(error.to_json()) - limit
+        if over <= 0:
+            return error
+        cut = over + 256  # room for the truncation marker
+        if error.traceback:
+            size = len(error.traceback.encode("utf-8", "surrogatepass"))
+            error = replace(error, traceback=truncate_tail(error.traceback, max(size - cut, 0)))
+            if size <= cut:
+                error = replace(error, traceback=None)
+        elif error.context and not error.context.get("truncated"):
+            preview = truncate_head(jsonutil.dumps(error.context), max(limit // 4 - cut, 0))
+            error = replace(error, context={"truncated": True, "preview": preview})
+        elif error.context:
+            error = replace(error, context={"truncated": True})
+        else:
+            size = len(error.message.encode("utf-8", "surrogatepass"))
+            error = replace(error, message=truncate_head(error.message, max(size - cut, 0)))
+    return replace(error, message=truncate_head(error.message, 0), context={}, traceback=None)
+
+
+def _pg_json_bytes(value: Any) -> int:
+    """The length in bytes of `value` as PostgreSQL's jsonb text (", " and ": " separators)."""
+    return len(
+        json.dumps(value, ensure_ascii=False, separators=(", ", ": ")).encode(
+            "utf-8", "surrogatepass"
+        )
     )
 
 

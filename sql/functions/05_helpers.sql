@@ -1,6 +1,6 @@
 -- Small helpers shared by the other function files: argument checks, JSON number checks,
--- retry backoff, semantic-version sort keys, and the settings the engine reads
--- (tasker.max_payload_bytes). All internal (leading underscore).
+-- retry backoff, semantic-version sort keys, and the limits the engine reads (tasker.settings)
+-- and checks. All internal (leading underscore).
 
 -- A number of seconds from 0 to a year (NaN is above every number in SQL, so it is refused too;
 -- a larger value would overflow the interval it becomes).
@@ -86,9 +86,55 @@ LANGUAGE sql IMMUTABLE AS $$
          ORDER BY ord) END
 $$;
 
--- The largest task context / step result accepted, in bytes (setting tasker.max_payload_bytes,
--- default 1 MiB; set it per database with ALTER DATABASE ... SET tasker.max_payload_bytes).
-CREATE FUNCTION tasker._max_payload_bytes() RETURNS integer
-LANGUAGE sql STABLE AS $$
-    SELECT coalesce(nullif(current_setting('tasker.max_payload_bytes', true), '')::integer, 1048576)
+-- An engine limit from tasker.settings (migration 0003), e.g. 'max_payload_bytes'. Only the
+-- schema owner can change the table; a session setting cannot raise a limit.
+CREATE FUNCTION tasker._setting_int(p_name text) RETURNS bigint
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_value bigint;
+BEGIN
+    SELECT s.value INTO v_value FROM tasker.settings s WHERE s.name = p_name;
+    IF v_value IS NULL THEN
+        RAISE EXCEPTION 'tasker.settings has no row %; restore it (see sql/migrations/0003_settings.sql)',
+            quote_literal(p_name) USING ERRCODE = 'P0002';
+    END IF;
+    RETURN v_value;
+END
+$$;
+
+-- Refuses a value that is over its limit (TV021), naming it, its size and the limit. The size
+-- is that of the value's text form (octet_length of the text, or of a jsonb's JSON text):
+-- the real size, never the stored, possibly compressed, one.
+CREATE FUNCTION tasker._raise_too_large(p_what text, p_bytes bigint, p_setting text, p_limit bigint) RETURNS void
+LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    RAISE EXCEPTION '% is % bytes, more than the limit of % bytes (% in tasker.settings)',
+        p_what, p_bytes, p_limit, p_setting USING ERRCODE = 'TV021';
+END
+$$;
+
+-- Checks a text against a limit of tasker.settings; NULL passes.
+CREATE FUNCTION tasker._check_text_size(p_value text, p_setting text, p_what text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+DECLARE
+    v_bytes bigint := octet_length(p_value);
+    v_limit bigint;
+BEGIN
+    IF v_bytes IS NULL THEN
+        RETURN;
+    END IF;
+    v_limit := tasker._setting_int(p_setting);
+    IF v_bytes > v_limit THEN
+        PERFORM tasker._raise_too_large(p_what, v_bytes, p_setting, v_limit);
+    END IF;
+END
+$$;
+
+-- Checks a jsonb value (by the length of its JSON text) against a limit of tasker.settings;
+-- NULL passes.
+CREATE FUNCTION tasker._check_json_size(p_value jsonb, p_setting text, p_what text) RETURNS void
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    PERFORM tasker._check_text_size(p_value::text, p_setting, p_what);
+END
 $$;

@@ -163,6 +163,7 @@ BEGIN
     IF p_message IS NULL THEN
         RAISE EXCEPTION 'message must not be NULL' USING ERRCODE = 'TV002';
     END IF;
+    PERFORM tasker._check_json_size(p_message, 'max_payload_bytes', 'message');
     INSERT INTO tasker.queue_messages (queue, msg_id, vt, priority, message)
     VALUES (p_queue, nextval(v_seq), clock_timestamp() + make_interval(secs => p_delay_seconds),
             coalesce(p_priority, 0), p_message)
@@ -190,6 +191,7 @@ BEGIN
     IF cardinality(p_messages) = 0 THEN
         RETURN;
     END IF;
+    PERFORM tasker._check_json_size(m, 'max_payload_bytes', 'message #' || o) FROM unnest(p_messages) WITH ORDINALITY x(m, o);
     RETURN QUERY
     INSERT INTO tasker.queue_messages (queue, msg_id, vt, priority, message)
     SELECT p_queue, nextval(v_seq), clock_timestamp() + make_interval(secs => p_delay_seconds),

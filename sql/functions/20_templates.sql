@@ -37,6 +37,10 @@ DECLARE
     v_zero      varbit;
     v_cycle     text[];
     v_cur       text;
+    v_too_big   text;
+    v_init_lim  bigint := tasker._setting_int('max_initialization_bytes');
+    v_name_lim  bigint := tasker._setting_int('max_name_bytes');
+    v_text_lim  bigint := tasker._setting_int('max_text_bytes');
 BEGIN
     IF p_template IS NULL OR jsonb_typeof(p_template) <> 'object' THEN
         RAISE EXCEPTION 'a task template must be a JSON object' USING ERRCODE = 'TV010';
@@ -81,6 +85,29 @@ BEGIN
     IF jsonb_typeof(p_template->'description') NOT IN ('string', 'null') THEN
         RAISE EXCEPTION 'template %: description must be a string', v_name USING ERRCODE = 'TV010';
     END IF;
+    -- Sizes, by the length of each value's text form (limits in tasker.settings): each step's
+    -- handler (its initialization is sent to the worker with every claim of the step) and
+    -- description, then the template's description and its whole body.
+    SELECT format('template %s, step %s: %s is %s bytes, more than the limit of %s bytes (%s in tasker.settings)',
+                  v_name, coalesce(quote_literal(left(x.s->>'name', 128)), '#' || x.ord), x.what, x.bytes, x.lim, x.setting)
+      INTO v_too_big
+      FROM (SELECT e.ord, e.s, v.rank, v.what, v.bytes, v.setting, v.lim
+              FROM jsonb_array_elements(CASE WHEN jsonb_typeof(p_template->'steps') = 'array'
+                                             THEN p_template->'steps' ELSE '[]' END) WITH ORDINALITY e(s, ord)
+              CROSS JOIN LATERAL (VALUES
+                  (1, 'handler.initialization', octet_length((e.s->'handler'->'initialization')::text),
+                   'max_initialization_bytes', v_init_lim),
+                  (2, 'handler.callable', octet_length(e.s->'handler'->>'callable'), 'max_name_bytes', v_name_lim),
+                  (3, 'description', octet_length(e.s->>'description'), 'max_text_bytes', v_text_lim)
+              ) v(rank, what, bytes, setting, lim)) x
+     WHERE x.bytes > x.lim
+     ORDER BY x.ord, x.rank
+     LIMIT 1;
+    IF v_too_big IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_too_big USING ERRCODE = 'TV021';
+    END IF;
+    PERFORM tasker._check_json_size(p_template, 'max_template_bytes', format('template %s', v_name));
+    PERFORM tasker._check_text_size(p_template->>'description', 'max_text_bytes', format('template %s: description', v_name));
     v_steps := p_template->'steps';
     IF v_steps IS NULL OR jsonb_typeof(v_steps) <> 'array' OR jsonb_array_length(v_steps) = 0 THEN
         RAISE EXCEPTION 'template % has no steps: steps must be a non-empty list', v_name USING ERRCODE = 'TV010';
@@ -288,6 +315,11 @@ BEGIN
     IF jsonb_typeof(v_handler) IS DISTINCT FROM 'object' OR jsonb_typeof(v_handler->'callable') IS DISTINCT FROM 'string'
        OR btrim(v_handler->>'callable') = '' OR btrim(v_handler->>'callable') <> v_handler->>'callable' THEN
         RAISE EXCEPTION '%: handler.callable is required (the handler name a worker runs, without surrounding spaces)', v_where USING ERRCODE = 'TV010';
+    END IF;
+    SELECT k INTO v_key FROM jsonb_object_keys(v_handler) k WHERE k NOT IN ('callable', 'initialization') LIMIT 1;
+    IF v_key IS NOT NULL THEN
+        RAISE EXCEPTION '%: unknown key % in the handler (valid: callable, initialization)', v_where,
+            quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
     END IF;
     IF v_handler ? 'initialization' AND jsonb_typeof(v_handler->'initialization') NOT IN ('object', 'null') THEN
         RAISE EXCEPTION '%: handler.initialization must be an object', v_where USING ERRCODE = 'TV010';

@@ -4,20 +4,30 @@
 
 -- create_task / create_tasks
 
--- Refuses task options that are not what create_task documents, naming the problem.
+-- Refuses task options that are not what create_task documents, naming the problem, and
+-- option values over their size limit (TV021): reason and the tags list max_text_bytes, the
+-- other strings max_name_bytes.
 CREATE FUNCTION tasker._check_task_options(p_options jsonb, p_where text) RETURNS void
-LANGUAGE plpgsql IMMUTABLE AS $$
+LANGUAGE plpgsql STABLE AS $$
 DECLARE
     v_opt text;
+    v_val jsonb;
 BEGIN
     IF jsonb_typeof(p_options) <> 'object' THEN
         RAISE EXCEPTION '%options must be a JSON object', p_where USING ERRCODE = 'TV022';
     END IF;
-    FOR v_opt IN SELECT jsonb_object_keys(p_options) LOOP
+    FOR v_opt, v_val IN SELECT o.key, o.value FROM jsonb_each(p_options) o LOOP
         IF v_opt NOT IN ('initiator', 'source_system', 'reason', 'tags', 'priority', 'idempotency_key',
                          'correlation_id', 'delay_seconds') THEN
             RAISE EXCEPTION '%unknown option % (valid: initiator, source_system, reason, tags, priority, idempotency_key, correlation_id, delay_seconds)',
                 p_where, quote_literal(v_opt) USING ERRCODE = 'TV022';
+        END IF;
+        IF v_opt IN ('reason', 'tags') THEN
+            PERFORM tasker._check_text_size(CASE WHEN jsonb_typeof(v_val) = 'string' THEN v_val #>> '{}' ELSE v_val::text END,
+                                            'max_text_bytes', p_where || 'option ' || v_opt);
+        ELSIF v_opt NOT IN ('priority', 'delay_seconds') THEN
+            PERFORM tasker._check_text_size(CASE WHEN jsonb_typeof(v_val) = 'string' THEN v_val #>> '{}' ELSE v_val::text END,
+                                            'max_name_bytes', p_where || 'option ' || v_opt);
         END IF;
     END LOOP;
     IF p_options ? 'priority' AND jsonb_typeof(p_options->'priority') <> 'null'
@@ -61,8 +71,9 @@ DECLARE
     v_total     integer;
     v_seq       regclass;
     v_now       timestamptz := clock_timestamp();
-    v_limit     integer := tasker._max_payload_bytes();
+    v_limit     bigint := tasker._setting_int('max_payload_bytes');
     v_bad       text;
+    v_not_obj   boolean;
     v_count     integer;
     v_per_task  boolean;
     v_ids       uuid[];
@@ -77,17 +88,20 @@ BEGIN
         RAISE EXCEPTION 'options must be one object, or an array with one object per context (% contexts, % options)',
             v_count, jsonb_array_length(p_options) USING ERRCODE = 'TV022';
     END IF;
-    -- Refuse bad input before anything is written, naming the first bad entry.
+    -- Refuse bad input before anything is written, naming the first bad entry. A context's
+    -- size is the length of its JSON text (not its stored, possibly compressed, size).
     SELECT CASE WHEN v_count = 1 THEN 'task context' ELSE 'task context #' || c.ord END ||
-           CASE WHEN jsonb_typeof(c.ctx) <> 'object' THEN ' must be a JSON object, got a JSON ' || jsonb_typeof(c.ctx)
-                ELSE format(' is %s bytes, more than the limit of %s bytes (setting tasker.max_payload_bytes)',
-                            pg_column_size(c.ctx), v_limit) END
-      INTO v_bad
-      FROM jsonb_array_elements(p_contexts) WITH ORDINALITY c(ctx, ord)
-     WHERE jsonb_typeof(c.ctx) <> 'object' OR pg_column_size(c.ctx) > v_limit
+           CASE WHEN c.typ <> 'object' THEN ' must be a JSON object, got a JSON ' || c.typ
+                ELSE format(' is %s bytes, more than the limit of %s bytes (max_payload_bytes in tasker.settings)',
+                            c.bytes, v_limit) END,
+           c.typ <> 'object'
+      INTO v_bad, v_not_obj
+      FROM (SELECT e.ord, jsonb_typeof(e.ctx) AS typ, octet_length(e.ctx::text) AS bytes
+              FROM jsonb_array_elements(p_contexts) WITH ORDINALITY e(ctx, ord)) c
+     WHERE c.typ <> 'object' OR c.bytes > v_limit
      ORDER BY c.ord LIMIT 1;
     IF v_bad IS NOT NULL THEN
-        RAISE EXCEPTION '%', v_bad USING ERRCODE = CASE WHEN v_bad LIKE '%bytes%' THEN 'TV021' ELSE 'TV020' END;
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = CASE WHEN v_not_obj THEN 'TV020' ELSE 'TV021' END;
     END IF;
     IF v_per_task THEN
         PERFORM tasker._check_task_options(o.opt, format('options #%s: ', o.ord))
@@ -251,7 +265,6 @@ DECLARE
     v_tags      jsonb;
     v_seq       regclass;
     v_now       timestamptz := clock_timestamp();
-    v_size      integer;
 BEGIN
     p_context := coalesce(p_context, '{}'::jsonb);
     p_options := coalesce(p_options, '{}'::jsonb);
@@ -259,11 +272,7 @@ BEGIN
         RAISE EXCEPTION 'task context must be a JSON object, got a JSON %', jsonb_typeof(p_context)
             USING ERRCODE = 'TV020';
     END IF;
-    v_size := pg_column_size(p_context);
-    IF v_size > tasker._max_payload_bytes() THEN
-        RAISE EXCEPTION 'task context is % bytes, more than the limit of % bytes (setting tasker.max_payload_bytes)',
-            v_size, tasker._max_payload_bytes() USING ERRCODE = 'TV021';
-    END IF;
+    PERFORM tasker._check_json_size(p_context, 'max_payload_bytes', 'task context');
     PERFORM tasker._check_task_options(p_options, '');
     v_key := p_options->>'idempotency_key';
     v_delay := coalesce((p_options->>'delay_seconds')::double precision, 0);

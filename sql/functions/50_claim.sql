@@ -50,6 +50,7 @@ BEGIN
     IF p_lease_seconds IS NULL OR NOT (p_lease_seconds > 0 AND p_lease_seconds <= 31536000) THEN  -- NaN > 0 in SQL
         RAISE EXCEPTION 'lease_seconds must be > 0 and at most a year, got %', coalesce(p_lease_seconds::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
+    PERFORM tasker._check_text_size(p_worker_id, 'max_name_bytes', 'worker_id');
     v_lease := v_now + make_interval(secs => p_lease_seconds);
 
     WITH

@@ -38,7 +38,10 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now       timestamptz := clock_timestamp();
-    v_limit     integer := tasker._max_payload_bytes();
+    v_limit     bigint := tasker._setting_int('max_payload_bytes');
+    v_err_limit bigint := tasker._setting_int('max_error_bytes');
+    v_name_lim  bigint := tasker._setting_int('max_name_bytes');
+    v_code      text;
     v_in        tasker._outcome_input[];
     v_applied   tasker._applied_outcome[];
     v_completed uuid[];
@@ -49,8 +52,10 @@ BEGIN
     IF p_outcomes IS NULL OR jsonb_typeof(p_outcomes) <> 'array' THEN
         RAISE EXCEPTION 'outcomes must be a JSON array' USING ERRCODE = 'TV030';
     END IF;
-    -- Refuse a malformed batch before anything changes, naming the first bad entry.
-    SELECT format('outcome #%s: %s', x.ord, x.problem) INTO v_bad
+    -- Refuse a malformed batch before anything changes, naming the first bad entry: TV030, or
+    -- TV021 for a value over its limit in tasker.settings (the length of its text form).
+    SELECT format('outcome #%s: %s', x.ord, x.problem), CASE WHEN x.problem LIKE '% bytes, more than the limit %' THEN 'TV021' ELSE 'TV030' END
+      INTO v_bad, v_code
       FROM (
         SELECT e.ord,
                CASE
@@ -74,6 +79,21 @@ BEGIN
                    WHEN e.o->>'kind' = 'failure' AND jsonb_typeof(e.o->'error'->'retryable') NOT IN ('boolean', 'null')
                        THEN 'error.retryable must be true or false'
                    WHEN NOT tasker._is_number_json(e.o->'duration_ms', 0, 1e15) THEN 'duration_ms must be a number >= 0'
+                   WHEN octet_length(e.o->>'worker_id') > v_name_lim
+                       THEN format('worker_id is %s bytes, more than the limit of %s bytes (max_name_bytes in tasker.settings)',
+                                   octet_length(e.o->>'worker_id'), v_name_lim)
+                   WHEN octet_length(e.o->'error'->>'error_type') > v_name_lim
+                       THEN format('error.error_type is %s bytes, more than the limit of %s bytes (max_name_bytes in tasker.settings)',
+                                   octet_length(e.o->'error'->>'error_type'), v_name_lim)
+                   WHEN octet_length(e.o->'error'->>'error_code') > v_name_lim
+                       THEN format('error.error_code is %s bytes, more than the limit of %s bytes (max_name_bytes in tasker.settings)',
+                                   octet_length(e.o->'error'->>'error_code'), v_name_lim)
+                   WHEN octet_length((e.o->'error')::text) > v_err_limit
+                       THEN format('error is %s bytes, more than the limit of %s bytes (max_error_bytes in tasker.settings)',
+                                   octet_length((e.o->'error')::text), v_err_limit)
+                   WHEN octet_length((e.o->'metadata')::text) > v_limit
+                       THEN format('metadata is %s bytes, more than the limit of %s bytes (max_payload_bytes in tasker.settings)',
+                                   octet_length((e.o->'metadata')::text), v_limit)
                END AS problem
           FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY e(o, ord)
       ) x
@@ -81,11 +101,12 @@ BEGIN
      ORDER BY x.ord
      LIMIT 1;
     IF v_bad IS NOT NULL THEN
-        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'TV030';
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = v_code;
     END IF;
 
-    -- An oversized result or checkpoint is not stored: it becomes a permanent failure that
-    -- says why, so a bad handler cannot bloat the tables.
+    -- An oversized result or checkpoint (over max_payload_bytes, by the length of its JSON
+    -- text) is not stored: it becomes a permanent failure that says why, so a bad handler
+    -- cannot bloat the tables.
     v_in := ARRAY(
         SELECT ROW(e.ord::integer, (e.o->>'step_uuid')::uuid, (e.o->>'attempt')::numeric::integer,
                    (e.o->>'claim_seq')::numeric::integer,
@@ -93,17 +114,17 @@ BEGIN
                    CASE WHEN e.too_big THEN NULL ELSE e.o->'result' END,
                    nullif(e.o->'metadata', 'null'::jsonb),
                    CASE WHEN e.too_big THEN jsonb_build_object(
-                            'message', format('the step''s %s is %s bytes, more than the limit of %s bytes (setting tasker.max_payload_bytes)',
-                                              CASE WHEN e.o->>'kind' = 'checkpoint' THEN 'checkpoint' ELSE 'result' END,
-                                              greatest(pg_column_size(e.o->'result'), pg_column_size(e.o->'checkpoint')), v_limit),
+                            'message', format('the step''s %s is %s bytes, more than the limit of %s bytes (max_payload_bytes in tasker.settings)',
+                                              CASE WHEN e.cbytes > v_limit THEN 'checkpoint' ELSE 'result' END,
+                                              CASE WHEN e.cbytes > v_limit THEN e.cbytes ELSE e.rbytes END, v_limit),
                             'error_type', 'result_too_large', 'error_code', 'result_too_large', 'retryable', false)
                         ELSE e.o->'error' END,
                    CASE WHEN e.too_big THEN NULL ELSE e.o->'checkpoint' END,
                    (e.o->>'duration_ms')::double precision, e.o->>'worker_id')::tasker._outcome_input
-          FROM (SELECT a.o, a.ord,
-                       coalesce(pg_column_size(a.o->'result'), 0) > v_limit
-                       OR coalesce(pg_column_size(a.o->'checkpoint'), 0) > v_limit AS too_big
-                  FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY a(o, ord)) e);
+          FROM (SELECT b.*, coalesce(b.rbytes, 0) > v_limit OR coalesce(b.cbytes, 0) > v_limit AS too_big
+                  FROM (SELECT a.o, a.ord, octet_length((a.o->'result')::text) AS rbytes,
+                               octet_length((a.o->'checkpoint')::text) AS cbytes
+                          FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY a(o, ord)) b) e);
 
     -- 1. Lock the live messages of the claimed steps first, in (queue, msg_id) order: the lock
     --    order every function follows. A claim racing for the same message skips it.

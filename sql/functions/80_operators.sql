@@ -22,6 +22,7 @@ DECLARE
     v_count integer;
     v_now   timestamptz := clock_timestamp();
 BEGIN
+    PERFORM tasker._check_text_size(p_reason, 'max_text_bytes', 'reason');
     SELECT t.state, t.namespace INTO v_state, v_ns FROM tasker.tasks t WHERE t.task_uuid = p_task;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'TN003';
@@ -142,10 +143,7 @@ DECLARE
     v_tstate text;
     v_now    timestamptz := clock_timestamp();
 BEGIN
-    IF pg_column_size(p_result) > tasker._max_payload_bytes() THEN
-        RAISE EXCEPTION 'result is % bytes, more than the limit of % bytes (setting tasker.max_payload_bytes)',
-            pg_column_size(p_result), tasker._max_payload_bytes() USING ERRCODE = 'TV021';
-    END IF;
+    PERFORM tasker._check_json_size(p_result, 'max_payload_bytes', 'result');
     PERFORM tasker._lock_task_operations((SELECT s.task_uuid FROM tasker.steps s WHERE s.step_uuid = p_step));
     -- Lock order: the step's message (if it has one), then the step. The message can change
     -- between reading the step and locking it; try again until both agree.

@@ -111,7 +111,7 @@ def _log_final_failure(worker_id: str, claim: Claim, outcome: Outcome) -> None:
         why = "the engine refused to store it"
         text = (
             f"its {outcome.kind} was stored as a failure (result_too_large: larger than "
-            "tasker.max_payload_bytes); see the step's last_error"
+            "max_payload_bytes in tasker.settings); see the step's last_error"
         )
     exc = claim.error
     step_logger.error(

@@ -400,13 +400,11 @@ async def test_bad_context_is_refused(
 async def test_oversized_context_is_refused_by_the_database(
     client: Any, shop: dict[str, Any], conn: db.Connection
 ) -> None:
-    name = await conn.fetchval("SELECT current_database()")
-    # Sessions opened from now on (the client's pool opens at its first call) see the limit.
-    await conn.execute(f'ALTER DATABASE "{name}" SET tasker.max_payload_bytes = 200')
+    await conn.execute("UPDATE tasker.settings SET value = 1024 WHERE name = 'max_payload_bytes'")
     with pytest.raises(ValidationError) as info:
-        await client.create_task("one", namespace=SHOP, context={"blob": "x" * 1000})
+        await client.create_task("one", namespace=SHOP, context={"blob": "x" * 2000})
     assert info.value.error_code == "payload_too_large"
-    assert "more than the limit of 200 bytes" in str(info.value)
+    assert "more than the limit of 1024 bytes" in str(info.value)
 
 
 # --- unknown and malformed ids ----------------------------------------------------------------

@@ -260,7 +260,11 @@ def test_register_template_bad_input(env: Env, data: st.DataObject) -> None:
     body = mutate(data.draw, template_body(version="2.0.0"))
     kind, value = env.call("SELECT tasker.register_template($1::text::jsonb)", dump(body))
     if kind == "error":
-        assert value.sqlstate == "TV010", value
+        # TV021: a value over its size limit (tasker.settings), which the Python loader leaves
+        # to the database
+        assert value.sqlstate in ("TV010", "TV021"), value
+        if value.sqlstate == "TV021":
+            return
     # the Python loader and the SQL function agree on what is a valid template
     assert (kind == "error") == python_refuses(body), (kind, str(value)[:300], dump(body)[:500])
 
@@ -281,6 +285,10 @@ def with_retry(**changes: Any) -> dict[str, Any]:
     ("body", "words"),
     [
         (with_step_a(timeout_seconds=Raw("1e400")), "step 'a': timeout_seconds must be"),
+        (
+            with_step_a(handler={"callable": "h.a", "colour": 1}),
+            "step 'a': unknown key 'colour' in the handler",
+        ),
         (with_step_a(timeout_seconds=Raw("1e-400")), "step 'a': timeout_seconds must be"),
         (with_step_a(timeout_seconds=Raw("1e300")), "at most 31536000"),
         (with_step_a(timeout_seconds=Raw("-1e400")), "step 'a': timeout_seconds must be"),

@@ -60,9 +60,9 @@ async def test_bad_input_names_the_entry_and_changes_nothing(conn: db.Connection
         await conn.create_tasks(NAMESPACE, "diamond", [{}, {}], options=[{}, {"colour": "red"}])
     with pytest.raises(ValidationError, match=r"one object per context \(2 contexts, 1 options\)"):
         await conn.create_tasks(NAMESPACE, "diamond", [{}, {}], options=[{}])
-    await conn.execute("SET tasker.max_payload_bytes = 200")
+    await conn.execute("UPDATE tasker.settings SET value = 1024 WHERE name = 'max_payload_bytes'")
     with pytest.raises(ValidationError, match=r"task context is \d+ bytes, more than the limit"):
-        await conn.create_tasks(NAMESPACE, "diamond", [{"big": "x" * 500}])
+        await conn.create_tasks(NAMESPACE, "diamond", [{"big": "x" * 2000}])
     with pytest.raises(NotFoundError, match=r"registered versions: 1\.0\.0"):
         await conn.create_tasks(NAMESPACE, "diamond", [{}], version="9.9.9")
     assert await conn.fetchval("SELECT count(*) FROM tasker.tasks") == 0

@@ -1209,13 +1209,15 @@ async def test_create_task_bad_inputs(conn: db.Connection) -> None:
         assert exc.value.error_code == "invalid_context"
         assert f"task context must be a JSON object, got a JSON {kind}" in str(exc.value)
 
-    await conn.execute("SET tasker.max_payload_bytes = 1000")
+    await conn.execute("UPDATE tasker.settings SET value = 1024 WHERE name = 'max_payload_bytes'")
     with pytest.raises(ValidationError) as exc:
         await conn.create_task(NAMESPACE, "single", {"blob": os.urandom(2000).hex()})
     assert exc.value.error_code == "payload_too_large"
-    assert "more than the limit of 1000 bytes" in str(exc.value)
-    assert "tasker.max_payload_bytes" in str(exc.value)
-    await conn.execute("RESET tasker.max_payload_bytes")
+    assert "more than the limit of 1024 bytes" in str(exc.value)
+    assert "max_payload_bytes in tasker.settings" in str(exc.value)
+    await conn.execute(
+        "UPDATE tasker.settings SET value = 1048576 WHERE name = 'max_payload_bytes'"
+    )
 
     with pytest.raises(ValidationError) as exc:
         await conn.create_task(NAMESPACE, "single", {}, options={"colour": "red"})
@@ -1435,7 +1437,7 @@ async def test_complete_steps_refuses_malformed_batches_and_changes_nothing(
 async def test_oversized_result_fails_the_step_permanently(conn: db.Connection, kind: str) -> None:
     task = await start(conn, single())
     [row] = await claim(conn)
-    await conn.execute("SET tasker.max_payload_bytes = 1000")
+    await conn.execute("UPDATE tasker.settings SET value = 1024 WHERE name = 'max_payload_bytes'")
     blob = {"blob": os.urandom(2000).hex()}
     outcome = success(row, blob) if kind == "result" else checkpoint(row, cursor=blob)
     answer = await complete(conn, outcome)
@@ -1446,7 +1448,7 @@ async def test_oversized_result_fails_the_step_permanently(conn: db.Connection, 
     assert s["last_error"]["error_type"] == "result_too_large"
     assert s["last_error"]["retryable"] is False
     assert f"the step's {kind} is" in s["last_error"]["message"]
-    assert "more than the limit of 1000 bytes" in s["last_error"]["message"]
+    assert "more than the limit of 1024 bytes" in s["last_error"]["message"]
     assert (await task_row(conn, task))["state"] == "error"
     assert await message_count(conn) == 0
     await assert_healthy(conn)
