@@ -57,6 +57,9 @@ MAX_ERROR_CONTEXT_BYTES = 16 * 1024
 
 _JSON_ERRORS = (TypeError, ValueError, RecursionError)
 
+OUTCOME_REFUSED = "outcome_refused"
+"""error_code of the minimal failure sent when the engine refused a failure outcome."""
+
 _FIX_INVALID_RETURN = (
     "call() must return self.success(...), self.failure(...) or "
     "StepHandlerResult.checkpoint(...), e.g. `return self.success({...})`"
@@ -336,13 +339,43 @@ def timeout_outcome(
     )
 
 
-def refused_outcome(refused: Outcome, error: TaskerError) -> Failure:
-    """The permanent failure that replaces an outcome `tasker.complete_steps` refused.
+def refused_outcome(refused: Outcome, error: TaskerError) -> Failure | None:
+    """The failure that replaces an outcome `tasker.complete_steps` refused, None when even
+    the minimal failure was refused (nothing smaller can be sent).
 
-    For a success or checkpoint the engine would not store (e.g. an oversized result): the step
-    fails naming the problem instead of the outcome being lost. error_type "invalid_result",
-    error_code the engine's (or "invalid_result").
+    For a success or checkpoint the engine would not store (e.g. an oversized result): a
+    permanent failure naming the problem instead of the outcome being lost, error_type
+    "invalid_result", error_code the engine's (or "invalid_result"). For a failure: a minimal
+    failure (error_code "outcome_refused") that keeps only what is sure to be storable, the
+    original error type and code and the start of its message, and says why; retryable as
+    the refused one was.
     """
+    if isinstance(refused, Failure):
+        if refused.error.error_code == OUTCOME_REFUSED:
+            return None
+        original = refused.error
+        head = original.message[:200]
+        code = f" [{original.error_code}]" if original.error_code else ""
+        return _failure(
+            refused.fence,
+            refused.duration_ms,
+            refused.worker_id,
+            message=(
+                f"the engine refused the step's failure outcome ({error}); the handler's error "
+                f"was {original.error_type}{code}: {head}"
+            )
+            .encode("ascii", "backslashreplace")
+            .decode("ascii")
+            .replace("\x00", "\\x00"),
+            error_type=(
+                original.error_type.encode("ascii", "replace").decode("ascii").replace("\x00", "?")
+            ),
+            error_code=OUTCOME_REFUSED,
+            retryable=original.retryable,
+            retry_after=original.retry_after,
+            context={},
+            tb=None,
+        )
     return _failure(
         refused.fence,
         refused.duration_ms,

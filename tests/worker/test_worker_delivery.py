@@ -1,0 +1,289 @@
+"""Delivering outcomes through a real worker when the database does not answer yes at once.
+
+- transient errors never change an outcome: a lock timeout, a statement timeout or a cancelled
+  query while `complete_steps` waits on a lock is retried with backoff, the lease kept, and the
+  handler's success is applied once the lock is gone (the handler ran once);
+- past `outcome_retry_cap` the worker gives the outcome up to lease expiry, never turning it
+  into a failure;
+- an outcome the database cannot store (NUL, lone surrogates) is cleaned and says so, and one
+  it still refuses becomes a minimal failure that says why;
+- hung handlers are bounded by a max run time per claim (`timeout_seconds`, else the worker's
+  `max_runtime`): the step fails retryably as `timeout` and the next attempt completes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+
+from tasker_pg import HandlerRegistry, StepContext, StepHandler, StepHandlerResult, Worker, db
+from tasker_pg.template import TaskTemplate
+from tests.support.worker import poll, steps_of, wait_final
+
+NS = "delivery"
+FAST: dict[str, Any] = {"poll_interval": 0.1, "summary_interval": 0}
+QUICK_RETRY = {"max_attempts": 3, "backoff": "fixed", "backoff_base_ms": 50}
+
+# How often each step's handler ran, by (task_uuid, step name).
+RUNS: collections.Counter[tuple[str, str]] = collections.Counter()
+# Gates a test opens to let a handler finish, by the context's "gate" key.
+GATES: dict[str, asyncio.Event] = {}
+
+
+class ChargeHandler(StepHandler):
+    """Counts its runs, waits for its gate (when the task names one), succeeds."""
+
+    handler_name = "delivery.charge"
+
+    async def call(self, context: StepContext) -> StepHandlerResult:
+        RUNS[(context.task_uuid, context.step_name)] += 1
+        gate = GATES.get(context.get_input_or("gate", ""))
+        if gate is not None:
+            await gate.wait()
+        return self.success({"charged": context.get_input_or("amount", 0)})
+
+
+class ShipHandler(StepHandler):
+    handler_name = "delivery.ship"
+
+    def call(self, context: StepContext) -> StepHandlerResult:
+        RUNS[(context.task_uuid, context.step_name)] += 1
+        return self.success({"shipped": True})
+
+
+def charge_ship() -> TaskTemplate:
+    return TaskTemplate.from_dict(
+        {
+            "name": "charge_ship",
+            "namespace_name": NS,
+            "version": "1.0.0",
+            "steps": [
+                {
+                    "name": "charge",
+                    "handler": {"callable": "delivery.charge"},
+                    "retry": QUICK_RETRY,
+                },
+                {
+                    "name": "ship",
+                    "handler": {"callable": "delivery.ship"},
+                    "dependencies": ["charge"],
+                },
+            ],
+        }
+    )
+
+
+def registry(*handlers: type[StepHandler]) -> HandlerRegistry:
+    reg = HandlerRegistry()
+    for cls in handlers or (ChargeHandler, ShipHandler):
+        reg.register(cls)
+    return reg
+
+
+@contextlib.asynccontextmanager
+async def row_lock(dsn: str, task: uuid.UUID, step: str) -> AsyncIterator[db.Connection]:
+    """Another session holding `SELECT ... FOR UPDATE` on the step's row until the block ends."""
+    blocker = await db.connect(dsn)
+    try:
+        async with blocker.transaction():
+            await blocker.fetch(
+                "SELECT 1 FROM tasker.steps WHERE task_uuid = $1 AND name = $2 FOR UPDATE",
+                task,
+                step,
+            )
+            yield blocker
+    finally:
+        await blocker.close()
+
+
+async def transitions(conn: db.Connection, step_uuid: Any) -> list[dict[str, Any]]:
+    rows = await conn.fetch(
+        "SELECT event, to_state, attempt, error_summary FROM tasker.step_transitions "
+        "WHERE step_uuid = $1 ORDER BY transition_id",
+        step_uuid,
+    )
+    return [dict(r) for r in rows]
+
+
+async def assert_charged_once_and_completed(conn: db.Connection, task: uuid.UUID) -> None:
+    """The reproduction's verdict: charge succeeded once, nothing failed, the task completed."""
+    assert (await wait_final(conn, [task], timeout=30))[task] == "complete"
+    steps = await steps_of(conn, task)
+    assert steps["charge"]["state"] == "complete"
+    assert steps["charge"]["attempts"] == 1
+    assert steps["charge"]["results"] == {"charged": 10}
+    assert RUNS[(str(task), "charge")] == 1
+    assert RUNS[(str(task), "ship")] == 1
+    history = await transitions(conn, steps["charge"]["step_uuid"])
+    assert [t for t in history if t["to_state"] in ("error", "waiting_for_retry")] == []
+
+
+# --- item 1: transient errors never change an outcome ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [{"lock_timeout": "300ms"}, {"statement_timeout": "500ms"}],
+    ids=["lock_timeout", "statement_timeout"],
+)
+async def test_a_timeout_while_the_child_row_is_locked_delays_the_success_but_keeps_it(
+    dsn: str,
+    conn: db.Connection,
+    caplog: pytest.LogCaptureFixture,
+    setting: dict[str, str],
+) -> None:
+    caplog.set_level(logging.INFO, logger="tasker_pg")
+    gate = GATES[f"timeout-{next(iter(setting))}"] = asyncio.Event()
+    lease = 2.0
+    async with Worker(
+        [NS],
+        registry(),
+        dsn=dsn,
+        templates=[charge_ship()],
+        lease_seconds=lease,
+        server_settings=setting,
+        **FAST,
+    ) as worker:
+        task = await conn.create_task(NS, "charge_ship", {"amount": 10, "gate": gate_name(gate)})
+        await poll(lambda: _ran(task, "charge"), what="charge running")
+        async with row_lock(dsn, task, "ship"):
+            gate.set()  # charge succeeds now; its complete_steps waits on ship's row
+            held_since = time.monotonic()
+
+            async def retried_past_the_lease() -> bool:
+                # keep the lock past the first lease, so only heartbeats can keep the claim
+                # (or until charge left in_progress: the outcome was turned into a failure)
+                return (
+                    worker.stats.delivery_retries >= 3
+                    and time.monotonic() - held_since > 1.5 * lease
+                ) or await _left_in_progress(conn, task, "charge")
+
+            await poll(retried_past_the_lease, timeout=30, what="three re-sent outcomes")
+        await assert_charged_once_and_completed(conn, task)
+        stats = worker.stats
+    assert stats.leases_lost == 0
+    assert stats.stale == 0
+    assert stats.outcomes_given_up == 0
+    warnings = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "has not acknowledged" in r.getMessage()
+    ]
+    assert warnings, "no warning after the third try"
+    text = warnings[0].getMessage()
+    assert "step charge" in text and str(task) in text
+    assert "canceling statement due to" in text
+    assert getattr(warnings[0], "task_uuid", None) == str(task)
+
+
+async def test_a_cancelled_complete_steps_is_sent_again(
+    dsn: str, conn: db.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = GATES["cancel"] = asyncio.Event()
+    worker_id = f"w-cancel-{uuid.uuid4().hex[:6]}"
+    async with Worker(
+        [NS], registry(), dsn=dsn, templates=[charge_ship()], worker_id=worker_id, **FAST
+    ) as worker:
+        task = await conn.create_task(NS, "charge_ship", {"amount": 10, "gate": "cancel"})
+        await poll(lambda: _ran(task, "charge"), what="charge running")
+        async with row_lock(dsn, task, "ship"):
+            gate.set()
+
+            async def flush_waits_on_the_lock() -> int | None:
+                """The flush session's pid while complete_steps waits on the lock (0: charge
+                is no longer in progress, the outcome was not kept)."""
+                if await _left_in_progress(conn, task, "charge"):
+                    return 0
+                pid = await conn.fetchval(
+                    "SELECT pid FROM pg_stat_activity WHERE application_name = $1 "
+                    "AND wait_event_type = 'Lock' AND query LIKE '%complete_steps%'",
+                    f"tasker-pg worker {worker_id} flush",
+                )
+                return int(pid) if pid is not None else None
+
+            for cancels in (1, 2):
+                (pid,) = await poll(
+                    lambda: _some(flush_waits_on_the_lock), what="complete_steps waiting"
+                )
+                if pid == 0:
+                    break
+                assert await conn.fetchval("SELECT pg_cancel_backend($1)", pid) is True
+
+                async def retried(n: int = cancels) -> bool:
+                    return worker.stats.delivery_retries >= n or await _left_in_progress(
+                        conn, task, "charge"
+                    )
+
+                await poll(retried, what=f"the outcome re-sent after cancel {cancels}")
+        await assert_charged_once_and_completed(conn, task)
+        assert worker.stats.reconnects == 0  # a cancel is not a lost connection
+
+
+async def test_past_the_retry_cap_the_outcome_is_given_up_to_lease_expiry_not_failed(
+    dsn: str, conn: db.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tasker_pg")
+    gate = GATES["cap"] = asyncio.Event()
+    async with Worker(
+        [NS],
+        registry(),
+        dsn=dsn,
+        templates=[charge_ship()],
+        lease_seconds=1.5,
+        outcome_retry_cap=1.0,
+        server_settings={"lock_timeout": "200ms"},
+        **FAST,
+    ) as worker:
+        task = await conn.create_task(NS, "charge_ship", {"amount": 10, "gate": "cap"})
+        await poll(lambda: _ran(task, "charge"), what="charge running")
+        async with row_lock(dsn, task, "ship"):
+            gate.set()
+
+            async def given_up() -> bool:
+                if await _left_in_progress(conn, task, "charge"):
+                    return True  # not given up: turned into something else (checked below)
+                return worker.stats.outcomes_given_up == 1
+
+            await poll(given_up, timeout=30, what="the outcome given up")
+        # The lease expires; the engine retries charge, which succeeds this time.
+        assert (await wait_final(conn, [task], timeout=30))[task] == "complete"
+    steps = await steps_of(conn, task)
+    assert steps["charge"]["attempts"] == 2
+    assert RUNS[(str(task), "charge")] == 2
+    history = await transitions(conn, steps["charge"]["step_uuid"])
+    assert [t for t in history if t["to_state"] == "error"] == []
+    assert all("refused" not in (t["error_summary"] or "") for t in history)
+    errors = [
+        r for r in caplog.records if r.levelno == logging.ERROR and "giving it up" in r.getMessage()
+    ]
+    assert len(errors) == 1
+    assert str(task) in errors[0].getMessage()
+
+
+def gate_name(gate: asyncio.Event) -> str:
+    return next(name for name, g in GATES.items() if g is gate)
+
+
+async def _left_in_progress(conn: db.Connection, task: uuid.UUID, step: str) -> bool:
+    state = await conn.fetchval(
+        "SELECT state FROM tasker.steps WHERE task_uuid = $1 AND name = $2", task, step
+    )
+    return state != "in_progress"
+
+
+async def _some(probe: Callable[[], Awaitable[int | None]]) -> tuple[int] | None:
+    """`probe()` wrapped so that 0 counts as an answer for `poll`."""
+    value = await probe()
+    return None if value is None else (value,)
+
+
+async def _ran(task: uuid.UUID, step: str) -> bool:
+    return RUNS[(str(task), step)] > 0
