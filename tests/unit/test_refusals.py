@@ -12,14 +12,23 @@ import asyncpg
 import pytest
 from asyncpg.exceptions._base import PostgresMessageMeta
 
-from tasker_pg import db
+from tasker_pg import StepHandlerResult, db, jsonutil
 from tasker_pg.errors import (
     ConnectionLostError,
     DatabaseError,
     InvalidStateError,
     NotFoundError,
+    PermanentError,
+    RetryableError,
     TransientDatabaseError,
     ValidationError,
+)
+from tasker_pg.outcome import (
+    Fence,
+    outcome_from_exception,
+    outcome_from_result,
+    refused_outcome,
+    storable_text,
 )
 
 # (SQLSTATE, what it is, how the worker must treat it)
@@ -110,3 +119,47 @@ def test_non_database_errors_are_never_refusals() -> None:
     assert not db.is_refusal(RuntimeError("a bug"))
     assert not db.is_refusal(db.translate_error(TimeoutError()))
     assert not db.is_refusal(db.translate_error(OSError("connection reset")))
+
+
+# --- outcomes hold only what jsonb can store ---------------------------------------------------
+
+
+def test_unstorable_characters_are_replaced_and_counted_in_failures() -> None:
+    fence = Fence("00000000-0000-0000-0000-000000000001", 1, 1)
+    failure = outcome_from_exception(
+        PermanentError("a\x00b\udcff", context={"k\x00": ["v\ud800"]}), fence=fence, duration_ms=1
+    )
+    error = failure.to_json()["error"]
+    assert error["message"] == "a\ufffdb\ufffd [tasker: 4 NUL / lone-surrogate characters replaced]"
+    assert error["context"] == {"k\ufffd": ["v\ufffd"]}
+    jsonutil.dumps(failure.to_json()).encode("utf-8")  # encodable: no lone surrogate left
+
+
+def test_unstorable_characters_are_replaced_in_results_and_metadata() -> None:
+    fence = Fence("00000000-0000-0000-0000-000000000001", 1, 1)
+    success = outcome_from_result(
+        StepHandlerResult.success({"f\x00": ("x\udcff", 1)}, metadata={"m": "\x00"}),
+        fence=fence,
+        duration_ms=1,
+    ).to_json()
+    assert success["kind"] == "success"
+    assert success["result"] == {"f\ufffd": ["x\ufffd", 1]}
+    assert success["metadata"] == {"m": "\ufffd", "tasker_replaced_characters": 3}
+    clean = outcome_from_result(StepHandlerResult.success({"a": "ok"}), fence=fence, duration_ms=1)
+    assert clean.to_json()["metadata"] == {}
+    assert storable_text("x\x00y") == ("x\ufffdy", 1)
+
+
+def test_a_refused_failure_becomes_a_minimal_one_once() -> None:
+    fence = Fence("00000000-0000-0000-0000-000000000001", 1, 1)
+    failure = outcome_from_exception(
+        RetryableError("slow down", retry_after=1e12), fence=fence, duration_ms=1
+    )
+    refusal = ValidationError("outcome #1: error.retry_after must be ...", error_code="x")
+    minimal = refused_outcome(failure, refusal)
+    assert minimal is not None
+    error = minimal.to_json()["error"]
+    assert error["error_code"] == "outcome_refused"
+    assert error["retryable"] is True and error["retry_after"] is None
+    assert "retry_after must be" in error["message"] and "slow down" in error["message"]
+    assert refused_outcome(minimal, refusal) is None

@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 
 from tasker_pg import HandlerRegistry, StepContext, StepHandler, StepHandlerResult, Worker, db
+from tasker_pg.errors import PermanentError, RetryableError
 from tasker_pg.template import TaskTemplate
 from tests.support.worker import poll, steps_of, wait_final
 
@@ -266,6 +267,127 @@ async def test_past_the_retry_cap_the_outcome_is_given_up_to_lease_expiry_not_fa
     ]
     assert len(errors) == 1
     assert str(task) in errors[0].getMessage()
+
+
+# --- item 3: an outcome the database cannot store is never dropped ------------------------------
+
+
+class NulPermanentHandler(StepHandler):
+    """Fails for good with a NUL in its message and unstorable text in its error context."""
+
+    handler_name = "delivery.nul_permanent"
+
+    def call(self, context: StepContext) -> StepHandlerResult:
+        RUNS[(context.task_uuid, context.step_name)] += 1
+        raise PermanentError(
+            "card \x00 declined", error_code="declined", context={"raw\x00": "x\udcff"}
+        )
+
+
+class SurrogateHandler(StepHandler):
+    """Attempt 1: an exception whose text holds a lone surrogate (a file name decoded with
+    surrogateescape). Attempt 2: a result and metadata holding NUL and lone surrogates."""
+
+    handler_name = "delivery.surrogates"
+
+    async def call(self, context: StepContext) -> StepHandlerResult:
+        RUNS[(context.task_uuid, context.step_name)] += 1
+        name = b"report-\xff.csv".decode("utf-8", "surrogateescape")
+        if context.attempt == 1:
+            raise OSError(f"cannot open {name}")
+        return self.success({"file": name, "notes\x00": ["a\x00b"]}, metadata={"src": name})
+
+
+class HugeRetryAfterHandler(StepHandler):
+    """Attempt 1: a retryable error whose retry_after (two years) the engine refuses."""
+
+    handler_name = "delivery.huge_retry_after"
+
+    def call(self, context: StepContext) -> StepHandlerResult:
+        RUNS[(context.task_uuid, context.step_name)] += 1
+        if context.attempt == 1:
+            raise RetryableError("rate limited", retry_after=2 * 365 * 86400.0)
+        return self.success({"attempt": context.attempt})
+
+
+def one_step(name: str, handler: str) -> TaskTemplate:
+    return TaskTemplate.from_dict(
+        {
+            "name": name,
+            "namespace_name": NS,
+            "version": "1.0.0",
+            "steps": [{"name": name, "handler": {"callable": handler}, "retry": QUICK_RETRY}],
+        }
+    )
+
+
+UNSTORABLE = [
+    one_step("nul_permanent", "delivery.nul_permanent"),
+    one_step("surrogates", "delivery.surrogates"),
+    one_step("huge_retry_after", "delivery.huge_retry_after"),
+]
+
+
+@contextlib.asynccontextmanager
+async def unstorable_worker(dsn: str) -> AsyncIterator[Worker]:
+    reg = registry(NulPermanentHandler, SurrogateHandler, HugeRetryAfterHandler)
+    async with Worker([NS], reg, dsn=dsn, templates=UNSTORABLE, lease_seconds=2.0, **FAST) as w:
+        yield w
+
+
+async def test_a_nul_in_a_permanent_error_is_replaced_and_the_failure_stored(
+    dsn: str, conn: db.Connection
+) -> None:
+    async with unstorable_worker(dsn) as worker:
+        task = await conn.create_task(NS, "nul_permanent", {})
+        assert (await wait_final(conn, [task], timeout=30))[task] == "error"
+        assert worker.stats.failed == 1
+    step = (await steps_of(conn, task))["nul_permanent"]
+    assert step["attempts"] == 1
+    assert RUNS[(str(task), "nul_permanent")] == 1
+    error = step["last_error"]
+    assert error["message"] == (
+        "card \ufffd declined [tasker: 3 NUL / lone-surrogate characters replaced]"
+    )
+    assert error["error_code"] == "declined"
+    assert error["context"] == {"raw\ufffd": "x\ufffd"}
+
+
+async def test_lone_surrogates_in_an_error_and_a_result_are_replaced(
+    dsn: str, conn: db.Connection
+) -> None:
+    async with unstorable_worker(dsn) as worker:
+        task = await conn.create_task(NS, "surrogates", {})
+        assert (await wait_final(conn, [task], timeout=30))[task] == "complete"
+        assert (worker.stats.retried, worker.stats.succeeded) == (1, 1)
+    step = (await steps_of(conn, task))["surrogates"]
+    assert step["attempts"] == 2
+    assert RUNS[(str(task), "surrogates")] == 2  # once per attempt: nothing was re-run
+    assert step["results"] == {"file": "report-\ufffd.csv", "notes\ufffd": ["a\ufffdb"]}
+    history = await transitions(conn, step["step_uuid"])
+    retried = [t for t in history if t["to_state"] == "waiting_for_retry"]
+    assert len(retried) == 1 and retried[0]["attempt"] == 1
+    assert "cannot open report-\ufffd.csv" in retried[0]["error_summary"]
+    # one in the message, one in the traceback that repeats it
+    assert "[tasker: 2 NUL / lone-surrogate characters replaced]" in retried[0]["error_summary"]
+
+
+async def test_a_failure_the_engine_still_refuses_becomes_a_minimal_failure(
+    dsn: str, conn: db.Connection
+) -> None:
+    async with unstorable_worker(dsn) as worker:
+        task = await conn.create_task(NS, "huge_retry_after", {})
+        assert (await wait_final(conn, [task], timeout=30))[task] == "complete"
+        assert worker.stats.retried == 1
+    step = (await steps_of(conn, task))["huge_retry_after"]
+    assert step["attempts"] == 2
+    assert RUNS[(str(task), "huge_retry_after")] == 2  # once per attempt
+    history = await transitions(conn, step["step_uuid"])
+    retried = [t for t in history if t["to_state"] == "waiting_for_retry"]
+    assert len(retried) == 1 and retried[0]["attempt"] == 1
+    summary = retried[0]["error_summary"]
+    assert "outcome_refused" in summary or "the engine refused" in summary, summary
+    assert "retry_after" in summary and "rate limited" in summary, summary
 
 
 def gate_name(gate: asyncio.Event) -> str:
