@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import collections
 import contextlib
@@ -24,8 +25,16 @@ from typing import Any
 
 import pytest
 
-from tasker_pg import HandlerRegistry, StepContext, StepHandler, StepHandlerResult, Worker, db
-from tasker_pg.errors import PermanentError, RetryableError
+from tasker_pg import (
+    HandlerRegistry,
+    StepContext,
+    StepHandler,
+    StepHandlerResult,
+    Worker,
+    db,
+    worker_cli,
+)
+from tasker_pg.errors import ConfigurationError, PermanentError, RetryableError
 from tasker_pg.template import TaskTemplate
 from tests.support.worker import poll, steps_of, wait_final
 
@@ -390,6 +399,108 @@ async def test_a_failure_the_engine_still_refuses_becomes_a_minimal_failure(
     assert "retry_after" in summary and "rate limited" in summary, summary
 
 
+# --- item 7: hung handlers are bounded --------------------------------------------------------
+
+
+class HangOnceAsyncHandler(StepHandler):
+    """Attempt 1 hangs (far longer than the test); later attempts are quick."""
+
+    handler_name = "delivery.hang_once_async"
+
+    async def call(self, context: StepContext) -> StepHandlerResult:
+        RUNS[(context.task_uuid, context.step_name)] += 1
+        if context.attempt == 1:
+            await asyncio.sleep(600)
+        return self.success({"attempt": context.attempt})
+
+
+class BlockOnceSyncHandler(StepHandler):
+    """Attempt 1 blocks its thread for `block` seconds (bounded); later attempts are quick."""
+
+    handler_name = "delivery.block_once_sync"
+
+    def call(self, context: StepContext) -> StepHandlerResult:
+        RUNS[(context.task_uuid, context.step_name)] += 1
+        if context.attempt == 1:
+            time.sleep(context.get_input_or("block", 3.0))
+        return self.success({"attempt": context.attempt})
+
+
+HUNG = [
+    one_step("hang_async", "delivery.hang_once_async"),
+    one_step("block_sync", "delivery.block_once_sync"),
+]
+
+
+async def assert_timed_out_once_then_completed(conn: db.Connection, task: uuid.UUID) -> None:
+    step = next(iter((await steps_of(conn, task)).values()))
+    assert step["state"] == "complete"
+    assert step["attempts"] == 2
+    assert step["results"] == {"attempt": 2}
+    assert RUNS[(str(task), step["name"])] == 2
+    history = await transitions(conn, step["step_uuid"])
+    retried = [t for t in history if t["to_state"] == "waiting_for_retry"]
+    assert len(retried) == 1 and retried[0]["attempt"] == 1
+    assert retried[0]["error_summary"].startswith("timeout: "), retried[0]
+    assert "max run time of 0.5 seconds" in retried[0]["error_summary"]
+
+
+async def test_a_hung_async_handler_is_cancelled_at_max_runtime_and_retried(
+    dsn: str, conn: db.Connection
+) -> None:
+    reg = registry(HangOnceAsyncHandler, BlockOnceSyncHandler)
+    async with Worker([NS], reg, dsn=dsn, templates=HUNG, max_runtime=0.5, **FAST) as worker:
+        task = await conn.create_task(NS, "hang_async", {})
+        assert (await wait_final(conn, [task], timeout=30))[task] == "complete"
+        assert worker.stats.timeouts == 1
+        assert worker.health.status == "ok"
+    await assert_timed_out_once_then_completed(conn, task)
+    step = (await steps_of(conn, task))["hang_async"]
+    errors = await conn.fetch(
+        "SELECT error_summary FROM tasker.step_transitions WHERE step_uuid = $1 "
+        "AND to_state = 'waiting_for_retry'",
+        step["step_uuid"],
+    )
+    assert len(errors) == 1
+
+
+async def test_a_blocked_sync_handler_fails_as_timeout_and_holds_its_slot_until_it_returns(
+    dsn: str, conn: db.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tasker_pg")
+    reg = registry(HangOnceAsyncHandler, BlockOnceSyncHandler)
+    async with Worker(
+        [NS], reg, dsn=dsn, templates=HUNG, max_runtime=0.5, concurrency=1, **FAST
+    ) as worker:
+        task = await conn.create_task(NS, "block_sync", {"block": 4.0})
+
+        async def stalled() -> bool:
+            return worker.health.status == "stalled" and await _left_in_progress(
+                conn, task, "block_sync"
+            )
+
+        # The thread cannot be stopped: the failure is reported, and the only slot stays
+        # taken until the thread returns, so the worker says it is stalled.
+        await poll(stalled, timeout=20, what="the worker stalled by its overdue thread")
+        health = worker.health
+        assert (health.overdue, health.free_slots) == (1, 0)
+        step = (await steps_of(conn, task))["block_sync"]
+        assert step["state"] == "waiting_for_retry"
+        assert step["last_error"]["error_code"] == "timeout"
+        assert RUNS[(str(task), "block_sync")] == 1  # not re-run while the thread holds the slot
+        assert (await wait_final(conn, [task], timeout=30))[task] == "complete"
+        assert worker.health.status == "ok"
+        assert worker.stats.timeouts == 1
+    await assert_timed_out_once_then_completed(conn, task)
+    stalled_logs = [
+        r
+        for r in caplog.records
+        if r.levelno == logging.WARNING and "slot(s) are held by handlers" in r.getMessage()
+    ]
+    assert len(stalled_logs) == 1  # once per state change
+    assert any("is free again" in r.getMessage() for r in caplog.records)
+
+
 def gate_name(gate: asyncio.Event) -> str:
     return next(name for name, g in GATES.items() if g is gate)
 
@@ -409,3 +520,66 @@ async def _some(probe: Callable[[], Awaitable[int | None]]) -> tuple[int] | None
 
 async def _ran(task: uuid.UUID, step: str) -> bool:
     return RUNS[(str(task), step)] > 0
+
+
+# --- the settings ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "complaint"),
+    [
+        ("max_runtime", 0, "max_runtime must be > 0"),
+        ("max_runtime", float("inf"), "max_runtime must be > 0 and finite"),
+        ("outcome_retry_cap", -1.0, "outcome_retry_cap must be > 0"),
+        ("server_settings", {"lock timeout": "1s"}, "is not a PostgreSQL setting name"),
+        ("server_settings", {"lock_timeout": 5}, "must be a string"),
+    ],
+)
+def test_bad_bounds_are_refused_naming_the_setting(
+    setting: str, value: Any, complaint: str
+) -> None:
+    with pytest.raises(ConfigurationError, match=complaint):
+        Worker([NS], registry(), **{setting: value})
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max-runtime", "0"],
+        ["--outcome-retry-cap", "-5"],
+        ["--max-runtime", "inf"],
+        ["--pg-setting", "lock_timeout"],
+    ],
+)
+def test_bad_worker_options_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    parser = argparse.ArgumentParser()
+    worker_cli.add_arguments(parser)
+    with pytest.raises(SystemExit) as exited:
+        parser.parse_args(["--namespace", NS, *argv])
+    assert exited.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_worker_options_reach_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    worker_cli.add_arguments(parser)
+    argv = ["--namespace", NS, "--max-runtime", "90", "--outcome-retry-cap", "30"]
+    argv += ["--pg-setting", "lock_timeout=5s", "--pg-setting", "statement_timeout=1min"]
+    args = parser.parse_args(argv)
+    worker = Worker(
+        [NS],
+        registry(),
+        max_runtime=args.max_runtime,
+        outcome_retry_cap=args.outcome_retry_cap,
+        server_settings=dict(args.pg_setting),
+    )
+    assert worker.config.max_runtime == 90.0
+    assert worker.config.outcome_retry_cap == 30.0
+    assert worker.config.server_settings == (
+        ("lock_timeout", "5s"),
+        ("statement_timeout", "1min"),
+    )
+    defaults = parser.parse_args(["--namespace", NS])
+    assert (defaults.max_runtime, defaults.outcome_retry_cap) == (3600.0, 600.0)
