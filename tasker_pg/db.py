@@ -13,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 import asyncpg
 
@@ -27,6 +27,7 @@ from tasker_pg.errors import (
     NotFoundError,
     SchemaError,
     TaskerError,
+    TransientDatabaseError,
     ValidationError,
 )
 from tasker_pg.rows import ClaimedStep
@@ -61,7 +62,68 @@ SQLSTATE_ERROR_CODES: dict[str, str] = {
     "TS004": "queue_has_live_steps",
     "TS005": "engine_queue",
 }
-_CONNECTION_SQLSTATE_PREFIXES = ("08", "57P")
+# How a SQLSTATE is treated by code that must decide whether to send something again (the
+# worker's delivery of outcomes). Longest matching prefix wins; see `classify_sqlstate`.
+#   refusal: the database looked at what was sent and said no, and would say no again: our own
+#     TVxxx (bad input), TNxxx (not found) and TSxxx (wrong state), data exceptions (22xxx:
+#     value too long, invalid text representation, untranslatable character) and program
+#     limits (54xxx: a jsonb value too large).
+#   connection: the session is gone (08xxx, and 57Pxx: admin or crash shutdown).
+#   transient: anything else, by name or not: serialization failures and deadlocks (40xxx),
+#     insufficient resources (53xxx: out of memory, disk full, too many connections),
+#     lock_not_available (55P03, lock_timeout), query_canceled (57014: statement_timeout, a
+#     cancel request). An error nobody recognises is never taken for a verdict.
+SqlstateClass = Literal["refusal", "transient", "connection"]
+_SQLSTATE_CLASSIFICATION: dict[str, SqlstateClass] = {
+    "TV": "refusal",
+    "TN": "refusal",
+    "TS": "refusal",
+    "22": "refusal",
+    "54": "refusal",
+    "08": "connection",
+    "57P": "connection",
+    "40": "transient",
+    "53": "transient",
+    "55P03": "transient",
+    "57014": "transient",
+}
+_CONNECTION_SQLSTATE_PREFIXES = tuple(
+    p for p, c in _SQLSTATE_CLASSIFICATION.items() if c == "connection"
+)
+_TRANSIENT_SQLSTATE_PREFIXES = tuple(
+    p for p, c in _SQLSTATE_CLASSIFICATION.items() if c == "transient"
+)
+
+
+def classify_sqlstate(sqlstate: str | None) -> SqlstateClass:
+    """Whether an error with this SQLSTATE is a refusal, transient, or a lost connection.
+
+    A refusal is deterministic (the same statement with the same values fails the same way);
+    anything not known to be one, an unknown or missing SQLSTATE included, is transient.
+    """
+    if not sqlstate:
+        return "transient"
+    for length in (5, 3, 2):
+        found = _SQLSTATE_CLASSIFICATION.get(sqlstate[:length])
+        if found is not None:
+            return found
+    return "transient"
+
+
+def is_refusal(exc: BaseException) -> bool:
+    """Whether `exc` says the database refused what was sent, and would refuse it again.
+
+    True for the refusal SQLSTATEs of `classify_sqlstate` and for a value the driver refused
+    to encode before sending it (a `ValidationError` without a SQLSTATE). False for everything
+    else, unknown errors included: code that holds something it must not lose (an outcome)
+    sends it again instead of giving up on it.
+    """
+    if not isinstance(exc, TaskerError) or isinstance(exc, TransientDatabaseError):
+        return False
+    if exc.sqlstate:
+        return classify_sqlstate(exc.sqlstate) == "refusal"
+    return isinstance(exc, ValidationError)
+
 
 SERVER_SETTINGS = {
     "application_name": "tasker-pg",
@@ -88,6 +150,8 @@ def translate_error(exc: BaseException) -> TaskerError:
             error = cls(message, error_code=SQLSTATE_ERROR_CODES.get(sqlstate))
         elif sqlstate and sqlstate.startswith(_CONNECTION_SQLSTATE_PREFIXES):
             error = ConnectionLostError(message, sqlstate=sqlstate)
+        elif sqlstate and sqlstate.startswith(_TRANSIENT_SQLSTATE_PREFIXES):
+            error = TransientDatabaseError(message, sqlstate=sqlstate, position=position)
         else:
             error = DatabaseError(message, sqlstate=sqlstate, position=position)
         error.sqlstate = sqlstate
@@ -631,14 +695,16 @@ async def connect(
     *,
     check_schema: bool = True,
     timeout: float = 10.0,
+    server_settings: Mapping[str, str] | None = None,
 ) -> Connection:
     """Open a session on the resolved database; refuse a missing or outdated schema.
 
     `check_schema=False` is for the migrator and for administrative tools that create or
-    inspect databases.
+    inspect databases. `server_settings` are PostgreSQL settings of the session (e.g.
+    `{"lock_timeout": "5s"}`), on top of tasker-pg's own.
     """
     resolved = resolve_dsn(dsn)
-    raw = await _raw_connect(resolved, timeout=timeout)
+    raw = await _raw_connect(resolved, timeout=timeout, server_settings=server_settings)
     conn = Connection(raw, resolved.source)
     if check_schema:
         try:
@@ -716,9 +782,12 @@ async def _check_schema(conn: Connection, resolved: ResolvedDsn) -> None:
     await check_schema(conn, migrate_hint=_migrate_hint(resolved))
 
 
-async def _raw_connect(resolved: ResolvedDsn, *, timeout: float) -> asyncpg.Connection:
+async def _raw_connect(
+    resolved: ResolvedDsn, *, timeout: float, server_settings: Mapping[str, str] | None = None
+) -> asyncpg.Connection:
+    settings = {**SERVER_SETTINGS, **(server_settings or {})}
     try:
-        raw = await asyncpg.connect(resolved.dsn, timeout=timeout, server_settings=SERVER_SETTINGS)
+        raw = await asyncpg.connect(resolved.dsn, timeout=timeout, server_settings=settings)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         raise DatabaseNotFoundError(
             f"could not connect to {mask_dsn(resolved.dsn)} (from {resolved.source}): "

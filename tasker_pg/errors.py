@@ -107,7 +107,15 @@ class DatabaseError(TaskerError):
         self.position = position
 
 
-class ConnectionLostError(DatabaseError):
+class TransientDatabaseError(DatabaseError):
+    """PostgreSQL could not do it now (a lock or statement timeout, a cancelled query, a
+    serialization failure or deadlock, too many connections, out of memory): sending the same
+    thing again later can succeed, so nothing about it is a verdict on what was sent."""
+
+    error_code = "database_busy"
+
+
+class ConnectionLostError(TransientDatabaseError):
     """The connection to PostgreSQL failed or was closed; the operation may be retried."""
 
     error_code = "connection_lost"

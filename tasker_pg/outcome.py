@@ -17,13 +17,17 @@ and last `claim_seq`.
 
 The rules make sure an outcome is always valid JSON and never huge: a result that cannot be
 stored becomes a permanent failure that says why, and error messages, tracebacks and error
-contexts are capped.
+contexts are capped. Characters no jsonb value can hold (NUL, and lone surrogates such as a
+file name decoded with `surrogateescape`) are replaced by U+FFFD in every string of the outcome,
+keys included; a failure's message then says how many were replaced, a success's metadata
+carries the count as `tasker_replaced_characters`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
 import traceback
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -44,6 +48,7 @@ __all__ = [
     "outcome_from_exception",
     "outcome_from_result",
     "refused_outcome",
+    "storable_text",
     "timeout_outcome",
 ]
 
@@ -61,6 +66,16 @@ MAX_ERROR_JSON_BYTES = 60 * 1024
 of `max_error_bytes` in `tasker.settings`, so the engine never refuses a failure for its size."""
 
 _JSON_ERRORS = (TypeError, ValueError, RecursionError)
+
+# What jsonb (and UTF-8) cannot hold: NUL, and a surrogate code point on its own (a Python str
+# never holds a valid surrogate pair, so any surrogate in it is a lone one).
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+# How NUL looks in JSON text (json.dumps escapes control characters even without ensure_ascii).
+_NUL_IN_JSON = "\\u0000"
+REPLACEMENT_CHARACTER = "\ufffd"
+
+OUTCOME_REFUSED = "outcome_refused"
+"""error_code of the minimal failure sent when the engine refused a failure outcome."""
 
 _FIX_INVALID_RETURN = (
     "call() must return self.success(...), self.failure(...) or "
@@ -211,12 +226,20 @@ def outcome_from_result(
                 f"{who} returned success metadata of type {type(metadata).__name__}; "
                 "metadata must be a JSON object (a dict) or None",
             )
+        result = value.result
+        stored: Mapping[str, Any] = metadata
+        if _may_hold_unstorable([result, metadata]):
+            replaced = [0]
+            result = _storable(result, replaced)
+            stored = _storable(metadata, replaced)
+            if replaced[0]:
+                stored = {**stored, "tasker_replaced_characters": replaced[0]}
         return Success(
             fence=fence,
             duration_ms=duration_ms,
             worker_id=worker_id,
-            result=value.result,
-            metadata=metadata,
+            result=result,
+            metadata=stored,
         )
 
     if value.kind == "checkpoint":
@@ -235,13 +258,17 @@ def outcome_from_result(
                 "The cursor and accumulated_results must be plain JSON data "
                 "(dict, list, str, int, float, bool, None).",
             )
+        cursor, accumulated = value.cursor, value.accumulated_results
+        if _may_hold_unstorable(checkpoint):
+            cursor = _storable(cursor, [0])
+            accumulated = _storable(accumulated, [0])
         return Checkpoint(
             fence=fence,
             duration_ms=duration_ms,
             worker_id=worker_id,
-            cursor=value.cursor,
+            cursor=cursor,
             items_processed=value.items_processed,
-            accumulated_results=value.accumulated_results,
+            accumulated_results=accumulated,
         )
 
     return _failure(
@@ -322,18 +349,30 @@ def timeout_outcome(
     duration_ms: float,
     timeout_seconds: float,
     worker_id: str | None = None,
+    limit: Literal["timeout_seconds", "max_runtime"] = "timeout_seconds",
 ) -> Failure:
-    """The outcome for a run the worker abandoned after `timeout_seconds`: a retryable failure."""
+    """The outcome for a run the worker abandoned after its run time was up: a retryable
+    failure with error_code "timeout". `limit` says which limit it was: the step's
+    `timeout_seconds`, or the worker's `max_runtime` (for steps without one)."""
+    if limit == "timeout_seconds":
+        fix = "raise timeout_seconds in the template if it needs longer"
+        what = "its timeout"
+    else:
+        fix = (
+            "give the step a timeout_seconds in the template, or start the worker with a "
+            "larger --max-runtime, if it needs longer"
+        )
+        what = "the worker's max run time"
     return _failure(
         fence,
         float(duration_ms),
         worker_id,
         message=(
-            f"step handler did not finish within its timeout of {timeout_seconds:g} seconds "
-            "and was abandoned; raise timeout_seconds in the template if it needs longer"
+            f"step handler did not finish within {what} of {timeout_seconds:g} seconds "
+            f"and was abandoned; {fix}"
         ),
         error_type="timeout",
-        error_code="step_timeout",
+        error_code="timeout",
         retryable=True,
         retry_after=None,
         context={"timeout_seconds": timeout_seconds},
@@ -341,13 +380,43 @@ def timeout_outcome(
     )
 
 
-def refused_outcome(refused: Outcome, error: TaskerError) -> Failure:
-    """The permanent failure that replaces an outcome `tasker.complete_steps` refused.
+def refused_outcome(refused: Outcome, error: TaskerError) -> Failure | None:
+    """The failure that replaces an outcome `tasker.complete_steps` refused, None when even
+    the minimal failure was refused (nothing smaller can be sent).
 
-    For a success or checkpoint the engine would not store (e.g. an oversized result): the step
-    fails naming the problem instead of the outcome being lost. error_type "invalid_result",
-    error_code the engine's (or "invalid_result").
+    For a success or checkpoint the engine would not store (e.g. an oversized result): a
+    permanent failure naming the problem instead of the outcome being lost, error_type
+    "invalid_result", error_code the engine's (or "invalid_result"). For a failure: a minimal
+    failure (error_code "outcome_refused") that keeps only what is sure to be storable, the
+    original error type and code and the start of its message, and says why; retryable as
+    the refused one was (after the step's backoff: its retry_after may be what was refused).
     """
+    if isinstance(refused, Failure):
+        if refused.error.error_code == OUTCOME_REFUSED:
+            return None
+        original = refused.error
+        head = original.message[:200]
+        code = f" [{original.error_code}]" if original.error_code else ""
+        return _failure(
+            refused.fence,
+            refused.duration_ms,
+            refused.worker_id,
+            message=(
+                f"the engine refused the step's failure outcome ({error}); the handler's error "
+                f"was {original.error_type}{code}: {head}"
+            )
+            .encode("ascii", "backslashreplace")
+            .decode("ascii")
+            .replace("\x00", "\\x00"),
+            error_type=(
+                original.error_type.encode("ascii", "replace").decode("ascii").replace("\x00", "?")
+            ),
+            error_code=OUTCOME_REFUSED,
+            retryable=original.retryable,
+            retry_after=None,  # it may be what was refused: the step's backoff applies
+            context={},
+            tb=None,
+        )
     return _failure(
         refused.fence,
         refused.duration_ms,
@@ -379,23 +448,38 @@ def _failure(
     tb: str | None,
     metadata: Any = None,
 ) -> Failure:
-    """A failure whose every part is made safe to store."""
+    """A failure whose every part is made safe to store.
+
+    Characters jsonb cannot hold are replaced first (in every part), and the message then
+    says how many were.
+    """
+    replaced = [0]
+    text = truncate_head(_storable(str(message), replaced), MAX_MESSAGE_BYTES)
+    step_error = StepError(
+        message=text,
+        error_type=truncate_head(_storable(str(error_type), replaced), 200),
+        error_code=(
+            None if error_code is None else truncate_head(_storable(str(error_code), replaced), 200)
+        ),
+        retryable=retryable,
+        retry_after=_safe_retry_after(retry_after),
+        context=_safe_object(context, MAX_ERROR_CONTEXT_BYTES, replaced),
+        traceback=(
+            None if tb is None else truncate_tail(_storable(tb, replaced), MAX_TRACEBACK_BYTES)
+        ),
+    )
+    safe_metadata = _safe_object(metadata, MAX_ERROR_CONTEXT_BYTES, replaced)
+    if replaced[0]:
+        count = replaced[0]
+        plural = "" if count == 1 else "s"
+        note = f" [tasker: {count} NUL / lone-surrogate character{plural} replaced]"
+        step_error = replace(step_error, message=text + note)
     return Failure(
         fence=fence,
         duration_ms=duration_ms,
         worker_id=worker_id,
-        error=_truncate_text(
-            StepError(
-                message=truncate_head(str(message), MAX_MESSAGE_BYTES),
-                error_type=truncate_head(str(error_type), 200),
-                error_code=None if error_code is None else truncate_head(str(error_code), 200),
-                retryable=retryable,
-                retry_after=_safe_retry_after(retry_after),
-                context=_safe_object(context, MAX_ERROR_CONTEXT_BYTES),
-                traceback=None if tb is None else truncate_tail(tb, MAX_TRACEBACK_BYTES),
-            )
-        ),
-        metadata=_safe_object(metadata, MAX_ERROR_CONTEXT_BYTES),
+        error=_truncate_text(step_error),
+        metadata=safe_metadata,
     )
 
 
@@ -521,11 +605,12 @@ def _safe_retry_after(value: float | None) -> float | None:
     return seconds
 
 
-def _safe_object(value: Any, limit: int) -> dict[str, Any]:
+def _safe_object(value: Any, limit: int, replaced: list[int]) -> dict[str, Any]:
     """A JSON object that can always be stored: made JSON-safe, and previewed when too large.
 
     Error contexts and failure metadata are diagnostics; losing a failure because its context
-    held a datetime would be worse than storing the datetime's repr.
+    held a datetime would be worse than storing the datetime's repr. Characters jsonb cannot
+    hold are replaced (counted in `replaced[0]`).
     """
     if value is None:
         return {}
@@ -537,9 +622,46 @@ def _safe_object(value: Any, limit: int) -> dict[str, Any]:
     except _JSON_ERRORS:
         safe = _jsonable(value, depth=0)
         text = jsonutil.dumps(safe)
+    if _text_may_hold_unstorable(text):
+        safe = _storable(safe, replaced)
+        text = jsonutil.dumps(safe)
     if len(text.encode("utf-8")) > limit:
         return {"truncated": True, "preview": truncate_head(text, limit // 2)}
     return safe
+
+
+def storable_text(text: str) -> tuple[str, int]:
+    """`text` with NUL and lone surrogates replaced by U+FFFD, and how many were."""
+    return _UNSTORABLE.subn(REPLACEMENT_CHARACTER, text)
+
+
+def _storable(value: Any, replaced: list[int]) -> Any:
+    """A copy of JSON data whose strings (keys too) jsonb can hold; counts in `replaced[0]`.
+
+    Values that need no change are returned as they are (not copied).
+    """
+    if isinstance(value, str):
+        text, count = _UNSTORABLE.subn(REPLACEMENT_CHARACTER, value)
+        replaced[0] += count
+        return text
+    if isinstance(value, Mapping):
+        return {_storable(k, replaced): _storable(v, replaced) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v, replaced) for v in value]
+    return value
+
+
+def _may_hold_unstorable(value: Any) -> bool:
+    """Whether JSON data may hold a character jsonb cannot (cheap: one scan of its JSON)."""
+    try:
+        return _text_may_hold_unstorable(jsonutil.dumps(value))
+    except _JSON_ERRORS:
+        return True
+
+
+def _text_may_hold_unstorable(text: str) -> bool:
+    # An escaped backslash before "u0000" also matches: harmless, cleaning then finds nothing.
+    return _NUL_IN_JSON in text or _UNSTORABLE.search(text) is not None
 
 
 def _jsonable(value: Any, depth: int) -> Any:

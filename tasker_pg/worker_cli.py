@@ -33,6 +33,7 @@ from tasker_pg.errors import TaskerError
 from tasker_pg.registry import HandlerRegistry
 from tasker_pg.template import TaskTemplate, load_templates
 from tasker_pg.worker import Worker, entry, steplog
+from tasker_pg.worker.config import DEFAULT_MAX_RUNTIME, DEFAULT_OUTCOME_RETRY_CAP
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -102,6 +103,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=1.0,
         metavar="S",
         help="claim this often even without notifications (default 1)",
+    )
+    parser.add_argument(
+        "--max-runtime",
+        type=argtypes.positive_float,
+        default=DEFAULT_MAX_RUNTIME,
+        metavar="SECONDS",
+        help="longest a handler may run per claim when its step has no timeout_seconds; past "
+        "it the step fails retryably with error_code timeout (default 3600)",
+    )
+    parser.add_argument(
+        "--outcome-retry-cap",
+        type=argtypes.positive_float,
+        default=DEFAULT_OUTCOME_RETRY_CAP,
+        metavar="SECONDS",
+        help="how long an outcome the database has not acknowledged (lock or statement "
+        "timeout, lost connection) is sent again with its lease kept; past it the lease "
+        "expires and the engine retries the step (default 600)",
+    )
+    parser.add_argument(
+        "--pg-setting",
+        action="append",
+        default=[],
+        type=_pg_setting,
+        metavar="NAME=VALUE",
+        help="PostgreSQL setting of every session the worker opens, e.g. lock_timeout=5s; "
+        "repeatable",
     )
     parser.add_argument(
         "--summary-interval",
@@ -200,6 +227,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
             summary_interval=args.summary_interval,
             repair_interval=args.repair_interval,
             missing_handler_delay=args.missing_handler_delay,
+            max_runtime=args.max_runtime,
+            outcome_retry_cap=args.outcome_retry_cap,
+            server_settings=dict(args.pg_setting),
         )
     except TaskerError as exc:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
@@ -222,6 +252,14 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(EXIT_OK)
     return EXIT_OK
+
+
+def _pg_setting(text: str) -> tuple[str, str]:
+    """`NAME=VALUE` as a (name, value) pair (the worker checks the name)."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, e.g. lock_timeout=5s, got {text!r}")
+    return name.strip(), value
 
 
 def load_handlers_and_templates(

@@ -8,10 +8,12 @@ over one part per job:
   fallback; each claim asks for as many steps as there are free slots in one
   `tasker.claim_steps` call, typed as `tasker_pg.rows.ClaimedStep`.
 - `running`: every claimed step gets an asyncio task at once; async handlers run on the loop,
-  sync handlers in a thread pool of `concurrency` threads; `timeout_seconds` is enforced.
+  sync handlers in a thread pool of `concurrency` threads; each claim has a max run time (the
+  step's `timeout_seconds`, else `max_runtime`), past which it fails as a `timeout`.
 - `delivery`: outcomes (typed values fenced by step, attempt and claim_seq) are buffered and
   flushed by a single flusher, one `tasker.complete_steps` call in flight at a time; the answer
-  is counted and each step's end is logged (`steplog`).
+  is counted and each step's end is logged (`steplog`). Only a refusal (`db.is_refusal`)
+  changes an outcome; any other error re-sends it with backoff, for up to `outcome_retry_cap`.
 - `leases`: a heartbeat extends the leases of running steps in one `tasker.extend_leases` call;
   unstarted claims go back with `tasker.release_steps` at shutdown.
 - `session`: one claim session (also heartbeats and releases), one flush session and one
@@ -29,6 +31,6 @@ from __future__ import annotations
 
 from tasker_pg.worker.config import WorkerConfig, default_worker_id
 from tasker_pg.worker.core import Worker
-from tasker_pg.worker.state import WorkerStats
+from tasker_pg.worker.state import WorkerHealth, WorkerStats
 
-__all__ = ["Worker", "WorkerConfig", "WorkerStats", "default_worker_id"]
+__all__ = ["Worker", "WorkerConfig", "WorkerHealth", "WorkerStats", "default_worker_id"]

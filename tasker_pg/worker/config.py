@@ -3,15 +3,25 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from tasker_pg.errors import ConfigurationError
 
 # PostgreSQL truncates application_name at 63 bytes.
 _APPLICATION_NAME_MAX = 63
+# A PostgreSQL setting name (custom ones have a dot: myext.setting).
+_SETTING_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)?$")
+_SETTING_VALUE_MAX = 1024
+
+DEFAULT_MAX_RUNTIME = 3600.0
+"""Seconds a handler may run per claim when its step has no timeout_seconds (1 hour)."""
+
+DEFAULT_OUTCOME_RETRY_CAP = 600.0
+"""Seconds the worker keeps re-sending an outcome the database has not acknowledged."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +41,10 @@ class WorkerConfig:
     summary_interval: float = 30.0
     repair_interval: float = 60.0
     missing_handler_delay: float = 10.0
+    max_runtime: float = DEFAULT_MAX_RUNTIME
+    outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP
+    # PostgreSQL settings of every session the worker opens, e.g. (("lock_timeout", "5s"),).
+    server_settings: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def build(
@@ -49,6 +63,9 @@ class WorkerConfig:
         summary_interval: float,
         repair_interval: float = 60.0,
         missing_handler_delay: float = 10.0,
+        max_runtime: float = DEFAULT_MAX_RUNTIME,
+        outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP,
+        server_settings: Mapping[str, str] | None = None,
     ) -> WorkerConfig:
         """Validate the settings; raises `ConfigurationError` naming the one that is wrong."""
         names = tuple(dict.fromkeys(namespaces))
@@ -64,6 +81,9 @@ class WorkerConfig:
         _check_positive("lease_seconds", lease_seconds)
         _check_positive("poll_interval", poll_interval)
         _check_positive("heartbeat_interval", heartbeat_interval)
+        _check_positive("max_runtime", max_runtime)
+        _check_positive("outcome_retry_cap", outcome_retry_cap)
+        settings = _check_server_settings(server_settings or {})
         _check_non_negative("grace_seconds", grace_seconds)
         _check_non_negative("flush_delay", flush_delay)
         _check_non_negative("summary_interval", summary_interval)
@@ -92,6 +112,9 @@ class WorkerConfig:
             summary_interval=float(summary_interval),
             repair_interval=float(repair_interval),
             missing_handler_delay=float(missing_handler_delay),
+            max_runtime=float(max_runtime),
+            outcome_retry_cap=float(outcome_retry_cap),
+            server_settings=settings,
         )
 
     def application_name(self, role: str) -> str:
@@ -109,8 +132,26 @@ def default_worker_id() -> str:
 def _check_positive(name: str, value: float, *, integer: bool = False) -> None:
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
         raise ConfigurationError(f"{name} must be an integer, got {value!r}")
-    if not value > 0:
-        raise ConfigurationError(f"{name} must be > 0, got {value!r}")
+    if not value > 0 or value == float("inf"):
+        raise ConfigurationError(f"{name} must be > 0 and finite, got {value!r}")
+
+
+def _check_server_settings(settings: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """The settings as sorted (name, value) pairs; refuses a name that is not a setting name."""
+    pairs: list[tuple[str, str]] = []
+    for name, value in settings.items():
+        if not isinstance(name, str) or not _SETTING_NAME.match(name):
+            raise ConfigurationError(
+                f"server setting name {name!r} is not a PostgreSQL setting name "
+                "(letters, digits and underscores, e.g. lock_timeout)"
+            )
+        if not isinstance(value, str) or len(value) > _SETTING_VALUE_MAX or "\x00" in value:
+            raise ConfigurationError(
+                f"server setting {name} must be a string of at most {_SETTING_VALUE_MAX} "
+                f"characters, got {value!r:.80}"
+            )
+        pairs.append((name, value))
+    return tuple(sorted(pairs))
 
 
 def _check_non_negative(name: str, value: float) -> None:

@@ -6,19 +6,19 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Mapping
 
 from tasker_pg.registry import HandlerRegistry
 from tasker_pg.template import TaskTemplate
 from tasker_pg.worker import entry, handler_check
 from tasker_pg.worker.claiming import SHUTDOWN_DB_TIMEOUT, Claimer
-from tasker_pg.worker.config import WorkerConfig
+from tasker_pg.worker.config import DEFAULT_MAX_RUNTIME, DEFAULT_OUTCOME_RETRY_CAP, WorkerConfig
 from tasker_pg.worker.delivery import Deliverer
 from tasker_pg.worker.leases import Leases
 from tasker_pg.worker.maintenance import Maintenance
 from tasker_pg.worker.running import Runner
 from tasker_pg.worker.session import Session
-from tasker_pg.worker.state import Claim, Shared, WorkerStats
+from tasker_pg.worker.state import Claim, Shared, WorkerHealth, WorkerStats
 from tasker_pg.worker.steplog import Summary
 
 logger = logging.getLogger(__name__)
@@ -52,6 +52,14 @@ class Worker:
     `repair_interval` how often the worker calls `tasker.repair_messages()` (one worker at a
     time; 0 disables it); `missing_handler_delay` how long a step whose handler this worker
     lacks stays hidden after the worker hands it back (no attempt spent).
+
+    Bounds: `max_runtime` is how long a handler may run per claim when its step has no
+    `timeout_seconds` (default 1 hour); past it the step fails retryably with error_code
+    `timeout`. `outcome_retry_cap` is how long an outcome the database has not acknowledged
+    (lock or statement timeouts, lost connections) is sent again, its lease kept (default 10
+    minutes); past it the worker lets the lease expire and the engine retries the step.
+    `server_settings` are PostgreSQL settings of every session the worker opens (e.g.
+    `{"lock_timeout": "5s"}`).
     """
 
     def __init__(
@@ -72,6 +80,9 @@ class Worker:
         summary_interval: float = 30.0,
         repair_interval: float = 60.0,
         missing_handler_delay: float = 10.0,
+        max_runtime: float = DEFAULT_MAX_RUNTIME,
+        outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP,
+        server_settings: Mapping[str, str] | None = None,
     ) -> None:
         self._templates = list(templates)
         names = [namespaces] if isinstance(namespaces, str) else list(namespaces)
@@ -89,6 +100,9 @@ class Worker:
             summary_interval=summary_interval,
             repair_interval=repair_interval,
             missing_handler_delay=missing_handler_delay,
+            max_runtime=max_runtime,
+            outcome_retry_cap=outcome_retry_cap,
+            server_settings=server_settings,
         )
         self.registry = registry
         self.dsn = dsn
@@ -131,6 +145,12 @@ class Worker:
     def stats(self) -> WorkerStats:
         """A snapshot of the worker's counters."""
         return self._shared.stats()
+
+    @property
+    def health(self) -> WorkerHealth:
+        """What the worker can do right now: "stalled" when every slot is held by a handler
+        that ran past its max run time, with the counts behind it (see `WorkerHealth`)."""
+        return self._shared.health(self._deliverer.waiting)
 
     @property
     def running_steps(self) -> int:

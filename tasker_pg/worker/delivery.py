@@ -3,9 +3,18 @@
 Outcomes are flushed by a single flusher: at once when no handler is running (the latency
 path), else after at most `flush_delay` so that outcomes finishing together share a call.
 Concurrent flushes carrying sibling outcomes of one fan-in would wait on each other's commit;
-one flusher avoids that and batches naturally while a flush is in flight. A batch that was not
-acknowledged because the connection broke is sent again: outcomes are fenced by (step, attempt,
-claim_seq), so a second delivery is reported stale and changes nothing.
+one flusher avoids that and batches naturally while a flush is in flight.
+
+Only a deterministic refusal (`db.is_refusal`: bad input, value too large, unknown step or wrong
+state) changes what is sent: the batch is split to find the culprit, a refused success or
+checkpoint becomes a permanent failure naming why, a refused failure a minimal one. Every other
+error (a lost connection, a lock or statement timeout, a cancelled query, a serialization
+failure or deadlock, too many connections, an error nobody recognises) leaves the outcomes as
+they are: the batch is sent again with capped, jittered exponential backoff while the heartbeat
+keeps extending the leases, and outcomes are fenced by (step, attempt, claim_seq), so a delivery
+that did commit before its answer was lost is reported stale and changes nothing. After
+`outcome_retry_cap` seconds without an acknowledgement the worker gives an outcome up: it stops
+extending its lease and the engine retries the step when the lease expires.
 """
 
 from __future__ import annotations
@@ -19,10 +28,17 @@ from tasker_pg import db
 from tasker_pg.errors import ConnectionLostError, TaskerError
 from tasker_pg.outcome import Outcome, refused_outcome
 from tasker_pg.worker import steplog
-from tasker_pg.worker.session import Session, backoff, wait_event
+from tasker_pg.worker.session import Session, retry_delay, wait_event
 from tasker_pg.worker.state import Claim, Shared
 
 logger = logging.getLogger(__name__)
+
+# An outcome not acknowledged after this many tries is logged at WARNING (then every
+# WARN_EVERY tries), naming the step, the task and the error.
+WARN_AFTER_TRIES = 3
+WARN_EVERY = 10
+# At most this many steps are named one by one in a warning about a batch.
+NAMED_IN_WARNING = 5
 
 
 class Deliverer:
@@ -38,6 +54,11 @@ class Deliverer:
         self._progress = asyncio.Event()
         # The flush connection is down: the claim loop stops claiming until a flush succeeds.
         self.broken = False
+
+    @property
+    def waiting(self) -> int:
+        """Outcomes not acknowledged yet (buffered, or in the complete_steps call now)."""
+        return len(self._outbox) + self._in_flight
 
     def enqueue(self, claim: Claim, outcome: Outcome) -> None:
         """Buffer an outcome; flush at once when no handler runs, else within flush_delay."""
@@ -98,23 +119,34 @@ class Deliverer:
             self._timer = None
 
     async def _deliver(self, batch: list[tuple[Claim, Outcome]]) -> None:
-        """Send one batch until it is acknowledged (re-sending after a lost connection)."""
+        """Send one batch until the database acknowledges or refuses it.
+
+        A refusal goes to `_deliver_singly`. Any other error keeps the outcomes (and, through
+        the heartbeat, their leases) and sends them again with backoff, until each outcome's
+        `outcome_retry_cap` has passed or the worker closes.
+        """
         shared = self._shared
-        outcomes = [outcome.to_json() for _, outcome in batch]
-        failures = 0
-        while True:
+        tries = 0
+        while batch:
             try:
-                rows = await self._session.call(lambda conn: conn.complete_steps(outcomes))
-            except ConnectionLostError as exc:
-                failures += 1
+                rows = await self._send(batch)
+            except Exception as exc:
+                if isinstance(exc, TaskerError) and db.is_refusal(exc):
+                    # The engine refused something in the batch: find the culprit(s).
+                    await self._deliver_singly(batch, exc)
+                    return
+                tries += 1
                 if shared.closed.is_set():
                     logger.error(
-                        "worker %s: dropping %d undelivered outcome(s) at close",
+                        "worker %s: dropping %d undelivered outcome(s) at close (%s); their "
+                        "leases expire and the steps are retried",
                         shared.worker_id,
                         len(batch),
+                        _describe_error(exc),
                     )
                     return
-                if not self.broken:
+                lost = isinstance(exc, ConnectionLostError)
+                if lost and not self.broken:
                     logger.warning(
                         "worker %s: lost the flush connection (%s); re-sending %d outcome(s) "
                         "after reconnecting",
@@ -122,20 +154,89 @@ class Deliverer:
                         exc,
                         len(batch),
                     )
-                self.broken = True
-                # Re-send at once after the first loss (a reconnect is usually all it takes),
-                # then back off.
-                await wait_event(shared.closed, backoff(failures - 1))
+                    self.broken = True
+                batch = self._keep_or_give_up(batch, exc, tries)
+                if batch:
+                    await wait_event(shared.closed, retry_delay(tries, at_once_first=lost))
                 continue
-            except TaskerError as exc:  # the engine refused the batch: find the culprit(s)
-                await self._deliver_singly(batch, exc)
-                return
             shared.counts["flush_calls"] += 1
             if self.broken:
                 self.broken = False
                 shared.claim_wake.set()
             self._acknowledge(batch, rows)
             return
+
+    async def _send(self, batch: list[tuple[Claim, Outcome]]) -> list[db.Row]:
+        """One `complete_steps` call for the batch."""
+        outcomes = [outcome.to_json() for _, outcome in batch]
+        return await self._session.call(lambda conn: conn.complete_steps(outcomes))
+
+    def _keep_or_give_up(
+        self, batch: list[tuple[Claim, Outcome]], error: BaseException, tries: int
+    ) -> list[tuple[Claim, Outcome]]:
+        """After a failed try that was not a refusal: the outcomes to send again.
+
+        An outcome waiting longer than `outcome_retry_cap` is given up: its claim is forgotten,
+        so the heartbeat stops extending its lease, and the engine retries the step once the
+        lease expires. Loud at WARNING after a few tries, at ERROR when giving up.
+        """
+        shared = self._shared
+        cap = shared.config.outcome_retry_cap
+        now = time.monotonic()
+        why = _describe_error(error)
+        shared.bump("delivery_retries")
+        kept: list[tuple[Claim, Outcome]] = []
+        for claim, outcome in batch:
+            if claim.undelivered_since is None:
+                claim.undelivered_since = now
+            if now - claim.undelivered_since >= cap:
+                shared.held.pop(claim, None)
+                shared.bump("outcomes_given_up")
+                logger.error(
+                    "worker %s: the database has not acknowledged the %s outcome of %s for "
+                    "%gs (outcome_retry_cap; last error: %s); giving it up: its lease is no "
+                    "longer extended and the engine retries the step when it expires",
+                    shared.worker_id,
+                    outcome.kind,
+                    claim.describe(),
+                    cap,
+                    why,
+                    extra=claim.log,
+                )
+                continue
+            kept.append((claim, outcome))
+        if kept and (
+            tries == WARN_AFTER_TRIES
+            or (tries > WARN_AFTER_TRIES and (tries - WARN_AFTER_TRIES) % WARN_EVERY == 0)
+        ):
+            for claim, outcome in kept[:NAMED_IN_WARNING]:
+                logger.warning(
+                    "worker %s: the database has not acknowledged the %s outcome of %s after "
+                    "%d tries (%s); keeping it and its lease and sending it again with backoff "
+                    "(for at most %gs)",
+                    shared.worker_id,
+                    outcome.kind,
+                    claim.describe(),
+                    tries,
+                    why,
+                    cap,
+                    extra=claim.log,
+                )
+            if len(kept) > NAMED_IN_WARNING:
+                logger.warning(
+                    "worker %s: ... and %d more outcome(s) of the same batch wait too",
+                    shared.worker_id,
+                    len(kept) - NAMED_IN_WARNING,
+                )
+        elif kept and logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "worker %s: complete_steps for %d outcome(s) failed (%s); try %d, sending again",
+                shared.worker_id,
+                len(kept),
+                why,
+                tries,
+            )
+        return kept
 
     async def _deliver_singly(self, batch: list[tuple[Claim, Outcome]], error: TaskerError) -> None:
         """After a batch error: send outcomes one by one; turn a refused one into a failure."""
@@ -151,25 +252,27 @@ class Deliverer:
                 await self._deliver([item])
             return
         claim, outcome = batch[0]
-        if outcome.kind != "failure":
-            # The engine refused what the handler produced (e.g. an oversized result): store the
-            # refusal as a permanent failure naming the problem instead of losing the outcome.
+        # The engine refused what the handler produced (e.g. an oversized result, a value it
+        # cannot store): send a failure naming the problem instead of losing the outcome.
+        replacement = refused_outcome(outcome, error)
+        if replacement is not None:
             logger.error(
-                "worker %s: the engine refused the %s outcome of %s: %s",
+                "worker %s: the engine refused the %s outcome of %s (%s); sending a failure "
+                "that says so instead",
                 worker_id,
                 outcome.kind,
                 claim.describe(),
-                error,
+                _describe_error(error),
                 extra=claim.log,
             )
-            await self._deliver([(claim, refused_outcome(outcome, error))])
+            await self._deliver([(claim, replacement)])
             return
         logger.error(
-            "worker %s: the engine refused the failure outcome of %s (%s); dropping it, the "
-            "lease expires and the step is retried",
+            "worker %s: the engine refused even the minimal failure outcome of %s (%s); "
+            "dropping it, the lease expires and the step is retried",
             worker_id,
             claim.describe(),
-            error,
+            _describe_error(error),
             extra=claim.log,
         )
         self._shared.held.pop(claim, None)
@@ -198,3 +301,11 @@ class Deliverer:
             counts[steplog.COUNTER_OF_STATE[state]] += 1
             steplog.log_step_end(worker_id, claim, outcome, state)
             claim.error = None  # the traceback's frames are no longer needed
+
+
+def _describe_error(exc: BaseException) -> str:
+    """`message [error_code, SQLSTATE x]` for a log line."""
+    if isinstance(exc, TaskerError):
+        state = f", SQLSTATE {exc.sqlstate}" if exc.sqlstate else ""
+        return f"{exc} [{exc.error_code}{state}]"
+    return f"{type(exc).__name__}: {exc}"

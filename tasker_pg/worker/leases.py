@@ -1,9 +1,14 @@
 """Leases: the heartbeat that keeps running steps claimed, and handing back unstarted claims.
 
 A heartbeat extends, in one `tasker.extend_leases` call, the leases of every held step that
-would otherwise expire before the next heartbeat. A lease reported lost is logged; the handler
-keeps running (at-least-once) and its outcome will come back stale. At shutdown, claims whose
-handler never started go back with `tasker.release_steps` (no attempt spent).
+would otherwise expire before the next heartbeat: running steps, and finished ones whose outcome
+the database has not acknowledged yet. Two kinds are left to expire: a claim whose handler ran
+past its max run time (the worker reported a `timeout` failure for it), and an outcome the
+worker gave up on after `outcome_retry_cap` (no longer held). A heartbeat that fails without a
+refusal (a lock timeout behind the step's own delivery, a lost connection) is tried again after
+a short backoff rather than a whole interval. A lease reported lost is logged; the handler keeps
+running (at-least-once) and its outcome will come back stale. At shutdown, claims whose handler
+never started go back with `tasker.release_steps` (no attempt spent).
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import logging
 import time
 from collections.abc import Sequence
 
+from tasker_pg import db
 from tasker_pg.errors import ConnectionLostError, TaskerError
-from tasker_pg.worker.session import Session, backoff, wait_event
+from tasker_pg.worker.session import Session, backoff, retry_delay, wait_event
 from tasker_pg.worker.state import Claim, Shared
 
 logger = logging.getLogger(__name__)
@@ -28,33 +34,55 @@ class Leases:
         self._session = session
 
     async def heartbeat_loop(self) -> None:
-        """Every heartbeat_interval, extend the leases that would lapse before the next one."""
+        """Every heartbeat_interval, extend the leases that would lapse before the next one;
+        sooner after a heartbeat that failed for a reason that may pass."""
+        shared = self._shared
+        interval = shared.config.heartbeat_interval
+        failures = 0
         while True:
-            await asyncio.sleep(self._shared.config.heartbeat_interval)
-            await self.heartbeat()
+            delay = interval if failures == 0 else min(retry_delay(failures), interval)
+            await asyncio.sleep(delay)
+            failures = 0 if await self.heartbeat() else failures + 1
+            shared.check_stalled()
 
-    async def heartbeat(self) -> None:
-        """One `extend_leases` call for every held claim whose lease ends within two intervals."""
+    async def heartbeat(self) -> bool:
+        """One `extend_leases` call for every held claim whose lease ends within two intervals
+        (claims past their max run time excepted); False when it should be tried again soon."""
         shared = self._shared
         config = shared.config
-        horizon = time.monotonic() + 2 * config.heartbeat_interval
-        due = [c for c in shared.held if not c.lease_lost and c.lease_deadline < horizon]
+        now = time.monotonic()
+        horizon = now + 2 * config.heartbeat_interval
+        due = [
+            c
+            for c in shared.held
+            if not c.lease_lost and c.lease_deadline < horizon and not shared.is_overdue(c, now)
+        ]
         if not due:
-            return
+            return True
         fences = [c.fence.to_json() for c in due]
         sent_at = time.monotonic()
         try:
             rows = await self._session.call(
                 lambda conn: conn.extend_leases(fences, config.lease_seconds)
             )
-        except ConnectionLostError as exc:
-            logger.warning(
-                "worker %s: heartbeat for %d step(s) failed (%s)", shared.worker_id, len(due), exc
-            )
-            return
         except TaskerError as exc:
-            logger.error("worker %s: extend_leases failed: %s", shared.worker_id, exc)
-            return
+            if db.is_refusal(exc):
+                logger.error(
+                    "worker %s: extend_leases refused the heartbeat for %d step(s): %s [%s]",
+                    shared.worker_id,
+                    len(due),
+                    exc,
+                    exc.error_code,
+                )
+                return True
+            logger.warning(
+                "worker %s: heartbeat for %d step(s) failed (%s [%s]); trying again shortly",
+                shared.worker_id,
+                len(due),
+                exc,
+                exc.error_code,
+            )
+            return False
         extended = {str(r["step_uuid"]): bool(r["extended"]) for r in rows}
         for claim in due:
             if extended.get(claim.fence.step_uuid, False):
@@ -69,6 +97,7 @@ class Leases:
                     claim.describe(),
                     extra=claim.log,
                 )
+        return True
 
     async def release(self, claims: Sequence[Claim], timeout: float) -> None:
         """Hand back claims whose handler never started (no attempt spent)."""

@@ -2,9 +2,14 @@
 
 Every claimed step gets an asyncio task at once. Async handlers run on the loop, sync handlers
 in a thread pool of `concurrency` threads, so the loop keeps serving while they block.
-`timeout_seconds` is enforced: an async handler is cancelled; for a sync handler the worker
-stops waiting and the thread finishes in the background (its slot stays taken until it does,
-so the pool never over-commits).
+
+Every claim has a max run time: the step's `timeout_seconds`, else the worker's `max_runtime`
+(1 hour by default); a checkpoint continuation is a new claim with a new one. Past it the
+worker reports a retryable failure with error_code `timeout` (fenced like any outcome) and the
+heartbeat stops extending the lease. An async handler is cancelled. A sync handler's thread
+cannot be stopped: the worker stops waiting for it, and its slot stays taken until the thread
+ends (the pool never over-commits); when every slot is taken that way, the worker says so
+(`Shared.check_stalled`, `Worker.health`).
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import inspect
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from tasker_pg.context import StepContext
 from tasker_pg.errors import PermanentError
@@ -128,6 +133,11 @@ class Runner:
         step = claim.step
         started = time.perf_counter()
         outcome: Outcome | None = None
+        limit: Literal["timeout_seconds", "max_runtime"] = "timeout_seconds"
+        max_runtime = step.timeout_seconds
+        if max_runtime is None:
+            limit, max_runtime = "max_runtime", shared.config.max_runtime
+        claim.run_deadline = time.monotonic() + max_runtime
         try:
             try:
                 try:
@@ -139,9 +149,9 @@ class Runner:
                     return
                 context = StepContext.from_claimed(step, worker_id=shared.worker_id)
                 if handler.is_async:
-                    result = await self._call_async(handler, context, step.timeout_seconds)
+                    result = await self._call_async(handler, context, claim, max_runtime)
                 else:
-                    result = await self._call_sync(handler, context, claim)
+                    result = await self._call_sync(handler, context, claim, max_runtime)
                 outcome = outcome_from_result(
                     result,
                     fence=claim.fence,
@@ -154,8 +164,9 @@ class Runner:
                 outcome = timeout_outcome(
                     fence=claim.fence,
                     duration_ms=(time.perf_counter() - started) * 1000,
-                    timeout_seconds=step.timeout_seconds or 0.0,
+                    timeout_seconds=max_runtime,
                     worker_id=shared.worker_id,
+                    limit=limit,
                 )
             except Exception as exc:
                 claim.error = exc
@@ -174,33 +185,38 @@ class Runner:
                 self._on_outcome(claim, outcome)
 
     async def _call_async(
-        self, handler: StepHandler, context: StepContext, timeout: float | None
+        self, handler: StepHandler, context: StepContext, claim: Claim, timeout: float
     ) -> Any:
         value: Any = handler.call(context)
         if not inspect.isawaitable(value):
             return value
-        if timeout is None:
-            return await value
         cm = asyncio.timeout(timeout)
         try:
             async with cm:
-                return await value
+                result = await value
         except TimeoutError:
             if cm.expired():
+                claim.overdue = True
                 raise _StepTimedOut from None
             raise
+        if cm.expired():
+            # The handler swallowed the cancellation and returned after its time was up: its
+            # lease is no longer extended, so the run counts as timed out all the same.
+            claim.overdue = True
+            raise _StepTimedOut
+        return result
 
-    async def _call_sync(self, handler: StepHandler, context: StepContext, claim: Claim) -> Any:
+    async def _call_sync(
+        self, handler: StepHandler, context: StepContext, claim: Claim, timeout: float
+    ) -> Any:
         assert self._executor is not None and self._loop is not None
         cfuture = self._executor.submit(handler.call, context)
         claim.cfuture = cfuture
         afuture = asyncio.wrap_future(cfuture, loop=self._loop)
-        timeout = claim.step.timeout_seconds
-        if timeout is None:
-            return await afuture
         done, _ = await asyncio.wait({afuture}, timeout=timeout)
         if done:
             return afuture.result()
+        claim.overdue = True
         # Threads cannot be interrupted: stop waiting, and keep the slot taken until the thread
         # really ends so the pool is never asked for more threads than it has.
         self._shared.zombies.add(cfuture)
@@ -212,15 +228,18 @@ class Runner:
 
         cfuture.add_done_callback(thread_ended)
         logger.warning(
-            "worker %s: %s exceeded its timeout of %gs; its thread keeps running in the "
-            "background and holds a slot until it ends",
+            "worker %s: %s ran past its max run time of %gs; reporting it as a timeout. Its "
+            "thread cannot be stopped: it keeps running in the background and holds a slot "
+            "until it ends",
             self._shared.worker_id,
             claim.describe(),
             timeout,
             extra=claim.log,
         )
+        self._shared.check_stalled()
         raise _StepTimedOut
 
     def _zombie_done(self, future: concurrent.futures.Future[Any]) -> None:
         self._shared.zombies.discard(future)
+        self._shared.check_stalled()
         self._shared.claim_wake.set()

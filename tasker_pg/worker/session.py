@@ -46,7 +46,9 @@ class Session:
     async def connect_once(self, *, check_schema: bool = False) -> db.Connection:
         """Open the connection (one attempt), name it, run the on-connect hook."""
         config = self._shared.config
-        conn = await db.connect(config.dsn, check_schema=check_schema)
+        conn = await db.connect(
+            config.dsn, check_schema=check_schema, server_settings=dict(config.server_settings)
+        )
         try:
             await conn.execute(
                 "SELECT set_config('application_name', $1, false)",
@@ -124,6 +126,12 @@ def backoff(failures: int) -> float:
     if failures <= 0:
         return 0.0
     return min(RECONNECT_INITIAL_DELAY * 2.0 ** (failures - 1), RECONNECT_MAX_DELAY)
+
+
+def retry_delay(failures: int, *, at_once_first: bool = False) -> float:
+    """`backoff(failures)` jittered down by up to half, so that workers held up by one lock or
+    one outage do not retry in step; `at_once_first`: no wait after the first failure."""
+    return backoff(failures - 1 if at_once_first else failures) * random.uniform(0.5, 1.0)
 
 
 async def wait_event(event: asyncio.Event, timeout: float | None) -> bool:
