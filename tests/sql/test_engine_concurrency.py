@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -21,11 +21,11 @@ import pytest
 
 from tasker_pg import db
 from tasker_pg.errors import DatabaseError
+from tests.sql.conftest import Opener
 from tests.support import plans
 
 T = TypeVar("T")
 Row = db.Row
-Opener = Callable[[int], Awaitable[list[db.Connection]]]
 
 NS = "conc"
 LONG_LEASE = 300.0
@@ -161,21 +161,6 @@ def settled(results: Sequence[Any | BaseException]) -> list[Any]:
 
 
 # --- sessions and interleavings ------------------------------------------------------------
-
-
-@pytest.fixture
-async def sessions(dsn: str) -> AsyncIterator[Opener]:
-    """Opens separate connections (one per simulated worker); all closed after the test."""
-    opened: list[db.Connection] = []
-
-    async def open_(count: int) -> list[db.Connection]:
-        new = [await db.connect(dsn) for _ in range(count)]
-        opened.extend(new)
-        return new
-
-    yield open_
-    for c in opened:
-        await c.close()
 
 
 class Observer:

@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
 
 from tasker_pg import db
+from tests.sql.conftest import Opener
 from tests.support.engine import (
     NAMESPACE,
     assert_healthy,
@@ -30,24 +30,8 @@ from tests.support.engine import (
 
 pytestmark = pytest.mark.timeout(60)
 
-Opener = Callable[[int], Awaitable[list[db.Connection]]]
 
 FAST = {"backoff": "none"}
-
-
-@pytest.fixture
-async def sessions(dsn: str) -> AsyncIterator[Opener]:
-    """Opens extra connections (other sessions); all closed after the test."""
-    opened: list[db.Connection] = []
-
-    async def open_(count: int) -> list[db.Connection]:
-        new = [await db.connect(dsn) for _ in range(count)]
-        opened.extend(new)
-        return new
-
-    yield open_
-    for c in opened:
-        await c.close()
 
 
 async def task_in_error(conn: db.Connection, name: str) -> tuple[uuid.UUID, dict[str, Any]]:
