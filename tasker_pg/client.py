@@ -43,6 +43,7 @@ from tasker_pg.responses import (
     TaskListResponse,
     TaskResponse,
     TemplateRegistration,
+    WorkerStatus,
 )
 from tasker_pg.template import load_templates
 
@@ -652,10 +653,13 @@ class AsyncTaskerClient:
             latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
             current = await db.schema_version(conn)
             message: str | None = None
+            workers: list[WorkerStatus] = []
             try:
                 await db.check_schema(conn)
             except SchemaError as exc:
                 message = exc.message
+            else:
+                workers = [_worker_status(r) for r in await conn.worker_rows()]
             return HealthResponse(
                 healthy=message is None,
                 status="healthy" if message is None else "schema_outdated",
@@ -665,6 +669,7 @@ class AsyncTaskerClient:
                 server_version=server_version,
                 latency_ms=latency_ms,
                 message=message,
+                workers=workers,
             )
 
         async def run() -> HealthResponse:
@@ -916,3 +921,16 @@ class TaskerClient:
     def health_check(self) -> HealthResponse:
         """See `AsyncTaskerClient.health_check`."""
         return self._run(self._client.health_check())
+
+
+def _worker_status(row: db.Row) -> WorkerStatus:
+    return WorkerStatus(
+        worker_id=row["worker_id"],
+        host=row["host"],
+        pid=row["pid"],
+        status=row["status"],
+        heartbeat_age_seconds=round(float(row["heartbeat_age"]), 3),
+        in_flight=int(row["in_flight"]),
+        namespaces=list(row["namespaces"] or []),
+        missing_handlers=dict(row["missing_handlers"] or {}),
+    )

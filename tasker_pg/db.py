@@ -689,6 +689,10 @@ class Connection:
     async def server_version(self) -> str:
         return str(await self.fetchval(queries.SERVER_VERSION))
 
+    async def worker_rows(self) -> list[Row]:
+        """The workers' heartbeat rows (tasker.v_workers), alive ones first."""
+        return await self.fetch(queries.WORKERS)
+
 
 async def connect(
     dsn: str | None = None,

@@ -113,5 +113,14 @@ SELECT nt.namespace, nt.name, nt.version, nt.step_count, nt.description, nt.crea
           nt.version_patch DESC, tasker._semver_pre_key(nt.version_pre) DESC NULLS FIRST
 """
 
+# The workers the health check reports: every row of tasker.v_workers (one per worker process,
+# a handful; stale rows are removed by cleanup_workers after a week), alive ones first.
+WORKERS: Final = """
+SELECT w.worker_id, w.host, w.pid, w.status, extract(epoch FROM w.heartbeat_age) AS heartbeat_age,
+       w.in_flight, w.namespaces, w.missing_handlers
+  FROM tasker.v_workers w
+ ORDER BY w.status, w.worker_id
+"""
+
 # One cheap round trip for the health check; its time is the reported latency.
 SERVER_VERSION: Final = "SELECT current_setting('server_version')"

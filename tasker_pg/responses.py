@@ -32,6 +32,7 @@ __all__ = [
     "TaskResponse",
     "TaskState",
     "TemplateRegistration",
+    "WorkerStatus",
 ]
 
 TaskState = Literal[
@@ -339,6 +340,24 @@ class HealthResponse(_ToDict):
     """Round trip of one query on an open session."""
     message: str | None
     """What is wrong and what to do about it, when something is."""
+    workers: list[WorkerStatus] = dataclasses.field(default_factory=list)
+    """The workers' heartbeat rows (empty when the schema is outdated or nothing runs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerStatus(_ToDict):
+    """One worker process as its heartbeat row in `tasker.workers` describes it."""
+
+    worker_id: str
+    host: str | None
+    pid: int | None
+    status: str
+    """`alive` (heartbeat within a minute) or `stale`."""
+    heartbeat_age_seconds: float
+    in_flight: int
+    namespaces: list[str]
+    missing_handlers: dict[str, Any]
+    """Handler name -> when this worker first lacked it (it hands such steps back)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tasker_pg import Worker, db
+from tasker_pg import AsyncTaskerClient, Worker, db
 from tasker_pg.errors import ValidationError
 from tests.support.worker import (
     poll,
@@ -63,6 +63,13 @@ async def test_a_worker_without_the_handler_hands_the_step_to_one_that_has_it(
             what="the missing handler in tasker.workers",
         )
         assert "timing.quick_async" not in row["handlers"]
+        # the health check shows the worker, alive, and what it lacks
+        async with AsyncTaskerClient(dsn) as client:
+            health = await client.health_check()
+        [seen] = [w for w in health.workers if w.worker_id == "old-worker"]
+        assert (seen.status, seen.namespaces) == ("alive", [NAMESPACE])
+        assert list(seen.missing_handlers) == ["timing.quick_async"]
+        assert health.to_dict()["workers"][0]["worker_id"] == "old-worker"
     assert lacking.stats.failed == 0
     step = (await steps_of(conn, task))["quick"]
     assert (step["state"], step["attempts"], step["last_error"]) == ("enqueued", 0, None)
