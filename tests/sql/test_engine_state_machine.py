@@ -146,7 +146,7 @@ class EngineMachine(RuleBasedStateMachine):
     @precondition(lambda self: bool(self.tasks))
     @rule(data=st.data())
     def cancel(self, data: st.DataObject) -> None:
-        task = data.draw(st.sampled_from(sorted(self.tasks)))
+        task = data.draw(st.sampled_from(list(self.tasks)))
         state = self.run(
             self.conn.fetchval("SELECT state FROM tasker.tasks WHERE task_uuid = $1", task)
         )
@@ -238,10 +238,13 @@ class EngineMachine(RuleBasedStateMachine):
         assert (answer["status"] == "applied") == current, (dict(answer), dict(before), dict(held))
 
     def _steps_in(self, state: str) -> list[uuid.UUID]:
+        """The steps in `state`, in an order that does not depend on the random uuids (task
+        creation order, then step name), so that hypothesis replays draw the same step."""
         rows = self.run(
             self.conn.fetch(
-                "SELECT step_uuid FROM tasker.steps"
-                " WHERE task_uuid = ANY($1::uuid[]) AND state = $2 ORDER BY step_uuid",
+                "SELECT s.step_uuid FROM unnest($1::uuid[]) WITH ORDINALITY AS o(task_uuid, n)"
+                " JOIN tasker.steps s USING (task_uuid)"
+                " WHERE s.state = $2 ORDER BY o.n, s.name",
                 list(self.tasks),
                 state,
             )
