@@ -38,7 +38,7 @@ mutate: $(STAMP)
 	$(BIN)/python -m tests.mutation.sql_mutants $(SQL_MUTANTS_ARGS)
 	rm -rf mutants
 	@echo "mutmut run (Python core; progress in .mutation/mutmut.log) ..."
-	@start=$$(date +%s); $(BIN)/mutmut run --max-children 2 > .mutation/mutmut.log 2>&1 \
+	@start=$$(date +%s); ulimit -v 3000000; $(BIN)/mutmut run --max-children 2 > .mutation/mutmut.log 2>&1 \
 	  || { tail -c 3000 .mutation/mutmut.log; exit 1; }; \
 	  echo $$(( $$(date +%s) - start )) > .mutation/mutmut-seconds
 	$(BIN)/python -m tests.mutation.report

@@ -176,7 +176,12 @@ def main() -> int:
             "Python (tasker_pg core)": defaultdict(int, py_totals),
         },
     )
-    text = "\n".join(["# Mutation campaign report", "", *summary, *sql_lines, *py_lines])
+    legend = [
+        "score = (killed + timeout) / (killed + timeout + survived); `other`: mutmut's"
+        " not checked / skipped / segfault; `invalid`: the mutated SQL does not migrate.",
+        "",
+    ]
+    text = "\n".join(["# Mutation campaign report", "", *summary, *legend, *sql_lines, *py_lines])
     OUT.mkdir(exist_ok=True)
     (OUT / "report.md").write_text(text + "\n")
     # the console gets the tables and the SQL survivors; the Python diffs are in the file
