@@ -14,6 +14,7 @@ from tasker_pg.outcome import (
     truncate_head,
     truncate_tail,
 )
+from tasker_pg.template import TaskTemplate, TemplateValidationError
 
 STEP = "0b7e3c52-4a57-4c39-a0c4-8f2d0c1e9b11"
 FENCE = Fence(STEP, 3, 9)
@@ -74,3 +75,54 @@ def test_text_of_exactly_the_limit_is_not_cut(truncate: object) -> None:
     cut = truncate(text, 99)
     assert cut != text
     assert "truncated 100 bytes to 99" in cut
+
+
+# --- template validation ---------------------------------------------------------------------
+
+
+def _template(*steps: dict[str, object], **extra: object) -> dict[str, object]:
+    return {"name": "wf", "namespace_name": "ns", "version": "1.0.0", "steps": list(steps), **extra}
+
+
+def test_a_cycle_written_with_depends_on_is_refused() -> None:
+    """_raw_graph#16/18/21/22/23: the cycle check read only `dependencies`; a cycle declared
+    through the `depends_on` alias went unchecked by the tests."""
+    data = _template(
+        {"name": "a", "handler": {"callable": "h.a"}, "depends_on": ["b"]},
+        {"name": "b", "handler": {"callable": "h.b"}, "depends_on": ["a"]},
+    )
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(data, source="wf.yaml")
+    assert "dependency cycle a -> b -> a" in info.value.message
+
+
+def _nested(levels: int) -> dict[str, object]:
+    value: dict[str, object] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"k": value}
+    return value
+
+
+def test_json_nesting_limit_is_exactly_the_documented_depth() -> None:
+    """_plain_json#1/61/62/69/70, _json_mapping#9: the depth limit on metadata and handler
+    initialization (a value 100 levels below the mapping is the deepest allowed) had no test."""
+    ok = TaskTemplate.from_dict(
+        _template({"name": "a", "handler": {"callable": "h.a"}}, metadata=_nested(100))
+    )
+    assert ok.metadata == _nested(100)
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(
+            _template({"name": "a", "handler": {"callable": "h.a"}}, metadata=_nested(101))
+        )
+    assert "is nested more than 100 levels deep" in info.value.message
+    in_list: dict[str, object] = {"l": [_nested(98)]}
+    assert (
+        TaskTemplate.from_dict(
+            _template({"name": "a", "handler": {"callable": "h.a"}}, metadata=in_list)
+        ).metadata
+        == in_list
+    )
+    with pytest.raises(TemplateValidationError):
+        TaskTemplate.from_dict(
+            _template({"name": "a", "handler": {"callable": "h.a"}}, metadata={"l": [_nested(99)]})
+        )
