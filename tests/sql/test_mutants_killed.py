@@ -129,3 +129,17 @@ async def test_newest_version_orders_minor_and_patch_numerically(conn: db.Connec
     many = await conn.create_tasks(NAMESPACE, "single", [{}, {}])
     assert [(await task_row(conn, t))["version"] for t in many] == ["1.10.10", "1.10.10"]
     await assert_healthy(conn)
+
+
+async def test_check_invariants_reports_a_task_in_error_with_no_step_in_error(
+    conn: db.Connection,
+) -> None:
+    """95_invariants:97:int_minus1:0 (`c.errors = -1`): the invariant that a task in error has
+    a step in error was never seen to fire."""
+    task = await start(conn, single())
+    await assert_healthy(conn)
+    await conn.execute("UPDATE tasker.tasks SET state = 'error' WHERE task_uuid = $1", task)
+    rows = [r for r in await conn.check_invariants() if r["invariant"] == "task_state_matches"]
+    assert [r["detail"] for r in rows] == [
+        f"task {task} is error with 0 of 1 steps done and 0 in error"
+    ]
