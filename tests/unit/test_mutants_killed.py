@@ -42,7 +42,7 @@ def test_every_outcome_carries_its_worker_and_duration(value: object) -> None:
 
 def test_exception_and_timeout_outcomes_carry_worker_duration_and_codes() -> None:
     """outcome_from_exception#28/29/53/54, timeout_outcome#2/3/6/24/25: worker, duration and
-    the timeout's error_code `step_timeout` (what operators filter on) were unchecked."""
+    the timeout's error_code `timeout` (what operators filter on) were unchecked."""
     exc = outcome_from_exception(RuntimeError("x"), fence=FENCE, duration_ms=5, worker_id="w-1")
     out = exc.to_json()
     assert (out["worker_id"], out["duration_ms"]) == ("w-1", 5.0)
@@ -50,7 +50,7 @@ def test_exception_and_timeout_outcomes_carry_worker_duration_and_codes() -> Non
     timed = timeout_outcome(fence=FENCE, duration_ms=30_000, timeout_seconds=30, worker_id="w-2")
     out = timed.to_json()
     assert (out["worker_id"], out["duration_ms"]) == ("w-2", 30000.0)
-    assert (out["error"]["error_type"], out["error"]["error_code"]) == ("timeout", "step_timeout")
+    assert (out["error"]["error_type"], out["error"]["error_code"]) == ("timeout", "timeout")
     assert out["error"]["retryable"] is True
     assert out["error"]["context"] == {"timeout_seconds": 30}
 
