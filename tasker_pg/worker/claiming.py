@@ -145,13 +145,20 @@ class Claimer:
                 )
             return []
         except TaskerError as exc:
-            logger.error(
-                "worker %s: claim_steps(%r) failed: %s [%s]",
+            # A lock or statement timeout, a cancel, too many connections: the claim is tried
+            # again (WARNING). Only a refusal, which would fail the same way again, is an ERROR.
+            refused = db.is_refusal(exc)
+            logger.log(
+                logging.ERROR if refused else logging.WARNING,
+                "worker %s: claim_steps(%r) %s: %s [%s]",
                 shared.worker_id,
                 namespace,
+                "was refused" if refused else "failed; trying again",
                 exc,
                 exc.error_code,
             )
+            if not refused:
+                self.dirty.add(namespace)
             await wait_event(shared.stop_requested, config.poll_interval)
             return []
         shared.counts["claim_calls"] += 1

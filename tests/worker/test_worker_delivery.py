@@ -278,6 +278,45 @@ async def test_past_the_retry_cap_the_outcome_is_given_up_to_lease_expiry_not_fa
     assert str(task) in errors[0].getMessage()
 
 
+async def test_a_claim_that_meets_a_lock_timeout_warns_and_claims_again(
+    dsn: str, conn: db.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A transient error of claim_steps (here a lock timeout: a DBA's ALTER or VACUUM FULL holds
+    the queue table) is a WARNING and the claim is tried again; only a refusal would be an
+    ERROR."""
+    caplog.set_level(logging.INFO, logger="tasker_pg")
+    blocker = await db.connect(dsn)
+    try:
+        async with Worker(
+            [NS],
+            registry(),
+            dsn=dsn,
+            templates=[charge_ship()],
+            server_settings={"lock_timeout": "200ms"},
+            **FAST,
+        ):
+            tx = blocker.raw.transaction()
+            await tx.start()
+            await blocker.execute("LOCK TABLE tasker.queue_messages IN ACCESS EXCLUSIVE MODE")
+
+            def claim_failures() -> list[logging.LogRecord]:
+                return [r for r in caplog.records if "claim_steps" in r.getMessage()]
+
+            async def warned_twice() -> bool:
+                return len(claim_failures()) >= 2
+
+            await poll(warned_twice, timeout=30, what="two claims meeting the lock")
+            records = claim_failures()
+            assert {r.levelno for r in records} == {logging.WARNING}
+            assert "failed; trying again" in records[0].getMessage()
+            assert "lock timeout" in records[0].getMessage()
+            await tx.rollback()  # the table is free again: the same worker claims and runs
+            task = await conn.create_task(NS, "charge_ship", {"amount": 10})
+            await assert_charged_once_and_completed(conn, task)
+    finally:
+        await blocker.close()
+
+
 # --- item 3: an outcome the database cannot store is never dropped ------------------------------
 
 
