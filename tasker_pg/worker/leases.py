@@ -108,7 +108,9 @@ class Leases:
         while True:
             try:
                 async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
-                    rows = await self._session.call(lambda conn: conn.release_steps(fences))
+                    rows = await self._session.call(
+                        lambda conn: conn.release_steps(fences, worker_id=shared.worker_id)
+                    )
             except TimeoutError:
                 logger.error(
                     "worker %s: could not release %d unstarted claim(s) in time; they become "

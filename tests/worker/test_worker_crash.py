@@ -378,7 +378,8 @@ async def test_sigterm_finishes_running_steps_and_releases_unstarted_claims(
     async def b_released() -> bool:
         count = await conn.fetchval(
             "SELECT count(*) FROM tasker.step_transitions t JOIN tasker.steps s USING (step_uuid) "
-            "WHERE s.task_uuid = ANY($1::uuid[]) AND t.event = 'released'",
+            "WHERE s.task_uuid = ANY($1::uuid[]) AND t.event = 'released' "
+            "AND t.worker_id = 'w1'",  # the release names the worker that held the claim
             waiting_b,
         )
         return bool(count == 1)
