@@ -20,6 +20,7 @@ import asyncpg
 from tasker_pg import jsonutil, queries, sqlfiles
 from tasker_pg.dsn import ResolvedDsn, no_database_message, resolve_dsn
 from tasker_pg.errors import (
+    ConfigurationError,
     ConnectionLostError,
     DatabaseError,
     DatabaseNotFoundError,
@@ -786,6 +787,26 @@ async def _check_schema(conn: Connection, resolved: ResolvedDsn) -> None:
     await check_schema(conn, migrate_hint=_migrate_hint(resolved))
 
 
+# SQLSTATEs of a session setting the server refused at connect: a bad value (class 22), an
+# unknown name (42704), one that cannot be set per session (55P02), or only by a superuser
+# (42501).
+_SETTING_REFUSALS = ("22", "42704", "55P02", "42501")
+
+
+def _raise_if_setting_refused(exc: BaseException, settings: Mapping[str, str] | None) -> None:
+    """A refused session setting is a configuration error naming the settings, not "could not
+    connect" (the server is there and said why)."""
+    sqlstate = getattr(exc, "sqlstate", None)
+    if not settings or not isinstance(sqlstate, str):
+        return
+    if sqlstate.startswith(_SETTING_REFUSALS):
+        given = ", ".join(f"{k}={v}" for k, v in settings.items())
+        raise ConfigurationError(
+            f"the server refused a session setting ({exc}); the settings given were: {given} "
+            "(--pg-setting or server_settings)"
+        ) from exc
+
+
 async def _raw_connect(
     resolved: ResolvedDsn, *, timeout: float, server_settings: Mapping[str, str] | None = None
 ) -> asyncpg.Connection:
@@ -793,6 +814,7 @@ async def _raw_connect(
     try:
         raw = await asyncpg.connect(resolved.dsn, timeout=timeout, server_settings=settings)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        _raise_if_setting_refused(exc, server_settings)
         raise DatabaseNotFoundError(
             f"could not connect to {mask_dsn(resolved.dsn)} (from {resolved.source}): "
             f"{exc or type(exc).__name__}. Is the server running? {no_database_message()}"

@@ -583,6 +583,26 @@ def test_bad_bounds_are_refused_naming_the_setting(
 
 
 @pytest.mark.parametrize(
+    ("settings", "refusal"),
+    [
+        ({"lock_timeout": "banana"}, "lock_timeout=banana"),
+        ({"no_such_setting": "1"}, "no_such_setting=1"),
+        ({"server_version": "1"}, "server_version=1"),
+    ],
+    ids=["bad value", "unknown name", "not settable"],
+)
+async def test_a_session_setting_the_server_refuses_fails_start_up_naming_it(
+    dsn: str, settings: dict[str, str], refusal: str
+) -> None:
+    worker = Worker([NS], registry(), dsn=dsn, templates=[charge_ship()], server_settings=settings)
+    with pytest.raises(ConfigurationError, match="refused a session setting") as refused:
+        async with worker:
+            pass
+    assert refusal in str(refused.value)
+    assert "could not connect" not in str(refused.value)
+
+
+@pytest.mark.parametrize(
     "argv",
     [
         ["--max-runtime", "0"],
