@@ -855,7 +855,19 @@ async def test_wait_for_task_survives_losing_every_session(
     """What a database restart does to a waiter: its pool sessions and LISTEN session die."""
     monkeypatch.setattr(client_module, "WAIT_RECHECK_SECONDS", 0.2)
     task = await client.create_task("one", namespace=SHOP)
+    # Kill only once the waiter has read the task: a session lost before that first read is
+    # reported at once (the wait never reached the task), which is not what this test is about.
+    read_once = asyncio.Event()
+    get_task = client.get_task
+
+    async def get_task_and_tell(*args: Any, **kwargs: Any) -> Any:
+        found = await get_task(*args, **kwargs)
+        read_once.set()
+        return found
+
+    monkeypatch.setattr(client, "get_task", get_task_and_tell)
     waiter = asyncio.create_task(client.wait_for_task(task.task_uuid, timeout=30))
+    await asyncio.wait_for(read_once.wait(), 30)
     [first] = await poll(lambda: listener_pids(conn))
     killed = await conn.fetchval(
         """
