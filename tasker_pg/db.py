@@ -523,6 +523,27 @@ class Connection:
             float(lease_seconds),
         )
 
+    async def dependency_results(
+        self,
+        step_uuid: uuid.UUID | str,
+        prefix: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        *,
+        timeout: float | None = None,
+    ) -> list[tuple[str, Any]]:
+        """One page of a step's finished ancestors' results, `(name, result)` in name order
+        (byte order): names starting with `prefix`, after `after`, at most `limit` (1..1000)."""
+        rows = await self.fetch(
+            "SELECT name, results FROM tasker.dependency_results($1::uuid, $2, $3, $4)",
+            str(step_uuid),
+            prefix,
+            after,
+            limit,
+            timeout=timeout,
+        )
+        return [(str(r["name"]), r["results"]) for r in rows]
+
     async def complete_steps(self, outcomes: Sequence[Mapping[str, Any]]) -> list[Row]:
         """Apply a batch of outcomes; one row per outcome: step_uuid, attempt, status, detail."""
         return await self.fetch(
