@@ -851,15 +851,19 @@ async def create_pool(
     check_schema: bool = True,
     setup: Callable[[Connection], Awaitable[None]] | None = None,
     timeout: float = 10.0,
+    server_settings: Mapping[str, str] | None = None,
 ) -> Pool:
-    """A pool on the resolved database (schema checked once, on the first session)."""
+    """A pool on the resolved database (schema checked once, on the first session).
+
+    `server_settings` are PostgreSQL settings of its sessions, on top of tasker-pg's own.
+    """
     resolved = resolve_dsn(dsn)
     try:
         raw_pool = await asyncpg.create_pool(
             resolved.dsn,
             min_size=min_size,
             max_size=max_size,
-            server_settings=SERVER_SETTINGS,
+            server_settings={**SERVER_SETTINGS, **(server_settings or {})},
             init=_init_connection,
             timeout=timeout,
         )
