@@ -51,7 +51,16 @@ DEFAULT_BATCH_CONFIG: dict[str, Any] = {
 
 
 class CursorConfig(TypedDict):
-    """One worker's range: items `start_cursor` (inclusive) to `end_cursor` (exclusive)."""
+    """One worker's range: items `start_cursor` (inclusive) to `end_cursor` (exclusive).
+
+    ```python
+    Batchable.create_cursor_configs(1000, 3)[0]
+    # {"batch_id": "001", "start_cursor": 0, "end_cursor": 334, "batch_size": 334}
+    ```
+
+    The helpers make integer ranges; a config written by hand may use strings (keys, dates)
+    as cursors, and may carry extra keys, which reach the worker in `BatchWorkerContext.cursor`.
+    """
 
     batch_id: str
     start_cursor: Any
@@ -68,6 +77,12 @@ class BatchWorkerContext:
     `batch_config` (`batch_size`, `parallelism`, `cursor_field`, `failure_strategy`) merged
     with the analyzer's `batch_metadata`. A no-op worker (`is_no_op`) has nothing to do:
     return `handle_no_op_worker(context)`.
+
+    ```python
+    batch = self.get_batch_context(context)   # in a Batchable handler's call()
+    rows = load_rows()[batch.start_cursor : batch.end_cursor]
+    key = batch.cursor_field                  # "id" unless the template's batch_config says
+    ```
     """
 
     batch_id: str
