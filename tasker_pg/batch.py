@@ -36,8 +36,9 @@ MAX_BATCHES = 100_000
 `max_batch_workers` setting, whose default is 1,000)."""
 MAX_TOTAL_ITEMS = 2**63 - 1
 """Largest item count and cursor position the helpers accept (a PostgreSQL bigint)."""
-BATCH_ID_RE = re.compile(r"[A-Za-z0-9_.\-]+")
-"""A batch id: the part of a worker's step name after `{worker_template_name}_`."""
+BATCH_ID_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+"""A batch id: the part of a worker's step name after `{worker_template_name}_` (the engine's
+rule: 1 to 64 letters, digits, '_' and '-')."""
 DEFAULT_CURSOR_FIELD = "id"
 """The `cursor_field` of a batch_worker template step that does not set one."""
 DEFAULT_BATCH_CONFIG: dict[str, Any] = {
@@ -196,12 +197,13 @@ class Batchable:
         """Fan out: one worker per cursor config, named `{worker_template_name}_{batch_id}`.
 
         The result the engine reads: `{"batch_processing_outcome": {"type": "create_batches",
-        "worker_template_name", "cursor_configs", "total_items"}, "worker_count",
-        "batch_metadata"}`; `batch_metadata` (a JSON object) is merged over the template's
-        `batch_config` into every worker's inputs. Raises `ValueError` for no configs (use
-        `no_batches_outcome`), more than `MAX_BATCHES`, a malformed config or a batch id given
-        twice. (The engine enforces its own limit, `max_batch_workers`, default 1,000: beyond
-        it the analyzer step fails permanently with a message that says so.)
+        "worker_template_name", "cursor_configs", "total_items", "batch_metadata"},
+        "worker_count", "batch_metadata"}`; the outcome's `batch_metadata` (a JSON object) is
+        merged over the template's `batch_config` into every worker's inputs (the copy beside
+        the outcome is for readers of the analyzer's result). Raises `ValueError` for no
+        configs (use `no_batches_outcome`), more than `MAX_BATCHES`, a malformed config or a
+        batch id given twice. (The engine enforces its own limit, `max_batch_workers`, default
+        1,000: beyond it the analyzer step fails permanently with a message that says so.)
         """
         return StepHandlerResult.success(
             create_batches_outcome(
@@ -388,15 +390,18 @@ def create_batches_outcome(
     seen: set[str] = set()
     for index, config in enumerate(cursor_configs):
         configs.append(_check_config(config, index, worker_template_name, seen))
+    metadata = dict(batch_metadata) if batch_metadata is not None else {}
     return {
         "batch_processing_outcome": {
             "type": "create_batches",
             "worker_template_name": worker_template_name,
             "cursor_configs": configs,
             "total_items": total,
+            "batch_metadata": metadata,
         },
         "worker_count": len(configs),
-        "batch_metadata": dict(batch_metadata) if batch_metadata is not None else {},
+        # also beside the outcome, where Tasker's analyzers put it, for handlers reading it back
+        "batch_metadata": metadata,
     }
 
 
@@ -520,7 +525,9 @@ def _check_config(
         raise ValueError(f"{where} lacks {', '.join(missing)}")
     batch_id = config["batch_id"]
     if not isinstance(batch_id, str) or not BATCH_ID_RE.fullmatch(batch_id):
-        raise ValueError(f"{where}: batch_id {batch_id!r} must be letters, digits, '_', '-' or '.'")
+        raise ValueError(
+            f"{where}: batch_id {batch_id!r} must be 1 to 64 letters, digits, '_' and '-'"
+        )
     worker = f"{template_name}_{batch_id}"
     if len(worker) > NAME_MAX_LEN:
         raise ValueError(

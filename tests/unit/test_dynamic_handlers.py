@@ -292,6 +292,7 @@ def test_batch_analyzer_success_exact_result() -> None:
                 {"batch_id": "003", "start_cursor": 400, "end_cursor": 450, "batch_size": 50},
             ],
             "total_items": 450,
+            "batch_metadata": {"path": "products.csv"},
         },
         "worker_count": 3,
         "batch_metadata": {"path": "products.csv"},
@@ -303,6 +304,7 @@ def test_batch_analyzer_success_exact_result() -> None:
         metadata={"m": 1},
     )
     assert bare.result["batch_metadata"] == {}
+    assert bare.result["batch_processing_outcome"]["batch_metadata"] == {}
     assert bare.metadata == {"m": 1}
     assert bare.result["batch_processing_outcome"]["cursor_configs"][0]["start_cursor"] == "A"
 
@@ -332,7 +334,12 @@ def _config(batch_id: Any = "001", **over: Any) -> dict[str, Any]:
         ({"cursor_configs": [_config(batch_id="a b")]}, "batch_id 'a b'"),
         ({"cursor_configs": [_config(batch_id="")]}, "batch_id ''"),
         ({"cursor_configs": [_config(batch_id=1)]}, "batch_id 1"),
-        ({"cursor_configs": [_config(batch_id="x" * 120)]}, "more than 128"),
+        ({"cursor_configs": [_config(batch_id="x" * 65)]}, "1 to 64"),
+        ({"cursor_configs": [_config(batch_id="a.b")]}, "1 to 64"),
+        (
+            {"worker_template_name": "w" * 100, "cursor_configs": [_config(batch_id="x" * 64)]},
+            "more than 128",
+        ),
         ({"cursor_configs": [{"batch_id": "001"}]}, "lacks start_cursor, end_cursor, batch_size"),
         ({"cursor_configs": [_config(batch_size=-1)]}, r"cursor_configs\[0\].batch_size"),
         ({"cursor_configs": [_config(start_cursor=None)]}, "start_cursor must be a number"),
