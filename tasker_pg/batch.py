@@ -25,7 +25,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
-from tasker_pg.context import StepContext
+from tasker_pg.context import BlockingFetchError, StepContext
 from tasker_pg.decision import STEP_NAME_RE, check_reason
 from tasker_pg.errors import PermanentError
 from tasker_pg.result import StepHandlerResult
@@ -338,9 +338,14 @@ class Batchable:
         For a sync handler; it fetches what a large fan-out's claim left out. An async handler
         uses `await self.aggregate_batch_worker_results_async(context, prefix)`.
         """
-        return self.aggregate_worker_results(
-            context.get_all_dependency_results(_check_prefix(prefix))
-        )
+        try:
+            results = context.get_all_dependency_results(_check_prefix(prefix))
+        except BlockingFetchError as exc:
+            raise BlockingFetchError(
+                f"{exc} (here: `await self.aggregate_batch_worker_results_async(context, "
+                f"{prefix!r})`)"
+            ) from exc
+        return self.aggregate_worker_results(results)
 
     async def aggregate_batch_worker_results_async(
         self, context: StepContext, prefix: str

@@ -21,6 +21,11 @@ DEPENDENCY_PAGE_SIZE = 100
 """Results fetched per round trip when a claim left some out (`iter_dependency_results`)."""
 
 
+class BlockingFetchError(RuntimeError):
+    """A blocking accessor of a partial claim's dependency results was called on the event loop
+    (from an async handler), where waiting for the fetch would stop the loop it runs on."""
+
+
 class DependencyFetcher(Protocol):
     """Where a context fetches the dependency results its claim row left out.
 
@@ -258,8 +263,8 @@ class StepContext:
         """The result of ancestor step `step_name`, or None when there is no such ancestor.
 
         When the claim left results out, a name not in it is fetched from the database: from a
-        sync handler this blocks its thread; from an async handler it raises `RuntimeError`
-        (use `await context.get_dependency_result_async(name)` there).
+        sync handler this blocks its thread; from an async handler it raises
+        `BlockingFetchError` (use `await context.get_dependency_result_async(name)` there).
         """
         if step_name in self._dependency_results or not self._lazy():
             return self._dependency_results.get(step_name)
@@ -297,9 +302,9 @@ class StepContext:
         aggregator of a batch fan-out.
 
         When the claim left results out, they are all fetched from the database: from a sync
-        handler this blocks its thread; from an async handler it raises `RuntimeError` (use
-        `await context.get_all_dependency_results_async(prefix)` or `async for name, result in
-        context.iter_dependency_results(prefix)` there).
+        handler this blocks its thread; from an async handler it raises `BlockingFetchError`
+        (use `await context.get_all_dependency_results_async(prefix)` or `async for name,
+        result in context.iter_dependency_results(prefix)` there).
         """
         if not self._lazy():
             return self._from_claim(prefix)
@@ -368,7 +373,7 @@ class StepContext:
             running = None
         if running is not None and (loop is None or running is loop):
             coro.close()
-            raise RuntimeError(
+            raise BlockingFetchError(
                 f"step {self._step_name!r}: its claim left some dependency results out, and "
                 "fetching them would block the event loop. In an async handler use "
                 "`async for name, result in context.iter_dependency_results(prefix)`, "

@@ -25,6 +25,7 @@ from tasker_pg import (
     StepHandlerResult,
 )
 from tasker_pg.batch import DEFAULT_BATCH_CONFIG, MAX_BATCHES, MAX_TOTAL_ITEMS
+from tasker_pg.context import BlockingFetchError
 from tasker_pg.errors import PermanentError
 from tasker_pg.testing import build_test_context
 
@@ -632,6 +633,9 @@ def test_partial_claim_async_handler_pages_and_sync_api_is_refused_on_the_loop()
             context.get_all_dependency_results("process_batch_")
         with pytest.raises(RuntimeError, match="get_dependency_result_async"):
             context.get_dependency_result("process_batch_001")
+        # the sync aggregation helper in an async handler says which helper to use instead
+        with pytest.raises(BlockingFetchError, match="aggregate_batch_worker_results_async"):
+            Aggregate().aggregate_batch_worker_results(context, "process_batch_")
         return result.result
 
     summary = asyncio.run(run())
