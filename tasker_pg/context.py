@@ -8,11 +8,43 @@ to change what is stored is the `StepHandlerResult` the handler returns (or the 
 
 from __future__ import annotations
 
+import asyncio
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 from tasker_pg.rows import ClaimedStep
+
+T = TypeVar("T")
+
+DEPENDENCY_PAGE_SIZE = 100
+"""Results fetched per round trip when a claim left some out (`iter_dependency_results`)."""
+
+
+class BlockingFetchError(RuntimeError):
+    """A blocking accessor of a partial claim's dependency results was called on the event loop
+    (from an async handler), where waiting for the fetch would stop the loop it runs on."""
+
+
+class DependencyFetcher(Protocol):
+    """Where a context fetches the dependency results its claim row left out.
+
+    The worker provides one that pages through `tasker.dependency_results` on a connection
+    pool of its own; `tasker_pg.testing.build_test_context` one that serves them from memory.
+    `loop` is the event loop `fetch_page` must run on (None: any, a fresh one for a blocking
+    call).
+    """
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None: ...
+
+    async def fetch_page(
+        self, step_uuid: str, prefix: str, after: str | None, limit: int
+    ) -> list[tuple[str, Any]]:
+        """Up to `limit` `(name, result)` pairs of the step's finished ancestors whose name
+        starts with `prefix` and sorts after `after`, in name order (Python's `str` order)."""
+        ...
+
 
 # A list index given as text, e.g. the "0" in get_dependency_field("fetch", "items", "0", "id").
 _INDEX_TEXT = re.compile(r"-?[0-9]+")
@@ -32,7 +64,9 @@ class StepContext:
     __slots__ = (
         "_attempt",
         "_checkpoint",
+        "_dependency_fetcher",
         "_dependency_results",
+        "_dependency_results_partial",
         "_handler_name",
         "_max_attempts",
         "_namespace",
@@ -65,6 +99,8 @@ class StepContext:
         worker_id: str | None = None,
         namespace: str | None = None,
         task_name: str | None = None,
+        dependency_results_partial: bool = False,
+        dependency_fetcher: DependencyFetcher | None = None,
     ) -> None:
         if attempt < 1:
             raise ValueError(f"attempt is 1-based and must be >= 1, got {attempt!r}")
@@ -84,6 +120,8 @@ class StepContext:
         self._worker_id = worker_id
         self._namespace = namespace
         self._task_name = task_name
+        self._dependency_results_partial = bool(dependency_results_partial)
+        self._dependency_fetcher = dependency_fetcher
 
     @classmethod
     def from_claim(cls, row: Mapping[str, Any]) -> StepContext:
@@ -100,8 +138,18 @@ class StepContext:
         )
 
     @classmethod
-    def from_claimed(cls, step: ClaimedStep, *, worker_id: str | None = None) -> StepContext:
-        """Build the context for a step the worker claimed (a typed `tasker.claim_steps` row)."""
+    def from_claimed(
+        cls,
+        step: ClaimedStep,
+        *,
+        worker_id: str | None = None,
+        dependency_fetcher: DependencyFetcher | None = None,
+    ) -> StepContext:
+        """Build the context for a step the worker claimed (a typed `tasker.claim_steps` row).
+
+        `dependency_fetcher` fetches what a partial claim row left out of the dependency
+        results (the worker passes its own).
+        """
         return cls(
             task_uuid=step.task_uuid,
             step_uuid=step.step_uuid,
@@ -118,6 +166,8 @@ class StepContext:
             worker_id=worker_id,
             namespace=step.namespace,
             task_name=step.task_name,
+            dependency_results_partial=step.dependency_results_partial,
+            dependency_fetcher=dependency_fetcher,
         )
 
     def __repr__(self) -> str:
@@ -196,12 +246,39 @@ class StepContext:
 
     @property
     def dependency_results(self) -> dict[str, Any]:
-        """Every ancestor step's result keyed by step name."""
+        """Every ancestor step's result keyed by step name, as the claim row carried them.
+
+        When `dependency_results_partial` is true (a convergence step after a large batch
+        fan-out), some batch workers' results are not in it: use `get_all_dependency_results`,
+        `get_dependency_result` or `iter_dependency_results`, which fetch the rest.
+        """
         return self._dependency_results
 
+    @property
+    def dependency_results_partial(self) -> bool:
+        """Whether the claim row left some dependency results out (they are fetched on demand)."""
+        return self._dependency_results_partial
+
     def get_dependency_result(self, step_name: str) -> Any:
-        """The result of ancestor step `step_name`, or None when there is no such ancestor."""
-        return self._dependency_results.get(step_name)
+        """The result of ancestor step `step_name`, or None when there is no such ancestor.
+
+        When the claim left results out, a name not in it is fetched from the database: from a
+        sync handler this blocks its thread; from an async handler it raises
+        `BlockingFetchError` (use `await context.get_dependency_result_async(name)` there).
+        """
+        if step_name in self._dependency_results or not self._lazy():
+            return self._dependency_results.get(step_name)
+        return self._run_blocking(self.get_dependency_result_async(step_name))
+
+    async def get_dependency_result_async(self, step_name: str) -> Any:
+        """`get_dependency_result` for async handlers: fetches without blocking the loop."""
+        if step_name in self._dependency_results or not self._lazy():
+            return self._dependency_results.get(step_name)
+        # The smallest name starting with step_name is step_name itself.
+        page = await self._fetch_page(step_name, None, 1)
+        if page and page[0][0] == step_name:
+            return page[0][1]
+        return None
 
     def get_dependency_field(self, step_name: str, *path: str | int) -> Any:
         """A value nested inside an ancestor's result, or None when any part of the path is absent.
@@ -209,9 +286,10 @@ class StepContext:
         Each path element is a key of an object or an index into a list: ints index lists (negative
         ones count from the end), and so do strings of digits such as "0". An int also finds the
         object key of the same text, since JSON object keys are always strings. A missing key, an
-        index out of range or stepping into a scalar returns None; this never raises.
+        index out of range or stepping into a scalar returns None; this never raises (but see
+        `get_dependency_result` for a claim that left results out).
         """
-        current: Any = self._dependency_results.get(step_name)
+        current: Any = self.get_dependency_result(step_name)
         for part in path:
             if current is None:
                 return None
@@ -219,12 +297,92 @@ class StepContext:
         return current
 
     def get_all_dependency_results(self, prefix: str = "") -> dict[str, Any]:
-        """The results of every ancestor whose step name starts with `prefix` (a new dict)."""
-        return {
-            name: value
-            for name, value in self._dependency_results.items()
-            if name.startswith(prefix)
-        }
+        """The results of every ancestor whose step name starts with `prefix` (a new dict, in
+        name order), e.g. `context.get_all_dependency_results("process_batch_")` in the
+        aggregator of a batch fan-out.
+
+        When the claim left results out, they are all fetched from the database: from a sync
+        handler this blocks its thread; from an async handler it raises `BlockingFetchError`
+        (use `await context.get_all_dependency_results_async(prefix)` or `async for name,
+        result in context.iter_dependency_results(prefix)` there).
+        """
+        if not self._lazy():
+            return self._from_claim(prefix)
+        return self._run_blocking(self.get_all_dependency_results_async(prefix))
+
+    async def get_all_dependency_results_async(self, prefix: str = "") -> dict[str, Any]:
+        """`get_all_dependency_results` for async handlers: fetches without blocking the loop."""
+        return {name: value async for name, value in self.iter_dependency_results(prefix)}
+
+    async def iter_dependency_results(self, prefix: str = "") -> AsyncIterator[tuple[str, Any]]:
+        """`(name, result)` of every ancestor whose name starts with `prefix`, in name order.
+
+        Works in every handler and for every claim: when the claim left results out they are
+        fetched in pages of 100 as the loop goes on, so a thousand workers' results never have
+        to be in memory at once:
+
+        ```python
+        async for name, result in context.iter_dependency_results("process_batch_"):
+            total += result["items_processed"]
+        ```
+        """
+        if not self._lazy():
+            for item in self._from_claim(prefix).items():
+                yield item
+            return
+        after: str | None = None
+        while True:
+            page = await self._fetch_page(prefix, after, DEPENDENCY_PAGE_SIZE)
+            for item in page:
+                yield item
+            if len(page) < DEPENDENCY_PAGE_SIZE:
+                return
+            after = page[-1][0]
+
+    def _from_claim(self, prefix: str) -> dict[str, Any]:
+        results = self._dependency_results
+        return {name: results[name] for name in sorted(results) if name.startswith(prefix)}
+
+    def _lazy(self) -> bool:
+        """Whether results missing from the claim must be fetched (refuses a partial claim
+        that has nowhere to fetch from, rather than answering from part of the results)."""
+        if not self._dependency_results_partial:
+            return False
+        if self._dependency_fetcher is None:
+            raise RuntimeError(
+                f"the claim of step {self._step_name!r} left some dependency results out "
+                "(dependency_results_partial) and this context has no fetcher to get them: "
+                "build it with StepContext.from_claimed(..., dependency_fetcher=...)"
+            )
+        return True
+
+    async def _fetch_page(
+        self, prefix: str, after: str | None, limit: int
+    ) -> list[tuple[str, Any]]:
+        assert self._dependency_fetcher is not None
+        return await self._dependency_fetcher.fetch_page(self._step_uuid, prefix, after, limit)
+
+    def _run_blocking(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run a fetch from blocking code: on the fetcher's loop when called from another thread
+        (a sync handler's), refused on that loop's own thread (it would wait for itself)."""
+        assert self._dependency_fetcher is not None
+        loop = self._dependency_fetcher.loop
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is not None and (loop is None or running is loop):
+            coro.close()
+            raise BlockingFetchError(
+                f"step {self._step_name!r}: its claim left some dependency results out, and "
+                "fetching them would block the event loop. In an async handler use "
+                "`async for name, result in context.iter_dependency_results(prefix)`, "
+                "`await context.get_all_dependency_results_async(prefix)` or "
+                "`await context.get_dependency_result_async(name)`"
+            )
+        if loop is None:
+            return asyncio.run(coro)
+        return asyncio.run_coroutine_threadsafe(coro, loop).result()
 
     # --- configuration -------------------------------------------------------------------------
 

@@ -524,6 +524,27 @@ class Connection:
             float(lease_seconds),
         )
 
+    async def dependency_results(
+        self,
+        step_uuid: uuid.UUID | str,
+        prefix: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        *,
+        timeout: float | None = None,
+    ) -> list[tuple[str, Any]]:
+        """One page of a step's finished ancestors' results, `(name, result)` in name order
+        (byte order): names starting with `prefix`, after `after`, at most `limit` (1..1000)."""
+        rows = await self.fetch(
+            "SELECT name, results FROM tasker.dependency_results($1::uuid, $2, $3, $4)",
+            str(step_uuid),
+            prefix,
+            after,
+            limit,
+            timeout=timeout,
+        )
+        return [(str(r["name"]), r["results"]) for r in rows]
+
     async def complete_steps(self, outcomes: Sequence[Mapping[str, Any]]) -> list[Row]:
         """Apply a batch of outcomes; one row per outcome: step_uuid, attempt, status, detail."""
         return await self.fetch(
@@ -852,15 +873,19 @@ async def create_pool(
     check_schema: bool = True,
     setup: Callable[[Connection], Awaitable[None]] | None = None,
     timeout: float = 10.0,
+    server_settings: Mapping[str, str] | None = None,
 ) -> Pool:
-    """A pool on the resolved database (schema checked once, on the first session)."""
+    """A pool on the resolved database (schema checked once, on the first session).
+
+    `server_settings` are PostgreSQL settings of its sessions, on top of tasker-pg's own.
+    """
     resolved = resolve_dsn(dsn)
     try:
         raw_pool = await asyncpg.create_pool(
             resolved.dsn,
             min_size=min_size,
             max_size=max_size,
-            server_settings=SERVER_SETTINGS,
+            server_settings={**SERVER_SETTINGS, **(server_settings or {})},
             init=_init_connection,
             timeout=timeout,
         )

@@ -30,7 +30,9 @@ DECLARE
         'claim_steps', 'complete_steps', 'extend_leases', 'release_steps',
         'register_template', 'metrics', 'metrics_all',
         -- maintenance: re-send lost messages, the worker's own row, old rows of gone workers
-        'repair_messages', 'worker_heartbeat', 'cleanup_workers'
+        'repair_messages', 'worker_heartbeat', 'cleanup_workers',
+        -- the dependency results a partial claim row left out (a convergence after a fan-out)
+        'dependency_results'
     ];
     -- Read-only inspection: readiness, counts, effective state, invariants, queue metrics.
     c_reader   CONSTANT text[] := ARRAY[

@@ -28,6 +28,7 @@ from tasker_pg.errors import PermanentError
 from tasker_pg.handler import StepHandler
 from tasker_pg.outcome import Outcome, outcome_from_exception, outcome_from_result, timeout_outcome
 from tasker_pg.registry import HandlerRegistry
+from tasker_pg.worker.fetching import DependencyFetcher
 from tasker_pg.worker.state import Claim, Shared
 
 logger = logging.getLogger(__name__)
@@ -54,10 +55,13 @@ class Runner:
         self._on_missing_handler = on_missing_handler
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Fetches the dependency results a partial claim left out (its pool opens on first use).
+        self._fetcher: DependencyFetcher | None = None
 
     def open(self) -> None:
         """Create the thread pool for sync handlers (call from the running loop)."""
         self._loop = asyncio.get_running_loop()
+        self._fetcher = DependencyFetcher(self._shared, self._loop)
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=self._shared.config.concurrency,
             thread_name_prefix=f"tasker-{self._shared.worker_id}",
@@ -126,6 +130,8 @@ class Runner:
         await asyncio.gather(*tasks, return_exceptions=True)
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._fetcher is not None:
+            await self._fetcher.close()
 
     async def _execute(self, claim: Claim) -> None:
         """Run one step's handler and queue its outcome; never raises (except cancellation)."""
@@ -147,7 +153,9 @@ class Runner:
                         raise
                     self._on_missing_handler(claim, exc)  # released, not failed
                     return
-                context = StepContext.from_claimed(step, worker_id=shared.worker_id)
+                context = StepContext.from_claimed(
+                    step, worker_id=shared.worker_id, dependency_fetcher=self._fetcher
+                )
                 if handler.is_async:
                     result = await self._call_async(handler, context, claim, max_runtime)
                 else:

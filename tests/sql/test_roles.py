@@ -254,6 +254,8 @@ async def test_worker_claims_completes_extends_releases_and_nothing_else(
     assert [r["status"] for r in done] == ["applied"]
     rows = await claim(worker)
     assert sorted(r["step_name"] for r in rows) == ["b", "c"]
+    # what a partial claim row left out (tasker.dependency_results)
+    assert [n for n, _ in await worker.dependency_results(rows[0]["step_uuid"])] == ["start"]
     released = await worker.release_steps(
         [
             {"step_uuid": str(r["step_uuid"]), "attempt": r["attempt"], "claim_seq": r["claim_seq"]}
@@ -321,6 +323,7 @@ async def _worker_rights_refused(who: db.Connection) -> None:
     await _refused(who.complete_steps([]))
     await _refused(who.extend_leases([], 30.0))
     await _refused(who.release_steps([]))
+    await _refused(who.dependency_results(uuid.uuid4()))
 
 
 async def test_client_creates_reads_and_cancels_and_nothing_else(
