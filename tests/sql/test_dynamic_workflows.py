@@ -823,3 +823,45 @@ async def test_decision_recompute_waits_for_a_parent_completing_concurrently(
     assert await names_of(conn, task) == {"s", "s2", "d", "c"}
     assert (await task_row(conn, task))["state"] == "complete"
     await assert_healthy(conn)
+
+
+async def test_readiness_tells_created_steps_from_branches_not_taken(conn: db.Connection) -> None:
+    task = await start(conn, approval("approval_explain"), {"amount": 1})
+    r = {x["name"]: x for x in await conn.step_readiness(task)}
+    assert r["auto_approve"]["state"] == "not_created"
+    assert r["auto_approve"]["step_uuid"] is None
+    assert r["auto_approve"]["reason"] == "not created yet: waits for decision `routing_decision`"
+    assert r["finalize"]["reason"] == "not created yet: created once a step it lists is created"
+    ctx = await conn.task_execution_context(task)
+    assert ctx is not None and ctx["total_steps"] == 2
+    [v] = await claim(conn)
+    await complete(conn, success(v))
+    [d] = await claim(conn)
+    await complete(conn, success(d, decide("auto_approve")))
+    r = {x["name"]: x for x in await conn.step_readiness(task)}
+    assert r["manager_approval"]["reason"] == (
+        "not created: decision `routing_decision` chose [auto_approve]"
+    )
+    assert r["auto_approve"]["state"] == "enqueued"
+    assert r["finalize"]["state"] == "pending"
+    assert r["finalize"]["reason"] == "waiting for auto_approve"
+    await drive(conn, NAMESPACE, lambda x: None)
+    await assert_healthy(conn)
+
+
+async def test_readiness_of_a_convergence_waiting_for_a_fan_out(conn: db.Connection) -> None:
+    task = await start(conn, two_pipelines("two_explain"))
+    [s] = await claim(conn)
+    await complete(conn, success(s))
+    [d] = await claim(conn)
+    await complete(conn, success(d, decide("left", "right")))
+    [left, right] = sorted(await claim(conn), key=lambda x: x["step_name"])
+    await complete(conn, success(left, batches("left_w", "1", "2")))
+    r = {x["name"]: x for x in await conn.step_readiness(task)}
+    assert r["right_w"]["reason"] == "not created yet: waits for batchable step `right`"
+    assert r["left_agg"]["reason"] == "waiting for left_w_1, left_w_2"
+    assert r["done"]["reason"].startswith("waiting for left_agg and 1 listed step(s) not created")
+    await complete(conn, success(right, batches("right_w", "1")))
+    await drive(conn, NAMESPACE, lambda x: None)
+    assert (await task_row(conn, task))["state"] == "complete"
+    await assert_healthy(conn)
