@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from typing import Any
 
@@ -863,5 +864,61 @@ async def test_readiness_of_a_convergence_waiting_for_a_fan_out(conn: db.Connect
     assert r["done"]["reason"].startswith("waiting for left_agg and 1 listed step(s) not created")
     await complete(conn, success(right, batches("right_w", "1")))
     await drive(conn, NAMESPACE, lambda x: None)
+    assert (await task_row(conn, task))["state"] == "complete"
+    await assert_healthy(conn)
+
+
+async def test_thousand_workers_and_a_bounded_claim_row(conn: db.Connection) -> None:
+    """1000 workers (the default limit) from one outcome; the aggregate's claim row carries the
+    workers' results only up to max_claim_dependency_bytes and says it is partial."""
+    task = await start(conn, pipeline("batch_1000"))
+    [a] = await claim(conn)
+    ids = [f"{i:04d}" for i in range(1, 1001)]
+    started = time.perf_counter()
+    answer = await complete(conn, success(a, batches("process_batch", *ids)))
+    elapsed_ms = (time.perf_counter() - started) * 1000
+    print(f"fan-out of 1000 workers: complete_steps took {elapsed_ms:.1f} ms")
+    assert answer[str(a["step_uuid"])]["detail"] == "complete"
+    assert (await task_row(conn, task))["total_steps"] == 1002
+    await conn.execute(
+        "UPDATE tasker.settings SET value = 2048 WHERE name = 'max_claim_dependency_bytes'"
+    )
+    try:
+        seen: dict[str, Any] = {}
+
+        def handler(row: Row) -> Any:
+            if row["step_name"] == "aggregate":
+                seen.update(row)
+                return {"total": 1000}
+            return {"n": 1}
+
+        await drive(conn, NAMESPACE, handler, qty=500)
+    finally:
+        await conn.execute(
+            "UPDATE tasker.settings SET value = 262144 WHERE name = 'max_claim_dependency_bytes'"
+        )
+    workers = [k for k in seen["dependency_results"] if k.startswith("process_batch_")]
+    assert 0 < len(workers) < 1000
+    assert workers == sorted(workers)[: len(workers)]
+    assert sorted(workers) == [f"process_batch_{i}" for i in ids[: len(workers)]]
+    assert seen["dependency_results_partial"] is True
+    assert (await task_row(conn, task))["state"] == "complete"
+    await assert_healthy(conn)
+
+
+async def test_a_small_fan_out_claim_row_is_complete(conn: db.Connection) -> None:
+    task = await start(conn, pipeline("batch_small_claim"))
+    seen: dict[str, Any] = {}
+
+    def handler(row: Row) -> Any:
+        if row["step_name"] == "analyze":
+            return batches("process_batch", "1", "2")
+        if row["step_name"] == "aggregate":
+            seen.update(row)
+        return None
+
+    await drive(conn, NAMESPACE, handler)
+    assert set(seen["dependency_results"]) == {"analyze", "process_batch_1", "process_batch_2"}
+    assert seen["dependency_results_partial"] is False
     assert (await task_row(conn, task))["state"] == "complete"
     await assert_healthy(conn)
