@@ -219,8 +219,9 @@ BEGIN
     RETURN QUERY
     SELECT c.step_uuid,
            ((SELECT count(*) FROM tasker.steps s
-              JOIN tasker.named_steps ln ON ln.named_step_id = s.named_step_id
-             WHERE s.task_uuid = p_task AND ln.named_task_id = n.named_task_id AND ln.name = ANY (n.parent_names)
+             WHERE s.task_uuid = p_task
+               AND s.named_step_id = ANY (ARRAY(SELECT ln.named_step_id FROM tasker.named_steps ln
+                                                 WHERE ln.named_task_id = n.named_task_id AND ln.name = ANY (n.parent_names)))
                AND s.state NOT IN ('complete', 'resolved_manually'))
             + (SELECT count(*) FROM unnest(n.parent_names) pn WHERE pn = ANY (v_possible)))::integer
       FROM tasker.steps c
@@ -314,6 +315,7 @@ DECLARE
     v_meta    jsonb;
     v_worker  record;
     v_counts  jsonb := '{}';  -- task_uuid -> steps created
+    v_fresh   text[];
 BEGIN
     v_tasks := ARRAY(SELECT DISTINCT s.task_uuid FROM tasker.steps s WHERE s.step_uuid = ANY (p_steps) ORDER BY 1);
     PERFORM tasker._lock_dynamic(v_tasks);
@@ -378,14 +380,14 @@ BEGIN
         -- what follows from what exists now: convergences listing a created step, and the steps
         -- downstream of them all of whose parents exist, until nothing more is created
         LOOP
+            -- the template names of the steps just created (convergences listing one of them)
+            v_fresh := ARRAY(SELECT DISTINCT n.name FROM tasker.steps s JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+                              WHERE s.step_uuid = ANY (v_ids));
             SELECT jsonb_agg(jsonb_build_object('named_step_id', n.named_step_id, 'name', n.name)) INTO v_more
               FROM tasker.named_steps n
              WHERE n.named_task_id = r.named_task_id
                AND NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.task_uuid = r.task_uuid AND s.name = n.name)
-               AND CASE WHEN n.step_type = 'deferred_convergence' THEN
-                            EXISTS (SELECT 1 FROM tasker.steps s JOIN tasker.named_steps ln ON ln.named_step_id = s.named_step_id
-                                     WHERE s.task_uuid = r.task_uuid AND ln.named_task_id = n.named_task_id
-                                       AND ln.name = ANY (n.parent_names))
+               AND CASE WHEN n.step_type = 'deferred_convergence' THEN n.parent_names && v_fresh
                         WHEN n.step_type = 'batch_worker' THEN false
                         ELSE cardinality(n.parent_names) > 0
                              AND NOT EXISTS (SELECT 1 FROM tasker.named_steps p
@@ -401,13 +403,23 @@ BEGIN
             v_all := v_all || v_ids;
         END LOOP;
         -- a convergence depends on every created step it lists (workers included)
+        -- (the task's convergence steps first, then their listed steps: one pass over the task)
+        WITH cv AS MATERIALIZED (
+            SELECT c.step_uuid,
+                   ARRAY(SELECT ln.named_step_id FROM tasker.named_steps ln
+                          WHERE ln.named_task_id = n.named_task_id AND ln.name = ANY (n.parent_names)) AS listed
+              FROM tasker.steps c
+              JOIN tasker.named_steps n ON n.named_step_id = c.named_step_id
+             WHERE c.task_uuid = r.task_uuid AND n.step_type = 'deferred_convergence'
+        ),
+        listed AS MATERIALIZED (
+            SELECT p.step_uuid, p.named_step_id FROM tasker.steps p
+             WHERE p.task_uuid = r.task_uuid
+               AND p.named_step_id IN (SELECT unnest(cv.listed) FROM cv)
+        )
         INSERT INTO tasker.step_edges (parent_uuid, child_uuid)
-        SELECT p.step_uuid, c.step_uuid
-          FROM tasker.steps c
-          JOIN tasker.named_steps n ON n.named_step_id = c.named_step_id AND n.step_type = 'deferred_convergence'
-          JOIN tasker.named_steps ln ON ln.named_task_id = n.named_task_id AND ln.name = ANY (n.parent_names)
-          JOIN tasker.steps p ON p.task_uuid = r.task_uuid AND p.named_step_id = ln.named_step_id
-         WHERE c.task_uuid = r.task_uuid
+        SELECT l.step_uuid, cv.step_uuid
+          FROM cv JOIN listed l ON l.named_step_id = ANY (cv.listed)
         ON CONFLICT DO NOTHING;
         v_counts := v_counts || jsonb_build_object(r.task_uuid::text,
                                                    coalesce((v_counts->>r.task_uuid::text)::integer, 0) + cardinality(v_all));
