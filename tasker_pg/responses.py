@@ -377,5 +377,5 @@ class TemplateRegistration(_ToDict):
             name=template.name,
             version=template.version,
             named_task_id=named_task_id,
-            step_count=len(template.steps),
+            step_count=len(template.static_steps),
         )

@@ -75,7 +75,8 @@ class ClaimedStep:
     # claimed (a new attempt) | resumed (a checkpoint continuation); an expired lease is never
     # handed out: the engine records it and retries the step after its backoff
     claim_event: str = "claimed"
-    # true when the claim left some batch workers' results out (tasker.dependency_results)
+    # true when some batch workers' results were left out of dependency_results (over
+    # max_claim_dependency_bytes): fetch them with tasker.dependency_results
     dependency_results_partial: bool = False
 
     @classmethod
@@ -136,7 +137,7 @@ class ClaimedStep:
             msg_id=int(msg_id) if msg_id is not None else None,
             lease_expires_at=get("lease_expires_at"),
             claim_event=str(claim_event) if claim_event else "claimed",
-            dependency_results_partial=bool(get("dependency_results_partial", False)),
+            dependency_results_partial=bool(get("dependency_results_partial")),
         )
 
     @property

@@ -69,7 +69,9 @@ from tasker_pg.errors import NotFoundError, ValidationError
 __all__ = [
     "MAX_STEPS",
     "MAX_TIMEOUT_SECONDS",
+    "STEP_TYPES",
     "BackoffKind",
+    "BatchConfig",
     "HandlerSpec",
     "RetryPolicy",
     "StepTemplate",
@@ -231,6 +233,38 @@ class RetryPolicy(_Frozen):
         }
 
 
+StepType = Literal["standard", "decision", "batchable", "batch_worker", "deferred_convergence"]
+"""What a step is: `standard` runs its handler; a `decision` chooses which of its children are
+created; a `batchable` fans out into `batch_worker` steps; a `deferred_convergence` follows the
+listed steps that were created (sql/functions/62_dynamic.sql)."""
+
+STEP_TYPES: tuple[str, ...] = (
+    "standard",
+    "decision",
+    "batchable",
+    "batch_worker",
+    "deferred_convergence",
+)
+
+
+class BatchConfig(_Frozen):
+    """A batch_worker step's settings, handed to its workers in `inputs.batch_metadata`."""
+
+    batch_size: Annotated[int, Strict(), Field(ge=1, le=1_000_000)] = 1000
+    parallelism: Annotated[int, Strict(), Field(ge=1, le=1000)] = 10
+    cursor_field: Annotated[StrictStr, Field(min_length=1, max_length=200)] = "id"
+    failure_strategy: Literal["continue_on_failure", "fail_fast", "isolate"] = "continue_on_failure"
+
+    def to_json(self) -> dict[str, Any]:
+        """The batch_config part of the canonical JSON body (every default filled in)."""
+        return {
+            "batch_size": self.batch_size,
+            "parallelism": self.parallelism,
+            "cursor_field": self.cursor_field,
+            "failure_strategy": self.failure_strategy,
+        }
+
+
 class StepTemplate(_Frozen):
     """One step of a workflow: its handler, the steps it waits for, its retry and time limits.
 
@@ -249,7 +283,9 @@ class StepTemplate(_Frozen):
     ) = None
     """Longest one attempt may run before the worker abandons it (None: no limit; at most a
     year)."""
-    type: Literal["standard"] = "standard"
+    type: StepType = "standard"
+    batch_config: BatchConfig | None = None
+    """batch_worker steps only (defaults filled in for them)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -280,14 +316,31 @@ class StepTemplate(_Frozen):
     @field_validator("type", mode="before")
     @classmethod
     def _check_type(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "standard":
+        if value is None:
+            return "standard"
+        if not isinstance(value, str) or value not in STEP_TYPES:
             raise PydanticCustomError(
-                "unsupported_step_type",
-                "step type {value} is not supported yet: only 'standard' steps can run "
-                "(remove 'type' or set it to 'standard')",
-                {"value": repr(value)},
+                "invalid_step_type",
+                "step type {value} is not valid (valid: {valid})",
+                {
+                    "value": repr(value) if isinstance(value, str) else _describe(value),
+                    "valid": ", ".join(STEP_TYPES),
+                },
             )
         return value
+
+    @model_validator(mode="after")
+    def _check_batch_config(self) -> Self:
+        if self.type == "batch_worker":
+            if self.batch_config is None:
+                object.__setattr__(self, "batch_config", BatchConfig())
+        elif self.batch_config is not None:
+            raise PydanticCustomError(
+                "batch_config_type",
+                "batch_config is only for batch_worker steps (this step is {type})",
+                {"type": self.type},
+            )
+        return self
 
     def to_json(self) -> dict[str, Any]:
         """The step part of the canonical JSON body."""
@@ -299,6 +352,12 @@ class StepTemplate(_Frozen):
             "retry": self.retry.to_json(),
             "timeout_seconds": self.timeout_seconds,
             "type": self.type,
+            # only batch workers carry one (other steps' bodies are unchanged)
+            **(
+                {"batch_config": self.batch_config.to_json()}
+                if self.type == "batch_worker" and self.batch_config is not None
+                else {}
+            ),
         }
 
 
@@ -324,6 +383,7 @@ class TaskTemplate(_Frozen):
     _index: dict[str, int] = PrivateAttr(default_factory=dict)
     _children: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
     _order: tuple[str, ...] = PrivateAttr(default=())
+    _dynamic: frozenset[str] = PrivateAttr(default=frozenset())
 
     # -- field rules --
 
@@ -404,7 +464,29 @@ class TaskTemplate(_Frozen):
                 children[parent].append(step.name)
         self._children = {name: tuple(kids) for name, kids in children.items()}
         self._order = tuple(self.steps[i].name for i in _kahn_order(self.steps, self._index))
+        type_problems = _type_problems(self.steps)
+        if type_problems:
+            raise PydanticCustomError(
+                "template_graph",
+                "{summary}",
+                {
+                    "summary": "; ".join(f"{loc}: {msg}" for loc, msg in type_problems),
+                    "problems": type_problems,
+                },
+            )
+        self._dynamic = _dynamic_steps(self.steps, self._order)
         return self
+
+    @property
+    def dynamic_steps(self) -> frozenset[str]:
+        """Steps not created with a task: a decision or batchable step's outcome creates them."""
+        return self._dynamic
+
+    @property
+    def static_steps(self) -> list[str]:
+        """Steps created with every task, in declared order (their count is the task's
+        initial total_steps)."""
+        return [step.name for step in self.steps if step.name not in self._dynamic]
 
     # -- construction --
 
@@ -722,6 +804,68 @@ def _graph_problems(steps: Sequence[_GraphStep]) -> list[tuple[str, str]]:
                 )
             )
     return problems
+
+
+def _type_problems(steps: Sequence[StepTemplate]) -> list[tuple[str, str]]:
+    """The rules of step types (the same as tasker._template_dynamic in SQL), as (location,
+    message), each naming the step."""
+    types = {step.name: step.type for step in steps}
+    workers_of: dict[str, int] = {}
+    for step in steps:
+        if step.type == "batch_worker":
+            for dep in step.dependencies:
+                workers_of[dep] = workers_of.get(dep, 0) + 1
+    problems: list[tuple[str, str]] = []
+    for i, step in enumerate(steps):
+        deps = step.dependencies
+        problem: str | None = None
+        if step.type == "decision" and not deps:
+            problem = (
+                "a decision step needs at least one dependency (the step whose result it "
+                "decides on)"
+            )
+        elif (
+            step.type != "deferred_convergence"
+            and len(deps) > 1
+            and any(types[d] == "decision" for d in deps)
+        ):
+            problem = (
+                "a step that depends on a decision depends on nothing else (join branches "
+                "with a deferred_convergence step)"
+            )
+        elif step.type == "batch_worker" and (len(deps) != 1 or types[deps[0]] != "batchable"):
+            problem = (
+                "a batch_worker step is not downstream of a batchable step: it needs exactly "
+                "one dependency, a batchable step"
+            )
+        elif step.type == "batchable" and not workers_of.get(step.name):
+            problem = "a batchable step needs at least one batch_worker step depending on it"
+        elif step.type != "deferred_convergence" and any(types[d] == "batch_worker" for d in deps):
+            problem = "only a deferred_convergence step can depend on a batch_worker step"
+        elif step.type == "deferred_convergence" and not deps:
+            problem = "a deferred_convergence step must list at least one step it may follow"
+        if problem is not None:
+            problems.append((f"steps[{i}] ({step.name})", f"step {step.name!r}: {problem}"))
+    return problems
+
+
+def _dynamic_steps(steps: Sequence[StepTemplate], order: Sequence[str]) -> frozenset[str]:
+    """Steps created at run time: a batch_worker; a step depending on a decision; a
+    deferred_convergence all of whose listed steps are dynamic; any other step with a dynamic
+    dependency (the same as tasker._template_dynamic in SQL)."""
+    by_name = {step.name: step for step in steps}
+    dynamic: set[str] = set()
+    for name in order:
+        step = by_name[name]
+        deps = step.dependencies
+        if (
+            step.type == "batch_worker"
+            or any(by_name[d].type == "decision" for d in deps)
+            or (step.type == "deferred_convergence" and all(d in dynamic for d in deps))
+            or (step.type != "deferred_convergence" and any(d in dynamic for d in deps))
+        ):
+            dynamic.add(name)
+    return frozenset(dynamic)
 
 
 def _adjacency(steps: Sequence[_GraphStep], index: Mapping[str, int]) -> list[list[int]]:

@@ -38,6 +38,7 @@ DECLARE
     v_cycle     text[];
     v_cur       text;
     v_too_big   text;
+    v_dynamic   boolean[];  -- by position: not created with the task
     v_init_lim  bigint := tasker._setting_int('max_initialization_bytes');
     v_name_lim  bigint := tasker._setting_int('max_name_bytes');
     v_text_lim  bigint := tasker._setting_int('max_text_bytes');
@@ -229,6 +230,14 @@ BEGIN
             USING ERRCODE = 'TV010';
     END IF;
 
+    -- Step types: the rules of decisions, batches and convergences, and which steps are
+    -- dynamic (created at run time, not with the task). Standard-only templates skip this.
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_norm) e WHERE e->>'type' <> 'standard') THEN
+        v_dynamic := tasker._template_dynamic(v_norm, v_name, v_order);
+    ELSE
+        v_dynamic := array_fill(false, ARRAY[v_count]);
+    END IF;
+
     v_norm := jsonb_build_object(
         'name', v_name, 'namespace_name', v_ns, 'version', v_version,
         'description', p_template->'description',
@@ -253,12 +262,14 @@ BEGIN
                                     version_pre, version_pre_key, description, template, step_count)
     VALUES (v_ns, v_name, v_version, v_parts[1]::integer, v_parts[2]::integer, v_parts[3]::integer,
             v_parts[4], tasker._semver_pre_key(v_parts[4]), p_template->>'description', v_norm,
-            jsonb_array_length(v_norm->'steps'))
+            -- the steps created with a task
+            (SELECT count(*) FILTER (WHERE NOT d) FROM unnest(v_dynamic) d))
     RETURNING named_task_id INTO v_id;
 
     INSERT INTO tasker.named_steps (named_task_id, step_index, name, description, handler, config, step_type,
                                     parent_names, ancestor_names, retryable, max_attempts, backoff,
-                                    backoff_base_ms, max_backoff_ms, jitter, timeout_seconds)
+                                    backoff_base_ms, max_backoff_ms, jitter, timeout_seconds, is_dynamic,
+                                    batch_config)
     SELECT v_id, (s.ord - 1)::integer, s.step->>'name', s.step->>'description',
            s.step->'handler'->>'callable', s.step->'handler'->'initialization', s.step->>'type',
            ARRAY(SELECT jsonb_array_elements_text(s.step->'dependencies')),
@@ -266,8 +277,16 @@ BEGIN
            (s.step->'retry'->>'retryable')::boolean, (s.step->'retry'->>'max_attempts')::integer,
            s.step->'retry'->>'backoff', (s.step->'retry'->>'backoff_base_ms')::integer,
            (s.step->'retry'->>'max_backoff_ms')::integer, (s.step->'retry'->>'jitter')::double precision,
-           (s.step->>'timeout_seconds')::double precision
+           (s.step->>'timeout_seconds')::double precision, v_dynamic[s.ord], s.step->'batch_config'
       FROM jsonb_array_elements(v_norm->'steps') WITH ORDINALITY s(step, ord);
+
+    IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_norm->'steps') e WHERE e->>'type' = 'batch_worker') THEN
+        UPDATE tasker.named_steps n
+           SET worker_ancestor_ids = ARRAY(SELECT w.named_step_id FROM tasker.named_steps w
+                                            WHERE w.named_task_id = v_id AND w.step_type = 'batch_worker'
+                                              AND w.name = ANY (n.ancestor_names) ORDER BY 1)
+         WHERE n.named_task_id = v_id;
+    END IF;
 
     PERFORM tasker.create_queue(v_ns);
     RETURN v_id;
@@ -275,6 +294,70 @@ END
 $$;
 COMMENT ON FUNCTION tasker.register_template(jsonb) IS
     'Validates, normalises and stores a task template version; creates its namespace queue.';
+
+-- The rules of step types (each TV010 naming the step; the Python loader applies the same
+-- ones) and, by position, whether each step is dynamic: a batch_worker; a step depending on a
+-- decision; a deferred_convergence all of whose listed steps are dynamic; any other step with
+-- a dynamic dependency. p_order: positions (1-based) in topological order.
+CREATE FUNCTION tasker._template_dynamic(p_steps jsonb, p_template text, p_order integer[]) RETURNS boolean[]
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_bad  text;
+    v_type jsonb;  -- step name -> type
+    v_dyn  jsonb := '{}';
+    v_pos  integer;
+    v_step jsonb;
+BEGIN
+    SELECT jsonb_object_agg(e->>'name', e->>'type') INTO v_type FROM jsonb_array_elements(p_steps) e;
+    WITH st AS (
+        SELECT x.ord, x.s->>'name' AS name, x.s->>'type' AS type,
+               ARRAY(SELECT jsonb_array_elements_text(x.s->'dependencies')) AS deps
+          FROM jsonb_array_elements(p_steps) WITH ORDINALITY x(s, ord)
+    )
+    SELECT format('template %s, step %L: %s', p_template, st.name, p.problem) INTO v_bad
+      FROM st
+     CROSS JOIN LATERAL (SELECT CASE
+           WHEN st.type = 'decision' AND cardinality(st.deps) = 0
+               THEN 'a decision step needs at least one dependency (the step whose result it decides on)'
+           WHEN st.type <> 'deferred_convergence' AND cardinality(st.deps) > 1
+                AND EXISTS (SELECT 1 FROM unnest(st.deps) d WHERE v_type->>d = 'decision')
+               THEN 'a step that depends on a decision depends on nothing else (join branches with a deferred_convergence step)'
+           WHEN st.type = 'batch_worker' AND (cardinality(st.deps) <> 1 OR v_type->>st.deps[1] <> 'batchable')
+               THEN 'a batch_worker step is not downstream of a batchable step: it needs exactly one dependency, a batchable step'
+           WHEN st.type = 'batchable' AND NOT EXISTS (
+                    SELECT 1 FROM st c WHERE c.type = 'batch_worker' AND st.name = ANY (c.deps))
+               THEN 'a batchable step needs at least one batch_worker step depending on it'
+           WHEN st.type <> 'deferred_convergence'
+                AND EXISTS (SELECT 1 FROM unnest(st.deps) d WHERE v_type->>d = 'batch_worker')
+               THEN 'only a deferred_convergence step can depend on a batch_worker step'
+           WHEN st.type = 'deferred_convergence' AND cardinality(st.deps) = 0
+               THEN 'a deferred_convergence step must list at least one step it may follow'
+       END AS problem) p
+     WHERE p.problem IS NOT NULL
+     ORDER BY st.ord
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'TV010';
+    END IF;
+    -- dynamic, in topological order (every dependency is decided before its children)
+    FOREACH v_pos IN ARRAY p_order LOOP
+        v_step := p_steps->(v_pos - 1);
+        v_dyn := v_dyn || jsonb_build_object(v_step->>'name',
+            CASE
+                WHEN v_step->>'type' = 'batch_worker' THEN true
+                WHEN EXISTS (SELECT 1 FROM jsonb_array_elements_text(v_step->'dependencies') d
+                              WHERE v_type->>d = 'decision') THEN true
+                WHEN v_step->>'type' = 'deferred_convergence'
+                    THEN NOT EXISTS (SELECT 1 FROM jsonb_array_elements_text(v_step->'dependencies') d
+                                      WHERE NOT (v_dyn->d)::boolean)
+                ELSE EXISTS (SELECT 1 FROM jsonb_array_elements_text(v_step->'dependencies') d
+                              WHERE (v_dyn->d)::boolean)
+            END);
+    END LOOP;
+    RETURN ARRAY(SELECT (v_dyn->(e->>'name'))::boolean
+                   FROM jsonb_array_elements(p_steps) WITH ORDINALITY x(e, ord) ORDER BY x.ord);
+END
+$$;
 
 -- Checks one template step and returns it with every default filled in (used by
 -- register_template; errors name the template, the step and the rule).
@@ -290,6 +373,7 @@ DECLARE
     v_max     jsonb;
     v_backoff text;
     v_where   text;
+    v_batch   jsonb;
 BEGIN
     IF jsonb_typeof(p_step) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'template %: step #% must be an object', p_template, p_index USING ERRCODE = 'TV010';
@@ -301,16 +385,19 @@ BEGIN
     END IF;
     v_where := format('template %s, step %L', p_template, v_name);
     FOR v_key IN SELECT jsonb_object_keys(p_step) LOOP
-        IF v_key NOT IN ('name', 'description', 'handler', 'dependencies', 'depends_on', 'retry', 'timeout_seconds', 'type') THEN
-            RAISE EXCEPTION '%: unknown key % (valid: name, description, handler, dependencies, retry, timeout_seconds, type)',
+        IF v_key NOT IN ('name', 'description', 'handler', 'dependencies', 'depends_on', 'retry', 'timeout_seconds', 'type', 'batch_config') THEN
+            RAISE EXCEPTION '%: unknown key % (valid: name, description, handler, dependencies, retry, timeout_seconds, type, batch_config)',
                 v_where, quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
     v_type := coalesce(p_step->>'type', 'standard');
-    IF v_type <> 'standard' THEN
-        RAISE EXCEPTION '%: step type % is not supported yet (only standard)', v_where, quote_literal(left(v_type, 200))
-            USING ERRCODE = 'TV010';
+    IF jsonb_typeof(p_step->'type') NOT IN ('string', 'null')
+       OR v_type NOT IN ('standard', 'decision', 'batchable', 'batch_worker', 'deferred_convergence') THEN
+        RAISE EXCEPTION '%: step type % is not valid (valid: standard, decision, batchable, batch_worker, deferred_convergence)',
+            v_where, CASE WHEN jsonb_typeof(p_step->'type') = 'string' THEN quote_literal(left(v_type, 200))
+                          ELSE left((p_step->'type')::text, 200) END USING ERRCODE = 'TV010';
     END IF;
+    v_batch := tasker._normalise_batch_config(nullif(p_step->'batch_config', 'null'::jsonb), v_type, v_where);
     v_handler := p_step->'handler';
     IF jsonb_typeof(v_handler) IS DISTINCT FROM 'object' OR jsonb_typeof(v_handler->'callable') IS DISTINCT FROM 'string'
        OR btrim(v_handler->>'callable') = '' OR btrim(v_handler->>'callable') <> v_handler->>'callable' THEN
@@ -407,6 +494,61 @@ BEGIN
             'max_backoff_ms', coalesce(v_retry->'max_backoff_ms', '60000'::jsonb),
             'jitter', coalesce(v_retry->'jitter', '0'::jsonb)),
         'timeout_seconds', coalesce(p_step->'timeout_seconds', 'null'::jsonb),
-        'type', to_jsonb(v_type));
+        'type', to_jsonb(v_type))
+        -- only batch workers carry a batch_config (other steps' bodies are unchanged)
+        || CASE WHEN v_type = 'batch_worker' THEN jsonb_build_object('batch_config', v_batch) ELSE '{}' END;
+END
+$$;
+
+-- A batch_worker step's batch_config with every default filled in (NULL for any other type,
+-- which must not have one). The Python loader (tasker_pg/template.py BatchConfig) applies the
+-- same rules.
+CREATE FUNCTION tasker._normalise_batch_config(p_config jsonb, p_type text, p_where text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_key text;
+BEGIN
+    IF p_type <> 'batch_worker' THEN
+        IF p_config IS NOT NULL THEN
+            RAISE EXCEPTION '%: batch_config is only for batch_worker steps (this step is %)', p_where, p_type
+                USING ERRCODE = 'TV010';
+        END IF;
+        RETURN NULL;
+    END IF;
+    p_config := coalesce(p_config, '{}'::jsonb);
+    IF jsonb_typeof(p_config) <> 'object' THEN
+        RAISE EXCEPTION '%: batch_config must be an object', p_where USING ERRCODE = 'TV010';
+    END IF;
+    SELECT k INTO v_key FROM jsonb_object_keys(p_config) k
+     WHERE k NOT IN ('batch_size', 'parallelism', 'cursor_field', 'failure_strategy') LIMIT 1;
+    IF v_key IS NOT NULL THEN
+        RAISE EXCEPTION '%: unknown key % in batch_config (valid: batch_size, parallelism, cursor_field, failure_strategy)',
+            p_where, quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
+    END IF;
+    IF p_config ? 'batch_size' AND NOT (tasker._is_int_json(p_config->'batch_size', 1)
+                                        AND (p_config->>'batch_size')::numeric <= 1000000) THEN
+        RAISE EXCEPTION '%: batch_config.batch_size must be an integer from 1 to 1000000, got %', p_where,
+            left((p_config->'batch_size')::text, 100) USING ERRCODE = 'TV010';
+    END IF;
+    IF p_config ? 'parallelism' AND NOT (tasker._is_int_json(p_config->'parallelism', 1)
+                                         AND (p_config->>'parallelism')::numeric <= 1000) THEN
+        RAISE EXCEPTION '%: batch_config.parallelism must be an integer from 1 to 1000, got %', p_where,
+            left((p_config->'parallelism')::text, 100) USING ERRCODE = 'TV010';
+    END IF;
+    IF p_config ? 'cursor_field' AND (jsonb_typeof(p_config->'cursor_field') <> 'string'
+                                      OR char_length(p_config->>'cursor_field') NOT BETWEEN 1 AND 200) THEN
+        RAISE EXCEPTION '%: batch_config.cursor_field must be a non-empty string of at most 200 characters, got %',
+            p_where, left((p_config->'cursor_field')::text, 100) USING ERRCODE = 'TV010';
+    END IF;
+    IF p_config ? 'failure_strategy' AND (jsonb_typeof(p_config->'failure_strategy') <> 'string'
+            OR p_config->>'failure_strategy' NOT IN ('continue_on_failure', 'fail_fast', 'isolate')) THEN
+        RAISE EXCEPTION '%: batch_config.failure_strategy must be continue_on_failure, fail_fast or isolate, got %',
+            p_where, left((p_config->'failure_strategy')::text, 100) USING ERRCODE = 'TV010';
+    END IF;
+    RETURN jsonb_build_object(
+        'batch_size', coalesce(p_config->'batch_size', '1000'::jsonb),
+        'parallelism', coalesce(p_config->'parallelism', '10'::jsonb),
+        'cursor_field', coalesce(p_config->'cursor_field', '"id"'::jsonb),
+        'failure_strategy', coalesce(p_config->'failure_strategy', '"continue_on_failure"'::jsonb));
 END
 $$;

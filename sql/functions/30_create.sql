@@ -169,7 +169,7 @@ BEGIN
                CASE WHEN cardinality(n.parent_names) = 0 THEN nextval(v_seq) END AS msg_id
           FROM created c
           CROSS JOIN tasker.named_steps n
-         WHERE n.named_task_id = v_tpl
+         WHERE n.named_task_id = v_tpl AND NOT n.is_dynamic  -- dynamic steps: created at run time
     ),
     ins_steps AS (
         INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
@@ -329,7 +329,7 @@ BEGIN
         SELECT n.named_step_id, n.name, n.parent_names, n.max_attempts, n.retryable,
                cardinality(n.parent_names) AS parent_count
           FROM tasker.named_steps n
-         WHERE n.named_task_id = v_tpl
+         WHERE n.named_task_id = v_tpl AND NOT n.is_dynamic  -- dynamic steps: created at run time
     ),
     new_steps AS (
         SELECT gen_random_uuid() AS step_uuid, ns.*,

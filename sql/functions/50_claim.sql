@@ -35,7 +35,7 @@ RETURNS TABLE (
     backoff_base_ms integer, max_backoff_ms integer, jitter double precision,
     timeout_seconds double precision, task_context jsonb, dependency_results jsonb,
     checkpoint jsonb, inputs jsonb, namespace text, task_name text, task_version text,
-    lease_expires_at timestamptz, claim_event text
+    lease_expires_at timestamptz, claim_event text, dependency_results_partial boolean
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -157,12 +157,25 @@ BEGIN
                                  FROM tasker.steps a
                                 WHERE a.task_uuid = upd.task_uuid AND a.name = ANY (ns.ancestor_names)),
                               '{}'::jsonb)
-           END,
+           END || coalesce(wk.results, '{}'::jsonb),
            upd.checkpoint, upd.inputs, t.namespace, t.name, t.version, v_lease,
-           CASE upd.kind WHEN 'run_resume' THEN 'resumed' ELSE 'claimed' END
+           CASE upd.kind WHEN 'run_resume' THEN 'resumed' ELSE 'claimed' END,
+           coalesce(wk.partial, false)
       FROM upd
       JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
       JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id
+      -- batch workers among the ancestors (a convergence after a fan-out and what follows it):
+      -- their results by name while the running total of their JSON text stays within
+      -- max_claim_dependency_bytes; the rest is fetched lazily (tasker.dependency_results)
+      LEFT JOIN LATERAL (
+          SELECT jsonb_object_agg(w.name, w.results) FILTER (WHERE w.total <= w.lim) AS results,
+                 bool_or(w.total > w.lim) AS partial
+            FROM (SELECT a.name, a.results,
+                         sum(coalesce(octet_length(a.results::text), 0)) OVER (ORDER BY a.name) AS total,
+                         (SELECT st.value FROM tasker.settings st WHERE st.name = 'max_claim_dependency_bytes') AS lim
+                    FROM tasker.steps a
+                   WHERE a.task_uuid = upd.task_uuid AND a.named_step_id = ANY (ns.worker_ancestor_ids)) w
+      ) wk ON cardinality(ns.worker_ancestor_ids) > 0
      ORDER BY upd.msg_id;
 END
 $$;

@@ -23,7 +23,8 @@ CREATE TYPE tasker._applied_outcome AS (
     step_uuid  uuid,
     task_uuid  uuid,
     queue      text,
-    new_state  text
+    new_state  text,
+    step_type  text
 );
 
 -- Applies a batch of handler outcomes (success, failure, checkpoint), each fenced by
@@ -48,6 +49,8 @@ DECLARE
     v_ready     uuid[];
     v_deltas    tasker._task_delta[];
     v_bad       text;
+    v_deciders  uuid[];
+    v_tasks     uuid[];
 BEGIN
     IF p_outcomes IS NULL OR jsonb_typeof(p_outcomes) <> 'array' THEN
         RAISE EXCEPTION 'outcomes must be a JSON array' USING ERRCODE = 'TV030';
@@ -139,6 +142,23 @@ BEGIN
         FOR UPDATE OF m;
 
     WITH
+    -- 2a. A decision or batchable step's success whose outcome cannot be applied (unknown or
+    --     non-child name, missing outcome, bad cursor config, over a limit) becomes a
+    --     permanent failure naming the problem. Standard steps skip the check.
+    checked AS (
+        SELECT i.ord, i.step_uuid, i.attempt, i.claim_seq, i.result, i.metadata, i.checkpoint,
+               i.duration_ms, i.worker_id, s.named_step_id, n.step_type,
+               CASE WHEN i.kind = 'success' AND n.step_type IN ('decision', 'batchable')
+                    THEN tasker._dynamic_outcome_error(s.step_uuid, i.result) END AS dyn_error,
+               i.kind AS given_kind, i.error AS given_error,
+               n.backoff, n.backoff_base_ms, n.max_backoff_ms, n.jitter
+          FROM unnest(v_in) i
+          JOIN tasker.steps s ON s.step_uuid = i.step_uuid
+          JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+         WHERE s.state = 'in_progress' AND s.attempts = i.attempt
+           AND s.claim_seq = i.claim_seq
+           AND NOT s.continuation
+    ),
     -- 2. What each outcome means for its step, computed against the current claim.
     prep AS (
         SELECT i.*, s.task_uuid, t.namespace AS queue, s.msg_id, s.claim_seq AS current_claim,
@@ -153,10 +173,15 @@ BEGIN
                CASE WHEN i.kind = 'failure' THEN
                    v_now + make_interval(secs => coalesce(
                        (i.error->>'retry_after')::double precision,
-                       (SELECT tasker._backoff_seconds(n.backoff, n.backoff_base_ms, n.max_backoff_ms, n.jitter, s.attempts)
-                          FROM tasker.named_steps n WHERE n.named_step_id = s.named_step_id)))
+                       tasker._backoff_seconds(i.backoff, i.backoff_base_ms, i.max_backoff_ms, i.jitter, s.attempts)))
                END AS retry_at
-          FROM unnest(v_in) i
+          FROM (SELECT c.ord, c.step_uuid, c.attempt, c.claim_seq,
+                       CASE WHEN c.dyn_error IS NOT NULL THEN 'failure' ELSE c.given_kind END AS kind,
+                       CASE WHEN c.dyn_error IS NOT NULL THEN NULL ELSE c.result END AS result,
+                       c.metadata, coalesce(c.dyn_error, c.given_error) AS error, c.checkpoint,
+                       c.duration_ms, c.worker_id, c.step_type, c.backoff, c.backoff_base_ms,
+                       c.max_backoff_ms, c.jitter
+                  FROM checked c) i
           JOIN tasker.steps s ON s.step_uuid = i.step_uuid
           JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
          WHERE s.state = 'in_progress' AND s.attempts = i.attempt
@@ -183,7 +208,7 @@ BEGIN
            AND s.state = 'in_progress' AND s.attempts = p.attempt AND s.claim_seq = p.current_claim
            AND NOT s.continuation
         RETURNING p.ord, s.step_uuid, s.task_uuid, p.queue, p.msg_id, p.new_state, p.kind, s.attempts,
-                  p.worker_id, p.duration_ms, p.error, p.retry_at
+                  p.worker_id, p.duration_ms, p.error, p.retry_at, p.step_type
     ),
     -- 4. A finished step's message goes; a retry's becomes visible at its retry time, a
     --    checkpoint continuation's at once.
@@ -213,15 +238,29 @@ BEGIN
                v_now
           FROM upd
     )
-    SELECT array_agg(ROW(upd.ord, upd.step_uuid, upd.task_uuid, upd.queue, upd.new_state)::tasker._applied_outcome)
+    SELECT array_agg(ROW(upd.ord, upd.step_uuid, upd.task_uuid, upd.queue, upd.new_state, upd.step_type)::tasker._applied_outcome)
       INTO v_applied
       FROM upd;
 
     IF v_applied IS NOT NULL THEN
         -- 5. Children of completed steps: counters under row lock (children by step_uuid).
         v_completed := ARRAY(SELECT a.step_uuid FROM unnest(v_applied) a WHERE a.new_state = 'complete');
+        v_deciders := ARRAY(SELECT a.step_uuid FROM unnest(v_applied) a
+                             WHERE a.new_state = 'complete' AND a.step_type IN ('decision', 'batchable'));
+        IF cardinality(v_deciders) > 0 THEN
+            -- a decision or fan-out: serialise with the task's other ones, then lock the
+            -- children and the tasks' convergence steps together, in step_uuid order
+            v_tasks := ARRAY(SELECT DISTINCT a.task_uuid FROM unnest(v_applied) a WHERE a.step_uuid = ANY (v_deciders));
+            PERFORM tasker._lock_dynamic(v_tasks);
+            PERFORM tasker._lock_convergences(v_tasks,
+                ARRAY(SELECT e.child_uuid FROM tasker.step_edges e WHERE e.parent_uuid = ANY (v_completed)));
+        END IF;
         IF cardinality(v_completed) > 0 THEN
             v_ready := tasker._release_children(v_completed);
+        END IF;
+        -- 5b. Create what the decisions and fan-outs chose (total_steps grows before step 6).
+        IF cardinality(v_deciders) > 0 THEN
+            PERFORM tasker._apply_dynamic(v_deciders);
         END IF;
         -- 6. Tasks: one counter update each, in task_uuid order.
         v_deltas := ARRAY(

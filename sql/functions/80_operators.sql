@@ -130,7 +130,9 @@ COMMENT ON FUNCTION tasker.retry_step(uuid) IS
     'Operator: re-enqueues a step in error with its attempts reset.';
 
 -- Completes a step by hand (from any unfinished state) with the given result; it satisfies
--- its children like a success. A step in error that is resolved lets its task go on.
+-- its children like a success. A step in error that is resolved lets its task go on. A
+-- decision or batchable step applies a valid outcome found in the result, else counts as
+-- no_branches / no_batches.
 CREATE FUNCTION tasker.resolve_step(p_step uuid, p_result jsonb DEFAULT NULL) RETURNS jsonb
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -141,6 +143,7 @@ DECLARE
     v_cur    bigint;
     v_ready  uuid[];
     v_tstate text;
+    v_decider boolean;
     v_now    timestamptz := clock_timestamp();
 BEGIN
     PERFORM tasker._check_json_size(p_result, 'max_payload_bytes', 'result');
@@ -173,7 +176,19 @@ BEGIN
     INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
     SELECT p_step, v_task, v_state, 'resolved_manually', 'resolved', v_now;
 
+    -- A decision or batchable step applies the valid outcome found in the result, else counts
+    -- as no_branches / no_batches (sql/functions/62_dynamic.sql).
+    v_decider := EXISTS (SELECT 1 FROM tasker.steps s JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+                          WHERE s.step_uuid = p_step AND n.step_type IN ('decision', 'batchable'));
+    IF v_decider THEN
+        PERFORM tasker._lock_dynamic(ARRAY[v_task]);
+        PERFORM tasker._lock_convergences(ARRAY[v_task],
+            ARRAY(SELECT e.child_uuid FROM tasker.step_edges e WHERE e.parent_uuid = p_step));
+    END IF;
     v_ready := tasker._release_children(ARRAY[p_step]);
+    IF v_decider THEN
+        PERFORM tasker._apply_dynamic(ARRAY[p_step]);
+    END IF;
     SELECT d.new_state INTO v_tstate
       FROM tasker._apply_task_deltas(
                ARRAY[ROW(v_task, 1, CASE WHEN v_state = 'error' THEN -1 ELSE 0 END)::tasker._task_delta],

@@ -50,6 +50,9 @@ BEGIN
                    coalesce(s.last_error->>'message', '') || ' (tasker.retry_step or tasker.resolve_step)'
                WHEN t.state = 'cancelled' THEN 'task is cancelled'
                WHEN t.state = 'error' AND s.state <> 'in_progress' THEN 'task is in error'
+               WHEN s.state = 'pending' AND ns.step_type = 'deferred_convergence' AND s.pending_parents > p.total - p.done THEN
+                   'waiting for ' || coalesce(p.waiting || ' and ', '') || (s.pending_parents - (p.total - p.done)) ||
+                   ' listed step(s) not created yet that may still be (a decision or fan-out to apply)'
                WHEN s.state = 'pending' AND p.total > p.done THEN 'waiting for ' || p.waiting
                WHEN s.state = 'pending' THEN 'dependencies complete, about to be enqueued'
                -- the last claim was handed back by a worker without the step's handler
@@ -94,10 +97,52 @@ BEGIN
                  (count(*) FILTER (WHERE ps.state IN ('complete', 'resolved_manually')))::integer AS done,
                  string_agg(ps.name, ', ' ORDER BY ps.name) FILTER (WHERE ps.state NOT IN ('complete', 'resolved_manually')) AS waiting
             FROM tasker.steps ps
-           WHERE ps.task_uuid = s.task_uuid AND ps.name = ANY (ns.parent_names)
+           WHERE ps.task_uuid = s.task_uuid
+             AND (ps.name = ANY (ns.parent_names)
+                  -- a convergence after a fan-out: the workers of the batch_worker it lists
+                  OR (cardinality(ns.worker_ancestor_ids) > 0 AND ps.named_step_id = ANY (ns.worker_ancestor_ids)
+                      AND (SELECT w.name FROM tasker.named_steps w WHERE w.named_step_id = ps.named_step_id) = ANY (ns.parent_names)))
       ) p
      WHERE s.task_uuid = p_task
      ORDER BY ns.step_index;
+    -- Template steps of a conditional or batch workflow that have no row (yet): one row each,
+    -- step_uuid NULL, state not_created, saying whether they can still be created and why not.
+    IF EXISTS (SELECT 1 FROM tasker.tasks t JOIN tasker.named_steps n ON n.named_task_id = t.named_task_id
+                WHERE t.task_uuid = p_task AND n.is_dynamic) THEN
+        RETURN QUERY
+        WITH possible AS (SELECT tasker._possible_steps(p_task) AS names)
+        SELECT NULL::uuid, n.name, 'not_created'::text, 0, n.max_attempts, false, 0, 0, false, false,
+               NULL::timestamptz,
+               CASE
+                   WHEN d.step_type = 'decision' AND ds.state IN ('complete', 'resolved_manually') THEN
+                       format('not created: decision `%s` chose [%s]', d.name,
+                              coalesce((SELECT string_agg(x, ', ' ORDER BY x)
+                                          FROM tasker.steps c JOIN tasker.named_steps cn ON cn.named_step_id = c.named_step_id
+                                         CROSS JOIN LATERAL (SELECT c.name AS x) y
+                                         WHERE c.task_uuid = p_task AND d.name = ANY (cn.parent_names)), ''))
+                   WHEN d.step_type = 'decision' THEN format('not created yet: waits for decision `%s`', d.name)
+                   WHEN n.step_type = 'batch_worker' AND n.name = ANY (pos.names)
+                       THEN format('not created yet: waits for batchable step `%s`', d.name)
+                   WHEN n.name = ANY (pos.names) AND n.step_type = 'deferred_convergence'
+                       THEN 'not created yet: created once a step it lists is created'
+                   WHEN n.name = ANY (pos.names)
+                       THEN format('not created yet: waits for %s', array_to_string(n.parent_names, ', '))
+                   WHEN n.step_type = 'deferred_convergence'
+                       THEN 'not created: none of the steps it lists was created'
+                   ELSE 'not created: a step it depends on was not created (branch not taken)'
+               END
+          FROM tasker.tasks t
+          JOIN tasker.named_steps n ON n.named_task_id = t.named_task_id
+          CROSS JOIN possible pos
+          LEFT JOIN LATERAL (SELECT p.name, p.step_type FROM tasker.named_steps p
+                              WHERE p.named_task_id = n.named_task_id AND p.name = ANY (n.parent_names)
+                                AND p.step_type IN ('decision', 'batchable')
+                              ORDER BY p.step_index LIMIT 1) d ON true
+          LEFT JOIN tasker.steps ds ON ds.task_uuid = p_task AND ds.name = d.name
+         WHERE t.task_uuid = p_task AND n.is_dynamic
+           AND NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.task_uuid = p_task AND s.named_step_id = n.named_step_id)
+         ORDER BY n.step_index;
+    END IF;
 END
 $$;
 COMMENT ON FUNCTION tasker.step_readiness(uuid) IS
@@ -132,6 +177,7 @@ BEGIN
                (count(*) FILTER (WHERE r.state = 'resolved_manually'))::integer AS resolved,
                (count(*) FILTER (WHERE r.ready))::integer AS ready
           FROM tasker.step_readiness(p_task) r
+         WHERE r.step_uuid IS NOT NULL  -- created steps only
     )
     SELECT t.task_uuid, tasker.effective_task_state(t.task_uuid, t.state), c.total, c.pending, c.enqueued,
            c.in_progress, c.waiting, c.complete, c.error, c.cancelled, c.resolved, c.ready,

@@ -5,7 +5,9 @@
 -- other step has one, that fan-in counters
 -- (pending_parents) and task counters match the steps they count, that a step whose parents
 -- are satisfied in a running task is enqueued, and that no step has started before its
--- parents were satisfied. docs/architecture.md lists the invariants.
+-- parents were satisfied, that a deferred convergence's counter equals its recomputed value
+-- (created listed steps not finished plus listed steps that can still be created), and that
+-- total_steps counts the created steps. docs/architecture.md lists the invariants.
 
 -- One row per violation over the whole database; no rows means healthy. Meant for tests and
 -- for operators after an incident; it reads everything, so it is not for the hot path.
@@ -31,12 +33,24 @@ LANGUAGE sql STABLE AS $$
     ),
     parents AS (
         SELECT s.step_uuid, s.name, s.state, s.pending_parents,
+               n.step_type = 'deferred_convergence' AS convergence,
                count(e.parent_uuid) AS total,
                count(e.parent_uuid) FILTER (WHERE p.state IN ('complete', 'resolved_manually')) AS satisfied
           FROM tasker.steps s
+          JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
           LEFT JOIN tasker.step_edges e ON e.child_uuid = s.step_uuid
           LEFT JOIN tasker.steps p ON p.step_uuid = e.parent_uuid
-         GROUP BY s.step_uuid, s.name, s.state, s.pending_parents
+         GROUP BY s.step_uuid, s.name, s.state, s.pending_parents, n.step_type
+    ),
+    -- deferred convergence steps: their counter also counts listed steps that can still be
+    -- created (sql/functions/62_dynamic.sql), so it is recomputed per task
+    convergence AS (
+        SELECT s.step_uuid, s.name, s.state, s.pending_parents, cp.pending
+          FROM (SELECT DISTINCT s.task_uuid
+                  FROM tasker.steps s JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+                 WHERE n.step_type = 'deferred_convergence') ct
+         CROSS JOIN LATERAL tasker._convergence_pending(ct.task_uuid) cp
+          JOIN tasker.steps s ON s.step_uuid = cp.step_uuid
     ),
     counts AS (
         SELECT t.task_uuid, t.state, t.total_steps, t.completed_steps, t.error_steps,
@@ -80,7 +94,15 @@ LANGUAGE sql STABLE AS $$
     SELECT 'pending_parents_matches', format('step %s (%s): pending_parents %s, unsatisfied parents %s',
                                               pa.name, pa.step_uuid, pa.pending_parents, pa.total - pa.satisfied)
       FROM parents pa
-     WHERE pa.pending_parents <> pa.total - pa.satisfied
+     WHERE pa.pending_parents <> pa.total - pa.satisfied AND NOT pa.convergence
+    UNION ALL
+    -- a pending convergence's counter equals the recomputed value; one that started has no
+    -- listed step left to wait for
+    SELECT 'convergence_pending_matches', format('convergence step %s (%s) is %s: pending_parents %s, recomputed %s',
+                                                  cv.name, cv.step_uuid, cv.state, cv.pending_parents, cv.pending)
+      FROM convergence cv
+     WHERE (cv.state = 'pending' AND cv.pending_parents <> cv.pending)
+        OR (cv.state IN ('enqueued', 'in_progress', 'waiting_for_retry', 'complete') AND cv.pending > 0)
     UNION ALL
     -- nothing runs or ran before all of its parents were satisfied
     SELECT 'parents_before_children', format('step %s (%s) is %s with %s of %s parents satisfied',

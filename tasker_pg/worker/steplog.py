@@ -107,11 +107,14 @@ def _log_final_failure(worker_id: str, claim: Claim, outcome: Outcome) -> None:
         if claim.error is None and error.traceback:
             text = f"{text}\n{error.traceback.rstrip()}"
     else:
-        # complete_steps stores an oversized result or checkpoint as a permanent failure.
+        # complete_steps stores an oversized result or checkpoint, and a decision or batch
+        # outcome it cannot apply, as a permanent failure.
         why = "the engine refused to store it"
         text = (
             f"its {outcome.kind} was stored as a failure (result_too_large: larger than "
-            "max_payload_bytes in tasker.settings); see the step's last_error"
+            "max_payload_bytes in tasker.settings; or invalid_decision_outcome / "
+            "invalid_batch_outcome: a decision or batch outcome it cannot apply); see the "
+            "step's last_error"
         )
     exc = claim.error
     step_logger.error(

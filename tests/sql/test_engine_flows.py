@@ -1348,9 +1348,9 @@ INVALID_TEMPLATES: list[tuple[str, dict[str, Any], list[str]]] = [
         ["step 'a'", "unknown key 'retries'"],
     ),
     (
-        "unsupported_type",
-        raw_template([raw_step("a", type="decision")]),
-        ["step type 'decision' is not supported yet"],
+        "unknown_type",
+        raw_template([raw_step("a", type="deferred")]),
+        ["step type 'deferred' is not valid"],
     ),
     (
         "invalid_namespace",
