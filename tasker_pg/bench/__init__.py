@@ -25,6 +25,11 @@ Scenarios (default sizes; `--n` scales every count):
   ratio to the baseline.
 - dag: 2,000 four-step diamonds, then 2,000 four-step linear chains (each on its own fresh
   database), drained the same way: steps/s, tasks/s, ratio.
+- fanout: 10 tasks of one batchable analyzer, 1,000 batch workers and one deferred
+  convergence (which reads every worker's result, in pages when the claim cannot carry them),
+  drained the same way: steps/s, ratio. Then, on the same database, the fan-out transaction on
+  its own: the benchmark claims an analyzer and sends the outcome a worker would, timing the
+  `complete_steps` call that creates the 1,000 workers and commits (5 times; p50 and max).
 - latency: one idle worker; 200 single-step tasks created one at a time at 50/s
   (create-to-handler-start), then 200 four-step linear tasks at 50/s (step handoff: parent's
   outcome committed to child's handler start; and end to end).
@@ -60,7 +65,7 @@ backends is reported per step (from /proc): the split between Python and SQL.
 The package, one job per module:
 
 - `options`: what to run (`BenchOptions`), default sizes and the targets.
-- `scenarios`: the five scenarios; `runner`: the run around them (fresh databases, completion
+- `scenarios`: the six scenarios; `runner`: the run around them (fresh databases, completion
   polling, verification, the order of scenarios).
 - `baseline`: the raw SQL claim/acknowledge loop and the bare INSERT the engine is compared with.
 - `queries`: the setup and inspection queries (counts, timings, settings) in one place.

@@ -2,7 +2,10 @@
 
 Two handlers: `bench.noop` (the throughput scenarios: returns at once, stores a null result) and
 `bench.stamp` (the latency scenarios: records `time.time()` the moment the handler starts, so
-the benchmark can compare it with timestamps the database wrote). Both sleep `sleep_ms` first
+the benchmark can compare it with timestamps the database wrote); and the three roles of the
+fan-out scenario: `bench.fanout_analyze` (a batchable step returning one cursor range per
+worker), `bench.fanout_work` (a batch worker: one item, no-op) and `bench.fanout_gather` (the
+deferred convergence: reads every worker's result, fails unless they add up). Both sleep `sleep_ms` first
 when the template's `handler.initialization` says so (`tasker-pg bench --handler-ms 10`), with
 an async sleep, so a slow handler does not block the worker's event loop.
 
@@ -16,7 +19,9 @@ import asyncio
 import time
 from typing import Any
 
+from tasker_pg.batch import Batchable
 from tasker_pg.context import StepContext
+from tasker_pg.errors import PermanentError
 from tasker_pg.handler import StepHandler
 from tasker_pg.result import StepHandlerResult
 from tasker_pg.template import TaskTemplate
@@ -26,12 +31,18 @@ VERSION = "1.0.0"
 
 NOOP = "bench.noop"
 STAMP = "bench.stamp"
+FANOUT_ANALYZE = "bench.fanout_analyze"
+FANOUT_WORK = "bench.fanout_work"
+FANOUT_GATHER = "bench.fanout_gather"
 
 FLAT = "flat"  # one step
 DIAMOND = "diamond"  # a -> (b, c) -> d
 LINEAR = "linear"  # a -> b -> c -> d
 LATENCY_SINGLE = "latency_single"  # one stamping step
 LATENCY_LINEAR = "latency_linear"  # four stamping steps in a row
+FANOUT = "fanout"  # analyze (batchable) -> work_0001..N (batch workers) -> gather (convergence)
+FANOUT_WORKERS = 1_000
+FANOUT_WORKER_TEMPLATE = "work"
 
 
 class NoopHandler(StepHandler):
@@ -59,6 +70,57 @@ class StampHandler(StepHandler):
         return StepHandlerResult.success({"started": started})
 
 
+class FanoutAnalyzeHandler(StepHandler, Batchable):
+    """Fans out into `workers` (its initialization) one-item batches."""
+
+    handler_name = FANOUT_ANALYZE
+
+    async def call(self, context: StepContext) -> StepHandlerResult:
+        return analyzer_result(int(context.get_config("workers", FANOUT_WORKERS)))
+
+
+def analyzer_result(workers: int) -> StepHandlerResult:
+    """The analyzer's outcome for `workers` one-item batches (also sent by the scenario's own
+    timed fan-out)."""
+    return FanoutAnalyzeHandler().batch_analyzer_success(
+        cursor_configs=Batchable.create_cursor_configs(workers, workers),
+        worker_template_name=FANOUT_WORKER_TEMPLATE,
+        total_items=workers,
+    )
+
+
+class FanoutWorkHandler(StepHandler, Batchable):
+    """A batch worker: processes its one item (after the configured sleep)."""
+
+    handler_name = FANOUT_WORK
+
+    async def call(self, context: StepContext) -> StepHandlerResult:
+        sleep_ms = context.get_config("sleep_ms", 0)
+        if sleep_ms:
+            await asyncio.sleep(sleep_ms / 1000)
+        batch = self.get_batch_context(context)
+        return self.batch_worker_success(items_processed=batch.end_cursor - batch.start_cursor)
+
+
+class FanoutGatherHandler(StepHandler, Batchable):
+    """The aggregator: reads every worker's result (a page at a time when the claim could not
+    carry them all) and fails unless they add up to the analyzer's count."""
+
+    handler_name = FANOUT_GATHER
+
+    async def call(self, context: StepContext) -> StepHandlerResult:
+        summary = await self.aggregate_batch_worker_results_async(
+            context, f"{FANOUT_WORKER_TEMPLATE}_"
+        )
+        expected = int(context.get_config("workers", FANOUT_WORKERS))
+        if (summary["worker_count"], summary["total_processed"]) != (expected, expected):
+            raise PermanentError(
+                f"gather read {summary['worker_count']} workers and {summary['total_processed']} "
+                f"items, expected {expected} of each"
+            )
+        return StepHandlerResult.success({"total_processed": summary["total_processed"]})
+
+
 def _step(name: str, handler: str, handler_ms: float, parents: list[str]) -> dict[str, Any]:
     init: dict[str, Any] = {"sleep_ms": handler_ms} if handler_ms else {}
     return {
@@ -81,7 +143,32 @@ def _template(name: str, steps: list[dict[str, Any]]) -> TaskTemplate:
     )
 
 
-def templates(handler_ms: float = 0) -> dict[str, TaskTemplate]:
+def fanout_template(handler_ms: float = 0, workers: int = FANOUT_WORKERS) -> TaskTemplate:
+    """analyze (batchable) -> `workers` batch workers -> gather (deferred convergence)."""
+    sized = {"workers": workers}
+    worker = _step(FANOUT_WORKER_TEMPLATE, FANOUT_WORK, handler_ms, ["analyze"])
+    worker["type"] = "batch_worker"
+    worker["batch_config"] = {"batch_size": 1}
+    return _template(
+        FANOUT,
+        [
+            {
+                "name": "analyze",
+                "type": "batchable",
+                "handler": {"callable": FANOUT_ANALYZE, "initialization": sized},
+            },
+            worker,
+            {
+                "name": "gather",
+                "type": "deferred_convergence",
+                "handler": {"callable": FANOUT_GATHER, "initialization": sized},
+                "dependencies": [FANOUT_WORKER_TEMPLATE],
+            },
+        ],
+    )
+
+
+def templates(handler_ms: float = 0, fanout_workers: int = FANOUT_WORKERS) -> dict[str, TaskTemplate]:
     """Every benchmark template by name; each handler sleeps `handler_ms` first when > 0."""
     linear_names = ["a", "b", "c", "d"]
     return {
@@ -99,6 +186,7 @@ def templates(handler_ms: float = 0) -> dict[str, TaskTemplate]:
             LINEAR,
             [_step(n, NOOP, handler_ms, linear_names[:i][-1:]) for i, n in enumerate(linear_names)],
         ),
+        FANOUT: fanout_template(handler_ms, fanout_workers),
         LATENCY_SINGLE: _template(LATENCY_SINGLE, [_step("a", STAMP, handler_ms, [])]),
         LATENCY_LINEAR: _template(
             LATENCY_LINEAR,

@@ -12,7 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 # Scenarios whose result is a ratio to the baseline: they pull the baseline in.
-RATIO_SCENARIOS = ("flat", "dag")
+RATIO_SCENARIOS = ("flat", "dag", "fanout")
 
 # Default sizes (multiplied by --n).
 BASELINE_MESSAGES = 100_000
@@ -20,6 +20,8 @@ BASELINE_CONNECTIONS = 4
 BASELINE_BATCH = 50
 FLAT_TASKS = 20_000
 DAG_TASKS = 2_000
+FANOUT_TASKS = 10  # of 1,002 steps each
+FANOUT_PROBES = 5  # fan-out transactions timed on their own
 LATENCY_TASKS = 200
 LATENCY_RATE = 50.0  # tasks created per second
 CREATE_SINGLE_TASKS = 2_000

@@ -51,6 +51,7 @@ SELECT count(*) FILTER (WHERE state = 'complete') AS complete,
        count(*) FILTER (WHERE state IN ('error', 'cancelled', 'resolved_manually')) AS failed
   FROM tasker.tasks
 """
+_TASK_STEP_COUNT = "SELECT count(*) FROM tasker.steps WHERE task_uuid = $1"
 _FIRST_STEP_ERROR = "SELECT last_error::text FROM tasker.steps WHERE last_error IS NOT NULL LIMIT 1"
 
 # What a drain left behind, for the verification that every task and step completed once.
@@ -165,6 +166,11 @@ async def task_progress(conn: db.Connection) -> tuple[int, int]:
     """(complete, failed) task counts."""
     counts = _counts(await conn.fetchrow(_TASK_PROGRESS))
     return counts["complete"], counts["failed"]
+
+
+async def task_step_count(conn: db.Connection, task: Any) -> int:
+    """How many steps the task has (created ones: a fan-out adds its workers)."""
+    return int(await conn.fetchval(_TASK_STEP_COUNT, task))
 
 
 async def first_step_error(conn: db.Connection) -> Any:

@@ -1,4 +1,4 @@
-"""The engine's scenarios: flat and dag throughput, latency, task creation.
+"""The engine's scenarios: flat, dag and fan-out throughput, latency, task creation.
 
 Each is an async function of the running `Bench` (fresh databases, worker processes, the
 completion poll and the verification come from there); each records its figures in
@@ -24,6 +24,8 @@ from tasker_pg.bench.options import (
     CREATE_SINGLE_TASKS,
     CREATE_WARMUP,
     DAG_TASKS,
+    FANOUT_PROBES,
+    FANOUT_TASKS,
     FLAT_TASKS,
     LATENCY_RATE,
     LATENCY_TASKS,
@@ -38,6 +40,7 @@ from tasker_pg.bench.options import (
     BenchError,
 )
 from tasker_pg.bench.report import Row, ms_summary, percentile
+from tasker_pg.outcome import outcome_from_result
 
 if TYPE_CHECKING:
     from tasker_pg.bench.runner import Bench
@@ -81,8 +84,16 @@ class Drain:
 # --- flat and dag ---------------------------------------------------------------------------------
 
 
-async def drain(bench: Bench, label: str, template: str, tasks: int, steps_per_task: int) -> Drain:
-    """Create `tasks` tasks in one transaction with idle workers waiting, time the drain."""
+async def drain(
+    bench: Bench,
+    label: str,
+    template: str,
+    tasks: int,
+    steps_per_task: int,
+    after: Callable[[db.Connection], Awaitable[None]] | None = None,
+) -> Drain:
+    """Create `tasks` tasks in one transaction with idle workers waiting, time the drain;
+    then run `after` on the same database (the workers still running)."""
     steps = tasks * steps_per_task
     async with bench.fresh_database(label) as dsn:
         conn = await db.connect(dsn)
@@ -111,6 +122,8 @@ async def drain(bench: Bench, label: str, template: str, tasks: int, steps_per_t
             seconds, claim_batches, flush_batches = await queries.drain_timing(conn)
             if not seconds > 0:
                 raise BenchError(f"{label}: no time elapsed between first claim and last task")
+            if after is not None:
+                await after(conn)
         finally:
             await asyncio.gather(*(w.stop() for w in workers))
             await conn.close()
@@ -181,6 +194,82 @@ async def dag(bench: Bench) -> None:
         "shapes": shapes,
         "all_completed": all(s["all_completed"] for s in shapes.values()),
     }
+
+
+# --- fan-out --------------------------------------------------------------------------------------
+
+
+async def fanout(bench: Bench) -> None:
+    """Fan-out tasks (one analyzer, 1,000 batch workers, one aggregator each) drained by the
+    worker processes: steps/s and the ratio; then the fan-out transaction on its own: the
+    `complete_steps` call (autocommit, so with its commit) of an analyzer's outcome that
+    creates the 1,000 workers, sent by the benchmark itself, timed `FANOUT_PROBES` times."""
+    workers = handlers.FANOUT_WORKERS
+    probes: list[float] = []
+
+    async def time_fanouts(conn: db.Connection) -> None:
+        probes.extend(await _timed_fanouts(conn, workers, FANOUT_PROBES))
+
+    tasks = bench.options.count(FANOUT_TASKS)
+    result = (
+        await drain(bench, "fanout", handlers.FANOUT, tasks, workers + 2, after=time_fanouts)
+    ).as_dict(bench.baseline_rate)
+    commit = ms_summary(probes)
+    bench.results["fanout"] = {
+        "ok": True,
+        **_settings(bench),
+        "workers_per_task": workers,
+        **result,
+        "fanout_commit_ms": commit,
+    }
+    rate = result["steps_per_s"]
+    ratio = result["ratio_to_baseline"]
+    bench.emit(
+        Row(
+            "fanout",
+            f"steps/s (1 + {workers:,} + 1 per task)",
+            f"{rate:,.0f} ({result['tasks_per_s']:,.1f} tasks/s)",
+            bench.ratio(rate),
+            f">= {TARGET_DAG_RATIO:.2f}x",
+            bench.judge(ratio >= TARGET_DAG_RATIO) if ratio is not None else None,
+        )
+    )
+    bench.emit(
+        Row(
+            "fanout",
+            f"fan-out commit, {workers:,} workers p50/max",
+            f"{commit['p50_ms']:.1f} / {commit['max_ms']:.1f} ms",
+        )
+    )
+
+
+async def _timed_fanouts(conn: db.Connection, workers: int, rounds: int) -> list[float]:
+    """Seconds each of `rounds` analyzer outcomes took to commit with their fan-out (the
+    benchmark claims the analyzer and sends the outcome a worker would; the tasks are
+    cancelled afterwards). Runs after the drain, when nothing else is ready."""
+    seconds: list[float] = []
+    for i in range(rounds):
+        task = await conn.create_task(NAMESPACE, handlers.FANOUT, {"probe": i})
+        claims = await conn.claim_steps(NAMESPACE, "bench-fanout-probe", 1, 60.0)
+        if len(claims) != 1 or claims[0].step_name != "analyze":
+            raise BenchError(f"fan-out probe: expected to claim one analyzer, got {claims!r}")
+        outcome = outcome_from_result(
+            handlers.analyzer_result(workers),
+            fence=claims[0].fence,
+            duration_ms=0.0,
+            worker_id="bench-fanout-probe",
+        ).to_json()
+        started = time.perf_counter()
+        [answer] = await conn.complete_steps([outcome])
+        seconds.append(time.perf_counter() - started)
+        created = await queries.task_step_count(conn, task)
+        if answer["status"] != "applied" or created != workers + 2:
+            raise BenchError(
+                f"fan-out probe: outcome {answer['status']} ({answer['detail']}), "
+                f"{created} steps (expected {workers + 2})"
+            )
+        await conn.cancel_task(task, "bench: fan-out timing probe")
+    return seconds
 
 
 # --- latency --------------------------------------------------------------------------------------
@@ -390,6 +479,7 @@ RUNNERS: dict[str, Scenario] = {
     "baseline": baseline.baseline,
     "flat": flat,
     "dag": dag,
+    "fanout": fanout,
     "latency": latency,
     "create": create,
     "baseline_again": baseline.baseline_again,

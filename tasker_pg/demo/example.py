@@ -1,11 +1,11 @@
-"""Where the demo finds the checkout example, and the example made ready for the demo.
+"""Where the demo finds its examples, and the examples made ready for the demo.
 
-`examples/ecommerce/` of the repository is the one copy of the example (its template and its
-handlers, which readers, the README and the tests use). The wheel carries the same files inside
-this package, as `tasker_pg/demo/ecommerce/` (pyproject's `force-include`, as it does for
-`sql/`): an installed `tasker-pg demo` loads them from there with `importlib.resources`, and a
-checkout (an editable install, `make demo`), which has no such directory, loads them from
-`examples/ecommerce/`.
+`examples/ecommerce/` (the checkout) and `examples/approval/` (one decision) of the repository
+are the one copy of each example (template and handlers, which readers, the README and the
+tests use). The wheel carries the same files inside this package, as `tasker_pg/demo/ecommerce/`
+and `tasker_pg/demo/approval/` (pyproject's `force-include`, as it does for `sql/`): an
+installed `tasker-pg demo` loads them from there with `importlib.resources`, and a checkout (an
+editable install, `make demo`), which has no such directory, loads them from `examples/`.
 """
 
 from __future__ import annotations
@@ -31,9 +31,10 @@ DEMO_NAMESPACE = "tasker_demo"
 TEMPLATE_NAME = "checkout_workflow"
 TEMPLATE_FILE = "checkout_workflow.yaml"
 
-PACKAGED_HANDLERS = "tasker_pg.demo.ecommerce.handlers"
-CHECKOUT_DIR = Path("examples") / "ecommerce"
-CHECKOUT_HANDLERS = "examples.ecommerce.handlers"
+APPROVAL_TEMPLATE_NAME = "approval_request"
+APPROVAL_TEMPLATE_FILE = "approval_request.yaml"
+APPROVAL_CONTEXT = {"amount": 7500, "requester": "tasker-pg demo"}
+"""The demo's one approval request: large enough for the manager and finance branches."""
 
 GATEWAY_TIMEOUTS_KEY = "demo_gateway_timeouts"
 """Task context key: how many first attempts of process_payment meet a gateway timeout."""
@@ -58,29 +59,40 @@ class Example:
 
 def find_example() -> Example:
     """The checkout example: the copy inside the installed package, else the checkout's."""
-    packaged = importlib.resources.files("tasker_pg.demo").joinpath("ecommerce", TEMPLATE_FILE)
+    return _find("ecommerce", TEMPLATE_FILE)
+
+
+def find_approval_example() -> Example:
+    """The conditional approval example (one decision), found like the checkout example."""
+    return _find("approval", APPROVAL_TEMPLATE_FILE)
+
+
+def _find(directory: str, template_file: str) -> Example:
+    packaged = importlib.resources.files("tasker_pg.demo").joinpath(directory, template_file)
     if packaged.is_file():
         return Example(
             template=TaskTemplate.from_yaml(packaged.read_text("utf-8"), source=str(packaged)),
-            handlers=_import(PACKAGED_HANDLERS, where="the installed package"),
-            origin="tasker_pg/demo/ecommerce/ (installed with the package)",
+            handlers=_import(
+                f"tasker_pg.demo.{directory}.handlers", where="the installed package"
+            ),
+            origin=f"tasker_pg/demo/{directory}/ (installed with the package)",
             source=str(packaged),
         )
     root = Path(__file__).resolve().parents[2]
-    template_path = root / CHECKOUT_DIR / TEMPLATE_FILE
+    template_path = root / "examples" / directory / template_file
     if template_path.is_file():
         if str(root) not in sys.path:
             sys.path.insert(0, str(root))
         text = template_path.read_text("utf-8")
         return Example(
             template=TaskTemplate.from_yaml(text, source=str(template_path)),
-            handlers=_import(CHECKOUT_HANDLERS, where=str(root)),
-            origin=f"{CHECKOUT_DIR}/",
+            handlers=_import(f"examples.{directory}.handlers", where=str(root)),
+            origin=f"examples/{directory}/",
             source=str(template_path),
         )
     raise ConfigurationError(
-        f"the demo's checkout example is missing: neither {packaged} (an installed package) nor "
-        f"{template_path} (a checkout) exists; reinstall tasker-pg "
+        f"the demo's {directory} example is missing: neither {packaged} (an installed package) "
+        f"nor {template_path} (a checkout) exists; reinstall tasker-pg "
         "(`pip install --force-reinstall tasker-pg`)"
     )
 
@@ -101,8 +113,9 @@ def demo_template(example: Example) -> TaskTemplate:
     return TaskTemplate.from_dict(body, source=example.source)
 
 
-def demo_registry(handlers: ModuleType) -> HandlerRegistry:
-    """The example's four handlers, the payment one behind a simulated flaky gateway."""
+def demo_registry(handlers: ModuleType, approval: ModuleType | None = None) -> HandlerRegistry:
+    """The example's four handlers, the payment one behind a simulated flaky gateway; and
+    the approval example's handlers when given."""
     payment_cls: type[StepHandler] = handlers.ProcessPaymentHandler
 
     class FlakyGatewayPaymentHandler(StepHandler):
@@ -129,6 +142,8 @@ def demo_registry(handlers: ModuleType) -> HandlerRegistry:
     for cls_name in ("ValidateCartHandler", "UpdateInventoryHandler", "SendConfirmationHandler"):
         registry.register(getattr(handlers, cls_name))
     registry.register(FlakyGatewayPaymentHandler)
+    if approval is not None:
+        registry.register_module(approval)
     return registry
 
 

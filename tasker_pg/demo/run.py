@@ -18,11 +18,14 @@ from typing import Any, TextIO
 from tasker_pg import db, migrations
 from tasker_pg.client import AsyncTaskerClient
 from tasker_pg.demo.example import (
+    APPROVAL_CONTEXT,
+    APPROVAL_TEMPLATE_NAME,
     DEMO_NAMESPACE,
     TEMPLATE_NAME,
     demo_contexts,
     demo_registry,
     demo_template,
+    find_approval_example,
     find_example,
 )
 from tasker_pg.embedded import EmbeddedCluster
@@ -181,7 +184,9 @@ async def run_demo(
     )
     example = find_example()
     template = demo_template(example)
-    registry = demo_registry(example.handlers)
+    approval = find_approval_example()
+    approval_template = demo_template(approval)
+    registry = demo_registry(example.handlers, approval.handlers)
     cmd = command_name()
 
     if dsn is None:
@@ -213,6 +218,11 @@ async def run_demo(
         say(
             f"registered {DEMO_NAMESPACE}/{template.name} {template.version} "
             f"({len(template.steps)} steps, id {named_task_id}) from {example.origin}"
+        )
+        approval_id = await conn.register_template(approval_template.to_json())
+        say(
+            f"registered {DEMO_NAMESPACE}/{approval_template.name} {approval_template.version} "
+            f"(a decision step, id {approval_id}) from {approval.origin}"
         )
         contexts, declined_at, flaky_at = demo_contexts(tasks, example.handlers.PRODUCTS)
 
@@ -249,9 +259,18 @@ async def run_demo(
                 )
                 finals = await _watch(client, conn, uuids, worker, style, tty, out)
                 wall = time.monotonic() - started
+                request = await client.create_task(
+                    APPROVAL_TEMPLATE_NAME,
+                    namespace=DEMO_NAMESPACE,
+                    context=APPROVAL_CONTEXT,
+                    version=approval_template.version,
+                    reason="tasker-pg demo",
+                )
+                decided = await client.wait_for_task(request.task_uuid, DEADLINE_SECONDS)
         finally:
             worker_logger.setLevel(saved_level)
         steps = await conn.fetch(STEPS_SQL, uuids)
+        decision = await conn.fetch(STEPS_SQL, [decided.task_uuid])
         stats = worker.stats
     finally:
         await conn.close()
@@ -270,6 +289,7 @@ async def run_demo(
         )
         flaky_steps = await client.list_task_steps(flaky.task_uuid)
         declined_steps = await client.list_task_steps(declined.task_uuid)
+        decided_steps = await client.list_task_steps(decided.task_uuid)
     say()
     say(style.bold("a task whose payment was retried, then completed:"))
     say(render_task_header(flaky, style))
@@ -278,6 +298,12 @@ async def run_demo(
     say(style.bold("the task whose payment was declined (failed permanently):"))
     say(render_task_header(declined, style))
     say(render_dag(declined_steps, style))
+
+    say()
+    say(style.bold(f"an approval request of {APPROVAL_CONTEXT['amount']:,}: a decision chose its steps:"))
+    say(render_task_header(decided, style))
+    say(render_dag(decided_steps, style))
+    say(decision_line(decision))
 
     per_state: dict[str, int] = {}
     for t in finals:
@@ -343,10 +369,29 @@ async def run_demo(
         declined.status == "error"
         and flaky.status == "complete"
         and per_state.get("complete", 0) == len(uuids) - 1
+        and decided.status == "complete"
     )
     if not expected:
         say("the batch did not end as the demo expects (see the states above)")
     return 0 if expected else 1
+
+
+def decision_line(steps: Sequence[Mapping[str, Any]]) -> str:
+    """What the decision of an approval task chose, and which branch it left uncreated."""
+    by_name = {s["name"]: s for s in steps}
+    outcome = (by_name.get("routing_decision", {}).get("results") or {}).get(
+        "decision_point_outcome", {}
+    )
+    chosen = list(outcome.get("step_names", []))
+    skipped = [
+        n for n in ("auto_approve", "manager_approval", "finance_review") if n not in by_name
+    ]
+    finalize = by_name.get("finalize", {}).get("results") or {}
+    return (
+        f"routing_decision chose {', '.join(chosen) or 'nothing'}; "
+        f"not created: {', '.join(skipped) or 'none'}; "
+        f"finalize: approved={finalize.get('approved')} by {', '.join(finalize.get('approvers', []))}"
+    )
 
 
 async def _watch(
