@@ -40,7 +40,9 @@ class ValidateRequestHandler(StepHandler):
         try:
             amount = Decimal(str(raw))
         except InvalidOperation:
-            raise PermanentError(f"amount {raw!r} is not a number", error_code="bad_amount") from None
+            raise PermanentError(
+                f"amount {raw!r} is not a number", error_code="bad_amount"
+            ) from None
         if not amount.is_finite() or amount <= 0:
             raise PermanentError(f"amount must be > 0, got {raw!r}", error_code="bad_amount")
         requester = context.get_input_or("requester", None)

@@ -53,7 +53,9 @@ class AnalyzeCsvHandler(StepHandler, Batchable):
         if total == 0:
             return self.no_batches_outcome(f"{Path(path).name} has a header and no rows")
         return self.batch_analyzer_success(
-            cursor_configs=self.create_cursor_ranges(total, int(context.get_config("batch_size", 200))),
+            cursor_configs=self.create_cursor_ranges(
+                total, int(context.get_config("batch_size", 200))
+            ),
             worker_template_name=WORKER_TEMPLATE,
             total_items=total,
             batch_metadata={"csv_path": path},
@@ -71,7 +73,9 @@ class ProcessBatchHandler(StepHandler, Batchable):
             return no_op
         batch = self.get_batch_context(context)
         if batch.batch_id in context.get_input_or("fail_batches_once", []) and context.attempt == 1:
-            raise RetryableError(f"batch {batch.batch_id}: the file share hiccuped", retry_after=0.1)
+            raise RetryableError(
+                f"batch {batch.batch_id}: the file share hiccuped", retry_after=0.1
+            )
         rows = read_rows(batch.batch_metadata.get("csv_path", csv_path(context)))
         mine = rows[batch.start_cursor : batch.end_cursor]
         value = sum((Decimal(r["price"]) * int(r["quantity"]) for r in mine), Decimal(0))

@@ -5,9 +5,10 @@ Two handlers: `bench.noop` (the throughput scenarios: returns at once, stores a 
 the benchmark can compare it with timestamps the database wrote); and the three roles of the
 fan-out scenario: `bench.fanout_analyze` (a batchable step returning one cursor range per
 worker), `bench.fanout_work` (a batch worker: one item, no-op) and `bench.fanout_gather` (the
-deferred convergence: reads every worker's result, fails unless they add up). Both sleep `sleep_ms` first
-when the template's `handler.initialization` says so (`tasker-pg bench --handler-ms 10`), with
-an async sleep, so a slow handler does not block the worker's event loop.
+deferred convergence: reads every worker's result, fails unless they add up). The no-op, stamp
+and worker handlers sleep `sleep_ms` first when the template's `handler.initialization` says
+so (`tasker-pg bench --handler-ms 10`), with an async sleep, so a slow handler does not block
+the worker's event loop.
 
 The templates are built in code (`templates(handler_ms)`) and registered by the benchmark
 itself on each fresh database; the workers are started with `--namespace bench` only.
@@ -168,7 +169,9 @@ def fanout_template(handler_ms: float = 0, workers: int = FANOUT_WORKERS) -> Tas
     )
 
 
-def templates(handler_ms: float = 0, fanout_workers: int = FANOUT_WORKERS) -> dict[str, TaskTemplate]:
+def templates(
+    handler_ms: float = 0, fanout_workers: int = FANOUT_WORKERS
+) -> dict[str, TaskTemplate]:
     """Every benchmark template by name; each handler sleeps `handler_ms` first when > 0."""
     linear_names = ["a", "b", "c", "d"]
     return {

@@ -72,9 +72,7 @@ def _find(directory: str, template_file: str) -> Example:
     if packaged.is_file():
         return Example(
             template=TaskTemplate.from_yaml(packaged.read_text("utf-8"), source=str(packaged)),
-            handlers=_import(
-                f"tasker_pg.demo.{directory}.handlers", where="the installed package"
-            ),
+            handlers=_import(f"tasker_pg.demo.{directory}.handlers", where="the installed package"),
             origin=f"tasker_pg/demo/{directory}/ (installed with the package)",
             source=str(packaged),
         )

@@ -300,7 +300,11 @@ async def run_demo(
     say(render_dag(declined_steps, style))
 
     say()
-    say(style.bold(f"an approval request of {APPROVAL_CONTEXT['amount']:,}: a decision chose its steps:"))
+    say(
+        style.bold(
+            f"an approval request of {APPROVAL_CONTEXT['amount']:,}: a decision chose its steps:"
+        )
+    )
     say(render_task_header(decided, style))
     say(render_dag(decided_steps, style))
     say(decision_line(decision))
@@ -387,10 +391,11 @@ def decision_line(steps: Sequence[Mapping[str, Any]]) -> str:
         n for n in ("auto_approve", "manager_approval", "finance_review") if n not in by_name
     ]
     finalize = by_name.get("finalize", {}).get("results") or {}
+    approvers = ", ".join(finalize.get("approvers", []))
     return (
         f"routing_decision chose {', '.join(chosen) or 'nothing'}; "
         f"not created: {', '.join(skipped) or 'none'}; "
-        f"finalize: approved={finalize.get('approved')} by {', '.join(finalize.get('approvers', []))}"
+        f"finalize: approved={finalize.get('approved')} by {approvers}"
     )
 
 

@@ -13,7 +13,6 @@ examples through the `tasker-pg worker` command.
 from __future__ import annotations
 
 import csv
-import json
 import os
 import signal
 import subprocess
@@ -54,7 +53,7 @@ async def worker(dsn: str) -> AsyncIterator[Worker]:
 async def create(conn: db.Connection, namespace: str, name: str, context: Any) -> uuid.UUID:
     """A task created the way a DBA creates one: one SQL call."""
     task: uuid.UUID = await conn.fetchval(
-        "SELECT tasker.create_task($1, $2, $3::jsonb)", namespace, name, json.dumps(context)
+        "SELECT tasker.create_task($1, $2, $3::jsonb)", namespace, name, context
     )
     return task
 
@@ -80,9 +79,7 @@ async def test_the_decision_creates_exactly_the_approvals_the_amount_needs(
     )
     assert (await wait_final(conn, [task]))[task] == "complete"
     steps = await steps_of(conn, task)
-    assert sorted(steps) == sorted(
-        ["validate_request", "routing_decision", *approvals, "finalize"]
-    )
+    assert sorted(steps) == sorted(["validate_request", "routing_decision", *approvals, "finalize"])
     assert {s["state"] for s in steps.values()} == {"complete"}
     assert steps["routing_decision"]["results"]["decision_point_outcome"] == {
         "type": "create_steps",
@@ -92,7 +89,9 @@ async def test_the_decision_creates_exactly_the_approvals_the_amount_needs(
         "approved": True,
         "approvals": approvals,
         "approvers": [
-            {"auto_approve": "policy", "manager_approval": "manager", "finance_review": "finance"}[a]
+            {"auto_approve": "policy", "manager_approval": "manager", "finance_review": "finance"}[
+                a
+            ]
             for a in approvals
         ],
         "amount": str(amount),
@@ -193,11 +192,11 @@ async def test_a_worker_that_fails_once_is_retried_and_the_totals_stay_exact(
 # --- through the command ------------------------------------------------------------------------
 
 
-async def test_both_examples_run_through_the_worker_command(dsn: str, tmp_path: Path) -> None:
-    log_path = tmp_path / "worker.log"
+def spawn_worker(log_path: Path, dsn: str) -> subprocess.Popen[bytes]:
+    """`tasker-pg worker` serving both examples, its output in `log_path`."""
     env = dict(os.environ, TASKER_DATABASE_URL=dsn)
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
+        return subprocess.Popen(
             [
                 sys.executable,
                 "-m",
@@ -219,6 +218,11 @@ async def test_both_examples_run_through_the_worker_command(dsn: str, tmp_path: 
             stdout=log,
             stderr=subprocess.STDOUT,
         )
+
+
+async def test_both_examples_run_through_the_worker_command(dsn: str, tmp_path: Path) -> None:
+    log_path = tmp_path / "worker.log"
+    proc = spawn_worker(log_path, dsn)
     conn = await db.connect(dsn)
     try:
 
@@ -227,7 +231,9 @@ async def test_both_examples_run_through_the_worker_command(dsn: str, tmp_path: 
             return "started: namespaces" in log_path.read_text()
 
         await poll(started, timeout=60, what="the worker starting")
-        big = await create(conn, "approval", "approval_request", {"amount": 7500, "requester": "bo"})
+        big = await create(
+            conn, "approval", "approval_request", {"amount": 7500, "requester": "bo"}
+        )
         rows = await create(conn, "csv_batch", "csv_product_import", {})
         states = await wait_final(conn, [big, rows], timeout=60)
         assert states == {big: "complete", rows: "complete"}
