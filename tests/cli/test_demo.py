@@ -66,6 +66,12 @@ def assert_demo_ran(out: str, cmd: str) -> None:
     assert len(resolve) == 1
     result = json.loads(shlex.split(resolve[0])[-1])
     assert isinstance(result["payment_id"], str) and result["amount_charged"] > 0
+    # one approval request of 7,500: the decision chose the manager and finance branches only
+    assert "an approval request of 7,500: a decision chose its steps:" in out
+    assert (
+        "routing_decision chose manager_approval, finance_review; not created: auto_approve; "
+        "finalize: approved=True by manager, finance"
+    ) in out
 
 
 def test_demo_on_a_clean_embedded_database(home: Path) -> None:
@@ -84,6 +90,7 @@ def test_demo_on_a_clean_embedded_database(home: Path) -> None:
     assert result.returncode == 0, out + result.stderr
     assert "embedded PostgreSQL started" in out  # a clean home: the demo started it
     assert "from examples/ecommerce/" in out  # the checkout's copy
+    assert "(a decision step, id 2) from examples/approval/" in out
     script = venv_bin / "tasker-pg"
     try:
         cmd = str(script.relative_to(REPO))
@@ -138,6 +145,7 @@ def test_demo_from_an_installed_wheel_outside_the_checkout(tmp_path: Path) -> No
     out = result.stdout
     assert result.returncode == 0, out + result.stderr
     assert "from tasker_pg/demo/ecommerce/ (installed with the package)" in out
+    assert "from tasker_pg/demo/approval/ (installed with the package)" in out
     assert_demo_ran(out, str(script))  # outside the current directory: the absolute path
     assert "--handlers tasker_pg.demo.ecommerce.handlers" in out
     assert "Traceback" not in result.stderr
