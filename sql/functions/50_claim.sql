@@ -153,7 +153,15 @@ BEGIN
            upd.attempts, upd.claim_seq, upd.max_attempts, upd.retryable, ns.backoff,
            ns.backoff_base_ms, ns.max_backoff_ms, ns.jitter, ns.timeout_seconds, t.context,
            CASE WHEN cardinality(ns.ancestor_names) = 0 THEN '{}'::jsonb
-                ELSE coalesce((SELECT jsonb_object_agg(a.name, a.results)
+                WHEN ns.step_type <> 'batch_worker' AND cardinality(ns.worker_ancestor_ids) = 0
+                THEN coalesce((SELECT jsonb_object_agg(a.name, a.results)
+                                 FROM tasker.steps a
+                                WHERE a.task_uuid = upd.task_uuid AND a.name = ANY (ns.ancestor_names)),
+                              '{}'::jsonb)
+                -- a batch worker and what follows a fan-out: the analyzer's cursor configs
+                -- (one per worker, each worker has its own in its inputs) are left out, so a
+                -- fan-out of N workers does not hand every worker all N of them
+                ELSE coalesce((SELECT jsonb_object_agg(a.name, a.results #- '{batch_processing_outcome,cursor_configs}')
                                  FROM tasker.steps a
                                 WHERE a.task_uuid = upd.task_uuid AND a.name = ANY (ns.ancestor_names)),
                               '{}'::jsonb)
@@ -174,8 +182,9 @@ BEGIN
                          sum(coalesce(octet_length(a.results::text), 0)) OVER (ORDER BY a.name) AS total,
                          (SELECT st.value FROM tasker.settings st WHERE st.name = 'max_claim_dependency_bytes') AS lim
                     FROM tasker.steps a
-                   WHERE a.task_uuid = upd.task_uuid AND a.named_step_id = ANY (ns.worker_ancestor_ids)) w
-      ) wk ON cardinality(ns.worker_ancestor_ids) > 0
+                   WHERE cardinality(ns.worker_ancestor_ids) > 0  -- (not scanned for other steps)
+                     AND a.task_uuid = upd.task_uuid AND a.named_step_id = ANY (ns.worker_ancestor_ids)) w
+      ) wk ON true
      ORDER BY upd.msg_id;
 END
 $$;

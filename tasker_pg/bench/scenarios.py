@@ -93,7 +93,7 @@ async def drain(
     after: Callable[[db.Connection], Awaitable[None]] | None = None,
 ) -> Drain:
     """Create `tasks` tasks in one transaction with idle workers waiting, time the drain;
-    then run `after` on the same database (the workers still running)."""
+    then run `after` on the same database (the workers stopped)."""
     steps = tasks * steps_per_task
     async with bench.fresh_database(label) as dsn:
         conn = await db.connect(dsn)
@@ -122,11 +122,15 @@ async def drain(
             seconds, claim_batches, flush_batches = await queries.drain_timing(conn)
             if not seconds > 0:
                 raise BenchError(f"{label}: no time elapsed between first claim and last task")
-            if after is not None:
-                await after(conn)
         finally:
             await asyncio.gather(*(w.stop() for w in workers))
-            await conn.close()
+            if after is None:
+                await conn.close()
+        if after is not None:
+            try:
+                await after(conn)
+            finally:
+                await conn.close()
     summaries = [f"{w.worker_id}: {w.final_summary() or '(no final stats line)'}" for w in workers]
     return Drain(
         tasks=tasks,

@@ -560,6 +560,20 @@ async def test_fan_out_creates_workers_and_the_aggregate_waits_for_all(conn: db.
     assert inputs["cursor"]["batch_id"] == "002"
     assert inputs["batch_metadata"]["batch_size"] == 10 and inputs["batch_metadata"]["k"] == 1
     assert w["config"] == {"step": "process_batch"}
+    # the analyzer's result reaches its workers without the cursor configs (each worker has
+    # its own in its inputs; all N in each of N claims would be quadratic), the rest intact
+    assert w["dependency_results"]["analyze"] == {
+        "batch_processing_outcome": {
+            "type": "create_batches",
+            "worker_template_name": "process_batch",
+            "total_items": 30,
+            "batch_metadata": {"k": 1},
+        }
+    }
+    stored = await conn.fetchval(
+        "SELECT results FROM tasker.steps WHERE task_uuid = $1 AND name = 'analyze'", task
+    )
+    assert len(stored["batch_processing_outcome"]["cursor_configs"]) == 3  # kept in the row
     assert (await task_row(conn, task))["total_steps"] == 5
     # a worker can checkpoint
     from tests.support.engine import checkpoint
@@ -579,6 +593,7 @@ async def test_fan_out_creates_workers_and_the_aggregate_waits_for_all(conn: db.
         "process_batch_002",
         "process_batch_003",
     ]
+    assert "cursor_configs" not in agg["dependency_results"]["analyze"]["batch_processing_outcome"]
     await complete(conn, success(agg))
     assert (await task_row(conn, task))["state"] == "complete"
     meta = await conn.fetchval(
