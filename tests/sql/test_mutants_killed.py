@@ -287,3 +287,20 @@ async def test_a_failure_that_does_not_say_retryable_is_retried(conn: db.Connect
     assert (s["state"], s["attempts"]) == ("waiting_for_retry", 1)
     assert s["next_attempt_at"] is not None
     await assert_healthy(conn)
+
+
+async def test_number_and_version_bounds_are_inclusive(conn: db.Connection) -> None:
+    """05_helpers:50:ge_to_gt:0 (`abs(x) > 2.5e-324`): the smallest magnitude that double
+    precision does not round to 0 was refused; 05_helpers:68:le_to_lt:0 (`major < 2147483647`):
+    a major version of exactly the integer maximum was refused (and the 64-character limit)."""
+    check = "SELECT tasker._is_number_json($1::text::jsonb, 0, 1)"
+    assert await conn.fetchval(check, "2.5e-324") is True
+    assert await conn.fetchval(check, "2.4e-324") is False
+    assert await conn.fetchval("SELECT '2.5e-324'::double precision > 0") is True
+    parts = "SELECT tasker._semver_parts($1) IS NOT NULL"
+    exact = "1.0.0-" + "a" * 58
+    assert len(exact) == 64
+    assert await conn.fetchval(parts, exact) is True
+    assert await conn.fetchval(parts, exact + "a") is False
+    assert await conn.fetchval(parts, "2147483647.2147483647.2147483647") is True
+    assert await conn.fetchval(parts, "2147483648.0.0") is False

@@ -9,12 +9,13 @@ from dataclasses import replace
 
 import pytest
 
-from tasker_pg import StepHandlerResult
+from tasker_pg import StepHandlerResult, jsonutil
 from tasker_pg.errors import PermanentError, RetryableError, TaskerError
 from tasker_pg.outcome import (
     Failure,
     Fence,
     StepError,
+    _safe_object,
     _truncate_text,
     outcome_from_exception,
     outcome_from_result,
@@ -490,3 +491,67 @@ def test_truncate_text_gives_up_with_the_marker_alone() -> None:
     cut = _truncate_text(error, 10)
     assert (cut.context, cut.traceback) == ({}, None)
     assert cut.message.startswith(" ... [truncated ") and "M" not in cut.message
+
+
+# --- _safe_object / _jsonable: error contexts and metadata are always storable ----------------
+
+
+def test_safe_object_wraps_non_objects_and_previews_what_is_too_large() -> None:
+    """_safe_object#3/4/5/17/25/26/37: a non-object is wrapped as {"value": ...}; the size
+    check sees the JSON text after repair (datetime-like objects, NUL) and keeps a value of
+    exactly the limit; a preview is the head of half the limit."""
+    assert _safe_object([1, 2], 100, [0]) == {"value": [1, 2]}
+    assert _safe_object(None, 100, [0]) == {}
+    exact = {"s": "x" * 10}
+    size = len(jsonutil.dumps(exact).encode())
+    assert _safe_object(exact, size, [0]) == exact
+    text = jsonutil.dumps(exact)
+    assert _safe_object(exact, size - 1, [0]) == {
+        "truncated": True,
+        "preview": truncate_head(text, (size - 1) // 2),
+    }
+    assert _safe_object({"o": object, "s": "x" * 100}, 60, [0])["truncated"] is True
+    count = [0]
+    assert _safe_object({"s": "\x00" + "x" * 100}, 60, count)["truncated"] is True
+    assert count == [1]
+
+
+def _chain(depth: int, leaf: object, *, as_list: bool) -> object:
+    value = leaf
+    for _ in range(depth):
+        value = [value] if as_list else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["dicts", "lists"])
+def test_jsonable_cuts_below_depth_50(as_list: bool) -> None:
+    """_safe_object#15, _jsonable#1-4/16/17/22/23: a non-JSON leaf 50 levels below the
+    context is kept as its repr, one level deeper it becomes "<nested too deeply>"."""
+
+    class Leaf:
+        def __repr__(self) -> str:
+            return "Leaf()"
+
+    for depth, expected in ((50, "Leaf()"), (51, "<nested too deeply>")):
+        value = {"top": _chain(depth - 1, Leaf(), as_list=as_list)}
+        safe = _safe_object(value, 1_000_000, [0])
+        assert safe == {"top": _chain(depth - 1, expected, as_list=as_list)}
+
+
+def test_jsonable_keeps_finite_floats_and_names_unrepresentable_objects() -> None:
+    """_jsonable#7/25."""
+
+    class Bad:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    safe = _safe_object({"f": 1.5, "n": float("nan"), "b": Bad()}, 10_000, [0])
+    assert safe == {"f": 1.5, "n": "nan", "b": "<unrepresentable Bad>"}
+
+
+def test_checkpoint_items_processed_type_error_names_the_type() -> None:
+    """StepHandlerResult.checkpoint#5: the message names the type the handler passed."""
+    with pytest.raises(TypeError, match=r"^items_processed must be an int, got str$"):
+        StepHandlerResult.checkpoint(cursor=1, items_processed="3")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^items_processed must be an int, got bool$"):
+        StepHandlerResult.checkpoint(cursor=1, items_processed=True)
