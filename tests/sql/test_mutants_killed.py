@@ -304,3 +304,35 @@ async def test_number_and_version_bounds_are_inclusive(conn: db.Connection) -> N
     assert await conn.fetchval(parts, exact + "a") is False
     assert await conn.fetchval(parts, "2147483647.2147483647.2147483647") is True
     assert await conn.fetchval(parts, "2147483648.0.0") is False
+
+
+@pytest.mark.timeout(60)  # the mutant loops forever: fail instead of hanging
+async def test_register_template_names_the_cycle_behind_placed_steps(conn: db.Connection) -> None:
+    """20_templates:214:true_to_false:0 (the cycle search started at a placed step): every
+    cyclic template the tests sent had all its steps on the cycle, so the start was never
+    chosen among placed ones. The code is pinned, and the cycle named."""
+    body = dict(single())
+    body["steps"] = [
+        {**single()["steps"][0], "name": "a", "dependencies": []},
+        {**single()["steps"][0], "name": "b", "dependencies": ["a", "c"]},
+        {**single()["steps"][0], "name": "c", "dependencies": ["b"]},
+    ]
+    with pytest.raises(ValidationError) as err:
+        await conn.register_template(body)
+    assert err.value.error_code == "invalid_template"
+    assert "dependency cycle b -> c -> b" in str(err.value)
+
+
+async def test_create_tasks_marks_only_root_steps_enqueued(conn: db.Connection) -> None:
+    """30_create:180:int_plus1:0 (`enqueued_at` set for steps with one parent instead of the
+    roots): create_tasks' step rows were only checked for their state."""
+    await conn.register_template(template("chain", [step("a"), step("b", "a")]))
+    [task] = await conn.create_tasks(NAMESPACE, "chain", [{}])
+    a, b = await step_row(conn, task, "a"), await step_row(conn, task, "b")
+    assert a["enqueued_at"] == a["created_at"]
+    assert b["enqueued_at"] is None
+    [one] = await claim(conn)
+    await complete(conn, success(one))
+    b = await step_row(conn, task, "b")
+    assert b["state"] == "enqueued" and b["enqueued_at"] is not None
+    await assert_healthy(conn)
