@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import traceback
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -24,7 +25,13 @@ from tasker_pg.outcome import (
     truncate_head,
     truncate_tail,
 )
-from tasker_pg.template import TaskTemplate, TemplateValidationError
+from tasker_pg.template import (
+    MAX_STEPS,
+    TaskTemplate,
+    TemplateValidationError,
+    load_template,
+    load_templates,
+)
 
 STEP = "0b7e3c52-4a57-4c39-a0c4-8f2d0c1e9b11"
 FENCE = Fence(STEP, 3, 9)
@@ -555,3 +562,92 @@ def test_checkpoint_items_processed_type_error_names_the_type() -> None:
         StepHandlerResult.checkpoint(cursor=1, items_processed="3")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"^items_processed must be an int, got bool$"):
         StepHandlerResult.checkpoint(cursor=1, items_processed=True)
+
+
+# --- template loading: every error says which file or directory it is about -----------------
+# (the wording of template problems is being rewritten by issue 11: these check `source`,
+# the number of problems and positions, not the text)
+
+
+def test_template_errors_carry_their_source(tmp_path: Path) -> None:
+    """load_template#9/14/25, load_templates#21/59/62, _parse_yaml#27/37-41, from_yaml#13:
+    `source` was dropped (None) on every file-level error without a test noticing."""
+    missing = tmp_path / "missing.yaml"
+    bad_utf8 = tmp_path / "latin1.yaml"
+    bad_utf8.write_bytes(b"name: caf\xe9\n")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: [unclosed\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for call, path in (
+        (load_template, missing),
+        (load_template, tmp_path),
+        (load_template, bad_utf8),
+        (load_template, bad_yaml),
+        (load_templates, empty),
+    ):
+        with pytest.raises(TemplateValidationError) as info:
+            call(path)
+        assert info.value.source == str(path)
+        assert len(info.value.problems) == 1
+        assert str(path) in info.value.problems[0]
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_yaml("a: [", source="inline.yaml")
+    assert info.value.source == "inline.yaml" and len(info.value.problems) == 1
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    body = (
+        "name: wf\nnamespace_name: ns\nversion: 1.0.0\n"
+        "steps:\n  - name: a\n    handler:\n      callable: h.a\n"
+    )
+    (dup / "one.yaml").write_text(body)
+    (dup / "two.yaml").write_text(body)
+    (dup / "three.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(TemplateValidationError) as info:
+        load_templates(dup)
+    assert info.value.source == str(dup)
+    # load_templates#37: files after a duplicate are still loaded and reported
+    assert str(dup / "three.yaml") in str(info.value)
+    assert str(dup / "two.yaml") in str(info.value)
+
+
+def test_duplicate_keys_after_a_merge_key_are_refused() -> None:
+    """construct_mapping#15 (`continue` -> `break` at a `<<` merge key): keys after it were
+    not checked for duplicates."""
+    text = (
+        "base: &b {x: 1}\n"
+        "name: wf\nnamespace_name: ns\nversion: 1.0.0\n"
+        "meta:\n  <<: *b\n  y: 1\n  y: 2\n"
+    )
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_yaml(text, source="m.yaml")
+    assert "y" in str(info.value) and info.value.source == "m.yaml"
+
+
+def test_steps_after_a_nameless_step_are_still_checked() -> None:
+    """_graph_problems#12 (`continue` -> `break` at a step without a name): the rules were not
+    applied to the steps after it."""
+    data = _template(
+        {"handler": {"callable": "h.x"}},
+        {"name": "a", "handler": {"callable": "h.a"}, "dependencies": ["nope"]},
+    )
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(data)
+    assert any("nope" in p for p in info.value.problems), info.value.problems
+
+
+def test_yaml_syntax_errors_name_line_and_column() -> None:
+    """_parse_yaml#14/17/18/19: the 1-based position of a YAML syntax error."""
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_yaml("name: wf\nsteps: [a, b\n", source="x.yaml")
+    [problem] = info.value.problems
+    assert " at line 3, column 1" in problem, problem
+
+
+def test_exactly_max_steps_steps_are_checked_for_graph_problems() -> None:
+    """_raw_graph#7 (`len(steps) >= MAX_STEPS` skipped the early graph check)."""
+    steps = [{"name": f"s{i}", "handler": {"callable": "h.s"}} for i in range(MAX_STEPS - 1)]
+    steps.append({"name": "s0", "handler": {"callable": "h.s"}})
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(_template(*steps))
+    assert any("s0" in p for p in info.value.problems)
