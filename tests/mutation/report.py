@@ -120,6 +120,12 @@ def sql_section() -> tuple[list[str], dict[str, int]]:
         "",
         *_table("SQL mutants (per file: the ones run)", per_file),
     ]
+    if s.get("interrupted_not_run"):
+        lines += [
+            f"The run was stopped early: {len(s['interrupted_not_run'])} selected mutants were"
+            " not run: " + ", ".join(f"`{i}`" for i in s["interrupted_not_run"]),
+            "",
+        ]
     survivors = [r for r in s["results"] if r["status"] == "survived"]
     invalid = [r for r in s["results"] if r["status"] == "invalid"]
     entries = load_explanations("sql")
