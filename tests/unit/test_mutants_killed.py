@@ -602,12 +602,12 @@ def test_template_errors_carry_their_source(tmp_path: Path) -> None:
     )
     (dup / "one.yaml").write_text(body)
     (dup / "two.yaml").write_text(body)
-    (dup / "three.yaml").write_text("name: [unclosed\n")
+    (dup / "zz.yaml").write_text("name: [unclosed\n")  # sorted after the duplicate
     with pytest.raises(TemplateValidationError) as info:
         load_templates(dup)
     assert info.value.source == str(dup)
     # load_templates#37: files after a duplicate are still loaded and reported
-    assert str(dup / "three.yaml") in str(info.value)
+    assert str(dup / "zz.yaml") in str(info.value)
     assert str(dup / "two.yaml") in str(info.value)
 
 
@@ -621,7 +621,8 @@ def test_duplicate_keys_after_a_merge_key_are_refused() -> None:
     )
     with pytest.raises(TemplateValidationError) as info:
         TaskTemplate.from_yaml(text, source="m.yaml")
-    assert "y" in str(info.value) and info.value.source == "m.yaml"
+    assert info.value.source == "m.yaml"
+    assert any(" at line 8, column 3: " in p and "'y'" in p for p in info.value.problems)
 
 
 def test_steps_after_a_nameless_step_are_still_checked() -> None:
@@ -651,3 +652,46 @@ def test_exactly_max_steps_steps_are_checked_for_graph_problems() -> None:
     with pytest.raises(TemplateValidationError) as info:
         TaskTemplate.from_dict(_template(*steps))
     assert any("s0" in p for p in info.value.problems)
+
+
+def test_yaml_reader_errors_and_empty_documents_carry_their_source() -> None:
+    """_parse_yaml#32-41 (a YAMLError without a position: a character YAML cannot read),
+    from_yaml#13 (an empty document)."""
+    for source, where in (("r.yaml", "r.yaml"), (None, "YAML text")):
+        with pytest.raises(TemplateValidationError) as info:
+            TaskTemplate.from_yaml("name: a\x00", source=source)
+        assert info.value.source == source
+        [problem] = info.value.problems
+        assert problem.startswith(f"invalid YAML in {where}: ")
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_yaml("", source="e.yaml")
+    assert info.value.source == "e.yaml" and len(info.value.problems) == 1
+
+
+def test_graph_problems_written_with_depends_on_are_reported_with_schema_problems() -> None:
+    """_raw_graph#16/18/21: when the schema check fails, the early graph pass over the raw
+    data still reports dependency problems, also those written with the `depends_on` alias."""
+    data = _template(
+        {"name": "a", "handler": {"callable": "h.a"}, "depends_on": ["ghost"], "bogus": 1},
+    )
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(data)
+    assert any("ghost" in p for p in info.value.problems), info.value.problems
+    assert any("bogus" in p for p in info.value.problems), info.value.problems
+
+
+def _problems(*steps: dict[str, object]) -> list[str]:
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(_template(*steps))
+    return info.value.problems
+
+
+def test_names_after_a_nameless_step_are_indexed() -> None:
+    """_graph_problems#12 (`continue` -> `break`): names after a step without one were not
+    indexed, so a dependency on them was reported unknown and a duplicate of them missed
+    (compared with the same template without that dependency / duplicate)."""
+    nameless = {"handler": {"callable": "h.x"}}
+    a = {"name": "a", "handler": {"callable": "h.a"}}
+    b = {"name": "b", "handler": {"callable": "h.b"}}
+    assert _problems(nameless, a, {**b, "dependencies": ["a"]}) == _problems(nameless, a, b)
+    assert len(_problems(nameless, a, {**a})) == len(_problems(nameless, a, b)) + 1
