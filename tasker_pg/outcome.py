@@ -504,7 +504,7 @@ def _truncate_text(error: StepError, limit: int = MAX_ERROR_JSON_BYTES) -> StepE
         elif error.context and not error.context.get("truncated"):
             preview = truncate_head(jsonutil.dumps(error.context), max(limit // 4 - cut, 0))
             error = replace(error, context={"truncated": True, "preview": preview})
-        elif error.context:
+        elif error.context and error.context != {"truncated": True}:
             error = replace(error, context={"truncated": True})
         else:
             size = len(error.message.encode("utf-8", "surrogatepass"))

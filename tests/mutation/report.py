@@ -6,21 +6,70 @@ mutants generated / killed / survived / invalid / timed out and every survivor w
 diff, and writes the same to .mutation/report.md.
 
 The score is (killed + timeout) / (generated - invalid - not run).
+
+Survivors are explained by tests/mutation/equivalent.toml (see its header): each survivor an
+entry matches is listed under that entry's reason; the rest are listed as unexplained, with
+their diffs, and counted in the "survived: N, explained as equivalent: M, unexplained: K" line
+of each part.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import re
 import subprocess
 import sys
+import tomllib
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = ROOT / ".mutation"
 COLUMNS = ("generated", "killed", "survived", "invalid", "timeout", "other")
+EQUIVALENT = Path(__file__).with_name("equivalent.toml")
+
+
+def load_explanations(part: str) -> list[dict[str, Any]]:
+    """The [[python]] or [[sql]] entries of equivalent.toml."""
+    if not EQUIVALENT.exists():
+        return []
+    return list(tomllib.loads(EQUIVALENT.read_text()).get(part, []))
+
+
+def explain(name: str, diff: str, entries: list[dict[str, Any]]) -> str | None:
+    """The reason of the first entry matching survivor `name` (with `diff`), else None.
+
+    An entry matches when every condition it has holds: `mutants` (fnmatch patterns on the
+    name), `changed` (a regex found in the mutated lines, the diff's + lines), `text_only`
+    (the mutant only changes a string literal's case or wraps it in XX).
+    """
+    plus = "\n".join(ln[1:] for ln in diff.splitlines() if ln.startswith("+") and ln[1:2] != "+")
+    for e in entries:
+        if "mutants" in e and not any(fnmatch.fnmatchcase(name, p) for p in e["mutants"]):
+            continue
+        if "changed" in e and not re.search(e["changed"], plus):
+            continue
+        if e.get("text_only") and not _only_text_changed(diff):
+            continue
+        return str(e["reason"])
+    return None
+
+
+def _explained_lines(
+    title: str, survivors: int, by_reason: dict[str, list[str]], unexplained: int
+) -> list[str]:
+    explained = sum(len(v) for v in by_reason.values())
+    lines = [
+        f"{title}: survived: {survivors}, explained as equivalent: {explained},"
+        f" unexplained: {unexplained}",
+        "",
+    ]
+    for reason, names in by_reason.items():
+        lines += [f"- {reason} ({len(names)}): " + ", ".join(f"`{n}`" for n in names), ""]
+    return lines
 
 
 def _row(counts: dict[str, int]) -> str:
@@ -71,10 +120,26 @@ def sql_section() -> tuple[list[str], dict[str, int]]:
         "",
         *_table("SQL mutants (per file: the ones run)", per_file),
     ]
+    if s.get("interrupted_not_run"):
+        lines += [
+            f"The run was stopped early: {len(s['interrupted_not_run'])} selected mutants were"
+            " not run: " + ", ".join(f"`{i}`" for i in s["interrupted_not_run"]),
+            "",
+        ]
     survivors = [r for r in s["results"] if r["status"] == "survived"]
     invalid = [r for r in s["results"] if r["status"] == "invalid"]
-    lines += [f"#### SQL survivors ({len(survivors)})", ""]
+    entries = load_explanations("sql")
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    unexplained = []
     for r in survivors:
+        reason = explain(r["id"], r["diff"], entries)
+        if reason is None:
+            unexplained.append(r)
+        else:
+            by_reason[reason].append(r["id"])
+    lines += _explained_lines("SQL", len(survivors), by_reason, len(unexplained))
+    lines += [f"#### SQL survivors unexplained ({len(unexplained)})", ""]
+    for r in unexplained:
         lines += [
             f"- `{r['id']}` in {r['function']} ({r.get('detail', '')}); re-run:"
             f" `python -m tests.mutation.sql_mutants --only {r['id']}`",
@@ -92,6 +157,7 @@ def sql_section() -> tuple[list[str], dict[str, int]]:
     for counts in per_file.values():
         for k, v in counts.items():
             totals[k] += v
+    totals["unexplained"] = len(unexplained)
     return lines, dict(totals)
 
 
@@ -170,30 +236,31 @@ def python_section() -> tuple[list[str], dict[str, int]]:
         + " s.",
         "",
         *_table("Python mutants (mutmut)", per_file),
-        f"#### Python survivors ({len(survivors)}); `mutmut show NAME` prints a diff,"
-        " `mutmut run NAME` re-runs one",
-        "",
     ]
-    text_only: list[str] = []
+    entries = load_explanations("python")
+    by_reason: dict[str, list[str]] = defaultdict(list)
+    unexplained: list[tuple[str, str]] = []
     for s in survivors:
         name = s.split(" ", 1)[0]
         diff = _diff(name)
-        if _only_text_changed(diff):
-            text_only.append(f"- `{s}`: `{_changed(diff)}`")
-            continue
+        reason = explain(name, diff, entries)
+        if reason is None:
+            unexplained.append((s, diff))
+        else:
+            by_reason[reason].append(name.rsplit(".", 1)[-1])
+    lines += _explained_lines("Python", len(survivors), by_reason, len(unexplained))
+    lines += [
+        f"#### Python survivors unexplained ({len(unexplained)}); `mutmut show NAME` prints a"
+        " diff, `mutmut run NAME` re-runs one",
+        "",
+    ]
+    for s, diff in unexplained:
         lines += [f"- `{s}`", "", "```diff", diff, "```", ""]
-    if text_only:
-        lines += [
-            f"##### Python survivors that change only a string's case or wrap it in XX"
-            f" ({len(text_only)}): message wording or a code no unit test pins",
-            "",
-            *text_only,
-            "",
-        ]
     totals: dict[str, int] = defaultdict(int)
     for counts in per_file.values():
         for k, v in counts.items():
             totals[k] += v
+    totals["unexplained"] = len(unexplained)
     return lines, dict(totals)
 
 
@@ -211,6 +278,11 @@ def main() -> int:
             "SQL (sql/functions)": defaultdict(int, sql_totals),
             "Python (tasker_pg core)": defaultdict(int, py_totals),
         },
+    )
+    summary.insert(
+        -1,
+        f"Survivors unexplained (not in tests/mutation/equivalent.toml): SQL"
+        f" {sql_totals.get('unexplained', '-')}, Python {py_totals.get('unexplained', '-')}.\n",
     )
     legend = [
         "score = (killed + timeout) / (killed + timeout + survived); `other`: mutmut's"

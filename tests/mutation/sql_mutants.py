@@ -373,6 +373,12 @@ def main(argv: list[str] | None = None) -> int:
         "--resume", action="store_true", help="skip mutants already in the results file"
     )
     ap.add_argument("--refresh-coverage", action="store_true")
+    ap.add_argument(
+        "--summary-only",
+        action="store_true",
+        help="write the summary from the results file of an interrupted run (runs nothing;"
+        " selected mutants without a result are reported as not run)",
+    )
     args = ap.parse_args(argv)
 
     all_mutants = generate(ROOT)
@@ -400,8 +406,18 @@ def main(argv: list[str] | None = None) -> int:
         for line in results_path.read_text().splitlines():
             rec = json.loads(line)
             done[rec["id"]] = rec
-    elif not args.only:
+    elif not (args.only or args.summary_only):
         results_path.write_text("")
+    if args.summary_only:
+        for line in results_path.read_text().splitlines() if results_path.exists() else []:
+            rec = json.loads(line)
+            done[rec["id"]] = rec
+        missing = [m.id for m in mutants if m.id not in done]
+        summary = _summary(all_mutants, mutants, args, dropped, done, {}, None)
+        summary["interrupted_not_run"] = missing
+        (OUT / "sql-summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"summary of {len(summary['results'])} results; not run: {len(missing)}")
+        return 0
     todo = [m for m in mutants if m.id not in done]
     print(
         f"SQL mutants: {len(all_mutants)} generated, {len(mutants)} selected"
@@ -456,7 +472,27 @@ def main(argv: list[str] | None = None) -> int:
         server.close()
         shutil.rmtree(work, ignore_errors=True)
 
-    summary = {
+    summary = _summary(
+        all_mutants, mutants, args, dropped, results, cov, round(time.monotonic() - run_started)
+    )
+    if not args.only:
+        (OUT / "sql-summary.json").write_text(json.dumps(summary, indent=1))
+    for rec in summary["results"]:
+        if args.only:
+            print(rec["diff"])
+    return 0
+
+
+def _summary(
+    all_mutants: list[Mutant],
+    mutants: list[Mutant],
+    args: argparse.Namespace,
+    dropped: dict[str, int],
+    results: dict[str, dict[str, Any]],
+    cov: dict[str, Any],
+    seconds: int | None,
+) -> dict[str, Any]:
+    return {
         "generated": len(all_mutants),
         "generated_per_operator": dict(sorted(_count(m.operator for m in all_mutants).items())),
         "generated_per_file": dict(sorted(_count(m.file for m in all_mutants).items())),
@@ -466,18 +502,12 @@ def main(argv: list[str] | None = None) -> int:
         "not_run_per_operator": dropped,
         "only": args.only,
         "results": [results[m.id] for m in mutants if m.id in results],
-        "coverage_tests": len(cov["tests"]),
+        "coverage_tests": len(cov.get("tests", {})),
         "coverage_targets": COVERAGE_TARGETS,
         "coverage_deselect": COVERAGE_DESELECT,
         "coverage_seconds": cov.get("seconds"),
-        "seconds": round(time.monotonic() - run_started),
+        "seconds": seconds,
     }
-    if not args.only:
-        (OUT / "sql-summary.json").write_text(json.dumps(summary, indent=1))
-    for rec in summary["results"]:
-        if args.only:
-            print(rec["diff"])
-    return 0
 
 
 def _count(items: Any) -> dict[str, int]:

@@ -299,3 +299,32 @@ def generate(root: Path) -> list[Mutant]:
                 )
             )
     return mutants
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m tests.mutation.sqlmut apply ID`: writes mutant ID into the checkout's function
+    file (to see a test fail with it: run the test, then `git checkout sql/functions`);
+    `python -m tests.mutation.sqlmut show ID`: prints its diff."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m tests.mutation.sqlmut")
+    ap.add_argument("action", choices=["apply", "show"])
+    ap.add_argument("id")
+    args = ap.parse_args(argv)
+    root = Path(__file__).resolve().parents[2]
+    found = [m for m in generate(root) if m.id == args.id]
+    if not found:
+        print(f"no mutant {args.id}", flush=True)
+        return 2
+    m = found[0]
+    path = root / m.file
+    text = path.read_text()
+    print(m.diff(text), end="")
+    if args.action == "apply":
+        path.write_text(m.apply(text))
+        print(f"applied to {m.file}; undo with: git checkout {m.file}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

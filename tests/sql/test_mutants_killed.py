@@ -4,17 +4,26 @@ each test kills the SQL mutant named in its docstring (re-run one with
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 import pytest
 
 from tasker_pg import db
-from tasker_pg.errors import ValidationError
+from tasker_pg.errors import InvalidStateError, ValidationError
+from tests.sql.test_engine_edge_cases import wait_for_lock_wait
 from tests.support.engine import (
     NAMESPACE,
     assert_healthy,
+    checkpoint,
     claim,
+    complete,
+    failure,
     single,
     start,
     step,
+    step_row,
+    success,
     task_row,
     template,
 )
@@ -75,20 +84,37 @@ async def test_pop_passes_over_a_message_another_session_is_popping(dsn: str) ->
         await second.close()
 
 
-async def test_a_copy_of_a_live_steps_message_does_not_pin_another_queue(
+async def test_a_copy_with_the_same_msg_id_does_not_pin_another_queue(
     conn: db.Connection,
 ) -> None:
-    """10_queues:392:del_and:0 (`AND s.msg_id = m.msg_id` dropped): any message naming a live
-    step counted as that step's, so a queue holding only a copy could not be dropped."""
+    """Issue 17 item 3 (found by 10_queues:392:del_and:0): drop_queue / purge_queue matched
+    queue messages to steps on (step_uuid in the message, msg_id) alone, across queues, so a
+    message in a plain queue naming a live step and carrying, by chance, the same msg_id as the
+    step's own message pinned that queue (TS004). A step's message lives in its task's
+    namespace queue: only (queue = namespace, msg_id) is the step's. Fails on the engine before
+    239d861 (`_refuse_if_live_steps`), which is gone: the raw functions now refuse a
+    namespace's engine queue by name (TS005) and leave every other queue alone."""
     task = await start(conn, single())
     [row] = await claim(conn)
     await conn.create_queue("other")
-    # msg_ids count per queue: keep the copy's id apart from the step's own message's id
-    # (the refusal matches on msg_id alone, so a copy with the same id still pins the queue)
-    await conn.send_batch("other", [{"filler": i} for i in range(3)])
+    # msg_ids count per queue: fill "other" up to the step's msg_id, then send the copy
+    filler = row["msg_id"] - 1
+    if filler:
+        await conn.send_batch("other", [{"filler": i} for i in range(filler)])
     copy = await conn.send("other", {"step_uuid": str(row["step_uuid"]), "task_uuid": str(task)})
-    assert copy != row["msg_id"]
+    assert copy == row["msg_id"]
+    assert await conn.purge_queue("other") == filler + 1
+    again = await conn.send("other", {"step_uuid": str(row["step_uuid"]), "task_uuid": str(task)})
+    await conn.execute(
+        "UPDATE tasker.queue_messages SET msg_id = $1 WHERE queue = 'other' AND msg_id = $2",
+        row["msg_id"],
+        again,
+    )
     assert await conn.drop_queue("other") is True
+    # the step's own queue stays guarded, whoever asks
+    with pytest.raises(InvalidStateError) as err:
+        await conn.purge_queue(NAMESPACE)
+    assert err.value.error_code == "engine_queue"
     await assert_healthy(conn)
 
 
@@ -143,3 +169,170 @@ async def test_check_invariants_reports_a_task_in_error_with_no_step_in_error(
     assert [r["detail"] for r in rows] == [
         f"task {task} is error with 0 of 1 steps done and 0 in error"
     ]
+
+
+async def test_a_losing_concurrent_creator_is_told_it_did_not_create(dsn: str) -> None:
+    """30_create:316:false_to_true:0 (`created := true` on the ON CONFLICT path): a second
+    create_or_get_task with the same key, waiting on the first one's uncommitted insert, said
+    it had created the task the first one made."""
+    a, b = await db.connect(dsn), await db.connect(dsn)
+    try:
+        await a.register_template(single())
+        opts = {"idempotency_key": "k"}
+        tx = a.raw.transaction()
+        await tx.start()
+        first, made = await a.create_or_get_task(NAMESPACE, "single", {}, options=opts)
+        assert made is True
+        second = asyncio.create_task(b.create_or_get_task(NAMESPACE, "single", {}, options=opts))
+        await wait_for_lock_wait(a, b, "transactionid")  # b waits on a's uncommitted key
+        await tx.commit()
+        assert await asyncio.wait_for(second, timeout=30) == (first, False)
+        assert await a.fetchval("SELECT count(*) FROM tasker.tasks") == 1
+        await assert_healthy(a)
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("held", ["step", "message"])
+async def test_claim_passes_over_a_step_or_message_another_session_holds(
+    dsn: str, held: str
+) -> None:
+    """50_claim:83:del_skip_locked:0 (steps locked without SKIP LOCKED) and
+    50_claim:70:del_skip_locked:0 (messages): a claim waited for the row an operator call
+    (cancel, resolve) or another claimer holds instead of taking the next ready step."""
+    a, b = await db.connect(dsn), await db.connect(dsn)
+    try:
+        task = await start(a, template("pair", [step("x"), step("y")]))
+        x = await step_row(a, task, "x")
+        # a lock wait fails at once instead of hanging the test: SKIP LOCKED never waits
+        await b.execute("SET lock_timeout = '2s'")
+        async with a.transaction():
+            if held == "step":
+                await a.execute(
+                    "SELECT 1 FROM tasker.steps WHERE step_uuid = $1 FOR UPDATE", x["step_uuid"]
+                )
+            else:
+                await a.execute(
+                    "SELECT 1 FROM tasker.queue_messages WHERE queue = $1 AND msg_id = $2"
+                    " FOR UPDATE",
+                    NAMESPACE,
+                    x["msg_id"],
+                )
+            got = await claim(b, worker="b")
+            assert [r["step_name"] for r in got] == ["y"]
+        [later] = await claim(b, worker="b")
+        assert later["step_name"] == "x"
+        await assert_healthy(a)
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("kind", ["result", "checkpoint"])
+async def test_a_result_or_checkpoint_of_exactly_the_limit_is_stored(
+    conn: db.Connection, kind: str
+) -> None:
+    """60_complete:124:gt_to_ge:0 and :1 (`rbytes >= v_limit`, `cbytes >= v_limit`): only
+    payloads well over the limit were tested, so a limit one byte stricter passed."""
+    await conn.execute("UPDATE tasker.settings SET value = 1024 WHERE name = 'max_payload_bytes'")
+
+    async def size(value: object) -> int:
+        text = await conn.fetchval("SELECT (($1::text)::jsonb)::text", json.dumps(value))
+        return len(text.encode())
+
+    for extra, expected in ((0, "complete"), (1, "error")):
+        task = await start(conn, single())
+        [row] = await claim(conn)
+        if kind == "result":
+            value: dict[str, object] = {"blob": ""}
+            value["blob"] = "x" * (1024 - await size(value) + extra)
+            assert await size(value) == 1024 + extra
+            outcome = success(row, value)
+        else:
+            outcome = checkpoint(row, cursor="")
+            base = await size(outcome["checkpoint"])
+            outcome = checkpoint(row, cursor="x" * (1024 - base + extra))
+            assert await size(outcome["checkpoint"]) == 1024 + extra
+        await complete(conn, outcome)
+        s = await step_row(conn, task, "only")
+        if expected == "error":
+            assert s["state"] == "error"
+            assert s["last_error"]["message"] == (
+                f"the step's {kind} is 1025 bytes, more than the limit of 1024 bytes"
+                " (max_payload_bytes in tasker.settings)"
+            )
+        elif kind == "result":
+            assert (s["state"], s["results"]) == ("complete", value)
+        else:
+            assert (s["state"], s["checkpoint"]["cursor"]) == (
+                "in_progress",
+                outcome["checkpoint"]["cursor"],
+            )
+            [cont] = await claim(conn)  # the continuation resumes from the checkpoint
+            await complete(conn, success(cont, {}))
+            assert (await step_row(conn, task, "only"))["state"] == "complete"
+    await assert_healthy(conn)
+
+
+async def test_a_failure_that_does_not_say_retryable_is_retried(conn: db.Connection) -> None:
+    """60_complete:149:true_to_false:0 (`coalesce(retryable, false)`): an error object without
+    `retryable` is retryable by contract (DESIGN: the default is true), but every test sent it."""
+    task = await start(conn, single())
+    [row] = await claim(conn)
+    outcome = failure(row, "flaky")
+    del outcome["error"]["retryable"]
+    await complete(conn, outcome)
+    s = await step_row(conn, task, "only")
+    assert (s["state"], s["attempts"]) == ("waiting_for_retry", 1)
+    assert s["next_attempt_at"] is not None
+    await assert_healthy(conn)
+
+
+async def test_number_and_version_bounds_are_inclusive(conn: db.Connection) -> None:
+    """05_helpers:50:ge_to_gt:0 (`abs(x) > 2.5e-324`): the smallest magnitude that double
+    precision does not round to 0 was refused; 05_helpers:68:le_to_lt:0 (`major < 2147483647`):
+    a major version of exactly the integer maximum was refused (and the 64-character limit)."""
+    check = "SELECT tasker._is_number_json($1::text::jsonb, 0, 1)"
+    assert await conn.fetchval(check, "2.5e-324") is True
+    assert await conn.fetchval(check, "2.4e-324") is False
+    assert await conn.fetchval("SELECT '2.5e-324'::double precision > 0") is True
+    parts = "SELECT tasker._semver_parts($1) IS NOT NULL"
+    exact = "1.0.0-" + "a" * 58
+    assert len(exact) == 64
+    assert await conn.fetchval(parts, exact) is True
+    assert await conn.fetchval(parts, exact + "a") is False
+    assert await conn.fetchval(parts, "2147483647.2147483647.2147483647") is True
+    assert await conn.fetchval(parts, "2147483648.0.0") is False
+
+
+@pytest.mark.timeout(60)  # the mutant loops forever: fail instead of hanging
+async def test_register_template_names_the_cycle_behind_placed_steps(conn: db.Connection) -> None:
+    """20_templates:214:true_to_false:0 (the cycle search started at a placed step): every
+    cyclic template the tests sent had all its steps on the cycle, so the start was never
+    chosen among placed ones. The code is pinned, and the cycle named."""
+    body = dict(single())
+    body["steps"] = [
+        {**single()["steps"][0], "name": "a", "dependencies": []},
+        {**single()["steps"][0], "name": "b", "dependencies": ["a", "c"]},
+        {**single()["steps"][0], "name": "c", "dependencies": ["b"]},
+    ]
+    with pytest.raises(ValidationError) as err:
+        await conn.register_template(body)
+    assert err.value.error_code == "invalid_template"
+    assert "dependency cycle b -> c -> b" in str(err.value)
+
+
+async def test_create_tasks_marks_only_root_steps_enqueued(conn: db.Connection) -> None:
+    """30_create:180:int_plus1:0 (`enqueued_at` set for steps with one parent instead of the
+    roots): create_tasks' step rows were only checked for their state."""
+    await conn.register_template(template("chain", [step("a"), step("b", "a")]))
+    [task] = await conn.create_tasks(NAMESPACE, "chain", [{}])
+    a, b = await step_row(conn, task, "a"), await step_row(conn, task, "b")
+    assert a["enqueued_at"] == a["created_at"]
+    assert b["enqueued_at"] is None
+    [one] = await claim(conn)
+    await complete(conn, success(one))
+    b = await step_row(conn, task, "b")
+    assert b["state"] == "enqueued" and b["enqueued_at"] is not None
+    await assert_healthy(conn)

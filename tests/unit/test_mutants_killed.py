@@ -3,18 +3,35 @@ outcome rules that the rest of the unit tests let survive (named in each docstri
 
 from __future__ import annotations
 
+import json
+import traceback
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 
-from tasker_pg import StepHandlerResult
+from tasker_pg import StepHandlerResult, jsonutil
+from tasker_pg.errors import PermanentError, RetryableError, TaskerError
 from tasker_pg.outcome import (
+    Failure,
     Fence,
+    StepError,
+    _safe_object,
+    _truncate_text,
     outcome_from_exception,
     outcome_from_result,
+    refused_outcome,
     timeout_outcome,
     truncate_head,
     truncate_tail,
 )
-from tasker_pg.template import TaskTemplate, TemplateValidationError
+from tasker_pg.template import (
+    MAX_STEPS,
+    TaskTemplate,
+    TemplateValidationError,
+    load_template,
+    load_templates,
+)
 
 STEP = "0b7e3c52-4a57-4c39-a0c4-8f2d0c1e9b11"
 FENCE = Fence(STEP, 3, 9)
@@ -126,3 +143,555 @@ def test_json_nesting_limit_is_exactly_the_documented_depth() -> None:
         TaskTemplate.from_dict(
             _template({"name": "a", "handler": {"callable": "h.a"}}, metadata={"l": [_nested(99)]})
         )
+
+
+# --- outcome rules: messages users read, and the size guarantees -------------------------------
+
+FIX = (
+    "call() must return self.success(...), self.failure(...) or "
+    "StepHandlerResult.checkpoint(...), e.g. `return self.success({...})`"
+)
+
+
+def _error(value: object, **kw: object) -> dict[str, object]:
+    out = outcome_from_result(value, fence=FENCE, duration_ms=1, **kw).to_json()  # type: ignore[arg-type]
+    error = out["error"]
+    assert isinstance(error, dict)
+    return error
+
+
+def test_invalid_return_messages_name_the_handler_and_the_fix() -> None:
+    """outcome_from_result#5/6/7, _invalid_return_message#9/10/13, _invalid_result#6/21/22:
+    the message a developer reads when call() returns the wrong thing, and its error_code."""
+    error = _error(None)
+    assert error["message"] == f"step handler returned None instead of a StepHandlerResult; {FIX}"
+    assert (error["error_type"], error["error_code"], error["retryable"]) == (
+        "invalid_result",
+        "invalid_result",
+        False,
+    )
+
+    async def handler() -> None:
+        return None
+
+    pending = handler()
+    try:
+        error = _error(pending, handler_name="orders.Charge")
+    finally:
+        pending.close()
+    assert error["message"] == (
+        "step handler 'orders.Charge' returned coroutine instead of a StepHandlerResult"
+        " (an awaitable: was an async call() run without being awaited?); " + FIX
+    )
+
+
+def test_not_serialisable_messages_say_what_to_return() -> None:
+    """outcome_from_result#51/52/106-111, _not_serialisable#12-17, _json_problem#2/3."""
+    error = _error(StepHandlerResult.success(1, metadata=["x"]), handler_name="h")  # type: ignore[arg-type]
+    assert error["message"] == (
+        "step handler 'h' returned success metadata of type list; "
+        "metadata must be a JSON object (a dict) or None"
+    )
+    error = _error(StepHandlerResult.success({"when": object}))
+    message = str(error["message"])
+    assert message.startswith("step handler returned a result that is not JSON-serialisable: ")
+    assert message.endswith(
+        ". Return only plain JSON data (dict, list, str, int, float, bool, None): convert"
+        " datetimes with .isoformat(), Decimals and UUIDs with str(); NaN and Infinity are"
+        " not allowed."
+    )
+    error = _error(StepHandlerResult.checkpoint(cursor={1}))
+    message = str(error["message"])
+    assert message.startswith("step handler returned a checkpoint that is not JSON-serialisable: ")
+    assert message.endswith(
+        ". The cursor and accumulated_results must be plain JSON data"
+        " (dict, list, str, int, float, bool, None)."
+    )
+    deep: list[object] = []
+    for _ in range(100_000):
+        deep = [deep]
+    error = _error(StepHandlerResult.success(deep))
+    assert "returned a result that is not JSON-serialisable: it is nested too deeply." in str(
+        error["message"]
+    )
+
+
+def test_a_failure_without_message_or_type_gets_the_defaults() -> None:
+    """outcome_from_result#160/162/163: `or ""` and `or "unexpected_error"`."""
+    bare = StepHandlerResult(kind="failure", error_message=None, error_type=None)
+    error = _error(bare)
+    assert (error["message"], error["error_type"], error["retryable"]) == (
+        "",
+        "unexpected_error",
+        False,
+    )
+
+
+def test_checkpoint_strings_jsonb_cannot_hold_are_replaced() -> None:
+    """outcome_from_result#113-125: a NUL or lone surrogate in the cursor or the accumulated
+    results would make the engine refuse the checkpoint."""
+    value = StepHandlerResult.checkpoint(
+        cursor={"k\x00": "a\udc80"}, items_processed=2, accumulated_results=["\x00"]
+    )
+    out = outcome_from_result(value, fence=FENCE, duration_ms=1).to_json()
+    assert out["checkpoint"] == {
+        "cursor": {"k\ufffd": "a\ufffd"},
+        "items_processed": 2,
+        "accumulated_results": ["\ufffd"],
+    }
+
+
+def test_success_strings_jsonb_cannot_hold_are_replaced_and_counted() -> None:
+    """_may_hold_unstorable#1, _text_may_hold_unstorable#1/4: NUL (escaped in JSON text) and
+    lone surrogates (raw in it) are both found."""
+    for bad in ("\x00", "\udc80"):
+        out = outcome_from_result(
+            StepHandlerResult.success({"v": f"a{bad}{bad}"}, metadata={"m": bad}),
+            fence=FENCE,
+            duration_ms=1,
+        ).to_json()
+        assert out["result"] == {"v": "a\ufffd\ufffd"}
+        assert out["metadata"] == {"m": "\ufffd", "tasker_replaced_characters": 3}
+        error = _error(StepHandlerResult.failure("x", context={"c": bad}))
+        assert error["context"] == {"c": "\ufffd"}
+        assert error["message"] == "x [tasker: 1 NUL / lone-surrogate character replaced]"
+
+
+def test_replacement_note_counts_failure_metadata_and_plural() -> None:
+    """_failure#72/80/82/84: metadata's replacements are counted; "character" vs
+    "characters"."""
+    out = outcome_from_result(
+        StepHandlerResult.failure("m", metadata={"a": "\x00\x00"}), fence=FENCE, duration_ms=1
+    ).to_json()
+    assert out["metadata"] == {"a": "\ufffd\ufffd"}
+    assert out["error"]["message"] == "m [tasker: 2 NUL / lone-surrogate characters replaced]"
+
+
+def test_error_type_and_code_are_capped_at_200_bytes() -> None:
+    """_failure#37/50: the 200-byte caps."""
+    for n, kept in ((200, True), (201, False)):
+        error = _error(StepHandlerResult.failure("m", error_type="t" * n, error_code="c" * n))
+        assert (error["error_type"] == "t" * n) is kept
+        assert (error["error_code"] == "c" * n) is kept
+        assert len(str(error["error_type"]).encode()) <= 200
+        assert len(str(error["error_code"]).encode()) <= 200
+
+
+def test_exception_outcomes_keep_worker_duration_context_and_traceback() -> None:
+    """outcome_from_exception#28/29/59/77 on every path (Permanent, Retryable, other)."""
+    for exc in (
+        PermanentError("p", context={"k": 1}),
+        RetryableError("r", retry_after=float("inf")),
+        ValueError("v"),
+    ):
+        try:
+            raise exc
+        except Exception as raised:
+            caught = raised
+        out = outcome_from_exception(caught, fence=FENCE, duration_ms=7, worker_id="w").to_json()
+        assert (out["worker_id"], out["duration_ms"]) == ("w", 7.0)
+        error = out["error"]
+        if isinstance(caught, PermanentError):
+            assert (error["context"], error["traceback"]) == ({"k": 1}, None)
+        elif isinstance(caught, RetryableError):
+            assert error["retry_after"] is None  # _safe_retry_after#4: infinity is no delay
+        else:
+            assert error["context"] == {}
+            assert error["traceback"] == "".join(traceback.format_exception(caught))
+
+
+def test_a_broken_str_falls_back_to_the_class_name() -> None:
+    """_exception_message#3/4."""
+
+    class Odd(Exception):
+        def __str__(self) -> str:
+            raise RuntimeError("no")
+
+    error = outcome_from_exception(Odd(), fence=FENCE, duration_ms=1).to_json()["error"]
+    assert error["message"] == "Odd"
+
+
+@pytest.mark.parametrize(
+    ("limit", "what", "fix"),
+    [
+        (None, "its timeout", "raise timeout_seconds in the template if it needs longer"),
+        (
+            "timeout_seconds",
+            "its timeout",
+            "raise timeout_seconds in the template if it needs longer",
+        ),
+        (
+            "max_runtime",
+            "the worker's max run time",
+            "give the step a timeout_seconds in the template, or start the worker with a "
+            "larger --max-runtime, if it needs longer",
+        ),
+    ],
+)
+def test_timeout_messages_name_the_limit_and_the_fix(
+    limit: str | None, what: str, fix: str
+) -> None:
+    """timeout_outcome#1-19: the message operators read for an abandoned run."""
+    kw = {} if limit is None else {"limit": limit}
+    out = timeout_outcome(fence=FENCE, duration_ms=1, timeout_seconds=2.5, **kw).to_json()  # type: ignore[arg-type]
+    assert out["error"]["message"] == (
+        f"step handler did not finish within {what} of 2.5 seconds and was abandoned; {fix}"
+    )
+
+
+def test_a_refused_failure_is_replaced_by_a_minimal_ascii_one() -> None:
+    """refused_outcome#4-16/35-60: the replacement keeps worker and duration, the first 200
+    characters of the message, the type made ASCII and the code in brackets."""
+    message = "é\x00" + "m" * 300
+    original = Failure(
+        fence=FENCE,
+        duration_ms=3,
+        worker_id="w",
+        error=StepError(
+            message=message,
+            error_type="Érr\x00",
+            error_code="boom",
+            retryable=True,
+            retry_after=5,
+            context={"c": 1},
+            traceback="tb",
+        ),
+        metadata={},
+    )
+    out = refused_outcome(original, TaskerError("too big"))
+    assert out is not None
+    stored = out.to_json()
+    assert (stored["worker_id"], stored["duration_ms"]) == ("w", 3.0)
+    error = stored["error"]
+    head = "\\xe9\\x00" + "m" * 198
+    assert error["message"] == (
+        "the engine refused the step's failure outcome (too big); the handler's error was"
+        f" \\xc9rr\\x00 [boom]: {head}"
+    )
+    assert (error["error_type"], error["error_code"], error["retryable"]) == (
+        "?rr?",
+        "outcome_refused",
+        True,
+    )
+    assert (error["retry_after"], error["context"], error["traceback"]) == (None, {}, None)
+    no_code = refused_outcome(
+        replace(original, error=replace(original.error, error_code=None, message="x")),
+        TaskerError("t"),
+    )
+    assert no_code is not None
+    assert no_code.error.message == (
+        "the engine refused the step's failure outcome (t); the handler's error was \\xc9rr\\x00: x"
+    )
+    assert refused_outcome(out, TaskerError("again")) is None
+
+
+def test_a_refused_success_becomes_a_permanent_invalid_result() -> None:
+    """refused_outcome#68/82/83: error_code the engine's, else invalid_result."""
+    success = outcome_from_result(StepHandlerResult.success(1), fence=FENCE, duration_ms=1)
+    plain = TaskerError("no")
+    plain.error_code = ""
+    for err, code in (
+        (TaskerError("no", error_code="payload_too_large"), "payload_too_large"),
+        (plain, "invalid_result"),
+    ):
+        out = refused_outcome(success, err)
+        assert out is not None
+        assert (out.error.message, out.error.error_type, out.error.error_code) == (
+            "the engine refused the step's success outcome: no",
+            "invalid_result",
+            code,
+        )
+        assert (out.error.retryable, out.error.context) == (False, {})
+
+
+@pytest.mark.parametrize("truncate", [truncate_head, truncate_tail])
+def test_a_limit_below_the_marker_keeps_only_the_marker(truncate: object) -> None:
+    """truncate_head#13, truncate_tail#13: nothing of the text is kept when the marker alone
+    exceeds the limit."""
+    assert callable(truncate)
+    assert truncate("q" * 60, 5) in (
+        " ... [truncated 60 bytes to 5]",
+        "[truncated 60 bytes to 5, start omitted] ...\n",
+    )
+
+
+# --- _truncate_text: a failure always fits max_error_bytes -----------------------------------
+
+
+def _pg_len(error: StepError) -> int:
+    return len(
+        json.dumps(error.to_json(), ensure_ascii=False, separators=(", ", ": ")).encode(
+            "utf-8", "surrogatepass"
+        )
+    )
+
+
+def _step_error(**kw: object) -> StepError:
+    base: dict[str, object] = {
+        "message": "m",
+        "error_type": "E",
+        "error_code": None,
+        "retryable": True,
+        "retry_after": None,
+        "context": {},
+        "traceback": None,
+    }
+    base.update(kw)
+    return StepError(**base)  # type: ignore[arg-type]
+
+
+def test_truncate_text_leaves_an_error_of_exactly_the_limit_alone() -> None:
+    """_truncate_text#5/6/7: `over <= 0` is the boundary; one byte over is cut."""
+    error = _step_error(message="x" * 500)
+    size = _pg_len(error)
+    assert _truncate_text(error, size) == error
+    cut = _truncate_text(error, size - 1)
+    assert cut != error and _pg_len(cut) <= size - 1
+    assert cut.message.startswith("x" * 100) and "[truncated 500 bytes to " in cut.message
+
+
+def test_truncate_text_cuts_the_traceback_first_keeping_its_end() -> None:
+    """_truncate_text#8-31: the traceback goes first, by what is over plus 256 bytes of
+    room for its marker; context and message stay."""
+    error = _step_error(message="msg", context={"k": "v"}, traceback="t" * 3000 + "END")
+    limit = _pg_len(error) - 1000
+    cut = _truncate_text(error, limit)
+    assert (cut.message, cut.context) == ("msg", {"k": "v"})
+    assert cut.traceback is not None and cut.traceback.endswith("tEND")
+    assert cut.traceback.startswith("[truncated 3003 bytes to 1747, start omitted]")
+    assert len(cut.traceback.encode()) <= 1747 and _pg_len(cut) <= limit
+    # a traceback smaller than the cut is dropped, then the context is previewed
+    error = _step_error(message="msg", context={"k": "c" * 40000}, traceback="t" * 100)
+    limit = _pg_len(error) - 1000
+    cut = _truncate_text(error, limit)
+    assert cut.traceback is None and cut.message == "msg"
+    assert cut.context["truncated"] is True
+    preview = cut.context["preview"]
+    # what was still over once the traceback was gone, plus the marker's room
+    cut_by = _pg_len(replace(error, traceback=None)) - limit + 256
+    assert preview.startswith('{"k":"ccc') and preview.endswith(f" to {limit // 4 - cut_by}]")
+    assert _pg_len(cut) <= limit
+
+
+def test_truncate_text_then_drops_a_previewed_context_then_cuts_the_message() -> None:
+    """_truncate_text#32-84: an already truncated context is reduced to the flag, then the
+    message is cut keeping its start. Found by the campaign: the loop kept re-setting a
+    context of {"truncated": True} and never reached the message, so after 12 rounds the whole
+    message was replaced by the marker (fails before the fix in outcome.py)."""
+    error = _step_error(message="M" * 2000, context={"truncated": True, "preview": "p" * 3000})
+    limit = _pg_len(error) - 2000
+    cut = _truncate_text(error, limit)
+    assert cut.context == {"truncated": True}
+    assert cut.message == "M" * 2000 and _pg_len(cut) <= limit
+    limit = _pg_len(cut) - 500
+    cut2 = _truncate_text(cut, limit)
+    assert cut2.context == {"truncated": True}
+    assert cut2.message.startswith("M" * 1000)
+    assert cut2.message.endswith(f"[truncated 2000 bytes to {2000 - 756}]")
+    assert _pg_len(cut2) <= limit
+
+
+def test_truncate_text_gives_up_with_the_marker_alone() -> None:
+    """_truncate_text#85-96: when nothing fits, the message is the marker only and context
+    and traceback are gone."""
+    error = _step_error(message="M" * 100, context={"k": 1}, traceback="tb")
+    cut = _truncate_text(error, 10)
+    assert (cut.context, cut.traceback) == ({}, None)
+    assert cut.message.startswith(" ... [truncated ") and "M" not in cut.message
+
+
+# --- _safe_object / _jsonable: error contexts and metadata are always storable ----------------
+
+
+def test_safe_object_wraps_non_objects_and_previews_what_is_too_large() -> None:
+    """_safe_object#3/4/5/17/25/26/37: a non-object is wrapped as {"value": ...}; the size
+    check sees the JSON text after repair (datetime-like objects, NUL) and keeps a value of
+    exactly the limit; a preview is the head of half the limit."""
+    assert _safe_object([1, 2], 100, [0]) == {"value": [1, 2]}
+    assert _safe_object(None, 100, [0]) == {}
+    exact = {"s": "x" * 10}
+    size = len(jsonutil.dumps(exact).encode())
+    assert _safe_object(exact, size, [0]) == exact
+    text = jsonutil.dumps(exact)
+    assert _safe_object(exact, size - 1, [0]) == {
+        "truncated": True,
+        "preview": truncate_head(text, (size - 1) // 2),
+    }
+    assert _safe_object({"o": object, "s": "x" * 100}, 60, [0])["truncated"] is True
+    count = [0]
+    assert _safe_object({"s": "\x00" + "x" * 100}, 60, count)["truncated"] is True
+    assert count == [1]
+
+
+def _chain(depth: int, leaf: object, *, as_list: bool) -> object:
+    value = leaf
+    for _ in range(depth):
+        value = [value] if as_list else {"k": value}
+    return value
+
+
+@pytest.mark.parametrize("as_list", [False, True], ids=["dicts", "lists"])
+def test_jsonable_cuts_below_depth_50(as_list: bool) -> None:
+    """_safe_object#15, _jsonable#1-4/16/17/22/23: a non-JSON leaf 50 levels below the
+    context is kept as its repr, one level deeper it becomes "<nested too deeply>"."""
+
+    class Leaf:
+        def __repr__(self) -> str:
+            return "Leaf()"
+
+    for depth, expected in ((50, "Leaf()"), (51, "<nested too deeply>")):
+        value = {"top": _chain(depth - 1, Leaf(), as_list=as_list)}
+        safe = _safe_object(value, 1_000_000, [0])
+        assert safe == {"top": _chain(depth - 1, expected, as_list=as_list)}
+
+
+def test_jsonable_keeps_finite_floats_and_names_unrepresentable_objects() -> None:
+    """_jsonable#7/25."""
+
+    class Bad:
+        def __repr__(self) -> str:
+            raise RuntimeError("no repr")
+
+    safe = _safe_object({"f": 1.5, "n": float("nan"), "b": Bad()}, 10_000, [0])
+    assert safe == {"f": 1.5, "n": "nan", "b": "<unrepresentable Bad>"}
+
+
+def test_checkpoint_items_processed_type_error_names_the_type() -> None:
+    """StepHandlerResult.checkpoint#5: the message names the type the handler passed."""
+    with pytest.raises(TypeError, match=r"^items_processed must be an int, got str$"):
+        StepHandlerResult.checkpoint(cursor=1, items_processed="3")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"^items_processed must be an int, got bool$"):
+        StepHandlerResult.checkpoint(cursor=1, items_processed=True)
+
+
+# --- template loading: every error says which file or directory it is about -----------------
+# (the wording of template problems is being rewritten by issue 11: these check `source`,
+# the number of problems and positions, not the text)
+
+
+def test_template_errors_carry_their_source(tmp_path: Path) -> None:
+    """load_template#9/14/25, load_templates#21/59/62, _parse_yaml#27/37-41, from_yaml#13:
+    `source` was dropped (None) on every file-level error without a test noticing."""
+    missing = tmp_path / "missing.yaml"
+    bad_utf8 = tmp_path / "latin1.yaml"
+    bad_utf8.write_bytes(b"name: caf\xe9\n")
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("name: [unclosed\n")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for call, path in (
+        (load_template, missing),
+        (load_template, tmp_path),
+        (load_template, bad_utf8),
+        (load_template, bad_yaml),
+        (load_templates, empty),
+    ):
+        with pytest.raises(TemplateValidationError) as info:
+            call(path)
+        assert info.value.source == str(path)
+        assert len(info.value.problems) == 1
+        assert str(path) in info.value.problems[0]
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_yaml("a: [", source="inline.yaml")
+    assert info.value.source == "inline.yaml" and len(info.value.problems) == 1
+    dup = tmp_path / "dup"
+    dup.mkdir()
+    body = (
+        "name: wf\nnamespace_name: ns\nversion: 1.0.0\n"
+        "steps:\n  - name: a\n    handler:\n      callable: h.a\n"
+    )
+    (dup / "one.yaml").write_text(body)
+    (dup / "two.yaml").write_text(body)
+    (dup / "zz.yaml").write_text("name: [unclosed\n")  # sorted after the duplicate
+    with pytest.raises(TemplateValidationError) as info:
+        load_templates(dup)
+    assert info.value.source == str(dup)
+    # load_templates#37: files after a duplicate are still loaded and reported
+    assert str(dup / "zz.yaml") in str(info.value)
+    assert str(dup / "two.yaml") in str(info.value)
+
+
+def test_duplicate_keys_after_a_merge_key_are_refused() -> None:
+    """construct_mapping#15 (`continue` -> `break` at a `<<` merge key): keys after it were
+    not checked for duplicates."""
+    text = (
+        "base: &b {x: 1}\n"
+        "name: wf\nnamespace_name: ns\nversion: 1.0.0\n"
+        "meta:\n  <<: *b\n  y: 1\n  y: 2\n"
+    )
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_yaml(text, source="m.yaml")
+    assert info.value.source == "m.yaml"
+    assert any(" at line 8, column 3: " in p and "'y'" in p for p in info.value.problems)
+
+
+def test_steps_after_a_nameless_step_are_still_checked() -> None:
+    """_graph_problems#12 (`continue` -> `break` at a step without a name): the rules were not
+    applied to the steps after it."""
+    data = _template(
+        {"handler": {"callable": "h.x"}},
+        {"name": "a", "handler": {"callable": "h.a"}, "dependencies": ["nope"]},
+    )
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(data)
+    assert any("nope" in p for p in info.value.problems), info.value.problems
+
+
+def test_yaml_syntax_errors_name_line_and_column() -> None:
+    """_parse_yaml#14/17/18/19: the 1-based position of a YAML syntax error."""
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_yaml("name: wf\nsteps: [a, b\n", source="x.yaml")
+    [problem] = info.value.problems
+    assert " at line 3, column 1" in problem, problem
+
+
+def test_exactly_max_steps_steps_are_checked_for_graph_problems() -> None:
+    """_raw_graph#7 (`len(steps) >= MAX_STEPS` skipped the early graph check)."""
+    steps = [{"name": f"s{i}", "handler": {"callable": "h.s"}} for i in range(MAX_STEPS - 1)]
+    steps.append({"name": "s0", "handler": {"callable": "h.s"}})
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(_template(*steps))
+    assert any("s0" in p for p in info.value.problems)
+
+
+def test_yaml_reader_errors_and_empty_documents_carry_their_source() -> None:
+    """_parse_yaml#32-41 (a YAMLError without a position: a character YAML cannot read),
+    from_yaml#13 (an empty document)."""
+    for source, where in (("r.yaml", "r.yaml"), (None, "YAML text")):
+        with pytest.raises(TemplateValidationError) as info:
+            TaskTemplate.from_yaml("name: a\x00", source=source)
+        assert info.value.source == source
+        [problem] = info.value.problems
+        assert problem.startswith(f"invalid YAML in {where}: ")
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_yaml("", source="e.yaml")
+    assert info.value.source == "e.yaml" and len(info.value.problems) == 1
+
+
+def test_graph_problems_written_with_depends_on_are_reported_with_schema_problems() -> None:
+    """_raw_graph#16/18/21: when the schema check fails, the early graph pass over the raw
+    data still reports dependency problems, also those written with the `depends_on` alias."""
+    data = _template(
+        {"name": "a", "handler": {"callable": "h.a"}, "depends_on": ["ghost"], "bogus": 1},
+    )
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(data)
+    assert any("ghost" in p for p in info.value.problems), info.value.problems
+    assert any("bogus" in p for p in info.value.problems), info.value.problems
+
+
+def _problems(*steps: dict[str, object]) -> list[str]:
+    with pytest.raises(TemplateValidationError) as info:
+        TaskTemplate.from_dict(_template(*steps))
+    return info.value.problems
+
+
+def test_names_after_a_nameless_step_are_indexed() -> None:
+    """_graph_problems#12 (`continue` -> `break`): names after a step without one were not
+    indexed, so a dependency on them was reported unknown and a duplicate of them missed
+    (compared with the same template without that dependency / duplicate)."""
+    nameless = {"handler": {"callable": "h.x"}}
+    a = {"name": "a", "handler": {"callable": "h.a"}}
+    b = {"name": "b", "handler": {"callable": "h.b"}}
+    assert _problems(nameless, a, {**b, "dependencies": ["a"]}) == _problems(nameless, a, b)
+    assert len(_problems(nameless, a, {**a})) == len(_problems(nameless, a, b)) + 1
