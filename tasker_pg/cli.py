@@ -35,6 +35,7 @@ from tasker_pg.render import (
     format_time,
     render_dag,
     render_failure,
+    render_not_created,
     render_task_header,
     step_commands,
     traceback_origin,
@@ -396,13 +397,23 @@ async def _task_show(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         task = await client.get_task(args.task_uuid)
         steps = await client.list_task_steps(args.task_uuid)
+        not_created = await client.list_steps_not_created(args.task_uuid)
     if args.json:
-        _print_json({"task": task.to_dict(), "steps": [s.to_dict() for s in steps]})
+        _print_json(
+            {
+                "task": task.to_dict(),
+                "steps": [s.to_dict() for s in steps],
+                "not_created": [s.to_dict() for s in not_created],
+            }
+        )
         return EXIT_OK
     style = Style.for_stream(sys.stdout)
     print(render_task_header(task, style))
     print()
     print(render_dag(steps, style, show_uuids=True))
+    if not_created:
+        print()
+        print(render_not_created(not_created, style))
     for step in steps:
         if step.current_state == "error":
             print()

@@ -39,6 +39,7 @@ from tasker_pg.responses import (
     HealthResponse,
     Pagination,
     StepAuditResponse,
+    StepNotCreated,
     StepResponse,
     TaskListResponse,
     TaskResponse,
@@ -572,6 +573,17 @@ class AsyncTaskerClient:
                 await self._require_task(conn, task)
         return [StepResponse.from_row(r) for r in rows]
 
+    async def list_steps_not_created(self, task_uuid: str | uuid.UUID) -> list[StepNotCreated]:
+        """The template steps the task has no row for, in template order, each with why: a
+        branch its decision did not choose, a step waiting for its decision or fan-out, the
+        template of batch workers. Empty for a task of a static template."""
+        task = _uuid_text(task_uuid, "task uuid")
+        async with self._session() as conn:
+            rows = await conn.steps_not_created_rows(task)
+            if not rows:
+                await self._require_task(conn, task)
+        return [StepNotCreated(name=r["name"], reason=r["reason"]) for r in rows]
+
     @staticmethod
     async def _require_task(conn: db.Connection, task: str) -> None:
         # Whether step_readiness runs (and raises task_not_found) depends on the plan; ask.
@@ -895,6 +907,10 @@ class TaskerClient:
     def list_task_steps(self, task_uuid: str | uuid.UUID) -> list[StepResponse]:
         """See `AsyncTaskerClient.list_task_steps`."""
         return self._run(self._client.list_task_steps(task_uuid))
+
+    def list_steps_not_created(self, task_uuid: str | uuid.UUID) -> list[StepNotCreated]:
+        """See `AsyncTaskerClient.list_steps_not_created`."""
+        return self._run(self._client.list_steps_not_created(task_uuid))
 
     def get_step(self, task_uuid: str | uuid.UUID, step_uuid: str | uuid.UUID) -> StepResponse:
         """See `AsyncTaskerClient.get_step`."""

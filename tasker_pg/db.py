@@ -681,6 +681,10 @@ class Connection:
         step = None if step_uuid is None else str(step_uuid)
         return await self.fetch(queries.LIST_STEPS, str(task_uuid), step)
 
+    async def steps_not_created_rows(self, task_uuid: uuid.UUID | str) -> list[Row]:
+        """The task's template steps that have no row (not chosen, not yet created), with why."""
+        return await self.fetch(queries.STEPS_NOT_CREATED, str(task_uuid))
+
     async def step_audit_rows(
         self, task_uuid: uuid.UUID | str, step_uuid: uuid.UUID | str
     ) -> list[Row]:

@@ -74,7 +74,14 @@ SELECT v.step_uuid, v.task_uuid, v.name, v.handler, v.state, v.attempts, v.max_a
   JOIN tasker.step_readiness($1::uuid) r ON r.step_uuid = v.step_uuid
  WHERE v.task_uuid = $1::uuid
    AND ($2::uuid IS NULL OR v.step_uuid = $2::uuid)
- ORDER BY v.step_index
+ ORDER BY v.step_index, v.name  -- (a batch_worker's workers share its step_index)
+"""
+
+# The template steps a task has no row for (conditional and batch workflows), with why ($1 task).
+STEPS_NOT_CREATED: Final = """
+SELECT r.name, r.reason
+  FROM tasker.step_readiness($1::uuid) r
+ WHERE r.step_uuid IS NULL
 """
 
 # A step's audit trail, oldest first ($1 task, $2 step).

@@ -8,6 +8,7 @@ breaks alignment.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import sys
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
 
-from tasker_pg.responses import StepResponse, TaskResponse
+from tasker_pg.responses import StepNotCreated, StepResponse, StepState, TaskResponse
 
 __all__ = [
     "STEP_COMMANDS_INTRO",
@@ -212,7 +213,11 @@ def render_dag(
         return "(no steps)"
     depths = dag_depths(steps)
     order = {s.name: i for i, s in enumerate(steps)}
-    ordered = sorted(steps, key=lambda s: (depths[s.name], order[s.name]))
+    ordered, collapsed = collapse_workers(
+        sorted(steps, key=lambda s: (depths[s.name], order[s.name]))
+    )
+    for name in collapsed:  # a run of workers sits at its first worker's depth
+        depths[name] = depths[name.split("..")[0]]
     name_w = min(max(len(s.name) for s in ordered), 30)
     state_w = max(len(s.current_state) for s in ordered)
     attempts_w = max(len(f"{s.attempts}/{s.max_attempts}") for s in ordered)
@@ -234,11 +239,87 @@ def render_dag(
             line += f"  {style.dim(style.arrow + ' ' + parents)}"
         lines.append(line.rstrip())
         gutter = "   " if last else style.bar + "  "
+        group = collapsed.get(step.name)
+        if group is not None:
+            lines.append(gutter + "  " + style.dim(group))
+            continue
         if show_uuids:
             lines.append(gutter + "  " + style.dim(f"step {step.step_uuid}"))
         why = _why(step)
         if why:
             lines.append(gutter + "  " + truncate(why, width - len(gutter) - 2, style.ellipsis))
+    return "\n".join(lines)
+
+
+_WORKER_NAME_RE = re.compile(r"^(?P<prefix>.+_)(?P<batch>[A-Za-z0-9-]+)$")
+COLLAPSE_WORKERS_FROM = 5
+"""Runs of at least this many batch workers are drawn as one line."""
+
+
+def collapse_workers(
+    steps: Sequence[StepResponse],
+) -> tuple[list[StepResponse], dict[str, str]]:
+    """Long runs of batch workers (`process_batch_001` .. `_040`: consecutive steps with one
+    name prefix, one handler and the same parents) as one line each: returns the steps with
+    each run replaced by its first step renamed `process_batch_001..040`, and for those names
+    a summary of the run's states (`40 workers: 38 complete, 2 error`)."""
+    out: list[StepResponse] = []
+    summaries: dict[str, str] = {}
+    i = 0
+    while i < len(steps):
+        first = _WORKER_NAME_RE.match(steps[i].name)
+        j = i + 1
+        if first is not None:
+            while j < len(steps):
+                m = _WORKER_NAME_RE.match(steps[j].name)
+                if (
+                    m is None
+                    or m["prefix"] != first["prefix"]
+                    or steps[j].handler != steps[i].handler
+                    or steps[j].dependencies != steps[i].dependencies
+                ):
+                    break
+                j += 1
+        if first is None or j - i < COLLAPSE_WORKERS_FROM:
+            out.append(steps[i])
+            i += 1
+            continue
+        run = steps[i:j]
+        last = _WORKER_NAME_RE.match(run[-1].name)
+        assert last is not None
+        name = f"{run[0].name}..{last['batch']}"
+        states: dict[StepState, int] = {}
+        for step in run:
+            states[step.current_state] = states.get(step.current_state, 0) + 1
+        worst = next((s for s in _RUN_STATE_ORDER if s in states), run[0].current_state)
+        out.append(dataclasses.replace(run[0], name=name, current_state=worst))
+        summaries[name] = f"{len(run)} workers: " + ", ".join(
+            f"{n} {state}" for state, n in sorted(states.items(), key=lambda kv: -kv[1])
+        )
+        i = j
+    return out, summaries
+
+
+# The state a collapsed run of workers shows: the first of these any worker is in.
+_RUN_STATE_ORDER: tuple[StepState, ...] = (
+    "error",
+    "in_progress",
+    "waiting_for_retry",
+    "enqueued",
+    "pending",
+    "cancelled",
+    "resolved_manually",
+    "complete",
+)
+
+
+def render_not_created(steps: Sequence[StepNotCreated], style: Style = PLAIN) -> str:
+    """The template steps a task has no row for, one line each with why."""
+    if not steps:
+        return ""
+    lines = ["not created:"]
+    for step in steps:
+        lines.append(f"  {step.name}  {style.dim(step.reason)}")
     return "\n".join(lines)
 
 

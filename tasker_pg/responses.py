@@ -26,6 +26,7 @@ __all__ = [
     "HealthStatus",
     "Pagination",
     "StepAuditResponse",
+    "StepNotCreated",
     "StepResponse",
     "StepState",
     "TaskListResponse",
@@ -342,6 +343,16 @@ class HealthResponse(_ToDict):
     """What is wrong and what to do about it, when something is."""
     workers: list[WorkerStatus] = dataclasses.field(default_factory=list)
     """The workers' heartbeat rows (empty when the schema is outdated or nothing runs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepNotCreated(_ToDict):
+    """A template step of a conditional or batch workflow that has no row in a task: a branch
+    its decision did not choose, a step still waiting for its decision or fan-out, or the
+    template of batch workers. `reason` says which (from `tasker.step_readiness`)."""
+
+    name: str
+    reason: str
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,8 @@ import pytest
 
 from examples.approval import handlers as approval
 from examples.csv_batch import handlers as csv_batch
-from tasker_pg import Worker, db
+from tasker_pg import AsyncTaskerClient, Worker, db
+from tasker_pg.render import render_dag
 from tasker_pg.template import load_templates
 from tests.support.worker import assert_invariants, poll, registry_of, steps_of, wait_final
 
@@ -255,3 +256,26 @@ async def test_both_examples_run_through_the_worker_command(dsn: str, tmp_path: 
             proc.kill()
             proc.wait(timeout=10)
         await conn.close()
+
+
+# --- what people see -----------------------------------------------------------------------------
+
+
+async def test_task_show_collapses_the_workers_and_names_the_branches_not_taken(
+    worker: Worker, conn: db.Connection, dsn: str
+) -> None:
+    small = await create(conn, "approval", "approval_request", {"amount": 500, "requester": "a"})
+    rows = await create(conn, "csv_batch", "csv_product_import", {})
+    assert set((await wait_final(conn, [small, rows], timeout=60)).values()) == {"complete"}
+    async with AsyncTaskerClient(dsn) as client:
+        not_taken = await client.list_steps_not_created(small)
+        drawn = render_dag(await client.list_task_steps(rows))
+        templates_only = await client.list_steps_not_created(rows)
+    assert [(s.name, s.reason) for s in not_taken] == [
+        ("manager_approval", "not created: decision `routing_decision` chose [auto_approve]"),
+        ("finance_review", "not created: decision `routing_decision` chose [auto_approve]"),
+    ]
+    assert "process_batch_001..005" in drawn
+    assert "5 workers: 5 complete" in drawn
+    assert "process_batch_002" not in drawn
+    assert templates_only == []  # the workers stand for their batch_worker template
