@@ -1,4 +1,5 @@
-"""The operator CLI through a subprocess (`python -m tasker_pg.cli ...`), as scripts use it.
+"""The operator CLI, called in-process (`tasker_pg.cli.main`) as scripts use it; one test runs
+the installed `tasker-pg` console script as real processes, one command of each group.
 
 Every command's `--json` output parses; exit codes are 0 ok, 1 not found / failed task, 2 usage
 (argparse errors and bad JSON); `task show` draws every step of a diamond with its state; steps
@@ -13,13 +14,14 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tasker_pg import HandlerRegistry, StepContext, StepHandler, StepHandlerResult, Worker, db
+from tasker_pg import cli as tasker_cli
+from tests.support import cli as cli_support
 from tests.support.engine import (
     NAMESPACE,
     complete,
@@ -37,6 +39,7 @@ pytestmark = pytest.mark.timeout(120)
 
 REPO = Path(__file__).resolve().parents[2]
 UNKNOWN = "00000000-0000-4000-8000-000000000000"
+UNREACHABLE = "postgresql://postgres@127.0.0.1:1/none"
 
 DIAMOND_YAML = """\
 name: yaml_diamond
@@ -57,19 +60,22 @@ steps:
 """
 
 
-def _env(dsn: str) -> dict[str, str]:
-    env = dict(os.environ, TASKER_DATABASE_URL=dsn, NO_COLOR="1")
-    env.pop("DATABASE_URL", None)
-    return env
+def _env(dsn: str) -> dict[str, str | None]:
+    return {"TASKER_DATABASE_URL": dsn, "NO_COLOR": "1", "DATABASE_URL": None}
 
 
 def cli(dsn: str, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """`tasker-pg ARGS` against the test database."""
+    """`tasker-pg ARGS` against the test database, in this process."""
+    return cli_support.run_main(tasker_cli.main, args, env=_env(dsn), stdin=stdin, cwd=REPO)
+
+
+def script(dsn: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`tasker-pg ARGS` against the test database: the installed console script, a process."""
+    env = {k: v for k, v in {**os.environ, **_env(dsn)}.items() if v is not None}
     return subprocess.run(
-        [sys.executable, "-m", "tasker_pg.cli", *args],
+        [cli_support.console_script(), *args],
         cwd=REPO,
-        env=_env(dsn),
-        input=stdin,
+        env=env,
         capture_output=True,
         text=True,
         timeout=60,
@@ -215,8 +221,9 @@ async def test_unknown_things_exit_1_with_an_error_code(dsn: str, args: list[str
         (["step", "resolve", UNKNOWN, "--result", "{oops"], "error [invalid_json]"),
     ],
 )
-async def test_usage_errors_exit_2(dsn: str, args: list[str], needle: str) -> None:
-    result = cli(dsn, *args)
+def test_usage_errors_exit_2(args: list[str], needle: str) -> None:
+    """Refused before any connection: the database named here does not exist."""
+    result = cli(UNREACHABLE, *args)
     assert result.returncode == 2, (result.stdout, result.stderr)
     assert needle in result.stderr
 
@@ -287,31 +294,15 @@ async def test_task_list_filters_and_pages(dsn: str, conn: db.Connection) -> Non
 
 async def test_task_wait_exits_0_when_the_task_completes(dsn: str, conn: db.Connection) -> None:
     task = await start(conn, diamond())
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "tasker_pg.cli",
-        "task",
-        "wait",
-        str(task),
-        "--timeout",
-        "60",
-        cwd=REPO,
-        env=_env(dsn),
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    waiting = asyncio.create_task(
+        asyncio.to_thread(cli, dsn, "task", "wait", str(task), "--timeout", "60")
     )
-    try:
-        for _ in range(3):  # start; b and c; end
-            rows = await wait_for_claim(conn, NAMESPACE, deadline=10)
-            await complete(conn, *(success(r) for r in rows))
-        out, err = await asyncio.wait_for(proc.communicate(), 60)
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-            await proc.wait()
-    assert proc.returncode == 0, err.decode()
-    assert f"task {task}" in out.decode() and "complete" in out.decode()
+    for _ in range(3):  # start; b and c; end
+        rows = await wait_for_claim(conn, NAMESPACE, deadline=10)
+        await complete(conn, *(success(r) for r in rows))
+    waited = await asyncio.wait_for(waiting, 60)
+    assert waited.returncode == 0, waited.stderr
+    assert f"task {task}" in waited.stdout and "complete" in waited.stdout
 
 
 async def test_task_wait_exits_1_for_a_failed_task_and_on_timeout(
@@ -421,7 +412,7 @@ async def test_step_explain_of_a_step_waiting_for_retry(dsn: str, conn: db.Conne
 
 
 def test_unreachable_database_is_reported_not_traced() -> None:
-    result = cli("postgresql://postgres@127.0.0.1:1/none", "task", "list")
+    result = cli(UNREACHABLE, "task", "list")
     assert result.returncode == 1
     assert result.stderr.startswith("error [database_not_found]")
     assert "Traceback" not in result.stderr
@@ -581,3 +572,35 @@ def test_version_flag_prints_the_version() -> None:
     result = cli("postgresql://unused", "--version")
     assert result.returncode == 0
     assert result.stdout.strip() == f"tasker-pg {tasker_pg.__version__}"
+
+
+# --- the console script ----------------------------------------------------------------------
+
+
+async def test_the_console_script_runs_every_command_group(
+    dsn: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    """The installed `tasker-pg` script, as real processes: one command of each group (the
+    worker's is tests/worker/test_worker_cli.py's end-to-end test), and its exit codes."""
+    path = tmp_path / "diamond.yaml"
+    path.write_text(DIAMOND_YAML)
+    registered = script(dsn, "template", "register", str(path))
+    assert registered.returncode == 0, registered.stderr
+    assert "registered 1 template(s)" in registered.stdout
+    created = script(dsn, "task", "create", "flows", "yaml_diamond", "--context", "{}", "--json")
+    assert created.returncode == 0, created.stderr
+    task = json.loads(created.stdout)["task_uuid"]
+    queues = script(dsn, "queue", "list", "--json")
+    assert queues.returncode == 0, queues.stderr
+    assert [q["queue_name"] for q in json.loads(queues.stdout)] == ["flows"]
+    _, step = await failed_task(conn)
+    explained = script(dsn, "step", "explain", step)
+    assert explained.returncode == 0, explained.stderr
+    assert "state       error" in explained.stdout
+    roles = script(dsn, "roles", "list", "--json")
+    assert roles.returncode == 0, roles.stderr
+    assert {r["kind"] for r in json.loads(roles.stdout)["roles"]} >= {"worker", "client"}
+    cancelled = script(dsn, "task", "cancel", task)
+    assert cancelled.returncode == 0, cancelled.stderr
+    missing = script(dsn, "task", "show", UNKNOWN)  # main()'s exit code is the process's
+    assert missing.returncode == 1 and "not_found]" in missing.stderr

@@ -293,7 +293,12 @@ async def test_get_task_follows_progress(
     done = await client.get_task(task.task_uuid)
     assert (done.status, done.execution_status) == ("complete", "all_complete")
     assert done.completion_percentage == 100.0
-    assert done.completed_at is not None
+    # the moment of the task's transition to complete
+    assert done.completed_at == await conn.fetchval(
+        "SELECT created_at FROM tasker.task_transitions"
+        " WHERE task_uuid = $1 AND to_state = 'complete'",
+        task.task_uuid,
+    )
     assert done.is_final
 
 
@@ -684,7 +689,7 @@ async def test_list_task_steps_and_get_step(
     running = await client.get_step(task.task_uuid, start.step_uuid)
     assert (running.current_state, running.attempts, running.worker_id) == ("in_progress", 1, "w-7")
     assert running.readiness_reason == "running on w-7 (attempt 1 of 3)"
-    assert running.lease_expires_at is not None
+    assert running.lease_expires_at == row["lease_expires_at"]  # the lease claim_steps gave
     await complete(conn, success(row, {"ok": 1}, metadata={"rows": 3}))
 
     done = await client.get_step(task.task_uuid, start.step_uuid)
@@ -692,8 +697,11 @@ async def test_list_task_steps_and_get_step(
     assert done.results == {"ok": 1}
     assert done.metadata == {"rows": 3}
     assert done.readiness_reason == "complete"
-    assert done.started_at is not None and done.completed_at is not None
-    assert done.duration_ms is not None and done.duration_ms >= 0
+    assert done.started_at == running.started_at  # the claim's start, kept at completion
+    assert done.completed_at is not None and done.completed_at > done.started_at
+    assert done.duration_ms == pytest.approx(
+        (done.completed_at - done.started_at).total_seconds() * 1000
+    )
     b = await client.get_step(task.task_uuid, steps[1].step_uuid)
     assert (b.current_state, b.ready, b.dependencies_satisfied) == ("enqueued", True, True)
 
@@ -1024,7 +1032,8 @@ async def test_every_response_turns_into_json(
     assert listed["tasks"][0]["task_uuid"] == task.task_uuid
     step_dict = steps[0].to_dict()
     assert step_dict["last_error"]["message"] == "oops"
-    assert step_dict["next_attempt_at"] is not None
+    assert steps[0].next_attempt_at is not None
+    assert step_dict["next_attempt_at"] == steps[0].next_attempt_at.isoformat()
     with pytest.raises(AttributeError):
         task.status = "complete"  # type: ignore[misc]
 

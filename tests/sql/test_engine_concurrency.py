@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import asyncpg
@@ -22,7 +22,7 @@ import pytest
 from tasker_pg import db
 from tasker_pg.errors import DatabaseError
 from tests.sql.conftest import Opener
-from tests.support import plans
+from tests.support import pgserver, plans, seeded
 
 T = TypeVar("T")
 Row = db.Row
@@ -1041,6 +1041,29 @@ async def seed_plan_data(conn: db.Connection) -> None:
     )
 
 
+@pytest.fixture(scope="session")
+async def plan_template(pg_server: pgserver.TestServer) -> AsyncIterator[str]:
+    """The database seed_plan_data filled, seeded once per session (skipped at once on a
+    server without auto_explain)."""
+    probe = await db.connect(pg_server.admin_dsn, check_schema=False)
+    try:
+        await plans.require_auto_explain(probe)
+    finally:
+        await probe.close()
+    name = await seeded.seed_template(pg_server, PLAN_NS, seed_plan_data)
+    yield name
+    await pg_server.drop(name)
+
+
+@pytest.fixture
+async def plan_conn(
+    pg_server: pgserver.TestServer, plan_template: str
+) -> AsyncIterator[db.Connection]:
+    """A connection to this test's own clone of the seeded plan database."""
+    async with seeded.clone_connection(pg_server, plan_template) as conn:
+        yield conn
+
+
 async def hot_statements(conn: db.Connection) -> dict[str, plans.Expected]:
     """The statements claim_steps and complete_steps (with the helpers complete_steps calls)
     run on every call, each named by a fragment of its text and the indexes its plan must scan.
@@ -1109,13 +1132,13 @@ async def seq_scans(conn: db.Connection) -> dict[str, int]:
 
 @pytest.mark.plans
 @pytest.mark.timeout(90)
-async def test_hot_statements_use_indexes_with_100k_steps(conn: db.Connection) -> None:
+async def test_hot_statements_use_indexes_with_100k_steps(plan_conn: db.Connection) -> None:
     """claim_steps + complete_steps round trips on 100,000 steps, with the plan of every
     statement the functions run logged by auto_explain: each hot statement scans its indexes
     with the generic plan the functions are pinned to (whatever the session's plan_cache_mode,
     and the same plan on every call), no statement reads a big table sequentially, and no
     round's transaction counts a sequential scan of one."""
-    await seed_plan_data(conn)
+    conn = plan_conn
     expected = await hot_statements(conn)
     problems: set[str] = set()
     modes = ["auto", "force_custom_plan"]
@@ -1151,12 +1174,12 @@ async def test_hot_statements_use_indexes_with_100k_steps(conn: db.Connection) -
 
 @pytest.mark.plans
 @pytest.mark.timeout(90)
-async def test_lease_statements_use_indexes_with_100k_steps(conn: db.Connection) -> None:
+async def test_lease_statements_use_indexes_with_100k_steps(plan_conn: db.Connection) -> None:
     """extend_leases (the heartbeat) and release_steps on 100,000 steps: every statement they
     run scans indexes, with the generic plan the functions are pinned to. (Their claims come
     from tasker._parse_claims(); without its ROWS estimate the planner assumed 1000 rows and
     hash-joined a Seq Scan of tasker.steps on every heartbeat.)"""
-    await seed_plan_data(conn)
+    conn = plan_conn
     msg_pkey = await plans.partition_index(
         conn, "tasker.queue_messages_pkey", f"tasker.q_{PLAN_NS}"
     )

@@ -77,7 +77,12 @@ async def exec_status(conn: db.Connection, task: uuid.UUID) -> str:
 async def assert_complete(conn: db.Connection, task: uuid.UUID) -> None:
     t = await task_row(conn, task)
     assert t["state"] == "complete"
-    assert t["completed_at"] is not None
+    # the moment of the task's one transition to complete
+    assert t["completed_at"] == await conn.fetchval(
+        "SELECT created_at FROM tasker.task_transitions"
+        " WHERE task_uuid = $1 AND to_state = 'complete'",
+        task,
+    )
     v = await conn.fetchrow("SELECT * FROM tasker.v_tasks WHERE task_uuid = $1", task)
     assert v is not None and v["state"] == "complete" and v["completion_percentage"] == 100
     ctx = await conn.task_execution_context(task)
@@ -1496,7 +1501,8 @@ async def test_views_show_what_a_dba_needs(conn: db.Connection) -> None:
     )
     assert vs is not None and vs["state"] == "complete" and vs["attempts"] == 2
     assert vs["results"] == {"rows": 3} and vs["metadata"] == {"source": "api"}
-    assert vs["last_run_duration"] is not None
+    assert vs["last_run_duration"] == vs["completed_at"] - vs["started_at"]  # attempt 2's run
+    assert vs["started_at"] > vs["created_at"]
     v = await conn.fetchrow("SELECT * FROM tasker.v_tasks WHERE task_uuid = $1", task)
     assert v is not None and v["completion_percentage"] == 50
     await drive(conn, NAMESPACE, lambda row: None)

@@ -172,7 +172,13 @@ async def test_resume_racing_a_claim_that_parks(conn: db.Connection, sessions: O
     """A claim parks z's message in an open transaction while the operator's retry runs: the
     retry waits for it, then finds z parked and gives it a message. Nothing is left behind."""
     task, rows = await task_in_error(conn, "parked_race")
-    assert (await step_row(conn, task, "z"))["msg_id"] is not None  # not parked yet
+    z_msg = (await step_row(conn, task, "z"))["msg_id"]
+    assert (
+        await conn.fetchval(  # not parked yet: z's message is in the queue
+            "SELECT count(*) FROM tasker.queue_messages WHERE msg_id = $1", z_msg
+        )
+        == 1
+    )
     claimer, watcher = await sessions(2)
     tx = claimer.raw.transaction()
     await tx.start()

@@ -88,7 +88,11 @@ async def test_limits_are_read_from_the_settings_table(conn: db.Connection) -> N
         await conn.fetchval(CREATE, NAMESPACE, "single", context, {})
     too_large(exc, "task context is 3012 bytes", "limit of 2048 bytes")
     await set_limit(conn, "max_payload_bytes", 4096)
-    assert await conn.fetchval(CREATE, NAMESPACE, "single", context, {}) is not None
+    created = await conn.fetchval(CREATE, NAMESPACE, "single", context, {})
+    assert (
+        await conn.fetchval("SELECT context FROM tasker.tasks WHERE task_uuid = $1", created)
+        == context
+    )
     # the table refuses nonsense limits
     with pytest.raises(Exception, match="settings_sane_value"):
         await set_limit(conn, "max_payload_bytes", 10)
@@ -101,7 +105,11 @@ async def test_a_context_of_exactly_the_limit_is_accepted(conn: db.Connection) -
     await conn.register_template(single())
     overhead = len(json.dumps({"b": ""}))  # PostgreSQL writes {"b": "..."}
     exact = {"b": "x" * (MIB - overhead)}
-    assert await conn.fetchval(CREATE, NAMESPACE, "single", exact, {}) is not None
+    created = await conn.fetchval(CREATE, NAMESPACE, "single", exact, {})
+    assert (
+        await conn.fetchval("SELECT context FROM tasker.tasks WHERE task_uuid = $1", created)
+        == exact
+    )
     with pytest.raises(ValidationError) as exc:
         await conn.fetchval(CREATE, NAMESPACE, "single", {"b": "x" * (MIB - overhead + 1)}, {})
     too_large(exc, f"task context is {MIB + 1} bytes")

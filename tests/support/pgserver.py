@@ -96,14 +96,17 @@ class TestServer:
     def new_name(self) -> str:
         return f"tasker_test_{os.getpid()}_{next(self._counter)}"
 
-    async def clone(self, name: str, *, from_template: bool = True) -> None:
-        """CREATE DATABASE `name`, from the migrated template unless told otherwise."""
+    async def clone(
+        self, name: str, *, from_template: bool = True, template: str | None = None
+    ) -> None:
+        """CREATE DATABASE `name`, from the migrated template (or the database `template`)
+        unless told otherwise."""
         admin = await self._admin()
         try:
             if from_template:
                 strategy = " STRATEGY FILE_COPY" if self.version_num >= 150000 else ""
                 await admin.execute(
-                    f'CREATE DATABASE "{name}" TEMPLATE "{self.template}"{strategy}'
+                    f'CREATE DATABASE "{name}" TEMPLATE "{template or self.template}"{strategy}'
                 )
             else:
                 await admin.execute(f'CREATE DATABASE "{name}"')

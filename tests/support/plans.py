@@ -120,6 +120,15 @@ class PlanLog:
         self.statements.append(StatementPlan(explained["Query Text"], explained["Plan"]))
 
 
+async def require_auto_explain(conn: db.Connection) -> None:
+    """LOAD auto_explain into `conn`'s session, or skip the test when the server has none
+    (plan fixtures call it before seeding, so a server without it skips at once)."""
+    try:
+        await conn.raw.execute("LOAD 'auto_explain'")
+    except asyncpg.UndefinedFileError as exc:  # a server built without contrib modules
+        pytest.skip(f"this PostgreSQL ships no auto_explain module, which plan tests need: {exc}")
+
+
 @contextlib.asynccontextmanager
 async def collect_plans(conn: db.Connection) -> AsyncIterator[PlanLog]:
     """Log the plan of every statement `conn` runs inside the block into the yielded PlanLog.
@@ -133,10 +142,7 @@ async def collect_plans(conn: db.Connection) -> AsyncIterator[PlanLog]:
         if getattr(message, "severity_en", None) == "LOG":
             log._add(str(message.message))
 
-    try:
-        await raw.execute("LOAD 'auto_explain'")
-    except asyncpg.UndefinedFileError as exc:  # a server built without contrib modules
-        pytest.skip(f"this PostgreSQL ships no auto_explain module, which plan tests need: {exc}")
+    await require_auto_explain(conn)
     for name, value in SETTINGS.items():
         await raw.execute(f"SET {name} = {value}")
     raw.add_log_listener(on_log)

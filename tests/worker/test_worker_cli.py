@@ -1,4 +1,5 @@
-"""The worker's command line: options, usage errors, and the documented worker command.
+"""The worker's command line: options, usage errors (its main() called in-process), and the
+documented worker command (the installed console script, a real process stopped by SIGTERM).
 
 `tasker-pg worker --namespace ecommerce --handlers examples.ecommerce.handlers --templates
 examples/ecommerce` processes a task created from plain SQL and exits 0 on SIGTERM.
@@ -10,39 +11,29 @@ import argparse
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tasker_pg import db, worker_cli
+from tests.support import cli as cli_support
 from tests.support.worker import assert_invariants, poll, steps_of, wait_final
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(*args: str, dsn: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = dict(os.environ)
-    if dsn is not None:
-        env["TASKER_DATABASE_URL"] = dsn
-    return subprocess.run(
-        [sys.executable, "-m", "tasker_pg.worker_cli", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    """`python -m tasker_pg.worker_cli ARGS`, called in this process (its main())."""
+    env = {} if dsn is None else {"TASKER_DATABASE_URL": dsn}
+    return cli_support.run_main(worker_cli.main, args, env=env, cwd=REPO)
 
 
-def spawn(
-    log_path: Path, dsn: str, *args: str, module: str = "tasker_pg.worker_cli"
-) -> subprocess.Popen[bytes]:
-    """A worker process whose output goes to `log_path`."""
+def spawn(log_path: Path, dsn: str, *args: str) -> subprocess.Popen[bytes]:
+    """A process of the installed `tasker-pg` console script whose output goes to `log_path`."""
     env = dict(os.environ, TASKER_DATABASE_URL=dsn)
     with open(log_path, "wb") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", module, *args],
+            [cli_support.console_script(), *args],
             cwd=REPO,
             env=env,
             stdout=log,
@@ -125,7 +116,7 @@ def test_invalid_template_is_named(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_done_when_command_runs_a_task_created_from_sql(dsn: str, tmp_path: Path) -> None:
     log_path = tmp_path / "worker.log"
-    # the documented command, through the main `tasker-pg` entry point
+    # the documented command, through the installed `tasker-pg` console script
     proc = spawn(
         log_path,
         dsn,
@@ -138,7 +129,6 @@ async def test_done_when_command_runs_a_task_created_from_sql(dsn: str, tmp_path
         "examples/ecommerce",
         "--poll-interval",
         "0.2",
-        module="tasker_pg.cli",
     )
     conn = await db.connect(dsn)
     try:

@@ -439,6 +439,100 @@ async def test_a_failure_the_engine_still_refuses_becomes_a_minimal_failure(
     assert "retry_after" in summary and "rate limited" in summary, summary
 
 
+# --- a refused batch is sent again one outcome at a time ---------------------------------------
+
+
+class GatedResultHandler(StepHandler):
+    """Counts its runs, waits for the "batch" gate, succeeds; the step named `big` with metadata
+    over the engine's max_payload_bytes (1 MiB), which complete_steps refuses (TV021)."""
+
+    handler_name = "delivery.gated_result"
+
+    async def call(self, context: StepContext) -> StepHandlerResult:
+        RUNS[(context.task_uuid, context.step_name)] += 1
+        await GATES["batch"].wait()
+        if context.step_name == "big":
+            return self.success({"step": "big"}, metadata={"blob": "x" * 1_100_000})
+        return self.success({"step": context.step_name})
+
+
+FOUR_AT_ONCE = TaskTemplate.from_dict(
+    {
+        "name": "four_at_once",
+        "namespace_name": NS,
+        "version": "1.0.0",
+        "steps": [
+            {"name": name, "handler": {"callable": GatedResultHandler.handler_name}}
+            for name in ("a", "b", "big", "c")
+        ],
+    }
+)
+
+
+async def test_a_refused_batch_is_sent_one_by_one_and_only_the_refused_outcome_fails(
+    dsn: str, conn: db.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four steps finish together and their outcomes share one complete_steps call; the engine
+    refuses the batch for the one oversized metadata. The worker sends the outcomes again one at
+    a time: the three good ones are applied with their results, the refused success becomes
+    the permanent failure the refusal rules give (invalid_result, naming why), and no handler
+    runs again."""
+    caplog.set_level(logging.WARNING, logger="tasker_pg.worker.delivery")
+    GATES["batch"] = asyncio.Event()
+    worker = Worker(
+        [NS],
+        registry(GatedResultHandler),
+        dsn=dsn,
+        templates=[FOUR_AT_ONCE],
+        concurrency=4,
+        flush_delay=30,  # the first outcomes wait for the last: one batch of four
+        **FAST,
+    )
+    try:
+        async with worker:
+            task = await conn.create_task(NS, "four_at_once", {})
+
+            async def all_running() -> bool:
+                return worker.running_steps == 4
+
+            await poll(all_running, what="the four steps running")
+            GATES["batch"].set()
+            assert (await wait_final(conn, [task], timeout=30))[task] == "error"
+    finally:
+        GATES.pop("batch", None)
+    refused_batches = [
+        r.getMessage() for r in caplog.records if "refused a batch of" in r.getMessage()
+    ]
+    assert len(refused_batches) == 1, refused_batches
+    assert "refused a batch of 4" in refused_batches[0], refused_batches
+    steps = await steps_of(conn, task)
+    assert {name: (s["state"], s["attempts"]) for name, s in steps.items()} == {
+        "a": ("complete", 1),
+        "b": ("complete", 1),
+        "c": ("complete", 1),
+        "big": ("error", 1),
+    }
+    assert {name: steps[name]["results"] for name in ("a", "b", "c")} == {
+        name: {"step": name} for name in ("a", "b", "c")
+    }
+    assert steps["big"]["results"] is None
+    error = steps["big"]["last_error"]
+    assert (error["error_type"], error["error_code"], error["retryable"]) == (
+        "invalid_result",
+        "payload_too_large",
+        False,
+    )
+    assert error["message"].startswith("the engine refused the step's success outcome:"), error
+    assert "metadata is 1100012 bytes, more than the limit" in error["message"], error
+    assert {name: RUNS[(str(task), name)] for name in steps} == {
+        "a": 1,
+        "b": 1,
+        "c": 1,
+        "big": 1,
+    }
+    assert (worker.stats.succeeded, worker.stats.failed) == (3, 1)
+
+
 # --- item 7: hung handlers are bounded --------------------------------------------------------
 
 

@@ -107,6 +107,7 @@ async def test_each_step_ends_with_one_line_that_says_what_happened(
 
     # A final failure comes with the handler's traceback (file and line); a retry does not.
     formatter = logging.Formatter()
+    raised = {"boom": "ValueError", "refuse": "PermanentError", "once": "ValueError"}
     for name in ("boom", "refuse", "once"):
         [record] = [
             r
@@ -114,6 +115,8 @@ async def test_each_step_ends_with_one_line_that_says_what_happened(
             if r.levelno == logging.ERROR
         ]
         assert record.exc_info is not None
+        exc_type = record.exc_info[0]
+        assert exc_type is not None and exc_type.__name__ == raised[name]
         trace = formatter.formatException(record.exc_info)
         assert re.search(r'console_handlers\.py", line \d+, in call', trace), trace
         assert getattr(record, "task_uuid", None) == str(tasks[name])
