@@ -205,6 +205,51 @@ $$;
 COMMENT ON FUNCTION tasker.send_batch(text,jsonb[],double precision,integer) IS
     'Sends many messages in one statement; returns their msg_ids in input order.';
 
+-- Locks up to p_qty messages of a queue that are visible at p_now, in hand-out order: highest
+-- priority first, then the longest visible (vt, then msg_id). SKIP LOCKED: concurrent callers
+-- pass over each other's rows. It reads the claim index (queue, priority DESC, vt, msg_id) one
+-- priority at a time (a loose index scan over the priorities present), each as the range
+-- vt <= p_now, so messages that are not visible yet (leased, delayed, waiting for a retry) are
+-- never read: the cost is one index descent per priority present plus the rows handed out.
+-- read(), pop() and claim_steps take their messages here.
+CREATE FUNCTION tasker._lock_visible(p_queue text, p_qty integer, p_now timestamptz)
+RETURNS TABLE (msg_id bigint, message jsonb)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_prio integer;
+    v_left integer := p_qty;
+    v_got  integer;
+BEGIN
+    SELECT m.priority INTO v_prio
+      FROM tasker.queue_messages m
+     WHERE m.queue = p_queue
+     ORDER BY m.priority DESC
+     LIMIT 1;
+    WHILE v_prio IS NOT NULL LOOP
+        -- the lock sits in a query with its own ORDER BY ... LIMIT: no more rows than asked
+        RETURN QUERY
+        SELECT m.msg_id, m.message
+          FROM tasker.queue_messages m
+         WHERE m.queue = p_queue AND m.priority = v_prio AND m.vt <= p_now
+         ORDER BY m.vt, m.msg_id
+         LIMIT v_left
+           FOR UPDATE SKIP LOCKED;
+        GET DIAGNOSTICS v_got = ROW_COUNT;
+        v_left := v_left - v_got;
+        EXIT WHEN v_left <= 0;
+        SELECT m.priority INTO v_prio
+          FROM tasker.queue_messages m
+         WHERE m.queue = p_queue AND m.priority < v_prio
+         ORDER BY m.priority DESC
+         LIMIT 1;
+        IF NOT FOUND THEN
+            v_prio := NULL;
+        END IF;
+    END LOOP;
+END
+$$;
+
 -- Hands out up to p_qty visible messages (highest priority first, then oldest), hiding each for
 -- p_vt_seconds and counting the read. Concurrent readers never get the same message.
 CREATE FUNCTION tasker.read(p_queue text, p_vt_seconds double precision, p_qty integer)
@@ -218,17 +263,9 @@ BEGIN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
     RETURN QUERY
-    -- Pick and lock the candidates in a CTE with an explicit ORDER BY ... LIMIT: a bare
-    -- "WHERE msg_id IN (subquery)" may be re-evaluated and update more rows than the limit.
-    -- SKIP LOCKED lets concurrent readers pass over each other's rows instead of queueing.
-    WITH candidates AS (
-        SELECT m.queue, m.msg_id
-          FROM tasker.queue_messages m
-         WHERE m.queue = p_queue
-           AND m.vt <= clock_timestamp()
-         ORDER BY m.priority DESC, m.msg_id
-         LIMIT p_qty
-           FOR UPDATE SKIP LOCKED
+    -- The candidates are picked and locked once (MATERIALIZED: never re-evaluated).
+    WITH candidates AS MATERIALIZED (
+        SELECT p_queue AS queue, v.msg_id FROM tasker._lock_visible(p_queue, p_qty, clock_timestamp()) v
     ),
     -- Hide the claimed messages for the visibility timeout and count the delivery.
     claimed AS (
@@ -256,15 +293,8 @@ BEGIN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
     RETURN QUERY
-    -- Same locking CTE as read(): the lock must sit in the CTE to respect the limit.
-    WITH candidates AS (
-        SELECT m.queue, m.msg_id
-          FROM tasker.queue_messages m
-         WHERE m.queue = p_queue
-           AND m.vt <= clock_timestamp()
-         ORDER BY m.priority DESC, m.msg_id
-         LIMIT p_qty
-           FOR UPDATE SKIP LOCKED
+    WITH candidates AS MATERIALIZED (
+        SELECT p_queue AS queue, v.msg_id FROM tasker._lock_visible(p_queue, p_qty, clock_timestamp()) v
     ),
     popped AS (
         DELETE FROM tasker.queue_messages m

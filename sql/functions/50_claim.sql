@@ -54,20 +54,15 @@ BEGIN
     v_lease := v_now + make_interval(secs => p_lease_seconds);
 
     WITH
-    -- 1. Pick and lock visible messages, highest priority first, then oldest. The lock sits
-    --    in a MATERIALIZED CTE with an explicit ORDER BY ... LIMIT: a bare subquery could be
-    --    re-evaluated and lock more rows than the limit. SKIP LOCKED: concurrent claimers pass
-    --    over each other's rows.
+    -- 1. Pick and lock visible messages, highest priority first, then the longest visible
+    --    (_lock_visible: reads only visible messages, whatever is in flight). SKIP LOCKED:
+    --    concurrent claimers pass over each other's rows.
     msgs AS MATERIALIZED (
         SELECT m.msg_id,
                -- a message that does not name a step (not ours) must not stop the queue
                CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                     THEN (m.message->>'step_uuid')::uuid END AS step_uuid
-          FROM tasker.queue_messages m
-         WHERE m.queue = p_queue AND m.vt <= v_now
-         ORDER BY m.priority DESC, m.msg_id
-         LIMIT p_qty
-           FOR UPDATE SKIP LOCKED
+          FROM tasker._lock_visible(p_queue, p_qty, v_now) m
     ),
     -- 2. Lock their steps in step_uuid order, skipping any an operator call (cancel, resolve)
     --    holds right now: that message is simply left for a later claim.

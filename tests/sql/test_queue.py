@@ -387,8 +387,12 @@ async def big_queue_statements(conn: db.Connection) -> dict[str, plans.Expected]
     claim_idx = await plans.partition_index(conn, "tasker.queue_messages_claim_idx", partition)
     pkey = await plans.partition_index(conn, "tasker.queue_messages_pkey", partition)
     return {
-        "read": plans.Expected.of("claimed AS (", claim_idx, pkey),
-        "pop": plans.Expected.of("popped AS (", claim_idx, pkey),
+        "top_priority": plans.Expected.of(
+            "WHERE m.queue = p_queue ORDER BY m.priority DESC", claim_idx
+        ),
+        "visible": plans.Expected.of("m.priority = v_prio AND m.vt <= p_now", claim_idx),
+        "read": plans.Expected.of("claimed AS (", pkey),
+        "pop": plans.Expected.of("popped AS (", pkey),
     }
 
 
@@ -396,19 +400,28 @@ async def take_plan_problems(
     conn: db.Connection, expected: dict[str, plans.Expected], mode: str
 ) -> tuple[list[str], list[int]]:
     """One read() and one pop() of 10 messages under plan_cache_mode `mode` (neither function
-    pins it): what is wrong with the plans they ran, and the msg_ids they took."""
+    pins it): what is wrong with the plans they ran (each call checked on its own, as both run
+    _lock_visible's statements), and the msg_ids they took."""
     await conn.execute(f"SET plan_cache_mode = {mode}")
-    async with plans.collect_plans(conn) as log:
-        taken = [m.msg_id for m in await conn.read(BIG_QUEUE, vt_seconds=30, qty=10)]
-        taken += [m.msg_id for m in await conn.pop(BIG_QUEUE, qty=10)]
+    taken: list[int] = []
+    problems: list[str] = []
+    for call, other in (("read", "pop"), ("pop", "read")):
+        async with plans.collect_plans(conn) as log:
+            if call == "read":
+                taken += [m.msg_id for m in await conn.read(BIG_QUEUE, vt_seconds=30, qty=10)]
+            else:
+                taken += [m.msg_id for m in await conn.pop(BIG_QUEUE, qty=10)]
+        problems += [
+            f"{call}: {p}"
+            for p in plans.problems(
+                log,
+                {k: v for k, v in expected.items() if k != other},
+                big_tables={"queue_messages"},
+                big_prefixes=("q_",),
+                generic=mode == "force_generic_plan",
+            )
+        ]
     await conn.execute("RESET plan_cache_mode")
-    problems = plans.problems(
-        log,
-        expected,
-        big_tables={"queue_messages"},
-        big_prefixes=("q_",),
-        generic=mode == "force_generic_plan",
-    )
     return problems, taken
 
 
@@ -437,7 +450,12 @@ async def test_plan_check_notices_a_missing_claim_index(big_conn: db.Connection)
     )
     await conn.execute("DROP INDEX tasker.queue_messages_claim_idx")
     problems, taken = await take_plan_problems(conn, expected, "force_generic_plan")
-    missing = {p.split(":")[0] for p in problems if f"no scan of {[claim_idx]}" in p}
-    assert missing == {"read", "pop"}, problems
-    assert any(p.startswith(f"Seq Scan on q_{BIG_QUEUE}:") for p in problems), problems
+    missing = {p.split(": no scan of")[0] for p in problems if f"no scan of {[claim_idx]}" in p}
+    assert missing == {
+        "read: top_priority",
+        "read: visible",
+        "pop: top_priority",
+        "pop: visible",
+    }, problems
+    assert any(f": Seq Scan on q_{BIG_QUEUE}:" in p for p in problems), problems
     assert taken == list(range(1, 21))

@@ -1,0 +1,141 @@
+"""A claim reads only what it can hand out: messages that are not visible yet (leased, delayed,
+waiting for a retry) are never read, whatever their number, and parked ones are not in the
+queue at all. Checked by what the claim index returns (pg_stat_user_indexes) and by the
+plan of the range scan, not by time."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasker_pg import db
+from tests.support import plans
+from tests.support.engine import (
+    NAMESPACE,
+    assert_healthy,
+    claim,
+    complete,
+    failure,
+    single,
+    start,
+)
+
+pytestmark = pytest.mark.timeout(120)
+
+INVISIBLE_EACH = 200
+
+
+async def _index_reads(conn: db.Connection) -> int:
+    """Index entries the namespace partition's claim index has returned so far. The session's
+    pending statistics are flushed first (pg_stat_force_next_flush: at the end of that
+    statement), then read from a fresh snapshot."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        value = await conn.fetchval(
+            """
+            SELECT coalesce(sum(s.idx_tup_read), 0)
+              FROM pg_stat_user_indexes s
+              JOIN pg_inherits i ON i.inhrelid = s.indexrelid
+             WHERE i.inhparent = 'tasker.queue_messages_claim_idx'::regclass
+               AND s.relname = $1
+            """,
+            f"q_{NAMESPACE}",
+        )
+    return int(value)
+
+
+async def claim_reads(conn: db.Connection, qty: int) -> tuple[int, int]:
+    """(rows handed out, claim-index entries read) of one claim, rolled back."""
+    before = await _index_reads(conn)
+    tx = conn.raw.transaction()
+    await tx.start()
+    try:
+        rows = await claim(conn, qty=qty, lease=60.0)
+    finally:
+        await tx.rollback()
+    return len(rows), await _index_reads(conn) - before
+
+
+async def _create(conn: db.Connection, count: int, **options: object) -> list[str]:
+    tasks = await conn.create_tasks(NAMESPACE, "single", [{}] * count, options=options)
+    return [str(t) for t in tasks]
+
+
+async def invisible_backlog(conn: db.Connection) -> None:
+    """INVISIBLE_EACH leased steps, delayed steps (up to a year) and steps waiting for a
+    retry, at priorities 0 and 7, all created before anything visible."""
+    await start(conn, single(retry={"max_attempts": 3, "backoff": "none"}))
+    await _create(conn, INVISIBLE_EACH, priority=7)
+    await _create(conn, INVISIBLE_EACH)
+    leased = await claim(conn, qty=2 * INVISIBLE_EACH + 1, lease=3600.0)
+    # the task start() created plus the 2 x INVISIBLE_EACH
+    assert len(leased) == 2 * INVISIBLE_EACH + 1
+    # half of them fail and wait an hour for their retry; the other half keep their lease
+    await complete(conn, *(failure(r, retry_after=3600) for r in leased[::2]))
+    await _create(conn, INVISIBLE_EACH, delay_seconds=31_000_000)
+    await _create(conn, INVISIBLE_EACH, priority=7, delay_seconds=60)
+    # The claims and failures above left dead index entries (an update of vt is not HOT):
+    # vacuum's business, and what the first scan over them marks dead; not what this measures.
+    await conn.execute(f"VACUUM ANALYZE tasker.q_{NAMESPACE}")
+    invisible = await conn.fetchval(
+        "SELECT count(*) FROM tasker.queue_messages WHERE queue = $1 AND vt > now()", NAMESPACE
+    )
+    assert invisible == 4 * INVISIBLE_EACH + 1
+
+
+async def test_an_empty_claim_reads_no_invisible_message(conn: db.Connection) -> None:
+    """An empty claim reads one entry per priority present (the probe that finds it: two
+    here) and none of the 801 invisible messages."""
+    await invisible_backlog(conn)
+    assert await claim_reads(conn, 50) == (0, 2)
+    await assert_healthy(conn)
+
+
+async def test_a_claim_reads_only_the_messages_it_hands_out(conn: db.Connection) -> None:
+    """Visible messages behind 801 invisible ones, at two priorities: the claim reads each
+    entry it hands out, plus one per priority it reaches, and nothing else; higher priority
+    first."""
+    await invisible_backlog(conn)
+    high = await _create(conn, 30, priority=7)
+    low = await _create(conn, 40)
+    assert await claim_reads(conn, 50) == (50, 52)
+    rows = await claim(conn, qty=50)
+    tasks = [str(r["task_uuid"]) for r in rows]
+    assert tasks == high + low[:20]
+    await assert_healthy(conn)
+
+
+async def test_a_step_whose_backoff_ends_is_handed_out_in_order_of_visibility(
+    conn: db.Connection,
+) -> None:
+    """Within a priority, a claim hands out the longest visible first: a retry that became
+    visible before a newer task's message comes before it."""
+    await start(conn, single(retry={"max_attempts": 3, "backoff": "none"}))
+    [first] = await claim(conn)
+    await complete(conn, failure(first, retry_after=0))
+    [later] = await _create(conn, 1)
+    rows = await claim(conn, qty=2)
+    assert [str(r["task_uuid"]) for r in rows] == [str(first["task_uuid"]), later]
+    assert [r["attempt"] for r in rows] == [2, 1]
+    await assert_healthy(conn)
+
+
+@pytest.mark.plans
+async def test_the_claim_range_scan_bounds_the_visibility_time(conn: db.Connection) -> None:
+    """The plan the claim really runs reads the claim index with the visibility time in its
+    index condition (a range), not as a filter on the rows it reads."""
+    await invisible_backlog(conn)
+    await _create(conn, 5)
+    claim_idx = await plans.partition_index(
+        conn, "tasker.queue_messages_claim_idx", f"tasker.q_{NAMESPACE}"
+    )
+    async with plans.collect_plans(conn) as log:
+        rows = await claim(conn, qty=50)
+    assert len(rows) == 5
+    runs = log.executions("m.priority = v_prio AND m.vt <= p_now")
+    assert len(runs) == 2  # one range per priority present
+    for run in runs:
+        [scan] = [n for n in run.nodes() if n.get("Index Name") == claim_idx]
+        assert "vt <=" in scan["Index Cond"], scan
+        assert "Filter" not in scan, scan
+    await assert_healthy(conn)
