@@ -12,7 +12,7 @@ from typing import Any
 
 from tasker_pg import argtypes
 
-SCENARIOS = ("baseline", "flat", "dag", "fanout", "latency", "create")
+SCENARIOS = ("baseline", "flat", "dag", "fanout", "backlog", "latency", "create")
 DESCRIPTION = (
     "`tasker-pg bench`: throughput and latency, measured against a raw SQL baseline in the "
     "same run."
@@ -28,8 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=SCENARIOS,
         default=[],
         metavar="NAME",
-        help=f"scenario to run, repeatable: {', '.join(SCENARIOS)} (default: all; flat and "
-        "dag bring the baseline along, their ratios need it)",
+        help=f"scenario to run, repeatable: {', '.join(SCENARIOS)} (default: all; flat, dag, "
+        "fanout and backlog bring the baseline along, their ratios need it; backlog brings "
+        "flat, its clean rate)",
     )
     parser.add_argument(
         "--workers",

@@ -41,6 +41,7 @@ DIAMOND = "diamond"  # a -> (b, c) -> d
 LINEAR = "linear"  # a -> b -> c -> d
 LATENCY_SINGLE = "latency_single"  # one stamping step
 LATENCY_LINEAR = "latency_linear"  # four stamping steps in a row
+BACKLOG = "backlog"  # one step; its tasks are kept not visible while flat tasks drain
 FANOUT = "fanout"  # analyze (batchable) -> work_0001..N (batch workers) -> gather (convergence)
 FANOUT_WORKERS = 1_000
 FANOUT_WORKER_TEMPLATE = "work"
@@ -176,6 +177,7 @@ def templates(
     linear_names = ["a", "b", "c", "d"]
     return {
         FLAT: _template(FLAT, [_step("a", NOOP, handler_ms, [])]),
+        BACKLOG: _template(BACKLOG, [_step("a", NOOP, handler_ms, [])]),
         DIAMOND: _template(
             DIAMOND,
             [

@@ -12,7 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 # Scenarios whose result is a ratio to the baseline: they pull the baseline in.
-RATIO_SCENARIOS = ("flat", "dag", "fanout")
+RATIO_SCENARIOS = ("flat", "dag", "fanout", "backlog")
 
 # Default sizes (multiplied by --n).
 BASELINE_MESSAGES = 100_000
@@ -22,6 +22,7 @@ FLAT_TASKS = 20_000
 DAG_TASKS = 2_000
 FANOUT_TASKS = 10  # of 1,002 steps each
 FANOUT_PROBES = 5  # fan-out transactions timed on their own
+BACKLOG_INVISIBLE = 100_000  # steps of the queue not visible while the backlog drain runs
 LATENCY_TASKS = 200
 LATENCY_RATE = 50.0  # tasks created per second
 CREATE_SINGLE_TASKS = 2_000
@@ -32,6 +33,7 @@ CREATE_WARMUP = 20  # calls before timing starts (plans cached, functions compil
 # Targets on the 2-core reference machine.
 TARGET_FLAT_RATIO = 0.18
 TARGET_DAG_RATIO = 0.15
+TARGET_BACKLOG_OF_FLAT = 0.90  # backlog drain rate / clean flat drain rate, same run
 TARGET_CREATE_START_P50_MS = 3.0
 TARGET_CREATE_START_P99_MS = 10.0
 TARGET_HANDOFF_P50_MS = 2.0

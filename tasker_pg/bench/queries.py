@@ -10,6 +10,7 @@ no scenario carries SQL of its own. The raw SQL the engine is compared with live
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import re
 from typing import Any
 
@@ -45,36 +46,61 @@ _ANALYZE_ENGINE_TABLES = (
     "ANALYZE tasker.tasks, tasker.steps, tasker.step_edges, tasker.queue_messages"
 )
 
-# The completion poll: tasks done, and tasks that ended any other final way.
+# The completion poll: tasks done, and tasks that ended any other final way. $1: count only
+# tasks created since then (the backlog scenario's drained tasks; NULL: every task).
 _TASK_PROGRESS = """
 SELECT count(*) FILTER (WHERE state = 'complete') AS complete,
        count(*) FILTER (WHERE state IN ('error', 'cancelled', 'resolved_manually')) AS failed
   FROM tasker.tasks
+ WHERE $1::timestamptz IS NULL OR created_at >= $1
 """
 _TASK_STEP_COUNT = "SELECT count(*) FROM tasker.steps WHERE task_uuid = $1"
 _FIRST_STEP_ERROR = "SELECT last_error::text FROM tasker.steps WHERE last_error IS NOT NULL LIMIT 1"
 
-# What a drain left behind, for the verification that every task and step completed once.
+# What a drain left behind, for the verification that every task and step completed once; of
+# the tasks created since $1 (NULL: every task). Messages left: any but those of older tasks.
 _DRAIN_TOTALS = """
-SELECT (SELECT count(*) FROM tasker.tasks) AS tasks,
-       (SELECT count(*) FROM tasker.tasks WHERE state = 'complete') AS tasks_complete,
-       (SELECT count(*) FROM tasker.steps) AS steps,
-       (SELECT count(*) FROM tasker.steps WHERE state = 'complete') AS steps_complete,
-       (SELECT coalesce(sum(attempts), 0) FROM tasker.steps) AS attempts,
-       (SELECT count(*) FROM tasker.step_transitions WHERE to_state = 'complete') AS completions,
-       (SELECT count(*) FROM tasker.queue_messages) AS messages_left
+WITH drained AS MATERIALIZED (
+    SELECT task_uuid, state FROM tasker.tasks WHERE $1::timestamptz IS NULL OR created_at >= $1
+),
+steps AS MATERIALIZED (
+    SELECT s.state, s.attempts FROM tasker.steps s
+     WHERE s.task_uuid IN (SELECT task_uuid FROM drained)
+)
+SELECT (SELECT count(*) FROM drained) AS tasks,
+       (SELECT count(*) FROM drained WHERE state = 'complete') AS tasks_complete,
+       (SELECT count(*) FROM steps) AS steps,
+       (SELECT count(*) FROM steps WHERE state = 'complete') AS steps_complete,
+       (SELECT coalesce(sum(attempts), 0) FROM steps) AS attempts,
+       (SELECT count(*) FROM tasker.step_transitions x
+         WHERE x.to_state = 'complete'
+           AND x.task_uuid IN (SELECT task_uuid FROM drained)) AS completions,
+       (SELECT count(*) FROM tasker.queue_messages m
+         WHERE NOT EXISTS (SELECT 1 FROM tasker.tasks t
+                            WHERE t.task_uuid::text = m.message->>'task_uuid'
+                              AND t.created_at < $1)) AS messages_left
 """
 
 # From the first claim to the last task completed (database clock); claim and flush calls that
-# did work, counted by their distinct (worker, transaction timestamp) pairs.
+# did work, counted by their distinct (worker, transaction timestamp) pairs; of the tasks
+# created since $1 (NULL: every task).
 _DRAIN_TIMING = """
-SELECT extract(epoch FROM (SELECT max(completed_at) FROM tasker.tasks)
-                        - (SELECT min(created_at) FROM tasker.step_transitions
-                            WHERE event = 'claimed'))::float8 AS seconds,
-       (SELECT count(DISTINCT (worker_id, created_at)) FROM tasker.step_transitions
-         WHERE event = 'claimed') AS claim_batches,
-       (SELECT count(DISTINCT (worker_id, created_at)) FROM tasker.step_transitions
-         WHERE event = 'succeeded') AS flush_batches
+WITH drained AS MATERIALIZED (
+    SELECT task_uuid, completed_at FROM tasker.tasks
+     WHERE $1::timestamptz IS NULL OR created_at >= $1
+),
+events AS MATERIALIZED (
+    SELECT x.event, x.worker_id, x.created_at FROM tasker.step_transitions x
+     WHERE x.event IN ('claimed', 'succeeded') AND x.task_uuid IN (SELECT task_uuid FROM drained)
+),
+batches AS (
+    SELECT event, count(DISTINCT (worker_id, created_at)) AS n, min(created_at) AS first
+      FROM events GROUP BY event
+)
+SELECT extract(epoch FROM (SELECT max(completed_at) FROM drained)
+                        - (SELECT first FROM batches WHERE event = 'claimed'))::float8 AS seconds,
+       coalesce((SELECT n FROM batches WHERE event = 'claimed'), 0) AS claim_batches,
+       coalesce((SELECT n FROM batches WHERE event = 'succeeded'), 0) AS flush_batches
 """
 
 # Task created (create_task began) -> its step claimed (claim_steps began) / handler started.
@@ -162,9 +188,9 @@ async def analyze_engine_tables(conn: db.Connection) -> None:
     await conn.execute(_ANALYZE_ENGINE_TABLES)
 
 
-async def task_progress(conn: db.Connection) -> tuple[int, int]:
-    """(complete, failed) task counts."""
-    counts = _counts(await conn.fetchrow(_TASK_PROGRESS))
+async def task_progress(conn: db.Connection, since: dt.datetime | None = None) -> tuple[int, int]:
+    """(complete, failed) task counts (of the tasks created since `since`, when given)."""
+    counts = _counts(await conn.fetchrow(_TASK_PROGRESS, since))
     return counts["complete"], counts["failed"]
 
 
@@ -177,13 +203,16 @@ async def first_step_error(conn: db.Connection) -> Any:
     return await conn.fetchval(_FIRST_STEP_ERROR)
 
 
-async def drain_totals(conn: db.Connection) -> dict[str, int]:
-    return _counts(await conn.fetchrow(_DRAIN_TOTALS))
+async def drain_totals(conn: db.Connection, since: dt.datetime | None = None) -> dict[str, int]:
+    return _counts(await conn.fetchrow(_DRAIN_TOTALS, since))
 
 
-async def drain_timing(conn: db.Connection) -> tuple[float, int, int]:
-    """(seconds from first claim to last completion, claim batches, flush batches)."""
-    row = await conn.fetchrow(_DRAIN_TIMING)
+async def drain_timing(
+    conn: db.Connection, since: dt.datetime | None = None
+) -> tuple[float, int, int]:
+    """(seconds from first claim to last completion, claim batches, flush batches) of the
+    tasks created since `since` (every task when None)."""
+    row = await conn.fetchrow(_DRAIN_TIMING, since)
     assert row is not None
     seconds = row["seconds"]
     return (
@@ -207,3 +236,10 @@ async def latency_end_to_end(conn: db.Connection, template: str) -> list[db.Row]
 
 async def created_totals(conn: db.Connection) -> dict[str, int]:
     return _counts(await conn.fetchrow(_CREATED_TOTALS))
+
+
+async def database_now(conn: db.Connection) -> dt.datetime:
+    """The server's clock (task created_at values are compared with it)."""
+    value = await conn.fetchval("SELECT clock_timestamp()")
+    assert isinstance(value, dt.datetime)
+    return value

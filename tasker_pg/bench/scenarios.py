@@ -9,6 +9,7 @@ end-of-run baseline) to its function.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from tasker_pg.bench import baseline, handlers, queries
 from tasker_pg.bench.handlers import NAMESPACE
 from tasker_pg.bench.machine import CpuMeter, cpu_per_step
 from tasker_pg.bench.options import (
+    BACKLOG_INVISIBLE,
     CREATE_BATCH,
     CREATE_BATCHED_TASKS,
     CREATE_SINGLE_TASKS,
@@ -29,6 +31,7 @@ from tasker_pg.bench.options import (
     FLAT_TASKS,
     LATENCY_RATE,
     LATENCY_TASKS,
+    TARGET_BACKLOG_OF_FLAT,
     TARGET_CREATE_BATCHED,
     TARGET_CREATE_SINGLE,
     TARGET_CREATE_START_P50_MS,
@@ -40,7 +43,8 @@ from tasker_pg.bench.options import (
     BenchError,
 )
 from tasker_pg.bench.report import Row, ms_summary, percentile
-from tasker_pg.outcome import outcome_from_result
+from tasker_pg.errors import RetryableError
+from tasker_pg.outcome import outcome_from_exception, outcome_from_result
 
 if TYPE_CHECKING:
     from tasker_pg.bench.runner import Bench
@@ -91,15 +95,22 @@ async def drain(
     tasks: int,
     steps_per_task: int,
     after: Callable[[db.Connection], Awaitable[None]] | None = None,
+    before: Callable[[db.Connection], Awaitable[None]] | None = None,
 ) -> Drain:
     """Create `tasks` tasks in one transaction with idle workers waiting, time the drain;
-    then run `after` on the same database (the workers stopped)."""
+    then run `after` on the same database (the workers stopped). `before` runs first, before
+    the workers start: the tasks it creates are left out of the counts, the timing and the
+    verification (only the tasks created after it are the drain's)."""
     steps = tasks * steps_per_task
+    since: dt.datetime | None = None
     async with bench.fresh_database(label) as dsn:
         conn = await db.connect(dsn)
         workers = bench.workers(label, dsn, bench.options.workers)
         try:
             await bench.register(conn)
+            if before is not None:
+                await before(conn)
+                since = await queries.database_now(conn)
             for worker in workers:
                 worker.start()
             await asyncio.gather(*(w.wait_ready() for w in workers))
@@ -115,11 +126,11 @@ async def drain(
                 worker_meter.start()
                 server_meter.start()
             bench.say(f"{label}: committed; {len(workers)} worker(s) draining")
-            await bench.wait_complete(conn, tasks, workers)
+            await bench.wait_complete(conn, tasks, workers, since)
             worker_cpu = worker_meter.stop()
             server_cpu = server_meter.stop() if bench.server_local else None
-            await bench.verify(conn, tasks, steps)
-            seconds, claim_batches, flush_batches = await queries.drain_timing(conn)
+            await bench.verify(conn, tasks, steps, since)
+            seconds, claim_batches, flush_batches = await queries.drain_timing(conn, since)
             if not seconds > 0:
                 raise BenchError(f"{label}: no time elapsed between first claim and last task")
         finally:
@@ -198,6 +209,75 @@ async def dag(bench: Bench) -> None:
         "shapes": shapes,
         "all_completed": all(s["all_completed"] for s in shapes.values()),
     }
+
+
+# --- backlog -------------------------------------------------------------------------------------
+
+
+async def backlog(bench: Bench) -> None:
+    """The flat drain again, while BACKLOG_INVISIBLE other steps of the same queue are not
+    visible: a third leased (in flight for a day), a third waiting a day for a retry, a third
+    delayed from an hour up to a year. Its rate against the clean flat drain of the same run
+    (`backlog` brings `flat` along): a claim must not pay for what it cannot hand out."""
+    invisible = bench.options.count(BACKLOG_INVISIBLE)
+
+    async def seed(conn: db.Connection) -> None:
+        bench.say(f"backlog: {invisible:,} steps not visible (leased, retrying, delayed)")
+        await _seed_backlog(conn, invisible)
+        await queries.analyze_engine_tables(conn)
+
+    tasks = bench.options.count(FLAT_TASKS)
+    result = (await drain(bench, "backlog", handlers.FLAT, tasks, 1, before=seed)).as_dict(
+        bench.baseline_rate
+    )
+    rate = result["steps_per_s"]
+    clean = bench.results.get("flat", {}).get("steps_per_s")
+    of_flat = round(rate / clean, 3) if clean else None
+    bench.results["backlog"] = {
+        "ok": True,
+        **_settings(bench),
+        "invisible_steps": invisible,
+        **result,
+        "ratio_to_flat": of_flat,
+    }
+    bench.emit(
+        Row(
+            "backlog",
+            f"flat steps/s, {invisible:,} not visible",
+            f"{rate:,.0f} ({of_flat:.2f}x of flat)" if of_flat else f"{rate:,.0f}",
+            bench.ratio(rate),
+            f">= {TARGET_BACKLOG_OF_FLAT:.2f}x of flat",
+            bench.judge(of_flat >= TARGET_BACKLOG_OF_FLAT) if of_flat is not None else None,
+        )
+    )
+
+
+async def _seed_backlog(conn: db.Connection, invisible: int) -> None:
+    """`invisible` backlog tasks whose steps stay not visible for the whole run, created and
+    claimed through the engine's own calls, CREATE_BATCH at a time."""
+    third = max(invisible // 3, 1)
+    year, hour = 31_536_000, 3_600
+    for first in range(0, third, CREATE_BATCH):
+        count = min(CREATE_BATCH, third - first)
+        delays = [{"delay_seconds": hour + (i * 7_919) % (year - hour)} for i in range(count)]
+        await conn.create_tasks(NAMESPACE, handlers.BACKLOG, [{}] * count, options=delays)
+    for first in range(0, invisible - third, CREATE_BATCH):
+        count = min(CREATE_BATCH, invisible - third - first)
+        await conn.create_tasks(NAMESPACE, handlers.BACKLOG, [{}] * count)
+        claims = await conn.claim_steps(NAMESPACE, "bench-backlog", count, 86_400.0)
+        if len(claims) != count:
+            raise BenchError(f"backlog: claimed {len(claims)} of {count} new steps")
+        # every other one fails and waits a day for its retry; the rest stay leased
+        retry = RetryableError("bench backlog: retry in a day", retry_after=86_400.0)
+        outcomes = [
+            outcome_from_exception(
+                retry, fence=c.fence, duration_ms=0.0, worker_id="bench-backlog"
+            ).to_json()
+            for c in claims[::2]
+        ]
+        answers = await conn.complete_steps(outcomes)
+        if any(a["status"] != "applied" for a in answers):
+            raise BenchError(f"backlog: a retry was not applied: {answers!r}")
 
 
 # --- fan-out --------------------------------------------------------------------------------------
@@ -484,6 +564,7 @@ RUNNERS: dict[str, Scenario] = {
     "flat": flat,
     "dag": dag,
     "fanout": fanout,
+    "backlog": backlog,
     "latency": latency,
     "create": create,
     "baseline_again": baseline.baseline_again,

@@ -76,11 +76,23 @@ def test_every_scenario_reports_completed_work(
     _positive(fanout["steps_per_s"], "fanout steps/s")
     _positive(fanout["fanout_commit_ms"]["p50_ms"], "fanout commit p50")
 
+    backlog = scenarios["backlog"]
+    assert backlog["invisible_steps"] == 1_000
+    assert backlog["tasks"] == backlog["steps"] == drains["flat"]["tasks"]
+    _positive(backlog["ratio_to_flat"], "backlog / flat")
+
     # Every target is listed with a verdict (no timing assertion: only that it was judged).
     per_scenario: dict[str, int] = {}
     for target in report["targets"]:
         per_scenario[target["scenario"]] = per_scenario.get(target["scenario"], 0) + 1
-    assert per_scenario == {"flat": 1, "dag": 2, "fanout": 1, "latency": 3, "create": 2}
+    assert per_scenario == {
+        "flat": 1,
+        "dag": 2,
+        "fanout": 1,
+        "backlog": 1,
+        "latency": 3,
+        "create": 2,
+    }
     assert all(isinstance(t["met"], bool) for t in report["targets"])
     # The benchmark's databases are gone.
     assert asyncio.run(_leftover_bench_databases(pg_server.admin_dsn)) == []
@@ -112,6 +124,13 @@ async def test_a_drain_that_does_not_add_up_is_reported_as_failed(pg_server: Tes
     assert result["scenarios"]["flat"]["ok"] is False
     assert "steps_per_s" not in result["scenarios"]["flat"]
     assert await _leftover_bench_databases(pg_server.admin_dsn) == []
+
+
+def test_backlog_brings_the_clean_flat_drain_and_the_baseline() -> None:
+    run = runner.Bench(options.BenchOptions(scenarios=("backlog",)))
+    assert run._selected() == ["baseline", "flat", "backlog", "baseline_again"]
+    run = runner.Bench(options.BenchOptions(scenarios=("latency",)))
+    assert run._selected() == ["latency"]
 
 
 def test_add_parser_wires_the_bench_subcommand() -> None:
