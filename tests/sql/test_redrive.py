@@ -27,6 +27,7 @@ from tests.support.engine import (
     start,
     step,
     step_states,
+    success,
     task_row,
     template,
     transitions,
@@ -135,6 +136,42 @@ async def test_failed_at_is_when_the_task_entered_error_and_before_bounds_it(
     rows = await conn.retry_failed(NAMESPACE, before=cut)
     assert [r["task_uuid"] for r in rows] == [first]
     assert (await task_row(conn, second))["state"] == "error"
+    await assert_healthy(conn)
+
+
+async def test_a_decision_applied_while_in_error_does_not_move_failed_at(
+    conn: db.Connection,
+) -> None:
+    """A decision that completes after its task went to error writes an error -> error task
+    transition (decision_applied); the task entered error earlier, when x failed."""
+    tpl = template(
+        "decides",
+        [step("s"), step("x"), step("d", "s", type="decision"), step("a", "d")],
+        retry=ONCE,
+    )
+    task = await start(conn, tpl)
+    rows = {r["step_name"]: r for r in await claim(conn)}
+    await complete(conn, success(rows["s"]))
+    [d] = await claim(conn)
+    assert d["step_name"] == "d"
+    await complete(conn, failure(rows["x"], "boom", retryable=False))
+    entered = await conn.database_now()
+    await complete(
+        conn, success(d, {"decision_point_outcome": {"type": "create_steps", "step_names": ["a"]}})
+    )
+    moves = await conn.fetch(
+        "SELECT from_state, to_state, event FROM tasker.task_transitions"
+        " WHERE task_uuid = $1 ORDER BY transition_id",
+        task,
+    )
+    assert [tuple(m) for m in moves][-1] == ("error", "error", "decision_applied")
+    assert await conn.retry_failed(NAMESPACE, since=entered) == []
+    [row] = await conn.retry_failed(NAMESPACE, before=entered)
+    assert (row["task_uuid"], row["steps"], row["retried"]) == (task, ["x"], True)
+    assert row["failed_at"] < entered
+    log = await drive(conn, NAMESPACE, lambda r: None)
+    assert sorted(r["step_name"] for r in log.claims) == ["a", "x"]
+    assert (await task_row(conn, task))["state"] == "complete"
     await assert_healthy(conn)
 
 
