@@ -1,6 +1,6 @@
--- Operator actions: cancel_task, retry_step, retry_failed, resolve_step. Calls on one task are serialised
--- by a transaction-level advisory lock per task (_lock_task_operations), taken before any
--- message or step lock.
+-- Operator actions: cancel_task, retry_step, retry_failed, resolve_step. Calls on one task are
+-- serialised by a transaction-level advisory lock per task (_lock_task_operations), taken
+-- before any message or step lock.
 
 -- Serialises the operator functions (cancel_task, retry_step, resolve_step) of one task. They
 -- lock steps in different orders (all steps of the task; a step then its children; a step,
@@ -185,8 +185,8 @@ COMMENT ON FUNCTION tasker.retry_step(uuid) IS
 -- Bulk redrive of the dead letters of a namespace: the tasks in error (of template p_name when
 -- given) that entered error at or after p_since and before p_before (when given), oldest
 -- first (then by task_uuid), at most p_limit (1 to 1000: each task's operator lock takes an
--- entry of the shared lock table, sized by max_locks_per_transaction) of them per call; every step in
--- error of each is retried exactly as retry_step does it (_retry_error_steps), with the
+-- entry of the shared lock table, sized by max_locks_per_transaction) of them per call; every
+-- step in error of each is retried exactly as retry_step does it (_retry_error_steps), with the
 -- transition metadata {"operation": "retry_failed", "by": session_user, "reason": p_reason}.
 -- The time a task entered error is that of its last task transition into error from another
 -- state. The tasks' operator locks (_lock_task_operations) are taken in task_uuid order before
