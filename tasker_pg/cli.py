@@ -23,7 +23,7 @@ from typing import Any
 
 import tasker_pg
 from tasker_pg import argtypes, bench_args, db, migrations, roles, worker_cli
-from tasker_pg.client import AsyncTaskerClient
+from tasker_pg.client import REDRIVE_BATCH, AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
 from tasker_pg.render import (
@@ -435,6 +435,55 @@ async def _task_cancel(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _task_retry(args: argparse.Namespace) -> int:
+    shown = min(args.limit or REDRIVE_BATCH, REDRIVE_BATCH)  # a dry run is one batch
+    async with _client(args) as client:
+        if args.dry_run:
+            out = await client.retry_failed(
+                args.namespace, args.name, since=args.failed_since, limit=shown, dry_run=True
+            )
+        else:
+            out = await client.retry_all_failed(
+                args.namespace,
+                args.name,
+                since=args.failed_since,
+                max_tasks=args.limit,
+                reason=args.reason,
+            )
+    if args.json:
+        _print_json(out.to_dict())
+        return EXIT_OK
+    what = f"{out.namespace}/{out.name}" if out.name else f"namespace {out.namespace}"
+    when = f"since {format_time(out.since)}"
+    if not out.tasks:
+        print(f"no task of {what} entered error {when} (nothing to retry)")
+        return EXIT_OK
+    if out.dry_run:
+        header = ("task_uuid", "task", "failed at", "steps in error")
+        rows = [
+            (t.task_uuid, truncate(t.name, 30), format_time(t.failed_at), ", ".join(t.steps))
+            for t in out.tasks
+        ]
+        print(format_table(header, rows))
+        more = f" (the oldest {shown}: more may match)" if out.tasks_matched == shown else ""
+        print(
+            f"dry run: would retry {out.steps_to_retry} step(s) of {out.tasks_matched} task(s) "
+            f"of {what} in error {when}{more}; nothing changed"
+        )
+        return EXIT_OK
+    print(
+        f"retried {out.steps_retried} step(s) of {out.tasks_retried} task(s) of {what} in "
+        f"error {when} ({out.batches} batch(es), oldest first)"
+    )
+    skipped = out.tasks_matched - out.tasks_retried
+    if skipped:
+        print(
+            f"{skipped} task(s) left the error state meanwhile (another operator) and were skipped"
+        )
+    print(f"still in error: tasker-pg task list --namespace {out.namespace} --status error")
+    return EXIT_OK
+
+
 async def _task_wait(args: argparse.Namespace) -> int:
     async with _client(args) as client:
         task = await client.wait_for_task(args.task_uuid, args.timeout)
@@ -671,6 +720,7 @@ cmd_task_list = _async_command(_task_list)
 cmd_task_show = _async_command(_task_show)
 cmd_task_cancel = _async_command(_task_cancel)
 cmd_task_wait = _async_command(_task_wait)
+cmd_task_retry = _async_command(_task_retry)
 cmd_step_retry = _async_command(_step_retry)
 cmd_step_resolve = _async_command(_step_resolve)
 cmd_step_explain = _async_command(_step_explain)
@@ -750,7 +800,7 @@ def build_parser() -> argparse.ArgumentParser:
         rg.add_argument("login", metavar="LOGIN", help="an existing role, e.g. orders_svc")
 
     # task
-    tp = sub.add_parser("task", help="create, list, show, cancel and wait for tasks")
+    tp = sub.add_parser("task", help="create, list, show, cancel, retry and wait for tasks")
     tsub = tp.add_subparsers(dest="task_command", required=True, metavar="ACTION")
     create = op(
         tsub,
@@ -795,6 +845,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     wait.add_argument("task_uuid", type=_uuid_arg, metavar="UUID")
     wait.add_argument("--timeout", type=_seconds, metavar="S", help="default: no limit")
+
+    retry = op(
+        tsub,
+        "retry",
+        cmd_task_retry,
+        "retry the failed steps of the tasks in error (dead letters), oldest first",
+        description="Retry every step in error of the tasks in error of a namespace (and "
+        "template) that entered error since a time, oldest first, in transactions of up to "
+        f"{REDRIVE_BATCH} tasks (tasker.retry_failed), until none is left that entered error "
+        "before the command started. Each step is retried as `tasker-pg step retry` does it.",
+    )
+    retry.add_argument("--namespace", required=True)
+    retry.add_argument("--name", help="only tasks of this template")
+    retry.add_argument(
+        "--failed-since",
+        required=True,
+        type=argtypes.point_in_time,
+        metavar="TIME",
+        help="tasks that entered error at or after TIME: ISO 8601 (no offset: local time) "
+        "or how long ago (30m, 1h, 2d, 1w)",
+    )
+    retry.add_argument(
+        "--limit",
+        type=argtypes.positive_int,
+        metavar="N",
+        help=f"at most N tasks, oldest first (default: all; with --dry-run {REDRIVE_BATCH})",
+    )
+    retry.add_argument(
+        "--dry-run", action="store_true", help="list what would be retried; change nothing"
+    )
+    retry.add_argument("--reason", help="why (recorded with the steps' retry transitions)")
 
     # step
     sp = sub.add_parser("step", help="retry, resolve and explain steps")

@@ -20,6 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -38,6 +39,8 @@ from tasker_pg.responses import (
     TASK_STATES,
     HealthResponse,
     Pagination,
+    RedrivenTask,
+    RedriveResponse,
     StepAuditResponse,
     StepNotCreated,
     StepResponse,
@@ -67,6 +70,8 @@ DEFAULT_INITIATOR: Final = "tasker-core-python"
 DEFAULT_SOURCE_SYSTEM: Final = "tasker-core"
 POOL_MAX_SIZE: Final = 4
 MAX_PAGE_SIZE: Final = 1000
+REDRIVE_BATCH: Final = 1000
+"""Most tasks one tasker.retry_failed call retries (each holds an operator lock until commit)."""
 WAIT_RECHECK_SECONDS: Final = 5.0
 """While waiting for a task, its state is re-read this often even without a notification:
 the safety net for a notification lost with a dropped LISTEN session."""
@@ -154,6 +159,57 @@ def _json_check(value: object, what: str, error_code: str) -> None:
         raise ValidationError(
             f"{what} is not plain JSON data: {exc}", error_code=error_code
         ) from None
+
+
+def _redrive_arguments(
+    namespace: object,
+    name: object,
+    since: object,
+    before: object,
+    limit: object,
+    reason: object,
+) -> tuple[str, str | None, int]:
+    """The checked arguments of a bulk retry (the SQL function checks them again)."""
+    ns = _text(namespace, "namespace")
+    assert ns is not None
+    template = _text(name, "template name", optional=True)
+    _text(reason, "reason", optional=True)
+    for value, what in ((since, "since"), (before, "before")):
+        if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+            raise ValidationError(
+                f"{what} must be a timezone-aware datetime or None, got {value!r}",
+                error_code="invalid_argument",
+            )
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= REDRIVE_BATCH:
+        raise ValidationError(
+            f"limit must be a whole number from 1 to {REDRIVE_BATCH}, got {limit!r}",
+            error_code="invalid_argument",
+        )
+    return ns, template, limit
+
+
+def _redrive_response(
+    namespace: str,
+    name: str | None,
+    since: datetime | None,
+    before: datetime | None,
+    dry_run: bool,
+    batches: Sequence[Sequence[db.Row]],
+) -> RedriveResponse:
+    tasks = [RedrivenTask.from_row(r) for rows in batches for r in rows]
+    return RedriveResponse(
+        namespace=namespace,
+        name=name,
+        since=since,
+        before=before,
+        dry_run=bool(dry_run),
+        batches=len(batches),
+        tasks_matched=len(tasks),
+        tasks_retried=sum(1 for t in tasks if t.retried),
+        steps_retried=sum(len(t.steps) for t in tasks if t.retried),
+        steps_to_retry=sum(len(t.steps) for t in tasks),
+        tasks=tasks,
+    )
 
 
 def _task_context(context: object) -> dict[str, Any]:
@@ -628,6 +684,78 @@ class AsyncTaskerClient:
         async with self._session() as conn:
             return dict(await conn.retry_step(step))
 
+    async def retry_failed(
+        self,
+        namespace: str,
+        name: str | None = None,
+        *,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = REDRIVE_BATCH,
+        dry_run: bool = False,
+        reason: str | None = None,
+    ) -> RedriveResponse:
+        """Redrive dead letters, one batch (tasker.retry_failed): every step in error of the
+        `limit` (1 to 1000) oldest tasks in error of `namespace` (of template `name` when
+        given) that entered error at or after `since` and before `before` (each optional,
+        timezone-aware) is retried as `retry_step` does it; `reason` is recorded in the
+        steps' transitions with who asked. With `dry_run` nothing changes and the response
+        says what would be retried."""
+        namespace, name, limit = _redrive_arguments(namespace, name, since, before, limit, reason)
+        async with self._session() as conn:
+            rows = await conn.retry_failed(
+                namespace,
+                name,
+                since=since,
+                before=before,
+                limit=limit,
+                dry_run=bool(dry_run),
+                reason=reason,
+            )
+        return _redrive_response(namespace, name, since, before, dry_run, [rows])
+
+    async def retry_all_failed(
+        self,
+        namespace: str,
+        name: str | None = None,
+        *,
+        since: datetime | None = None,
+        max_tasks: int | None = None,
+        batch_size: int = REDRIVE_BATCH,
+        reason: str | None = None,
+    ) -> RedriveResponse:
+        """`retry_failed` in batches of `batch_size` (one transaction each), oldest first,
+        until no task is left that entered error at or after `since` and before this call
+        started (by the database's clock), or `max_tasks` tasks were matched. A task that fails
+        again while this runs is therefore not retried twice."""
+        namespace, name, batch_size = _redrive_arguments(
+            namespace, name, since, None, batch_size, reason
+        )
+        if max_tasks is not None and (
+            isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1
+        ):
+            raise ValidationError(
+                f"max_tasks must be a whole number >= 1 or None, got {max_tasks!r}",
+                error_code="invalid_argument",
+            )
+        batches: list[list[db.Row]] = []
+        left = max_tasks
+        async with self._session() as conn:
+            before = await conn.database_now()
+            while left is None or left > 0:
+                size = batch_size if left is None else min(batch_size, left)
+                rows = await conn.retry_failed(
+                    namespace, name, since=since, before=before, limit=size, reason=reason
+                )
+                batches.append(rows)
+                if left is not None:
+                    left -= len(rows)
+                # Tasks of a full batch that were not retried (another operator took them
+                # meanwhile) are no longer in error, so the next batch does not match them.
+                if len(rows) < size:
+                    break
+        return _redrive_response(namespace, name, since, before, False, batches)
+
     async def resolve_step(self, step_uuid: str | uuid.UUID, result: Any = None) -> dict[str, Any]:
         """Complete an unfinished step by hand with `result`, satisfying its dependents
         (tasker.resolve_step); returns its summary."""
@@ -925,6 +1053,52 @@ class TaskerClient:
     def retry_step(self, step_uuid: str | uuid.UUID) -> dict[str, Any]:
         """See `AsyncTaskerClient.retry_step`."""
         return self._run(self._client.retry_step(step_uuid))
+
+    def retry_failed(
+        self,
+        namespace: str,
+        name: str | None = None,
+        *,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = REDRIVE_BATCH,
+        dry_run: bool = False,
+        reason: str | None = None,
+    ) -> RedriveResponse:
+        """See `AsyncTaskerClient.retry_failed`."""
+        return self._run(
+            self._client.retry_failed(
+                namespace,
+                name,
+                since=since,
+                before=before,
+                limit=limit,
+                dry_run=dry_run,
+                reason=reason,
+            )
+        )
+
+    def retry_all_failed(
+        self,
+        namespace: str,
+        name: str | None = None,
+        *,
+        since: datetime | None = None,
+        max_tasks: int | None = None,
+        batch_size: int = REDRIVE_BATCH,
+        reason: str | None = None,
+    ) -> RedriveResponse:
+        """See `AsyncTaskerClient.retry_all_failed`."""
+        return self._run(
+            self._client.retry_all_failed(
+                namespace,
+                name,
+                since=since,
+                max_tasks=max_tasks,
+                batch_size=batch_size,
+                reason=reason,
+            )
+        )
 
     def resolve_step(self, step_uuid: str | uuid.UUID, result: Any = None) -> dict[str, Any]:
         """See `AsyncTaskerClient.resolve_step`."""

@@ -571,6 +571,35 @@ class Connection:
         """Send a step in error back to the queue with fresh attempts."""
         return await self.fetchval("SELECT tasker.retry_step($1::uuid)", str(step_uuid))
 
+    async def retry_failed(
+        self,
+        namespace: str,
+        name: str | None = None,
+        *,
+        since: datetime | None = None,
+        before: datetime | None = None,
+        limit: int = 1000,
+        dry_run: bool = False,
+        reason: str | None = None,
+    ) -> list[Row]:
+        """Retry every step in error of the oldest `limit` tasks in error of a namespace (and
+        template) that entered error in [since, before); one row per task matched."""
+        return await self.fetch(
+            "SELECT * FROM tasker.retry_failed($1, $2, $3, $4, $5, $6, $7)",
+            namespace,
+            name,
+            since,
+            limit,
+            dry_run,
+            before,
+            reason,
+        )
+
+    async def database_now(self) -> datetime:
+        """The database server's clock (clock_timestamp())."""
+        value: datetime = await self.fetchval(queries.DATABASE_NOW)
+        return value
+
     async def resolve_step(self, step_uuid: uuid.UUID | str, result: Any = None) -> Any:
         """Complete an unfinished step by hand with `result`; it satisfies its children."""
         return await self.fetchval(

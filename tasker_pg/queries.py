@@ -131,3 +131,7 @@ SELECT w.worker_id, w.host, w.pid, w.status, extract(epoch FROM w.heartbeat_age)
 
 # One cheap round trip for the health check; its time is the reported latency.
 SERVER_VERSION: Final = "SELECT current_setting('server_version')"
+
+# The database server's clock: the cut-off of a bulk retry run, so the tasks it retries that
+# fail again while it runs are not picked up again by its later batches.
+DATABASE_NOW: Final = "SELECT clock_timestamp()"

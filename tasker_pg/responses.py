@@ -25,6 +25,8 @@ __all__ = [
     "HealthResponse",
     "HealthStatus",
     "Pagination",
+    "RedriveResponse",
+    "RedrivenTask",
     "StepAuditResponse",
     "StepNotCreated",
     "StepResponse",
@@ -343,6 +345,58 @@ class HealthResponse(_ToDict):
     """What is wrong and what to do about it, when something is."""
     workers: list[WorkerStatus] = dataclasses.field(default_factory=list)
     """The workers' heartbeat rows (empty when the schema is outdated or nothing runs)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RedrivenTask(_ToDict):
+    """One task in error that `retry_failed` matched (a row of `tasker.retry_failed`)."""
+
+    task_uuid: str
+    name: str
+    """The template name."""
+    failed_at: datetime
+    """When the task entered error."""
+    steps: list[str]
+    """Its steps in error (retried, or to retry in a dry run), by name."""
+    step_uuids: list[str]
+    retried: bool
+    """False in a dry run, and for a task that left the error state (cancelled, retried or
+    resolved by someone else) before its lock was granted."""
+    status: str
+    """The task's state afterwards."""
+
+    @classmethod
+    def from_row(cls, row: Row) -> RedrivenTask:
+        return cls(
+            task_uuid=str(row["task_uuid"]),
+            name=row["name"],
+            failed_at=row["failed_at"],
+            steps=list(row["steps"]),
+            step_uuids=[str(u) for u in row["step_uuids"]],
+            retried=bool(row["retried"]),
+            status=row["task_state"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class RedriveResponse(_ToDict):
+    """What `retry_failed` / `retry_all_failed` did (or, with `dry_run`, would do)."""
+
+    namespace: str
+    name: str | None
+    since: datetime | None
+    before: datetime | None
+    dry_run: bool
+    batches: int
+    """Calls of tasker.retry_failed made."""
+    tasks_matched: int
+    tasks_retried: int
+    steps_retried: int
+    """Steps sent back to the queue (0 in a dry run)."""
+    steps_to_retry: int
+    """Steps in error of the matched tasks still in error: what a dry run would retry."""
+    tasks: list[RedrivenTask]
+    """Every task matched, oldest entry into error first (batch after batch)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -45,7 +45,7 @@ DECLARE
     ];
     -- Operators: the client's rights plus the repairs an operator makes.
     c_operator CONSTANT text[] := ARRAY[
-        'retry_step', 'resolve_step', 'repair_messages', 'cleanup_workers'
+        'retry_step', 'retry_failed', 'resolve_step', 'repair_messages', 'cleanup_workers'
     ];
     -- Owner only: the raw queue API. The engine's queues are its internal state (a pop or an
     -- archive on one strands a step); whoever uses the queue layer for queues of their own

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import subprocess
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ import pytest
 
 from tasker_pg import HandlerRegistry, StepContext, StepHandler, StepHandlerResult, Worker, db
 from tasker_pg import cli as tasker_cli
+from tasker_pg.render import format_time
 from tests.support import cli as cli_support
 from tests.support.engine import (
     NAMESPACE,
@@ -219,6 +221,15 @@ async def test_unknown_things_exit_1_with_an_error_code(dsn: str, args: list[str
         (["task", "create", "flows", "diamond", "--context", "[1, 2]"], "must be a JSON object"),
         (["task", "create", "flows", "diamond", "--context", "@/no/such.json"], "cannot read"),
         (["step", "resolve", UNKNOWN, "--result", "{oops"], "error [invalid_json]"),
+        (["task", "retry", "--namespace", "flows"], "--failed-since"),
+        (
+            ["task", "retry", "--namespace", "flows", "--failed-since", "yesterday"],
+            "expected an ISO 8601 time",
+        ),
+        (
+            ["task", "retry", "--namespace", "flows", "--failed-since", "1h", "--limit", "0"],
+            "must be > 0",
+        ),
     ],
 )
 def test_usage_errors_exit_2(args: list[str], needle: str) -> None:
@@ -398,6 +409,59 @@ async def test_step_explain_retry_and_resolve_a_failed_step(dsn: str, conn: db.C
     assert states["start"] == "resolved_manually"
     assert states["b"] == states["c"] == "enqueued"  # the dependents run now
     assert "resolved_manually" in cli(dsn, "task", "show", task).stdout
+
+
+async def test_task_retry_redrives_the_tasks_in_error(dsn: str, conn: db.Connection) -> None:
+    failed = [await failed_task(conn) for _ in range(3)]
+    other = await start(conn, template("other", [step("only")]))
+    [row] = await wait_for_claim(conn, NAMESPACE, qty=1)
+    await complete(conn, failure(row, "nope", retryable=False))
+    base = ("task", "retry", "--namespace", "flows", "--name", "diamond", "--failed-since")
+
+    dry = cli(dsn, *base, "1h", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    lines = dry.stdout.splitlines()
+    assert lines[0].split() == ["task_uuid", "task", "failed", "at", "steps", "in", "error"]
+    assert [line.split()[0] for line in lines[2:5]] == [t for t, _ in failed]  # oldest first
+    assert all(line.split()[-1] == "start" for line in lines[2:5])
+    assert lines[5].startswith(
+        "dry run: would retry 3 step(s) of 3 task(s) of flows/diamond in error since "
+    )
+    assert lines[5].endswith("; nothing changed")
+    assert {(await step_states(conn, t))["start"] for t, _ in failed} == {"error"}
+    shown = ok_json(dsn, *base, "1h", "--dry-run", "--limit", "2")
+    assert [t["task_uuid"] for t in shown["tasks"]] == [t for t, _ in failed[:2]]
+    assert (shown["tasks_matched"], shown["tasks_retried"], shown["steps_to_retry"]) == (2, 0, 2)
+    said = cli(dsn, *base, "1h", "--dry-run", "--limit", "2")
+    assert "(the oldest 2: more may match)" in said.stdout
+
+    first = cli(dsn, *base, "2026-01-01T00:00:00Z", "--limit", "1", "--reason", "card fixed")
+    assert first.returncode == 0, first.stderr
+    local = format_time(datetime.fromisoformat("2026-01-01T00:00:00+00:00"))  # shown local
+    assert first.stdout.startswith(
+        f"retried 1 step(s) of 1 task(s) of flows/diamond in error since {local} (1 batch(es)"
+    )
+    assert (await step_states(conn, failed[0][0]))["start"] == "enqueued"
+    audit = await conn.fetchval(
+        "SELECT metadata FROM tasker.step_transitions WHERE step_uuid = $1"
+        " AND event = 'retry_requested'",
+        failed[0][1],
+    )
+    assert audit["reason"] == "card fixed" and audit["operation"] == "retry_failed"
+    rest = ok_json(dsn, *base, "1d")
+    assert [t["task_uuid"] for t in rest["tasks"]] == [t for t, _ in failed[1:]]
+    assert (rest["tasks_retried"], rest["steps_retried"], rest["batches"]) == (2, 2, 1)
+    assert {(await step_states(conn, t))["start"] for t, _ in failed} == {"enqueued"}
+    assert (await step_states(conn, other))["only"] == "error"  # another template
+
+    none = cli(dsn, *base, "1h")
+    assert none.returncode == 0, none.stderr
+    assert none.stdout.startswith("no task of flows/diamond entered error since ")
+    whole = cli(dsn, "task", "retry", "--namespace", "flows", "--failed-since", "1w")
+    assert whole.stdout.startswith("retried 1 step(s) of 1 task(s) of namespace flows")
+    unknown = cli(dsn, "task", "retry", "--namespace", "nowhere", "--failed-since", "1h")
+    assert unknown.returncode == 1
+    assert unknown.stderr.startswith("error [template_not_found]")
 
 
 async def test_step_explain_of_a_step_waiting_for_retry(dsn: str, conn: db.Connection) -> None:

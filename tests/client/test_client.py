@@ -213,6 +213,11 @@ async def test_the_sync_client_runs_a_task_through_its_life(
         await fail_permanently(conn, SHOP)  # the other task's only step
         failed = next(s for s in await sync.list_task_steps(other) if s.name == "only")
         assert (await sync.retry_step(failed.step_uuid))["state"] == "enqueued"
+        await fail_permanently(conn, SHOP)
+        dry = await sync.retry_failed(SHOP, "one", dry_run=True)
+        assert [(t.task_uuid, t.retried) for t in dry.tasks] == [(other, False)]
+        redriven = await sync.retry_all_failed(SHOP, "one", reason="smoke")
+        assert [(t.task_uuid, t.retried) for t in redriven.tasks] == [(other, True)]
         assert (await sync.cancel_task(other))["state"] == "cancelled"
     finally:
         await asyncio.to_thread(sync.sync.close)
@@ -772,6 +777,84 @@ async def test_retry_step_and_resolve_step(client: Any, conn: db.Connection) -> 
         await client.resolve_step(s2.step_uuid, {"nan": math.nan})
     assert verr.value.error_code == "invalid_result"
     await assert_healthy(conn)
+
+
+async def test_retry_failed_redrives_the_dead_letters_oldest_first(
+    client: Any, shop: dict[str, Any], conn: db.Connection
+) -> None:
+    tasks = []
+    for n in range(5):
+        tasks.append((await client.create_task("one", namespace=SHOP, context={"n": n})).task_uuid)
+        await fail_permanently(conn)
+    running = await client.create_task("order", namespace=SHOP)  # not in error: not touched
+    since = min(t.failed_at for t in (await client.retry_failed(SHOP, dry_run=True)).tasks)
+
+    dry = await client.retry_failed(SHOP, "one", since=since, limit=2, dry_run=True)
+    assert (dry.dry_run, dry.tasks_matched, dry.tasks_retried, dry.steps_retried) == (
+        True,
+        2,
+        0,
+        0,
+    )
+    assert dry.steps_to_retry == 2
+    assert [(t.task_uuid, t.steps, t.retried, t.status) for t in dry.tasks] == [
+        (tasks[0], ["only"], False, "error"),
+        (tasks[1], ["only"], False, "error"),
+    ]
+    assert (await client.get_task(tasks[0])).status == "error"  # nothing changed
+
+    one = await client.retry_failed(SHOP, "one", limit=1, reason="first one")
+    assert [(t.task_uuid, t.retried, t.status) for t in one.tasks] == [
+        (tasks[0], True, "steps_in_process")
+    ]
+    rest = await client.retry_all_failed(SHOP, since=since, batch_size=2, reason="the rest")
+    # two full batches, then an empty one that ends the run
+    assert (rest.batches, rest.tasks_matched, rest.tasks_retried, rest.steps_retried) == (
+        3,
+        4,
+        4,
+        4,
+    )
+    assert [t.task_uuid for t in rest.tasks] == tasks[1:]
+    assert rest.before is not None and rest.since == since
+    assert all(t.failed_at < rest.before for t in rest.tasks)
+    assert json.loads(json.dumps(rest.to_dict())) == rest.to_dict()
+    assert (await client.retry_all_failed(SHOP)).tasks == []
+    for task in tasks:
+        assert (await client.get_task(task)).status == "steps_in_process"
+    assert (await client.get_task(running.task_uuid)).status == "pending"
+
+    # max_tasks: the oldest ones only. They all failed in one complete_steps call, at one
+    # time: ties go by task uuid.
+    log = await drive(conn, SHOP, lambda r: failure(r, "again", retryable=False))
+    assert len(log.rounds) == 1
+    capped = await client.retry_all_failed(SHOP, "one", max_tasks=3, batch_size=2)
+    assert (capped.batches, [t.task_uuid for t in capped.tasks]) == (2, sorted(tasks)[:3])
+    await assert_healthy(conn)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "needle"),
+    [
+        ({"limit": 0}, "limit must be a whole number from 1 to 1000, got 0"),
+        ({"limit": 1001}, "limit must be a whole number from 1 to 1000"),
+        ({"limit": True}, "limit must be a whole number"),
+        ({"since": datetime(2026, 1, 1)}, "since must be a timezone-aware datetime"),
+        ({"before": "yesterday"}, "before must be a timezone-aware datetime"),
+        ({"name": ""}, "template name must be a non-empty string"),
+    ],
+)
+async def test_retry_failed_refuses_bad_arguments(
+    client: Any, shop: dict[str, Any], kwargs: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(ValidationError, match=needle) as info:
+        await client.retry_failed(SHOP, **kwargs)
+    assert info.value.error_code == "invalid_argument"
+    with pytest.raises(ValidationError, match="max_tasks must be"):
+        await client.retry_all_failed(SHOP, max_tasks=0)
+    with pytest.raises(NotFoundError) as nf:
+        await client.retry_failed("nowhere")
+    assert nf.value.error_code == "template_not_found"
 
 
 # --- wait_for_task ----------------------------------------------------------------------------

@@ -267,6 +267,7 @@ async def test_worker_claims_completes_extends_releases_and_nothing_else(
     await _refused(worker.create_task(NAMESPACE, tpl["name"], {}))
     await _refused(worker.cancel_task(task))
     await _refused(worker.retry_step(rows[0]["step_uuid"]))
+    await _refused(worker.retry_failed(NAMESPACE))
     await _refused(worker.resolve_step(rows[0]["step_uuid"]))
     await _refused(worker.step_readiness(task))
     await _refused(worker.check_invariants())
@@ -333,6 +334,8 @@ async def test_client_creates_reads_and_cancels_and_nothing_else(
     task = await _client_rights(client, conn)
     step = await conn.fetchval("SELECT step_uuid FROM tasker.steps WHERE task_uuid = $1", task)
     await _refused(client.retry_step(step))
+    await _refused(client.retry_failed(NAMESPACE))
+    await _refused(client.retry_failed(NAMESPACE, dry_run=True))
     await _refused(client.resolve_step(step))
     await _worker_rights_refused(client)
     await _assert_raw_queue_refused(client)
@@ -345,7 +348,33 @@ async def test_operator_has_the_clients_rights_plus_retry_and_resolve(
     operator = await login("operator")
     task = await _client_rights(operator, conn)
     step = await conn.fetchval("SELECT step_uuid FROM tasker.steps WHERE task_uuid = $1", task)
+    dry = await operator.retry_failed(NAMESPACE, dry_run=True)
+    assert [(r["task_uuid"], r["retried"]) for r in dry] == [(task, False)]
     assert (await operator.retry_step(step))["state"] == "enqueued"
+    rows = [r for r in await claim(conn) if r["task_uuid"] == task]
+    await conn.complete_steps(
+        [
+            {
+                "step_uuid": str(rows[0]["step_uuid"]),
+                "attempt": rows[0]["attempt"],
+                "claim_seq": rows[0]["claim_seq"],
+                "kind": "failure",
+                "worker_id": "w1",
+                "error": {"message": "boom", "error_type": "E", "retryable": False},
+            }
+        ]
+    )
+    # the bulk retry records who asked: the login, not the definer that runs the function
+    [redriven] = await operator.retry_failed(NAMESPACE, reason="after the fix")
+    assert (redriven["task_uuid"], redriven["retried"]) == (task, True)
+    login_name = await operator.fetchval("SELECT session_user::text")
+    assert login_name.startswith("h10_operator_")
+    audit = await operator.fetchval(
+        "SELECT metadata FROM tasker.v_step_transitions WHERE step_uuid = $1"
+        " AND event = 'retry_requested' ORDER BY created_at DESC LIMIT 1",
+        step,
+    )
+    assert audit == {"operation": "retry_failed", "by": login_name, "reason": "after the fix"}
     rows = [r for r in await claim(conn) if r["task_uuid"] == task]
     await conn.complete_steps(
         [
@@ -400,6 +429,7 @@ async def test_reader_reads_views_readiness_and_audit_and_changes_nothing(
     await _refused(reader.create_task(NAMESPACE, tpl["name"], {}))
     await _refused(reader.cancel_task(task))
     await _refused(reader.retry_step(step))
+    await _refused(reader.retry_failed(NAMESPACE, dry_run=True))
     await _refused(reader.resolve_step(step))
     await _worker_rights_refused(reader)
     await _assert_raw_queue_refused(reader)
