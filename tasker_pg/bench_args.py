@@ -12,7 +12,7 @@ from typing import Any
 
 from tasker_pg import argtypes
 
-SCENARIOS = ("baseline", "flat", "dag", "fanout", "backlog", "latency", "create")
+SCENARIOS = ("baseline", "flat", "dag", "fanout", "backlog", "scale", "latency", "create")
 DESCRIPTION = (
     "`tasker-pg bench`: throughput and latency, measured against a raw SQL baseline in the "
     "same run."

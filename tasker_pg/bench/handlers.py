@@ -41,6 +41,7 @@ DIAMOND = "diamond"  # a -> (b, c) -> d
 LINEAR = "linear"  # a -> b -> c -> d
 LATENCY_SINGLE = "latency_single"  # one stamping step
 LATENCY_LINEAR = "latency_linear"  # four stamping steps in a row
+FLAT_10MS = "flat_10ms"  # one step whose handler takes 10 ms (the scale scenario)
 BACKLOG = "backlog"  # one step; its tasks are kept not visible while flat tasks drain
 FANOUT = "fanout"  # analyze (batchable) -> work_0001..N (batch workers) -> gather (convergence)
 FANOUT_WORKERS = 1_000
@@ -178,6 +179,7 @@ def templates(
     return {
         FLAT: _template(FLAT, [_step("a", NOOP, handler_ms, [])]),
         BACKLOG: _template(BACKLOG, [_step("a", NOOP, handler_ms, [])]),
+        FLAT_10MS: _template(FLAT_10MS, [_step("a", NOOP, handler_ms or 10.0, [])]),
         DIAMOND: _template(
             DIAMOND,
             [

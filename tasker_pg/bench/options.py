@@ -12,7 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 # Scenarios whose result is a ratio to the baseline: they pull the baseline in.
-RATIO_SCENARIOS = ("flat", "dag", "fanout", "backlog")
+RATIO_SCENARIOS = ("flat", "dag", "fanout", "backlog", "scale")
 
 # Default sizes (multiplied by --n).
 BASELINE_MESSAGES = 100_000
@@ -22,6 +22,9 @@ FLAT_TASKS = 20_000
 DAG_TASKS = 2_000
 FANOUT_TASKS = 10  # of 1,002 steps each
 FANOUT_PROBES = 5  # fan-out transactions timed on their own
+SCALE_WORKERS = (1, 2, 4)  # worker processes of the scale scenario's flat drains
+SCALE_CONCURRENCY = (16, 32, 64, 128, 256)  # handlers at once, each taking 10 ms
+SCALE_SLOW_TASKS = 5_000  # tasks of each 10 ms drain
 BACKLOG_INVISIBLE = 100_000  # steps of the queue not visible while the backlog drain runs
 LATENCY_TASKS = 200
 LATENCY_RATE = 50.0  # tasks created per second

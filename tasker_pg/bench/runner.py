@@ -104,14 +104,17 @@ class Bench:
         for template in handlers.templates(self.options.handler_ms).values():
             await conn.register_template(template.to_json())
 
-    def workers(self, label: str, dsn: str, count: int) -> list[WorkerProcess]:
-        """`count` worker processes for `dsn` (not started), logging into the run's log dir."""
+    def workers(
+        self, label: str, dsn: str, count: int, concurrency: int | None = None
+    ) -> list[WorkerProcess]:
+        """`count` worker processes for `dsn` (not started), logging into the run's log dir;
+        each runs `concurrency` steps at once (default: the run's --concurrency)."""
         assert self._logdir is not None
         return [
             WorkerProcess(
                 f"bench-{label}-{i}",
                 dsn,
-                self.options.concurrency,
+                concurrency or self.options.concurrency,
                 Path(self._logdir.name) / f"{label}-{i}.log",
             )
             for i in range(count)

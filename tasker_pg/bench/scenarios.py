@@ -31,6 +31,9 @@ from tasker_pg.bench.options import (
     FLAT_TASKS,
     LATENCY_RATE,
     LATENCY_TASKS,
+    SCALE_CONCURRENCY,
+    SCALE_SLOW_TASKS,
+    SCALE_WORKERS,
     TARGET_BACKLOG_OF_FLAT,
     TARGET_CREATE_BATCHED,
     TARGET_CREATE_SINGLE,
@@ -96,6 +99,8 @@ async def drain(
     steps_per_task: int,
     after: Callable[[db.Connection], Awaitable[None]] | None = None,
     before: Callable[[db.Connection], Awaitable[None]] | None = None,
+    workers: int | None = None,
+    concurrency: int | None = None,
 ) -> Drain:
     """Create `tasks` tasks in one transaction with idle workers waiting, time the drain;
     then run `after` on the same database (the workers stopped). `before` runs first, before
@@ -105,15 +110,15 @@ async def drain(
     since: dt.datetime | None = None
     async with bench.fresh_database(label) as dsn:
         conn = await db.connect(dsn)
-        workers = bench.workers(label, dsn, bench.options.workers)
+        processes = bench.workers(label, dsn, workers or bench.options.workers, concurrency)
         try:
             await bench.register(conn)
             if before is not None:
                 await before(conn)
                 since = await queries.database_now(conn)
-            for worker in workers:
+            for worker in processes:
                 worker.start()
-            await asyncio.gather(*(w.wait_ready() for w in workers))
+            await asyncio.gather(*(w.wait_ready() for w in processes))
             bench.say(f"{label}: creating {tasks:,} {template} tasks in one transaction")
             async with conn.transaction():
                 for first in range(0, tasks, CREATE_BATCH):
@@ -121,12 +126,12 @@ async def drain(
                     await conn.create_tasks(NAMESPACE, template, contexts)
                 await queries.analyze_engine_tables(conn)
                 pids = await queries.worker_backend_pids(conn) if bench.server_local else []
-                worker_meter = CpuMeter([w.pid for w in workers])
+                worker_meter = CpuMeter([w.pid for w in processes])
                 server_meter = CpuMeter(pids)
                 worker_meter.start()
                 server_meter.start()
-            bench.say(f"{label}: committed; {len(workers)} worker(s) draining")
-            await bench.wait_complete(conn, tasks, workers, since)
+            bench.say(f"{label}: committed; {len(processes)} worker(s) draining")
+            await bench.wait_complete(conn, tasks, processes, since)
             worker_cpu = worker_meter.stop()
             server_cpu = server_meter.stop() if bench.server_local else None
             await bench.verify(conn, tasks, steps, since)
@@ -134,7 +139,7 @@ async def drain(
             if not seconds > 0:
                 raise BenchError(f"{label}: no time elapsed between first claim and last task")
         finally:
-            await asyncio.gather(*(w.stop() for w in workers))
+            await asyncio.gather(*(w.stop() for w in processes))
             if after is None:
                 await conn.close()
         if after is not None:
@@ -142,7 +147,9 @@ async def drain(
                 await after(conn)
             finally:
                 await conn.close()
-    summaries = [f"{w.worker_id}: {w.final_summary() or '(no final stats line)'}" for w in workers]
+    summaries = [
+        f"{w.worker_id}: {w.final_summary() or '(no final stats line)'}" for w in processes
+    ]
     return Drain(
         tasks=tasks,
         steps=steps,
@@ -209,6 +216,56 @@ async def dag(bench: Bench) -> None:
         "shapes": shapes,
         "all_completed": all(s["all_completed"] for s in shapes.values()),
     }
+
+
+# --- scale ---------------------------------------------------------------------------------------
+
+
+async def scale(bench: Bench) -> None:
+    """Throughput as workers and concurrency grow: the flat drain with 1, 2 and 4 worker
+    processes (no-op handlers); then one worker running 16 to 256 handlers at once that each
+    take 10 ms. No target: the table shows where the database saturates."""
+    tasks = bench.options.count(FLAT_TASKS)
+    by_workers: dict[str, Any] = {}
+    for count in SCALE_WORKERS:
+        result = await drain(bench, f"scale_w{count}", handlers.FLAT, tasks, 1, workers=count)
+        by_workers[str(count)] = result.as_dict(bench.baseline_rate)
+    slow_tasks = bench.options.count(SCALE_SLOW_TASKS)
+    by_concurrency: dict[str, Any] = {}
+    for conc in SCALE_CONCURRENCY:
+        result = await drain(
+            bench, f"scale_c{conc}", handlers.FLAT_10MS, slow_tasks, 1, workers=1, concurrency=conc
+        )
+        by_concurrency[str(conc)] = result.as_dict(bench.baseline_rate)
+    bench.results["scale"] = {
+        "ok": True,
+        **_settings(bench),
+        "workers": by_workers,
+        "handler_10ms_concurrency": by_concurrency,
+        "all_completed": True,
+    }
+    one = by_workers[str(SCALE_WORKERS[0])]["steps_per_s"]
+    for label, result in by_workers.items():
+        rate = result["steps_per_s"]
+        bench.emit(
+            Row(
+                "scale",
+                f"flat steps/s, {label} worker(s) x {bench.options.concurrency}",
+                f"{rate:,.0f} ({rate / one:.2f}x of 1)",
+                bench.ratio(rate),
+            )
+        )
+    for label, result in by_concurrency.items():
+        rate = result["steps_per_s"]
+        ideal = int(label) * 100  # handlers of 10 ms
+        bench.emit(
+            Row(
+                "scale",
+                f"10 ms handlers, 1 worker x {label}",
+                f"{rate:,.0f} ({rate / ideal:.0%} of {ideal:,}/s)",
+                bench.ratio(rate),
+            )
+        )
 
 
 # --- backlog -------------------------------------------------------------------------------------
@@ -565,6 +622,7 @@ RUNNERS: dict[str, Scenario] = {
     "dag": dag,
     "fanout": fanout,
     "backlog": backlog,
+    "scale": scale,
     "latency": latency,
     "create": create,
     "baseline_again": baseline.baseline_again,

@@ -81,6 +81,15 @@ def test_every_scenario_reports_completed_work(
     assert backlog["tasks"] == backlog["steps"] == drains["flat"]["tasks"]
     _positive(backlog["ratio_to_flat"], "backlog / flat")
 
+    scale = scenarios["scale"]
+    assert list(scale["workers"]) == ["1", "2", "4"]
+    assert list(scale["handler_10ms_concurrency"]) == ["16", "32", "64", "128", "256"]
+    for drain in [*scale["workers"].values(), *scale["handler_10ms_concurrency"].values()]:
+        assert drain["all_completed"] is True
+        _positive(drain["steps_per_s"], "scale steps/s")
+    assert [d["steps"] for d in scale["workers"].values()] == [200, 200, 200]
+    assert {d["steps"] for d in scale["handler_10ms_concurrency"].values()} == {50}
+
     # Every target is listed with a verdict (no timing assertion: only that it was judged).
     per_scenario: dict[str, int] = {}
     for target in report["targets"]:
