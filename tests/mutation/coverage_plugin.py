@@ -1,8 +1,9 @@
 """A pytest plugin recording which tasker functions each test's database called.
 
 Load it with `-p tests.mutation.coverage_plugin` and set `TASKER_MUTATION_COVERAGE` to the JSON
-file to write: {"tests": {nodeid: {"functions": [...], "duration": s, "outcome": ...}}}.
-Without the variable it does nothing, so loading it never changes the suite's behaviour.
+file to write: {"tests": {nodeid: {"functions": [...], "named": [...], "duration": s,
+"outcome": ...}}}. Without the variable it does nothing, so loading it never changes the
+suite's behaviour.
 
 How: after the session's server has migrated its template, the plugin turns on
 `track_functions = 'all'` for the whole (test) server and waits until new sessions see it.
@@ -11,13 +12,23 @@ so that, before the database is given back to be dropped, it waits for the test'
 sessions on it to end (a session's function counts reach the shared statistics when it ends)
 and reads `pg_stat_user_functions` there. SQL functions that the planner inlines are not
 counted; `sql_mutants` falls back to the functions that call them.
+
+A call that raises is not counted (the error leaves the function before its end-of-call
+accounting), so a test that only checks a refusal would be missing from the map. The plugin
+therefore also records, per test, every `tasker.<name>` named by the statements its sessions
+sent ("named"; statements that define functions or views, a migrate's, are left out): it
+wraps the query methods of asyncpg's Connection (a pool's connections go through them too),
+which see every statement the test process sends, whatever became of it. `sql_mutants`
+selects the tests that called a function or named it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
+import re
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Generator
@@ -33,6 +44,32 @@ ENV = "TASKER_MUTATION_COVERAGE"
 
 _current: str | None = None
 _results: dict[str, dict[str, Any]] = {}
+_named: dict[str, set[str]] = {}
+_NAME = re.compile(r"\btasker\.(\w+)")
+# a statement that defines objects (a migrate applying a file) names them without calling them
+_DEFINES = re.compile(r"(?i)\bCREATE\s+(OR\s+REPLACE\s+)?(FUNCTION|VIEW|PROCEDURE)\b|\bDO\s+\$")
+# the asyncpg Connection methods that send a statement (its text is the first argument)
+_QUERY_METHODS = ("execute", "executemany", "fetch", "fetchrow", "fetchval", "prepare", "cursor")
+
+
+def _note(query: object) -> None:
+    if _current is not None and isinstance(query, str) and not _DEFINES.search(query):
+        _named.setdefault(_current, set()).update("tasker." + n for n in _NAME.findall(query))
+
+
+def _recording(original: Any) -> Any:
+    @functools.wraps(original)
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _note(args[0] if args else kwargs.get("query", kwargs.get("command")))
+        return original(self, *args, **kwargs)
+
+    return wrapper
+
+
+def _record_statements() -> None:
+    for name in _QUERY_METHODS:
+        cls = asyncpg.connection.Connection
+        setattr(cls, name, _recording(getattr(cls, name)))
 
 
 async def _enable_tracking(server: pgserver.TestServer) -> None:
@@ -104,6 +141,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
     pgserver.TestServer.setup_template = setup_template  # type: ignore[method-assign]
     pgserver.TestServer.drop_database = drop_database  # type: ignore[method-assign]
+    _record_statements()
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -132,5 +170,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     path = os.environ.get(ENV)
     if not path:
         return
+    for nodeid, names in _named.items():
+        _results.setdefault(nodeid, {"functions": []})["named"] = sorted(names)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps({"tests": _results}, indent=1, sort_keys=True))

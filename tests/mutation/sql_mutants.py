@@ -7,14 +7,16 @@
 3. Coverage map, once per run (cached in .mutation/coverage.json while sql/ and tests/ are
    unchanged, reused by --only and --resume): the SQL-level tests run with
    `-p tests.mutation.coverage_plugin`, which records
-   per test the tasker functions its database called (track_functions = 'all'). Tests that fail
-   without any mutant are left out of every selection.
+   per test the tasker functions its database called (track_functions = 'all') and those its
+   statements named (a call that raises leaves no statistics). Tests that fail without any
+   mutant are left out of every selection.
 4. Per mutant (see `sqlmut` for the operators and ids): the mutated file is first migrated into
    a scratch database; a failing migrate makes the mutant `invalid`. Else the tests that called
-   its function (for an uncounted function, an inlined SQL function or a view: the tests of the
-   functions that reference it) run with `-x`, fastest first, under a timeout. Any failure
-   kills the mutant; a timeout is reported as `timeout` (detected, separately); a mutant no
-   test reaches is `survived` with no tests.
+   or named its function (for an uncounted function, an inlined SQL function or a view: the
+   tests of the functions that reference it; outside any function, e.g. the grants file's DO
+   block: the tests of the modules naming the file) run with `-x`, fastest first, under a
+   timeout. Any failure kills the mutant; a timeout is reported as `timeout` (detected,
+   separately); a mutant no test reaches is `survived` with no tests.
 Results go to .mutation/sql-results.jsonl (one line per mutant, resumable: `--resume` skips
 mutants already there) and the summary to .mutation/sql-summary.json.
 
@@ -221,18 +223,34 @@ def references(root: Path) -> dict[str, set[str]]:
 
 
 def select_tests(
-    function: str | None, cov: dict[str, Any], refs: dict[str, set[str]]
+    function: str | None, cov: dict[str, Any], refs: dict[str, set[str]], file: str = ""
 ) -> tuple[list[str], str]:
-    """The passing tests that reach `function` (fastest first) and how they were found."""
+    """The passing tests that reach `function` of `file` (fastest first) and how they were
+    found."""
     tests = {k: v for k, v in cov["tests"].items() if v.get("outcome") == "passed"}
+
+    def fastest(found: set[str]) -> list[str]:
+        return sorted(found, key=lambda k: (tests[k].get("duration", 1.0), k))
+
     if function is None:
-        return [], "outside any function"
+        # a top-level statement (the grants file's DO block): the tests of the modules that
+        # name its file (tests/sql/test_roles.py names 99_grants.sql)
+        name = Path(file).name
+        if not name:
+            return [], "outside any function"
+        files = {k.split("::", 1)[0] for k in tests}
+        named = {f for f in files if name in (ROOT / f).read_text()}
+        return fastest({k for k in tests if k.split("::", 1)[0] in named}), "tests naming its file"
 
     def direct(f: str) -> set[str]:
-        return {k for k, v in tests.items() if f in v.get("functions", [])}
+        # called: function statistics; named: a statement the test sent names it (a call
+        # that raises leaves no statistics, see coverage_plugin)
+        return {
+            k for k, v in tests.items() if f in v.get("functions", []) or f in v.get("named", [])
+        }
 
     found = direct(function)
-    how = "called it"
+    how = "called or named it"
     if not found:
         # inlined SQL function or a view: the tests of what references it, transitively
         seen, todo = {function}, list(refs.get(function, ()))
@@ -254,7 +272,7 @@ def select_tests(
         named = {f for f in files if short in (ROOT / f).read_text()}
         found = {k for k in tests if k.split("::", 1)[0] in named}
         how = "tests naming it"
-    return sorted(found, key=lambda k: (tests[k].get("duration", 1.0), k)), how
+    return fastest(found), how
 
 
 # --- running mutants ------------------------------------------------------------------------
@@ -280,7 +298,7 @@ def run_mutant(
         if error is not None:
             record.update(status="invalid", detail=error)
             return record
-        tests, how = select_tests(m.function, cov, refs)
+        tests, how = select_tests(m.function, cov, refs, m.file)
         record["tests"] = len(tests)
         record["selection"] = how
         if not tests:

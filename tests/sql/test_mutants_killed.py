@@ -12,13 +12,16 @@ import pytest
 from tasker_pg import db
 from tasker_pg.errors import InvalidStateError, ValidationError
 from tests.sql.test_engine_edge_cases import wait_for_lock_wait
+from tests.sql.test_engine_flows import wait_for
 from tests.support.engine import (
     NAMESPACE,
+    Row,
     assert_healthy,
     checkpoint,
     claim,
     complete,
     failure,
+    readiness,
     single,
     start,
     step,
@@ -335,4 +338,176 @@ async def test_create_tasks_marks_only_root_steps_enqueued(conn: db.Connection) 
     await complete(conn, success(one))
     b = await step_row(conn, task, "b")
     assert b["state"] == "enqueued" and b["enqueued_at"] is not None
+    await assert_healthy(conn)
+
+
+def _fence(row: Row) -> dict[str, object]:
+    return {
+        "step_uuid": str(row["step_uuid"]),
+        "attempt": row["attempt"],
+        "claim_seq": row["claim_seq"],
+    }
+
+
+async def test_a_release_sets_a_retry_time_only_on_a_step_waiting_for_retry(
+    conn: db.Connection,
+) -> None:
+    """70_leases:165:int_minus1:0 (`s.attempts - 0 > 0`): a release that gave back a first
+    attempt left the enqueued step with the delay's end as its next_attempt_at (v_steps and
+    `tasker-pg step` show it as a retry time)."""
+    task = await start(conn, single())
+    [row] = await claim(conn)
+    [released] = await conn.release_steps([_fence(row)], delay_seconds=60)
+    assert released["released"] is True
+    view = "SELECT state, attempts, next_attempt_at FROM tasker.v_steps WHERE task_uuid = $1"
+    s = await conn.fetchrow(view, task)
+    assert (s["state"], s["attempts"], s["next_attempt_at"]) == ("enqueued", 0, None)
+    # a second attempt given back waits for the delay: the retry time is the message's
+    await conn.execute(f"UPDATE tasker.q_{NAMESPACE} SET vt = clock_timestamp()")
+    [row] = await claim(conn)
+    await complete(conn, failure(row, retry_after=0))
+    [row] = await claim(conn)
+    assert row["attempt"] == 2
+    [released] = await conn.release_steps([_fence(row)], delay_seconds=60)
+    assert released["released"] is True
+    s = await conn.fetchrow(view, task)
+    vt = await conn.fetchval(f"SELECT vt FROM tasker.q_{NAMESPACE}")
+    assert (s["state"], s["attempts"], s["next_attempt_at"]) == ("waiting_for_retry", 1, vt)
+    await assert_healthy(conn)
+
+
+async def test_a_release_without_delay_wakes_the_workers_and_a_delayed_one_does_not(
+    conn: db.Connection, dsn: str
+) -> None:
+    """70_leases:203:int_minus1:0 (`WHERE p_delay_seconds = -1`): release_steps never
+    notified, so workers waiting on the queue's channel did not see a step released for
+    immediate reuse until their next poll."""
+    await start(conn, single())
+    await start(conn, single())
+    first, second = await claim(conn)
+    listener = await db.connect(dsn)
+    received: list[tuple[str, str]] = []
+    try:
+        await listener.listen(f"tasker_{NAMESPACE}", lambda c, p: received.append((c, p)))
+        [held] = await conn.release_steps([_fence(first)], delay_seconds=30)
+        assert held["released"] is True
+        await listener.execute("SELECT 1")  # a round trip on the listener flushes
+        assert received == []
+        [back] = await conn.release_steps([_fence(second)], delay_seconds=0)
+        assert back["released"] is True
+
+        async def seen() -> bool:
+            await listener.execute("SELECT 1")
+            return bool(received)
+
+        await wait_for(seen, what="the release's notification")
+        assert received == [(f"tasker_{NAMESPACE}", "")]
+    finally:
+        await listener.close()
+    await assert_healthy(conn)
+
+
+async def test_repair_passes_over_a_step_another_session_holds(dsn: str) -> None:
+    """75_maintenance:80:del_skip_locked:0 (repair locked its steps without SKIP LOCKED):
+    repair_messages waited for a step row another session held instead of leaving that step
+    for its next call."""
+    a, b = await db.connect(dsn), await db.connect(dsn)
+    try:
+        task = await start(a, single())
+        await a.execute(f"DELETE FROM tasker.q_{NAMESPACE}")
+        s = await step_row(a, task, "only")
+        # a lock wait fails at once instead of hanging the test: SKIP LOCKED never waits
+        await b.execute("SET lock_timeout = '2s'")
+        async with a.transaction():
+            await a.execute(
+                "SELECT 1 FROM tasker.steps WHERE step_uuid = $1 FOR UPDATE", s["step_uuid"]
+            )
+            assert await b.repair_messages() == []
+        repaired = await b.repair_messages()
+        assert [(r["kind"], r["step_uuid"]) for r in repaired] == [
+            ("message_resent", s["step_uuid"])
+        ]
+        await assert_healthy(a)
+    finally:
+        await a.close()
+        await b.close()
+
+
+@pytest.mark.parametrize("meanwhile", ["failed", "parked"])
+async def test_repair_rechecks_a_lost_step_under_its_lock(dsn: str, meanwhile: str) -> None:
+    """75_maintenance:98:del_and:0 (no state re-check) and 75_maintenance:100:del_and:0 (no
+    parked re-check): repair picks its candidates from one snapshot and locks them later; a
+    step that failed, or was parked, in between got a message again (a message for a step in
+    error; a parked step unparked while its task is in error).
+
+    The window is held open by the repair's step 2: it creates the dropped queue of another
+    task's namespace, and waits there on that queue's creation lock, held by session `a`."""
+    a, b = await db.connect(dsn), await db.connect(dsn)
+    try:
+        other = await start(a, template("elsewhere", [step("e")], namespace="elsewhere"))
+        await a.execute(
+            """
+            DROP TABLE tasker.q_elsewhere;
+            DROP TABLE tasker.a_elsewhere;
+            DELETE FROM tasker.queues WHERE queue_name = 'elsewhere';
+            DROP SEQUENCE tasker.q_elsewhere_seq;
+            """
+        )
+        task = await start(a, template("pair", [step("x"), step("y")]))
+        rows = {r["step_name"]: r for r in await claim(a)}
+        await complete(a, failure(rows["y"], retryable=False))  # the task is in error
+        x = await step_row(a, task, "x")
+        assert x["state"] == "in_progress"
+        await a.execute(f"DELETE FROM tasker.q_{NAMESPACE} WHERE msg_id = $1", x["msg_id"])
+        lock = "SELECT pg_advisory_lock(hashtextextended('tasker.create_queue:elsewhere', 0))"
+        await a.execute(lock)
+        repair = asyncio.create_task(b.repair_messages())
+        await wait_for_lock_wait(a, b, "advisory")  # b has its candidates, x among them
+        await complete(a, failure(rows["x"], retryable=False))
+        if meanwhile == "parked":
+            await a.retry_step(x["step_uuid"])  # enqueued with a message; y keeps the task in error
+            assert await claim(a) == []  # the claim meets the message and parks x
+        await a.execute("SELECT pg_advisory_unlock_all()")
+        repaired = await asyncio.wait_for(repair, timeout=30)
+        e = await step_row(a, other, "e")
+        assert [(r["kind"], r["step_uuid"]) for r in repaired] == [
+            ("message_resent", e["step_uuid"])
+        ]
+        x = await step_row(a, task, "x")
+        expected = ("error", None) if meanwhile == "failed" else ("enqueued", None)
+        assert (x["state"], x["msg_id"]) == expected
+        assert (await task_row(a, task))["state"] == "error"
+        await assert_healthy(a)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_readiness_of_an_enqueued_step_that_lost_its_message_is_false(
+    conn: db.Connection,
+) -> None:
+    """90_inspection:40:coalesce_drop:0 and 90_inspection:40:false_to_true:0: an enqueued
+    step whose message is gone (no claim can see it) was reported ready NULL, or ready."""
+    task = await start(conn, single())
+    assert (await readiness(conn, task))["only"]["ready"] is True
+    await conn.execute(f"DELETE FROM tasker.q_{NAMESPACE}")
+    r = (await readiness(conn, task))["only"]
+    assert (r["state"], r["ready"], r["next_attempt_at"]) == ("enqueued", False, None)
+
+
+async def test_readiness_names_no_worker_for_a_claim_without_a_worker_id(
+    conn: db.Connection,
+) -> None:
+    """90_inspection:76:coalesce_drop:0 (`'running on ' || s.worker_id`): a step claimed
+    without a worker id (claim_steps accepts NULL) was described as NULL."""
+    task = await start(conn, single())
+    [row] = await conn.fetch("SELECT * FROM tasker.claim_steps($1, NULL, 1, 30)", NAMESPACE)
+    assert row["step_name"] == "only"
+    r = (await readiness(conn, task))["only"]
+    assert (r["state"], r["ready"], r["reason"]) == (
+        "in_progress",
+        False,
+        f"running on ? (attempt 1 of {r['max_attempts']})",
+    )
+    await complete(conn, success(row))
     await assert_healthy(conn)

@@ -205,6 +205,34 @@ async def test_public_is_revoked_and_entry_points_are_definers_with_a_pinned_pat
     assert not any(r["rolcanlogin"] for r in roles), "group roles must be NOLOGIN"
 
 
+async def test_migrate_gives_the_owner_a_sequence_another_user_made(
+    conn: db.Connection, login: Login
+) -> None:
+    """Ownership covers standalone sequences, not only those a column owns: the sequence of a
+    queue made before the roles existed (or one a migration creates) belongs to the migrating
+    user until the grants file hands it to the owner, and the entry points, which run as the
+    owner, draw message ids from it. 99_grants:88:del_and:0 (every sequence taken for one a
+    column owns) left it with the migrating user, and a client's create_task failed."""
+    await start(conn, single())
+    seq = f"tasker.q_{NAMESPACE}_seq"
+    owner_sql = "SELECT pg_get_userbyid(relowner) FROM pg_class WHERE oid = $1::regclass"
+    await conn.execute(f"ALTER SEQUENCE {seq} OWNER TO CURRENT_USER")
+    assert await conn.fetchval(owner_sql, seq) == await conn.fetchval("SELECT current_user")
+    # the grants file runs again at the next migrate that changes anything
+    await conn.execute("DELETE FROM tasker.schema_functions WHERE file = '99_grants.sql'")
+    report = await migrations.migrate(conn)
+    assert [f.name for f in report.functions] == ["99_grants.sql"]
+    assert await conn.fetchval(owner_sql, seq) == "tasker_owner"
+    client = await login("client")
+    task = await client.create_task(NAMESPACE, "single", {})
+    assert (
+        await conn.fetchval(
+            "SELECT count(*) FROM tasker.steps WHERE task_uuid = $1 AND state = 'enqueued'", task
+        )
+        == 1
+    )
+
+
 # --- per role: what it may do works, everything else is refused ---------------------------
 
 
