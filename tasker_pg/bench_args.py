@@ -12,7 +12,17 @@ from typing import Any
 
 from tasker_pg import argtypes
 
-SCENARIOS = ("baseline", "flat", "dag", "fanout", "backlog", "scale", "latency", "create")
+SCENARIOS = (
+    "baseline",
+    "flat",
+    "dag",
+    "fanout",
+    "backlog",
+    "scale",
+    "xmin",
+    "latency",
+    "create",
+)
 DESCRIPTION = (
     "`tasker-pg bench`: throughput and latency, measured against a raw SQL baseline in the "
     "same run."
@@ -29,8 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help=f"scenario to run, repeatable: {', '.join(SCENARIOS)} (default: all; flat, dag, "
-        "fanout and backlog bring the baseline along, their ratios need it; backlog brings "
-        "flat, its clean rate)",
+        "fanout, backlog and scale bring the baseline along, their ratios need it; backlog "
+        "brings flat, its clean rate, and xmin brings dag, its capacity)",
     )
     parser.add_argument(
         "--workers",

@@ -15,6 +15,7 @@ import re
 from typing import Any
 
 from tasker_pg import db
+from tasker_pg.bench.handlers import NAMESPACE
 from tasker_pg.errors import DatabaseError
 
 _DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -243,3 +244,83 @@ async def database_now(conn: db.Connection) -> dt.datetime:
     value = await conn.fetchval("SELECT clock_timestamp()")
     assert isinstance(value, dt.datetime)
     return value
+
+
+# A report's read (the xmin scenario's snapshot holder takes its snapshot with it).
+_REPORT_READ = "SELECT count(*) FROM tasker.tasks"
+
+# The hot tables of the bench namespace: dead and live tuples (statistics, flushed about once
+# a second), table and index sizes.
+_HOT_TABLE_STATS = """
+SELECT s.relname AS relation, s.n_dead_tup AS dead, s.n_live_tup AS live,
+       pg_relation_size(s.relid) / 1024 AS table_kb, pg_indexes_size(s.relid) / 1024 AS index_kb
+  FROM pg_stat_user_tables s
+ WHERE s.schemaname = 'tasker' AND s.relname IN ('tasks', 'steps', 'step_edges', $1)
+ ORDER BY s.relname
+"""
+
+# Per window of $2 seconds from $1, the full windows of a $3-second phase: tasks created in it,
+# tasks completed in it, and the p50 / p99 lag (ms) from creation to completion of the latter.
+_COMPLETION_WINDOWS = """
+WITH p AS (SELECT $1::timestamptz AS since, $2::float8 AS width, $3::float8 AS seconds),
+t AS MATERIALIZED (
+    SELECT created_at, completed_at FROM tasker.tasks, p WHERE created_at >= p.since
+),
+w AS (
+    SELECT k, p.width,
+           p.since + make_interval(secs => k * p.width) AS lo,
+           p.since + make_interval(secs => (k + 1) * p.width) AS hi
+      FROM p, generate_series(0, floor(p.seconds / p.width)::int - 1) k
+)
+SELECT w.k * w.width AS from_s, (w.k + 1) * w.width AS to_s,
+       (SELECT count(*) FROM t WHERE t.created_at >= w.lo AND t.created_at < w.hi) AS arrived,
+       (SELECT count(*) FROM t WHERE t.completed_at >= w.lo AND t.completed_at < w.hi) AS completed,
+       (SELECT 1000 * percentile_cont(0.5) WITHIN GROUP (
+                   ORDER BY extract(epoch FROM t.completed_at - t.created_at))
+          FROM t WHERE t.completed_at >= w.lo AND t.completed_at < w.hi) AS lag_p50_ms,
+       (SELECT 1000 * percentile_cont(0.99) WITHIN GROUP (
+                   ORDER BY extract(epoch FROM t.completed_at - t.created_at))
+          FROM t WHERE t.completed_at >= w.lo AND t.completed_at < w.hi) AS lag_p99_ms
+  FROM w
+ ORDER BY w.k
+"""
+
+
+async def report_read(conn: db.Connection) -> int:
+    return int(await conn.fetchval(_REPORT_READ))
+
+
+async def hot_table_stats(conn: db.Connection) -> list[dict[str, Any]]:
+    rows = await conn.fetch(_HOT_TABLE_STATS, f"q_{NAMESPACE}")
+    return [
+        {
+            "relation": str(r["relation"]),
+            **{key: int(r[key]) for key in ("dead", "live", "table_kb", "index_kb")},
+        }
+        for r in rows
+    ]
+
+
+async def completion_windows(
+    conn: db.Connection, since: dt.datetime, window: float, seconds: float
+) -> list[dict[str, Any]]:
+    rows = await conn.fetch(_COMPLETION_WINDOWS, since, window, seconds)
+    out = []
+    for r in rows:
+        arrived, completed = int(r["arrived"]), int(r["completed"])
+        out.append(
+            {
+                "from_s": float(r["from_s"]),
+                "to_s": float(r["to_s"]),
+                "arrived": arrived,
+                "completed": completed,
+                "completed_per_arrived": round(completed / arrived, 4) if arrived else 0.0,
+                "lag_p50_ms": _round_or_none(r["lag_p50_ms"]),
+                "lag_p99_ms": _round_or_none(r["lag_p99_ms"]),
+            }
+        )
+    return out
+
+
+def _round_or_none(value: Any) -> float | None:
+    return None if value is None else round(float(value), 1)

@@ -141,6 +141,7 @@ def context_notes(name: str, result: dict[str, Any]) -> list[str]:
                 f"WARNING: the baseline drifted {drift:+.0f}% during the run; the machine was "
                 "not steady and the ratios are uncertain by about as much"
             )
+    notes.extend(result.get("notes", []))
     if name == "create" and result.get("ok"):
         notes.append(
             "one create_task per call reaches "

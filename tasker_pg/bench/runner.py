@@ -195,6 +195,8 @@ class Bench:
         wanted = set(self.options.scenarios)
         if "backlog" in wanted:
             wanted.add("flat")  # the clean rate the backlog drain is compared with
+        if "xmin" in wanted:
+            wanted.add("dag")  # the capacity whose quarter the xmin arrivals are
         selected = [s for s in SCENARIOS if s in wanted]
         if "baseline" not in selected and any(s in selected for s in RATIO_SCENARIOS):
             selected.insert(0, "baseline")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasker_pg import db
-from tasker_pg.bench import baseline, handlers, queries
+from tasker_pg.bench import baseline, handlers, queries, xmin
 from tasker_pg.bench.handlers import NAMESPACE
 from tasker_pg.bench.machine import CpuMeter, cpu_per_step
 from tasker_pg.bench.options import (
@@ -623,6 +623,7 @@ RUNNERS: dict[str, Scenario] = {
     "fanout": fanout,
     "backlog": backlog,
     "scale": scale,
+    "xmin": xmin.xmin,
     "latency": latency,
     "create": create,
     "baseline_again": baseline.baseline_again,

@@ -90,6 +90,19 @@ def test_every_scenario_reports_completed_work(
     assert [d["steps"] for d in scale["workers"].values()] == [200, 200, 200]
     assert {d["steps"] for d in scale["handler_10ms_concurrency"].values()} == {50}
 
+    held = scenarios["xmin"]
+    for phase in ("clean", "held"):
+        windows = held[phase]["windows"]
+        assert len(windows) == 6, windows
+        assert sum(w["arrived"] for w in windows) > 0
+        assert {t["relation"] for t in held[phase]["tables"]} == {
+            "tasks",
+            "steps",
+            "step_edges",
+            f"q_{handlers.NAMESPACE}",
+        }
+    assert isinstance(held["worst_held_lag_p99_ms"], float)
+
     # Every target is listed with a verdict (no timing assertion: only that it was judged).
     per_scenario: dict[str, int] = {}
     for target in report["targets"]:
@@ -99,6 +112,7 @@ def test_every_scenario_reports_completed_work(
         "dag": 2,
         "fanout": 1,
         "backlog": 1,
+        "xmin": 2,
         "latency": 3,
         "create": 2,
     }
