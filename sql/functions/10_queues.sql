@@ -206,15 +206,19 @@ COMMENT ON FUNCTION tasker.send_batch(text,jsonb[],double precision,integer) IS
     'Sends many messages in one statement; returns their msg_ids in input order.';
 
 -- Locks up to p_qty messages of a queue that are visible at p_now, in hand-out order: highest
--- priority first, then the longest visible (vt, then msg_id). SKIP LOCKED: concurrent callers
--- pass over each other's rows. It reads the claim index (queue, priority DESC, vt, msg_id) one
+-- priority first, then the longest visible (vt; messages made visible in the same instant, such
+-- as one create_tasks call's, in index order, which is their insertion order in a table that
+-- reuses no space). SKIP LOCKED: concurrent callers
+-- pass over each other's rows. It reads the claim index (priority DESC, vt) one
 -- priority at a time (a loose index scan over the priorities present), each as the range
 -- vt <= p_now, so messages that are not visible yet (leased, delayed, waiting for a retry) are
 -- never read: the cost is one index descent per priority present plus the rows handed out.
--- read(), pop() and claim_steps take their messages here.
+-- read(), pop() and claim_steps take their messages here. ROWS 10: the statements that join
+-- its rows (claim_steps locks their steps) must plan index probes, not the hash join with a
+-- sequential scan of tasker.steps that the default estimate of 1,000 rows makes them pick.
 CREATE FUNCTION tasker._lock_visible(p_queue text, p_qty integer, p_now timestamptz)
 RETURNS TABLE (msg_id bigint, message jsonb)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql ROWS 10 AS $$
 #variable_conflict use_column
 DECLARE
     v_prio integer;
@@ -232,7 +236,7 @@ BEGIN
         SELECT m.msg_id, m.message
           FROM tasker.queue_messages m
          WHERE m.queue = p_queue AND m.priority = v_prio AND m.vt <= p_now
-         ORDER BY m.vt, m.msg_id
+         ORDER BY m.vt
          LIMIT v_left
            FOR UPDATE SKIP LOCKED;
         GET DIAGNOSTICS v_got = ROW_COUNT;
@@ -249,6 +253,7 @@ BEGIN
     END LOOP;
 END
 $$;
+ALTER FUNCTION tasker._lock_visible(text, integer, timestamptz) SET enable_seqscan = off;
 
 -- Hands out up to p_qty visible messages (highest priority first, then oldest), hiding each for
 -- p_vt_seconds and counting the read. Concurrent readers never get the same message.

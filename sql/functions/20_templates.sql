@@ -379,9 +379,12 @@ BEGIN
         RAISE EXCEPTION 'template %: step #% must be an object', p_template, p_index USING ERRCODE = 'TV010';
     END IF;
     v_name := p_step->>'name';
-    IF v_name IS NULL OR v_name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,127}$' THEN
+    -- a JSON true or 12 reads as the text 'true' or '12': the name must be a JSON string
+    IF jsonb_typeof(p_step->'name') IS DISTINCT FROM 'string' OR v_name !~ '^[A-Za-z_][A-Za-z0-9_.-]{0,127}$' THEN
         RAISE EXCEPTION 'template %: step #% has an invalid name %: letters, digits, _, - and ., starting with a letter or _',
-            p_template, p_index, coalesce(quote_literal(left(v_name, 200)), 'NULL') USING ERRCODE = 'TV010';
+            p_template, p_index,
+            CASE WHEN jsonb_typeof(p_step->'name') = 'string' THEN quote_literal(left(v_name, 200))
+                 ELSE coalesce(left((p_step->'name')::text, 200), 'NULL') END USING ERRCODE = 'TV010';
     END IF;
     v_where := format('template %s, step %L', p_template, v_name);
     FOR v_key IN SELECT jsonb_object_keys(p_step) LOOP

@@ -77,6 +77,7 @@ BEGIN
 END
 $$;
 ALTER FUNCTION tasker._apply_task_deltas(tasker._task_delta[], text) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker._apply_task_deltas(tasker._task_delta[], text) SET enable_seqscan = off;
 
 -- Decrements the fan-in counter of every child of the given (just satisfied) steps and
 -- returns the children that reached zero while pending. Children are locked in step_uuid order
@@ -112,6 +113,7 @@ BEGIN
 END
 $$;
 ALTER FUNCTION tasker._release_children(uuid[]) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker._release_children(uuid[]) SET enable_seqscan = off;
 
 -- Enqueues the given steps that are (still) pending with every parent satisfied, when their
 -- task is running (a task in error starts nothing new): state enqueued, one message each, one
@@ -171,6 +173,7 @@ BEGIN
 END
 $$;
 ALTER FUNCTION tasker._enqueue_ready(uuid[], text) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker._enqueue_ready(uuid[], text) SET enable_seqscan = off;
 
 -- A task that left the error state goes on: steps whose parents completed meanwhile are
 -- enqueued, and the steps parked while it was in error (enqueued or waiting_for_retry with no

@@ -9,6 +9,12 @@
 -- of the moment (right after a bulk create, almost no step is in_progress) and picks
 -- sequential scans of tasker.steps that cost hundreds of milliseconds for the first calls of
 -- every session; the generic plans are the index plans the plan tests check.
+--
+-- They also run with enable_seqscan = off. Every statement of the hot path works on a batch
+-- (claims, outcomes, children) and finds its rows through a key, so an index probe is right
+-- whatever the statistics say; but a plan is made once per session, and a session that starts
+-- on near-empty tables (a new database; a queue whose workers keep up has a handful of live
+-- rows) would scan sequentially for good, through every dead row a held snapshot keeps.
 
 -- claim_steps
 CREATE TYPE tasker._claim_candidate AS (
@@ -184,6 +190,7 @@ BEGIN
 END
 $$;
 ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision) SET enable_seqscan = off;
 COMMENT ON FUNCTION tasker.claim_steps(text,text,integer,double precision) IS
     'Claims up to qty ready steps of a namespace for a worker, with a lease and a new claim_seq fence.';
 
@@ -291,3 +298,4 @@ BEGIN
 END
 $$;
 ALTER FUNCTION tasker._claim_exceptions(text, tasker._claim_candidate[]) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker._claim_exceptions(text, tasker._claim_candidate[]) SET enable_seqscan = off;

@@ -130,13 +130,18 @@ BEGIN
                           FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY a(o, ord)) b) e);
 
     -- 1. Lock the live messages of the claimed steps first, in (queue, msg_id) order: the lock
-    --    order every function follows. A claim racing for the same message skips it.
+    --    order every function follows. A claim racing for the same message skips it. The
+    --    (namespace, msg_id) pairs are one relation (OFFSET 0 keeps the subquery whole): with
+    --    the namespace from tasks and msg_id from steps, a plan made on small statistics probed
+    --    the primary key with the queue alone and filtered msg_id, reading the whole queue per
+    --    message (seconds per call once a held snapshot kept the dead entries).
     PERFORM 1
        FROM (SELECT t.namespace, s.msg_id
                FROM unnest(v_in) i
                JOIN tasker.steps s ON s.step_uuid = i.step_uuid
                JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-              WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x
+              WHERE s.state = 'in_progress' AND s.attempts = i.attempt
+             OFFSET 0) x  -- kept whole: both keys of the message come from one relation
        JOIN tasker.queue_messages m ON m.queue = x.namespace AND m.msg_id = x.msg_id
       ORDER BY m.queue, m.msg_id
         FOR UPDATE OF m;
@@ -294,5 +299,6 @@ BEGIN
 END
 $$;
 ALTER FUNCTION tasker.complete_steps(jsonb) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.complete_steps(jsonb) SET enable_seqscan = off;
 COMMENT ON FUNCTION tasker.complete_steps(jsonb) IS
     'Applies a batch of fenced step outcomes and everything that follows from them, in one transaction.';

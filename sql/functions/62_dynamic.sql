@@ -465,3 +465,14 @@ BEGIN
         'dependencies_satisfied');
 END
 $$;
+
+-- Called from complete_steps: index probes whatever the statistics say (a fan-out of 1,000
+-- workers into a task the statistics still call small made its edge and convergence lookups
+-- walk every step of the task); see 50_claim.sql.
+ALTER FUNCTION tasker._lock_dynamic(uuid[]) SET enable_seqscan = off;
+ALTER FUNCTION tasker._decision_plan(uuid, bigint, text[]) SET enable_seqscan = off;
+ALTER FUNCTION tasker._possible_steps(uuid) SET enable_seqscan = off;
+ALTER FUNCTION tasker._convergence_pending(uuid) SET enable_seqscan = off;
+ALTER FUNCTION tasker._lock_convergences(uuid[], uuid[]) SET enable_seqscan = off;
+ALTER FUNCTION tasker._insert_dynamic_steps(uuid, jsonb, timestamptz) SET enable_seqscan = off;
+ALTER FUNCTION tasker._apply_dynamic(uuid[]) SET enable_seqscan = off;

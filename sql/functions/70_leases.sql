@@ -44,7 +44,10 @@ $$;
 
 -- Locks the messages of the given claims, in lock order. extend_leases and release_steps then
 -- re-check each claim's fence on the step in a new statement (a fence read through a join is
--- not re-checked after waiting for a lock).
+-- not re-checked after waiting for a lock). The (namespace, msg_id) pairs are one relation
+-- (OFFSET 0 keeps the subquery whole), so each message is probed by its whole key: with the
+-- namespace from tasks and msg_id from steps as two relations, a plan made on small statistics
+-- probed the primary key by the queue alone and filtered msg_id (the whole queue per message).
 CREATE FUNCTION tasker._lock_claim_messages(p_claims jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -53,13 +56,15 @@ BEGIN
                FROM tasker._parse_claims(p_claims) c
                JOIN tasker.steps s ON s.step_uuid = c.step_uuid
                JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-              WHERE s.state = 'in_progress' AND s.attempts = c.attempt) x
+              WHERE s.state = 'in_progress' AND s.attempts = c.attempt
+             OFFSET 0) x  -- kept whole: both keys of the message come from one relation
        JOIN tasker.queue_messages m ON m.queue = x.namespace AND m.msg_id = x.msg_id
       ORDER BY m.queue, m.msg_id
         FOR UPDATE OF m;
 END
 $$;
 ALTER FUNCTION tasker._lock_claim_messages(jsonb) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker._lock_claim_messages(jsonb) SET enable_seqscan = off;
 
 -- Heartbeat for many steps in one call: pushes each still-current claim's lease to
 -- now + p_lease_seconds. One row per claim, in input order; extended = false means the claim
@@ -80,7 +85,9 @@ BEGIN
     WITH c AS (
         SELECT * FROM tasker._parse_claims(p_claims)
     ),
-    current_claims AS (
+    -- MATERIALIZED: both keys of each message come from one relation (see
+    -- _lock_claim_messages)
+    current_claims AS MATERIALIZED (
         SELECT c.ord, t.namespace, s.msg_id
           FROM c
           JOIN tasker.steps s ON s.step_uuid = c.step_uuid
@@ -102,6 +109,7 @@ BEGIN
 END
 $$;
 ALTER FUNCTION tasker.extend_leases(jsonb, double precision) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.extend_leases(jsonb, double precision) SET enable_seqscan = off;
 COMMENT ON FUNCTION tasker.extend_leases(jsonb,double precision) IS
     'Heartbeat: extends the leases of fenced claims still held by the caller.';
 
@@ -172,11 +180,16 @@ BEGIN
            AND NOT s.continuation
         RETURNING c.ord, s.step_uuid, s.task_uuid, s.state, s.attempts, s.msg_id, s.named_step_id, c.vt
     ),
+    -- both keys of each message from one relation (see _lock_claim_messages)
+    keys AS MATERIALIZED (
+        SELECT t.namespace, upd.msg_id, upd.vt
+          FROM upd JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
+    ),
     msgs AS (
         UPDATE tasker.queue_messages m
-           SET vt = upd.vt
-          FROM upd JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
-         WHERE m.queue = t.namespace AND m.msg_id = upd.msg_id
+           SET vt = k.vt
+          FROM keys k
+         WHERE m.queue = k.namespace AND m.msg_id = k.msg_id
         RETURNING m.queue
     ),
     audit AS (
@@ -210,5 +223,6 @@ BEGIN
 END
 $$;
 ALTER FUNCTION tasker.release_steps(jsonb, double precision, text, text) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.release_steps(jsonb, double precision, text, text) SET enable_seqscan = off;
 COMMENT ON FUNCTION tasker.release_steps(jsonb,double precision,text,text) IS
     'Hands back fenced claims whose handlers never started (shutdown, or handler_missing after a delay), without spending an attempt.';

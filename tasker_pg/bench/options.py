@@ -28,6 +28,7 @@ SCALE_SLOW_TASKS = 5_000  # tasks of each 10 ms drain
 XMIN_SECONDS = 180.0  # each phase of the held-snapshot scenario (scaled by --n)
 XMIN_WINDOW = 10.0  # seconds per reported window (shorter when a phase is short)
 XMIN_TICK = 0.1  # seconds between two arrival batches
+XMIN_WARMUP = 0.1  # warm-up before each phase, as a share of its length
 XMIN_LOAD = 0.25  # arrival rate, as a share of the diamond capacity measured by `dag`
 BACKLOG_INVISIBLE = 100_000  # steps of the queue not visible while the backlog drain runs
 LATENCY_TASKS = 200

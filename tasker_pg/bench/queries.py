@@ -239,13 +239,6 @@ async def created_totals(conn: db.Connection) -> dict[str, int]:
     return _counts(await conn.fetchrow(_CREATED_TOTALS))
 
 
-async def database_now(conn: db.Connection) -> dt.datetime:
-    """The server's clock (task created_at values are compared with it)."""
-    value = await conn.fetchval("SELECT clock_timestamp()")
-    assert isinstance(value, dt.datetime)
-    return value
-
-
 # A report's read (the xmin scenario's snapshot holder takes its snapshot with it).
 _REPORT_READ = "SELECT count(*) FROM tasker.tasks"
 

@@ -115,7 +115,7 @@ async def drain(
             await bench.register(conn)
             if before is not None:
                 await before(conn)
-                since = await queries.database_now(conn)
+                since = await conn.database_now()
             for worker in processes:
                 worker.start()
             await asyncio.gather(*(w.wait_ready() for w in processes))

@@ -7,6 +7,7 @@ it (the "queue death spiral"). This scenario measures it:
 
 - flat and diamond tasks arrive at a steady rate, a quarter of the capacity the `dag` scenario
   measured in the same run (half the steps in each shape), created every 100 ms;
+- each phase first warms up at that rate (a tenth of its length) and takes statistics;
 - phase `clean`: for `XMIN_SECONDS` (scaled by --n), nothing else;
 - phase `held`: the same, on a fresh database, while another session holds a REPEATABLE READ
   snapshot taken by reading `tasker.tasks`, as a report would, for the whole phase;
@@ -33,6 +34,7 @@ from tasker_pg.bench.options import (
     XMIN_TARGET_LAG_P99_MS,
     XMIN_TARGET_OF_CLEAN,
     XMIN_TICK,
+    XMIN_WARMUP,
     XMIN_WINDOW,
     BenchError,
 )
@@ -130,7 +132,11 @@ async def _phase(
             for worker in processes:
                 worker.start()
             await asyncio.gather(*(w.wait_ready() for w in processes))
-            since = await queries.database_now(conn)
+            # warm up at the same rate, then take statistics, as a database in steady state
+            # has them (plans made on empty tables are not what this measures)
+            await _arrivals(conn, flat_rate, diamond_rate, max(seconds * XMIN_WARMUP, XMIN_TICK))
+            await queries.analyze_engine_tables(conn)
+            since = await conn.database_now()
             snapshot = None
             if holder is not None:
                 snapshot = holder.raw.transaction(isolation="repeatable_read", readonly=True)

@@ -303,6 +303,9 @@ def with_retry(**changes: Any) -> dict[str, Any]:
         ({**template_body(), "name": HUGE_TEXT}, "template name 'xxxx"),
         ({**template_body(), "metadata": {"owner": Raw("1e400")}}, "metadata holds a number too"),
         (with_step_a(name=HUGE_TEXT), "step #1 has an invalid name 'xxxx"),
+        # a JSON true or number reads as the text 'true' / '12' (found by hypothesis)
+        (with_step_a(name=True), "step #1 has an invalid name true"),
+        (with_step_a(name=12), "step #1 has an invalid name 12"),
         (with_step_a(type=HUGE_TEXT), "step type 'xxxx"),
         (
             with_retry(backoff=None),

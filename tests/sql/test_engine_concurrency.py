@@ -1092,7 +1092,7 @@ async def hot_statements(conn: db.Connection) -> dict[str, plans.Expected]:
         ),
         # complete_steps: lock the claimed steps' messages
         "complete_lock_messages": expect(
-            "WHERE s.state = 'in_progress' AND s.attempts = i.attempt) x",
+            "WHERE s.state = 'in_progress' AND s.attempts = i.attempt OFFSET 0) x",
             "steps_pkey",
             "tasks_pkey",
             msg_pkey,
@@ -1191,7 +1191,7 @@ async def test_lease_statements_use_indexes_with_100k_steps(plan_conn: db.Connec
     expected = {
         # _lock_claim_messages: lock the claims' messages
         "lock_claim_messages": plans.Expected.of("FROM tasker._parse_claims(p_claims) c", *keys),
-        "extend_leases": plans.Expected.of("current_claims AS (", *keys),
+        "extend_leases": plans.Expected.of("current_claims AS MATERIALIZED (", *keys),
         "release_steps": plans.Expected.of(
             "SET attempts = s.attempts - CASE WHEN s.claim_spent_attempt", *keys
         ),

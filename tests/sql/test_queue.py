@@ -442,7 +442,8 @@ async def test_read_and_pop_use_the_claim_index_with_100k_messages(big_conn: db.
 @pytest.mark.plans
 async def test_plan_check_notices_a_missing_claim_index(big_conn: db.Connection) -> None:
     """The check above can fail: without the claim index, read() and pop() pick their
-    candidates by a sequential scan of the queue's partition."""
+    candidates some other way (_lock_visible runs with enable_seqscan off, so by walking the
+    primary key), and the check names both statements of each call."""
     conn = big_conn
     expected = await big_queue_statements(conn)
     claim_idx = await plans.partition_index(
@@ -457,5 +458,4 @@ async def test_plan_check_notices_a_missing_claim_index(big_conn: db.Connection)
         "pop: top_priority",
         "pop: visible",
     }, problems
-    assert any(f": Seq Scan on q_{BIG_QUEUE}:" in p for p in problems), problems
     assert taken == list(range(1, 21))
