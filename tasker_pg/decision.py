@@ -83,7 +83,7 @@ def create_steps_outcome(
     if not steps:
         raise ValueError(
             "steps is empty: a decision that takes no branch returns "
-            "self.decision_no_branches(reason)"
+            'self.decision_no_branches(reason) ({"type": "no_branches"}) instead'
         )
     if len(steps) > MAX_STEPS:
         raise ValueError(

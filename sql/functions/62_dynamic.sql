@@ -34,6 +34,7 @@ DECLARE
     v_plan   text[];
     v_limit  bigint;
     v_etype  text;
+    v_worker text;
 BEGIN
     SELECT s.task_uuid, n.named_task_id, n.name, n.step_type INTO v_task, v_tpl, v_name, v_type
       FROM tasker.steps s JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
@@ -51,6 +52,8 @@ BEGIN
             IF jsonb_typeof(v_out->'step_names') IS DISTINCT FROM 'array'
                OR EXISTS (SELECT 1 FROM jsonb_array_elements(v_out->'step_names') e WHERE jsonb_typeof(e) <> 'string') THEN
                 v_bad := 'decision_point_outcome.step_names must be a list of step names';
+            ELSIF jsonb_array_length(v_out->'step_names') = 0 THEN
+                v_bad := 'decision_point_outcome.step_names is empty: a decision that takes no branch returns {"type": "no_branches"} instead (decision_no_branches(reason) in Python)';
             ELSE
                 v_names := ARRAY(SELECT DISTINCT e FROM jsonb_array_elements_text(v_out->'step_names') e);
                 SELECT format('decision_point_outcome.step_names names %s, which is not a step this decision can create (its children: %s)',
@@ -119,6 +122,38 @@ BEGIN
                     OR e.c->>'batch_id' !~ '^[A-Za-z0-9_-]{1,64}$' OR e.uses > 1
                  ORDER BY e.ord LIMIT 1;
             END IF;
+        END IF;
+        -- A worker is named {worker_template}_{batch_id} (no_batches: _000). A name that is
+        -- already a step of the template or of the task would be taken twice (the insert would
+        -- skip it): refuse it, naming the step. Only a current claim's outcome gets here (a
+        -- resent one is stale), so the workers of this very outcome are never found.
+        IF v_bad IS NULL THEN
+            -- the worker template _apply_dynamic picks
+            SELECT n.name INTO v_worker FROM tasker.named_steps n
+             WHERE n.named_task_id = v_tpl AND n.step_type = 'batch_worker' AND n.parent_names = ARRAY[v_name]
+             ORDER BY (n.name = v_out->>'worker_template_name') DESC, n.step_index
+             LIMIT 1;
+            SELECT CASE WHEN x.cfg IS NULL
+                        THEN format('the no-op worker of no_batches would be named %s, the name of step %s already in this %s',
+                                    quote_literal(x.nm), quote_literal(x.nm), x.place)
+                        ELSE format('batch_processing_outcome.cursor_configs[%s]: the worker would be named %s (worker_template_name + ''_'' + batch_id), the name of step %s already in this %s; choose batch_ids that make new names',
+                                    x.ord - 1, quote_literal(x.nm), quote_literal(x.nm), x.place)
+                   END
+              INTO v_bad
+              FROM (SELECT w.nm, w.cfg, w.ord,
+                           CASE WHEN EXISTS (SELECT 1 FROM tasker.named_steps n WHERE n.named_task_id = v_tpl AND n.name = w.nm)
+                                THEN 'template'
+                                WHEN EXISTS (SELECT 1 FROM tasker.steps s WHERE s.task_uuid = v_task AND s.name = w.nm)
+                                THEN 'task'
+                           END AS place
+                      FROM (SELECT v_worker || '_' || coalesce(c.cfg->>'batch_id', '000') AS nm, c.cfg, c.ord
+                              FROM (SELECT e.c AS cfg, e.ord FROM jsonb_array_elements(v_out->'cursor_configs') WITH ORDINALITY e(c, ord)
+                                     WHERE v_kind = 'create_batches'
+                                    UNION ALL
+                                    SELECT NULL, 1 WHERE v_kind = 'no_batches') c) w) x
+             WHERE x.place IS NOT NULL
+             ORDER BY x.ord
+             LIMIT 1;
         END IF;
     ELSE
         RETURN NULL;
@@ -306,8 +341,9 @@ $$;
 -- recomputes the task's convergence counters under their locks, bumps total_steps by the
 -- number of steps created (before the caller's completion check), records the decision or the
 -- fan-out in task_transitions, and enqueues what is ready. A result that is not a valid
--- outcome (possible only from resolve_step: complete_steps fails such a step) counts as
--- no_branches / no_batches. The caller holds the deciding steps' rows.
+-- outcome from resolve_step counts as no_branches / no_batches; from complete_steps (which fails
+-- such a step before) it is a worker name taken since the check: TV030, the batch refused. The
+-- caller holds the deciding steps' rows.
 CREATE FUNCTION tasker._apply_dynamic(p_steps uuid[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
@@ -327,11 +363,12 @@ DECLARE
     v_worker  record;
     v_counts  jsonb := '{}';  -- task_uuid -> steps created
     v_fresh   text[];
+    v_error   jsonb;
 BEGIN
     v_tasks := ARRAY(SELECT DISTINCT s.task_uuid FROM tasker.steps s WHERE s.step_uuid = ANY (p_steps) ORDER BY 1);
     PERFORM tasker._lock_dynamic(v_tasks);
     PERFORM tasker._lock_convergences(v_tasks, '{}');
-    FOR r IN SELECT s.step_uuid, s.task_uuid, s.name, s.results, n.step_type, n.named_task_id, t.state AS task_state
+    FOR r IN SELECT s.step_uuid, s.task_uuid, s.name, s.state, s.results, n.step_type, n.named_task_id, t.state AS task_state
                FROM tasker.steps s
                JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
                JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
@@ -339,7 +376,17 @@ BEGIN
                 AND s.state IN ('complete', 'resolved_manually')
               ORDER BY s.task_uuid, s.step_uuid
     LOOP
-        v_valid := tasker._dynamic_outcome_error(r.step_uuid, r.results) IS NULL;
+        v_error := tasker._dynamic_outcome_error(r.step_uuid, r.results);
+        v_valid := v_error IS NULL;
+        -- complete_steps checked this outcome before it took the task's dynamic lock. What can
+        -- have changed since is the task's steps: another outcome of the same batch, or of a
+        -- transaction that committed meanwhile, created a worker with one of this outcome's
+        -- worker names. Refuse the batch (nothing of it is applied): sent again, alone, the
+        -- outcome meets the name taken and becomes the analyzer's permanent failure.
+        IF NOT v_valid AND r.state = 'complete' THEN
+            RAISE EXCEPTION 'the outcome of step % (%) can no longer be applied: %; send it again on its own',
+                r.name, r.step_uuid, v_error->>'message' USING ERRCODE = 'TV030';
+        END IF;
         v_all := '{}';
         IF r.step_type = 'decision' THEN
             v_out := CASE WHEN v_valid THEN r.results->'decision_point_outcome' END;
@@ -391,9 +438,12 @@ BEGIN
         -- what follows from what exists now: convergences listing a created step, and the steps
         -- downstream of them all of whose parents exist, until nothing more is created
         LOOP
-            -- the template names of the steps just created (convergences listing one of them)
+            -- the template names of the steps just created, and the deciding step itself: a
+            -- convergence listing one of them is created (one that lists a decision is dynamic,
+            -- like every step depending on a decision, and is created once the decision applies,
+            -- whatever it chose)
             v_fresh := ARRAY(SELECT DISTINCT n.name FROM tasker.steps s JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
-                              WHERE s.step_uuid = ANY (v_ids));
+                              WHERE s.step_uuid = ANY (v_ids)) || r.name;
             SELECT jsonb_agg(jsonb_build_object('named_step_id', n.named_step_id, 'name', n.name)) INTO v_more
               FROM tasker.named_steps n
              WHERE n.named_task_id = r.named_task_id

@@ -120,9 +120,17 @@ BEGIN
                                           FROM tasker.steps c JOIN tasker.named_steps cn ON cn.named_step_id = c.named_step_id
                                          CROSS JOIN LATERAL (SELECT c.name AS x) y
                                          WHERE c.task_uuid = p_task AND d.name = ANY (cn.parent_names)), ''))
-                   WHEN d.step_type = 'decision' THEN format('not created yet: waits for decision `%s`', d.name)
+                   WHEN d.step_type = 'decision' AND n.name = ANY (pos.names)
+                       THEN format('not created yet: waits for decision `%s`', d.name)
                    WHEN n.step_type = 'batch_worker' AND n.name = ANY (pos.names)
                        THEN format('not created yet: waits for batchable step `%s`', d.name)
+                   -- the batchable step chose another of its batch_worker steps
+                   WHEN n.step_type = 'batch_worker' AND ds.state IN ('complete', 'resolved_manually')
+                       THEN format('not created: batchable step `%s` created workers of `%s`', d.name,
+                                   coalesce((SELECT min(wn.name) FROM tasker.steps w
+                                              JOIN tasker.named_steps wn ON wn.named_step_id = w.named_step_id
+                                             WHERE w.task_uuid = p_task AND wn.step_type = 'batch_worker'
+                                               AND wn.parent_names = ARRAY[d.name]), 'none'))
                    WHEN n.name = ANY (pos.names) AND n.step_type = 'deferred_convergence'
                        THEN 'not created yet: created once a step it lists is created'
                    WHEN n.name = ANY (pos.names)

@@ -525,11 +525,18 @@ def dags(draw: st.DrawFn) -> dict[str, list[str]]:
     return {f"n{i}": deps[f"n{i}"] for i in order}
 
 
+STEP_TYPES = ["standard", "decision", "batchable", "batch_worker", "deferred_convergence"]
+
+
 @SETTINGS
-@given(deps=dags(), cycle=st.booleans(), data=st.data())
+@given(deps=dags(), cycle=st.booleans(), typed=st.booleans(), data=st.data())
 def test_ancestors_and_cycles_match_the_python_model(
-    env: Env, deps: dict[str, list[str]], cycle: bool, data: st.DataObject
+    env: Env, deps: dict[str, list[str]], cycle: bool, typed: bool, data: st.DataObject
 ) -> None:
+    """SQL and the Python loader give the same verdict on random DAGs, their steps of random
+    types when `typed` (mostly refused by the step-type rules: both name the same first
+    problem), and store the same ancestors, body and dynamic steps when they accept."""
+    types = {n: data.draw(st.sampled_from(STEP_TYPES)) if typed else "standard" for n in deps}
     if cycle:
         # make some step depend on one of its descendants (or itself for a one-step template)
         pairs = sorted(
@@ -539,16 +546,25 @@ def test_ancestors_and_cycles_match_the_python_model(
             return
         ancestor, descendant = data.draw(st.sampled_from(pairs))
         deps = {**deps, ancestor: [*deps[ancestor], descendant]}
-    body = body_of(deps)
+    body = body_of(deps, types)
 
     async def registered() -> dict[str, list[str]]:
         raw = env.conn.raw
         async with raw.transaction():
             tpl = await raw.fetchval("SELECT tasker.register_template($1::text::jsonb)", dump(body))
             rows = await raw.fetch(
-                "SELECT name, ancestor_names FROM tasker.named_steps WHERE named_task_id = $1", tpl
+                "SELECT name, ancestor_names, is_dynamic FROM tasker.named_steps"
+                " WHERE named_task_id = $1",
+                tpl,
             )
-            raise _Rollback({r["name"]: r["ancestor_names"] for r in rows})
+            stored = await raw.fetchval(
+                "SELECT template::text FROM tasker.named_tasks WHERE named_task_id = $1", tpl
+            )
+            raise _Rollback(
+                {r["name"]: r["ancestor_names"] for r in rows},
+                {r["name"] for r in rows if r["is_dynamic"]},
+                json.loads(stored),
+            )
 
     if cycle:
         error = refused(env.call("SELECT tasker.register_template($1::text::jsonb)", dump(body)))
@@ -561,22 +577,39 @@ def test_ancestors_and_cycles_match_the_python_model(
             assert parent in deps[child], f"{child} -> {parent} is not an edge"
         assert python_refuses(body)
         return
-    model = TaskTemplate.from_dict(body)
+    try:
+        model = TaskTemplate.from_dict(body)
+    except TemplateValidationError as refusal:
+        assert typed
+        error = refused(env.call("SELECT tasker.register_template($1::text::jsonb)", dump(body)))
+        assert error.sqlstate == "TV010"
+        # Python lists every problem ("steps[i] (name): step 'name': ..."), SQL the first
+        first = refusal.problems[0].split(": ", 1)[1]
+        assert str(error).endswith(first), (str(error), refusal.problems)
+        return
     with pytest.raises(_Rollback) as caught:
         env.run(registered())
-    stored = caught.value.args[0]
-    assert {k: sorted(v) for k, v in stored.items()} == {
+    ancestors, dynamic, stored = caught.value.args
+    assert {k: sorted(v) for k, v in ancestors.items()} == {
         name: sorted(model.ancestors(name)) for name in deps
     }
+    assert dynamic == set(model.dynamic_steps)
+    assert stored == model.to_json()
 
 
-def body_of(deps: dict[str, list[str]]) -> dict[str, Any]:
+def body_of(deps: dict[str, list[str]], types: dict[str, str] | None = None) -> dict[str, Any]:
     return {
         "name": "dag",
         "namespace_name": NS,
         "version": "1.0.0",
         "steps": [
-            {"name": n, "handler": {"callable": "h"}, "dependencies": d} for n, d in deps.items()
+            {
+                "name": n,
+                "handler": {"callable": "h"},
+                "dependencies": d,
+                "type": (types or {}).get(n, "standard"),
+            }
+            for n, d in deps.items()
         ],
     }
 

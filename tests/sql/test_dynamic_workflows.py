@@ -342,6 +342,31 @@ async def test_no_branches_skips_to_a_static_convergence(conn: db.Connection) ->
     await assert_healthy(conn)
 
 
+@pytest.mark.parametrize("chosen", [[], ["a"]], ids=["no_branches", "create_steps"])
+async def test_a_convergence_listing_the_decision_runs_whatever_it_chose(
+    conn: db.Connection, chosen: list[str]
+) -> None:
+    """`c` lists the decision itself: it is dynamic (it depends on a decision) and is created
+    when the decision applies its outcome, also when that outcome creates nothing."""
+    tpl = template(
+        "conv_on_decision",
+        [
+            step("s"),
+            step("d", "s", type="decision"),
+            step("a", "d"),
+            step("c", "d", "a", type="deferred_convergence"),
+        ],
+    )
+    task = await start(conn, tpl)
+    assert await names_of(conn, task) == {"s", "d"}
+    log = await drive(conn, NAMESPACE, lambda r: decide(*chosen) if r["step_name"] == "d" else None)
+    assert await names_of(conn, task) == {"s", "d", "c", *chosen}
+    assert log.names[-1] == ["c"]
+    assert (await task_row(conn, task))["state"] == "complete"
+    await counters_ok(conn, task)
+    await assert_healthy(conn)
+
+
 async def test_a_decision_that_creates_steps_does_not_let_its_task_complete(
     conn: db.Connection,
 ) -> None:
@@ -431,6 +456,37 @@ async def test_unknown_name_fails_the_decision_permanently_and_retry_recovers(
         "auto_approve",
         "finalize",
     }
+    assert (await task_row(conn, task))["state"] == "complete"
+    await assert_healthy(conn)
+
+
+async def test_an_empty_create_steps_fails_the_decision_saying_no_branches(
+    conn: db.Connection,
+) -> None:
+    task = await start(conn, approval("approval_empty"), {"amount": 1})
+    [v] = await claim(conn)
+    await complete(conn, success(v))
+    [d] = await claim(conn)
+    outcome = {"decision_point_outcome": {"type": "create_steps", "step_names": []}}
+    answer = await complete(conn, success(d, outcome))
+    assert answer[str(d["step_uuid"])]["detail"] == "error"
+    row = await fetch_one(
+        conn, "SELECT state, last_error FROM tasker.steps WHERE step_uuid = $1", d["step_uuid"]
+    )
+    assert row["state"] == "error"
+    assert row["last_error"]["error_type"] == "invalid_decision_outcome"
+    assert row["last_error"]["retryable"] is False
+    assert row["last_error"]["message"] == (
+        "step routing_decision: decision_point_outcome.step_names is empty: a decision that"
+        ' takes no branch returns {"type": "no_branches"} instead'
+        " (decision_no_branches(reason) in Python)"
+    )
+    assert await names_of(conn, task) == {"validate_request", "routing_decision"}
+    assert (await task_row(conn, task))["state"] == "error"
+    await assert_healthy(conn)
+    # resolved by hand with the same result, it counts as no_branches: nothing is created
+    await conn.resolve_step(d["step_uuid"], outcome)
+    assert await names_of(conn, task) == {"validate_request", "routing_decision"}
     assert (await task_row(conn, task))["state"] == "complete"
     await assert_healthy(conn)
 
@@ -712,6 +768,154 @@ async def test_a_failing_worker_blocks_the_aggregate_and_retry_recovers(
     await assert_healthy(conn)
 
 
+def taken_names(name: str) -> dict[str, Any]:
+    """Two analyzers whose worker names can meet (`w` + `x_1` and `w_x` + `1` are both
+    `w_x_1`), and a static step named like a worker of `w`."""
+    return template(
+        name,
+        [
+            step("b1", type="batchable"),
+            step("w", "b1", type="batch_worker"),
+            step("b2", type="batchable"),
+            step("w_x", "b2", type="batch_worker"),
+            step("w_7"),
+            step("agg", "w", "w_x", type="deferred_convergence"),
+        ],
+    )
+
+
+async def analyzer_error(conn: db.Connection, row: Row) -> dict[str, Any]:
+    got = await fetch_one(
+        conn, "SELECT state, last_error FROM tasker.steps WHERE step_uuid = $1", row["step_uuid"]
+    )
+    assert got["state"] == "error"
+    assert got["last_error"]["error_type"] == "invalid_batch_outcome"
+    assert got["last_error"]["retryable"] is False
+    return dict(got["last_error"])
+
+
+@pytest.mark.parametrize(
+    ("outcome", "message"),
+    [
+        (
+            batches("w", "1", "7"),
+            "step b1: batch_processing_outcome.cursor_configs[1]: the worker would be named"
+            " 'w_7' (worker_template_name + '_' + batch_id), the name of step 'w_7' already in"
+            " this template; choose batch_ids that make new names",
+        ),
+        (
+            batches("w", "x_1"),
+            "step b1: batch_processing_outcome.cursor_configs[0]: the worker would be named"
+            " 'w_x_1' (worker_template_name + '_' + batch_id), the name of step 'w_x_1' already"
+            " in this template; choose batch_ids that make new names",
+        ),
+    ],
+)
+async def test_a_worker_name_taken_by_a_template_step_fails_the_analyzer(
+    conn: db.Connection, outcome: dict[str, Any], message: str
+) -> None:
+    tpl = template(
+        "taken_tpl",
+        [
+            step("b1", type="batchable"),
+            step("w", "b1", type="batch_worker"),
+            step("w_7"),
+            step("d", "w_7", type="decision"),
+            step("w_x_1", "d"),
+            step("agg", "w", "w_x_1", type="deferred_convergence"),
+        ],
+    )
+    task = await start(conn, tpl)
+    rows = {r["step_name"]: r for r in await claim(conn)}
+    await complete(conn, success(rows["b1"], outcome))
+    assert (await analyzer_error(conn, rows["b1"]))["message"] == message
+    assert await names_of(conn, task) == {"b1", "w_7", "d"}
+    await conn.cancel_task(task)
+    await assert_healthy(conn)
+
+
+async def test_a_no_op_worker_name_taken_fails_the_analyzer(conn: db.Connection) -> None:
+    tpl = template(
+        "taken_noop",
+        [
+            step("b", type="batchable"),
+            step("w", "b", type="batch_worker"),
+            step("w_000", "b"),
+            step("agg", "w", type="deferred_convergence"),
+        ],
+    )
+    task = await start(conn, tpl)
+    [b] = await claim(conn)
+    await complete(conn, success(b, {"batch_processing_outcome": {"type": "no_batches"}}))
+    assert (await analyzer_error(conn, b))["message"] == (
+        "step b: the no-op worker of no_batches would be named 'w_000', the name of step"
+        " 'w_000' already in this template"
+    )
+    assert await names_of(conn, task) == {"b", "w_000"}
+    await conn.cancel_task(task)
+    await assert_healthy(conn)
+
+
+async def test_a_worker_name_taken_by_another_fan_out_fails_the_analyzer(
+    conn: db.Connection,
+) -> None:
+    task = await start(conn, taken_names("taken_task"))
+    rows = {r["step_name"]: r for r in await claim(conn)}
+    await complete(conn, success(rows["w_7"]))
+    await complete(conn, success(rows["b1"], batches("w", "x_1", "x_2")))
+    await complete(conn, success(rows["b2"], batches("w_x", "3", "2")))
+    assert (await analyzer_error(conn, rows["b2"]))["message"] == (
+        "step b2: batch_processing_outcome.cursor_configs[1]: the worker would be named"
+        " 'w_x_2' (worker_template_name + '_' + batch_id), the name of step 'w_x_2' already in"
+        " this task; choose batch_ids that make new names"
+    )
+    assert await names_of(conn, task) == {"b1", "b2", "w_7", "w_x_1", "w_x_2", "agg"}
+    assert (await task_row(conn, task))["state"] == "error"
+    await counters_ok(conn, task)
+    await assert_healthy(conn)
+    # retried, the analyzer chooses other batch ids and the task completes
+    await conn.retry_step(rows["b2"]["step_uuid"])
+    await drive(conn, NAMESPACE, lambda r: batches("w_x", "9") if r["step_name"] == "b2" else None)
+    assert await names_of(conn, task) == {
+        "b1",
+        "b2",
+        "w_7",
+        "w_x_1",
+        "w_x_2",
+        "w_x_9",
+        "agg",
+    }
+    assert (await task_row(conn, task))["state"] == "complete"
+    await counters_ok(conn, task)
+    await assert_healthy(conn)
+
+
+async def test_worker_names_meeting_in_one_batch_refuse_the_batch(conn: db.Connection) -> None:
+    """Both outcomes pass the check (neither worker exists yet); applying the second finds the
+    name taken by the first: the batch is refused (nothing applied), and each outcome sent
+    alone, as the worker's delivery does after a refusal, gives the clean failure."""
+    task = await start(conn, taken_names("taken_batch"))
+    rows = {r["step_name"]: r for r in await claim(conn)}
+    await complete(conn, success(rows["w_7"]))
+    first = success(rows["b1"], batches("w", "x_1"))
+    second = success(rows["b2"], batches("w_x", "1"))
+    with pytest.raises(ValidationError) as refused:
+        await complete(conn, first, second)
+    assert refused.value.sqlstate == "TV030"
+    assert "can no longer be applied" in str(refused.value)
+    assert "'w_x_1'" in str(refused.value)
+    assert await names_of(conn, task) == {"b1", "b2", "w_7"}
+    await assert_healthy(conn)
+    answer = await complete(conn, first)
+    assert answer[str(rows["b1"]["step_uuid"])]["detail"] == "complete"
+    answer = await complete(conn, second)
+    assert answer[str(rows["b2"]["step_uuid"])]["detail"] == "error"
+    assert "'w_x_1' already in this task" in (await analyzer_error(conn, rows["b2"]))["message"]
+    assert await names_of(conn, task) == {"b1", "b2", "w_7", "w_x_1", "agg"}
+    await counters_ok(conn, task)
+    await assert_healthy(conn)
+
+
 def two_pipelines(name: str) -> dict[str, Any]:
     return template(
         name,
@@ -862,6 +1066,44 @@ async def test_readiness_tells_created_steps_from_branches_not_taken(conn: db.Co
     assert r["finalize"]["state"] == "pending"
     assert r["finalize"]["reason"] == "waiting for auto_approve"
     await drive(conn, NAMESPACE, lambda x: None)
+    await assert_healthy(conn)
+
+
+async def test_readiness_of_steps_that_can_no_longer_be_created(conn: db.Connection) -> None:
+    tpl = template(
+        "gone",
+        [
+            step("s"),
+            step("d1", "s", type="decision"),
+            step("d2", "d1", type="decision"),
+            step("x", "d2"),
+            step("b", "s", type="batchable"),
+            step("w1", "b", type="batch_worker"),
+            step("w2", "b", type="batch_worker"),
+            step("agg", "w1", "w2", type="deferred_convergence"),
+        ],
+    )
+    task = await start(conn, tpl)
+
+    def handler(row: Row) -> Any:
+        if row["step_name"] == "d1":
+            return decide()
+        if row["step_name"] == "b":
+            return batches("w2", "1")
+        return None
+
+    await drive(conn, NAMESPACE, handler)
+    assert (await task_row(conn, task))["state"] == "complete"
+    reasons = {
+        r["name"]: r["reason"]
+        for r in await conn.step_readiness(task)
+        if r["state"] == "not_created"
+    }
+    assert reasons == {
+        "d2": "not created: decision `d1` chose []",
+        "x": "not created: a step it depends on was not created (branch not taken)",
+        "w1": "not created: batchable step `b` created workers of `w2`",
+    }
     await assert_healthy(conn)
 
 

@@ -97,6 +97,17 @@ def test_decision_success_refuses_bad_steps(steps: Any, message: str) -> None:
         Route().decision_success(steps)
 
 
+def test_an_empty_decision_says_to_take_no_branch_instead() -> None:
+    """The engine refuses `create_steps` with no names the same way (see
+    tests/sql/test_dynamic_workflows.py): the advice is no_branches."""
+    with pytest.raises(ValueError) as refused:
+        Route().decision_success([])
+    assert str(refused.value) == (
+        "steps is empty: a decision that takes no branch returns"
+        ' self.decision_no_branches(reason) ({"type": "no_branches"}) instead'
+    )
+
+
 def test_decision_refuses_bad_routing_context_and_reason() -> None:
     with pytest.raises(ValueError, match="routing_context must be a JSON object"):
         Route().decision_success(["a"], ["not", "a", "dict"])  # type: ignore[arg-type]
