@@ -17,6 +17,7 @@ SCENARIOS = (
     "flat",
     "dag",
     "fanout",
+    "deep",
     "backlog",
     "scale",
     "xmin",
@@ -39,8 +40,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help=f"scenario to run, repeatable: {', '.join(SCENARIOS)} (default: all; flat, dag, "
-        "fanout, backlog and scale bring the baseline along, their ratios need it; backlog "
-        "brings flat, its clean rate, and xmin brings dag, its capacity)",
+        "fanout, deep, backlog and scale bring the baseline along, their ratios need it; deep "
+        "and backlog bring flat, their clean rate, and xmin brings dag, its capacity)",
     )
     parser.add_argument(
         "--workers",

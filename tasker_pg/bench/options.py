@@ -12,7 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 # Scenarios whose result is a ratio to the baseline: they pull the baseline in.
-RATIO_SCENARIOS = ("flat", "dag", "fanout", "backlog", "scale")
+RATIO_SCENARIOS = ("flat", "dag", "fanout", "deep", "backlog", "scale")
 
 # Default sizes (multiplied by --n).
 BASELINE_MESSAGES = 100_000
@@ -22,6 +22,8 @@ FLAT_TASKS = 20_000
 DAG_TASKS = 2_000
 FANOUT_TASKS = 10  # of 1,002 steps each
 FANOUT_PROBES = 5  # fan-out transactions timed on their own
+DEEP_TASKS = 1_000_000  # flat tasks queued at once for the deep scenario
+DEEP_POLL = 2.0  # its completion poll counts a large table: seldom (detection only)
 SCALE_WORKERS = (1, 2, 4)  # worker processes of the scale scenario's flat drains
 SCALE_CONCURRENCY = (16, 32, 64, 128, 256)  # handlers at once, each taking 10 ms
 SCALE_SLOW_TASKS = 5_000  # tasks of each 10 ms drain
@@ -42,6 +44,7 @@ CREATE_WARMUP = 20  # calls before timing starts (plans cached, functions compil
 TARGET_FLAT_RATIO = 0.18
 TARGET_DAG_RATIO = 0.15
 TARGET_BACKLOG_OF_FLAT = 0.90
+TARGET_DEEP_OF_FLAT = 0.90  # deep drain rate / clean flat drain rate, same run
 XMIN_TARGET_OF_CLEAN = 0.90  # every held window completes this share of the clean phase's
 XMIN_TARGET_LAG_P99_MS = 1_000.0  # backlog drain rate / clean flat drain rate, same run
 TARGET_CREATE_START_P50_MS = 3.0

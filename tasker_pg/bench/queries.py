@@ -239,6 +239,9 @@ async def created_totals(conn: db.Connection) -> dict[str, int]:
     return _counts(await conn.fetchrow(_CREATED_TOTALS))
 
 
+# PostgreSQL 15 and later: flush this backend's pending statistics when it is next idle.
+_FLUSH_STATISTICS = "SELECT pg_stat_force_next_flush()"
+
 # A report's read (the xmin scenario's snapshot holder takes its snapshot with it).
 _REPORT_READ = "SELECT count(*) FROM tasker.tasks"
 
@@ -317,3 +320,9 @@ async def completion_windows(
 
 def _round_or_none(value: Any) -> float | None:
     return None if value is None else round(float(value), 1)
+
+
+async def flush_statistics(conn: db.Connection) -> None:
+    """Have this session's table statistics (inserted rows) flushed as soon as it is idle, so
+    the next reading of pg_stat_user_tables counts them."""
+    await conn.execute(_FLUSH_STATISTICS)

@@ -126,9 +126,10 @@ class Bench:
         expected: int,
         workers: Sequence[WorkerProcess],
         since: dt.datetime | None = None,
+        poll: float = POLL_INTERVAL,
     ) -> None:
-        """Poll until `expected` tasks (created since `since`, when given) are complete; fail
-        on errors, dead workers or a stall."""
+        """Poll (every `poll` seconds) until `expected` tasks (created since `since`, when
+        given) are complete; fail on errors, dead workers or a stall."""
         last = -1
         last_change = time.monotonic()
         while True:
@@ -154,7 +155,7 @@ class Bench:
                     f"no task completed for {STALL_TIMEOUT:g}s ({complete}/{expected} "
                     f"complete):\n{tails}"
                 )
-            await asyncio.sleep(POLL_INTERVAL)  # detection of the end only, with a stall limit
+            await asyncio.sleep(poll)  # detection of the end only, with a stall limit
 
     async def verify(
         self, conn: db.Connection, tasks: int, steps: int, since: dt.datetime | None = None
@@ -195,6 +196,8 @@ class Bench:
         wanted = set(self.options.scenarios)
         if "backlog" in wanted:
             wanted.add("flat")  # the clean rate the backlog drain is compared with
+        if "deep" in wanted:
+            wanted.add("flat")  # the rate with a short queue the deep drain is compared with
         if "xmin" in wanted:
             wanted.add("dag")  # the capacity whose quarter the xmin arrivals are
         selected = [s for s in SCENARIOS if s in wanted]

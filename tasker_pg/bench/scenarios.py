@@ -26,11 +26,14 @@ from tasker_pg.bench.options import (
     CREATE_SINGLE_TASKS,
     CREATE_WARMUP,
     DAG_TASKS,
+    DEEP_POLL,
+    DEEP_TASKS,
     FANOUT_PROBES,
     FANOUT_TASKS,
     FLAT_TASKS,
     LATENCY_RATE,
     LATENCY_TASKS,
+    POLL_INTERVAL,
     SCALE_CONCURRENCY,
     SCALE_SLOW_TASKS,
     SCALE_WORKERS,
@@ -40,6 +43,7 @@ from tasker_pg.bench.options import (
     TARGET_CREATE_START_P50_MS,
     TARGET_CREATE_START_P99_MS,
     TARGET_DAG_RATIO,
+    TARGET_DEEP_OF_FLAT,
     TARGET_FLAT_RATIO,
     TARGET_HANDOFF_P50_MS,
     TARGET_LINEAR_E2E_P50_MS,
@@ -101,11 +105,14 @@ async def drain(
     before: Callable[[db.Connection], Awaitable[None]] | None = None,
     workers: int | None = None,
     concurrency: int | None = None,
+    poll: float = POLL_INTERVAL,
+    measured: Callable[[db.Connection], Awaitable[None]] | None = None,
 ) -> Drain:
     """Create `tasks` tasks in one transaction with idle workers waiting, time the drain;
     then run `after` on the same database (the workers stopped). `before` runs first, before
     the workers start: the tasks it creates are left out of the counts, the timing and the
-    verification (only the tasks created after it are the drain's)."""
+    verification (only the tasks created after it are the drain's). `measured` runs just
+    after the tasks are committed, while the workers drain."""
     steps = tasks * steps_per_task
     since: dt.datetime | None = None
     async with bench.fresh_database(label) as dsn:
@@ -125,13 +132,16 @@ async def drain(
                     contexts = [{"i": i} for i in range(first, min(first + CREATE_BATCH, tasks))]
                     await conn.create_tasks(NAMESPACE, template, contexts)
                 await queries.analyze_engine_tables(conn)
+                await queries.flush_statistics(conn)
                 pids = await queries.worker_backend_pids(conn) if bench.server_local else []
                 worker_meter = CpuMeter([w.pid for w in processes])
                 server_meter = CpuMeter(pids)
                 worker_meter.start()
                 server_meter.start()
             bench.say(f"{label}: committed; {len(processes)} worker(s) draining")
-            await bench.wait_complete(conn, tasks, processes, since)
+            if measured is not None:
+                await measured(conn)
+            await bench.wait_complete(conn, tasks, processes, since, poll)
             worker_cpu = worker_meter.stop()
             server_cpu = server_meter.stop() if bench.server_local else None
             await bench.verify(conn, tasks, steps, since)
@@ -216,6 +226,58 @@ async def dag(bench: Bench) -> None:
         "shapes": shapes,
         "all_completed": all(s["all_completed"] for s in shapes.values()),
     }
+
+
+# --- deep ----------------------------------------------------------------------------------------
+
+
+async def deep(bench: Bench) -> None:
+    """The flat drain from a deep queue: DEEP_TASKS ready steps queued at once (created in one
+    transaction, then analyzed), against the clean flat drain of the same run (its
+    FLAT_TASKS); the sizes and dead tuples of the hot tables before and after."""
+    tasks = bench.options.count(DEEP_TASKS)
+    sizes: dict[str, list[dict[str, Any]]] = {}
+
+    async def queued(conn: db.Connection) -> None:
+        sizes["queued"] = await queries.hot_table_stats(conn)
+
+    async def drained(conn: db.Connection) -> None:
+        sizes["drained"] = await queries.hot_table_stats(conn)
+
+    result = (
+        await drain(
+            bench, "deep", handlers.FLAT, tasks, 1, after=drained, measured=queued, poll=DEEP_POLL
+        )
+    ).as_dict(bench.baseline_rate)
+    rate = result["steps_per_s"]
+    clean = bench.results.get("flat", {}).get("steps_per_s")
+    of_flat = round(rate / clean, 3) if clean else None
+    bench.results["deep"] = {
+        "ok": True,
+        **_settings(bench),
+        **result,
+        "ratio_to_flat": of_flat,
+        "tables": sizes,
+        "notes": [
+            f"{when}: "
+            + ", ".join(
+                f"{t['relation']} {t['live']:,} live / {t['dead']:,} dead, "
+                f"{t['table_kb']:,} kB + {t['index_kb']:,} kB idx"
+                for t in tables
+            )
+            for when, tables in sizes.items()
+        ],
+    }
+    bench.emit(
+        Row(
+            "deep",
+            f"flat steps/s, {tasks:,} queued",
+            f"{rate:,.0f} ({of_flat:.2f}x of flat)" if of_flat else f"{rate:,.0f}",
+            bench.ratio(rate),
+            f">= {TARGET_DEEP_OF_FLAT:.2f}x of flat",
+            bench.judge(of_flat >= TARGET_DEEP_OF_FLAT) if of_flat is not None else None,
+        )
+    )
 
 
 # --- scale ---------------------------------------------------------------------------------------
@@ -621,6 +683,7 @@ RUNNERS: dict[str, Scenario] = {
     "flat": flat,
     "dag": dag,
     "fanout": fanout,
+    "deep": deep,
     "backlog": backlog,
     "scale": scale,
     "xmin": xmin.xmin,

@@ -76,6 +76,13 @@ def test_every_scenario_reports_completed_work(
     _positive(fanout["steps_per_s"], "fanout steps/s")
     _positive(fanout["fanout_commit_ms"]["p50_ms"], "fanout commit p50")
 
+    deep = scenarios["deep"]
+    assert deep["tasks"] == deep["steps"] == 10_000
+    _positive(deep["ratio_to_flat"], "deep / flat")
+    assert list(deep["tables"]) == ["queued", "drained"]
+    [queued] = [t for t in deep["tables"]["queued"] if t["relation"] == "tasks"]
+    assert queued["live"] >= 10_000
+
     backlog = scenarios["backlog"]
     assert backlog["invisible_steps"] == 1_000
     assert backlog["tasks"] == backlog["steps"] == drains["flat"]["tasks"]
@@ -111,6 +118,7 @@ def test_every_scenario_reports_completed_work(
         "flat": 1,
         "dag": 2,
         "fanout": 1,
+        "deep": 1,
         "backlog": 1,
         "xmin": 2,
         "latency": 3,
