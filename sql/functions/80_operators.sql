@@ -37,6 +37,9 @@ BEGIN
         FOR UPDATE OF m;
     PERFORM 1 FROM tasker.steps s WHERE s.task_uuid = p_task ORDER BY s.step_uuid FOR UPDATE;
     SELECT t.state INTO v_state FROM tasker.tasks t WHERE t.task_uuid = p_task FOR UPDATE;
+    IF NOT FOUND THEN  -- deleted (purge_finished) while we waited for the locks
+        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'TN003';
+    END IF;
     IF v_state IN ('complete', 'cancelled', 'resolved_manually') THEN
         RAISE EXCEPTION 'task % is % and cannot be cancelled', p_task, v_state USING ERRCODE = 'TS001';
     END IF;
