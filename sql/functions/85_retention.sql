@@ -103,13 +103,14 @@ $$;
 -- long, and none of its steps is running or holds a queue message. The key of a deleted task
 -- with an idempotency_key goes to tasker.idempotency_keys for keep_idempotency_keys.
 --
--- It never waits and never deletes a live task: per task it tries the operators' advisory lock
--- (_lock_task_operations; an operator retrying or resolving a step of the task right now wins
--- and the task is left), locks the task row with SKIP LOCKED and checks again under that lock,
--- then locks the task's steps with SKIP LOCKED (a task with a step it could not lock is left).
--- Nothing else writes those rows then: a finished task's steps have no message, so no claim,
--- outcome or repair reaches them, and a task in error is taken only when none of its steps has
--- one. It also deletes, per namespace with a policy, archived messages (tasker.a_<namespace>)
+-- It never waits and never deletes a live task: it locks the task rows with SKIP LOCKED and
+-- checks them again under that lock, then locks their steps with SKIP LOCKED (a task with a step
+-- it could not lock is left: an operator retrying or resolving one of them holds it). Nothing
+-- else writes those rows then: a finished task's steps have no message, so no claim, outcome
+-- or repair reaches them, a task in error is taken only when none of its steps has one, and an
+-- operator call that waited for a step or task row it deleted finds it gone (TN003, TN004). It
+-- takes no lock per task in the lock table (no advisory lock), so a large batch cannot exhaust
+-- it. It also deletes, per namespace with a policy, archived messages (tasker.a_<namespace>)
 -- older than keep_finished, and expired idempotency keys, p_batch of each at most. One purge
 -- runs at a time (an advisory lock; a second caller gets a row of zeros at once). more = true
 -- when a full batch was deleted: call again (in a new transaction) until it is false.
@@ -121,7 +122,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_now     timestamptz := clock_timestamp();
     v_cand    uuid[];
-    v_mine    uuid[];
     v_locked  uuid[];
     v_steps   uuid[];
     v_gone    uuid[];
@@ -171,18 +171,12 @@ BEGIN
              LIMIT p_batch) c;
 
     IF v_cand IS NOT NULL THEN
-        -- 2. The operators' advisory lock of each task, without waiting (an operator holding
-        --    it is acting on the task: it is left for the next purge).
-        v_mine := ARRAY(SELECT c FROM unnest(v_cand) c
-                         WHERE pg_try_advisory_xact_lock(hashtextextended('tasker.task_operations:' || c::text, 0))
-                         ORDER BY c);
-
-        -- 3. The task rows, skipping locked ones, checked again under the lock.
+        -- 2. The task rows, skipping locked ones, checked again under the lock.
         v_locked := ARRAY(
             SELECT t.task_uuid
               FROM tasker.tasks t
               JOIN tasker.retention_policies p ON p.namespace = t.namespace
-             WHERE t.task_uuid = ANY (v_mine)
+             WHERE t.task_uuid = ANY (v_cand)
                AND ((t.state IN ('complete', 'cancelled', 'resolved_manually') AND t.completed_at IS NOT NULL
                      AND t.completed_at < v_now - p.keep_finished)
                     OR (t.state = 'error' AND t.completed_at IS NULL AND p.purge_error_after IS NOT NULL
@@ -190,29 +184,39 @@ BEGIN
              ORDER BY t.task_uuid
                FOR UPDATE OF t SKIP LOCKED);
 
-        -- 4. Their steps, skipping locked ones.
+        -- 3. Their steps, skipping locked ones.
         v_steps := ARRAY(SELECT s.step_uuid FROM tasker.steps s
                           WHERE s.task_uuid = ANY (v_locked)
                           ORDER BY s.step_uuid
                             FOR UPDATE SKIP LOCKED);
 
-        -- 5. Checked again (a new snapshot, the tasks locked): every step locked, and in a task in
+        -- 4. Checked again (a new snapshot, the tasks locked): every step locked, and in a task in
         --    error none running or holding a message, and nothing changed for purge_error_after.
         v_gone := ARRAY(
+            WITH locked AS MATERIALIZED (
+                SELECT l.step_uuid FROM unnest(v_steps) l(step_uuid)
+            ),
+            left_out AS MATERIALIZED (
+                SELECT DISTINCT s.task_uuid
+                  FROM tasker.steps s
+                  JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+                 WHERE s.task_uuid = ANY (v_locked)
+                   AND (NOT EXISTS (SELECT 1 FROM locked l WHERE l.step_uuid = s.step_uuid)
+                        OR (t.state = 'error' AND (s.msg_id IS NOT NULL OR s.state = 'in_progress')))
+            )
             SELECT t.task_uuid
               FROM tasker.tasks t
               JOIN tasker.retention_policies p ON p.namespace = t.namespace
              WHERE t.task_uuid = ANY (v_locked)
-               AND NOT EXISTS (SELECT 1 FROM tasker.steps s
-                                WHERE s.task_uuid = t.task_uuid
-                                  AND (NOT (s.step_uuid = ANY (v_steps))
-                                       OR (t.state = 'error' AND (s.msg_id IS NOT NULL OR s.state = 'in_progress'))))
+               AND NOT EXISTS (SELECT 1 FROM left_out o WHERE o.task_uuid = t.task_uuid)
                AND (t.state <> 'error'
                     OR tasker._task_last_change(t.task_uuid, t.updated_at) < v_now - p.purge_error_after)
              ORDER BY t.task_uuid);
 
-        -- 6. Delete. Every edge joins two steps of one task, so deleting the edges whose parent
-        --    goes deletes every edge of the task.
+        -- 5. Delete, each table by its index (arrays, so every probe is an index probe). Every
+        --    edge joins two steps of one task, so deleting the edges whose parent goes deletes
+        --    every edge of the task.
+        v_steps := ARRAY(SELECT s.step_uuid FROM tasker.steps s WHERE s.task_uuid = ANY (v_gone));
         WITH del_tasks AS (
             DELETE FROM tasker.tasks t
              WHERE t.task_uuid = ANY (v_gone)
@@ -220,17 +224,17 @@ BEGIN
         ),
         del_steps AS (
             DELETE FROM tasker.steps s
-             WHERE s.task_uuid = ANY (v_gone) AND s.step_uuid = ANY (v_steps)
+             WHERE s.step_uuid = ANY (v_steps)
             RETURNING s.step_uuid
         ),
         del_edges AS (
             DELETE FROM tasker.step_edges e
-             WHERE e.parent_uuid IN (SELECT d.step_uuid FROM del_steps d)
+             WHERE e.parent_uuid = ANY (v_steps)
             RETURNING 1
         ),
         del_st AS (
             DELETE FROM tasker.step_transitions st
-             WHERE st.step_uuid IN (SELECT d.step_uuid FROM del_steps d)
+             WHERE st.step_uuid = ANY (v_steps)
             RETURNING 1
         ),
         del_tt AS (
@@ -254,7 +258,7 @@ BEGIN
           INTO v_tasks, v_nsteps, v_edges, v_st, v_tt, v_kept;
     END IF;
 
-    -- 7. Archived messages of the namespaces' queues, by age (the engine archives only messages
+    -- 6. Archived messages of the namespaces' queues, by age (the engine archives only messages
     --    that named no step of its own or a finished one; tasker.a_<namespace> has no index on
     --    archived_at, and is small).
     WITH old AS (
@@ -272,7 +276,7 @@ BEGIN
     )
     SELECT count(*) INTO v_arch FROM del;
 
-    -- 8. Expired keys of purged tasks.
+    -- 7. Expired keys of purged tasks.
     WITH old AS (
         SELECT k.namespace, k.name, k.idempotency_key
           FROM tasker.idempotency_keys k

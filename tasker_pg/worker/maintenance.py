@@ -10,8 +10,9 @@ One loop per worker, on the listener session (idle by nature):
   repaired, and `tasker.cleanup_workers()` (rows of workers gone for a week);
 - every `retention_interval` seconds (0 disables it) it calls `tasker.purge_finished()`, which
   deletes one batch of the tasks the namespaces' retention policies no longer keep (one worker
-  at a time: an advisory lock); while batches come back full it calls again at once, between
-  its other duties, each batch its own short transaction. What it deleted is logged at INFO;
+  at a time: an advisory lock); while batches come back full it calls again after as long as the
+  last batch took (so a backlog takes at most about half of a database core), between its other
+  duties, each batch its own short transaction. What it deleted is logged at INFO;
 - a claimed step whose handler this worker does not have (a rolling deploy: an older worker
   meets a newer template) is not failed: it goes back with `tasker.release_steps` (reason
   `handler_missing`, no attempt spent), its message hidden for `missing_handler_delay`
@@ -97,7 +98,10 @@ class Maintenance:
                 next_repair = now + config.repair_interval
             if config.retention_interval > 0 and now >= next_retention:
                 more = await self.purge()
-                next_retention = now if more else now + config.retention_interval
+                # while batches come back full, the next one after as long as this one took:
+                # a backlog is caught up at about half of one database core at most
+                took = time.monotonic() - now
+                next_retention = now + (2 * took if more else config.retention_interval)
             until = next_row
             if config.repair_interval > 0:
                 until = min(until, next_repair)

@@ -378,47 +378,66 @@ async def test_a_retried_error_task_is_live_again_and_kept(conn: db.Connection) 
 async def test_a_task_an_operator_or_a_session_holds_is_left_without_waiting(
     conn: db.Connection, sessions: Opener
 ) -> None:
-    held_op, held_row, free = await run_to_completion(conn, single(), 3)
-    await age_finished(conn, [held_op, held_row, free], 40)
+    held_step, held_row, free = await run_to_completion(conn, single(), 3)
+    await age_finished(conn, [held_step, held_row, free], 40)
     await set_policy(conn, NAMESPACE, "30 days")
     (other,) = await sessions(1)
     async with other.transaction():
-        # an operator call on held_op is under way; another session holds held_row's row
-        await other.execute("SELECT tasker._lock_task_operations($1)", held_op)
+        # an operator call holds a step of held_step (retry and resolve lock the step first);
+        # another session holds held_row's task row
+        await other.execute("SELECT 1 FROM tasker.steps WHERE task_uuid = $1 FOR UPDATE", held_step)
         await other.execute("SELECT 1 FROM tasker.tasks WHERE task_uuid = $1 FOR UPDATE", held_row)
         counts = await purge(conn)
         assert counts.tasks == 1
         assert (await rows_of(conn, free))["tasks"] == 0
+        assert (await rows_of(conn, held_step))["steps"] == 1
     assert (await purge(conn)).tasks == 2
     await assert_healthy(conn)
 
 
-async def test_cancel_waiting_on_a_task_that_is_purged_meanwhile_finds_it_gone(
+async def _wait_until_blocked(conn: db.Connection, who: db.Connection) -> None:
+    """Until `who` waits for a lock (pg_locks, not granted)."""
+    for _ in range(1000):
+        if await conn.fetchval(
+            "SELECT count(*) FROM pg_locks WHERE pid = $1 AND NOT granted", who.backend_pid
+        ):
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the session never waited for a lock")
+
+
+async def test_operator_calls_waiting_on_a_task_being_purged_find_it_gone(
     conn: db.Connection, sessions: Opener
 ) -> None:
-    (task,) = await run_to_completion(conn, single(), 1)
-    await age_finished(conn, [task], 40)
-    await set_policy(conn, NAMESPACE, "30 days")
-    operator, purger = await sessions(2)
+    """cancel_task and resolve_step read the task or step, then wait for the rows the purge
+    holds; once it commits they answer "does not exist" and write nothing (no transition of a
+    task or step that is gone). A retry of a step in error likewise."""
+    done = await run_to_completion(conn, single(), 2)
+    broken = await fail_for_good(conn, single(name="broken", retry={"max_attempts": 1}))
+    await age_everything(conn, [*done, broken], 40)
+    await set_policy(conn, NAMESPACE, "30 days", "30 days")
+    steps = {
+        t: await conn.fetchval("SELECT step_uuid FROM tasker.steps WHERE task_uuid = $1", t)
+        for t in (*done, broken)
+    }
+    canceller, resolver, retrier, purger = await sessions(4)
     async with purger.transaction():
-        await purger.execute("SELECT tasker._lock_task_operations($1)", task)
-        cancel = asyncio.ensure_future(operator.cancel_task(task))
-        # the cancel has read the task and waits for the operations lock
-        for _ in range(500):
-            waiting = await conn.fetchval(
-                "SELECT count(*) FROM pg_locks"
-                " WHERE pid = $1 AND NOT granted AND locktype = 'advisory'",
-                operator.backend_pid,
-            )
-            if waiting:
-                break
-            await asyncio.sleep(0.01)
-        assert waiting == 1
-        assert (await purge(purger)).tasks == 1
-    with pytest.raises(NotFoundError, match="does not exist") as err:
+        assert (await purge(purger)).tasks == 3
+        cancel = asyncio.ensure_future(canceller.cancel_task(done[0]))
+        await _wait_until_blocked(conn, canceller)
+        resolve = asyncio.ensure_future(resolver.resolve_step(steps[done[1]], {"by": "hand"}))
+        await _wait_until_blocked(conn, resolver)
+        retry = asyncio.ensure_future(retrier.retry_step(steps[broken]))
+        await _wait_until_blocked(conn, retrier)
+    with pytest.raises(NotFoundError, match="does not exist") as cancelled:
         await cancel
-    assert err.value.error_code == "task_not_found"
-    assert await conn.fetchval("SELECT count(*) FROM tasker.task_transitions") == 0
+    assert cancelled.value.error_code == "task_not_found"
+    for call in (resolve, retry):
+        with pytest.raises(NotFoundError, match="does not exist") as err:
+            await call
+        assert err.value.error_code == "step_not_found"
+    assert await table_counts(conn) == {k: 0 for k in TABLES}
+    assert await conn.fetchval("SELECT count(*) FROM tasker.queue_messages") == 0
     await assert_healthy(conn)
 
 
