@@ -221,6 +221,39 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     return _run(_queue_list(args))
 
 
+# --- maintenance ---------------------------------------------------------------------------------
+
+
+async def _maintenance(args: argparse.Namespace) -> int:
+    conn = await db.connect(args.dsn)
+    total = db.PurgeCounts()
+    batches = 0
+    try:
+        while True:
+            counts = await conn.purge_finished(args.batch)
+            total += counts
+            batches += 1
+            if not counts.more or (args.max_batches and batches >= args.max_batches):
+                break
+    finally:
+        await conn.close()
+    if args.json:
+        _print_json({**total.to_dict(), "batches": batches})
+        return EXIT_OK
+    print(
+        f"deleted {total.tasks} task(s) with {total.steps} step(s), {total.step_edges} edge(s), "
+        f"{total.step_transitions} step and {total.task_transitions} task transition(s); "
+        f"{total.archived_messages} archived message(s); idempotency keys: "
+        f"{total.idempotency_keys_kept} kept, {total.idempotency_keys_expired} expired "
+        f"({batches} batch(es){'; more remain' if total.more else ''})"
+    )
+    return EXIT_OK
+
+
+def cmd_maintenance(args: argparse.Namespace) -> int:
+    return _run(_maintenance(args))
+
+
 # --- operator commands (task, step, template) ------------------------------------------------
 # Each runs on an AsyncTaskerClient (the client's methods and errors, DSN resolved as
 # everywhere); the lookups the client has no method for are methods of db.Connection.
@@ -918,6 +951,30 @@ def build_parser() -> argparse.ArgumentParser:
     tml.add_argument("--namespace")
     reg = op(tmsub, "register", cmd_template_register, "register a template file or directory")
     reg.add_argument("path", metavar="PATH", help="a .yaml file, or a directory of them")
+
+    maint = op(
+        sub,
+        "maintenance",
+        cmd_maintenance,
+        "delete the tasks the namespaces' retention policies no longer keep",
+        description="Run tasker.purge_finished() in batches (one transaction each) until "
+        "nothing is left to delete, and print what was deleted. Namespaces without a "
+        "retention policy (tasker.set_retention_policy) keep every task.",
+    )
+    maint.add_argument(
+        "--batch",
+        type=argtypes.positive_int,
+        default=1000,
+        metavar="N",
+        help="tasks per batch, 1..100000 (default 1000)",
+    )
+    maint.add_argument(
+        "--max-batches",
+        type=argtypes.non_negative_int,
+        default=0,
+        metavar="N",
+        help="stop after N batches; 0: until nothing is left (default)",
+    )
 
     worker_cli.add_parser(sub)
 

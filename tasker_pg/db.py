@@ -256,6 +256,38 @@ class QueueMetrics:
         return cls(**{k: row[k] for k in cls.__dataclass_fields__})
 
 
+@dataclass(frozen=True)
+class PurgeCounts:
+    """What `tasker.purge_finished` deleted (summed over batches by `+`); `more`: call again."""
+
+    tasks: int = 0
+    steps: int = 0
+    step_edges: int = 0
+    step_transitions: int = 0
+    task_transitions: int = 0
+    archived_messages: int = 0
+    idempotency_keys_kept: int = 0
+    idempotency_keys_expired: int = 0
+    more: bool = False
+
+    @classmethod
+    def from_row(cls, row: Row) -> PurgeCounts:
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
+    def __add__(self, other: PurgeCounts) -> PurgeCounts:
+        return PurgeCounts(
+            **{
+                k: getattr(self, k) + getattr(other, k)
+                for k in self.__dataclass_fields__
+                if k != "more"
+            },
+            more=other.more,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
 class Connection:
     """One database session; every call translates errors into tasker-pg exceptions."""
 
@@ -648,6 +680,16 @@ class Connection:
         none when nothing needed repair or another session was repairing.
         """
         return await self.fetch("SELECT * FROM tasker.repair_messages()")
+
+    async def purge_finished(self, batch: int = 1000) -> PurgeCounts:
+        """`tasker.purge_finished`: one batch of tasks the namespaces' retention policies no
+        longer keep, deleted with all their rows (its own transaction unless one is open).
+
+        All zero when another session is purging; `more` when a full batch went: call again.
+        """
+        row = await self.fetchrow("SELECT * FROM tasker.purge_finished($1)", batch)
+        assert row is not None
+        return PurgeCounts.from_row(row)
 
     async def worker_heartbeat(
         self,

@@ -146,6 +146,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "at a time); 0 disables it (default 60)",
     )
     parser.add_argument(
+        "--retention-interval",
+        type=argtypes.non_negative_float,
+        default=300.0,
+        metavar="S",
+        help="call tasker.purge_finished() this often (deletes the tasks the namespaces' "
+        "retention policies no longer keep, one worker at a time); 0 disables it (default 300)",
+    )
+    parser.add_argument(
         "--missing-handler-delay",
         type=argtypes.non_negative_float,
         default=10.0,
@@ -226,6 +234,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             poll_interval=args.poll_interval,
             summary_interval=args.summary_interval,
             repair_interval=args.repair_interval,
+            retention_interval=args.retention_interval,
             missing_handler_delay=args.missing_handler_delay,
             max_runtime=args.max_runtime,
             outcome_retry_cap=args.outcome_retry_cap,

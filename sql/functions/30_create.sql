@@ -1,6 +1,7 @@
 -- Task creation: create_task (one task, one statement for its whole DAG) and create_tasks
 -- (set-based, many tasks of one template). Both run in the caller's transaction; nothing is
--- visible to workers until it commits. A repeated idempotency key returns the original task.
+-- visible to workers until it commits. A repeated idempotency key returns the original task,
+-- also for a while after purge_finished deleted it (tasker.idempotency_keys).
 
 -- create_task / create_tasks
 
@@ -152,9 +153,13 @@ BEGIN
                i.idempotency_key, i.opt->>'correlation_id', v_total, v_now, v_now
           FROM input i
          WHERE i.idempotency_key IS NULL
-            OR NOT EXISTS (SELECT 1 FROM tasker.tasks t
-                            WHERE t.namespace = p_namespace AND t.name = p_name
-                              AND t.idempotency_key = i.idempotency_key)
+            OR (NOT EXISTS (SELECT 1 FROM tasker.tasks t
+                             WHERE t.namespace = p_namespace AND t.name = p_name
+                               AND t.idempotency_key = i.idempotency_key)
+                -- the key of a task purge_finished deleted, inside its window
+                AND NOT EXISTS (SELECT 1 FROM tasker.idempotency_keys k
+                                 WHERE k.namespace = p_namespace AND k.name = p_name
+                                   AND k.idempotency_key = i.idempotency_key AND k.expires_at > v_now))
          ORDER BY i.ord
         ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
         RETURNING task_uuid
@@ -211,6 +216,9 @@ BEGIN
                     (SELECT t.task_uuid FROM tasker.tasks t
                       WHERE t.namespace = p_namespace AND t.name = p_name
                         AND t.idempotency_key = i.idempotency_key),
+                    (SELECT k.task_uuid FROM tasker.idempotency_keys k
+                      WHERE k.namespace = p_namespace AND k.name = p_name
+                        AND k.idempotency_key = i.idempotency_key AND k.expires_at > v_now),
                     (SELECT c2.task_uuid FROM created c2
                       WHERE c2.idempotency_key = i.idempotency_key ORDER BY c2.ord LIMIT 1))
                      ORDER BY i.ord)
@@ -224,9 +232,13 @@ BEGIN
     SELECT coalesce(x.id,
                     (SELECT t.task_uuid FROM tasker.tasks t
                       WHERE t.namespace = p_namespace AND t.name = p_name
-                        AND t.idempotency_key = CASE WHEN v_per_task THEN p_options->(x.ord::integer - 1)
-                                                     ELSE p_options END->>'idempotency_key'))
-      FROM unnest(v_ids) WITH ORDINALITY x(id, ord)
+                        AND t.idempotency_key = x.key),
+                    (SELECT k.task_uuid FROM tasker.idempotency_keys k
+                      WHERE k.namespace = p_namespace AND k.name = p_name
+                        AND k.idempotency_key = x.key AND k.expires_at > v_now))
+      FROM (SELECT u.id, u.ord,
+                   CASE WHEN v_per_task THEN p_options->(u.ord::integer - 1) ELSE p_options END->>'idempotency_key' AS key
+              FROM unnest(v_ids) WITH ORDINALITY u(id, ord)) x
      ORDER BY x.ord;
 
     PERFORM pg_notify('tasker_' || p_namespace, '');
@@ -294,6 +306,17 @@ BEGIN
     IF v_key IS NOT NULL THEN
         SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
          WHERE t.namespace = p_namespace AND t.name = p_name AND t.idempotency_key = v_key;
+        IF FOUND THEN
+            task_uuid := v_existing;
+            created := false;
+            RETURN;
+        END IF;
+        -- No task holds the key: a task purge_finished deleted may still own it. Read after
+        -- the tasks (in a new snapshot): a purge deletes the task and saves its key in one
+        -- commit, so one of the two lookups sees it.
+        SELECT k.task_uuid INTO v_existing FROM tasker.idempotency_keys k
+         WHERE k.namespace = p_namespace AND k.name = p_name AND k.idempotency_key = v_key
+           AND k.expires_at > v_now;
         IF FOUND THEN
             task_uuid := v_existing;
             created := false;

@@ -37,6 +37,9 @@ BEGIN
         FOR UPDATE OF m;
     PERFORM 1 FROM tasker.steps s WHERE s.task_uuid = p_task ORDER BY s.step_uuid FOR UPDATE;
     SELECT t.state INTO v_state FROM tasker.tasks t WHERE t.task_uuid = p_task FOR UPDATE;
+    IF NOT FOUND THEN  -- deleted (purge_finished) while we waited for the locks
+        RAISE EXCEPTION 'task % does not exist', p_task USING ERRCODE = 'TN003';
+    END IF;
     IF v_state IN ('complete', 'cancelled', 'resolved_manually') THEN
         RAISE EXCEPTION 'task % is % and cannot be cancelled', p_task, v_state USING ERRCODE = 'TS001';
     END IF;
@@ -344,6 +347,9 @@ BEGIN
             PERFORM 1 FROM tasker.queue_messages m WHERE m.queue = v_ns AND m.msg_id = v_msg FOR UPDATE;
         END IF;
         SELECT s.state, s.msg_id INTO v_state, v_cur FROM tasker.steps s WHERE s.step_uuid = p_step FOR UPDATE;
+        IF NOT FOUND THEN  -- deleted (purge_finished) while we waited for its lock
+            RAISE EXCEPTION 'step % does not exist', p_step USING ERRCODE = 'TN004';
+        END IF;
         EXIT WHEN v_cur IS NOT DISTINCT FROM v_msg;
     END LOOP;
     IF v_state IN ('complete', 'cancelled', 'resolved_manually') THEN

@@ -7,7 +7,8 @@
 -- are satisfied in a running task is enqueued, and that no step has started before its
 -- parents were satisfied, that a deferred convergence's counter equals its recomputed value
 -- (created listed steps not finished plus listed steps that can still be created), and that
--- total_steps counts the created steps. docs/architecture.md lists the invariants.
+-- total_steps counts the created steps, and that no step, edge or transition outlives its task
+-- or step. docs/architecture.md lists the invariants.
 
 -- One row per violation over the whole database; no rows means healthy. Meant for tests and
 -- for operators after an incident; it reads everything, so it is not for the hot path.
@@ -122,6 +123,27 @@ LANGUAGE sql STABLE AS $$
      WHERE (c.state = 'complete' AND c.done <> c.steps)
         OR (c.state IN ('pending', 'steps_in_process') AND (c.done = c.steps OR c.errors > 0))
         OR (c.state = 'error' AND c.errors = 0)
+    UNION ALL
+    -- nothing of a task outlives it (the per-task tables have no foreign keys; purge_finished
+    -- deletes a task with all of its rows)
+    SELECT 'step_has_a_task', format('step %s (%s) belongs to task %s, which does not exist', s.name, s.step_uuid, s.task_uuid)
+      FROM tasker.steps s
+     WHERE NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = s.task_uuid)
+    UNION ALL
+    SELECT 'edge_has_its_steps', format('edge %s -> %s names a step that does not exist', e.parent_uuid, e.child_uuid)
+      FROM tasker.step_edges e
+     WHERE NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = e.parent_uuid)
+        OR NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = e.child_uuid)
+    UNION ALL
+    SELECT 'transition_has_its_row', format('%s step transitions of step %s, which does not exist', count(*), st.step_uuid)
+      FROM tasker.step_transitions st
+     WHERE NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = st.step_uuid)
+     GROUP BY st.step_uuid
+    UNION ALL
+    SELECT 'transition_has_its_row', format('%s task transitions of task %s, which does not exist', count(*), tt.task_uuid)
+      FROM tasker.task_transitions tt
+     WHERE NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = tt.task_uuid)
+     GROUP BY tt.task_uuid
 $$;
 COMMENT ON FUNCTION tasker.check_invariants() IS
     'Rows for every broken engine invariant (message per live step, counters, fan-in); empty when healthy.';

@@ -32,12 +32,16 @@ DECLARE
         -- maintenance: re-send lost messages, the worker's own row, old rows of gone workers
         'repair_messages', 'worker_heartbeat', 'cleanup_workers',
         -- the dependency results a partial claim row left out (a convergence after a fan-out)
-        'dependency_results'
+        'dependency_results',
+        -- retention: deletes finished tasks by the namespaces' policies (one worker at a time)
+        'purge_finished'
     ];
     -- Read-only inspection: readiness, counts, effective state, invariants, queue metrics.
     c_reader   CONSTANT text[] := ARRAY[
         'step_readiness', 'task_execution_context', 'effective_task_state',
-        'check_invariants', 'metrics', 'metrics_all'
+        'check_invariants', 'metrics', 'metrics_all',
+        -- how long each namespace keeps its tasks
+        'retention_policies'
     ];
     -- Clients: create tasks (one, many, or with the created flag) and cancel them, plus reading.
     c_client   CONSTANT text[] := ARRAY[
@@ -45,7 +49,9 @@ DECLARE
     ];
     -- Operators: the client's rights plus the repairs an operator makes.
     c_operator CONSTANT text[] := ARRAY[
-        'retry_step', 'retry_failed', 'resolve_step', 'repair_messages', 'cleanup_workers'
+        'retry_step', 'retry_failed', 'resolve_step', 'repair_messages', 'cleanup_workers',
+        -- retention: the policies, and a purge run by hand (tasker-pg maintenance)
+        'set_retention_policy', 'clear_retention_policy', 'purge_finished'
     ];
     -- Owner only: the raw queue API. The engine's queues are its internal state (a pop or an
     -- archive on one strands a step); whoever uses the queue layer for queues of their own

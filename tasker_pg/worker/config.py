@@ -40,6 +40,7 @@ class WorkerConfig:
     heartbeat_interval: float = 10.0
     summary_interval: float = 30.0
     repair_interval: float = 60.0
+    retention_interval: float = 300.0
     missing_handler_delay: float = 10.0
     max_runtime: float = DEFAULT_MAX_RUNTIME
     outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP
@@ -66,6 +67,7 @@ class WorkerConfig:
         max_runtime: float = DEFAULT_MAX_RUNTIME,
         outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP,
         server_settings: Mapping[str, str] | None = None,
+        retention_interval: float = 300.0,
     ) -> WorkerConfig:
         """Validate the settings; raises `ConfigurationError` naming the one that is wrong."""
         names = tuple(dict.fromkeys(namespaces))
@@ -88,6 +90,7 @@ class WorkerConfig:
         _check_non_negative("flush_delay", flush_delay)
         _check_non_negative("summary_interval", summary_interval)
         _check_non_negative("repair_interval", repair_interval)
+        _check_non_negative("retention_interval", retention_interval)
         _check_non_negative("missing_handler_delay", missing_handler_delay)
         if missing_handler_delay > 3600:
             raise ConfigurationError(
@@ -111,6 +114,7 @@ class WorkerConfig:
             heartbeat_interval=float(heartbeat_interval),
             summary_interval=float(summary_interval),
             repair_interval=float(repair_interval),
+            retention_interval=float(retention_interval),
             missing_handler_delay=float(missing_handler_delay),
             max_runtime=float(max_runtime),
             outcome_retry_cap=float(outcome_retry_cap),

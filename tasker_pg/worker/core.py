@@ -50,7 +50,11 @@ class Worker:
     handlers are still running; `max_batch` caps the steps per claim and the outcomes per flush;
     `summary_interval` how often a one-line summary is logged at INFO (0 disables it);
     `repair_interval` how often the worker calls `tasker.repair_messages()` (one worker at a
-    time; 0 disables it); `missing_handler_delay` how long a step whose handler this worker
+    time; 0 disables it); `retention_interval` how often it calls `tasker.purge_finished()`
+    (deletes the tasks the namespaces' retention policies no longer keep, one batch per call,
+    again after a pause as long as the batch while batches come back full, one worker at a
+    time; 0 disables it);
+    `missing_handler_delay` how long a step whose handler this worker
     lacks stays hidden after the worker hands it back (no attempt spent).
 
     Bounds: `max_runtime` is how long a handler may run per claim when its step has no
@@ -83,6 +87,7 @@ class Worker:
         max_runtime: float = DEFAULT_MAX_RUNTIME,
         outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP,
         server_settings: Mapping[str, str] | None = None,
+        retention_interval: float = 300.0,
     ) -> None:
         self._templates = list(templates)
         names = [namespaces] if isinstance(namespaces, str) else list(namespaces)
@@ -103,6 +108,7 @@ class Worker:
             max_runtime=max_runtime,
             outcome_retry_cap=outcome_retry_cap,
             server_settings=server_settings,
+            retention_interval=retention_interval,
         )
         self.registry = registry
         self.dsn = dsn

@@ -8,6 +8,11 @@ One loop per worker, on the listener session (idle by nature):
   re-sends the message of any live step that lost it and enqueues stranded ready steps (one
   worker at a time: the function takes an advisory lock), logging a WARNING naming what it
   repaired, and `tasker.cleanup_workers()` (rows of workers gone for a week);
+- every `retention_interval` seconds (0 disables it) it calls `tasker.purge_finished()`, which
+  deletes one batch of the tasks the namespaces' retention policies no longer keep (one worker
+  at a time: an advisory lock); while batches come back full it calls again after as long as the
+  last batch took (so a backlog takes at most about half of a database core), between its other
+  duties, each batch its own short transaction. What it deleted is logged at INFO;
 - a claimed step whose handler this worker does not have (a rolling deploy: an older worker
   meets a newer template) is not failed: it goes back with `tasker.release_steps` (reason
   `handler_missing`, no attempt spent), its message hidden for `missing_handler_delay`
@@ -35,6 +40,8 @@ logger = logging.getLogger(__name__)
 WORKERS_ROW_INTERVAL = 5.0
 # How many repaired steps a WARNING names (the count is always given).
 _MAX_LISTED = 20
+# Tasks per tasker.purge_finished() call (one transaction each).
+RETENTION_BATCH = 1000
 
 
 class Maintenance:
@@ -78,6 +85,7 @@ class Maintenance:
         next_row = now
         # Spread the workers' repairs over the interval (only one runs at a time anyway).
         next_repair = now + config.repair_interval * random.uniform(0.5, 1.0)
+        next_retention = now + config.retention_interval * random.uniform(0.5, 1.0)
         while True:
             if self._to_release:
                 await self.release_missing()
@@ -88,9 +96,17 @@ class Maintenance:
             if config.repair_interval > 0 and now >= next_repair:
                 await self.repair()
                 next_repair = now + config.repair_interval
+            if config.retention_interval > 0 and now >= next_retention:
+                more = await self.purge()
+                # while batches come back full, the next one after as long as this one took:
+                # a backlog is caught up at about half of one database core at most
+                took = time.monotonic() - now
+                next_retention = now + (2 * took if more else config.retention_interval)
             until = next_row
             if config.repair_interval > 0:
                 until = min(until, next_repair)
+            if config.retention_interval > 0:
+                until = min(until, next_retention)
             if self._to_release:  # a failed release: try again after a backoff
                 until = min(until, time.monotonic() + backoff(self._failures))
             self._wake.clear()
@@ -151,6 +167,29 @@ class Maintenance:
             listed,
             more,
         )
+
+    async def purge(self) -> bool:
+        """One `tasker.purge_finished()` batch, logged; True when another batch is waiting."""
+        shared = self._shared
+        try:
+            counts = await self._session.call(lambda conn: conn.purge_finished(RETENTION_BATCH))
+        except TaskerError as exc:
+            logger.warning("worker %s: purge_finished failed: %s", shared.worker_id, exc)
+            return False
+        if counts.tasks or counts.archived_messages or counts.idempotency_keys_expired:
+            logger.info(
+                "worker %s: retention deleted %d task(s) (%d steps, %d edges, %d step and %d "
+                "task transitions), %d archived message(s), %d expired idempotency key(s)",
+                shared.worker_id,
+                counts.tasks,
+                counts.steps,
+                counts.step_edges,
+                counts.step_transitions,
+                counts.task_transitions,
+                counts.archived_messages,
+                counts.idempotency_keys_expired,
+            )
+        return counts.more
 
     async def release_missing(self) -> None:
         """Release, in one call, the claims whose handler this worker does not have."""

@@ -666,5 +666,8 @@ async def test_the_console_script_runs_every_command_group(
     assert {r["kind"] for r in json.loads(roles.stdout)["roles"]} >= {"worker", "client"}
     cancelled = script(dsn, "task", "cancel", task)
     assert cancelled.returncode == 0, cancelled.stderr
+    maintenance = script(dsn, "maintenance")  # no retention policy: nothing to delete
+    assert maintenance.returncode == 0, maintenance.stderr
+    assert maintenance.stdout.startswith("deleted 0 task(s)")
     missing = script(dsn, "task", "show", UNKNOWN)  # main()'s exit code is the process's
     assert missing.returncode == 1 and "not_found]" in missing.stderr

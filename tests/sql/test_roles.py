@@ -470,6 +470,44 @@ async def test_a_login_without_a_role_can_do_nothing(conn: db.Connection, login:
     await _refused(nobody.fetchval("SELECT tasker.create_task('x', 'y')"))
 
 
+_SET_POLICY = "SELECT * FROM tasker.set_retention_policy('flows', interval '30 days')"
+_CLEAR_POLICY = "SELECT tasker.clear_retention_policy('flows')"
+_LIST_POLICIES = "SELECT * FROM tasker.retention_policies()"
+_PURGE = "SELECT * FROM tasker.purge_finished(10)"
+
+
+async def test_retention_rights_per_role(conn: db.Connection, login: Login) -> None:
+    """Purging: workers (their retention loop) and operators (`tasker-pg maintenance`);
+    setting and clearing a policy: operators; reading the policies: readers, clients and
+    operators."""
+    worker, client, operator, reader = [await login(kind) for kind in ROLES]
+    (task,) = await conn.create_tasks(NAMESPACE, (await _registered(conn))["name"], [{}])
+    await conn.cancel_task(task)
+    await conn.execute("UPDATE tasker.tasks SET completed_at = completed_at - interval '40 days'")
+
+    await _refused(client.fetch(_SET_POLICY))
+    await _refused(reader.fetch(_SET_POLICY))
+    await _refused(worker.fetch(_SET_POLICY))
+    assert [r["namespace"] for r in await operator.fetch(_SET_POLICY)] == [NAMESPACE]
+    for who in (client, reader, operator):
+        assert [r["namespace"] for r in await who.fetch(_LIST_POLICIES)] == [NAMESPACE]
+    await _refused(worker.fetch(_LIST_POLICIES))
+    for who in (client, reader):
+        await _refused(who.fetch(_PURGE))
+        await _refused(who.fetchval(_CLEAR_POLICY))
+    await _refused(worker.fetchval(_CLEAR_POLICY))
+    assert (await worker.purge_finished(10)).tasks == 1
+    assert (await operator.purge_finished(10)).tasks == 0
+    assert await operator.fetchval(_CLEAR_POLICY) is True
+    assert await conn.fetchval("SELECT count(*) FROM tasker.tasks") == 0
+
+
+async def _registered(conn: db.Connection) -> dict[str, Any]:
+    tpl = single()
+    await conn.register_template(tpl)
+    return tpl
+
+
 async def test_audit_tables_are_append_only_to_all_but_the_owner(
     conn: db.Connection, login: Login
 ) -> None:
