@@ -19,6 +19,7 @@ SCENARIOS = (
     "fanout",
     "deep",
     "backlog",
+    "retention",
     "scale",
     "xmin",
     "latency",
@@ -40,8 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME",
         help=f"scenario to run, repeatable: {', '.join(SCENARIOS)} (default: all; flat, dag, "
-        "fanout, deep, backlog and scale bring the baseline along, their ratios need it; deep "
-        "and backlog bring flat, their clean rate, and xmin brings dag, its capacity)",
+        "fanout, deep, backlog, retention and scale bring the baseline along, their ratios need "
+        "it; deep, backlog and retention bring flat, their clean rate, and xmin brings dag, "
+        "its capacity)",
     )
     parser.add_argument(
         "--workers",

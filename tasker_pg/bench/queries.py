@@ -326,3 +326,56 @@ async def flush_statistics(conn: db.Connection) -> None:
     """Have this session's table statistics (inserted rows) flushed as soon as it is idle, so
     the next reading of pg_stat_user_tables counts them."""
     await conn.execute(_FLUSH_STATISTICS)
+
+
+# The retention scenario's history: the given tasks (one step each, just created) made finished
+# two days ago, set-based, as a worker would have left them (step complete with a result and
+# its claim and success transitions, task complete with its transition, message gone).
+_FINISH_AS_HISTORY = """
+WITH t AS (
+    UPDATE tasker.tasks t
+       SET state = 'complete', completed_steps = t.total_steps,
+           completed_at = now() - interval '2 days', updated_at = now() - interval '2 days'
+     WHERE t.task_uuid = ANY ($1::uuid[])
+    RETURNING t.task_uuid, t.namespace
+),
+s AS (
+    UPDATE tasker.steps s
+       SET state = 'complete', attempts = 1, claim_seq = 1, claim_spent_attempt = true,
+           results = '{"history": true}', worker_id = 'bench-history', msg_id = NULL,
+           started_at = now() - interval '2 days', completed_at = now() - interval '2 days',
+           updated_at = now() - interval '2 days'
+      FROM t
+     WHERE s.task_uuid = t.task_uuid
+    RETURNING s.step_uuid, s.task_uuid
+),
+gone AS (
+    DELETE FROM tasker.queue_messages m
+     USING (SELECT x.namespace, st.msg_id
+              FROM t x JOIN tasker.steps st ON st.task_uuid = x.task_uuid
+             WHERE st.msg_id IS NOT NULL) k
+     WHERE m.queue = k.namespace AND m.msg_id = k.msg_id
+),
+step_audit AS (
+    INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt,
+                                         worker_id, created_at)
+    SELECT s.step_uuid, s.task_uuid, e.from_state, e.to_state, e.event, 1, 'bench-history',
+           now() - interval '2 days'
+      FROM s CROSS JOIN (VALUES ('enqueued', 'in_progress', 'claimed'),
+                                ('in_progress', 'complete', 'succeeded'))
+                        AS e(from_state, to_state, event)
+)
+INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event, created_at)
+SELECT t.task_uuid, 'pending', 'complete', 'completed', now() - interval '2 days' FROM t
+"""
+
+# The retention scenario's policy: finished tasks of the namespace are kept a day.
+_KEEP_FINISHED_A_DAY = "SELECT * FROM tasker.set_retention_policy($1, interval '1 day')"
+
+
+async def finish_as_history(conn: db.Connection, tasks: list[Any]) -> None:
+    await conn.execute(_FINISH_AS_HISTORY, tasks)
+
+
+async def keep_finished_a_day(conn: db.Connection) -> None:
+    await conn.execute(_KEEP_FINISHED_A_DAY, NAMESPACE)

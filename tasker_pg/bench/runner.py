@@ -194,10 +194,8 @@ class Bench:
     def _selected(self) -> list[str]:
         """The scenarios to run, in order; the baseline comes along when ratios need it."""
         wanted = set(self.options.scenarios)
-        if "backlog" in wanted:
-            wanted.add("flat")  # the clean rate the backlog drain is compared with
-        if "deep" in wanted:
-            wanted.add("flat")  # the rate with a short queue the deep drain is compared with
+        if wanted & {"deep", "backlog", "retention"}:
+            wanted.add("flat")  # the clean rate those drains are compared with
         if "xmin" in wanted:
             wanted.add("dag")  # the capacity whose quarter the xmin arrivals are
         selected = [s for s in SCENARIOS if s in wanted]

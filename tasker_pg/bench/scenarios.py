@@ -9,7 +9,9 @@ end-of-run baseline) to its function.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -34,6 +36,8 @@ from tasker_pg.bench.options import (
     LATENCY_RATE,
     LATENCY_TASKS,
     POLL_INTERVAL,
+    RETENTION_BATCH,
+    RETENTION_HISTORY,
     SCALE_CONCURRENCY,
     SCALE_SLOW_TASKS,
     SCALE_WORKERS,
@@ -47,6 +51,7 @@ from tasker_pg.bench.options import (
     TARGET_FLAT_RATIO,
     TARGET_HANDOFF_P50_MS,
     TARGET_LINEAR_E2E_P50_MS,
+    TARGET_RETENTION_OF_FLAT,
     BenchError,
 )
 from tasker_pg.bench.report import Row, ms_summary, percentile
@@ -107,14 +112,17 @@ async def drain(
     concurrency: int | None = None,
     poll: float = POLL_INTERVAL,
     measured: Callable[[db.Connection], Awaitable[None]] | None = None,
+    alongside: Callable[[str], Awaitable[None]] | None = None,
 ) -> Drain:
     """Create `tasks` tasks in one transaction with idle workers waiting, time the drain;
     then run `after` on the same database (the workers stopped). `before` runs first, before
     the workers start: the tasks it creates are left out of the counts, the timing and the
     verification (only the tasks created after it are the drain's). `measured` runs just
-    after the tasks are committed, while the workers drain."""
+    after the tasks are committed, while the workers drain; `alongside` is started then too,
+    with the database's DSN, and awaited once the workers stopped (before `after`)."""
     steps = tasks * steps_per_task
     since: dt.datetime | None = None
+    side: asyncio.Task[None] | None = None
     async with bench.fresh_database(label) as dsn:
         conn = await db.connect(dsn)
         processes = bench.workers(label, dsn, workers or bench.options.workers, concurrency)
@@ -139,6 +147,8 @@ async def drain(
                 worker_meter.start()
                 server_meter.start()
             bench.say(f"{label}: committed; {len(processes)} worker(s) draining")
+            if alongside is not None:
+                side = asyncio.create_task(alongside(dsn))
             if measured is not None:
                 await measured(conn)
             await bench.wait_complete(conn, tasks, processes, since, poll)
@@ -150,6 +160,11 @@ async def drain(
                 raise BenchError(f"{label}: no time elapsed between first claim and last task")
         finally:
             await asyncio.gather(*(w.stop() for w in processes))
+            if side is not None:
+                if sys.exc_info()[0] is not None:  # the drain failed: stop what ran alongside
+                    side.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await side
             if after is None:
                 await conn.close()
         if after is not None:
@@ -276,6 +291,94 @@ async def deep(bench: Bench) -> None:
             bench.ratio(rate),
             f">= {TARGET_DEEP_OF_FLAT:.2f}x of flat",
             bench.judge(of_flat >= TARGET_DEEP_OF_FLAT) if of_flat is not None else None,
+        )
+    )
+
+
+# --- retention -----------------------------------------------------------------------------------
+
+
+async def retention(bench: Bench) -> None:
+    """The flat drain while `tasker.purge_finished` deletes a history of RETENTION_HISTORY
+    finished tasks (seeded set-based: created through create_tasks, then made complete two
+    days ago in SQL) under a one-day policy, batch after batch, from another session. The
+    drain's rate against the clean flat drain of the same run (target >= 0.80), and the purge
+    rate (tasks/s, over the whole purge, most of it after the drain)."""
+    history = bench.options.count(RETENTION_HISTORY)
+    purged: list[tuple[float, int]] = []  # (seconds since the purge began, tasks so far)
+    during: list[int] = []
+
+    async def seed(conn: db.Connection) -> None:
+        bench.say(f"retention: seeding {history:,} finished tasks two days old")
+        await queries.keep_finished_a_day(conn)
+        for first in range(0, history, CREATE_BATCH):
+            count = min(CREATE_BATCH, history - first)
+            tasks = await conn.create_tasks(NAMESPACE, handlers.FLAT, [{}] * count)
+            await queries.finish_as_history(conn, tasks)
+        await queries.analyze_engine_tables(conn)
+
+    async def purge(dsn: str) -> None:
+        conn = await db.connect(dsn)
+        try:
+            started, total = time.perf_counter(), 0
+            while True:
+                counts = await conn.purge_finished(RETENTION_BATCH)
+                total += counts.tasks
+                purged.append((time.perf_counter() - started, total))
+                if not counts.more and counts.tasks == 0:
+                    break
+        finally:
+            await conn.close()
+
+    async def drained(conn: db.Connection) -> None:
+        during.append(purged[-1][1] if purged else 0)
+
+    tasks = bench.options.count(FLAT_TASKS)
+    result = (
+        await drain(
+            bench,
+            "retention",
+            handlers.FLAT,
+            tasks,
+            1,
+            before=seed,
+            alongside=purge,
+            after=drained,
+        )
+    ).as_dict(bench.baseline_rate)
+    total_s, total = purged[-1] if purged else (0.0, 0)
+    if total != history:
+        raise BenchError(f"retention: the purge deleted {total:,} of {history:,} history tasks")
+    purge_rate = total / total_s if total_s > 0 else 0.0
+    rate = result["steps_per_s"]
+    clean = bench.results.get("flat", {}).get("steps_per_s")
+    of_flat = round(rate / clean, 3) if clean else None
+    bench.results["retention"] = {
+        "ok": True,
+        **_settings(bench),
+        **result,
+        "history_tasks": history,
+        "purge_batch": RETENTION_BATCH,
+        "purge_seconds": round(total_s, 2),
+        "purge_tasks_per_s": round(purge_rate, 1),
+        "purged_by_the_drain_end": during[0] if during else None,
+        "ratio_to_flat": of_flat,
+    }
+    bench.emit(
+        Row(
+            "retention",
+            f"flat steps/s while purging {history:,}",
+            f"{rate:,.0f} ({of_flat:.2f}x of flat)" if of_flat else f"{rate:,.0f}",
+            bench.ratio(rate),
+            f">= {TARGET_RETENTION_OF_FLAT:.2f}x of flat",
+            bench.judge(of_flat >= TARGET_RETENTION_OF_FLAT) if of_flat is not None else None,
+        )
+    )
+    bench.emit(
+        Row(
+            "retention",
+            f"purge_finished({RETENTION_BATCH:,}) tasks/s",
+            f"{purge_rate:,.0f} ({total_s:.1f}s)",
         )
     )
 
@@ -685,6 +788,7 @@ RUNNERS: dict[str, Scenario] = {
     "fanout": fanout,
     "deep": deep,
     "backlog": backlog,
+    "retention": retention,
     "scale": scale,
     "xmin": xmin.xmin,
     "latency": latency,

@@ -83,6 +83,12 @@ def test_every_scenario_reports_completed_work(
     [queued] = [t for t in deep["tables"]["queued"] if t["relation"] == "tasks"]
     assert queued["live"] >= 10_000
 
+    kept = scenarios["retention"]
+    assert kept["history_tasks"] == 10_000
+    assert kept["tasks"] == kept["steps"] == drains["flat"]["tasks"]
+    _positive(kept["purge_tasks_per_s"], "purge tasks/s")
+    _positive(kept["ratio_to_flat"], "retention / flat")
+
     backlog = scenarios["backlog"]
     assert backlog["invisible_steps"] == 1_000
     assert backlog["tasks"] == backlog["steps"] == drains["flat"]["tasks"]
@@ -120,6 +126,7 @@ def test_every_scenario_reports_completed_work(
         "fanout": 1,
         "deep": 1,
         "backlog": 1,
+        "retention": 1,
         "xmin": 2,
         "latency": 3,
         "create": 2,
@@ -160,6 +167,8 @@ async def test_a_drain_that_does_not_add_up_is_reported_as_failed(pg_server: Tes
 def test_backlog_brings_the_clean_flat_drain_and_the_baseline() -> None:
     run = runner.Bench(options.BenchOptions(scenarios=("backlog",)))
     assert run._selected() == ["baseline", "flat", "backlog", "baseline_again"]
+    run = runner.Bench(options.BenchOptions(scenarios=("retention", "xmin")))
+    assert run._selected() == ["baseline", "flat", "dag", "retention", "xmin", "baseline_again"]
     run = runner.Bench(options.BenchOptions(scenarios=("latency",)))
     assert run._selected() == ["latency"]
 
