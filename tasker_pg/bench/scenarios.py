@@ -13,7 +13,7 @@ import contextlib
 import datetime as dt
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -112,7 +112,7 @@ async def drain(
     concurrency: int | None = None,
     poll: float = POLL_INTERVAL,
     measured: Callable[[db.Connection], Awaitable[None]] | None = None,
-    alongside: Callable[[str], Awaitable[None]] | None = None,
+    alongside: Callable[[str], Coroutine[Any, Any, None]] | None = None,
 ) -> Drain:
     """Create `tasks` tasks in one transaction with idle workers waiting, time the drain;
     then run `after` on the same database (the workers stopped). `before` runs first, before
