@@ -18,7 +18,7 @@ Scenarios (default sizes; `--n` scales every count):
   claiming 50 messages per statement (`FOR UPDATE SKIP LOCKED`, vt pushed, read_ct + 1) and
   acknowledging them with one batched DELETE, until 100,000 pre-filled messages are gone.
   Messages/s: the ceiling for at-least-once claim-and-acknowledge on this machine. It runs
-  whenever flat or dag run, whose ratios need it, and then once more at the end of the run: the
+  whenever a scenario with a ratio runs, and then once more at the end of the run: the
   drift between the two says how steady the machine was (a warning above 15 %).
 - flat: 20,000 single-step tasks, drained by `--workers` worker processes (`python -m
   tasker_pg.worker_cli`, `--concurrency` each) running a no-op async handler. Steps/s and the
@@ -30,6 +30,27 @@ Scenarios (default sizes; `--n` scales every count):
   drained the same way: steps/s, ratio. Then, on the same database, the fan-out transaction on
   its own: the benchmark claims an analyzer and sends the outcome a worker would, timing the
   `complete_steps` call that creates the 1,000 workers and commits (5 times; p50 and max).
+- deep: 1,000,000 single-step tasks queued at once, drained the same way: steps/s against the
+  clean flat drain of the run (target 0.90x), with the hot tables' sizes and dead tuples when
+  queued and when drained (the completion poll runs every 2 s here: it counts a large table).
+- backlog: the flat drain again while 100,000 other steps of the same queue are not visible
+  (a third leased for a day, a third waiting a day for a retry, a third delayed up to a year,
+  created and claimed through the engine before the workers start): against the clean flat
+  drain (target 0.90x), since a claim must not pay for what it cannot hand out.
+- retention: the flat drain while another session runs `tasker.purge_finished(1000)` batch
+  after batch over a 1,000,000-task history (created through `create_tasks`, then made complete
+  two days ago in SQL) under a one-day policy: against the clean flat drain (target 0.80x), and
+  the purge's tasks/s.
+- scale: the flat drain with 1, 2 and 4 worker processes; then one worker running 16 to 256
+  handlers of 10 ms at once (5,000 tasks each): steps/s and the share of the ideal rate. No
+  target: the table shows where the database saturates.
+- xmin (`bench/xmin.py`): flat and diamond tasks arriving every 100 ms at a quarter of the
+  capacity `dag` measured, for 180 s, then again (fresh database) while another session holds a
+  REPEATABLE READ snapshot taken by reading `tasker.tasks`; each phase warms up a tenth of its
+  length and takes statistics first. Per 10 s window: tasks arrived and completed, lag p50 and
+  p99 from creation to completion; dead tuples and sizes of the hot tables at the end of each
+  phase. Targets: every held window completes at least 90 % of the clean phase's share, lag
+  p99 under 1 s.
 - latency: one idle worker; 200 single-step tasks created one at a time at 50/s
   (create-to-handler-start), then 200 four-step linear tasks at 50/s (step handoff: parent's
   outcome committed to child's handler start; and end to end).
@@ -65,8 +86,9 @@ backends is reported per step (from /proc): the split between Python and SQL.
 The package, one job per module:
 
 - `options`: what to run (`BenchOptions`), default sizes and the targets.
-- `scenarios`: the six scenarios; `runner`: the run around them (fresh databases, completion
-  polling, verification, the order of scenarios).
+- `scenarios`: the scenarios but xmin; `xmin`: the held-snapshot scenario; `runner`: the run
+  around them (fresh databases, completion polling, verification, the order of scenarios,
+  what each scenario brings along: flat for deep, backlog and retention, dag for xmin).
 - `baseline`: the raw SQL claim/acknowledge loop and the bare INSERT the engine is compared with.
 - `queries`: the setup and inspection queries (counts, timings, settings) in one place.
 - `workers`: the worker processes (`python -m tasker_pg.worker_cli`); `handlers`: what they run.
