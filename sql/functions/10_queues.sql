@@ -260,6 +260,8 @@ ALTER FUNCTION tasker._lock_visible(text, integer, timestamptz) SET enable_seqsc
 CREATE FUNCTION tasker.read(p_queue text, p_vt_seconds double precision, p_qty integer)
 RETURNS SETOF tasker.message_record
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids bigint[];
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
     PERFORM tasker._refuse_engine_queue(p_queue, 'read');
@@ -267,10 +269,13 @@ BEGIN
     IF p_qty IS NULL OR p_qty < 1 THEN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
+    -- The candidates are picked and locked first, in a statement of their own: _lock_visible's
+    -- queries take snapshots of their own, and a message committed after the snapshot of the
+    -- statement that updates it would not be updated (nor returned) by that statement.
+    v_ids := ARRAY(SELECT v.msg_id FROM tasker._lock_visible(p_queue, p_qty, clock_timestamp()) v);
     RETURN QUERY
-    -- The candidates are picked and locked once (MATERIALIZED: never re-evaluated).
     WITH candidates AS MATERIALIZED (
-        SELECT p_queue AS queue, v.msg_id FROM tasker._lock_visible(p_queue, p_qty, clock_timestamp()) v
+        SELECT p_queue AS queue, c.msg_id FROM unnest(v_ids) c(msg_id)
     ),
     -- Hide the claimed messages for the visibility timeout and count the delivery.
     claimed AS (
@@ -291,15 +296,19 @@ COMMENT ON FUNCTION tasker.read(text,double precision,integer) IS
 CREATE FUNCTION tasker.pop(p_queue text, p_qty integer DEFAULT 1)
 RETURNS SETOF tasker.message_record
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_ids bigint[];
 BEGIN
     PERFORM tasker._queue_sequence(p_queue);
     PERFORM tasker._refuse_engine_queue(p_queue, 'pop');
     IF p_qty IS NULL OR p_qty < 1 THEN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
+    -- picked and locked in a statement of their own first (see read())
+    v_ids := ARRAY(SELECT v.msg_id FROM tasker._lock_visible(p_queue, p_qty, clock_timestamp()) v);
     RETURN QUERY
     WITH candidates AS MATERIALIZED (
-        SELECT p_queue AS queue, v.msg_id FROM tasker._lock_visible(p_queue, p_qty, clock_timestamp()) v
+        SELECT p_queue AS queue, c.msg_id FROM unnest(v_ids) c(msg_id)
     ),
     popped AS (
         DELETE FROM tasker.queue_messages m

@@ -49,6 +49,8 @@ DECLARE
     v_now   timestamptz := clock_timestamp();
     v_lease timestamptz;
     v_batch tasker._claim_candidate[];
+    v_msg_ids   bigint[];
+    v_msg_steps uuid[];
 BEGIN
     IF p_qty IS NULL OR p_qty < 1 THEN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
@@ -59,16 +61,28 @@ BEGIN
     PERFORM tasker._check_text_size(p_worker_id, 'max_name_bytes', 'worker_id');
     v_lease := v_now + make_interval(secs => p_lease_seconds);
 
-    WITH
     -- 1. Pick and lock visible messages, highest priority first, then the longest visible
     --    (_lock_visible: reads only visible messages, whatever is in flight). SKIP LOCKED:
-    --    concurrent claimers pass over each other's rows.
+    --    concurrent claimers pass over each other's rows. This is a statement of its own, before
+    --    the one that reads the messages' steps: _lock_visible's queries take snapshots of
+    --    their own, so a message they lock may have been committed after the calling statement's
+    --    snapshot was taken; read in that statement, its step would be invisible and the
+    --    message taken for one that names no step (archived, the step stranded). The next
+    --    statement's snapshot sees every step whose message was picked here.
+    SELECT array_agg(m.msg_id ORDER BY m.ord),
+           -- a message that does not name a step (not ours) must not stop the queue
+           array_agg(CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                          THEN (m.message->>'step_uuid')::uuid END ORDER BY m.ord)
+      INTO v_msg_ids, v_msg_steps
+      FROM tasker._lock_visible(p_queue, p_qty, v_now) WITH ORDINALITY m(msg_id, message, ord);
+    IF v_msg_ids IS NULL THEN
+        PERFORM tasker._queue_sequence(p_queue);  -- an unknown queue is an error, not "no work"
+        RETURN;
+    END IF;
+
+    WITH
     msgs AS MATERIALIZED (
-        SELECT m.msg_id,
-               -- a message that does not name a step (not ours) must not stop the queue
-               CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                    THEN (m.message->>'step_uuid')::uuid END AS step_uuid
-          FROM tasker._lock_visible(p_queue, p_qty, v_now) m
+        SELECT p.msg_id, p.step_uuid FROM unnest(v_msg_ids, v_msg_steps) p(msg_id, step_uuid)
     ),
     -- 2. Lock their steps in step_uuid order, skipping any an operator call (cancel, resolve)
     --    holds right now: that message is simply left for a later claim.
@@ -105,10 +119,6 @@ BEGIN
       FROM msgs
       LEFT JOIN locked_steps ls ON ls.step_uuid = msgs.step_uuid;
 
-    IF v_batch IS NULL THEN
-        PERFORM tasker._queue_sequence(p_queue);  -- an unknown queue is an error, not "no work"
-        RETURN;
-    END IF;
     IF EXISTS (SELECT 1 FROM unnest(v_batch) b WHERE b.kind IN ('dead', 'park', 'expire')) THEN
         PERFORM tasker._claim_exceptions(p_queue, v_batch);
     END IF;

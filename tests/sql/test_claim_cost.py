@@ -5,9 +5,12 @@ plan of the range scan, not by time."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from tasker_pg import db
+from tests.sql.conftest import Opener
 from tests.support import plans
 from tests.support.engine import (
     NAMESPACE,
@@ -181,3 +184,49 @@ async def test_acknowledgements_probe_the_whole_message_key_on_tiny_statistics(
         assert node["Index Name"] == pkey, stmt.describe()
         assert "msg_id" in node.get("Index Cond", ""), (node.get("Index Cond"), stmt.describe())
     await assert_healthy(conn)
+
+
+async def test_claims_racing_task_commits_run_every_step(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """The claim takes its messages with statements of their own (each with a fresh snapshot).
+    A message whose task commits between the claim's start and its pick must be run, not taken
+    for a message that names no step. Claims race one-task commits for a few seconds; every
+    task must complete through claims alone: no message archived as dead, no step left
+    without its message (check_invariants), no repair. Before the fix this left dozens of
+    steps stranded within seconds (their message archived by the claim that picked it)."""
+    await start(conn, single())
+    creator, claimer = await sessions(2)
+    stop = asyncio.Event()
+    created: list[str] = []
+
+    async def create() -> None:
+        while not stop.is_set():
+            [task] = await creator.create_tasks(NAMESPACE, "single", [{}])
+            created.append(str(task))
+
+    async def run() -> int:
+        done = 0
+        while not stop.is_set() or done < len(created) + 1:
+            rows = await claim(claimer, qty=20)
+            if rows:
+                await complete(claimer, *(success(r) for r in rows))
+                done += len(rows)
+            elif stop.is_set():
+                break
+        return done
+
+    creating, running = asyncio.create_task(create()), asyncio.create_task(run())
+    await asyncio.sleep(RACE_SECONDS)
+    stop.set()
+    await creating
+    done = await running
+    archived = await conn.fetchval(
+        "SELECT count(*) FROM tasker.queue_archive WHERE queue = $1", NAMESPACE
+    )
+    assert (archived, done) == (0, len(created) + 1)
+    assert len(created) > 100  # it raced
+    await assert_healthy(conn)
+
+
+RACE_SECONDS = 3.0
