@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import pytest
 
@@ -510,4 +511,242 @@ async def test_readiness_names_no_worker_for_a_claim_without_a_worker_id(
         f"running on ? (attempt 1 of {r['max_attempts']})",
     )
     await complete(conn, success(row))
+    await assert_healthy(conn)
+
+
+# --- bounds that are inclusive and defaults (found by the campaign on 82a3038) ---------------
+
+
+async def test_batch_config_upper_bounds_are_inclusive(conn: db.Connection) -> None:
+    """20_templates:532:le_to_lt:0 (`batch_size < 1000000`) and 20_templates:537:int_minus1:0
+    (`parallelism <= 999`): the documented maxima (1000000, 1000) were refused."""
+    tpl = template(
+        "batch_bounds",
+        [
+            step("analyze", type="batchable"),
+            step(
+                "process_batch",
+                "analyze",
+                type="batch_worker",
+                batch_config={"batch_size": 1000000, "parallelism": 1000},
+            ),
+            step("aggregate", "process_batch", type="deferred_convergence"),
+        ],
+    )
+    await conn.register_template(tpl)
+    stored = await conn.fetchval(
+        "SELECT template FROM tasker.v_templates WHERE namespace = $1 AND name = 'batch_bounds'",
+        NAMESPACE,
+    )
+    body = json.loads(stored) if isinstance(stored, str) else stored
+    [worker] = [s for s in body["steps"] if s["name"] == "process_batch"]
+    assert (worker["batch_config"]["batch_size"], worker["batch_config"]["parallelism"]) == (
+        1000000,
+        1000,
+    )
+    for key, bad in (("batch_size", 1000001), ("parallelism", 1001)):
+        raw = json.loads(json.dumps(tpl))
+        raw["name"] = f"batch_bounds_{key}"
+        raw["steps"][1]["batch_config"][key] = bad
+        with pytest.raises(ValidationError, match=f"batch_config.{key} must be an integer"):
+            await conn.register_template(raw)
+
+
+async def test_a_worker_id_of_exactly_the_limit_is_accepted(conn: db.Connection) -> None:
+    """60_complete:85:gt_to_ge:0 (`octet_length(worker_id) >= max_name_bytes`) and
+    70_leases:145:gt_to_ge:0 (release_steps' `>= 200`): a worker id of exactly the limit was
+    refused by complete_steps / release_steps."""
+    limit = await conn.fetchval("SELECT value FROM tasker.settings WHERE name = 'max_name_bytes'")
+    task = await start(conn, single())
+    [row] = await claim(conn)
+    released = await conn.release_steps([_fence(row)], worker_id="w" * 200)
+    assert [r["released"] for r in released] == [True]
+    with pytest.raises(ValidationError, match="worker_id must be at most 200 bytes"):
+        await conn.release_steps([_fence(row)], worker_id="w" * 201)
+    [row] = await claim(conn)
+    answer = await complete(conn, success(row, worker="w" * limit))
+    assert answer[str(row["step_uuid"])]["detail"] == "complete"
+    assert (await step_row(conn, task, "only"))["state"] == "complete"
+    await assert_healthy(conn)
+
+
+async def test_an_error_of_exactly_the_limit_is_stored(conn: db.Connection) -> None:
+    """60_complete:94:gt_to_ge:0 (`octet_length(error::text) >= max_error_bytes`): an error
+    object of exactly max_error_bytes was refused as too large."""
+    limit = await conn.fetchval("SELECT value FROM tasker.settings WHERE name = 'max_error_bytes'")
+
+    async def size(value: object) -> int:
+        text = await conn.fetchval("SELECT (($1::text)::jsonb)::text", json.dumps(value))
+        return len(text.encode())
+
+    task = await start(conn, single())
+    [row] = await claim(conn)
+    outcome = failure(row, "", retryable=False)
+    outcome["error"]["message"] = "x" * (limit - await size(outcome["error"]))
+    assert await size(outcome["error"]) == limit
+    await complete(conn, outcome)
+    s = await step_row(conn, task, "only")
+    assert (s["state"], s["last_error"]["message"]) == ("error", outcome["error"]["message"])
+    await assert_healthy(conn)
+
+
+async def test_a_claim_row_holding_exactly_the_limit_is_complete(conn: db.Connection) -> None:
+    """50_claim:180:le_to_lt:0 (`FILTER (WHERE total < lim)`): with the workers' results
+    adding up to exactly max_claim_dependency_bytes, the last one was left out of the claim
+    row while the row said it was not partial."""
+    tpl = template(
+        "claim_exact",
+        [
+            step("analyze", type="batchable"),
+            step("process_batch", "analyze", type="batch_worker"),
+            step("aggregate", "process_batch", type="deferred_convergence"),
+        ],
+    )
+    task = await start(conn, tpl)
+    [a] = await claim(conn)
+    configs = [
+        {"batch_id": b, "start_cursor": i, "end_cursor": i + 1, "batch_size": 1}
+        for i, b in enumerate(("1", "2"))
+    ]
+    outcome = {
+        "type": "create_batches",
+        "worker_template_name": "process_batch",
+        "cursor_configs": configs,
+        "total_items": 2,
+    }
+    await complete(conn, success(a, {"batch_processing_outcome": outcome}))
+    workers = await claim(conn)
+    assert sorted(w["step_name"] for w in workers) == ["process_batch_1", "process_batch_2"]
+    await complete(conn, *(success(w, {"pad": "x" * 600}) for w in workers))
+    total = await conn.fetchval(
+        "SELECT sum(octet_length(results::text)) FROM tasker.steps"
+        " WHERE task_uuid = $1 AND name LIKE 'process_batch_%'",
+        task,
+    )
+    assert total > 1024  # the smallest limit the settings accept
+    await conn.execute(
+        "UPDATE tasker.settings SET value = $1 WHERE name = 'max_claim_dependency_bytes'", total
+    )
+    [agg] = await claim(conn)
+    assert agg["step_name"] == "aggregate"
+    assert agg["dependency_results_partial"] is False
+    assert set(agg["dependency_results"]) == {"analyze", "process_batch_1", "process_batch_2"}
+    await complete(conn, success(agg))
+    assert (await task_row(conn, task))["state"] == "complete"
+    await assert_healthy(conn)
+
+
+async def _task_in_error(conn: db.Connection) -> uuid.UUID:
+    task = await start(conn, single())
+    [row] = await claim(conn)
+    await complete(conn, failure(row, "broken", retryable=False))
+    assert (await task_row(conn, task))["state"] == "error"
+    return task
+
+
+async def test_retry_failed_retries_unless_told_dry_run(conn: db.Connection) -> None:
+    """80_operators:204:false_to_true:0 (`p_dry_run DEFAULT true`): a call of the SQL function
+    that leaves dry_run out (the operator's plain `SELECT tasker.retry_failed('ns')`) only
+    reported what it would retry."""
+    task = await _task_in_error(conn)
+    [r] = await conn.fetch("SELECT * FROM tasker.retry_failed($1)", NAMESPACE)
+    assert (r["task_uuid"], r["retried"]) == (task, True)
+    assert (await step_row(conn, task, "only"))["state"] == "enqueued"
+    [row] = await claim(conn)
+    await complete(conn, success(row))
+    await assert_healthy(conn)
+
+
+async def test_retry_failed_limit_one_and_since_are_inclusive(conn: db.Connection) -> None:
+    """80_operators:227:lt_to_le:0 and 80_operators:227:int_plus1:0 (`p_limit <= 1`,
+    `p_limit < 2`): a limit of 1 was refused; 80_operators:266:ge_to_gt:0
+    (`failed_at > p_since`): a task that entered error exactly at `since` was left out of
+    [since, before)."""
+    first = await _task_in_error(conn)
+    second = await _task_in_error(conn)
+    [r] = await conn.retry_failed(NAMESPACE, limit=1, dry_run=True)
+    assert (r["task_uuid"], r["retried"]) == (first, False)
+    with pytest.raises(ValidationError, match="limit must be between 1 and 1000, got 0"):
+        await conn.retry_failed(NAMESPACE, limit=0, dry_run=True)
+    rows = await conn.retry_failed(NAMESPACE, since=r["failed_at"], dry_run=True)
+    assert [x["task_uuid"] for x in rows] == [first, second]
+    [later] = [x for x in rows if x["task_uuid"] == second]
+    rows = await conn.retry_failed(NAMESPACE, since=later["failed_at"], dry_run=True)
+    assert [x["task_uuid"] for x in rows] == [second]
+    assert later["failed_at"] > r["failed_at"]
+
+
+async def test_readiness_of_a_step_not_created_is_not_retry_eligible(conn: db.Connection) -> None:
+    """90_inspection:114:false_to_true:1 (not_created rows with retry_eligible true): a template
+    step that has no row has no attempt to retry."""
+    tpl = template(
+        "not_created_row",
+        [
+            step("check"),
+            step("route", "check", type="decision"),
+            step("branch", "route"),
+        ],
+    )
+    task = await start(conn, tpl)
+    r = (await readiness(conn, task))["branch"]
+    assert (r["state"], r["step_uuid"], r["attempts"]) == ("not_created", None, 0)
+    assert (r["dependencies_satisfied"], r["retry_eligible"], r["ready"]) == (False, False, False)
+    await assert_healthy(conn)
+
+
+async def test_a_heartbeat_with_pid_zero_is_accepted(conn: db.Connection) -> None:
+    """75_maintenance:184:int_plus1:0 (`p_pid < 1`): pid 0, within the documented range
+    (an integer >= 0), was refused."""
+    now = await conn.fetchval("SELECT clock_timestamp()")
+    beat = {
+        "worker_id": "w-pid",
+        "host": "h",
+        "namespaces": [NAMESPACE],
+        "handlers": ["handlers.only"],
+        "started_at": now,
+        "in_flight": 0,
+        "missing_handlers": {},
+    }
+    await conn.worker_heartbeat(pid=0, **beat)
+    pid = await conn.fetchval("SELECT pid FROM tasker.workers WHERE worker_id = 'w-pid'")
+    assert pid == 0
+    with pytest.raises(ValidationError, match="pid must be an integer >= 0, got -1"):
+        await conn.worker_heartbeat(pid=-1, **beat)
+
+
+async def test_worker_names_are_checked_for_the_worker_template_the_outcome_names(
+    conn: db.Connection,
+) -> None:
+    """62_dynamic:134:desc_to_asc:0 (the other worker template picked first): with two
+    batch_worker steps under one batchable, the taken-name check used the worker the outcome
+    did not name, so a worker name already used by a template step was not refused."""
+    tpl = template(
+        "two_worker_templates",
+        [
+            step("b", type="batchable"),
+            step("wa", "b", type="batch_worker"),
+            step("wb", "b", type="batch_worker"),
+            step("wb_1"),
+            step("agg", "wa", "wb", type="deferred_convergence"),
+        ],
+    )
+    task = await start(conn, tpl)
+    rows = {r["step_name"]: r for r in await claim(conn)}
+    assert set(rows) == {"b", "wb_1"}
+    outcome = {
+        "type": "create_batches",
+        "worker_template_name": "wb",
+        "cursor_configs": [{"batch_id": "1", "start_cursor": 0, "end_cursor": 1, "batch_size": 1}],
+        "total_items": 1,
+    }
+    await complete(conn, success(rows["b"], {"batch_processing_outcome": outcome}))
+    s = await step_row(conn, task, "b")
+    assert (s["state"], s["last_error"]["error_type"]) == ("error", "invalid_batch_outcome")
+    assert s["last_error"]["message"] == (
+        "step b: batch_processing_outcome.cursor_configs[0]: the worker would be named 'wb_1'"
+        " (worker_template_name + '_' + batch_id), the name of step 'wb_1' already in this"
+        " template; choose batch_ids that make new names"
+    )
+    await complete(conn, success(rows["wb_1"]))
+    await conn.cancel_task(task)
     await assert_healthy(conn)

@@ -3,14 +3,18 @@ outcome rules that the rest of the unit tests let survive (named in each docstri
 
 from __future__ import annotations
 
+import asyncio
 import json
+import threading
 import traceback
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tasker_pg import StepHandlerResult, jsonutil
+from tasker_pg.context import BlockingFetchError, StepContext
 from tasker_pg.errors import PermanentError, RetryableError, TaskerError
 from tasker_pg.outcome import (
     Failure,
@@ -25,12 +29,15 @@ from tasker_pg.outcome import (
     truncate_head,
     truncate_tail,
 )
+from tasker_pg.rows import ClaimedStep
 from tasker_pg.template import (
     MAX_STEPS,
+    VERSION_MAX_LEN,
     TaskTemplate,
     TemplateValidationError,
     load_template,
     load_templates,
+    parse_version,
 )
 
 STEP = "0b7e3c52-4a57-4c39-a0c4-8f2d0c1e9b11"
@@ -695,3 +702,391 @@ def test_names_after_a_nameless_step_are_indexed() -> None:
     b = {"name": "b", "handler": {"callable": "h.b"}}
     assert _problems(nameless, a, {**b, "dependencies": ["a"]}) == _problems(nameless, a, b)
     assert len(_problems(nameless, a, {**a})) == len(_problems(nameless, a, b)) + 1
+
+
+# --- step types, graphs, versions and names (found by the campaign on 82a3038) ----------------
+
+
+def _step(name: str | None, *deps: str, **extra: Any) -> dict[str, Any]:
+    raw: dict[str, Any] = {"handler": {"callable": "handlers.run"}, "dependencies": list(deps)}
+    if name is not None:
+        raw["name"] = name
+    return {**raw, **extra}
+
+
+def _body(*steps: dict[str, Any], **extra: Any) -> dict[str, Any]:
+    return {"name": "t", "namespace_name": "ns", "version": "1.0.0", "steps": list(steps), **extra}
+
+
+def _refusal(raw: Any, source: str | None = None) -> TemplateValidationError:
+    with pytest.raises(TemplateValidationError) as err:
+        TaskTemplate.from_dict(raw, source=source)
+    return err.value
+
+
+def _refused_steps(*steps: dict[str, Any]) -> list[str]:
+    """Where the step-type rules refuse the template: each problem's location."""
+    return [problem.split(": ", 1)[0] for problem in _refusal(_body(*steps)).problems]
+
+
+PIPELINE = (
+    _step("analyze", type="batchable"),
+    _step("work", "analyze", type="batch_worker"),
+    _step("aggregate", "work", type="deferred_convergence"),
+)
+
+
+@pytest.mark.parametrize(
+    ("steps", "dynamic"),
+    [
+        ((_step("a"), _step("b", "a")), set()),
+        (PIPELINE, {"work", "aggregate"}),
+        (
+            (
+                _step("a"),
+                _step("d", "a", type="decision"),
+                _step("x", "d"),
+                _step("y", "d"),
+                _step("j", "x", "y", type="deferred_convergence"),
+                _step("z", "x"),
+            ),
+            {"x", "y", "j", "z"},
+        ),
+        (
+            (
+                _step("a"),
+                _step("d", "a", type="decision"),
+                _step("x", "d"),
+                _step("j", "x", "a", type="deferred_convergence"),
+                _step("after", "j"),
+            ),
+            {"x"},
+        ),
+        (
+            (
+                _step("a"),
+                _step("d", "a", type="decision"),
+                _step("j", "d", "a", type="deferred_convergence"),
+            ),
+            {"j"},
+        ),
+    ],
+    ids=["plain", "batch", "decision-branches", "convergence-with-a-static-step", "dc-on-decision"],
+)
+def test_valid_step_type_templates_and_their_dynamic_steps(
+    steps: tuple[dict[str, Any], ...], dynamic: set[str]
+) -> None:
+    """_type_problems#2/3/6/9/10/11/22/30/33/49/50/51/52/64/65/70/84 refused one of these valid
+    templates (or crashed); _dynamic_steps#5/6/7/8/12/15/16/19/20/21/22/26/27 changed which
+    steps are created at run time (a batch worker, a decision's children and what follows them,
+    a convergence all of whose listed steps are dynamic) instead of with the task."""
+    tpl = TaskTemplate.from_dict(_body(*steps))
+    assert tpl.dynamic_steps == frozenset(dynamic)
+    assert tpl.static_steps == [s["name"] for s in steps if s["name"] not in dynamic]
+
+
+@pytest.mark.parametrize(
+    ("steps", "refused"),
+    [
+        ((_step("d", type="decision"),), ["steps[0] (d)"]),
+        (
+            (_step("a"), _step("d", "a", type="decision"), _step("c", "d", "a")),
+            ["steps[2] (c)"],
+        ),
+        ((_step("a"), _step("w", "a", type="batch_worker")), ["steps[1] (w)"]),
+        (
+            (
+                _step("b", type="batchable"),
+                _step("a"),
+                _step("w", "b", "a", type="batch_worker"),
+                _step("j", "w", type="deferred_convergence"),
+            ),
+            ["steps[2] (w)"],
+        ),
+        ((_step("b", type="batchable"), _step("s", "b")), ["steps[0] (b)"]),
+        ((*PIPELINE, _step("s", "work")), ["steps[3] (s)"]),
+        ((_step("a"), _step("j", type="deferred_convergence")), ["steps[1] (j)"]),
+    ],
+    ids=[
+        "decision-without-dependency",
+        "decision-child-with-another-parent",
+        "worker-of-a-standard-step",
+        "worker-with-two-parents",
+        "batchable-without-worker",
+        "standard-step-after-a-worker",
+        "convergence-listing-nothing",
+    ],
+)
+def test_each_step_type_rule_refuses_the_step_that_breaks_it(
+    steps: tuple[dict[str, Any], ...], refused: list[str]
+) -> None:
+    """_type_problems#14/23/34/39/48/55/66/77/85/89: a rule that no longer refused its step
+    (or refused another one, or crashed)."""
+    assert _refused_steps(*steps) == refused
+
+
+def test_only_a_batch_worker_carries_batch_config_in_its_json() -> None:
+    """StepTemplate.to_json#16/21/24: the batch worker's batch_config (defaults filled in) was
+    left out of the body sent to SQL, or given to the other steps."""
+    body = TaskTemplate.from_dict(_body(*PIPELINE)).to_json()
+    configs = {s["name"]: s.get("batch_config") for s in body["steps"]}
+    assert configs == {
+        "analyze": None,
+        "work": {
+            "batch_size": 1000,
+            "parallelism": 10,
+            "cursor_field": "id",
+            "failure_strategy": "continue_on_failure",
+        },
+        "aggregate": None,
+    }
+    assert ["batch_config" in s for s in body["steps"]] == [False, True, False]
+
+
+def test_to_json_metadata_is_a_deep_copy() -> None:
+    """TaskTemplate.to_json#12 (copy.copy): changing the nested metadata of the JSON body
+    changed the template."""
+    tpl = TaskTemplate.from_dict(_body(_step("a"), metadata={"owner": {"team": "a"}}))
+    body = tpl.to_json()
+    body["metadata"]["owner"]["team"] = "b"
+    assert tpl.metadata == {"owner": {"team": "a"}}
+
+
+def test_a_template_that_is_not_a_mapping_names_what_it_is_and_its_source() -> None:
+    """TaskTemplate.from_dict#6/7: the problem described None instead of the value given, and
+    the error lost its source file."""
+    err = _refusal([1, 2], source="x.yaml")
+    assert err.source == "x.yaml"
+    assert err.problems == [
+        "template: expected a mapping with name, namespace_name, version and steps at the top"
+        " level, got a list"
+    ]
+
+
+def test_a_name_that_is_not_text_is_not_named_in_the_heading() -> None:
+    """TaskTemplate.from_dict#42: a non-string name (a YAML number) was put in the heading."""
+    err = _refusal(_body(_step("a"), name=5), source="src.yaml")
+    assert str(err).splitlines()[0] == "invalid task template in src.yaml: 1 problem"
+
+
+def test_a_nameless_step_is_located_by_its_position() -> None:
+    """_raw_graph#9 (a nameless step named ""), _graph_problems#5/23 (named None): the
+    problems of a step without a name were located as `steps[0] ()` / `steps[0] (None)`."""
+    err = _refusal(_body(_step(None, "ghost"), _step("a")))
+    assert err.problems == [
+        "steps[0]: missing required key 'name' in step steps[0]",
+        "steps[0].dependencies[0]: unknown dependency 'ghost' in step steps[0]: no step has"
+        " that name (steps: 'a')",
+    ]
+
+
+def test_cycles_are_reported_in_declared_order_of_their_first_step() -> None:
+    """_find_cycles#8/10 (components sorted as lists, not by their first declared step): the
+    cycle through steps[1] came before the one through steps[0]."""
+    err = _refusal(
+        _body(_step("s0", "s3"), _step("s1", "s2"), _step("s2", "s1"), _step("s3", "s0"))
+    )
+    assert [p.split(": ", 1)[0] for p in err.problems] == [
+        "steps[0] (s0).dependencies",
+        "steps[1] (s1).dependencies",
+    ]
+
+
+def test_the_cycle_reported_is_a_shortest_one_through_the_first_step() -> None:
+    """_find_cycles#22 (`while queue or found is None`): the search went on after finding the
+    first way back and reported a later one (a -> c -> a instead of a -> b -> a)."""
+    err = _refusal(_body(_step("a", "b", "c"), _step("b", "a"), _step("c", "a")))
+    assert len(err.problems) == 1
+    assert "dependency cycle a -> b -> a (" in err.problems[0]
+
+
+def test_parse_version_keys_and_bounds() -> None:
+    """parse_version#3/5 (the 64-character limit dropped / made exclusive), #22/23 (minor or
+    patch above the integer maximum accepted), #29/36 (the documented key: 1 for a release,
+    (1, text) for an alphanumeric identifier)."""
+    exact = "1.0.0-" + "a" * 58
+    assert len(exact) == VERSION_MAX_LEN
+    assert parse_version(exact) == (1, 0, 0, 0, ((1, "a" * 58),))
+    assert parse_version(exact + "a") is None
+    assert parse_version("0.2147483648.0") is None
+    assert parse_version("0.0.2147483648") is None
+    assert parse_version("0.2147483647.2147483647") == (0, 2147483647, 2147483647, 1, ())
+    assert parse_version("1.2.3") == (1, 2, 3, 1, ())
+    assert parse_version("1.2.3-rc.4") == (1, 2, 3, 0, ((1, "rc"), (0, 4)))
+
+
+@pytest.mark.parametrize(
+    ("where", "value", "problem"),
+    [
+        (
+            "name",
+            "my template_",
+            "name: template name 'my template_' is not valid: use {rule}"
+            " (for example 'my_template')",
+        ),
+        ("name", "!!!", "name: template name '!!!' is not valid: use {rule}"),
+        ("name", "1abc", "name: template name '1abc' is not valid: use {rule}"),
+        (
+            "step",
+            "_my step",
+            "steps[0] (_my step).name: step name '_my step' is not valid:"
+            " use {rule} (for example '_my_step')",
+        ),
+    ],
+)
+def test_name_hints_suggest_only_a_valid_fix(where: str, value: str, problem: str) -> None:
+    """_check_pattern#2 (no hint rendered as `None`), #19/20/21/23 (underscores stripped from
+    the ends of step names, where they are allowed, or kept on other names), #25 (a hint that
+    is itself invalid, or the name unchanged)."""
+    raw = _body(_step(value)) if where == "step" else _body(_step("a"), name=value)
+    rule = (
+        "letters, digits, '_', '-' and '.', starting with a letter or '_', at most 128 characters"
+        if where == "step"
+        else "letters, digits, '_', '-' and '.', starting with a letter, at most 128 characters"
+    )
+    assert _refusal(raw).problems == [problem.format(rule=rule)]
+
+
+def test_non_json_metadata_names_its_path_value_and_no_date_hint() -> None:
+    """_plain_json#64 (a list item's path lost), #91 (the value shown as None), #95 (the
+    date hint given for any value)."""
+    err = _refusal(_body(_step("a"), metadata={"items": [1, {2}]}))
+    assert err.problems == ["metadata: metadata.items[1] is a set ({2}), which is not JSON data"]
+
+
+# --- a context's dependency results (found by the campaign on 82a3038) -------------------------
+
+
+class _RecordingFetcher:
+    """Serves `results` like the worker's fetcher, recording every page asked for."""
+
+    def __init__(
+        self, results: dict[str, Any], loop: asyncio.AbstractEventLoop | None = None
+    ) -> None:
+        self._results = results
+        self._loop = loop
+        self.calls: list[tuple[str, str, str | None, int]] = []
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        return self._loop
+
+    async def fetch_page(
+        self, step_uuid: str, prefix: str, after: str | None, limit: int
+    ) -> list[tuple[str, Any]]:
+        self.calls.append((step_uuid, prefix, after, limit))
+        names = [
+            n
+            for n in sorted(self._results)
+            if n.startswith(prefix) and (after is None or n > after)
+        ]
+        return [(n, self._results[n]) for n in names[:limit]]
+
+
+def _claimed(partial: bool, results: dict[str, Any]) -> ClaimedStep:
+    return ClaimedStep(
+        step_uuid=STEP,
+        task_uuid="5d1c3e0a-7b0e-4b52-9a1e-2f8e8e0c6a01",
+        step_name="aggregate",
+        handler="handlers.aggregate",
+        dependency_results=results,
+        dependency_results_partial=partial,
+    )
+
+
+def test_from_claimed_keeps_a_partial_claim_and_its_fetcher() -> None:
+    """StepContext.from_claimed#16/17/33/34: the claim's dependency_results_partial or the
+    fetcher was dropped, so a partial claim answered from part of the results (None for a
+    result it left out) or could not fetch."""
+    fetcher = _RecordingFetcher({"a": 1, "w_1": {"n": 1}, "w_2": {"n": 2}})
+    context = StepContext.from_claimed(_claimed(True, {"a": 1}), dependency_fetcher=fetcher)
+    assert context.dependency_results_partial is True
+    assert context.get_dependency_result("w_2") == {"n": 2}
+    assert context.get_all_dependency_results("w_") == {"w_1": {"n": 1}, "w_2": {"n": 2}}
+    assert fetcher.calls == [(STEP, "w_2", None, 1), (STEP, "w_", None, 100)]
+
+
+def test_async_single_result_fetches_one_row_for_its_own_step() -> None:
+    """get_dependency_result_async#1/4 (a result in a full claim answered None or fetched),
+    #11 (two rows fetched for one name), _fetch_page#2 (the step's uuid not passed on),
+    iter_dependency_results#4 (the first page asked after "" instead of from the start)."""
+    full = StepContext.from_claimed(_claimed(False, {"a": 1, "b": 2}))
+    assert asyncio.run(full.get_dependency_result_async("a")) == 1
+    assert asyncio.run(full.get_dependency_result_async("c")) is None
+    fetcher = _RecordingFetcher({"a": 1, "b": 2, "bb": 3})
+    lazy = StepContext.from_claimed(_claimed(True, {}), dependency_fetcher=fetcher)
+    assert asyncio.run(lazy.get_dependency_result_async("b")) == 2
+    assert fetcher.calls == [(STEP, "b", None, 1)]
+
+    async def every(prefix: str) -> list[tuple[str, Any]]:
+        return [item async for item in lazy.iter_dependency_results(prefix)]
+
+    assert asyncio.run(every("b")) == [("b", 2), ("bb", 3)]
+    assert fetcher.calls[1:] == [(STEP, "b", None, 100)]
+
+
+def test_iter_dependency_results_defaults_to_every_result() -> None:
+    """iter_dependency_results#1 (default prefix "XXXX"): without a prefix it yielded
+    nothing."""
+    context = StepContext.from_claimed(_claimed(False, {"b": 2, "a": 1}))
+
+    async def every() -> list[tuple[str, Any]]:
+        return [item async for item in context.iter_dependency_results()]
+
+    assert asyncio.run(every()) == [("a", 1), ("b", 2)]
+
+
+def test_a_partial_claim_without_fetcher_says_how_to_build_one() -> None:
+    """_lazy#5/7/8/9: the message naming the fix (StepContext.from_claimed(...,
+    dependency_fetcher=...)) was unchecked."""
+    context = StepContext.from_claimed(_claimed(True, {}))
+    with pytest.raises(RuntimeError) as err:
+        context.get_all_dependency_results()
+    assert str(err.value) == (
+        "the claim of step 'aggregate' left some dependency results out "
+        "(dependency_results_partial) and this context has no fetcher to get them: "
+        "build it with StepContext.from_claimed(..., dependency_fetcher=...)"
+    )
+
+
+def test_blocking_fetch_on_the_loop_names_the_async_helpers() -> None:
+    """_run_blocking#11..18: the message of BlockingFetchError (the async helpers to use
+    instead) was unchecked."""
+    fetcher = _RecordingFetcher({"a": 1})
+    context = StepContext.from_claimed(_claimed(True, {}), dependency_fetcher=fetcher)
+
+    async def run() -> None:
+        context.get_dependency_result("a")
+
+    with pytest.raises(BlockingFetchError) as err:
+        asyncio.run(run())
+    assert str(err.value) == (
+        "step 'aggregate': its claim left some dependency results out, and fetching them would"
+        " block the event loop. In an async handler use"
+        " `async for name, result in context.iter_dependency_results(prefix)`,"
+        " `await context.get_all_dependency_results_async(prefix)` or"
+        " `await context.get_dependency_result_async(name)`"
+    )
+    assert fetcher.calls == []
+
+
+def test_blocking_fetch_from_another_loop_runs_on_the_fetchers_loop() -> None:
+    """_run_blocking#9 (`running is not loop`): a blocking fetch called on a loop other than
+    the fetcher's (which it cannot block) was refused, and one on the fetcher's own loop was
+    not."""
+    fetcher_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=fetcher_loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        fetcher = _RecordingFetcher({"a": 1, "b": 2}, loop=fetcher_loop)
+        context = StepContext.from_claimed(_claimed(True, {}), dependency_fetcher=fetcher)
+
+        async def on_another_loop() -> Any:
+            return context.get_dependency_result("b")
+
+        assert asyncio.run(on_another_loop()) == 2
+        assert fetcher.calls == [(STEP, "b", None, 1)]
+    finally:
+        fetcher_loop.call_soon_threadsafe(fetcher_loop.stop)
+        thread.join()
+        fetcher_loop.close()
