@@ -38,6 +38,8 @@ RETURNS TABLE (step_uuid uuid, attempt integer, status text, detail text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
+    v_queue     text;
+    v_ids       bigint[];
     v_now       timestamptz := clock_timestamp();
     v_limit     bigint := tasker._setting_int('max_payload_bytes');
     v_err_limit bigint := tasker._setting_int('max_error_bytes');
@@ -130,21 +132,25 @@ BEGIN
                           FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY a(o, ord)) b) e);
 
     -- 1. Lock the live messages of the claimed steps first, in (queue, msg_id) order: the lock
-    --    order every function follows. A claim racing for the same message skips it. The
-    --    (namespace, msg_id) pairs are one relation (OFFSET 0 keeps the subquery whole): with
-    --    the namespace from tasks and msg_id from steps, a plan made on small statistics probed
-    --    the primary key with the queue alone and filtered msg_id, reading the whole queue per
-    --    message (seconds per call once a held snapshot kept the dead entries).
-    PERFORM 1
-       FROM (SELECT t.namespace, s.msg_id
-               FROM unnest(v_in) i
-               JOIN tasker.steps s ON s.step_uuid = i.step_uuid
-               JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-              WHERE s.state = 'in_progress' AND s.attempts = i.attempt
-             OFFSET 0) x  -- kept whole: both keys of the message come from one relation
-       JOIN tasker.queue_messages m ON m.queue = x.namespace AND m.msg_id = x.msg_id
-      ORDER BY m.queue, m.msg_id
-        FOR UPDATE OF m;
+    --    order every function follows. A claim racing for the same message skips it. Each
+    --    queue's messages are locked by one lookup on that queue alone (queue = $1 AND msg_id
+    --    = ANY ($2): the primary key, with no join for a plan to order): a join of the messages
+    --    with the claimed steps, planned once per session on a near-empty queue, walked the
+    --    whole queue per message or re-read the steps per message.
+    FOR v_queue, v_ids IN
+        SELECT t.namespace, array_agg(s.msg_id ORDER BY s.msg_id)
+          FROM unnest(v_in) i
+          JOIN tasker.steps s ON s.step_uuid = i.step_uuid
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+         WHERE s.state = 'in_progress' AND s.attempts = i.attempt AND s.msg_id IS NOT NULL
+         GROUP BY t.namespace
+         ORDER BY t.namespace
+    LOOP
+        PERFORM 1 FROM tasker.queue_messages m
+          WHERE m.queue = v_queue AND m.msg_id = ANY (v_ids)
+          ORDER BY m.msg_id
+            FOR UPDATE;
+    END LOOP;
 
     WITH
     -- 2a. A decision or batchable step's success whose outcome cannot be applied (unknown or

@@ -44,23 +44,28 @@ $$;
 
 -- Locks the messages of the given claims, in lock order. extend_leases and release_steps then
 -- re-check each claim's fence on the step in a new statement (a fence read through a join is
--- not re-checked after waiting for a lock). The (namespace, msg_id) pairs are one relation
--- (OFFSET 0 keeps the subquery whole), so each message is probed by its whole key: with the
--- namespace from tasks and msg_id from steps as two relations, a plan made on small statistics
--- probed the primary key by the queue alone and filtered msg_id (the whole queue per message).
+-- not re-checked after waiting for a lock). Each queue's messages are locked by one lookup on
+-- that queue alone (see complete_steps: no join for a plan made on small statistics to order).
 CREATE FUNCTION tasker._lock_claim_messages(p_claims jsonb) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_queue text;
+    v_ids   bigint[];
 BEGIN
-    PERFORM 1
-       FROM (SELECT t.namespace, s.msg_id
-               FROM tasker._parse_claims(p_claims) c
-               JOIN tasker.steps s ON s.step_uuid = c.step_uuid
-               JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-              WHERE s.state = 'in_progress' AND s.attempts = c.attempt
-             OFFSET 0) x  -- kept whole: both keys of the message come from one relation
-       JOIN tasker.queue_messages m ON m.queue = x.namespace AND m.msg_id = x.msg_id
-      ORDER BY m.queue, m.msg_id
-        FOR UPDATE OF m;
+    FOR v_queue, v_ids IN
+        SELECT t.namespace, array_agg(s.msg_id ORDER BY s.msg_id)
+          FROM tasker._parse_claims(p_claims) c
+          JOIN tasker.steps s ON s.step_uuid = c.step_uuid
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+         WHERE s.state = 'in_progress' AND s.attempts = c.attempt AND s.msg_id IS NOT NULL
+         GROUP BY t.namespace
+         ORDER BY t.namespace
+    LOOP
+        PERFORM 1 FROM tasker.queue_messages m
+          WHERE m.queue = v_queue AND m.msg_id = ANY (v_ids)
+          ORDER BY m.msg_id
+            FOR UPDATE;
+    END LOOP;
 END
 $$;
 ALTER FUNCTION tasker._lock_claim_messages(jsonb) SET plan_cache_mode = force_generic_plan;

@@ -14,3 +14,11 @@
 -- statistics took it for those lookups and walked it whole per message.
 DROP INDEX tasker.queue_messages_claim_idx;
 CREATE INDEX queue_messages_claim_idx ON tasker.queue_messages (priority DESC, vt);
+
+-- The primary key leads with msg_id: a queue's partition holds one queue, so a leading `queue`
+-- column bounds nothing, and a plan made on a near-empty queue took `queue = $1` alone as the
+-- index condition (msg_id filtered), walking the whole queue per message. Led by msg_id, every
+-- lookup of a message (an acknowledgement, a lease update, the locks of complete_steps and
+-- extend_leases) is bounded by it whatever the statistics say.
+ALTER TABLE tasker.queue_messages DROP CONSTRAINT queue_messages_pkey;
+ALTER TABLE tasker.queue_messages ADD CONSTRAINT queue_messages_pkey PRIMARY KEY (msg_id, queue);

@@ -1090,12 +1090,14 @@ async def hot_statements(conn: db.Connection) -> dict[str, plans.Expected]:
             "steps_task_name_idx",
             msg_pkey,
         ),
-        # complete_steps: lock the claimed steps' messages
+        # complete_steps: the claimed steps' messages, by queue, then each queue's lock
         "complete_lock_messages": expect(
-            "WHERE s.state = 'in_progress' AND s.attempts = i.attempt OFFSET 0) x",
+            "WHERE s.state = 'in_progress' AND s.attempts = i.attempt AND s.msg_id IS NOT NULL",
             "steps_pkey",
             "tasks_pkey",
-            msg_pkey,
+        ),
+        "lock_queue_messages": expect(
+            "WHERE m.queue = v_queue AND m.msg_id = ANY (v_ids)", msg_pkey
         ),
         # complete_steps: apply the fenced outcomes, drop or move the messages
         "complete_apply": expect("move_msgs AS (", "steps_pkey", "tasks_pkey", msg_pkey),
@@ -1190,7 +1192,12 @@ async def test_lease_statements_use_indexes_with_100k_steps(plan_conn: db.Connec
     keys = ("steps_pkey", "tasks_pkey", msg_pkey)
     expected = {
         # _lock_claim_messages: lock the claims' messages
-        "lock_claim_messages": plans.Expected.of("FROM tasker._parse_claims(p_claims) c", *keys),
+        "lock_claim_messages": plans.Expected.of(
+            "FROM tasker._parse_claims(p_claims) c", "steps_pkey", "tasks_pkey"
+        ),
+        "lock_queue_messages": plans.Expected.of(
+            "WHERE m.queue = v_queue AND m.msg_id = ANY (v_ids)", msg_pkey
+        ),
         "extend_leases": plans.Expected.of("current_claims AS MATERIALIZED (", *keys),
         "release_steps": plans.Expected.of(
             "SET attempts = s.attempts - CASE WHEN s.claim_spent_attempt", *keys
