@@ -178,3 +178,12 @@ def cpu_details(result: dict[str, Any]) -> list[tuple[str, str]]:
         per = "message" if "messages" in result else "step"
         parts.append((f"CPU per {per}", ", ".join(cpu)))
     return parts
+
+
+def describe_tables(tables: list[dict[str, Any]]) -> str:
+    """The hot tables' live and dead tuples and sizes (queries.hot_table_stats), one line."""
+    return ", ".join(
+        f"{t['relation']} {t['live']:,} live / {t['dead']:,} dead, "
+        f"{t['table_kb']:,} kB + {t['index_kb']:,} kB idx"
+        for t in tables
+    )

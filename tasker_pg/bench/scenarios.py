@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tasker_pg import db
-from tasker_pg.bench import baseline, handlers, queries, xmin
+from tasker_pg.bench import baseline, handlers, queries, report, xmin
 from tasker_pg.bench.handlers import NAMESPACE
 from tasker_pg.bench.machine import CpuMeter, cpu_per_step
 from tasker_pg.bench.options import (
@@ -243,6 +243,27 @@ async def dag(bench: Bench) -> None:
     }
 
 
+def _against_flat(
+    bench: Bench, scenario: str, measure: str, result: dict[str, Any], target: float
+) -> float | None:
+    """Emit the row of a drain judged against the clean flat drain of the same run (its
+    steps/s, that share, the ratio to the baseline); the share (None without a flat drain)."""
+    rate = result["steps_per_s"]
+    clean = bench.results.get("flat", {}).get("steps_per_s")
+    of_flat = round(rate / clean, 3) if clean else None
+    bench.emit(
+        Row(
+            scenario,
+            measure,
+            f"{rate:,.0f} ({of_flat:.2f}x of flat)" if of_flat else f"{rate:,.0f}",
+            bench.ratio(rate),
+            f">= {target:.2f}x of flat",
+            bench.judge(of_flat >= target) if of_flat is not None else None,
+        )
+    )
+    return of_flat
+
+
 # --- deep ----------------------------------------------------------------------------------------
 
 
@@ -264,35 +285,17 @@ async def deep(bench: Bench) -> None:
             bench, "deep", handlers.FLAT, tasks, 1, after=drained, measured=queued, poll=DEEP_POLL
         )
     ).as_dict(bench.baseline_rate)
-    rate = result["steps_per_s"]
-    clean = bench.results.get("flat", {}).get("steps_per_s")
-    of_flat = round(rate / clean, 3) if clean else None
+    of_flat = _against_flat(
+        bench, "deep", f"flat steps/s, {tasks:,} queued", result, TARGET_DEEP_OF_FLAT
+    )
     bench.results["deep"] = {
         "ok": True,
         **_settings(bench),
         **result,
         "ratio_to_flat": of_flat,
         "tables": sizes,
-        "notes": [
-            f"{when}: "
-            + ", ".join(
-                f"{t['relation']} {t['live']:,} live / {t['dead']:,} dead, "
-                f"{t['table_kb']:,} kB + {t['index_kb']:,} kB idx"
-                for t in tables
-            )
-            for when, tables in sizes.items()
-        ],
+        "notes": [f"{when}: {report.describe_tables(t)}" for when, t in sizes.items()],
     }
-    bench.emit(
-        Row(
-            "deep",
-            f"flat steps/s, {tasks:,} queued",
-            f"{rate:,.0f} ({of_flat:.2f}x of flat)" if of_flat else f"{rate:,.0f}",
-            bench.ratio(rate),
-            f">= {TARGET_DEEP_OF_FLAT:.2f}x of flat",
-            bench.judge(of_flat >= TARGET_DEEP_OF_FLAT) if of_flat is not None else None,
-        )
-    )
 
 
 # --- retention -----------------------------------------------------------------------------------
@@ -301,9 +304,10 @@ async def deep(bench: Bench) -> None:
 async def retention(bench: Bench) -> None:
     """The flat drain while `tasker.purge_finished` deletes a history of RETENTION_HISTORY
     finished tasks (seeded set-based: created through create_tasks, then made complete two
-    days ago in SQL) under a one-day policy, batch after batch, from another session. The
-    drain's rate against the clean flat drain of the same run (target >= 0.80), and the purge
-    rate (tasks/s, over the whole purge, most of it after the drain)."""
+    days ago in SQL) under a one-day policy, batch after batch from another session, paced as
+    a worker paces it (after each batch, a pause as long as the batch took). The drain's rate
+    against the clean flat drain of the same run (target >= 0.80), and the purge rate (tasks/s
+    over the whole purge, pauses included, most of it after the drain)."""
     history = bench.options.count(RETENTION_HISTORY)
     purged: list[tuple[float, int]] = []  # (seconds since the purge began, tasks so far)
     during: list[int] = []
@@ -322,11 +326,16 @@ async def retention(bench: Bench) -> None:
         try:
             started, total = time.perf_counter(), 0
             while True:
+                batch_started = time.perf_counter()
                 counts = await conn.purge_finished(RETENTION_BATCH)
+                took = time.perf_counter() - batch_started
                 total += counts.tasks
                 purged.append((time.perf_counter() - started, total))
                 if not counts.more and counts.tasks == 0:
                     break
+                # paced as a worker's maintenance loop paces a purge that has more to do: the
+                # next batch once as long again as this one took
+                await asyncio.sleep(took)
         finally:
             await conn.close()
 
@@ -350,9 +359,6 @@ async def retention(bench: Bench) -> None:
     if total != history:
         raise BenchError(f"retention: the purge deleted {total:,} of {history:,} history tasks")
     purge_rate = total / total_s if total_s > 0 else 0.0
-    rate = result["steps_per_s"]
-    clean = bench.results.get("flat", {}).get("steps_per_s")
-    of_flat = round(rate / clean, 3) if clean else None
     bench.results["retention"] = {
         "ok": True,
         **_settings(bench),
@@ -362,18 +368,14 @@ async def retention(bench: Bench) -> None:
         "purge_seconds": round(total_s, 2),
         "purge_tasks_per_s": round(purge_rate, 1),
         "purged_by_the_drain_end": during[0] if during else None,
-        "ratio_to_flat": of_flat,
-    }
-    bench.emit(
-        Row(
+        "ratio_to_flat": _against_flat(
+            bench,
             "retention",
             f"flat steps/s while purging {history:,}",
-            f"{rate:,.0f} ({of_flat:.2f}x of flat)" if of_flat else f"{rate:,.0f}",
-            bench.ratio(rate),
-            f">= {TARGET_RETENTION_OF_FLAT:.2f}x of flat",
-            bench.judge(of_flat >= TARGET_RETENTION_OF_FLAT) if of_flat is not None else None,
-        )
-    )
+            result,
+            TARGET_RETENTION_OF_FLAT,
+        ),
+    }
     bench.emit(
         Row(
             "retention",
@@ -452,9 +454,9 @@ async def backlog(bench: Bench) -> None:
     result = (await drain(bench, "backlog", handlers.FLAT, tasks, 1, before=seed)).as_dict(
         bench.baseline_rate
     )
-    rate = result["steps_per_s"]
-    clean = bench.results.get("flat", {}).get("steps_per_s")
-    of_flat = round(rate / clean, 3) if clean else None
+    of_flat = _against_flat(
+        bench, "backlog", f"flat steps/s, {invisible:,} not visible", result, TARGET_BACKLOG_OF_FLAT
+    )
     bench.results["backlog"] = {
         "ok": True,
         **_settings(bench),
@@ -462,16 +464,6 @@ async def backlog(bench: Bench) -> None:
         **result,
         "ratio_to_flat": of_flat,
     }
-    bench.emit(
-        Row(
-            "backlog",
-            f"flat steps/s, {invisible:,} not visible",
-            f"{rate:,.0f} ({of_flat:.2f}x of flat)" if of_flat else f"{rate:,.0f}",
-            bench.ratio(rate),
-            f">= {TARGET_BACKLOG_OF_FLAT:.2f}x of flat",
-            bench.judge(of_flat >= TARGET_BACKLOG_OF_FLAT) if of_flat is not None else None,
-        )
-    )
 
 
 async def _seed_backlog(conn: db.Connection, invisible: int) -> None:

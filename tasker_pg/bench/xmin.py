@@ -26,7 +26,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from tasker_pg import db
-from tasker_pg.bench import handlers, queries
+from tasker_pg.bench import handlers, queries, report
 from tasker_pg.bench.handlers import NAMESPACE
 from tasker_pg.bench.options import (
     XMIN_LOAD,
@@ -77,7 +77,7 @@ async def xmin(bench: Bench) -> None:
                 f"{w['completed']:,} completed ({w['completed_per_arrived']:.0%}), lag p50 "
                 f"{_ms(w['lag_p50_ms'])} p99 {_ms(w['lag_p99_ms'])}"
             )
-        notes.append(f"{phase} at the end: " + _describe_tables(result["tables"]))
+        notes.append(f"{phase} at the end: " + report.describe_tables(result["tables"]))
     bench.results["xmin"] = {
         "ok": True,
         "flat_tasks_per_s": round(flat_rate, 1),
@@ -191,11 +191,3 @@ def _median(values: list[float]) -> float:
 
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f} ms"
-
-
-def _describe_tables(tables: list[dict[str, Any]]) -> str:
-    return ", ".join(
-        f"{t['relation']} {t['dead']:,} dead / {t['live']:,} live, "
-        f"{t['table_kb']:,} kB + {t['index_kb']:,} kB idx"
-        for t in tables
-    )
