@@ -38,8 +38,6 @@ RETURNS TABLE (step_uuid uuid, attempt integer, status text, detail text)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_queue     text;
-    v_ids       bigint[];
     v_now       timestamptz := clock_timestamp();
     v_limit     bigint := tasker._setting_int('max_payload_bytes');
     v_err_limit bigint := tasker._setting_int('max_error_bytes');
@@ -132,25 +130,9 @@ BEGIN
                           FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY a(o, ord)) b) e);
 
     -- 1. Lock the live messages of the claimed steps first, in (queue, msg_id) order: the lock
-    --    order every function follows. A claim racing for the same message skips it. Each
-    --    queue's messages are locked by one lookup on that queue alone (queue = $1 AND msg_id
-    --    = ANY ($2): the primary key, with no join for a plan to order): a join of the messages
-    --    with the claimed steps, planned once per session on a near-empty queue, walked the
-    --    whole queue per message or re-read the steps per message.
-    FOR v_queue, v_ids IN
-        SELECT t.namespace, array_agg(s.msg_id ORDER BY s.msg_id)
-          FROM unnest(v_in) i
-          JOIN tasker.steps s ON s.step_uuid = i.step_uuid
-          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-         WHERE s.state = 'in_progress' AND s.attempts = i.attempt AND s.msg_id IS NOT NULL
-         GROUP BY t.namespace
-         ORDER BY t.namespace
-    LOOP
-        PERFORM 1 FROM tasker.queue_messages m
-          WHERE m.queue = v_queue AND m.msg_id = ANY (v_ids)
-          ORDER BY m.msg_id
-            FOR UPDATE;
-    END LOOP;
+    --    order every function follows. A claim racing for the same message skips it.
+    PERFORM tasker._lock_step_messages(array_agg(i.step_uuid), array_agg(i.attempt))
+       FROM unnest(v_in) i;
 
     WITH
     -- 2a. A decision or batchable step's success whose outcome cannot be applied (unknown or

@@ -42,11 +42,13 @@ BEGIN
 END
 $$;
 
--- Locks the messages of the given claims, in lock order. extend_leases and release_steps then
--- re-check each claim's fence on the step in a new statement (a fence read through a join is
--- not re-checked after waiting for a lock). Each queue's messages are locked by one lookup on
--- that queue alone (see complete_steps: no join for a plan made on small statistics to order).
-CREATE FUNCTION tasker._lock_claim_messages(p_claims jsonb) RETURNS void
+-- Locks the live messages of the given steps that are still in progress at the given
+-- attempts, in lock order: by queue, then msg_id. Each queue's messages are locked by one
+-- lookup on that queue alone (queue = $1 AND msg_id = ANY ($2): the primary key, with no join
+-- for a plan to order): a join of the messages with the steps, planned once per session on a
+-- near-empty queue, walked the whole queue per message or re-read the steps per message.
+-- complete_steps, extend_leases and release_steps take their locks here first.
+CREATE FUNCTION tasker._lock_step_messages(p_steps uuid[], p_attempts integer[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_queue text;
@@ -54,7 +56,7 @@ DECLARE
 BEGIN
     FOR v_queue, v_ids IN
         SELECT t.namespace, array_agg(s.msg_id ORDER BY s.msg_id)
-          FROM tasker._parse_claims(p_claims) c
+          FROM unnest(p_steps, p_attempts) c(step_uuid, attempt)
           JOIN tasker.steps s ON s.step_uuid = c.step_uuid
           JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
          WHERE s.state = 'in_progress' AND s.attempts = c.attempt AND s.msg_id IS NOT NULL
@@ -68,8 +70,17 @@ BEGIN
     END LOOP;
 END
 $$;
-ALTER FUNCTION tasker._lock_claim_messages(jsonb) SET plan_cache_mode = force_generic_plan;
-ALTER FUNCTION tasker._lock_claim_messages(jsonb) SET enable_seqscan = off;
+ALTER FUNCTION tasker._lock_step_messages(uuid[], integer[]) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker._lock_step_messages(uuid[], integer[]) SET enable_seqscan = off;
+
+-- Locks the messages of the given claims (_lock_step_messages). extend_leases and
+-- release_steps then re-check each claim's fence on the step in a new statement (a fence read
+-- through a join is not re-checked after waiting for a lock).
+CREATE FUNCTION tasker._lock_claim_messages(p_claims jsonb) RETURNS void
+LANGUAGE sql AS $$
+    SELECT tasker._lock_step_messages(array_agg(c.step_uuid), array_agg(c.attempt))
+      FROM tasker._parse_claims(p_claims) c
+$$;
 
 -- Heartbeat for many steps in one call: pushes each still-current claim's lease to
 -- now + p_lease_seconds. One row per claim, in input order; extended = false means the claim

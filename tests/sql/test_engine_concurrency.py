@@ -1090,9 +1090,10 @@ async def hot_statements(conn: db.Connection) -> dict[str, plans.Expected]:
             "steps_task_name_idx",
             msg_pkey,
         ),
-        # complete_steps: the claimed steps' messages, by queue, then each queue's lock
-        "complete_lock_messages": expect(
-            "WHERE s.state = 'in_progress' AND s.attempts = i.attempt AND s.msg_id IS NOT NULL",
+        # _lock_step_messages (complete_steps' first lock): the steps' messages by queue,
+        # then each queue's lock
+        "lock_step_messages": expect(
+            "WHERE s.state = 'in_progress' AND s.attempts = c.attempt AND s.msg_id IS NOT NULL",
             "steps_pkey",
             "tasks_pkey",
         ),
@@ -1192,8 +1193,10 @@ async def test_lease_statements_use_indexes_with_100k_steps(plan_conn: db.Connec
     keys = ("steps_pkey", "tasks_pkey", msg_pkey)
     expected = {
         # _lock_claim_messages: lock the claims' messages
-        "lock_claim_messages": plans.Expected.of(
-            "FROM tasker._parse_claims(p_claims) c", "steps_pkey", "tasks_pkey"
+        "lock_step_messages": plans.Expected.of(
+            "WHERE s.state = 'in_progress' AND s.attempts = c.attempt AND s.msg_id IS NOT NULL",
+            "steps_pkey",
+            "tasks_pkey",
         ),
         "lock_queue_messages": plans.Expected.of(
             "WHERE m.queue = v_queue AND m.msg_id = ANY (v_ids)", msg_pkey
