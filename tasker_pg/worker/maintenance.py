@@ -67,7 +67,8 @@ class Maintenance:
         shared.bump("released")
         logger.warning(
             "worker %s has no handler %s for %s: handing it back without spending an attempt; "
-            "a worker that has the handler takes it in %gs (%s)",
+            "a worker that has the handler can take it after %gs, a delay doubled with each "
+            "hand-back of this step, up to 5 min (%s)",
             shared.worker_id,
             handler,
             claim.describe(),
