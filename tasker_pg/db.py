@@ -538,22 +538,40 @@ class Connection:
         return [r["task_uuid"] for r in rows]
 
     async def claim_steps(
-        self, queue: str, worker_id: str, qty: int, lease_seconds: float
+        self,
+        queue: str,
+        worker_id: str,
+        qty: int,
+        lease_seconds: float,
+        *,
+        visible_since: datetime | None = None,
     ) -> list[ClaimedStep]:
-        """Claim up to `qty` ready steps of `queue`, each with everything its handler needs."""
-        rows = await self.claim_step_rows(queue, worker_id, qty, lease_seconds)
+        """Claim up to `qty` ready steps of `queue`, each with everything its handler needs.
+
+        `visible_since` limits the messages read to those visible since then (a claim window,
+        see `tasker_pg.worker.window`); None reads every visible message."""
+        rows = await self.claim_step_rows(
+            queue, worker_id, qty, lease_seconds, visible_since=visible_since
+        )
         return [ClaimedStep.from_row(r) for r in rows]
 
     async def claim_step_rows(
-        self, queue: str, worker_id: str, qty: int, lease_seconds: float
+        self,
+        queue: str,
+        worker_id: str,
+        qty: int,
+        lease_seconds: float,
+        *,
+        visible_since: datetime | None = None,
     ) -> list[Row]:
         """`claim_steps` as the SQL function returns it (untyped rows), for tests of the SQL."""
         return await self.fetch(
-            "SELECT * FROM tasker.claim_steps($1, $2, $3, $4)",
+            "SELECT * FROM tasker.claim_steps($1, $2, $3, $4, $5)",
             queue,
             worker_id,
             qty,
             float(lease_seconds),
+            visible_since,
         )
 
     async def dependency_results(

@@ -139,6 +139,7 @@ BEGIN
     IF NOT FOUND THEN
         RETURN false;
     END IF;
+    DELETE FROM tasker.queue_priorities WHERE queue = p_queue;
     EXECUTE format('DROP TABLE IF EXISTS tasker.%I', 'q_' || p_queue);
     EXECUTE format('DROP TABLE IF EXISTS tasker.%I', 'a_' || p_queue);
     EXECUTE format('DROP SEQUENCE IF EXISTS tasker.%I', 'q_' || p_queue || '_seq');
@@ -147,6 +148,18 @@ END
 $$;
 COMMENT ON FUNCTION tasker.drop_queue(text) IS
     'Drops a queue with its live and archived messages; refuses a namespace''s engine queue (TS005).';
+
+-- Records the priorities other than 0 that messages of a queue may carry (see
+-- tasker.queue_priorities): windowed claims probe exactly these, and 0. Called in the
+-- transaction that creates the messages, or the task whose messages carry the priority.
+CREATE FUNCTION tasker._note_priorities(p_queue text, p_priorities integer[]) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO tasker.queue_priorities (queue, priority)
+    SELECT DISTINCT p_queue, p FROM unnest(p_priorities) p WHERE p <> 0
+    ON CONFLICT DO NOTHING
+$$;
+COMMENT ON FUNCTION tasker._note_priorities(text,integer[]) IS
+    'Internal: records the non-zero priorities a queue''s messages may carry, for windowed claims.';
 
 -- Sends one message, visible after p_delay_seconds; returns its msg_id. The pg_notify hint
 -- reaches listeners only when the sending transaction commits.
@@ -168,6 +181,9 @@ BEGIN
     VALUES (p_queue, nextval(v_seq), clock_timestamp() + make_interval(secs => p_delay_seconds),
             coalesce(p_priority, 0), p_message)
     RETURNING msg_id INTO v_id;
+    IF coalesce(p_priority, 0) <> 0 THEN
+        PERFORM tasker._note_priorities(p_queue, ARRAY[p_priority]);
+    END IF;
     PERFORM pg_notify('tasker_' || p_queue, '');
     RETURN v_id;
 END
@@ -192,6 +208,9 @@ BEGIN
         RETURN;
     END IF;
     PERFORM tasker._check_json_size(m, 'max_payload_bytes', 'message #' || o) FROM unnest(p_messages) WITH ORDINALITY x(m, o);
+    IF coalesce(p_priority, 0) <> 0 THEN
+        PERFORM tasker._note_priorities(p_queue, ARRAY[p_priority]);
+    END IF;
     RETURN QUERY
     INSERT INTO tasker.queue_messages (queue, msg_id, vt, priority, message)
     SELECT p_queue, nextval(v_seq), clock_timestamp() + make_interval(secs => p_delay_seconds),
@@ -208,23 +227,57 @@ COMMENT ON FUNCTION tasker.send_batch(text,jsonb[],double precision,integer) IS
 -- Locks up to p_qty messages of a queue that are visible at p_now, in hand-out order: highest
 -- priority first, then the longest visible (vt; messages made visible in the same instant, such
 -- as one create_tasks call's, in index order, which is their insertion order in a table that
--- reuses no space). SKIP LOCKED: concurrent callers
--- pass over each other's rows. It reads the claim index (priority DESC, vt) one
--- priority at a time (a loose index scan over the priorities present), each as the range
--- vt <= p_now, so messages that are not visible yet (leased, delayed, waiting for a retry) are
--- never read: the cost is one index descent per priority present plus the rows handed out.
+-- reuses no space). SKIP LOCKED: concurrent callers pass over each other's rows. It reads the
+-- claim index (priority DESC, vt) one priority at a time, each as the range vt <= p_now, so
+-- messages that are not visible yet (leased, delayed, waiting for a retry) are never read.
+--
+-- Without a window (p_since NULL) the priorities present are found by a loose index scan: the
+-- first entry of the index, then the first below each priority handed out (so too with a
+-- window on a queue with more than 64 priorities in all). With a window, only
+-- the range vt BETWEEN p_since AND p_now of each priority is read, and the priorities are
+-- those of tasker.queue_priorities and 0 (each probed by one descent). An index entry is
+-- visited (and its heap tuple checked) until vacuum removes it, dead or alive; while a snapshot
+-- is held, nothing is removed, and every message handled since it began leaves entries before
+-- the live ones: a scan from the start of the index walks all of them on every claim (the
+-- "queue death spiral"), a windowed one only those inside the window. A window is a promise by
+-- the caller that it took every message visible before p_since (the worker's claim loop keeps
+-- that promise, with a margin, and falls back to a scan without a window now and then); a
+-- message it misses is handed out by the next claim without one, never lost.
 -- read(), pop() and claim_steps take their messages here. ROWS 10: the statements that join
 -- its rows (claim_steps locks their steps) must plan index probes, not the hash join with a
 -- sequential scan of tasker.steps that the default estimate of 1,000 rows makes them pick.
-CREATE FUNCTION tasker._lock_visible(p_queue text, p_qty integer, p_now timestamptz)
+CREATE FUNCTION tasker._lock_visible(p_queue text, p_qty integer, p_now timestamptz,
+                                     p_since timestamptz DEFAULT NULL)
 RETURNS TABLE (msg_id bigint, message jsonb)
 LANGUAGE plpgsql ROWS 10 AS $$
 #variable_conflict use_column
 DECLARE
-    v_prio integer;
-    v_left integer := p_qty;
-    v_got  integer;
+    v_prio  integer;
+    v_prios integer[];
+    v_left  integer := p_qty;
+    v_got   integer;
 BEGIN
+    IF p_since IS NOT NULL THEN
+        v_prios := ARRAY(SELECT p FROM (SELECT qp.priority FROM tasker.queue_priorities qp
+                                         WHERE qp.queue = p_queue
+                                         LIMIT 64) x(p)
+                         UNION ALL SELECT 0 ORDER BY 1 DESC);
+    END IF;
+    IF cardinality(v_prios) <= 64 THEN  -- NULL without a window; 64: one queue with many, too
+        FOREACH v_prio IN ARRAY v_prios LOOP
+            RETURN QUERY
+            SELECT m.msg_id, m.message
+              FROM tasker.queue_messages m
+             WHERE m.queue = p_queue AND m.priority = v_prio AND m.vt >= p_since AND m.vt <= p_now
+             ORDER BY m.vt
+             LIMIT v_left
+               FOR UPDATE SKIP LOCKED;
+            GET DIAGNOSTICS v_got = ROW_COUNT;
+            v_left := v_left - v_got;
+            EXIT WHEN v_left <= 0;
+        END LOOP;
+        RETURN;
+    END IF;
     SELECT m.priority INTO v_prio
       FROM tasker.queue_messages m
      WHERE m.queue = p_queue
@@ -236,6 +289,7 @@ BEGIN
         SELECT m.msg_id, m.message
           FROM tasker.queue_messages m
          WHERE m.queue = p_queue AND m.priority = v_prio AND m.vt <= p_now
+           AND m.vt >= coalesce(p_since, '-infinity')
          ORDER BY m.vt
          LIMIT v_left
            FOR UPDATE SKIP LOCKED;
@@ -253,7 +307,7 @@ BEGIN
     END LOOP;
 END
 $$;
-ALTER FUNCTION tasker._lock_visible(text, integer, timestamptz) SET enable_seqscan = off;
+ALTER FUNCTION tasker._lock_visible(text, integer, timestamptz, timestamptz) SET enable_seqscan = off;
 
 -- Hands out up to p_qty visible messages (highest priority first, then oldest), hiding each for
 -- p_vt_seconds and counting the read. Concurrent readers never get the same message.

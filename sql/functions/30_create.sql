@@ -110,6 +110,14 @@ BEGIN
     ELSE
         PERFORM tasker._check_task_options(p_options, '');
     END IF;
+    -- the priorities the tasks' messages will carry, for windowed claims (queue_priorities)
+    IF v_per_task THEN
+        PERFORM tasker._note_priorities(p_namespace, ARRAY(
+            SELECT (o.opt->>'priority')::integer FROM jsonb_array_elements(p_options) o(opt)
+             WHERE jsonb_typeof(o.opt->'priority') = 'number'));
+    ELSIF jsonb_typeof(p_options->'priority') = 'number' AND (p_options->>'priority')::integer <> 0 THEN
+        PERFORM tasker._note_priorities(p_namespace, ARRAY[(p_options->>'priority')::integer]);
+    END IF;
 
     -- The template version: the given one, else the newest by semantic-version order.
     SELECT nt.named_task_id, nt.version, nt.step_count INTO v_tpl, v_version, v_total
@@ -289,6 +297,9 @@ BEGIN
     v_key := p_options->>'idempotency_key';
     v_delay := coalesce((p_options->>'delay_seconds')::double precision, 0);
     v_priority := coalesce((p_options->>'priority')::integer, 0);
+    IF v_priority <> 0 THEN  -- for windowed claims (queue_priorities)
+        PERFORM tasker._note_priorities(p_namespace, ARRAY[v_priority]);
+    END IF;
     v_tags := coalesce(nullif(p_options->'tags', 'null'::jsonb), '[]'::jsonb);
 
     -- The template version: the given one, else the newest by semantic-version order.

@@ -34,7 +34,13 @@ CREATE TYPE tasker._claim_candidate AS (
 -- is recorded as a failed attempt (event lease_expired, naming the worker that lost it) and the
 -- step waits for its backoff, or goes to error when no attempt is left; messages of finished
 -- steps are archived; messages of tasks in error are parked (taken out of the queue).
-CREATE FUNCTION tasker.claim_steps(p_queue text, p_worker_id text, p_qty integer, p_lease_seconds double precision)
+--
+-- p_visible_since (optional) is a visibility window: only messages that became visible at or
+-- after it are read (see _lock_visible). The worker passes the time of its last claim that took
+-- every visible message, less a margin, and claims without a window now and then; callers that
+-- do not keep track leave it NULL and every visible message is a candidate.
+CREATE FUNCTION tasker.claim_steps(p_queue text, p_worker_id text, p_qty integer, p_lease_seconds double precision,
+                                   p_visible_since timestamptz DEFAULT NULL)
 RETURNS TABLE (
     msg_id bigint, step_uuid uuid, task_uuid uuid, step_name text, handler text, config jsonb,
     attempt integer, claim_seq integer, max_attempts integer, retryable boolean, backoff text,
@@ -74,7 +80,7 @@ BEGIN
            array_agg(CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                           THEN (m.message->>'step_uuid')::uuid END ORDER BY m.ord)
       INTO v_msg_ids, v_msg_steps
-      FROM tasker._lock_visible(p_queue, p_qty, v_now) WITH ORDINALITY m(msg_id, message, ord);
+      FROM tasker._lock_visible(p_queue, p_qty, v_now, p_visible_since) WITH ORDINALITY m(msg_id, message, ord);
     IF v_msg_ids IS NULL THEN
         PERFORM tasker._queue_sequence(p_queue);  -- an unknown queue is an error, not "no work"
         RETURN;
@@ -199,10 +205,10 @@ BEGIN
      ORDER BY upd.msg_id;
 END
 $$;
-ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision) SET plan_cache_mode = force_generic_plan;
-ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision) SET enable_seqscan = off;
-COMMENT ON FUNCTION tasker.claim_steps(text,text,integer,double precision) IS
-    'Claims up to qty ready steps of a namespace for a worker, with a lease and a new claim_seq fence.';
+ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision, timestamptz) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision, timestamptz) SET enable_seqscan = off;
+COMMENT ON FUNCTION tasker.claim_steps(text,text,integer,double precision,timestamptz) IS
+    'Claims up to qty ready steps of a namespace for a worker, with a lease and a new claim_seq fence; visible_since limits the messages read to those visible since then.';
 
 -- The rare outcomes of a claim (kept out of the hot statement), none of them handed out:
 -- - messages of finished steps (and messages that name no step of ours) are archived;

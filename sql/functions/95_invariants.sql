@@ -7,8 +7,9 @@
 -- are satisfied in a running task is enqueued, and that no step has started before its
 -- parents were satisfied, that a deferred convergence's counter equals its recomputed value
 -- (created listed steps not finished plus listed steps that can still be created), and that
--- total_steps counts the created steps, and that no step, edge or transition outlives its task
--- or step. docs/architecture.md lists the invariants.
+-- total_steps counts the created steps, that no step, edge or transition outlives its task
+-- or step, and that every message's priority other than 0 is recorded for its queue (windowed
+-- claims probe those). docs/architecture.md lists the invariants.
 
 -- One row per violation over the whole database; no rows means healthy. Meant for tests and
 -- for operators after an incident; it reads everything, so it is not for the hot path.
@@ -144,6 +145,15 @@ LANGUAGE sql STABLE AS $$
       FROM tasker.task_transitions tt
      WHERE NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = tt.task_uuid)
      GROUP BY tt.task_uuid
+    UNION ALL
+    -- a windowed claim probes only the priorities recorded for the queue (and 0): a message of
+    -- another priority would wait for a claim without a window
+    SELECT 'priority_is_recorded', format('%s messages of queue %s have priority %s, which tasker.queue_priorities does not list',
+                                          count(*), m.queue, m.priority)
+      FROM tasker.queue_messages m
+     WHERE m.priority <> 0
+       AND NOT EXISTS (SELECT 1 FROM tasker.queue_priorities qp WHERE qp.queue = m.queue AND qp.priority = m.priority)
+     GROUP BY m.queue, m.priority
 $$;
 COMMENT ON FUNCTION tasker.check_invariants() IS
     'Rows for every broken engine invariant (message per live step, counters, fan-in); empty when healthy.';

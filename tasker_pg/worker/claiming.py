@@ -7,7 +7,10 @@ parked messages hands none of them out (the engine records them) and notifies th
 so the loop asks again for the ready steps behind them. The loop clears the flag *before* it
 claims, so a notification that arrives while a claim is in flight marks the namespace again and
 triggers a re-check: no wake-up is lost. Each claim asks for as many steps as there are free
-slots (capped at `max_batch`) in one `tasker.claim_steps` call.
+slots (capped at `max_batch`) in one `tasker.claim_steps` call, with the namespace's claim
+window (`tasker_pg.worker.window`): after a claim that took every visible message, the next
+reads only messages that became visible since, so a held snapshot's dead index entries behind
+it are not walked again; every few seconds a claim reads without a window.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from tasker_pg.rows import ClaimedStep
 from tasker_pg.worker.leases import Leases
 from tasker_pg.worker.session import Session, backoff, wait_any, wait_event, wait_task
 from tasker_pg.worker.state import Claim, Shared
+from tasker_pg.worker.window import ClaimWindows
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class Claimer:
         self._rr = 0  # round-robin position over namespaces
         self._in_flight = False  # a claim_steps query is running right now
         self._failures = 0  # consecutive claims lost to connection trouble
+        self.windows = ClaimWindows()
         self.task: asyncio.Task[None] | None = None
 
     async def loop(self) -> None:
@@ -115,18 +120,41 @@ class Claimer:
         config = shared.config
         lease_deadline = time.monotonic() + config.lease_seconds
 
+        windows = self.windows
+
         async def claim_rows(conn: db.Connection) -> list[ClaimedStep]:
             self._in_flight = True
             try:
-                return await conn.claim_steps(
-                    namespace, config.worker_id, qty, config.lease_seconds
+                if windows.clock_due(time.monotonic()):
+                    before = time.time()
+                    db_epoch = await conn.fetchval(
+                        "SELECT extract(epoch FROM clock_timestamp())::float8"
+                    )
+                    windows.set_clock(before, float(db_epoch), time.time(), time.monotonic())
+                since = windows.since(namespace, time.monotonic())
+                sent_at, started = time.time(), time.monotonic()
+                steps = await conn.claim_steps(
+                    namespace, config.worker_id, qty, config.lease_seconds, visible_since=since
                 )
+                now = time.monotonic()
+                windows.record(
+                    namespace,
+                    windowed=since is not None,
+                    sent_at=sent_at,
+                    took=now - started,
+                    drained=len(steps) < qty,
+                    now=now,
+                )
+                if since is None:
+                    shared.counts["full_claims"] += 1
+                return steps
             finally:
                 self._in_flight = False
 
         try:
             steps = await self._session.call(claim_rows)
         except ConnectionLostError as exc:
+            self.windows.forget(namespace)
             if not shared.closed.is_set():
                 logger.warning(
                     "worker %s: lost the claim connection (%s); reconnecting", shared.worker_id, exc

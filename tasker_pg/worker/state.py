@@ -32,7 +32,8 @@ class WorkerStats:
     connection; `claim_calls` and `flush_calls` count `claim_steps` and `complete_steps` round
     trips that succeeded (how well work is batched); `delivery_retries` counts `complete_steps`
     tries that failed without a refusal and were sent again; `outcomes_given_up` counts outcomes
-    given up to lease expiry after `outcome_retry_cap`.
+    given up to lease expiry after `outcome_retry_cap`; `full_claims` counts the claims that
+    read without a claim window (`tasker_pg.worker.window`).
     """
 
     claimed: int = 0
@@ -50,6 +51,7 @@ class WorkerStats:
     flush_calls: int = 0
     delivery_retries: int = 0
     outcomes_given_up: int = 0
+    full_claims: int = 0
 
     @property
     def outcomes(self) -> int:

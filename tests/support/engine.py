@@ -42,6 +42,7 @@ Claim rows are asyncpg Records: index them by column name (`row["step_name"]`, `
 from __future__ import annotations
 
 import asyncio
+import datetime
 import inspect
 import time
 import uuid
@@ -191,9 +192,10 @@ async def claim(
     qty: int = 100,
     lease: float = 30.0,
     worker: str = "w1",
+    since: datetime.datetime | None = None,
 ) -> list[Row]:
-    """One `claim_steps` call."""
-    return await conn.claim_step_rows(queue, worker, qty, lease)
+    """One `claim_steps` call (with a claim window when `since` is given)."""
+    return await conn.claim_step_rows(queue, worker, qty, lease, visible_since=since)
 
 
 async def wait_for_claim(
