@@ -151,12 +151,13 @@ BEGIN
         RETURNING s.step_uuid, s.task_uuid, s.named_step_id, s.name, s.attempts, s.claim_seq,
                   s.max_attempts, s.retryable, s.checkpoint, s.inputs, r.msg_id, r.step_state, r.kind
     ),
-    -- 5. The message's visibility timeout is the lease.
+    -- 5. The message's visibility timeout is the lease. (msg_id = ANY: see _lock_step_messages)
     lease AS (
         UPDATE tasker.queue_messages m
            SET vt = v_lease, read_ct = m.read_ct + 1
           FROM upd
          WHERE m.queue = p_queue AND m.msg_id = upd.msg_id
+           AND m.msg_id = ANY (ARRAY(SELECT u.msg_id FROM upd u))
     ),
     audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, worker_id, created_at)
@@ -291,11 +292,13 @@ BEGIN
     drop_msgs AS (
         DELETE FROM tasker.queue_messages m USING upd
          WHERE upd.kept_msg IS NULL AND m.queue = p_queue AND m.msg_id = upd.msg_id
+           AND m.msg_id = ANY (ARRAY(SELECT u.msg_id FROM upd u))
     ),
     retry_msgs AS (
         UPDATE tasker.queue_messages m SET vt = upd.next_attempt_at
           FROM upd
          WHERE upd.kept_msg IS NOT NULL AND m.queue = p_queue AND m.msg_id = upd.msg_id
+           AND m.msg_id = ANY (ARRAY(SELECT u.msg_id FROM upd u))
     ),
     audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, worker_id, error_summary, created_at)

@@ -204,16 +204,18 @@ BEGIN
                   p.worker_id, p.duration_ms, p.error, p.retry_at, p.step_type
     ),
     -- 4. A finished step's message goes; a retry's becomes visible at its retry time, a
-    --    checkpoint continuation's at once.
+    --    checkpoint continuation's at once. (msg_id = ANY: see _lock_step_messages)
     drop_msgs AS (
         DELETE FROM tasker.queue_messages m USING upd
          WHERE upd.new_state IN ('complete', 'error') AND m.queue = upd.queue AND m.msg_id = upd.msg_id
+           AND m.msg_id = ANY (ARRAY(SELECT u.msg_id FROM upd u))
     ),
     move_msgs AS (
         UPDATE tasker.queue_messages m
            SET vt = CASE WHEN upd.new_state = 'waiting_for_retry' THEN upd.retry_at ELSE v_now END
           FROM upd
          WHERE upd.new_state IN ('waiting_for_retry', 'in_progress') AND m.queue = upd.queue AND m.msg_id = upd.msg_id
+           AND m.msg_id = ANY (ARRAY(SELECT u.msg_id FROM upd u))
     ),
     audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, worker_id,

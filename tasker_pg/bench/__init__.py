@@ -38,7 +38,7 @@ Scenarios (default sizes; `--n` scales every count):
   created and claimed through the engine before the workers start): against the clean flat
   drain (target 0.90x), since a claim must not pay for what it cannot hand out.
 - retention: the flat drain while another session runs `tasker.purge_finished(1000)` batch
-  after batch (paced as a worker paces it: a pause as long as the last batch took) over a
+  after batch (paced as a worker paces it: a pause four times as long as the last batch took) over a
   1,000,000-task history (created through `create_tasks`, then made complete
   two days ago in SQL) under a one-day policy: against the clean flat drain (target 0.80x), and
   the purge's tasks/s.

@@ -57,6 +57,7 @@ from tasker_pg.bench.options import (
 from tasker_pg.bench.report import Row, ms_summary, percentile
 from tasker_pg.errors import RetryableError
 from tasker_pg.outcome import outcome_from_exception, outcome_from_result
+from tasker_pg.worker.maintenance import RETENTION_PAUSE
 
 if TYPE_CHECKING:
     from tasker_pg.bench.runner import Bench
@@ -305,7 +306,8 @@ async def retention(bench: Bench) -> None:
     """The flat drain while `tasker.purge_finished` deletes a history of RETENTION_HISTORY
     finished tasks (seeded set-based: created through create_tasks, then made complete two
     days ago in SQL) under a one-day policy, batch after batch from another session, paced as
-    a worker paces it (after each batch, a pause as long as the batch took). The drain's rate
+    a worker paces it (after each batch, a pause RETENTION_PAUSE times as long as the batch
+    took). The drain's rate
     against the clean flat drain of the same run (target >= 0.80), and the purge rate (tasks/s
     over the whole purge, pauses included, most of it after the drain)."""
     history = bench.options.count(RETENTION_HISTORY)
@@ -333,9 +335,8 @@ async def retention(bench: Bench) -> None:
                 purged.append((time.perf_counter() - started, total))
                 if not counts.more and counts.tasks == 0:
                     break
-                # paced as a worker's maintenance loop paces a purge that has more to do: the
-                # next batch once as long again as this one took
-                await asyncio.sleep(took)
+                # paced as a worker's maintenance loop paces a purge that has more to do
+                await asyncio.sleep(RETENTION_PAUSE * took)
         finally:
             await conn.close()
 

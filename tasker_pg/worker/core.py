@@ -52,8 +52,8 @@ class Worker:
     `repair_interval` how often the worker calls `tasker.repair_messages()` (one worker at a
     time; 0 disables it); `retention_interval` how often it calls `tasker.purge_finished()`
     (deletes the tasks the namespaces' retention policies no longer keep, one batch per call,
-    again after a pause as long as the batch while batches come back full, one worker at a
-    time; 0 disables it);
+    again after a pause four times as long as the batch while batches come back full, one
+    worker at a time; 0 disables it);
     `missing_handler_delay` how long a step whose handler this worker
     lacks stays hidden after the worker hands it back (no attempt spent).
 

@@ -42,6 +42,10 @@ WORKERS_ROW_INTERVAL = 5.0
 _MAX_LISTED = 20
 # Tasks per tasker.purge_finished() call (one transaction each).
 RETENTION_BATCH = 1000
+# While a purge has more to do, the pause before the next batch, in multiples of the time the
+# last batch took: a backlog is caught up using about a fifth of one database session's time,
+# so the work running meanwhile keeps most of the database.
+RETENTION_PAUSE = 4.0
 
 
 class Maintenance:
@@ -99,10 +103,12 @@ class Maintenance:
                 next_repair = now + config.repair_interval
             if config.retention_interval > 0 and now >= next_retention:
                 more = await self.purge()
-                # while batches come back full, the next one after as long as this one took:
-                # a backlog is caught up at about half of one database core at most
+                # while batches come back full, the next one after RETENTION_PAUSE times as
+                # long as this one took
                 took = time.monotonic() - now
-                next_retention = now + (2 * took if more else config.retention_interval)
+                next_retention = (
+                    now + took + RETENTION_PAUSE * took if more else now + config.retention_interval
+                )
             until = next_row
             if config.repair_interval > 0:
                 until = min(until, next_repair)

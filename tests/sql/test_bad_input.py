@@ -254,6 +254,23 @@ def python_refuses(body: Any) -> bool:
     return False
 
 
+def underflows(text: str) -> bool:
+    """Whether the JSON text holds a number other than 0 that reads as 0.0 (1e-400): the
+    Python loader only ever sees it as 0.0 (json and PyYAML read it so, and send 0.0 on),
+    while SQL, given the text itself, refuses it as out of range."""
+    found = False
+
+    def parse_float(literal: str) -> float:
+        nonlocal found
+        value = float(literal)
+        if value == 0.0 and any(c in "123456789" for c in literal.lower().split("e")[0]):
+            found = True
+        return value
+
+    json.loads(text, parse_float=parse_float)
+    return found
+
+
 @SETTINGS
 @given(data=st.data())
 def test_register_template_bad_input(env: Env, data: st.DataObject) -> None:
@@ -265,6 +282,10 @@ def test_register_template_bad_input(env: Env, data: st.DataObject) -> None:
         assert value.sqlstate in ("TV010", "TV021"), value
         if value.sqlstate == "TV021":
             return
+    if underflows(dump(body)):
+        # SQL refuses it where it checks a number (the cases below name the field); the
+        # Python loader never sees it
+        return
     # the Python loader and the SQL function agree on what is a valid template
     assert (kind == "error") == python_refuses(body), (kind, str(value)[:300], dump(body)[:500])
 

@@ -207,16 +207,17 @@ async def test_claims_racing_task_commits_run_every_step(
 
     async def run() -> int:
         done = 0
-        while not stop.is_set() or done < len(created) + 1:
+        while True:
+            finished = creating.done()  # before the claim: nothing is created after it then
             rows = await claim(claimer, qty=20)
             if rows:
                 await complete(claimer, *(success(r) for r in rows))
                 done += len(rows)
-            elif stop.is_set():
-                break
-        return done
+            elif finished:
+                return done
 
-    creating, running = asyncio.create_task(create()), asyncio.create_task(run())
+    creating = asyncio.create_task(create())
+    running = asyncio.create_task(run())
     await asyncio.sleep(RACE_SECONDS)
     stop.set()
     await creating
@@ -230,3 +231,43 @@ async def test_claims_racing_task_commits_run_every_step(
 
 
 RACE_SECONDS = 3.0
+
+
+@pytest.mark.plans
+async def test_message_updates_stay_bounded_by_msg_id_after_a_churn(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """Statistics taken after a churn (a queue with no live message but many pages, as a queue
+    whose workers keep up looks) must not make the lease update of claim_steps, the delete of
+    complete_steps, extend_leases or release_steps walk the queue: each probes the primary key
+    by msg_id (before, a generic plan took `queue = $1` alone and joined the claimed steps per
+    message, every dead entry of the queue per call while a snapshot was held)."""
+    await start(conn, single(retry={"max_attempts": 3, "backoff": "none"}))
+    for _ in range(3):
+        await _create(conn, 1000)
+        rows = await claim(conn, qty=1001)
+        await complete(conn, *(success(r) for r in rows))
+    await conn.execute(f"ANALYZE tasker.q_{NAMESPACE}, tasker.steps, tasker.tasks")
+    [fresh] = await sessions(1)  # plans made on these statistics
+    await _create(fresh, 6)
+    pkey = await plans.partition_index(fresh, "tasker.queue_messages_pkey", f"tasker.q_{NAMESPACE}")
+    async with plans.collect_plans(fresh) as log:
+        rows = await claim(fresh, qty=10)
+        fences = [
+            {"step_uuid": str(r["step_uuid"]), "attempt": r["attempt"], "claim_seq": r["claim_seq"]}
+            for r in rows
+        ]
+        await fresh.extend_leases(fences[:2], 60.0)
+        await fresh.release_steps(fences[2:3], worker_id="w1")
+        await complete(fresh, *(success(r) for r in rows[3:5]), failure(rows[5], retry_after=0))
+    writes = [
+        (stmt, node)
+        for stmt in log.statements
+        for node in stmt.nodes()
+        if node.get("Index Name") == pkey
+    ]
+    assert len(writes) >= 6, [s.describe() for s in log.statements]
+    for stmt, node in writes:
+        assert "msg_id" in node.get("Index Cond", ""), (node.get("Index Cond"), stmt.describe())
+    await complete(fresh, *(success(r) for r in await claim(fresh, qty=10)))
+    await assert_healthy(conn)
