@@ -106,9 +106,12 @@ def create_app(
     *,
     dsn: str | None = None,
     allow_actions: bool = False,
+    page_size: int = PAGE_SIZE,
+    scan_budget: int = queries.SCAN_BUDGET,
 ) -> Starlette:
     """The dashboard on `pool`, or on a pool of its own opened on `dsn` when it starts (the
-    order of `tasker_pg.dsn.resolve_dsn`) and closed when it stops."""
+    order of `tasker_pg.dsn.resolve_dsn`) and closed when it stops. `page_size` tasks per page
+    of the task list, read from at most `scan_budget` index entries."""
     token = secrets.token_urlsafe(32)
     state: dict[str, Any] = {"pool": pool, "database": "?"}
 
@@ -193,8 +196,8 @@ def create_app(
             since,
             namespace,
             status,
-            PAGE_SIZE,
-            queries.SCAN_BUDGET,
+            page_size,
+            scan_budget,
         )
         first = rows[0]
         tasks = [dict(r) for r in rows if r["task_uuid"] is not None]
@@ -202,9 +205,9 @@ def create_app(
         filters = {"namespace": namespace or "", "state": status or "", "window": window}
         next_cursor: tuple[datetime, Any] | None = None
         budget_ran_out = False
-        if len(tasks) == PAGE_SIZE:
+        if len(tasks) == page_size:
             next_cursor = (tasks[-1]["created_at"], tasks[-1]["task_uuid"])
-        elif scanned == queries.SCAN_BUDGET:
+        elif scanned == scan_budget:
             next_cursor = (first["last_created_at"], first["last_task_uuid"])
             budget_ran_out = True
         next_url = None
@@ -221,7 +224,7 @@ def create_app(
             "first_url": "/tasks?" + urlencode(filters),
             "next_url": next_url,
             "budget_ran_out": budget_ran_out,
-            "scan_budget": queries.SCAN_BUDGET,
+            "scan_budget": scan_budget,
             "states": TASK_STATES,
             "windows": list(WINDOWS),
             "namespace_names": names,
