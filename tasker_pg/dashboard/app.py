@@ -22,6 +22,7 @@ import hmac
 import json
 import logging
 import secrets
+import signal
 import socket
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -426,6 +427,9 @@ def serve(
                 )
 
     server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on"))
+    # uvicorn shuts down on SIGINT/SIGTERM, then raises the signal again with the handlers it
+    # found: SIGTERM's then does nothing, so a requested stop exits 0 like Ctrl-C.
+    signal.signal(signal.SIGTERM, lambda _sig, _frame: None)
     try:
         server.run()
     except KeyboardInterrupt:
