@@ -19,23 +19,28 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import secrets
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
 import jinja2
 from starlette.applications import Starlette
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from tasker_pg import db
 from tasker_pg.dashboard import dag, queries
@@ -109,10 +114,12 @@ def create_app(
     allow_actions: bool = False,
     page_size: int = PAGE_SIZE,
     scan_budget: int = queries.SCAN_BUDGET,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> Starlette:
     """The dashboard on `pool`, or on a pool of its own opened on `dsn` when it starts (the
     order of `tasker_pg.dsn.resolve_dsn`) and closed when it stops. `page_size` tasks per page
-    of the task list, read from at most `scan_budget` index entries."""
+    of the task list, read from at most `scan_budget` index entries. `allowed_hosts`: the
+    Host headers it answers (others get 400); None answers any."""
     token = secrets.token_urlsafe(32)
     state: dict[str, Any] = {"pool": pool, "database": "?"}
 
@@ -380,7 +387,54 @@ def create_app(
         Route("/ping", health),
         Mount("/static", app=static, name="static"),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    middleware = [Middleware(_SecurityHeaders)]
+    if allowed_hosts is not None:
+        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts)))
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
+
+
+# No framing (the action buttons cannot be clickjacked), scripts and styles from the dashboard
+# itself only (htmx adds one inline style for its indicators), forms post to it only.
+_HEADERS = {
+    "content-security-policy": "default-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; frame-ancestors 'none'; form-action 'self'; base-uri 'none'",
+    "x-frame-options": "DENY",
+    "x-content-type-options": "nosniff",
+    "referrer-policy": "same-origin",
+}
+
+
+class _SecurityHeaders:
+    """Adds `_HEADERS` to every HTTP response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in _HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1", "[::1]")
+"""The Host headers a dashboard bound to a loopback address answers (so a web page whose DNS
+name was rebound to 127.0.0.1 cannot read it)."""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def serve(
@@ -411,7 +465,11 @@ def serve(
             await pool.close()
 
     database = asyncio.run(check())
-    app = create_app(dsn=resolved.dsn, allow_actions=allow_actions)
+    app = create_app(
+        dsn=resolved.dsn,
+        allow_actions=allow_actions,
+        allowed_hosts=LOOPBACK_NAMES if _is_loopback(host) else None,
+    )
     mode = "operator actions on" if allow_actions else "read-only"
 
     class Server(uvicorn.Server):

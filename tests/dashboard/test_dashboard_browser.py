@@ -111,6 +111,8 @@ async def test_dashboard_in_chromium(
     page = await browser.new_page(viewport={"width": 1280, "height": 800})
     errors: list[str] = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+    # (a script or style the page's security policy blocked is logged as a console error)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
     # namespaces: the counts of the one namespace
     await page.goto(dashboard.url)

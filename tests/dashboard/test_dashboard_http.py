@@ -11,6 +11,7 @@ import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from urllib.parse import urlsplit
 
 import pytest
 from markupsafe import escape
@@ -252,3 +253,33 @@ def test_cli_help() -> None:
     ).stdout
     for option in ("--port", "--host", "--dsn", "--allow-actions", "127.0.0.1"):
         assert option in out
+
+
+async def test_in_flight_and_delayed(shop: Shop, conn: db.Connection) -> None:
+    running = await create_order(conn)
+    claimed = await conn.fetch("SELECT * FROM tasker.claim_steps('shop', 'by-hand', 1, 300)")
+    assert [(r["task_uuid"], r["step_name"]) for r in claimed] == [(running, "prepare")]
+    await conn.fetchval(
+        "SELECT tasker.create_task('shop', 'order', '{}'::jsonb, NULL, $1::jsonb)",
+        {"delay_seconds": 600},
+    )
+    with client(shop.dsn) as c:
+        page = c.get("/namespaces").text
+    assert cell(page, "shop", "in_flight") == "1"
+    assert cell(page, "shop", "delayed") == "1"
+    assert cell(page, "shop", "ready") == "0"
+    assert cell(page, "shop", "live_tasks") == "3"
+
+
+async def test_headers_hosts_and_no_password(shop: Shop) -> None:
+    password = urlsplit(shop.dsn).password
+    assert password
+    with client(shop.dsn) as c:
+        for path in ("/namespaces", "/tasks", f"/tasks/{shop.failed}", "/workers"):
+            response = c.get(path)
+            assert response.headers["x-frame-options"] == "DENY"
+            assert "frame-ancestors 'none'" in response.headers["content-security-policy"]
+            assert password not in response.text
+    with client(shop.dsn, allowed_hosts=["127.0.0.1"]) as c:
+        assert c.get("/namespaces").status_code == 400  # Host: testserver
+        assert c.get("http://127.0.0.1/namespaces").status_code == 200
