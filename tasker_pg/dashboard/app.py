@@ -223,7 +223,7 @@ def create_app(
             next_url = "/tasks?" + urlencode(
                 {**filters, "before": next_cursor[0].isoformat(), "before_id": str(next_cursor[1])}
             )
-        names = [r["namespace"] for r in await conn.fetch(queries.NAMESPACES)]
+        names = [r["namespace"] for r in await conn.fetch(queries.NAMESPACE_NAMES)]
         return {
             "tasks": tasks,
             "filters": filters,

@@ -61,6 +61,9 @@ SELECT ns.namespace, q.ready, extract(epoch FROM now() - q.oldest_ready_at) AS o
  ORDER BY ns.namespace
 """
 
+# The namespaces of the registered templates, for the task list's filter.
+NAMESPACE_NAMES: Final = "SELECT DISTINCT nt.namespace FROM tasker.named_tasks nt ORDER BY 1"
+
 # One page of tasks, newest first, keyset-paged on tasks_created_at_idx.
 # $1/$2 cursor (created_at, task_uuid of the last row already shown; NULL: from the newest),
 # $3 created at or after (NULL: any), $4 namespace, $5 effective state (NULL: any),

@@ -38,6 +38,7 @@ async def test_no_dashboard_query_scans_an_engine_table(shop: Shop, conn: db.Con
     task = str(shop.failed)
     statements: dict[str, tuple[str, tuple[Any, ...]]] = {
         "NAMESPACES": (queries.NAMESPACES, ()),
+        "NAMESPACE_NAMES": (queries.NAMESPACE_NAMES, ()),
         "TASK_PAGE": (
             queries.TASK_PAGE,
             (None, None, None, "shop", "error", 50, queries.SCAN_BUDGET),
