@@ -42,12 +42,19 @@ SELECT ns.namespace, q.ready, extract(epoch FROM now() - q.oldest_ready_at) AS o
  CROSS JOIN LATERAL (
     SELECT count(*) FILTER (WHERE m.vt <= now()) AS ready,
            min(m.vt) FILTER (WHERE m.vt <= now()) AS oldest_ready_at,
-           count(*) FILTER (WHERE m.vt > now() AND s.state = 'in_progress') AS in_flight,
-           count(*) FILTER (WHERE m.vt > now() AND s.state IS DISTINCT FROM 'in_progress')
+           count(*) FILTER (WHERE m.vt > now() AND m.step_state = 'in_progress') AS in_flight,
+           count(*) FILTER (WHERE m.vt > now() AND m.step_state IS DISTINCT FROM 'in_progress')
                AS delayed
-      FROM tasker.queue_messages m
-      LEFT JOIN tasker.steps s ON s.step_uuid = (m.message->>'step_uuid')::uuid
-     WHERE m.queue = ns.namespace) q
+      FROM (SELECT m.vt,
+                   -- for invisible messages only, a subquery per message: one primary-key
+                   -- lookup each, never a join the planner could turn into a scan of steps
+                   CASE WHEN m.vt > now() THEN
+                       (SELECT s.state FROM tasker.steps s
+                         WHERE s.step_uuid = (m.message->>'step_uuid')::uuid)
+                   END AS step_state
+              FROM tasker.queue_messages m
+             WHERE m.queue = ns.namespace
+            OFFSET 0) m) q  -- (OFFSET 0: not flattened, so each lookup runs once)
  CROSS JOIN LATERAL (
     SELECT count(*) AS live_tasks, count(*) FILTER (WHERE t.state = 'error') AS error_tasks
       FROM tasker.tasks t
