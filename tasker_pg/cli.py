@@ -770,6 +770,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(dsn=args.dsn, tasks=args.tasks, verbose=args.verbose > 0)
 
 
+# --- dashboard ------------------------------------------------------------------------------------
+
+DASHBOARD_EXTRA_HINT = "install the dashboard extra: pip install 'tasker-pg[dashboard]'"
+
+
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    try:
+        from tasker_pg.dashboard.app import serve
+    except ImportError as exc:
+        print(
+            f"tasker-pg dashboard needs {exc.name or 'a library'}, which is not installed: "
+            + DASHBOARD_EXTRA_HINT,
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    return serve(dsn=args.dsn, host=args.host, port=args.port, allow_actions=args.allow_actions)
+
+
 # --- parser --------------------------------------------------------------------------------------
 
 
@@ -991,6 +1009,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.set_defaults(func=cmd_demo)
     bench_args.add_parser(sub)
+
+    dash = with_dsn(
+        sub.add_parser(
+            "dashboard",
+            help="a web UI: namespaces, tasks, a task's DAG, workers (the dashboard extra)",
+            description="Serve the web dashboard until Ctrl-C. Read-only unless "
+            "--allow-actions. Needs the dashboard extra: pip install 'tasker-pg[dashboard]'.",
+        )
+    )
+    dash.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; the dashboard has "
+        "no login, so expose it only behind something that has one)",
+    )
+    dash.add_argument(
+        "--port",
+        type=argtypes.non_negative_int,
+        default=8765,
+        help="TCP port (default 8765; 0 picks a free one, printed at start)",
+    )
+    dash.add_argument(
+        "--allow-actions",
+        action="store_true",
+        help="show the operator actions (cancel a task, retry or resolve a step); off by default",
+    )
+    dash.set_defaults(func=cmd_dashboard)
     return parser
 
 

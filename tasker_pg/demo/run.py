@@ -365,6 +365,7 @@ async def run_demo(
             f"{next_dsn}    (after a resolve: runs send_confirmation)"
         )
     say(f"  {cmd} task list --namespace {DEMO_NAMESPACE}{next_dsn}")
+    say(f"  {cmd} dashboard{next_dsn}    (a web UI of these tasks: the dashboard extra)")
     say(f"  psql {psql_url} -c 'select * from tasker.v_tasks order by created_at desc limit 5'")
     if next_dsn == "" or "db url" in next_dsn:
         say(f"  {cmd} db stop        (the embedded PostgreSQL keeps running until then)")

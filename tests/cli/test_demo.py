@@ -62,6 +62,7 @@ def assert_demo_ran(out: str, cmd: str) -> None:
     assert "failed: PermanentError: Payment declined" in out
     assert f"  {cmd} task show " in out and f"  {cmd} step explain " in out
     assert f'psql "$({cmd} db url)"' in out and "tasker.v_tasks" in out
+    assert f"{cmd} dashboard" in out
     resolve = [line for line in out.splitlines() if f"{cmd} step resolve " in line]
     assert len(resolve) == 1
     result = json.loads(shlex.split(resolve[0])[-1])

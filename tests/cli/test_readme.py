@@ -7,8 +7,8 @@ Each block is handled by its language, as a reader would use it:
   `.venv`, `examples`, `Makefile` and `pyproject.toml` of this checkout linked into it, so
   `./.tasker-pg` and the files the README has the reader write land there), with `.venv/bin`
   on PATH and the test database in TASKER_DATABASE_URL. A block that starts a foreground
-  worker (`tasker-pg worker ...`) runs in the background until the end of the walk, when it is
-  stopped with SIGINT and must exit 0.
+  worker (`tasker-pg worker ...`) or the dashboard (`tasker-pg dashboard`) runs in the
+  background until the end of the walk, when it is stopped with SIGINT and must exit 0.
 - `sql`: run through psql (ON_ERROR_STOP), or through asyncpg when psql is not installed.
 - `python` / `yaml` with `file=PATH` in the fence: written to PATH, as the README asks.
 - `python`: run in one namespace shared by the README's snippets (a REPL session); the
@@ -32,6 +32,7 @@ import signal
 import subprocess
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,7 @@ README = ROOT / "README.md"
 VENV_BIN = ROOT / ".venv" / "bin"
 # What the walk's working directory borrows from the checkout.
 LINKED = (".venv", "examples", "Makefile", "pyproject.toml")
-WORKER_READY = "started"  # the worker's INFO line once it claims
+WORKER_READY = "started"  # the worker's INFO line once it claims; the dashboard's first line
 STARTUP_SECONDS = 60.0
 STOP_SECONDS = 60.0
 
@@ -100,8 +101,15 @@ SKIPPED = {
 
 
 def _starts_worker(block: Block) -> bool:
+    """A block that runs a foreground server: a worker, or the dashboard (it prints
+    `dashboard started on ...`)."""
     if block.lang == "bash":
-        return any(line.startswith("tasker-pg worker ") for line in block.code.splitlines())
+        return any(
+            line.startswith(
+                ("tasker-pg worker ", "tasker-pg dashboard", ".venv/bin/tasker-pg dashboard")
+            )
+            for line in block.code.splitlines()
+        )
     return block.lang == "python" and (
         "run_forever()" in block.code or "await worker.run()" in block.code
     )
@@ -272,6 +280,10 @@ class Walk:
         worker = Background(block, argv, self.cwd, self.env)
         self.background.append(worker)
         worker.wait_for(WORKER_READY, STARTUP_SECONDS)
+        dashboard = re.search(r"dashboard started on (http://\S+/)", worker.output)
+        if dashboard is not None:  # the reader opens it: the namespaces page answers
+            with urllib.request.urlopen(dashboard.group(1), timeout=STARTUP_SECONDS) as page:
+                assert page.status == 200 and "Namespaces" in page.read().decode()
 
     def stop_workers(self) -> list[tuple[Background, int]]:
         return [(worker, worker.stop()) for worker in self.background]
