@@ -163,6 +163,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--worker-id", metavar="ID", help="default: <host>-<pid>-<random>")
     parser.add_argument(
+        "--metrics-port",
+        type=argtypes.port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics, /healthz and /readyz on this port (0: any free port, "
+        "logged); needs the metrics extra: pip install 'tasker-pg[metrics]'",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address the metrics port listens on (default 0.0.0.0: every interface)",
+    )
+    parser.add_argument(
+        "--export-engine-metrics",
+        action="store_true",
+        help="also export the gauges of tasker.engine_metrics() (queue depths, oldest ready "
+        "step, tasks by state, dead tuples, oldest xmin); among workers one per database does, "
+        "elected by an advisory lock",
+    )
+    parser.add_argument(
         "--dsn",
         help="database URL (default: TASKER_DATABASE_URL, DATABASE_URL, embedded cluster)",
     )
@@ -186,6 +207,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         dest="worker_quiet",
         action="store_true",
         help="log only warnings and errors (no line per step)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text: one line per record, with [task=... step=... attempt=...] where a record "
+        "is about a step (default); json: one JSON object per line",
     )
     parser.add_argument(
         "--log-steps",
@@ -239,6 +267,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
             max_runtime=args.max_runtime,
             outcome_retry_cap=args.outcome_retry_cap,
             server_settings=dict(args.pg_setting),
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            export_engine_metrics=args.export_engine_metrics,
         )
     except TaskerError as exc:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)

@@ -107,6 +107,7 @@ class Runner:
                 if claim.cfuture is not None:
                     shared.zombies.add(claim.cfuture)
                 shared.bump("abandoned")
+                shared.instruments.step(claim, "abandoned")
                 logger.warning(
                     "worker %s: abandoning %s %s; its lease expires and another worker retries it",
                     shared.worker_id,
@@ -169,6 +170,7 @@ class Runner:
                 )
             except _StepTimedOut:
                 shared.bump("timeouts")
+                shared.instruments.step(claim, "timed_out")
                 outcome = timeout_outcome(
                     fence=claim.fence,
                     duration_ms=(time.perf_counter() - started) * 1000,
