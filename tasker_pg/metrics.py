@@ -288,9 +288,7 @@ class EngineMetrics:
                     self.leader = bool(await conn.fetchval(EXPORTER_LOCK_SQL))
                     if self.leader:
                         logger.info("this process now exports the engine metrics")
-                rows = (
-                    await conn.fetch("SELECT * FROM tasker.engine_metrics()") if self.leader else []
-                )
+                rows = await conn.engine_metrics() if self.leader else []
             except TaskerError as exc:
                 self._drop()
                 self.last_error = str(exc)

@@ -6,23 +6,20 @@ prometheus-client's own parser, and the values are compared with what the steps 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import sys
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from examples.csv_batch import handlers as csv_batch
 from tasker_pg import Worker, db
 from tasker_pg.errors import ConfigurationError
 from tasker_pg.template import load_templates
+from tests.support.metrics import Samples, http_get, sample, scrape
 from tests.support.worker import assert_invariants, poll, registry_of, wait_final
 from tests.support.workflows import console_handlers
 
@@ -42,35 +39,6 @@ steps:
     retry: {max_attempts: 2, backoff: none}
     handler: {callable: console.boom}
 """
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-async def http_get(port: int, path: str) -> tuple[int, str]:
-    """(status, body) of one GET to the worker's metrics port."""
-
-    def fetch() -> tuple[int, str]:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-                return int(r.status), r.read().decode()
-        except urllib.error.HTTPError as exc:
-            return int(exc.code), exc.read().decode()
-
-    return await asyncio.to_thread(fetch)
-
-
-async def scrape(port: int) -> Samples:
-    status, text = await http_get(port, "/metrics")
-    assert status == 200, text
-    return {
-        (s.name, frozenset(s.labels.items())): s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-    }
-
-
-def sample(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, frozenset(labels.items()))]
 
 
 def labelled(samples: Samples, name: str, label: str) -> set[str]:
