@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import time
 from dataclasses import dataclass
@@ -17,6 +18,13 @@ from tasker_pg.worker.config import WorkerConfig
 from tasker_pg.worker.instruments import Instruments
 
 logger = logging.getLogger(__name__)
+
+# The log fields (`Claim.log`) of the step whose handler runs in this context: set in each
+# step's task and carried into its sync handler's thread, so the handler's own log records can
+# be shown with the step's ids (`tasker_pg.logformat`).
+CURRENT_STEP: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "tasker_current_step", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -121,7 +129,7 @@ class Claim:
         self.error: BaseException | None = None
         # `extra` of every log record about this step (`tasker-pg worker --log-format` shows
         # them).
-        self.log = {
+        self.log: dict[str, Any] = {
             "task_uuid": step.task_uuid,
             "step_uuid": step.step_uuid,
             "step_name": step.step_name,
