@@ -26,7 +26,7 @@
 -- messages and live tasks, never with the finished history.
 CREATE FUNCTION tasker.engine_metrics()
 RETURNS TABLE (metric text, namespace text, label text, value double precision)
-LANGUAGE plpgsql STABLE AS $$
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now timestamptz := clock_timestamp();

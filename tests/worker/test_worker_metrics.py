@@ -20,7 +20,7 @@ from tasker_pg import Worker, db
 from tasker_pg.errors import ConfigurationError
 from tasker_pg.template import load_templates
 from tests.support.metrics import Samples, http_get, sample, scrape
-from tests.support.worker import assert_invariants, poll, registry_of, wait_final
+from tests.support.worker import assert_invariants, poll, registry_of, templates, wait_final
 from tests.support.workflows import console_handlers
 
 REPO = Path(__file__).resolve().parents[2]
@@ -249,3 +249,53 @@ def test_metrics_port_without_prometheus_client_names_the_extra(
     assert "pip install 'tasker-pg[metrics]'" in str(info.value)
     # without a port, nothing needs it
     assert Worker(["csv_batch"], registry_of(csv_batch)).metrics_port is None
+
+
+async def test_lease_extensions_and_reconnects_are_counted(
+    dsn: str, conn: db.Connection, tmp_path: Path
+) -> None:
+    async with Worker(
+        ["console"],
+        registry_of(console_handlers),
+        dsn=dsn,
+        templates=templates("console"),
+        lease_seconds=1.5,  # a heartbeat every 0.5 s
+        metrics_port=0,
+        metrics_host="127.0.0.1",
+        **FAST,
+    ) as worker:
+        port = worker.metrics_port
+        assert port is not None
+        gate = tmp_path / "gate"
+        task = await conn.create_task(
+            "console", "console", {"gate": str(gate), "marker_dir": str(tmp_path)}
+        )
+
+        async def extended_twice() -> bool:
+            return sample(await scrape(port), "tasker_lease_extensions_total") >= 2
+
+        await poll(extended_twice, what="two lease extensions")
+        samples = await scrape(port)
+        assert sample(samples, "tasker_worker_running_steps") == 1
+        assert sample(samples, "tasker_worker_in_flight_steps") == 1
+        assert sample(samples, "tasker_worker_free_slots") == worker.config.concurrency - 1
+
+        # the listener's backend goes away: the worker reconnects it
+        terminated = await conn.fetchval(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = $1",
+            worker.config.application_name("listen"),
+        )
+        assert terminated == 1
+
+        async def reconnected() -> bool:
+            samples = await scrape(port)
+            return ("tasker_reconnects_total", frozenset({("session", "listen")})) in samples
+
+        await poll(reconnected, what="the listener reconnected")
+        samples = await scrape(port)
+        assert sample(samples, "tasker_reconnects_total", session="listen") == 1
+        assert worker.stats.reconnects == 1
+        gate.write_text("open")
+        assert (await wait_final(conn, [task]))[task] == "complete"
+    await assert_invariants(conn)
