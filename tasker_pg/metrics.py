@@ -143,6 +143,16 @@ def new_registry() -> CollectorRegistry:
     return CollectorRegistry(auto_describe=True)
 
 
+def add_process_collectors(registry: CollectorRegistry) -> None:
+    """prometheus-client's process (CPU, memory, open files), platform and garbage collector
+    metrics, as its global registry has them."""
+    from prometheus_client import GCCollector, PlatformCollector, ProcessCollector
+
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+
+
 # --- the worker's own metrics ----------------------------------------------------------------
 
 

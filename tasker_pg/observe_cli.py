@@ -205,6 +205,7 @@ async def _serve_metrics(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     engine = metrics.EngineMetrics(args.dsn, elect=False, min_interval=args.min_interval)
     registry = metrics.new_registry()
+    metrics.add_process_collectors(registry)
     registry.register(engine.collector(loop))
 
     async def healthz() -> tuple[bool, dict[str, Any]]:

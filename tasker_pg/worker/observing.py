@@ -55,6 +55,7 @@ class Observer:
         self._delivery_broken = delivery_broken
         self._ready = ready
         self.registry = metrics.new_registry()
+        metrics.add_process_collectors(self.registry)
         shared.instruments = metrics.PrometheusInstruments(self.registry)
         self.registry.register(metrics.GaugeCollector(self._worker_gauges))
         self.engine: EngineMetrics | None = None

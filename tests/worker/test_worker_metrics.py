@@ -137,6 +137,10 @@ async def test_metrics_count_each_step_by_template_step_and_outcome(
         )
         == 1
     )
+    # the process's own, as prometheus-client's default registry has them
+    assert sample(samples, "process_open_fds") > 0
+    assert labelled(samples, "python_info", "implementation") == {"CPython"}
+    assert labelled(samples, "python_gc_collections_total", "generation") == {"0", "1", "2"}
     # the engine's gauges: this worker is the only one, so it exports them
     assert sample(samples, "tasker_engine_metrics_exporter") == 1
     assert sample(samples, "tasker_engine_metrics_up") == 1
