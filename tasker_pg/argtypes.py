@@ -45,6 +45,14 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def port(text: str) -> int:
+    """A TCP port number, 0 (any free port) to 65535."""
+    value = integer(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number (0 to 65535), got {value}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = number(text)
     if not value > 0:

@@ -37,6 +37,7 @@ from tasker_pg.errors import (
 from tasker_pg.responses import (
     FINAL_TASK_STATES,
     TASK_STATES,
+    HealthCheck,
     HealthResponse,
     Pagination,
     RedrivenTask,
@@ -72,6 +73,11 @@ POOL_MAX_SIZE: Final = 4
 MAX_PAGE_SIZE: Final = 1000
 REDRIVE_BATCH: Final = 1000
 """Most tasks one tasker.retry_failed call retries (each holds an operator lock until commit)."""
+DEFAULT_MIN_WORKERS: Final = 0
+DEFAULT_WORKER_STALE_AFTER: Final = 30.0
+"""A worker writes its heartbeat row every 5 s; one older than this is not counted alive."""
+DEFAULT_MAX_READY_AGE: Final = 300.0
+DEFAULT_MAX_EXPIRED_LEASES: Final = 100
 WAIT_RECHECK_SECONDS: Final = 5.0
 """While waiting for a task, its state is re-read this often even without a notification:
 the safety net for a notification lost with a dropped LISTEN session."""
@@ -777,9 +783,28 @@ class AsyncTaskerClient:
                 registered.append(TemplateRegistration.of(named_task_id, template))
         return registered
 
-    async def health_check(self) -> HealthResponse:
-        """Is the database reachable, and is its schema current? Never raises for a database
-        that cannot be reached or is outdated: the response says so."""
+    async def health_check(
+        self,
+        *,
+        min_workers: int = DEFAULT_MIN_WORKERS,
+        worker_stale_after: float = DEFAULT_WORKER_STALE_AFTER,
+        max_ready_age: float | None = DEFAULT_MAX_READY_AGE,
+        max_expired_leases: int | None = DEFAULT_MAX_EXPIRED_LEASES,
+        max_tasks_in_error: int | None = None,
+    ) -> HealthResponse:
+        """Is the database reachable, is its schema current, and does the engine work? Never
+        raises for a database that cannot be reached or is outdated: the response says so.
+
+        On a current schema it also reads `tasker.engine_metrics()` and the workers' heartbeat
+        rows and checks: at least `min_workers` workers with a heartbeat within
+        `worker_stale_after` seconds (default 0: reported only); the oldest ready step ready for
+        at most `max_ready_age` seconds (default 300); at most `max_expired_leases` expired
+        leases not yet recorded by a claim (default 100; workers record them within a poll
+        interval, so a lasting count means no worker claims from that namespace); at most
+        `max_tasks_in_error` tasks in error (default None: reported only). A None threshold
+        reports the value without checking it. A failed check makes the status `degraded`
+        (and `healthy` false); `checks` says which.
+        """
         if self._closed:
             raise ClientClosedError(f"{type(self).__name__} is closed; create a new one")
         expected = sqlfiles.expected_version()
@@ -793,23 +818,76 @@ class AsyncTaskerClient:
             latency_ms = round((time.perf_counter() - started) * 1000.0, 3)
             current = await db.schema_version(conn)
             message: str | None = None
-            workers: list[WorkerStatus] = []
             try:
                 await db.check_schema(conn)
             except SchemaError as exc:
                 message = exc.message
-            else:
-                workers = [_worker_status(r) for r in await conn.worker_rows()]
+            if message is not None:
+                return HealthResponse(
+                    healthy=False,
+                    status="schema_outdated",
+                    database_reachable=True,
+                    schema_version=current,
+                    expected_schema_version=expected,
+                    server_version=server_version,
+                    latency_ms=latency_ms,
+                    message=message,
+                )
+            workers = [_worker_status(r) for r in await conn.worker_rows()]
+            engine = await conn.engine_metrics()
+
+            def total(metric: str, label: str | None = None) -> float:
+                return sum(
+                    float(r["value"])
+                    for r in engine
+                    if r["metric"] == metric and (label is None or r["label"] == label)
+                )
+
+            alive = sum(1 for w in workers if w.heartbeat_age_seconds <= worker_stale_after)
+            oldest = max(
+                (float(r["value"]) for r in engine if r["metric"] == "oldest_ready_age_seconds"),
+                default=0.0,
+            )
+            expired = int(total("expired_leases"))
+            in_error = int(total("tasks", "error"))
+            checks = [
+                _health_check(
+                    "workers_alive",
+                    alive,
+                    min_workers or None,
+                    minimum=True,
+                    what=f"worker(s) with a heartbeat within {worker_stale_after:g}s",
+                ),
+                _health_check(
+                    "oldest_ready_age_seconds",
+                    round(oldest, 3),
+                    max_ready_age,
+                    what="seconds the oldest ready step has waited",
+                ),
+                _health_check(
+                    "expired_leases", expired, max_expired_leases, what="expired lease(s)"
+                ),
+                _health_check(
+                    "tasks_in_error", in_error, max_tasks_in_error, what="task(s) in error"
+                ),
+            ]
+            failed = [c for c in checks if not c.ok]
             return HealthResponse(
-                healthy=message is None,
-                status="healthy" if message is None else "schema_outdated",
+                healthy=not failed,
+                status="degraded" if failed else "healthy",
                 database_reachable=True,
                 schema_version=current,
                 expected_schema_version=expected,
                 server_version=server_version,
                 latency_ms=latency_ms,
-                message=message,
+                message="; ".join(c.message for c in failed) or None,
                 workers=workers,
+                workers_alive=alive,
+                ready_steps=int(total("ready_steps")),
+                oldest_ready_age_seconds=round(oldest, 3),
+                expired_leases=expired,
+                tasks_in_error=in_error,
+                checks=checks,
             )
 
         async def run() -> HealthResponse:
@@ -1108,9 +1186,36 @@ class TaskerClient:
         """See `AsyncTaskerClient.register_templates`."""
         return self._run(self._client.register_templates(path))
 
-    def health_check(self) -> HealthResponse:
+    def health_check(
+        self,
+        *,
+        min_workers: int = DEFAULT_MIN_WORKERS,
+        worker_stale_after: float = DEFAULT_WORKER_STALE_AFTER,
+        max_ready_age: float | None = DEFAULT_MAX_READY_AGE,
+        max_expired_leases: int | None = DEFAULT_MAX_EXPIRED_LEASES,
+        max_tasks_in_error: int | None = None,
+    ) -> HealthResponse:
         """See `AsyncTaskerClient.health_check`."""
-        return self._run(self._client.health_check())
+        return self._run(
+            self._client.health_check(
+                min_workers=min_workers,
+                worker_stale_after=worker_stale_after,
+                max_ready_age=max_ready_age,
+                max_expired_leases=max_expired_leases,
+                max_tasks_in_error=max_tasks_in_error,
+            )
+        )
+
+
+def _health_check(
+    name: str, value: float, threshold: float | None, *, what: str, minimum: bool = False
+) -> HealthCheck:
+    """`value` held to `threshold` (at least it when `minimum`, else at most; None: reported)."""
+    if threshold is None:
+        return HealthCheck(name, True, value, None, f"{value:g} {what}")
+    ok = value >= threshold if minimum else value <= threshold
+    bound = "at least" if minimum else "at most"
+    return HealthCheck(name, ok, value, threshold, f"{value:g} {what} ({bound} {threshold:g})")
 
 
 def _worker_status(row: db.Row) -> WorkerStatus:

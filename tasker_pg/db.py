@@ -808,6 +808,10 @@ class Connection:
         """The workers' heartbeat rows (tasker.v_workers), alive ones first."""
         return await self.fetch(queries.WORKERS)
 
+    async def engine_metrics(self) -> list[Row]:
+        """`tasker.engine_metrics()`: rows (metric, namespace, label, value)."""
+        return await self.fetch(queries.ENGINE_METRICS)
+
 
 async def connect(
     dsn: str | None = None,

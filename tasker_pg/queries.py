@@ -129,6 +129,9 @@ SELECT w.worker_id, w.host, w.pid, w.status, extract(epoch FROM w.heartbeat_age)
  ORDER BY w.status, w.worker_id
 """
 
+# The engine's gauges (sql/functions/93_metrics.sql): index reads only, one row per value.
+ENGINE_METRICS: Final = "SELECT metric, namespace, label, value FROM tasker.engine_metrics()"
+
 # One cheap round trip for the health check; its time is the reported latency.
 SERVER_VERSION: Final = "SELECT current_setting('server_version')"
 

@@ -22,6 +22,7 @@ __all__ = [
     "FINAL_TASK_STATES",
     "STEP_STATES",
     "TASK_STATES",
+    "HealthCheck",
     "HealthResponse",
     "HealthStatus",
     "Pagination",
@@ -54,7 +55,8 @@ StepState = Literal[
     "resolved_manually",
 ]
 
-HealthStatus = Literal["healthy", "unhealthy", "schema_outdated"]
+HealthStatus = Literal["healthy", "degraded", "unhealthy", "schema_outdated"]
+"""`degraded`: the database is reachable and current, but a check of the engine failed."""
 
 TASK_STATES: tuple[TaskState, ...] = (
     "pending",
@@ -329,8 +331,24 @@ class StepAuditResponse(_ToDict):
 
 
 @dataclasses.dataclass(frozen=True)
+class HealthCheck(_ToDict):
+    """One check of `health_check`: a value measured against its threshold."""
+
+    name: str
+    """`workers_alive`, `oldest_ready_age_seconds`, `expired_leases` or `tasks_in_error`."""
+    ok: bool
+    value: float
+    threshold: float | None
+    """The bound it is held to (a minimum for `workers_alive`, else a maximum); None: only
+    reported."""
+    message: str
+    """The value and the bound in words."""
+
+
+@dataclasses.dataclass(frozen=True)
 class HealthResponse(_ToDict):
-    """Can the database be reached, and is its schema the one this tasker-pg needs."""
+    """Can the database be reached, is its schema the one this tasker-pg needs, and does the
+    engine work: workers seen recently, the oldest ready step, expired leases, tasks in error."""
 
     healthy: bool
     status: HealthStatus
@@ -345,6 +363,19 @@ class HealthResponse(_ToDict):
     """What is wrong and what to do about it, when something is."""
     workers: list[WorkerStatus] = dataclasses.field(default_factory=list)
     """The workers' heartbeat rows (empty when the schema is outdated or nothing runs)."""
+    workers_alive: int | None = None
+    """Workers whose heartbeat is more recent than `worker_stale_after`."""
+    ready_steps: int | None = None
+    """Steps ready to run now, in every namespace."""
+    oldest_ready_age_seconds: float | None = None
+    """How long the longest-waiting ready step (of any namespace) has been ready."""
+    expired_leases: int | None = None
+    """Claimed steps whose lease expired and that no claim has recorded yet (a namespace no
+    worker claims from)."""
+    tasks_in_error: int | None = None
+    """Tasks in `error` (dead letters until retried or resolved)."""
+    checks: list[HealthCheck] = dataclasses.field(default_factory=list)
+    """Each engine check with its threshold; `status` is `degraded` when one fails."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -78,6 +78,13 @@ class ClaimedStep:
     # true when some batch workers' results were left out of dependency_results (over
     # max_claim_dependency_bytes): fetch them with tasker.dependency_results
     dependency_results_partial: bool = False
+    # the template step this step was made from: its own name, except for the workers of a
+    # batch fan-out (`process_batch_001` is `process_batch`'s); bounded, so metrics label by it
+    template_step: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.template_step:
+            object.__setattr__(self, "template_step", self.step_name)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> ClaimedStep:
@@ -138,6 +145,7 @@ class ClaimedStep:
             lease_expires_at=get("lease_expires_at"),
             claim_event=str(claim_event) if claim_event else "claimed",
             dependency_results_partial=bool(get("dependency_results_partial")),
+            template_step=str(get("template_step") or step_name),
         )
 
     @property

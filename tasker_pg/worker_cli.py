@@ -28,12 +28,16 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from tasker_pg import argtypes
+from tasker_pg import argtypes, logformat
 from tasker_pg.errors import TaskerError
 from tasker_pg.registry import HandlerRegistry
 from tasker_pg.template import TaskTemplate, load_templates
 from tasker_pg.worker import Worker, entry, steplog
-from tasker_pg.worker.config import DEFAULT_MAX_RUNTIME, DEFAULT_OUTCOME_RETRY_CAP
+from tasker_pg.worker.config import (
+    DEFAULT_MAX_RUNTIME,
+    DEFAULT_OUTCOME_RETRY_CAP,
+    default_worker_id,
+)
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -163,6 +167,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--worker-id", metavar="ID", help="default: <host>-<pid>-<random>")
     parser.add_argument(
+        "--metrics-port",
+        type=argtypes.port,
+        default=None,
+        metavar="PORT",
+        help="serve Prometheus /metrics, /healthz and /readyz on this port (0: any free port, "
+        "logged); needs the metrics extra: pip install 'tasker-pg[metrics]'",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        metavar="HOST",
+        help="address the metrics port listens on (default 0.0.0.0: every interface)",
+    )
+    parser.add_argument(
+        "--export-engine-metrics",
+        action="store_true",
+        help="also export the gauges of tasker.engine_metrics() (queue depths, oldest ready "
+        "step, tasks by state, dead tuples, oldest xmin); among workers one per database does, "
+        "elected by an advisory lock",
+    )
+    parser.add_argument(
         "--dsn",
         help="database URL (default: TASKER_DATABASE_URL, DATABASE_URL, embedded cluster)",
     )
@@ -188,6 +213,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="log only warnings and errors (no line per step)",
     )
     parser.add_argument(
+        "--log-format",
+        choices=("text", "json"),
+        default="text",
+        help="text: one line per record, with [task=... step=... attempt=...] where a record "
+        "is about a step (default); json: one JSON object per line",
+    )
+    parser.add_argument(
         "--log-steps",
         choices=("all", "failures"),
         default="all",
@@ -210,7 +242,11 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """Run the worker described by parsed arguments; the exit code (0 after a graceful stop)."""
-    _configure_logging(args)
+    formatter = _configure_logging(args)
+    # chosen here, so every record of the process can carry it (one worker per process)
+    worker_id = args.worker_id or default_worker_id()
+    if isinstance(formatter, logformat.JsonFormatter):
+        formatter.defaults["worker_id"] = worker_id
     if not args.namespace and not args.templates:
         print(
             "error: name the namespaces to work on with --namespace NS (or give --templates, "
@@ -229,7 +265,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             concurrency=args.concurrency,
             lease_seconds=args.lease_seconds,
             grace_seconds=args.grace,
-            worker_id=args.worker_id,
+            worker_id=worker_id,
             templates=templates,
             poll_interval=args.poll_interval,
             summary_interval=args.summary_interval,
@@ -239,6 +275,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
             max_runtime=args.max_runtime,
             outcome_retry_cap=args.outcome_retry_cap,
             server_settings=dict(args.pg_setting),
+            metrics_port=args.metrics_port,
+            metrics_host=args.metrics_host,
+            export_engine_metrics=args.export_engine_metrics,
         )
     except TaskerError as exc:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
@@ -305,7 +344,9 @@ def load_handlers_and_templates(
     return registry, templates
 
 
-def _configure_logging(args: argparse.Namespace) -> None:
+def _configure_logging(
+    args: argparse.Namespace,
+) -> logformat.TextFormatter | logformat.JsonFormatter:
     """Send the worker's records and the handlers' own to stderr at INFO unless told otherwise.
 
     The root logger is configured (a worker is an application): a handler's
@@ -320,12 +361,13 @@ def _configure_logging(args: argparse.Namespace) -> None:
         level = logging.DEBUG
     else:
         level = logging.INFO
-    entry.configure_console_logging(level)
+    formatter = entry.configure_console_logging(level, getattr(args, "log_format", "text"))
     # A level set on the package logger earlier (e.g. by a previous run in this process) would
     # override the root's.
     logging.getLogger("tasker_pg").setLevel(logging.NOTSET)
     steps = logging.getLogger(steplog.STEP_LOGGER)
     steps.setLevel(logging.WARNING if getattr(args, "log_steps", "all") == "failures" else 0)
+    return formatter
 
 
 def build_parser() -> argparse.ArgumentParser:

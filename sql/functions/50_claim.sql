@@ -47,7 +47,8 @@ RETURNS TABLE (
     backoff_base_ms integer, max_backoff_ms integer, jitter double precision,
     timeout_seconds double precision, task_context jsonb, dependency_results jsonb,
     checkpoint jsonb, inputs jsonb, namespace text, task_name text, task_version text,
-    lease_expires_at timestamptz, claim_event text, dependency_results_partial boolean
+    lease_expires_at timestamptz, claim_event text, dependency_results_partial boolean,
+    template_step text
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -186,7 +187,9 @@ BEGIN
            END || coalesce(wk.results, '{}'::jsonb),
            upd.checkpoint, upd.inputs, t.namespace, t.name, t.version, v_lease,
            CASE upd.kind WHEN 'run_resume' THEN 'resumed' ELSE 'claimed' END,
-           coalesce(wk.partial, false)
+           coalesce(wk.partial, false),
+           -- the template's step (a batch worker `process_batch_001` is `process_batch`'s)
+           ns.name
       FROM upd
       JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
       JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id

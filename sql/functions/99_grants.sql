@@ -34,14 +34,18 @@ DECLARE
         -- the dependency results a partial claim row left out (a convergence after a fan-out)
         'dependency_results',
         -- retention: deletes finished tasks by the namespaces' policies (one worker at a time)
-        'purge_finished'
+        'purge_finished',
+        -- the engine's gauges (a worker's exporter, `tasker-pg worker --export-engine-metrics`)
+        'engine_metrics'
     ];
     -- Read-only inspection: readiness, counts, effective state, invariants, queue metrics.
     c_reader   CONSTANT text[] := ARRAY[
         'step_readiness', 'task_execution_context', 'effective_task_state',
         'check_invariants', 'metrics', 'metrics_all',
         -- how long each namespace keeps its tasks
-        'retention_policies'
+        'retention_policies',
+        -- the engine's gauges (`tasker-pg metrics`, `tasker-pg health`)
+        'engine_metrics'
     ];
     -- Clients: create tasks (one, many, or with the created flag) and cancel them, plus reading.
     c_client   CONSTANT text[] := ARRAY[

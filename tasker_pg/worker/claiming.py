@@ -137,6 +137,7 @@ class Claimer:
                     namespace, config.worker_id, qty, config.lease_seconds, visible_since=since
                 )
                 now = time.monotonic()
+                shared.instruments.claim_seconds(namespace, now - started)
                 windows.record(
                     namespace,
                     windowed=since is not None,
@@ -194,11 +195,13 @@ class Claimer:
         if not steps:
             return []
         self.missing_queues.discard(namespace)
-        claims = [Claim(step, namespace, lease_deadline) for step in steps]
+        claims = [Claim(step, namespace, lease_deadline, shared.worker_id) for step in steps]
         shared.bump("claimed", len(claims))
         debug = logger.isEnabledFor(logging.DEBUG)
+        instruments = shared.instruments
         for claim in claims:
             shared.held[claim] = None
+            instruments.step(claim, "claimed")
             if debug:
                 logger.debug(
                     "worker %s: claimed %s (%s)",

@@ -46,6 +46,11 @@ class WorkerConfig:
     outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP
     # PostgreSQL settings of every session the worker opens, e.g. (("lock_timeout", "5s"),).
     server_settings: tuple[tuple[str, str], ...] = ()
+    # /metrics, /healthz, /readyz on this port (None: not served; 0: any free port)
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    # also export tasker.engine_metrics() while this worker holds the exporter lock
+    export_engine_metrics: bool = False
 
     @classmethod
     def build(
@@ -68,6 +73,9 @@ class WorkerConfig:
         outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP,
         server_settings: Mapping[str, str] | None = None,
         retention_interval: float = 300.0,
+        metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
+        export_engine_metrics: bool = False,
     ) -> WorkerConfig:
         """Validate the settings; raises `ConfigurationError` naming the one that is wrong."""
         names = tuple(dict.fromkeys(namespaces))
@@ -96,6 +104,19 @@ class WorkerConfig:
             raise ConfigurationError(
                 f"missing_handler_delay must be at most 3600 seconds, got {missing_handler_delay!r}"
             )
+        if metrics_port is not None and (
+            isinstance(metrics_port, bool)
+            or not isinstance(metrics_port, int)
+            or not 0 <= metrics_port <= 65535
+        ):
+            raise ConfigurationError(
+                f"metrics_port must be a port number (0 to 65535), got {metrics_port!r}"
+            )
+        if export_engine_metrics and metrics_port is None:
+            raise ConfigurationError(
+                "export_engine_metrics needs metrics_port: the engine gauges are served with "
+                "the worker's metrics (--metrics-port)"
+            )
         if heartbeat_interval >= lease_seconds:
             raise ConfigurationError(
                 f"heartbeat_interval ({heartbeat_interval:g}s) must be shorter than "
@@ -119,6 +140,9 @@ class WorkerConfig:
             max_runtime=float(max_runtime),
             outcome_retry_cap=float(outcome_retry_cap),
             server_settings=settings,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            export_engine_metrics=bool(export_engine_metrics),
         )
 
     def application_name(self, role: str) -> str:

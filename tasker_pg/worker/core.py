@@ -7,6 +7,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from tasker_pg.registry import HandlerRegistry
 from tasker_pg.template import TaskTemplate
@@ -20,6 +21,11 @@ from tasker_pg.worker.running import Runner
 from tasker_pg.worker.session import Session
 from tasker_pg.worker.state import Claim, Shared, WorkerHealth, WorkerStats
 from tasker_pg.worker.steplog import Summary
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from tasker_pg.worker.observing import Observer
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +70,11 @@ class Worker:
     minutes); past it the worker lets the lease expire and the engine retries the step.
     `server_settings` are PostgreSQL settings of every session the worker opens (e.g.
     `{"lock_timeout": "5s"}`).
+
+    Observing: with `metrics_port` (0: any free port; `metrics_port` then says which) the worker
+    serves `/metrics` (Prometheus), `/healthz` and `/readyz` on `metrics_host` (default all
+    interfaces); it needs the `metrics` extra (prometheus-client). `export_engine_metrics` adds
+    the gauges of `tasker.engine_metrics()`, exported by one worker per database at a time.
     """
 
     def __init__(
@@ -88,6 +99,9 @@ class Worker:
         outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP,
         server_settings: Mapping[str, str] | None = None,
         retention_interval: float = 300.0,
+        metrics_port: int | None = None,
+        metrics_host: str = "0.0.0.0",
+        export_engine_metrics: bool = False,
     ) -> None:
         self._templates = list(templates)
         names = [namespaces] if isinstance(namespaces, str) else list(namespaces)
@@ -109,7 +123,14 @@ class Worker:
             outcome_retry_cap=outcome_retry_cap,
             server_settings=server_settings,
             retention_interval=retention_interval,
+            metrics_port=metrics_port,
+            metrics_host=metrics_host,
+            export_engine_metrics=export_engine_metrics,
         )
+        if metrics_port is not None:
+            from tasker_pg.metrics import require_prometheus
+
+            require_prometheus()
         self.registry = registry
         self.dsn = dsn
         self.namespaces = self.config.namespaces
@@ -136,6 +157,21 @@ class Worker:
         )
         self._summary = Summary(shared)
         self._ready = asyncio.Event()
+        self._observer: Observer | None = None
+        if self.config.metrics_port is not None:
+            from tasker_pg.worker.observing import Observer
+
+            self._observer = Observer(
+                shared,
+                {
+                    "claim": self._claim_session,
+                    "flush": self._flush_session,
+                    "listen": self._claimer.listen_session,
+                },
+                outcomes_waiting=lambda: self._deliverer.waiting,
+                delivery_broken=lambda: self._deliverer.broken,
+                ready=self._ready,
+            )
         self._run_started = False
         self._start_error: BaseException | None = None
         self._error: BaseException | None = None
@@ -157,6 +193,17 @@ class Worker:
         """What the worker can do right now: "stalled" when every slot is held by a handler
         that ran past its max run time, with the counts behind it (see `WorkerHealth`)."""
         return self._shared.health(self._deliverer.waiting)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The port serving /metrics, /healthz and /readyz while the worker runs (None when
+        metrics are off or not served yet)."""
+        return self._observer.port if self._observer is not None else None
+
+    @property
+    def metrics_registry(self) -> CollectorRegistry | None:
+        """The worker's own Prometheus registry (None when metrics are off)."""
+        return self._observer.registry if self._observer is not None else None
 
     @property
     def running_steps(self) -> int:
@@ -268,6 +315,8 @@ class Worker:
         loops: list[asyncio.Task[None]] = []
         try:
             try:
+                if self._observer is not None:
+                    await self._observer.start()
                 await self._start()
             except BaseException as exc:
                 self._start_error = exc
@@ -301,6 +350,8 @@ class Worker:
             await asyncio.gather(*loops, return_exceptions=True)
             self._deliverer.close()
             await self._runner.close()
+            if self._observer is not None:
+                await self._observer.stop()
             for session in (self._claim_session, self._flush_session, self._claimer.listen_session):
                 await session.close()
         if self._error is not None:

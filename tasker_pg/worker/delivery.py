@@ -169,7 +169,10 @@ class Deliverer:
     async def _send(self, batch: list[tuple[Claim, Outcome]]) -> list[db.Row]:
         """One `complete_steps` call for the batch."""
         outcomes = [outcome.to_json() for _, outcome in batch]
-        return await self._session.call(lambda conn: conn.complete_steps(outcomes))
+        started = time.perf_counter()
+        rows = await self._session.call(lambda conn: conn.complete_steps(outcomes))
+        self._shared.instruments.flush_seconds(time.perf_counter() - started)
+        return rows
 
     def _keep_or_give_up(
         self, batch: list[tuple[Claim, Outcome]], error: BaseException, tries: int
@@ -286,19 +289,24 @@ class Deliverer:
         }
         counts = shared.counts
         held = shared.held
+        instruments = shared.instruments
         for claim, outcome in batch:
             held.pop(claim, None)
+            instruments.handler_seconds(claim, outcome.duration_ms / 1000.0)
             fence = claim.fence
             status, detail = answers.get((fence.step_uuid, fence.attempt), ("applied", None))
             if status == "stale":
                 counts["stale"] += 1
+                instruments.step(claim, "stale")
                 steplog.log_stale(worker_id, claim, outcome, detail)
                 continue
             # complete_steps' detail is the step's new state.
             state = detail if detail in steplog.COUNTER_OF_STATE else None
             if state is None:
                 state = steplog.expected_state(claim, outcome)
-            counts[steplog.COUNTER_OF_STATE[state]] += 1
+            counter = steplog.COUNTER_OF_STATE[state]
+            counts[counter] += 1
+            instruments.step(claim, counter)
             steplog.log_step_end(worker_id, claim, outcome, state)
             claim.error = None  # the traceback's frames are no longer needed
 

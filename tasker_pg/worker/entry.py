@@ -11,24 +11,33 @@ import logging
 import signal
 from typing import TYPE_CHECKING
 
+from tasker_pg import logformat
+
 if TYPE_CHECKING:
     from tasker_pg.worker.core import Worker
 
 logger = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-
-def configure_console_logging(level: int) -> None:
+def configure_console_logging(
+    level: int, log_format: str = "text"
+) -> logformat.TextFormatter | logformat.JsonFormatter:
     """Send every logger's records at `level` and above to stderr, in one format.
 
     The root logger gets the level (and a stderr handler when it has none), so a handler's own
-    `logging.getLogger(__name__)` records come out next to the worker's.
+    `logging.getLogger(__name__)` records come out next to the worker's. Its plain stream
+    handlers (the one added here, or by `logging.basicConfig`) get the `log_format` formatter
+    (`tasker_pg.logformat`), which is returned; other handlers are left alone.
     """
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(format=LOG_FORMAT)
+        root.addHandler(logging.StreamHandler())
+    chosen = logformat.formatter(log_format)
+    for handler in root.handlers:
+        if type(handler) is logging.StreamHandler:
+            handler.setFormatter(chosen)
     root.setLevel(level)
+    return chosen
 
 
 async def run_with_signals(worker: Worker) -> None:

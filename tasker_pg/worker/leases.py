@@ -84,12 +84,14 @@ class Leases:
             )
             return False
         extended = {str(r["step_uuid"]): bool(r["extended"]) for r in rows}
+        shared.instruments.lease_extensions(sum(extended.values()))
         for claim in due:
             if extended.get(claim.fence.step_uuid, False):
                 claim.lease_deadline = sent_at + config.lease_seconds
             elif claim in shared.held:
                 claim.lease_lost = True
                 shared.bump("leases_lost")
+                shared.instruments.step(claim, "lease_lost")
                 logger.warning(
                     "worker %s: lost the lease of %s; another worker may run it now, and this "
                     "run's outcome will be stale",
@@ -135,6 +137,7 @@ class Leases:
             shared.held.pop(claim, None)
             if claim.fence.step_uuid in released:
                 shared.bump("released")
+                shared.instruments.step(claim, "released")
                 logger.info(
                     "worker %s: released unstarted %s",
                     shared.worker_id,

@@ -69,6 +69,7 @@ class Maintenance:
         if handler not in self.missing_handlers:
             self.missing_handlers[handler] = datetime.datetime.now(datetime.UTC).isoformat()
         shared.bump("released")
+        shared.instruments.step(claim, "released")
         logger.warning(
             "worker %s has no handler %s for %s: handing it back without spending an attempt; "
             "a worker that has the handler can take it after %gs, a delay doubled with each "

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import inspect
 import logging
 import time
@@ -29,7 +30,7 @@ from tasker_pg.handler import StepHandler
 from tasker_pg.outcome import Outcome, outcome_from_exception, outcome_from_result, timeout_outcome
 from tasker_pg.registry import HandlerRegistry
 from tasker_pg.worker.fetching import DependencyFetcher
-from tasker_pg.worker.state import Claim, Shared
+from tasker_pg.worker.state import CURRENT_STEP, Claim, Shared
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,7 @@ class Runner:
                 if claim.cfuture is not None:
                     shared.zombies.add(claim.cfuture)
                 shared.bump("abandoned")
+                shared.instruments.step(claim, "abandoned")
                 logger.warning(
                     "worker %s: abandoning %s %s; its lease expires and another worker retries it",
                     shared.worker_id,
@@ -137,6 +139,7 @@ class Runner:
         """Run one step's handler and queue its outcome; never raises (except cancellation)."""
         shared = self._shared
         step = claim.step
+        CURRENT_STEP.set(claim.log)  # this step's own task: its records carry its ids
         started = time.perf_counter()
         outcome: Outcome | None = None
         limit: Literal["timeout_seconds", "max_runtime"] = "timeout_seconds"
@@ -169,6 +172,7 @@ class Runner:
                 )
             except _StepTimedOut:
                 shared.bump("timeouts")
+                shared.instruments.step(claim, "timed_out")
                 outcome = timeout_outcome(
                     fence=claim.fence,
                     duration_ms=(time.perf_counter() - started) * 1000,
@@ -218,7 +222,8 @@ class Runner:
         self, handler: StepHandler, context: StepContext, claim: Claim, timeout: float
     ) -> Any:
         assert self._executor is not None and self._loop is not None
-        cfuture = self._executor.submit(handler.call, context)
+        # in a copy of this task's context, so the handler's records carry the step's ids
+        cfuture = self._executor.submit(contextvars.copy_context().run, handler.call, context)
         claim.cfuture = cfuture
         afuture = asyncio.wrap_future(cfuture, loop=self._loop)
         done, _ = await asyncio.wait({afuture}, timeout=timeout)

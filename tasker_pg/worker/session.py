@@ -61,6 +61,7 @@ class Session:
             raise
         if self.ever_connected:
             self._shared.bump("reconnects")
+            self._shared.instruments.reconnect(self.role)
         logger.info(
             "worker %s: %s session %s (backend pid %d)",
             config.worker_id,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 import time
 from dataclasses import dataclass
@@ -14,8 +15,16 @@ from typing import Any, Literal
 
 from tasker_pg.rows import ClaimedStep, Fence
 from tasker_pg.worker.config import WorkerConfig
+from tasker_pg.worker.instruments import Instruments
 
 logger = logging.getLogger(__name__)
+
+# The log fields (`Claim.log`) of the step whose handler runs in this context: set in each
+# step's task and carried into its sync handler's thread, so the handler's own log records can
+# be shown with the step's ids (`tasker_pg.logformat`).
+CURRENT_STEP: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "tasker_current_step", default=None
+)
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,9 @@ class Claim:
         "undelivered_since",
     )
 
-    def __init__(self, step: ClaimedStep, namespace: str, lease_deadline: float) -> None:
+    def __init__(
+        self, step: ClaimedStep, namespace: str, lease_deadline: float, worker_id: str = ""
+    ) -> None:
         self.step = step
         self.namespace = namespace
         self.fence: Fence = step.fence
@@ -116,11 +127,15 @@ class Claim:
         # The exception the handler raised, kept until the outcome is acknowledged so a final
         # failure is logged with its traceback.
         self.error: BaseException | None = None
-        # `extra` of every log record about this step.
-        self.log = {
+        # `extra` of every log record about this step (`tasker-pg worker --log-format` shows
+        # them).
+        self.log: dict[str, Any] = {
             "task_uuid": step.task_uuid,
             "step_uuid": step.step_uuid,
             "step_name": step.step_name,
+            "attempt": step.attempt,
+            "namespace": namespace,
+            "worker_id": worker_id,
         }
 
     def describe(self) -> str:
@@ -150,6 +165,8 @@ class Shared:
         self.idle = asyncio.Event()  # set whenever no handler is running
         self.idle.set()
         self.stalled = False  # every slot held by an overdue handler (see check_stalled)
+        # metrics hooks (tasker_pg.worker.instruments); a no-op unless metrics are served
+        self.instruments = Instruments()
 
     def bump(self, counter: str, by: int = 1) -> None:
         self.counts[counter] += by

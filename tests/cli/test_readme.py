@@ -361,13 +361,18 @@ def test_readme_walk(walk: Walk) -> None:
     assert {reason for _, reason in walk.skipped} <= set(SKIPPED.values())
 
     # What the reader is told to expect, as the README tells it.
-    assert "complete 100.0" in walk.output_of("TaskerClient(")
+    assert "complete 100.0" in walk.output_of("TaskerClient(initiator=")
     declined = walk.output_of('"payment_token": "tok_declined"')
     assert "failed step process_payment" in declined
     assert "Payment declined by the card issuer" in declined
     assert "tasker-pg step resolve" in declined
     assert "resolved_manually" in declined
     assert "complete (all_complete" in declined.splitlines()[-1]
+    # the README's workers are running and every task was taken: the probe passes
+    assert walk.output_of("tasker-pg health ||").startswith("status: healthy\n")
+    health = walk.output_of("health.oldest_ready_age_seconds")
+    assert health.startswith("healthy ")
+    assert "FAIL" not in health
     greeting = walk.output_of("tasker-pg task create greet greeting")
     assert "complete" in greeting
     assert "destroyed" in walk.output_of("tasker-pg db destroy")

@@ -4,12 +4,17 @@
   lets the running step finish, the call returns, the process exits 0 with no traceback; a
   second SIGINT abandons the running step at once and says so truthfully;
 - the `tasker-pg worker` command shows the handlers' own log records next to the worker's,
-  one line per finished step, and `-q` keeps only warnings.
+  one line per finished step, each record about a step ending with its task, step and attempt,
+  and `-q` keeps only warnings;
+- `--log-format json` writes one JSON object per line with the step's fields, and
+  `--metrics-port` serves the worker's metrics while it runs.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -21,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from tasker_pg import db
+from tests.support.metrics import http_get, sample, scrape
 from tests.support.worker import assert_invariants, poll, steps_of, wait_final
 
 pytestmark = pytest.mark.slow
@@ -195,6 +201,15 @@ async def test_cli_shows_handler_logs_and_one_line_per_step(
         in output
     ), output
     assert "INFO tasker_pg.worker.steps: worker loud: step wait" in output
+    # records about the step end with its ids: the worker's and the handler's own alike
+    ids = f" [task={task} step={step['step_uuid']} attempt=1]"
+    lines = output.splitlines()
+    [hello] = [line for line in lines if "gated handler says hello" in line]
+    [done] = [line for line in lines if f"step wait {step['step_uuid']} of task" in line]
+    assert hello.endswith(ids), hello
+    assert done.endswith(ids), done
+    [started] = [line for line in lines if "worker loud started" in line]
+    assert "[task=" not in started
 
     quiet = Process(tmp_path / "quiet.log", dsn, *common, "--worker-id", "quiet", "-q")
     processes.append(quiet)
@@ -226,3 +241,71 @@ async def test_cli_shows_handler_logs_and_one_line_per_step(
     assert f"gated handler says hello from task {task3}" in output, output
     assert "tasker_pg.worker.steps" not in output, output
     assert "worker lean final: claimed=1 succeeded=1" in output, output
+
+
+async def test_cli_json_logs_carry_the_step_fields_and_metrics_are_served(
+    dsn: str, conn: db.Connection, processes: list[Process], tmp_path: Path
+) -> None:
+    worker = Process(
+        tmp_path / "json.log",
+        dsn,
+        "-m",
+        "tasker_pg.cli",
+        "worker",
+        "--handlers",
+        "tests.support.workflows.console_handlers",
+        "--templates",
+        "tests/support/workflows/console.yaml",
+        "--summary-interval",
+        "0",
+        "--poll-interval",
+        "0.2",
+        "--worker-id",
+        "jsonw",
+        "--log-format",
+        "json",
+        "--metrics-port",
+        "0",
+        "--metrics-host",
+        "127.0.0.1",
+    )
+    processes.append(worker)
+    await worker.wait_log("worker jsonw started")
+    [port] = re.findall(
+        r"serving /metrics, /healthz and /readyz on 127\.0\.0\.1:(\d+)", worker.log()
+    )
+    task, gate = await start_gated_task(conn, tmp_path)
+    gate.write_text("open")
+    assert (await wait_final(conn, [task]))[task] == "complete"
+    step = (await steps_of(conn, task))["wait"]
+    await worker.wait_log(f"step wait {step['step_uuid']} of task {task} succeeded in")
+
+    samples = await scrape(int(port))
+    steps_total = "tasker_steps_total"
+    assert sample(samples, steps_total, namespace="console", step="wait", outcome="claimed") == 1
+    assert sample(samples, steps_total, namespace="console", step="wait", outcome="succeeded") == 1
+    assert (await http_get(int(port), "/readyz"))[0] == 200
+
+    worker.proc.send_signal(signal.SIGTERM)
+    assert await worker.wait_exit() == 0
+    records = [json.loads(line) for line in worker.log().splitlines()]  # every line is JSON
+    assert {r["worker_id"] for r in records} == {"jsonw"}
+    assert all(set(r) >= {"timestamp", "level", "logger", "message"} for r in records)
+    about_step = {
+        "task_uuid": str(task),
+        "step_uuid": str(step["step_uuid"]),
+        "step_name": "wait",
+        "attempt": 1,
+        "namespace": "console",
+        "worker_id": "jsonw",
+    }
+    [hello] = [r for r in records if r["logger"] == "tests.support.workflows.console_handlers"]
+    assert hello["message"] == f"gated handler says hello from task {task}"
+    assert {k: hello[k] for k in about_step} == about_step
+    assert hello["level"] == "INFO"
+    [done] = [r for r in records if r["logger"] == "tasker_pg.worker.steps"]
+    assert {k: done[k] for k in about_step} == about_step
+    assert done["message"].startswith(f"worker jsonw: step wait {step['step_uuid']} of task")
+    [started] = [r for r in records if r["message"].startswith("worker jsonw started")]
+    assert "step_uuid" not in started
+    await assert_invariants(conn)
