@@ -143,7 +143,7 @@ BEGIN
     WITH
     -- one row per requested task, with its options
     input AS MATERIALIZED (
-        SELECT c.ord, c.ctx, o.opt, gen_random_uuid() AS task_uuid,
+        SELECT c.ord, c.ctx, o.opt, tasker._uuid_v7() AS task_uuid,
                o.opt->>'idempotency_key' AS idempotency_key,
                coalesce((o.opt->>'priority')::integer, 0) AS priority,
                coalesce((o.opt->>'delay_seconds')::double precision, 0) AS delay
@@ -177,7 +177,7 @@ BEGIN
     ),
     -- every template step of every new task; roots start enqueued with a message
     new_steps AS MATERIALIZED (
-        SELECT gen_random_uuid() AS step_uuid, c.task_uuid, c.priority, c.delay, n.named_step_id, n.name,
+        SELECT tasker._uuid_v7() AS step_uuid, c.task_uuid, c.priority, c.delay, n.named_step_id, n.name,
                n.parent_names, n.max_attempts, n.retryable, cardinality(n.parent_names) AS parent_count,
                CASE WHEN cardinality(n.parent_names) = 0 THEN nextval(v_seq) END AS msg_id
           FROM created c
@@ -274,7 +274,7 @@ CREATE FUNCTION tasker.create_or_get_task(
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    v_task      uuid := gen_random_uuid();
+    v_task      uuid := tasker._uuid_v7();
     v_tpl       bigint;
     v_version   text;
     v_total     integer;
@@ -366,7 +366,7 @@ BEGIN
          WHERE n.named_task_id = v_tpl AND NOT n.is_dynamic  -- dynamic steps: created at run time
     ),
     new_steps AS (
-        SELECT gen_random_uuid() AS step_uuid, ns.*,
+        SELECT tasker._uuid_v7() AS step_uuid, ns.*,
                CASE WHEN ns.parent_count = 0 THEN nextval(v_seq) END AS msg_id
           FROM ns
     ),

@@ -292,7 +292,7 @@ BEGIN
     WITH ins AS (
         INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
                                   pending_parents, inputs, created_at, updated_at)
-        SELECT gen_random_uuid(), p_task, n.named_step_id, x.name, 'pending', n.max_attempts, n.retryable,
+        SELECT tasker._uuid_v7(), p_task, n.named_step_id, x.name, 'pending', n.max_attempts, n.retryable,
                -- parents not yet satisfied (a worker's batchable step has just finished; a
                -- convergence is recomputed by the caller)
                (SELECT count(*) FROM unnest(n.parent_names) pn

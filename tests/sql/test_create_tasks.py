@@ -77,3 +77,30 @@ async def test_rolled_back_batch_leaves_nothing(conn: db.Connection) -> None:
             raise RuntimeError("roll back")
     for table in ("tasks", "steps", "step_edges", "queue_messages", "step_transitions"):
         assert await conn.fetchval(f"SELECT count(*) FROM tasker.{table}") == 0, table
+
+
+async def test_task_and_step_ids_are_time_ordered_version_7_uuids(conn: db.Connection) -> None:
+    """Tasks and steps get version 7 UUIDs (Unix milliseconds first): ids made later sort
+    later, so the primary keys grow at their right edge, whatever creates them (create_tasks,
+    create_task)."""
+    import asyncio
+    import uuid
+
+    await conn.register_template(diamond())
+    first = await conn.create_tasks(NAMESPACE, "diamond", [{}, {}])
+    await asyncio.sleep(0.01)
+    second = await conn.create_task(NAMESPACE, "diamond", {})
+    before = int(await conn.fetchval("SELECT (extract(epoch FROM now()) * 1000)::bigint"))
+    tasks = [*first, second]
+    rows = await conn.fetch(
+        "SELECT task_uuid, step_uuid FROM tasker.steps WHERE task_uuid = ANY ($1::uuid[])",
+        tasks,
+    )
+    ids = [uuid.UUID(str(t)) for t in tasks] + [uuid.UUID(str(r["step_uuid"])) for r in rows]
+    assert len(ids) == 15
+    assert {i.version for i in ids} == {7}
+    assert {i.variant for i in ids} == {uuid.RFC_4122}
+    millis = [i.int >> 80 for i in ids]
+    assert all(abs(m - before) < 60_000 for m in millis), (millis, before)
+    assert uuid.UUID(str(second)).int >> 80 > max(uuid.UUID(str(t)).int >> 80 for t in first)
+    await assert_healthy(conn)
