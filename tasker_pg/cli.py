@@ -369,6 +369,7 @@ async def _task_create(args: argparse.Namespace) -> int:
             reason=args.reason,
             priority=args.priority,
             idempotency_key=args.idempotency_key,
+            traceparent=args.traceparent,
         )
         verb = "created" if task.created is not False else "found existing"
         if task.created is False and not args.json:
@@ -870,6 +871,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--priority", type=int, help="higher runs first (default 0)")
     create.add_argument("--idempotency-key", metavar="KEY", help="a repeated key returns the task")
     create.add_argument("--reason", help="why the task was created (kept on the task)")
+    create.add_argument(
+        "--traceparent",
+        metavar="TP",
+        help="W3C trace context (00-<trace id>-<span id>-<flags>): the spans of the task's "
+        "steps (workers with --otel) join this trace",
+    )
     create.add_argument("--wait", action="store_true", help="wait until the task finishes")
     create.add_argument(
         "--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds"

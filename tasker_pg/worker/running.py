@@ -147,6 +147,9 @@ class Runner:
         if max_runtime is None:
             limit, max_runtime = "max_runtime", shared.config.max_runtime
         claim.run_deadline = time.monotonic() + max_runtime
+        tracer = shared.tracer
+        if tracer is not None:  # the step's span, current while the handler runs
+            span, span_token = tracer.start(claim, shared.worker_id)
         try:
             try:
                 try:
@@ -195,6 +198,8 @@ class Runner:
             shared.claim_wake.set()  # a slot is free
             if outcome is not None:
                 self._on_outcome(claim, outcome)
+            if tracer is not None:
+                tracer.finish(span, span_token, claim, outcome)
 
     async def _call_async(
         self, handler: StepHandler, context: StepContext, claim: Claim, timeout: float
