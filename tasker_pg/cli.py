@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tasker_pg
-from tasker_pg import argtypes, bench_args, db, migrations, observe_cli, roles, worker_cli
+from tasker_pg import argtypes, bench_args, db, migrations, observe_cli, roles, top, worker_cli
 from tasker_pg.client import REDRIVE_BATCH, AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
@@ -1003,6 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker_cli.add_parser(sub)
     observe_cli.add_parsers(sub, with_dsn)
+    top.add_parser(sub, with_dsn)
 
     demo = with_dsn(
         sub.add_parser(
