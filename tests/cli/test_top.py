@@ -11,8 +11,9 @@ import pytest
 
 from tasker_pg import db
 from tasker_pg.errors import ValidationError
-from tasker_pg.top import COLUMNS, Sampler, _seconds
+from tasker_pg.top import COLUMNS, Sampler, _seconds, render_rich
 from tests.cli.test_cli import cli
+from tests.support import plans
 from tests.support.engine import (
     NAMESPACE,
     claim,
@@ -115,3 +116,38 @@ async def test_step_durations_are_the_percentiles_of_recently_finished_tasks(
         with pytest.raises(ValidationError, match="must be") as err:
             await conn.fetch(f"SELECT * FROM tasker.step_durations({bad})")
         assert err.value.sqlstate == "TV002"
+
+
+async def test_the_terminal_view_is_a_rich_table_of_the_same_cells(conn: db.Connection) -> None:
+    from rich.console import Console
+
+    await conn.register_template(single())
+    await conn.create_tasks(NAMESPACE, "single", [{}, {}])
+    frame = await Sampler().read(conn)
+    console = Console(record=True, width=200, color_system=None)
+    console.print(render_rich(frame))
+    text = console.export_text()
+    [line] = frame.lines
+    [row] = [r for r in text.splitlines() if NAMESPACE in r]
+    assert [c.strip() for c in row.strip("│ ").split("│")] == line.cells()
+    assert line.cells()[1:3] == ["2", "0"]
+    for column in ("NAMESPACE", "IN-FLIGHT", "STEPS/S", "P99"):
+        assert column in text
+
+
+@pytest.mark.plans
+async def test_step_durations_reads_indexes_only(conn: db.Connection) -> None:
+    await plans.require_auto_explain(conn)
+    await conn.register_template(diamond())
+    await conn.create_tasks(NAMESPACE, "diamond", [{}] * 20)
+    await drive(conn, NAMESPACE, lambda row: {})
+    await conn.execute("ANALYZE tasker.tasks; ANALYZE tasker.steps")
+    async with plans.collect_plans(conn) as log:
+        [row] = await conn.fetch("SELECT * FROM tasker.step_durations(60)")
+    assert row["steps"] == 80
+    scanned = {rel for s in log.statements for rel in s.seq_scanned()}
+    assert not scanned & {"tasks", "steps", "step_transitions"}, [
+        s.describe() for s in log.statements
+    ]
+    used = {i for s in log.statements for i in s.indexes()}
+    assert {"tasks_finished_idx", "steps_task_name_idx"} <= used, used

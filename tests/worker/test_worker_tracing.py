@@ -10,6 +10,12 @@ spans; a handler runs with its step's span as the current span (sync handlers in
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,9 +33,19 @@ from tasker_pg.client import AsyncTaskerClient
 from tasker_pg.errors import ValidationError
 from tasker_pg.template import load_templates
 from tasker_pg.tracing import current_traceparent
-from tests.support.worker import WORKFLOWS, registry_of, steps_of, templates, wait_final
+from tests.support import cli as cli_support
+from tests.support.worker import (
+    WORKFLOWS,
+    assert_invariants,
+    poll,
+    registry_of,
+    steps_of,
+    templates,
+    wait_final,
+)
 from tests.support.workflows import math_handlers
 
+REPO = Path(__file__).resolve().parents[2]
 FAST: dict[str, Any] = {"poll_interval": 0.1, "summary_interval": 0}
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 PARENT_ID = "00f067aa0ba902b7"
@@ -221,3 +237,102 @@ async def test_the_client_takes_the_current_span_as_the_traceparent(
             )
     # outside any span there is no trace context to pass on
     assert current_traceparent() is None
+
+
+def test_the_core_imports_and_builds_a_worker_without_opentelemetry() -> None:
+    code = """
+import sys
+for name in ("opentelemetry", "rich"):
+    sys.modules[name] = None  # an import of it fails, as when it is not installed
+import tasker_pg.cli, tasker_pg.client, tasker_pg.top
+from tasker_pg import HandlerRegistry, Worker
+from tasker_pg.errors import ConfigurationError
+from tasker_pg.tracing import current_traceparent
+assert current_traceparent() is None
+Worker(["ns"], HandlerRegistry())
+try:
+    Worker(["ns"], HandlerRegistry(), tracing=True)
+except ConfigurationError as exc:
+    print(exc)
+print(sorted(m for m, v in sys.modules.items()
+             if v is not None and m.startswith(("opentelemetry", "rich"))))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "tracing needs OpenTelemetry; install the otel extra: pip install 'tasker-pg[otel]'",
+        "[]",
+    ]
+
+
+def spawn_otel_worker(log_path: Path, dsn: str) -> subprocess.Popen[bytes]:
+    """`tasker-pg worker --otel` running the checkout example, its output in `log_path`."""
+    env = dict(os.environ, TASKER_DATABASE_URL=dsn)
+    env.pop("OTEL_SERVICE_NAME", None)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            [
+                cli_support.console_script(),
+                "worker",
+                "--otel",
+                "--handlers",
+                "examples.ecommerce.handlers",
+                "--templates",
+                "examples/ecommerce",
+                "--poll-interval",
+                "0.2",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+
+
+async def test_worker_command_with_otel_exports_the_step_spans(dsn: str, tmp_path: Path) -> None:
+    log_path = tmp_path / "worker.log"
+    proc = spawn_otel_worker(log_path, dsn)
+    conn = await db.connect(dsn)
+    try:
+
+        async def started() -> bool:
+            assert proc.poll() is None, log_path.read_text()
+            return "started: namespaces ecommerce" in log_path.read_text()
+
+        await poll(started, what="the worker starting")
+        task = await conn.create_task(
+            "ecommerce",
+            "checkout_workflow",
+            {"cart_items": [{"product_id": 2, "quantity": 1}]},
+            options={"traceparent": TRACEPARENT},
+        )
+        assert await wait_final(conn, [task]) == {task: "complete"}
+        proc.send_signal(signal.SIGTERM)
+
+        async def exited() -> bool:
+            return proc.poll() is not None
+
+        await poll(exited, what="the worker exiting")
+        output = log_path.read_text()
+        assert proc.returncode == 0, output
+        # no OTLP exporter installed: the SDK's console exporter, one JSON object per span
+        spans = [json.loads(m) for m in re.findall(r"^\{\n.*?^\}$", output, re.M | re.S)]
+        ours = [s for s in spans if s["attributes"].get("tasker.task.uuid") == str(task)]
+        assert sorted(s["name"] for s in ours) == sorted(
+            f"tasker.step ecommerce/{name}" for name in (await steps_of(conn, task))
+        )
+        assert len(ours) == 4
+        for span in ours:
+            assert span["context"]["trace_id"] == f"0x{TRACE_ID}"
+            assert span["parent_id"] == f"0x{PARENT_ID}"
+            assert span["kind"] == "SpanKind.CONSUMER"
+            assert span["attributes"]["tasker.step.outcome"] == "succeeded"
+            assert span["resource"]["attributes"]["service.name"] == "tasker-pg-worker"
+        await assert_invariants(conn)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+        await conn.close()
