@@ -10,6 +10,10 @@ heartbeat stops extending the lease. An async handler is cancelled. A sync handl
 cannot be stopped: the worker stops waiting for it, and its slot stays taken until the thread
 ends (the pool never over-commits); when every slot is taken that way, the worker says so
 (`Shared.check_stalled`, `Worker.health`).
+
+With tracing on (`Shared.tracer`), each run is an OpenTelemetry span, current while the handler
+runs and ended once its outcome is queued (`tasker_pg.tracing`); off, the run makes no tracing
+call.
 """
 
 from __future__ import annotations
