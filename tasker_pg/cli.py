@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import tasker_pg
-from tasker_pg import argtypes, bench_args, db, migrations, observe_cli, roles, worker_cli
+from tasker_pg import argtypes, bench_args, db, migrations, observe_cli, roles, top, worker_cli
 from tasker_pg.client import REDRIVE_BATCH, AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
@@ -369,6 +369,7 @@ async def _task_create(args: argparse.Namespace) -> int:
             reason=args.reason,
             priority=args.priority,
             idempotency_key=args.idempotency_key,
+            traceparent=args.traceparent,
         )
         verb = "created" if task.created is not False else "found existing"
         if task.created is False and not args.json:
@@ -870,6 +871,12 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--priority", type=int, help="higher runs first (default 0)")
     create.add_argument("--idempotency-key", metavar="KEY", help="a repeated key returns the task")
     create.add_argument("--reason", help="why the task was created (kept on the task)")
+    create.add_argument(
+        "--traceparent",
+        metavar="TP",
+        help="W3C trace context (00-<trace id>-<span id>-<flags>): the spans of the task's "
+        "steps (workers with --otel) join this trace",
+    )
     create.add_argument("--wait", action="store_true", help="wait until the task finishes")
     create.add_argument(
         "--timeout", type=_seconds, metavar="S", help="with --wait: give up after S seconds"
@@ -996,6 +1003,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker_cli.add_parser(sub)
     observe_cli.add_parsers(sub, with_dsn)
+    top.add_parser(sub, with_dsn)
 
     demo = with_dsn(
         sub.add_parser(

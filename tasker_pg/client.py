@@ -51,6 +51,7 @@ from tasker_pg.responses import (
     WorkerStatus,
 )
 from tasker_pg.template import load_templates
+from tasker_pg.tracing import is_traceparent
 
 __all__ = [
     "AsyncTaskerClient",
@@ -90,6 +91,7 @@ CREATE_OPTIONS: Final = (
     "delay_seconds",
     "initiator",
     "source_system",
+    "traceparent",
 )
 """The keyword options `create_task` accepts besides context, version and reason."""
 
@@ -267,6 +269,15 @@ def _task_options(
     for key in ("idempotency_key", "correlation_id", "initiator", "source_system"):
         if key in given and not isinstance(given[key], str):
             raise bad(f"{key} must be a string, got {given[key]!r}")
+    traceparent = given.get("traceparent")
+    if traceparent is not None and not (
+        isinstance(traceparent, str) and is_traceparent(traceparent)
+    ):
+        raise bad(
+            "traceparent must be a W3C trace context, 00-<32 hex trace id>-<16 hex span id>-"
+            f"<2 hex flags> (tasker_pg.tracing.current_traceparent() gives the current span's), "
+            f"got {traceparent!r:.100}"
+        )
     options: dict[str, Any] = {"initiator": initiator, "source_system": source_system}
     if reason is not None:
         options["reason"] = _text(reason, "reason")
@@ -451,8 +462,10 @@ class AsyncTaskerClient:
     ) -> TaskResponse:
         """Create a task from the registered template `namespace`/`name` (newest version
         unless `version` is given). Options: priority, tags, idempotency_key, correlation_id,
-        delay_seconds, and initiator/source_system to override the client's. A repeated
-        idempotency_key returns the task created first, with `created` False."""
+        delay_seconds, traceparent (the W3C trace context its steps' spans are children of:
+        `tasker_pg.tracing.current_traceparent()`), and initiator/source_system to override
+        the client's. A repeated idempotency_key returns the task created first, with
+        `created` False."""
         name = str(_text(name, "task template name"))
         namespace = str(_text(namespace, "namespace"))
         version = _text(version, "version", optional=True)

@@ -78,6 +78,7 @@ class StepContext:
         "_task_name",
         "_task_uuid",
         "_timeout_seconds",
+        "_traceparent",
         "_worker_id",
     )
 
@@ -101,6 +102,7 @@ class StepContext:
         task_name: str | None = None,
         dependency_results_partial: bool = False,
         dependency_fetcher: DependencyFetcher | None = None,
+        traceparent: str | None = None,
     ) -> None:
         if attempt < 1:
             raise ValueError(f"attempt is 1-based and must be >= 1, got {attempt!r}")
@@ -122,6 +124,7 @@ class StepContext:
         self._task_name = task_name
         self._dependency_results_partial = bool(dependency_results_partial)
         self._dependency_fetcher = dependency_fetcher
+        self._traceparent = traceparent
 
     @classmethod
     def from_claim(cls, row: Mapping[str, Any]) -> StepContext:
@@ -168,6 +171,7 @@ class StepContext:
             task_name=step.task_name,
             dependency_results_partial=step.dependency_results_partial,
             dependency_fetcher=dependency_fetcher,
+            traceparent=step.traceparent,
         )
 
     def __repr__(self) -> str:
@@ -213,6 +217,15 @@ class StepContext:
     def worker_id(self) -> str | None:
         """The worker running this step, when known (None in unit tests)."""
         return self._worker_id
+
+    @property
+    def traceparent(self) -> str | None:
+        """The W3C trace context (`traceparent`) the task was created under, or None.
+
+        With tracing on, the worker's span of this step is a child of it, and it is the current
+        span while the handler runs; a handler that calls other services can pass it on.
+        """
+        return self._traceparent
 
     @property
     def timeout_seconds(self) -> float | None:

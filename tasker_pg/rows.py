@@ -81,6 +81,8 @@ class ClaimedStep:
     # the template step this step was made from: its own name, except for the workers of a
     # batch fan-out (`process_batch_001` is `process_batch`'s); bounded, so metrics label by it
     template_step: str = ""
+    # the W3C trace context (`traceparent`) the task was created under, or None
+    traceparent: str | None = None
 
     def __post_init__(self) -> None:
         if not self.template_step:
@@ -146,6 +148,7 @@ class ClaimedStep:
             claim_event=str(claim_event) if claim_event else "claimed",
             dependency_results_partial=bool(get("dependency_results_partial")),
             template_step=str(get("template_step") or step_name),
+            traceparent=_optional_text(get("traceparent")),
         )
 
     @property
@@ -171,6 +174,10 @@ class ClaimedStep:
             delay = 0.0
         longest = min(float(self.max_backoff_ms), delay) / 1000.0
         return longest * (1.0 - self.jitter), longest
+
+
+def _optional_text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _json_object(value: Any, key: str) -> dict[str, Any] | None:

@@ -188,6 +188,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "elected by an advisory lock",
     )
     parser.add_argument(
+        "--otel",
+        action="store_true",
+        help="one OpenTelemetry span per step run, sent to the TracerProvider the handler "
+        "modules (or opentelemetry-instrument) configured; without one, to an OTLP exporter "
+        "when one is installed, else to stderr; needs the otel extra: "
+        "pip install 'tasker-pg[otel]'",
+    )
+    parser.add_argument(
         "--dsn",
         help="database URL (default: TASKER_DATABASE_URL, DATABASE_URL, embedded cluster)",
     )
@@ -278,6 +286,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             export_engine_metrics=args.export_engine_metrics,
+            tracing=args.otel,
+            tracer_provider=_cli_tracer_provider() if args.otel else None,
         )
     except TaskerError as exc:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
@@ -287,6 +297,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
     except TaskerError as exc:
         print(f"error [{exc.error_code}]: {exc}", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if args.otel:
+            _flush_traces()
     if worker.abandoned_threads:
         # Threads of sync handlers that never finished would keep the interpreter alive at exit
         # (it joins thread-pool threads); their steps are left to lease expiry, so leave now.
@@ -300,6 +313,48 @@ def cmd_worker(args: argparse.Namespace) -> int:
         sys.stderr.flush()
         os._exit(EXIT_OK)
     return EXIT_OK
+
+
+def _cli_tracer_provider() -> Any:
+    """None when the handler modules (or opentelemetry-instrument) set a global TracerProvider;
+    else an SDK provider (resource from OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES) exporting
+    in batches over OTLP when an OTLP exporter package is installed, else to stderr."""
+    from tasker_pg.tracing import require_otel
+
+    require_otel()
+    from opentelemetry import trace
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
+
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None
+    exporter: Any
+    try:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # type: ignore[import-not-found]
+            OTLPSpanExporter,
+        )
+
+        exporter = OTLPSpanExporter()
+    except ImportError:
+        exporter = ConsoleSpanExporter(out=sys.stderr)
+    named = "OTEL_SERVICE_NAME" in os.environ  # else tasker-pg-worker
+    provider = TracerProvider(
+        resource=Resource.create({} if named else {"service.name": "tasker-pg-worker"})
+    )
+    provider.add_span_processor(BatchSpanProcessor(exporter))
+    trace.set_tracer_provider(provider)
+    return provider
+
+
+def _flush_traces() -> None:
+    """Export the spans still buffered (the SDK provider's batch processor) before exiting."""
+    from opentelemetry import trace
+
+    provider = trace.get_tracer_provider()
+    force_flush = getattr(provider, "force_flush", None)
+    if force_flush is not None:
+        force_flush()
 
 
 def _pg_setting(text: str) -> tuple[str, str]:

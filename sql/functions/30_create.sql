@@ -19,14 +19,14 @@ BEGIN
     END IF;
     FOR v_opt, v_val IN SELECT o.key, o.value FROM jsonb_each(p_options) o LOOP
         IF v_opt NOT IN ('initiator', 'source_system', 'reason', 'tags', 'priority', 'idempotency_key',
-                         'correlation_id', 'delay_seconds') THEN
-            RAISE EXCEPTION '%unknown option % (valid: initiator, source_system, reason, tags, priority, idempotency_key, correlation_id, delay_seconds)',
+                         'correlation_id', 'delay_seconds', 'traceparent') THEN
+            RAISE EXCEPTION '%unknown option % (valid: initiator, source_system, reason, tags, priority, idempotency_key, correlation_id, delay_seconds, traceparent)',
                 p_where, quote_literal(v_opt) USING ERRCODE = 'TV022';
         END IF;
         IF v_opt IN ('reason', 'tags') THEN
             PERFORM tasker._check_text_size(CASE WHEN jsonb_typeof(v_val) = 'string' THEN v_val #>> '{}' ELSE v_val::text END,
                                             'max_text_bytes', p_where || 'option ' || v_opt);
-        ELSIF v_opt NOT IN ('priority', 'delay_seconds') THEN
+        ELSIF v_opt NOT IN ('priority', 'delay_seconds', 'traceparent') THEN
             PERFORM tasker._check_text_size(CASE WHEN jsonb_typeof(v_val) = 'string' THEN v_val #>> '{}' ELSE v_val::text END,
                                             'max_name_bytes', p_where || 'option ' || v_opt);
         END IF;
@@ -42,6 +42,15 @@ BEGIN
     END IF;
     IF jsonb_typeof(p_options->'tags') NOT IN ('array', 'null') THEN
         RAISE EXCEPTION '%option tags must be a list, got %', p_where, left((p_options->'tags')::text, 100) USING ERRCODE = 'TV022';
+    END IF;
+    -- W3C trace context, version 00 (the same rule as the column's CHECK, with a clear error)
+    IF jsonb_typeof(p_options->'traceparent') NOT IN ('string', 'null')
+       OR (jsonb_typeof(p_options->'traceparent') = 'string'
+           AND NOT (p_options->>'traceparent' ~ '^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
+                    AND substr(p_options->>'traceparent', 4, 32) <> repeat('0', 32)
+                    AND substr(p_options->>'traceparent', 37, 16) <> repeat('0', 16))) THEN
+        RAISE EXCEPTION '%option traceparent must be a W3C trace context: 00-<32 hex trace id>-<16 hex span id>-<2 hex flags>, lowercase, ids not all zeros; got %',
+            p_where, left((p_options->'traceparent')::text, 100) USING ERRCODE = 'TV022';
     END IF;
     IF EXISTS (SELECT 1 FROM jsonb_each(p_options) o
                 WHERE o.key IN ('initiator', 'source_system', 'reason', 'idempotency_key', 'correlation_id')
@@ -154,11 +163,11 @@ BEGIN
     ins_tasks AS (
         INSERT INTO tasker.tasks (task_uuid, named_task_id, namespace, name, version, state, context,
                                   initiator, source_system, reason, tags, priority, idempotency_key,
-                                  correlation_id, total_steps, created_at, updated_at)
+                                  correlation_id, traceparent, total_steps, created_at, updated_at)
         SELECT i.task_uuid, v_tpl, p_namespace, p_name, v_version, 'pending', i.ctx,
                i.opt->>'initiator', i.opt->>'source_system', i.opt->>'reason',
                coalesce(nullif(i.opt->'tags', 'null'::jsonb), '[]'::jsonb), i.priority,
-               i.idempotency_key, i.opt->>'correlation_id', v_total, v_now, v_now
+               i.idempotency_key, i.opt->>'correlation_id', i.opt->>'traceparent', v_total, v_now, v_now
           FROM input i
          WHERE i.idempotency_key IS NULL
             OR (NOT EXISTS (SELECT 1 FROM tasker.tasks t
@@ -337,10 +346,10 @@ BEGIN
 
     INSERT INTO tasker.tasks (task_uuid, named_task_id, namespace, name, version, state, context,
                               initiator, source_system, reason, tags, priority, idempotency_key,
-                              correlation_id, total_steps, created_at, updated_at)
+                              correlation_id, traceparent, total_steps, created_at, updated_at)
     VALUES (v_task, v_tpl, p_namespace, p_name, v_version, 'pending', p_context,
             p_options->>'initiator', p_options->>'source_system', p_options->>'reason', v_tags,
-            v_priority, v_key, p_options->>'correlation_id', v_total, v_now, v_now)
+            v_priority, v_key, p_options->>'correlation_id', p_options->>'traceparent', v_total, v_now, v_now)
     ON CONFLICT (namespace, name, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING;
     IF NOT FOUND THEN
         -- a concurrent creator with the same key committed first

@@ -48,7 +48,7 @@ RETURNS TABLE (
     timeout_seconds double precision, task_context jsonb, dependency_results jsonb,
     checkpoint jsonb, inputs jsonb, namespace text, task_name text, task_version text,
     lease_expires_at timestamptz, claim_event text, dependency_results_partial boolean,
-    template_step text
+    template_step text, traceparent text
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
@@ -189,7 +189,9 @@ BEGIN
            CASE upd.kind WHEN 'run_resume' THEN 'resumed' ELSE 'claimed' END,
            coalesce(wk.partial, false),
            -- the template's step (a batch worker `process_batch_001` is `process_batch`'s)
-           ns.name
+           ns.name,
+           -- the trace context the task was created under (step spans are its children)
+           t.traceparent
       FROM upd
       JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
       JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id

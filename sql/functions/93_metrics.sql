@@ -146,3 +146,50 @@ $$;
 ALTER FUNCTION tasker.engine_metrics() SET enable_seqscan = off;
 COMMENT ON FUNCTION tasker.engine_metrics() IS
     'Per namespace: ready, in-flight, delayed and retry-waiting steps, expired leases, age of the oldest ready step, live tasks by state and tasks finished in the last 5 minutes; per hot table dead and live tuples; the age of the oldest xmin by holder. Index reads only: its cost grows with live work, not with history.';
+
+-- Step durations per namespace, for a live view (`tasker-pg top`): the 50th and 99th percentiles
+-- of `completed_at - started_at` (the last claim to completion: the handler's run plus its
+-- outcome's flush) of the completed steps of the tasks finished in the last p_seconds, at most
+-- the p_max_tasks newest per namespace. Index reads only: the tasks through tasks_finished_idx
+-- (a bounded range of (namespace, completed_at)), their steps through steps_task_name_idx.
+-- Steps of tasks still running are not counted until their task finishes.
+CREATE FUNCTION tasker.step_durations(p_seconds double precision DEFAULT 60,
+                                      p_max_tasks integer DEFAULT 500)
+RETURNS TABLE (namespace text, steps bigint, p50_seconds double precision, p99_seconds double precision)
+LANGUAGE plpgsql STABLE AS $$
+#variable_conflict use_column
+DECLARE
+    v_since timestamptz;
+BEGIN
+    IF p_seconds IS NULL OR NOT (p_seconds > 0 AND p_seconds <= 86400) THEN  -- NaN > 0 in SQL
+        RAISE EXCEPTION 'seconds must be > 0 and at most a day, got %', coalesce(p_seconds::text, 'NULL')
+            USING ERRCODE = 'TV002';
+    END IF;
+    IF p_max_tasks IS NULL OR p_max_tasks < 1 OR p_max_tasks > 10000 THEN
+        RAISE EXCEPTION 'max_tasks must be from 1 to 10000, got %', coalesce(p_max_tasks::text, 'NULL')
+            USING ERRCODE = 'TV002';
+    END IF;
+    v_since := clock_timestamp() - make_interval(secs => p_seconds);
+    RETURN QUERY
+    SELECT q.queue_name, count(d.secs),
+           percentile_cont(0.5) WITHIN GROUP (ORDER BY d.secs),
+           percentile_cont(0.99) WITHIN GROUP (ORDER BY d.secs)
+      FROM tasker.queues q
+     CROSS JOIN LATERAL (
+         SELECT t.task_uuid FROM tasker.tasks t
+          WHERE t.namespace = q.queue_name AND t.completed_at IS NOT NULL
+            AND t.completed_at >= v_since
+          ORDER BY t.completed_at DESC
+          LIMIT p_max_tasks) t
+     CROSS JOIN LATERAL (
+         SELECT extract(epoch FROM s.completed_at - s.started_at)::float8 AS secs
+           FROM tasker.steps s
+          WHERE s.task_uuid = t.task_uuid AND s.state = 'complete'
+            AND s.started_at IS NOT NULL AND s.completed_at IS NOT NULL) d
+     GROUP BY q.queue_name
+     ORDER BY q.queue_name;
+END
+$$;
+ALTER FUNCTION tasker.step_durations(double precision, integer) SET enable_seqscan = off;
+COMMENT ON FUNCTION tasker.step_durations(double precision, integer) IS
+    'Per namespace: p50 and p99 seconds from last claim to completion of the completed steps of the tasks finished in the last p_seconds (at most p_max_tasks newest). Index reads only.';

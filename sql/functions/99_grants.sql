@@ -44,8 +44,8 @@ DECLARE
         'check_invariants', 'metrics', 'metrics_all',
         -- how long each namespace keeps its tasks
         'retention_policies',
-        -- the engine's gauges (`tasker-pg metrics`, `tasker-pg health`)
-        'engine_metrics'
+        -- the engine's gauges (`tasker-pg metrics`, `tasker-pg health`, `tasker-pg top`)
+        'engine_metrics', 'step_durations'
     ];
     -- Clients: create tasks (one, many, or with the created flag) and cancel them, plus reading.
     c_client   CONSTANT text[] := ARRAY[

@@ -23,6 +23,7 @@ from tasker_pg.worker.state import Claim, Shared, WorkerHealth, WorkerStats
 from tasker_pg.worker.steplog import Summary
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
     from prometheus_client import CollectorRegistry
 
     from tasker_pg.worker.observing import Observer
@@ -75,6 +76,11 @@ class Worker:
     serves `/metrics` (Prometheus), `/healthz` and `/readyz` on `metrics_host` (default all
     interfaces); it needs the `metrics` extra (prometheus-client). `export_engine_metrics` adds
     the gauges of `tasker.engine_metrics()`, exported by one worker per database at a time.
+
+    Tracing: with `tracing=True` every step run is an OpenTelemetry span (`tasker_pg.tracing`),
+    sent to the global TracerProvider the application configured
+    (`opentelemetry.trace.set_tracer_provider`), or to `tracer_provider` when given (which turns
+    tracing on by itself); it needs the `otel` extra. Without either, no span is made.
     """
 
     def __init__(
@@ -102,6 +108,8 @@ class Worker:
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
         export_engine_metrics: bool = False,
+        tracing: bool = False,
+        tracer_provider: TracerProvider | None = None,
     ) -> None:
         self._templates = list(templates)
         names = [namespaces] if isinstance(namespaces, str) else list(namespaces)
@@ -136,6 +144,10 @@ class Worker:
         self.namespaces = self.config.namespaces
         self.worker_id = self.config.worker_id
         shared = self._shared = Shared(self.config)
+        if tracing or tracer_provider is not None:
+            from tasker_pg.tracing import StepTracer
+
+            shared.tracer = StepTracer(tracer_provider)
         self._claim_session = Session(shared, "claim")
         self._flush_session = Session(shared, "flush")
         self._deliverer = Deliverer(shared, self._flush_session)

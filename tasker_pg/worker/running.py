@@ -10,6 +10,10 @@ heartbeat stops extending the lease. An async handler is cancelled. A sync handl
 cannot be stopped: the worker stops waiting for it, and its slot stays taken until the thread
 ends (the pool never over-commits); when every slot is taken that way, the worker says so
 (`Shared.check_stalled`, `Worker.health`).
+
+With tracing on (`Shared.tracer`), each run is an OpenTelemetry span, current while the handler
+runs and ended once its outcome is queued (`tasker_pg.tracing`); off, the run makes no tracing
+call.
 """
 
 from __future__ import annotations
@@ -147,6 +151,9 @@ class Runner:
         if max_runtime is None:
             limit, max_runtime = "max_runtime", shared.config.max_runtime
         claim.run_deadline = time.monotonic() + max_runtime
+        tracer = shared.tracer
+        if tracer is not None:  # the step's span, current while the handler runs
+            span, span_token = tracer.start(claim, shared.worker_id)
         try:
             try:
                 try:
@@ -195,6 +202,8 @@ class Runner:
             shared.claim_wake.set()  # a slot is free
             if outcome is not None:
                 self._on_outcome(claim, outcome)
+            if tracer is not None:
+                tracer.finish(span, span_token, claim, outcome)
 
     async def _call_async(
         self, handler: StepHandler, context: StepContext, claim: Claim, timeout: float

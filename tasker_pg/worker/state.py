@@ -11,11 +11,14 @@ import contextvars
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from tasker_pg.rows import ClaimedStep, Fence
 from tasker_pg.worker.config import WorkerConfig
 from tasker_pg.worker.instruments import Instruments
+
+if TYPE_CHECKING:
+    from tasker_pg.tracing import StepTracer
 
 logger = logging.getLogger(__name__)
 
@@ -167,6 +170,8 @@ class Shared:
         self.stalled = False  # every slot held by an overdue handler (see check_stalled)
         # metrics hooks (tasker_pg.worker.instruments); a no-op unless metrics are served
         self.instruments = Instruments()
+        # one span per step run (tasker_pg.tracing.StepTracer); None unless tracing is on
+        self.tracer: StepTracer | None = None
 
     def bump(self, counter: str, by: int = 1) -> None:
         self.counts[counter] += by

@@ -646,6 +646,7 @@ GOOD_OPTIONS = {
     "idempotency_key": "k1",
     "correlation_id": "c1",
     "delay_seconds": 1.5,
+    "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
 }
 
 
