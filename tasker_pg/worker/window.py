@@ -14,7 +14,10 @@ claim but committed after it (a transaction that enqueues a step commits a littl
 stamps the message). A message that is missed anyway (one committed long after its stamp: a
 task created in a long transaction; a message a claim skipped because another transaction
 held its lock, and that was not taken after all) is not lost: every `FULL_MIN`..`FULL_MAX`
-seconds (longer when claims without a window are expensive) a claim reads without a window.
+seconds (longer when claims without a window are expensive) a claim reads without a window,
+and when that claim fills its slots, the claims after it read without one too until one takes
+fewer than it asked for (a large batch committed long after it was stamped is then drained at
+full speed, not one claim per interval).
 
 The window is in the database's clock. The worker measures the offset between its clock and
 the database's when it starts and every `CLOCK_REFRESH` seconds; the measuring round trip
@@ -87,6 +90,10 @@ class ClaimWindows:
         it asked for."""
         if not windowed:
             self._full_due[namespace] = now + min(max(FULL_FACTOR * took, FULL_MIN), FULL_MAX)
+            if not drained:
+                # visible work the window may not reach (a million tasks committed after the
+                # window moved past their stamps): read without one until a claim drains
+                self._since.pop(namespace, None)
         if drained and self._offset is not None:
             # sent_at + offset is at most the claim's own start in the database's clock (up to
             # the offset's error, which the margin covers)

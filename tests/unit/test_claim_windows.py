@@ -90,3 +90,20 @@ def test_a_claim_that_filled_its_slots_does_not_start_a_window() -> None:
     windows = _clocked()
     windows.record("ns", windowed=False, sent_at=WALL, took=0.001, drained=False, now=0.0)
     assert windows.since("ns", 0.1) is None
+
+
+def test_a_full_claim_that_fills_its_slots_turns_windows_off_until_a_claim_drains() -> None:
+    """Work the window cannot see (committed long after its stamp) is found by the next claim
+    without a window; if that claim fills its slots, the next ones read without a window too,
+    until one takes fewer than it asked for."""
+    windows = _clocked()
+    windows.record("ns", windowed=False, sent_at=WALL, took=0.001, drained=True, now=0.0)
+    assert windows.since("ns", 0.5) is not None
+    windows.record("ns", windowed=True, sent_at=WALL + 0.5, took=0.001, drained=True, now=0.5)
+    # the periodic claim without a window finds a backlog
+    windows.record("ns", windowed=False, sent_at=WALL + 1, took=0.001, drained=False, now=1.0)
+    assert windows.since("ns", 1.1) is None
+    windows.record("ns", windowed=False, sent_at=WALL + 1.1, took=0.001, drained=False, now=1.1)
+    assert windows.since("ns", 1.2) is None
+    windows.record("ns", windowed=False, sent_at=WALL + 1.2, took=0.001, drained=True, now=1.2)
+    assert windows.since("ns", 1.3) == _at(WALL + 1.2 + 2.0 - 0.001 - window.MARGIN)
