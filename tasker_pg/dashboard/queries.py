@@ -95,7 +95,21 @@ WITH scanned AS (
     SELECT v.task_uuid, v.namespace, v.name, v.version, v.state, v.total_steps,
            v.completed_steps, v.error_steps, v.created_at, v.completed_at
       FROM scanned s
-      JOIN tasker.v_tasks v ON v.task_uuid = s.task_uuid
+      JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+      -- v_tasks' effective state, as a lateral probe of the task's steps (LIMIT 1): written as
+      -- v_tasks' EXISTS, PostgreSQL 18 planned it as a hashed subplan over every step
+      LEFT JOIN LATERAL (
+          SELECT 1 AS started
+            FROM tasker.steps st
+           WHERE st.task_uuid = t.task_uuid
+             AND (st.attempts > 0 OR st.state <> 'pending' AND st.state <> 'enqueued')
+           LIMIT 1
+      ) p ON t.state = 'pending'
+      CROSS JOIN LATERAL (
+          SELECT t.task_uuid, t.namespace, t.name, t.version,
+                 CASE WHEN p.started IS NOT NULL THEN 'steps_in_process' ELSE t.state END AS state,
+                 t.total_steps, t.completed_steps, t.error_steps, t.created_at, t.completed_at
+      ) v
      WHERE ($4::text IS NULL OR v.namespace = $4)
        AND ($5::text IS NULL OR v.state = $5)
      ORDER BY s.created_at DESC, s.task_uuid DESC
