@@ -52,6 +52,19 @@ def test_start_stop_start(cluster: EmbeddedCluster) -> None:
     assert _psql(dsn, "select current_database()") == "tasker"
 
 
+def test_shared_buffers_is_a_quarter_of_memory_within_bounds(cluster: EmbeddedCluster) -> None:
+    from tasker_pg.embedded import shared_buffers_mb
+
+    total_mb = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // (1024 * 1024)
+    expected = max(128, min(1024, total_mb // 4))
+    assert shared_buffers_mb() == expected
+    dsn = cluster.start()
+    setting = _psql(
+        dsn, "select setting::bigint * 8 / 1024 from pg_settings where name = 'shared_buffers'"
+    )
+    assert int(setting) == expected
+
+
 def test_second_start_is_noop(cluster: EmbeddedCluster) -> None:
     cluster.start()
     pid = cluster.status().pid
