@@ -263,7 +263,9 @@ BEGIN
                                          LIMIT 64) x(p)
                          UNION ALL SELECT 0 ORDER BY 1 DESC);
     END IF;
-    IF cardinality(v_prios) <= 64 THEN  -- NULL without a window; 64: one queue with many, too
+    -- NULL without a window; 65 entries (64 read + 0) means a queue with more than 63
+    -- recorded priorities: found by the discovery below instead
+    IF cardinality(v_prios) <= 64 THEN
         FOREACH v_prio IN ARRAY v_prios LOOP
             RETURN QUERY
             SELECT m.msg_id, m.message

@@ -13,7 +13,9 @@ less `MARGIN`. The margin covers a message whose visibility time was computed be
 claim but committed after it (a transaction that enqueues a step commits a little after it
 stamps the message). A message that is missed anyway (one committed long after its stamp: a
 task created in a long transaction; a message a claim skipped because another transaction
-held its lock, and that was not taken after all) is not lost: every `FULL_MIN`..`FULL_MAX`
+held its lock, and that was not taken after all; one behind a claim that read as many as it
+asked for but handed fewer out, because some were expired leases or messages to park) is not
+lost: every `FULL_MIN`..`FULL_MAX`
 seconds (longer when claims without a window are expensive) a claim reads without a window,
 and when that claim fills its slots, the claims after it read without one too until one takes
 fewer than it asked for (a large batch committed long after it was stamped is then drained at

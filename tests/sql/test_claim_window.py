@@ -12,7 +12,7 @@ import pytest
 
 from tasker_pg import db
 from tests.sql.conftest import Opener
-from tests.sql.test_claim_cost import claim_reads
+from tests.sql.test_claim_cost import _index_reads, claim_reads
 from tests.support import plans
 from tests.support.engine import NAMESPACE, assert_healthy, claim, complete, single, start, success
 
@@ -56,20 +56,14 @@ async def test_a_windowed_claim_does_not_walk_what_a_held_snapshot_keeps(
             since,
         )
         assert windowed[0][0] == 5
-        before = await _index_reads_now(conn)
+        before = await _index_reads(conn)
         async with conn.transaction():
             rows = await claim(conn, qty=50, since=since)
             assert len(rows) == 5
-            reads = await _index_reads_now(conn) - before
+            reads = await _index_reads(conn) - before
             await complete(conn, *(success(r) for r in rows))
         assert reads <= 6, reads
     await assert_healthy(conn)
-
-
-async def _index_reads_now(conn: db.Connection) -> int:
-    from tests.sql.test_claim_cost import _index_reads
-
-    return await _index_reads(conn)
 
 
 async def test_a_window_leaves_out_what_was_visible_before_it(conn: db.Connection) -> None:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+
 import pytest
 
 from tasker_pg import db
@@ -83,9 +86,6 @@ async def test_task_and_step_ids_are_time_ordered_version_7_uuids(conn: db.Conne
     """Tasks and steps get version 7 UUIDs (Unix milliseconds first): ids made later sort
     later, so the primary keys grow at their right edge, whatever creates them (create_tasks,
     create_task)."""
-    import asyncio
-    import uuid
-
     await conn.register_template(diamond())
     first = await conn.create_tasks(NAMESPACE, "diamond", [{}, {}])
     await asyncio.sleep(0.01)

@@ -5,7 +5,6 @@ that stayed open) is still run, by the claim without a window that comes every f
 from __future__ import annotations
 
 import asyncio
-import time
 
 from tasker_pg import Worker, db
 from tasker_pg.worker import window
@@ -44,11 +43,9 @@ async def test_claims_use_windows_and_a_late_commit_is_still_run(
             async with other.transaction():
                 late = await other.create_task(NAMESPACE, "quick", {})
                 await asyncio.sleep(window.MARGIN + 0.5)
-            committed = time.monotonic()
             full_before = worker.stats.full_claims
             final = await wait_final(conn, [late], timeout=window.FULL_MAX + 10)
             assert final[late] == "complete"
-            assert time.monotonic() - committed < window.FULL_MAX + 10
             assert worker.stats.full_claims > full_before
     finally:
         await other.close()
