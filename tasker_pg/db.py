@@ -601,6 +601,29 @@ class Connection:
             "SELECT * FROM tasker.complete_steps($1::jsonb)", [dict(o) for o in outcomes]
         )
 
+    async def complete_and_claim(
+        self,
+        outcomes: Sequence[Mapping[str, Any]],
+        worker_id: str,
+        handoff: int,
+        lease_seconds: float,
+    ) -> tuple[list[Row], list[ClaimedStep]]:
+        """Apply a batch of outcomes and claim up to `handoff` of the children they made ready.
+
+        Returns the outcome rows (step_uuid, attempt, status, detail; one per outcome, in
+        order) and the steps handed off to `worker_id`, leased for `lease_seconds`."""
+        rows = await self.fetch(
+            "SELECT * FROM tasker.complete_and_claim($1::jsonb, $2, $3, $4)",
+            [dict(o) for o in outcomes],
+            worker_id,
+            handoff,
+            float(lease_seconds),
+        )
+        answers = [r for r in rows if r["status"] != "claimed"]
+        if len(answers) == len(rows):
+            return answers, []
+        return answers, [ClaimedStep.from_row(r) for r in rows if r["status"] == "claimed"]
+
     async def extend_leases(
         self, claims: Sequence[Mapping[str, Any]], lease_seconds: float
     ) -> list[Row]:

@@ -83,6 +83,9 @@ class ClaimedStep:
     template_step: str = ""
     # the W3C trace context (`traceparent`) the task was created under, or None
     traceparent: str | None = None
+    # how many steps wait on this one: its success can make that many ready, which
+    # `tasker.complete_and_claim` may hand to the worker that sends it
+    dependents: int = 0
 
     def __post_init__(self) -> None:
         if not self.template_step:
@@ -149,6 +152,7 @@ class ClaimedStep:
             dependency_results_partial=bool(get("dependency_results_partial")),
             template_step=str(get("template_step") or step_name),
             traceparent=_optional_text(get("traceparent")),
+            dependents=int(get("dependents") or 0),
         )
 
     @property

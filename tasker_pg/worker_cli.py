@@ -188,6 +188,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "elected by an advisory lock",
     )
     parser.add_argument(
+        "--no-handoff",
+        dest="handoff",
+        action="store_false",
+        help="do not take the steps an outcome makes ready in the call that delivers it "
+        "(tasker.complete_and_claim); they are claimed like any other",
+    )
+    parser.add_argument(
         "--otel",
         action="store_true",
         help="one OpenTelemetry span per step run, sent to the TracerProvider the handler "
@@ -286,6 +293,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             metrics_port=args.metrics_port,
             metrics_host=args.metrics_host,
             export_engine_metrics=args.export_engine_metrics,
+            handoff=args.handoff,
             tracing=args.otel,
             tracer_provider=_cli_tracer_provider() if args.otel else None,
         )

@@ -117,7 +117,8 @@ ALTER FUNCTION tasker._release_children(uuid[]) SET enable_seqscan = off;
 
 -- Enqueues the given steps that are (still) pending with every parent satisfied, when their
 -- task is running (a task in error starts nothing new): state enqueued, one message each, one
--- notification per queue. Returns how many were enqueued.
+-- notification per queue (unless p_notify is false: complete_and_claim notifies for what it
+-- does not hand to its worker). Returns the messages it sent.
 -- Raised by _enqueue_ready when a task's namespace queue no longer exists.
 CREATE FUNCTION tasker._raise_missing_queue(p_queue text, p_task uuid) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -129,15 +130,19 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION tasker._enqueue_ready(p_steps uuid[], p_event text) RETURNS integer
-LANGUAGE plpgsql AS $$
+CREATE FUNCTION tasker._enqueue_ready(p_steps uuid[], p_event text, p_notify boolean DEFAULT true)
+RETURNS TABLE (queue text, msg_id bigint, step_uuid uuid, priority integer)
+LANGUAGE plpgsql ROWS 10 AS $$
+#variable_conflict use_column
 DECLARE
     v_now    timestamptz := clock_timestamp();
     v_queues text[];
-    v_count  integer;
+    v_msgs   bigint[];
+    v_steps  uuid[];
+    v_prios  integer[];
 BEGIN
     IF cardinality(p_steps) = 0 THEN
-        RETURN 0;
+        RETURN;
     END IF;
     WITH ready AS MATERIALIZED (
         -- a task whose queue was dropped must not leave its ready steps pending in silence
@@ -167,13 +172,17 @@ BEGIN
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
         SELECT upd.step_uuid, upd.task_uuid, 'pending', 'enqueued', p_event, v_now FROM upd
     )
-    SELECT array_agg(DISTINCT r.namespace), count(*) INTO v_queues, v_count FROM ready r;
-    PERFORM pg_notify('tasker_' || q, '') FROM unnest(v_queues) q;
-    RETURN v_count;
+    SELECT array_agg(r.namespace), array_agg(r.msg_id), array_agg(r.step_uuid), array_agg(r.priority)
+      INTO v_queues, v_msgs, v_steps, v_prios
+      FROM ready r;
+    IF p_notify THEN
+        PERFORM pg_notify('tasker_' || q.queue, '') FROM (SELECT DISTINCT x AS queue FROM unnest(v_queues) x) q;
+    END IF;
+    RETURN QUERY SELECT * FROM unnest(v_queues, v_msgs, v_steps, v_prios);
 END
 $$;
-ALTER FUNCTION tasker._enqueue_ready(uuid[], text) SET plan_cache_mode = force_generic_plan;
-ALTER FUNCTION tasker._enqueue_ready(uuid[], text) SET enable_seqscan = off;
+ALTER FUNCTION tasker._enqueue_ready(uuid[], text, boolean) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker._enqueue_ready(uuid[], text, boolean) SET enable_seqscan = off;
 
 -- A task that left the error state goes on: steps whose parents completed meanwhile are
 -- enqueued, and the steps parked while it was in error (enqueued or waiting_for_retry with no

@@ -48,34 +48,29 @@ RETURNS TABLE (
     timeout_seconds double precision, task_context jsonb, dependency_results jsonb,
     checkpoint jsonb, inputs jsonb, namespace text, task_name text, task_version text,
     lease_expires_at timestamptz, claim_event text, dependency_results_partial boolean,
-    template_step text, traceparent text
+    template_step text, traceparent text, dependents integer
 )
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now   timestamptz := clock_timestamp();
-    v_lease timestamptz;
-    v_batch tasker._claim_candidate[];
     v_msg_ids   bigint[];
     v_msg_steps uuid[];
 BEGIN
     IF p_qty IS NULL OR p_qty < 1 THEN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
-    IF p_lease_seconds IS NULL OR NOT (p_lease_seconds > 0 AND p_lease_seconds <= 31536000) THEN  -- NaN > 0 in SQL
-        RAISE EXCEPTION 'lease_seconds must be > 0 and at most a year, got %', coalesce(p_lease_seconds::text, 'NULL') USING ERRCODE = 'TV002';
-    END IF;
+    PERFORM tasker._check_lease_seconds(p_lease_seconds);
     PERFORM tasker._check_text_size(p_worker_id, 'max_name_bytes', 'worker_id');
-    v_lease := v_now + make_interval(secs => p_lease_seconds);
 
     -- 1. Pick and lock visible messages, highest priority first, then the longest visible
     --    (_lock_visible: reads only visible messages, whatever is in flight). SKIP LOCKED:
     --    concurrent claimers pass over each other's rows. This is a statement of its own, before
-    --    the one that reads the messages' steps: _lock_visible's queries take snapshots of
-    --    their own, so a message they lock may have been committed after the calling statement's
-    --    snapshot was taken; read in that statement, its step would be invisible and the
-    --    message taken for one that names no step (archived, the step stranded). The next
-    --    statement's snapshot sees every step whose message was picked here.
+    --    the ones that read the messages' steps (_claim_messages): _lock_visible's queries take
+    --    snapshots of their own, so a message they lock may have been committed after the
+    --    calling statement's snapshot was taken; read in that statement, its step would be
+    --    invisible and the message taken for one that names no step (archived, the step
+    --    stranded). The next statement's snapshot sees every step whose message was picked here.
     SELECT array_agg(m.msg_id ORDER BY m.ord),
            -- a message that does not name a step (not ours) must not stop the queue
            array_agg(CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
@@ -86,10 +81,52 @@ BEGIN
         PERFORM tasker._queue_sequence(p_queue);  -- an unknown queue is an error, not "no work"
         RETURN;
     END IF;
+    RETURN QUERY
+    SELECT * FROM tasker._claim_messages(p_queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
+                                         v_msg_ids, v_msg_steps, false);
+END
+$$;
+ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision, timestamptz) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision, timestamptz) SET enable_seqscan = off;
+COMMENT ON FUNCTION tasker.claim_steps(text,text,integer,double precision,timestamptz) IS
+    'Claims up to qty ready steps of a namespace for a worker, with a lease and a new claim_seq fence; visible_since limits the messages read to those visible since then.';
 
+-- Refuses a lease length that is not a number of seconds above 0 and at most a year.
+CREATE FUNCTION tasker._check_lease_seconds(p_lease_seconds double precision) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_lease_seconds IS NULL OR NOT (p_lease_seconds > 0 AND p_lease_seconds <= 31536000) THEN  -- NaN > 0 in SQL
+        RAISE EXCEPTION 'lease_seconds must be > 0 and at most a year, got %', coalesce(p_lease_seconds::text, 'NULL') USING ERRCODE = 'TV002';
+    END IF;
+END
+$$;
+
+-- Claims the given messages of one queue, which the caller has locked (claim_steps through
+-- _lock_visible; complete_and_claim inserted them itself, in its own transaction): locks their
+-- steps, deals with those that cannot run (_claim_exceptions), leases the rest until p_lease
+-- and returns them as claim_steps does. p_handoff marks the claims' audit rows as handed to the
+-- worker whose outcome made the steps ready.
+CREATE FUNCTION tasker._claim_messages(p_queue text, p_worker_id text, p_now timestamptz, p_lease timestamptz,
+                                       p_msg_ids bigint[], p_msg_steps uuid[], p_handoff boolean)
+RETURNS TABLE (
+    msg_id bigint, step_uuid uuid, task_uuid uuid, step_name text, handler text, config jsonb,
+    attempt integer, claim_seq integer, max_attempts integer, retryable boolean, backoff text,
+    backoff_base_ms integer, max_backoff_ms integer, jitter double precision,
+    timeout_seconds double precision, task_context jsonb, dependency_results jsonb,
+    checkpoint jsonb, inputs jsonb, namespace text, task_name text, task_version text,
+    lease_expires_at timestamptz, claim_event text, dependency_results_partial boolean,
+    template_step text, traceparent text, dependents integer
+)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_now   timestamptz := p_now;
+    v_lease timestamptz := p_lease;
+    v_batch tasker._claim_candidate[];
+BEGIN
     WITH
     msgs AS MATERIALIZED (
-        SELECT p.msg_id, p.step_uuid FROM unnest(v_msg_ids, v_msg_steps) p(msg_id, step_uuid)
+        SELECT p.msg_id, p.step_uuid FROM unnest(p_msg_ids, p_msg_steps) p(msg_id, step_uuid)
     ),
     -- 2. Lock their steps in step_uuid order, skipping any an operator call (cancel, resolve)
     --    holds right now: that message is simply left for a later claim.
@@ -161,10 +198,11 @@ BEGIN
            AND m.msg_id = ANY (ARRAY(SELECT u.msg_id FROM upd u))
     ),
     audit AS (
-        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, worker_id, created_at)
+        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, worker_id,
+                                             metadata, created_at)
         SELECT upd.step_uuid, upd.task_uuid, upd.step_state, 'in_progress',
                CASE upd.kind WHEN 'run_resume' THEN 'resumed' ELSE 'claimed' END,
-               upd.attempts, p_worker_id, v_now
+               upd.attempts, p_worker_id, CASE WHEN p_handoff THEN '{"handoff": true}'::jsonb END, v_now
           FROM upd
     )
     -- 6. Hydrate: the task's context and every ancestor's result (one index probe per step).
@@ -191,7 +229,11 @@ BEGIN
            -- the template's step (a batch worker `process_batch_001` is `process_batch`'s)
            ns.name,
            -- the trace context the task was created under (step spans are its children)
-           t.traceparent
+           t.traceparent,
+           -- the steps waiting on this one: how many its success can make ready, which the
+           -- worker keeps slots for (complete_and_claim hands them off). The children a
+           -- decision or fan-out creates are not counted: they are not handed off
+           (SELECT count(*)::integer FROM tasker.step_edges e WHERE e.parent_uuid = upd.step_uuid)
       FROM upd
       JOIN tasker.tasks t ON t.task_uuid = upd.task_uuid
       JOIN tasker.named_steps ns ON ns.named_step_id = upd.named_step_id
@@ -211,10 +253,8 @@ BEGIN
      ORDER BY upd.msg_id;
 END
 $$;
-ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision, timestamptz) SET plan_cache_mode = force_generic_plan;
-ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision, timestamptz) SET enable_seqscan = off;
-COMMENT ON FUNCTION tasker.claim_steps(text,text,integer,double precision,timestamptz) IS
-    'Claims up to qty ready steps of a namespace for a worker, with a lease and a new claim_seq fence; visible_since limits the messages read to those visible since then.';
+ALTER FUNCTION tasker._claim_messages(text, text, timestamptz, timestamptz, bigint[], uuid[], boolean) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker._claim_messages(text, text, timestamptz, timestamptz, bigint[], uuid[], boolean) SET enable_seqscan = off;
 
 -- The rare outcomes of a claim (kept out of the hot statement), none of them handed out:
 -- - messages of finished steps (and messages that name no step of ours) are archived;

@@ -18,6 +18,14 @@ CREATE TYPE tasker._outcome_input AS (
     worker_id    text
 );
 
+-- A message _enqueue_ready sent (a child complete_and_claim may hand off).
+CREATE TYPE tasker._enqueued AS (
+    queue      text,
+    msg_id     bigint,
+    step_uuid  uuid,
+    priority   integer
+);
+
 CREATE TYPE tasker._applied_outcome AS (
     ord        integer,
     step_uuid  uuid,
@@ -33,8 +41,29 @@ CREATE TYPE tasker._applied_outcome AS (
 -- 'stale' and changes nothing. Everything that follows from the applied ones commits with
 -- them: results, children released and enqueued, messages deleted or moved, task counters
 -- and states, audit rows.
-CREATE FUNCTION tasker.complete_steps(p_outcomes jsonb)
-RETURNS TABLE (step_uuid uuid, attempt integer, status text, detail text)
+--
+-- The hand-off: up to p_handoff of the children these outcomes made ready are claimed for
+-- p_worker_id in the same transaction, leased for p_lease_seconds, and returned as claim rows
+-- (status 'claimed', the columns of claim_steps), so a hop of a workflow costs its worker one
+-- round trip and one commit. A child is handed off only when no visible message of a higher
+-- priority waits in its queue (it would be claimed first); the rest are notified as usual.
+-- A hand-off claim is a claim like any other (fence, lease, audit row 'claimed' with metadata
+-- {"handoff": true}). When an outcome is sent again after its answer was lost, it is stale,
+-- and the children its first delivery handed to this same worker (which never got them) are
+-- released at once (event 'released', reason 'handoff_lost'), not left until their lease ends.
+--
+-- One row per outcome first (status applied or stale, detail, step_uuid, attempt), in input
+-- order, then one row per claim handed off.
+CREATE FUNCTION tasker.complete_and_claim(p_outcomes jsonb, p_worker_id text, p_handoff integer,
+                                          p_lease_seconds double precision)
+RETURNS TABLE (status text, detail text, step_uuid uuid, attempt integer,
+    msg_id bigint, task_uuid uuid, step_name text, handler text, config jsonb,
+    claim_seq integer, max_attempts integer, retryable boolean, backoff text,
+    backoff_base_ms integer, max_backoff_ms integer, jitter double precision,
+    timeout_seconds double precision, task_context jsonb, dependency_results jsonb,
+    checkpoint jsonb, inputs jsonb, namespace text, task_name text, task_version text,
+    lease_expires_at timestamptz, claim_event text, dependency_results_partial boolean,
+    template_step text, traceparent text, dependents integer)
 LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
@@ -51,9 +80,23 @@ DECLARE
     v_bad       text;
     v_deciders  uuid[];
     v_tasks     uuid[];
+    v_sent      tasker._enqueued[];
+    v_queue     text;
+    v_ids       bigint[];
+    v_steps     uuid[];
 BEGIN
     IF p_outcomes IS NULL OR jsonb_typeof(p_outcomes) <> 'array' THEN
         RAISE EXCEPTION 'outcomes must be a JSON array' USING ERRCODE = 'TV030';
+    END IF;
+    IF p_handoff IS NULL OR p_handoff NOT BETWEEN 0 AND 1000 THEN
+        RAISE EXCEPTION 'handoff must be between 0 and 1000, got %', coalesce(p_handoff::text, 'NULL') USING ERRCODE = 'TV002';
+    END IF;
+    PERFORM tasker._check_text_size(p_worker_id, 'max_name_bytes', 'worker_id');
+    IF p_handoff > 0 THEN
+        IF p_worker_id IS NULL THEN
+            RAISE EXCEPTION 'a hand-off needs the worker_id to claim for' USING ERRCODE = 'TV002';
+        END IF;
+        PERFORM tasker._check_lease_seconds(p_lease_seconds);
     END IF;
     -- Refuse a malformed batch before anything changes, naming the first bad entry: TV030, or
     -- TV021 for a value over its limit in tasker.settings (the length of its text form).
@@ -265,9 +308,11 @@ BEGIN
               FROM unnest(v_applied) a
              GROUP BY a.task_uuid);
         PERFORM tasker._apply_task_deltas(v_deltas, 'step_outcome');
-        -- 7. Enqueue children that became ready (when their task is still running).
+        -- 7. Enqueue children that became ready (when their task is still running); what is
+        --    not handed off below is notified.
         IF cardinality(v_ready) > 0 THEN
-            PERFORM tasker._enqueue_ready(v_ready, 'dependencies_satisfied');
+            v_sent := ARRAY(SELECT ROW(e.queue, e.msg_id, e.step_uuid, e.priority)::tasker._enqueued
+                              FROM tasker._enqueue_ready(v_ready, 'dependencies_satisfied', false) e);
         END IF;
         -- A checkpoint continuation is visible now: wake a worker.
         PERFORM pg_notify('tasker_' || q.queue, '')
@@ -275,20 +320,121 @@ BEGIN
     END IF;
 
     RETURN QUERY
-    SELECT i.step_uuid, i.attempt,
-           CASE WHEN a.ord IS NOT NULL THEN 'applied' ELSE 'stale' END,
+    SELECT CASE WHEN a.ord IS NOT NULL THEN 'applied' ELSE 'stale' END,
            CASE WHEN a.ord IS NOT NULL THEN a.new_state
                 ELSE coalesce(
                     (SELECT format('step is %s at attempt %s, claim %s', s.state, s.attempts, s.claim_seq)
                        FROM tasker.steps s WHERE s.step_uuid = i.step_uuid),
                     'no such step')
-           END
+           END,
+           i.step_uuid, i.attempt,
+           -- (the claim columns: empty in an outcome's row)
+           NULL::bigint, NULL::uuid, NULL::text, NULL::text, NULL::jsonb, NULL::integer, NULL::integer,
+           NULL::boolean, NULL::text, NULL::integer, NULL::integer, NULL::double precision,
+           NULL::double precision, NULL::jsonb, NULL::jsonb, NULL::jsonb, NULL::jsonb, NULL::text,
+           NULL::text, NULL::text, NULL::timestamptz, NULL::text, NULL::boolean, NULL::text, NULL::text,
+           NULL::integer
       FROM unnest(v_in) i
       LEFT JOIN unnest(v_applied) a ON a.ord = i.ord
      ORDER BY i.ord;
+
+    -- 8. The hand-off, per queue: the first p_handoff children by priority, then message order,
+    --    skipping a queue's priorities below one that has a visible message waiting.
+    IF cardinality(v_sent) > 0 THEN
+        FOR v_queue, v_ids, v_steps IN
+            SELECT h.queue, array_agg(h.msg_id ORDER BY h.msg_id), array_agg(h.step_uuid ORDER BY h.msg_id)
+              FROM (SELECT e.*, row_number() OVER (ORDER BY e.priority DESC, e.msg_id) AS n
+                      FROM unnest(v_sent) e
+                     WHERE p_handoff > 0
+                       AND NOT tasker._higher_priority_waiting(e.queue, e.priority, v_now)) h
+             WHERE h.n <= p_handoff
+             GROUP BY h.queue
+        LOOP
+            RETURN QUERY
+            SELECT 'claimed'::text, NULL::text, c.step_uuid, c.attempt, c.msg_id, c.task_uuid, c.step_name,
+                   c.handler, c.config, c.claim_seq, c.max_attempts, c.retryable, c.backoff,
+                   c.backoff_base_ms, c.max_backoff_ms, c.jitter, c.timeout_seconds, c.task_context,
+                   c.dependency_results, c.checkpoint, c.inputs, c.namespace, c.task_name, c.task_version,
+                   c.lease_expires_at, c.claim_event, c.dependency_results_partial, c.template_step,
+                   c.traceparent, c.dependents
+              FROM tasker._claim_messages(v_queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
+                                          v_ids, v_steps, true) c;
+        END LOOP;
+        -- what was not handed off wakes the queue's workers
+        PERFORM pg_notify('tasker_' || q.queue, '')
+           FROM (SELECT DISTINCT e.queue FROM unnest(v_sent) e
+                  WHERE EXISTS (SELECT 1 FROM tasker.steps s
+                                 WHERE s.step_uuid = e.step_uuid AND s.state = 'enqueued')) q;
+    END IF;
+
+    -- 9. A re-sent outcome (its first delivery committed, the answer was lost): the children
+    --    that delivery handed to this worker, which never got them, go back to their queue.
+    IF p_worker_id IS NOT NULL AND coalesce(cardinality(v_applied), 0) < cardinality(v_in) THEN
+        PERFORM tasker._release_lost_handoffs(v_in, v_applied, p_worker_id);
+    END IF;
 END
 $$;
-ALTER FUNCTION tasker.complete_steps(jsonb) SET plan_cache_mode = force_generic_plan;
-ALTER FUNCTION tasker.complete_steps(jsonb) SET enable_seqscan = off;
+ALTER FUNCTION tasker.complete_and_claim(jsonb, text, integer, double precision) SET plan_cache_mode = force_generic_plan;
+ALTER FUNCTION tasker.complete_and_claim(jsonb, text, integer, double precision) SET enable_seqscan = off;
+COMMENT ON FUNCTION tasker.complete_and_claim(jsonb, text, integer, double precision) IS
+    'Applies a batch of fenced step outcomes and everything that follows from them, and claims up to handoff of the children they made ready for the worker, in one transaction.';
+
+-- Whether a visible message of a priority above p_priority waits in the queue (a claim would
+-- take it before a message of p_priority): one probe per priority recorded above it
+-- (tasker.queue_priorities records every priority but 0, which is probed when it is above).
+CREATE FUNCTION tasker._higher_priority_waiting(p_queue text, p_priority integer, p_now timestamptz)
+RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (
+        SELECT 1
+          FROM (SELECT qp.priority FROM tasker.queue_priorities qp
+                 WHERE qp.queue = p_queue AND qp.priority > p_priority
+                UNION ALL
+                SELECT 0 WHERE p_priority < 0) hp
+         WHERE EXISTS (SELECT 1 FROM tasker.queue_messages m
+                        WHERE m.queue = p_queue AND m.priority = hp.priority AND m.vt <= p_now))
+$$;
+ALTER FUNCTION tasker._higher_priority_waiting(text, integer, timestamptz) SET enable_seqscan = off;
+
+-- The children an outcome's first delivery handed to p_worker_id, for the outcomes of p_in
+-- that were not applied now because that delivery was (sent again after a lost answer): each
+-- such child is still in progress under the claim made in that transaction (worker, start
+-- time = the parent's completion time), and is released at once (release_steps, reason
+-- handoff_lost) instead of waiting for its lease to end.
+CREATE FUNCTION tasker._release_lost_handoffs(p_in tasker._outcome_input[], p_applied tasker._applied_outcome[],
+                                              p_worker_id text)
+RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_claims jsonb;
+BEGIN
+    SELECT jsonb_agg(jsonb_build_object('step_uuid', c.step_uuid, 'attempt', c.attempts, 'claim_seq', c.claim_seq)
+                     ORDER BY c.step_uuid)
+      INTO v_claims
+      FROM unnest(p_in) i
+      JOIN tasker.steps p ON p.step_uuid = i.step_uuid
+      JOIN tasker.step_edges e ON e.parent_uuid = p.step_uuid
+      JOIN tasker.steps c ON c.step_uuid = e.child_uuid
+     WHERE i.kind = 'success'
+       AND i.ord NOT IN (SELECT a.ord FROM unnest(p_applied) a)
+       AND p.state = 'complete' AND p.attempts = i.attempt AND p.claim_seq = i.claim_seq
+       AND c.state = 'in_progress' AND c.worker_id = p_worker_id AND c.started_at = p.completed_at
+       AND c.claim_spent_attempt AND NOT c.continuation
+       AND EXISTS (SELECT 1 FROM tasker.step_transitions tr
+                    WHERE tr.step_uuid = c.step_uuid AND tr.event = 'claimed' AND tr.attempt = c.attempts
+                      AND tr.created_at = p.completed_at AND tr.metadata @> '{"handoff": true}');
+    IF v_claims IS NOT NULL THEN
+        PERFORM tasker.release_steps(v_claims, 0, 'handoff_lost', p_worker_id);
+    END IF;
+END
+$$;
+ALTER FUNCTION tasker._release_lost_handoffs(tasker._outcome_input[], tasker._applied_outcome[], text) SET enable_seqscan = off;
+
+-- complete_and_claim without a hand-off: one row per outcome, in input order.
+CREATE FUNCTION tasker.complete_steps(p_outcomes jsonb)
+RETURNS TABLE (step_uuid uuid, attempt integer, status text, detail text)
+LANGUAGE sql AS $$
+    SELECT c.step_uuid, c.attempt, c.status, c.detail FROM tasker.complete_and_claim(p_outcomes, NULL, 0, NULL) c
+$$;
 COMMENT ON FUNCTION tasker.complete_steps(jsonb) IS
     'Applies a batch of fenced step outcomes and everything that follows from them, in one transaction.';

@@ -139,8 +139,9 @@ COMMENT ON FUNCTION tasker.extend_leases(jsonb,double precision) IS
     'Heartbeat: extends the leases of fenced claims still held by the caller.';
 
 -- Hands back claims whose handler never started: at graceful shutdown (reason 'shutdown'),
--- or because the worker has no handler for the step (reason 'handler_missing', during a
--- rolling deploy). The attempt the claim started is given back (a checkpoint continuation goes
+-- because the worker has no handler for the step (reason 'handler_missing', during a
+-- rolling deploy), or because the answer that handed them to the worker was lost (reason
+-- 'handoff_lost', from complete_and_claim). The attempt the claim started is given back (a checkpoint continuation goes
 -- back to waiting for its continuation) and the message becomes visible after p_delay_seconds
 -- (0 to 3600) for another worker. A step handed back for a missing handler again and again
 -- (no worker has it) waits twice as long each time, up to 5 minutes (or p_delay_seconds when
@@ -163,8 +164,8 @@ BEGIN
         RAISE EXCEPTION 'delay_seconds must be between 0 and 3600, got %', coalesce(p_delay_seconds::text, 'NULL')
             USING ERRCODE = 'TV002';
     END IF;
-    IF p_reason IS NULL OR p_reason NOT IN ('shutdown', 'handler_missing') THEN
-        RAISE EXCEPTION 'reason must be shutdown or handler_missing, got %', coalesce(quote_literal(p_reason), 'NULL')
+    IF p_reason IS NULL OR p_reason NOT IN ('shutdown', 'handler_missing', 'handoff_lost') THEN
+        RAISE EXCEPTION 'reason must be shutdown, handler_missing or handoff_lost, got %', coalesce(quote_literal(p_reason), 'NULL')
             USING ERRCODE = 'TV002';
     END IF;
     IF octet_length(p_worker_id) > 200 THEN

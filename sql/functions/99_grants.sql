@@ -27,7 +27,7 @@ DECLARE
     -- (a worker checks at start that its namespaces have queues).
     -- Maintenance calls workers make (repair, later retention and schedules) go here too.
     c_worker   CONSTANT text[] := ARRAY[
-        'claim_steps', 'complete_steps', 'extend_leases', 'release_steps',
+        'claim_steps', 'complete_steps', 'complete_and_claim', 'extend_leases', 'release_steps',
         'register_template', 'metrics', 'metrics_all',
         -- maintenance: re-send lost messages, the worker's own row, old rows of gone workers
         'repair_messages', 'worker_heartbeat', 'cleanup_workers',

@@ -81,7 +81,13 @@ class Claimer:
                 # Clear before claiming: a notification during the claim marks it again.
                 self.dirty.discard(namespace)
                 qty = min(free, config.max_batch)
-                claims = await self._claim(namespace, qty)
+                # the slots stay kept while the claim is in flight: a flush in flight must not
+                # be handed children into them (complete_and_claim)
+                shared.reserved += qty
+                try:
+                    claims = await self._claim(namespace, qty)
+                finally:
+                    shared.reserved -= qty
                 if shared.stop_requested.is_set():
                     if claims:
                         await self._leases.release(claims, SHUTDOWN_DB_TIMEOUT)
@@ -195,7 +201,19 @@ class Claimer:
         if not steps:
             return []
         self.missing_queues.discard(namespace)
-        claims = [Claim(step, namespace, lease_deadline, shared.worker_id) for step in steps]
+        return self.adopt(steps, lease_deadline, namespace)
+
+    def adopt(
+        self, steps: list[ClaimedStep], lease_deadline: float, namespace: str | None = None
+    ) -> list[Claim]:
+        """Track claimed steps (from claim_steps, or handed off by complete_and_claim) as held.
+
+        A claim's namespace is the queue it was claimed from, else its task's namespace."""
+        shared = self._shared
+        claims = [
+            Claim(step, namespace or step.namespace or "", lease_deadline, shared.worker_id)
+            for step in steps
+        ]
         shared.bump("claimed", len(claims))
         debug = logger.isEnabledFor(logging.DEBUG)
         instruments = shared.instruments

@@ -51,6 +51,8 @@ class WorkerConfig:
     metrics_host: str = "0.0.0.0"
     # also export tasker.engine_metrics() while this worker holds the exporter lock
     export_engine_metrics: bool = False
+    # take the children an outcome makes ready in the same call (complete_and_claim)
+    handoff: bool = True
 
     @classmethod
     def build(
@@ -76,6 +78,7 @@ class WorkerConfig:
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
         export_engine_metrics: bool = False,
+        handoff: bool = True,
     ) -> WorkerConfig:
         """Validate the settings; raises `ConfigurationError` naming the one that is wrong."""
         names = tuple(dict.fromkeys(namespaces))
@@ -143,6 +146,7 @@ class WorkerConfig:
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             export_engine_metrics=bool(export_engine_metrics),
+            handoff=bool(handoff),
         )
 
     def application_name(self, role: str) -> str:

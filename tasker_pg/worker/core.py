@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
 from tasker_pg.registry import HandlerRegistry
+from tasker_pg.rows import ClaimedStep
 from tasker_pg.template import TaskTemplate
 from tasker_pg.worker import entry, handler_check
 from tasker_pg.worker.claiming import SHUTDOWN_DB_TIMEOUT, Claimer
@@ -55,6 +56,8 @@ class Worker:
     for running steps; `poll_interval` the fallback claim interval when no notification
     arrives; `flush_delay` the longest an outcome waits for others to share its flush while
     handlers are still running; `max_batch` caps the steps per claim and the outcomes per flush;
+    `handoff` (default on) lets a flush take the children its successes make ready in the same
+    call (`tasker.complete_and_claim`, up to the free slots), so a hop costs one round trip;
     `summary_interval` how often a one-line summary is logged at INFO (0 disables it);
     `repair_interval` how often the worker calls `tasker.repair_messages()` (one worker at a
     time; 0 disables it); `retention_interval` how often it calls `tasker.purge_finished()`
@@ -108,6 +111,7 @@ class Worker:
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
         export_engine_metrics: bool = False,
+        handoff: bool = True,
         tracing: bool = False,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
@@ -134,6 +138,7 @@ class Worker:
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             export_engine_metrics=export_engine_metrics,
+            handoff=handoff,
         )
         if metrics_port is not None:
             from tasker_pg.metrics import require_prometheus
@@ -150,7 +155,7 @@ class Worker:
             shared.tracer = StepTracer(tracer_provider)
         self._claim_session = Session(shared, "claim")
         self._flush_session = Session(shared, "flush")
-        self._deliverer = Deliverer(shared, self._flush_session)
+        self._deliverer = Deliverer(shared, self._flush_session, self._take_handoff)
         self._leases = Leases(shared, self._claim_session)
         self._claimer = Claimer(
             shared,
@@ -419,6 +424,17 @@ class Worker:
 
     def _start_step(self, claim: Claim) -> None:
         self._runner.start(claim)
+
+    async def _take_handoff(self, steps: list[ClaimedStep], lease_deadline: float) -> None:
+        """Start the steps a flush was handed (released at once when the worker is stopping)."""
+        shared = self._shared
+        claims = self._claimer.adopt(steps, lease_deadline)
+        shared.bump("handed_off", len(claims))
+        if shared.stop_requested.is_set():
+            await self._leases.release(claims, SHUTDOWN_DB_TIMEOUT)
+            return
+        for claim in claims:
+            self._start_step(claim)
 
     def _spawn(self, coro: Awaitable[None], name: str) -> asyncio.Task[None]:
         """Start one of the worker's loops; an unexpected error in it stops the worker."""

@@ -5,6 +5,13 @@ path), else after at most `flush_delay` so that outcomes finishing together shar
 Concurrent flushes carrying sibling outcomes of one fan-in would wait on each other's commit;
 one flusher avoids that and batches naturally while a flush is in flight.
 
+The hand-off: a flush whose successes have dependent steps asks `complete_and_claim` to claim
+the children they make ready for this worker, and starts them at once: a hop of a workflow
+costs one round trip. The slots it asks for are kept from the moment such a success is
+buffered (the slot its handler just freed, up to the step's `dependents`) until its batch's
+delivery ends, so the claim loop, woken by that same free slot, does not take them first. A re-sent batch whose first delivery committed gets its
+hand-off released by the engine (the answer that carried it was lost).
+
 Only a deterministic refusal (`db.is_refusal`: bad input, value too large, unknown step or wrong
 state) changes what is sent: the batch is split to find the culprit, a refused success or
 checkpoint becomes a permanent failure naming why, a refused failure a minimal one. Every other
@@ -22,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from tasker_pg import db
 from tasker_pg.errors import ConnectionLostError, TaskerError
 from tasker_pg.outcome import Outcome, refused_outcome
+from tasker_pg.rows import ClaimedStep
 from tasker_pg.worker import steplog
 from tasker_pg.worker.session import Session, retry_delay, wait_event
 from tasker_pg.worker.state import Claim, Shared
@@ -39,16 +47,29 @@ WARN_AFTER_TRIES = 3
 WARN_EVERY = 10
 # At most this many steps are named one by one in a warning about a batch.
 NAMED_IN_WARNING = 5
+# The most children one complete_and_claim call may hand off (the SQL function's limit).
+MAX_HANDOFF = 1000
+
+# Takes the steps a flush was handed and the local deadline of their lease.
+HandoffSink = Callable[[list[ClaimedStep], float], Awaitable[None]]
 
 
 class Deliverer:
-    """The outbox of finished steps and the flusher that hands them to `complete_steps`."""
+    """The outbox of finished steps and the flusher that hands them to `complete_and_claim`."""
 
-    def __init__(self, shared: Shared, session: Session) -> None:
+    def __init__(
+        self, shared: Shared, session: Session, on_handoff: HandoffSink | None = None
+    ) -> None:
         self._shared = shared
         self._session = session
+        self._on_handoff = on_handoff
         self._outbox: list[tuple[Claim, Outcome]] = []
-        self._in_flight = 0  # outcomes in the complete_steps call running now
+        # slots kept (Shared.reserved) for the children a buffered success may be handed: kept
+        # when the outcome is buffered, so the claim loop does not take the slot its handler
+        # just freed, and given back when its batch's delivery ends
+        self._kept: dict[Claim, int] = {}
+        self._batch_kept = 0  # the slots kept for the batch in flight
+        self._in_flight = 0  # outcomes in the complete_and_claim call running now
         self._timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._progress = asyncio.Event()
@@ -64,6 +85,11 @@ class Deliverer:
         """Buffer an outcome; flush at once when no handler runs, else within flush_delay."""
         self._outbox.append((claim, outcome))
         config = self._shared.config
+        if self._on_handoff is not None and config.handoff and outcome.kind == "success":
+            keep = min(claim.step.dependents, max(self._shared.free_slots(), 0))
+            if keep > 0:
+                self._shared.reserved += keep
+                self._kept[claim] = keep
         if (
             not self._shared.running
             or len(self._outbox) >= config.max_batch
@@ -90,9 +116,12 @@ class Deliverer:
             if self._outbox:
                 self._wake.set()
             self._in_flight = len(batch)
+            kept = self._batch_kept = sum(self._kept.pop(c, 0) for c, _ in batch)
             try:
                 await self._deliver(batch)
             finally:
+                self._shared.reserved -= kept
+                self._batch_kept = 0
                 self._in_flight = 0
                 self._progress.set()
 
@@ -129,7 +158,7 @@ class Deliverer:
         tries = 0
         while batch:
             try:
-                rows = await self._send(batch)
+                rows, handed = await self._send(batch)
             except Exception as exc:
                 if isinstance(exc, TaskerError) and db.is_refusal(exc):
                     # The engine refused something in the batch: find the culprit(s).
@@ -164,15 +193,49 @@ class Deliverer:
                 self.broken = False
                 shared.claim_wake.set()
             self._acknowledge(batch, rows)
+            if handed:
+                assert self._on_handoff is not None
+                await self._on_handoff(*handed)
             return
 
-    async def _send(self, batch: list[tuple[Claim, Outcome]]) -> list[db.Row]:
-        """One `complete_steps` call for the batch."""
+    async def _send(
+        self, batch: list[tuple[Claim, Outcome]]
+    ) -> tuple[list[db.Row], tuple[list[ClaimedStep], float] | None]:
+        """One `complete_and_claim` call for the batch: its answers, and the steps handed off
+        with their local lease deadline (None when none were)."""
+        shared = self._shared
+        config = shared.config
         outcomes = [outcome.to_json() for _, outcome in batch]
+        handoff = self._handoff_slots(batch)
+        # beyond the slots kept for the batch, the free ones asked for are kept while in flight
+        extra = max(handoff - self._batch_kept, 0)
+        lease_deadline = time.monotonic() + config.lease_seconds
         started = time.perf_counter()
-        rows = await self._session.call(lambda conn: conn.complete_steps(outcomes))
-        self._shared.instruments.flush_seconds(time.perf_counter() - started)
-        return rows
+        shared.reserved += extra
+        try:
+            rows, steps = await self._session.call(
+                lambda conn: conn.complete_and_claim(
+                    outcomes, config.worker_id, handoff, config.lease_seconds
+                )
+            )
+        finally:
+            shared.reserved -= extra
+        shared.instruments.flush_seconds(time.perf_counter() - started)
+        return rows, ((steps, lease_deadline) if steps else None)
+
+    def _handoff_slots(self, batch: list[tuple[Claim, Outcome]]) -> int:
+        """How many children to ask for: what the batch's successes can make ready, capped by
+        the slots kept for them plus the free ones (0 when hand-off is off or the worker is
+        stopping)."""
+        shared = self._shared
+        config = shared.config
+        if self._on_handoff is None or not config.handoff or shared.stop_requested.is_set():
+            return 0
+        bound = sum(c.step.dependents for c, o in batch if o.kind == "success")
+        if bound <= 0:
+            return 0
+        slots = self._batch_kept + max(shared.free_slots(), 0)
+        return max(0, min(bound, slots, config.max_batch, MAX_HANDOFF))
 
     def _keep_or_give_up(
         self, batch: list[tuple[Claim, Outcome]], error: BaseException, tries: int

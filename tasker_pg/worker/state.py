@@ -45,7 +45,9 @@ class WorkerStats:
     trips that succeeded (how well work is batched); `delivery_retries` counts `complete_steps`
     tries that failed without a refusal and were sent again; `outcomes_given_up` counts outcomes
     given up to lease expiry after `outcome_retry_cap`; `full_claims` counts the claims that
-    read without a claim window (`tasker_pg.worker.window`).
+    read without a claim window (`tasker_pg.worker.window`); `handed_off` counts the claims
+    (among `claimed`) that `complete_and_claim` handed to this worker with the outcome that made
+    them ready.
     """
 
     claimed: int = 0
@@ -64,6 +66,7 @@ class WorkerStats:
     delivery_retries: int = 0
     outcomes_given_up: int = 0
     full_claims: int = 0
+    handed_off: int = 0
 
     @property
     def outcomes(self) -> int:
@@ -159,6 +162,9 @@ class Shared:
         self.counts: dict[str, int] = dict.fromkeys(WorkerStats.__dataclass_fields__, 0)
         self.running: dict[Claim, None] = {}  # claims whose handler is running (ordered set)
         self.held: dict[Claim, None] = {}  # claims not yet acknowledged by complete_steps
+        # slots kept for claims on their way: the claim in flight, and the children a flush in
+        # flight may be handed (complete_and_claim); the claim loop and the flusher both ask
+        self.reserved = 0
         # threads of timed-out (or abandoned) sync handlers that still run: they hold a slot
         self.zombies: set[concurrent.futures.Future[Any]] = set()
         self.stop_requested = asyncio.Event()
@@ -180,7 +186,7 @@ class Shared:
         return WorkerStats(**self.counts)
 
     def free_slots(self) -> int:
-        return self.config.concurrency - len(self.running) - len(self.zombies)
+        return self.config.concurrency - len(self.running) - len(self.zombies) - self.reserved
 
     def is_overdue(self, claim: Claim, now: float) -> bool:
         """Whether the claim's handler ran past its max run time (its lease is not extended)."""

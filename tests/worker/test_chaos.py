@@ -18,7 +18,7 @@ of faults until each kind has taken effect at least once:
   `statement_timeout=300ms` (and no lock timeout), both passed as DSN query parameters, which
   asyncpg sends as server settings (asyncpg ignores PGOPTIONS). The driver makes them fire by
   holding `FOR UPDATE` on the rows of the steps one worker is running, until one of that
-  worker's `complete_steps` calls has been cancelled, and then letting go at once (so the
+  worker's `complete_and_claim` calls has been cancelled, and then letting go at once (so the
   worker's next try of that outcome gets through), for each worker in every round;
 - snapshot holds: a REPEATABLE READ transaction kept open for a few seconds while other
   sessions committed step outcomes it does not see.
@@ -118,7 +118,7 @@ class Faults:
             "a restart with work in flight": self.restarts_in_flight,
             "a lock timeout": self.timeouts_of("lock"),
             "a statement timeout": self.timeouts_of("statement"),
-            "a timeout cancelling complete_steps": self.timeouts_in("complete_steps"),
+            "a timeout cancelling complete_and_claim": self.timeouts_in("complete_and_claim"),
             "a snapshot held across commits": self.snapshot_holds,
         }
         return [what for what, count in checks.items() if count < 1]
@@ -279,7 +279,7 @@ class Chaos:
 
     async def hold_locks(self, slot: str) -> None:
         """Hold FOR UPDATE on the rows of the steps the slot's worker is running, until one of
-        its `complete_steps` calls has been cancelled by its lock or statement timeout (or
+        its `complete_and_claim` calls has been cancelled by its lock or statement timeout (or
         LOCK_HOLD_LIMIT_S passes); then let go at once."""
         worker = self.workers[slot]
         await self.wait_in_flight(worker.worker_id)
@@ -296,7 +296,7 @@ class Chaos:
             deadline = time.monotonic() + LOCK_HOLD_LIMIT_S
             while locked and time.monotonic() < deadline:
                 fired = timeouts_in_log(self.cluster.server_log(log_start))
-                if any(call == "complete_steps" for _, call in fired):
+                if any(call == "complete_and_claim" for _, call in fired):
                     break
                 await asyncio.sleep(0.01)
             await tx.rollback()
@@ -531,5 +531,5 @@ async def check_outcome(chaos: Chaos) -> None:
     assert faults.restarts_in_flight >= 1
     assert faults.timeouts_of("lock") >= 1
     assert faults.timeouts_of("statement") >= 1
-    assert faults.timeouts_in("complete_steps") >= 1
+    assert faults.timeouts_in("complete_and_claim") >= 1
     assert faults.snapshot_holds >= 1

@@ -214,7 +214,7 @@ async def test_a_cancelled_complete_steps_is_sent_again(
                     return 0
                 pid = await conn.fetchval(
                     "SELECT pid FROM pg_stat_activity WHERE application_name = $1 "
-                    "AND wait_event_type = 'Lock' AND query LIKE '%complete_steps%'",
+                    "AND wait_event_type = 'Lock' AND query LIKE '%complete_and_claim%'",
                     f"tasker-pg worker {worker_id} flush",
                 )
                 return int(pid) if pid is not None else None
