@@ -185,7 +185,7 @@ class PrometheusInstruments(Instruments):
         )
         self._flush = Histogram(
             "tasker_flush_duration_seconds",
-            "Round trip of one tasker.complete_steps call that succeeded",
+            "Round trip of one tasker.complete_and_claim call that succeeded",
             buckets=ROUND_TRIP_BUCKETS,
             registry=registry,
         )

@@ -341,25 +341,26 @@ BEGIN
     -- 8. The hand-off, per queue: the first p_handoff children by priority, then message order,
     --    skipping a queue's priorities below one that has a visible message waiting.
     IF cardinality(v_sent) > 0 THEN
-        FOR v_queue, v_ids, v_steps IN
-            SELECT h.queue, array_agg(h.msg_id ORDER BY h.msg_id), array_agg(h.step_uuid ORDER BY h.msg_id)
-              FROM (SELECT e.*, row_number() OVER (ORDER BY e.priority DESC, e.msg_id) AS n
-                      FROM unnest(v_sent) e
-                     WHERE p_handoff > 0
-                       AND NOT tasker._higher_priority_waiting(e.queue, e.priority, v_now)) h
-             WHERE h.n <= p_handoff
-             GROUP BY h.queue
-        LOOP
-            RETURN QUERY
-            SELECT 'claimed'::text, NULL::text, c.step_uuid, c.attempt, c.msg_id, c.task_uuid, c.step_name,
-                   c.handler, c.config, c.claim_seq, c.max_attempts, c.retryable, c.backoff,
-                   c.backoff_base_ms, c.max_backoff_ms, c.jitter, c.timeout_seconds, c.task_context,
-                   c.dependency_results, c.checkpoint, c.inputs, c.namespace, c.task_name, c.task_version,
-                   c.lease_expires_at, c.claim_event, c.dependency_results_partial, c.template_step,
-                   c.traceparent, c.dependents
-              FROM tasker._claim_messages(v_queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
-                                          v_ids, v_steps, true) c;
-        END LOOP;
+        IF p_handoff > 0 THEN
+            FOR v_queue, v_ids, v_steps IN
+                SELECT h.queue, array_agg(h.msg_id ORDER BY h.msg_id), array_agg(h.step_uuid ORDER BY h.msg_id)
+                  FROM (SELECT e.*, row_number() OVER (ORDER BY e.priority DESC, e.msg_id) AS n
+                          FROM unnest(v_sent) e
+                         WHERE NOT tasker._higher_priority_waiting(e.queue, e.priority, v_now)) h
+                 WHERE h.n <= p_handoff
+                 GROUP BY h.queue
+            LOOP
+                RETURN QUERY
+                SELECT 'claimed'::text, NULL::text, c.step_uuid, c.attempt, c.msg_id, c.task_uuid, c.step_name,
+                       c.handler, c.config, c.claim_seq, c.max_attempts, c.retryable, c.backoff,
+                       c.backoff_base_ms, c.max_backoff_ms, c.jitter, c.timeout_seconds, c.task_context,
+                       c.dependency_results, c.checkpoint, c.inputs, c.namespace, c.task_name, c.task_version,
+                       c.lease_expires_at, c.claim_event, c.dependency_results_partial, c.template_step,
+                       c.traceparent, c.dependents
+                  FROM tasker._claim_messages(v_queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
+                                              v_ids, v_steps, true) c;
+            END LOOP;
+        END IF;
         -- what was not handed off wakes the queue's workers
         PERFORM pg_notify('tasker_' || q.queue, '')
            FROM (SELECT DISTINCT e.queue FROM unnest(v_sent) e

@@ -11,9 +11,11 @@ over one part per job:
   sync handlers in a thread pool of `concurrency` threads; each claim has a max run time (the
   step's `timeout_seconds`, else `max_runtime`), past which it fails as a `timeout`.
 - `delivery`: outcomes (typed values fenced by step, attempt and claim_seq) are buffered and
-  flushed by a single flusher, one `tasker.complete_steps` call in flight at a time; the answer
-  is counted and each step's end is logged (`steplog`). Only a refusal (`db.is_refusal`)
-  changes an outcome; any other error re-sends it with backoff, for up to `outcome_retry_cap`.
+  flushed by a single flusher, one `tasker.complete_and_claim` call in flight at a time; the
+  answer is counted and each step's end is logged (`steplog`), and the children the successes
+  made ready come back in the same call, claimed for this worker, and start at once. Only a
+  refusal (`db.is_refusal`) changes an outcome; any other error re-sends it with backoff, for up
+  to `outcome_retry_cap`.
 - `leases`: a heartbeat extends the leases of running steps in one `tasker.extend_leases` call;
   unstarted claims go back with `tasker.release_steps` at shutdown.
 - `session`: one claim session (also heartbeats and releases), one flush session and one

@@ -1,4 +1,4 @@
-"""Delivering outcomes: buffer them, flush with one `complete_steps` call in flight, acknowledge.
+"""Delivering outcomes: buffer, flush one `complete_and_claim` call at a time, acknowledge.
 
 Outcomes are flushed by a single flusher: at once when no handler is running (the latency
 path), else after at most `flush_delay` so that outcomes finishing together share a call.
@@ -6,11 +6,12 @@ Concurrent flushes carrying sibling outcomes of one fan-in would wait on each ot
 one flusher avoids that and batches naturally while a flush is in flight.
 
 The hand-off: a flush whose successes have dependent steps asks `complete_and_claim` to claim
-the children they make ready for this worker, and starts them at once: a hop of a workflow
-costs one round trip. The slots it asks for are kept from the moment such a success is
-buffered (the slot its handler just freed, up to the step's `dependents`) until its batch's
-delivery ends, so the claim loop, woken by that same free slot, does not take them first. A re-sent batch whose first delivery committed gets its
-hand-off released by the engine (the answer that carried it was lost).
+the children they make ready for this worker, and starts them at once: a hop of a workflow costs
+one round trip. The slots it asks for are kept from the moment such a success is buffered (the
+slot its handler just freed, up to the step's `dependents`) until its batch's delivery ends, so
+the claim loop, woken by that same free slot, does not take them first. A re-sent batch whose
+first delivery committed gets its hand-off released by the engine (the answer that carried it
+was lost).
 
 Only a deterministic refusal (`db.is_refusal`: bad input, value too large, unknown step or wrong
 state) changes what is sent: the batch is split to find the culprit, a refused success or
@@ -120,7 +121,9 @@ class Deliverer:
             try:
                 await self._deliver(batch)
             finally:
-                self._shared.reserved -= kept
+                if kept:
+                    self._shared.reserved -= kept
+                    self._shared.claim_wake.set()  # what was not handed off is free again
                 self._batch_kept = 0
                 self._in_flight = 0
                 self._progress.set()
@@ -219,7 +222,9 @@ class Deliverer:
                 )
             )
         finally:
-            shared.reserved -= extra
+            if extra:
+                shared.reserved -= extra
+                shared.claim_wake.set()
         shared.instruments.flush_seconds(time.perf_counter() - started)
         return rows, ((steps, lease_deadline) if steps else None)
 

@@ -141,3 +141,26 @@ async def test_what_the_completing_worker_has_no_slot_for_goes_to_another_by_not
     assert branches == [("first", True), ("second", False)]
     # the end is handed to whichever worker completed the last branch
     assert claims["diamond_end"][1] is True
+
+
+async def test_slots_kept_for_children_that_did_not_become_ready_are_claimed_with_at_once(
+    conn: db.Connection, dsn: str
+) -> None:
+    """One slot, polling once a minute: diamond_start's worker is handed one branch, the other
+    waits in the queue; the handed branch's success keeps the slot for diamond_end, which is not
+    ready yet, so nothing is handed and the slot goes back to the claim loop, which must take the
+    waiting branch now, not at its next poll."""
+    async with Worker(
+        ["math"],
+        registry_of(math_handlers),
+        dsn=dsn,
+        templates=templates("diamond"),
+        worker_id="alone",
+        concurrency=1,
+        **SLOW_POLL,
+    ) as worker:
+        task = await conn.create_task("math", "diamond_workflow", {"even_number": 2})
+        assert (await wait_final(conn, [task], timeout=30))[task] == "complete"
+        assert worker.stats.handed_off == 2  # one branch and the end
+    claims = await _claims(conn, task)
+    assert sorted(h for _, h in claims.values()) == [False, False, True, True]
