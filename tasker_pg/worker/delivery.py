@@ -7,11 +7,14 @@ one flusher avoids that and batches naturally while a flush is in flight.
 
 The hand-off: a flush whose successes have dependent steps asks `complete_and_claim` to claim
 the children they make ready for this worker, and starts them at once: a hop of a workflow costs
-one round trip. The slots it asks for are kept from the moment such a success is buffered (the
-slot its handler just freed, up to the step's `dependents`) until its batch's delivery ends, so
-the claim loop, woken by that same free slot, does not take them first. A re-sent batch whose
-first delivery committed gets its hand-off released by the engine (the answer that carried it
-was lost).
+one round trip. It is for a worker that a success leaves idle (no other handler running): the
+slot its handler just freed (up to the step's `dependents`) is kept from the moment the outcome
+is buffered until its batch's delivery ends, so the claim loop, woken by that same free slot,
+does not take it first for a claim that would find nothing. A busy worker hands nothing off: its
+claim loop takes the children in batches on the claim session while the flush session commits,
+the two in parallel, which drains a backlog faster than one session doing both. A re-sent batch
+whose first delivery committed gets its hand-off released by the engine (the answer that carried
+it was lost).
 
 Only a deterministic refusal (`db.is_refusal`: bad input, value too large, unknown step or wrong
 state) changes what is sent: the batch is split to find the culprit, a refused success or
@@ -86,7 +89,12 @@ class Deliverer:
         """Buffer an outcome; flush at once when no handler runs, else within flush_delay."""
         self._outbox.append((claim, outcome))
         config = self._shared.config
-        if self._on_handoff is not None and config.handoff and outcome.kind == "success":
+        if (
+            self._on_handoff is not None
+            and config.handoff
+            and outcome.kind == "success"
+            and not self._shared.running
+        ):
             keep = min(claim.step.dependents, max(self._shared.free_slots(), 0))
             if keep > 0:
                 self._shared.reserved += keep
@@ -230,11 +238,12 @@ class Deliverer:
 
     def _handoff_slots(self, batch: list[tuple[Claim, Outcome]]) -> int:
         """How many children to ask for: what the batch's successes can make ready, capped by
-        the slots kept for them plus the free ones (0 when hand-off is off or the worker is
-        stopping)."""
+        the slots kept for them plus the free ones; 0 when none were kept (the worker was busy:
+        its claim loop takes the children in batches, on its own session, in parallel with
+        the flushes), when hand-off is off, or when the worker is stopping."""
         shared = self._shared
         config = shared.config
-        if self._on_handoff is None or not config.handoff or shared.stop_requested.is_set():
+        if self._batch_kept == 0 or not config.handoff or shared.stop_requested.is_set():
             return 0
         bound = sum(c.step.dependents for c, o in batch if o.kind == "success")
         if bound <= 0:
