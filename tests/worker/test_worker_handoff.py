@@ -164,3 +164,45 @@ async def test_slots_kept_for_children_that_did_not_become_ready_are_claimed_wit
         assert worker.stats.handed_off == 2  # one branch and the end
     claims = await _claims(conn, task)
     assert sorted(h for _, h in claims.values()) == [False, False, True, True]
+
+
+GATE = asyncio.Event()
+
+
+class GatedWait(StepHandler):
+    handler_name = "gated.wait"
+
+    async def call(self, context: StepContext) -> StepHandlerResult:
+        await GATE.wait()
+        return self.success({"waited": True})
+
+
+async def test_a_busy_worker_leaves_the_children_to_its_claim_loop(
+    conn: db.Connection, dsn: str
+) -> None:
+    """While another handler runs, a success keeps no slot and its flush asks for no child: the
+    claim loop takes them (in batches, on its own session, in parallel with the flushes)."""
+    GATE.clear()
+    registry = registry_of(math_handlers)
+    registry.register(GatedWait)
+    async with Worker(
+        ["math", "gated"],
+        registry,
+        dsn=dsn,
+        templates=templates("linear", "gated"),
+        worker_id="busy",
+        **QUIET,
+    ) as worker:
+        gated = await conn.create_task("gated", "gated", {})
+        await poll(
+            lambda: conn.fetchval(
+                "SELECT state = 'in_progress' FROM tasker.steps WHERE task_uuid = $1", gated
+            ),
+            what="the gated step running",
+        )
+        task = await conn.create_task("math", "linear_workflow", {"even_number": 6})
+        assert (await wait_final(conn, [task]))[task] == "complete"
+        assert worker.stats.handed_off == 0
+        GATE.set()
+        assert (await wait_final(conn, [gated]))[gated] == "complete"
+    assert {h for _, h in (await _claims(conn, task)).values()} == {False}
