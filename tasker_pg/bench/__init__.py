@@ -54,10 +54,23 @@ Scenarios (default sizes; `--n` scales every count):
   p99 under 1 s.
 - latency: one idle worker; 200 single-step tasks created one at a time at 50/s
   (create-to-handler-start), then 200 four-step linear tasks at 50/s (step handoff: parent's
-  outcome committed to child's handler start; and end to end).
+  outcome committed to child's handler start; and end to end). p50, p90, p99 and max of each,
+  next to the raw loop's comparable latency of the same run (`baseline.latency_probe`, on a
+  fresh database of its own): first the idle server's commit round trip (200 one-row INSERTs
+  at 50/s, autocommit: the floor under every latency with fsync on); then 200 messages sent at
+  50/s (one INSERT + pg_notify statement each) to one consumer connection that sleeps until a
+  NOTIFY, then claims (the baseline's claim) until nothing is visible and acknowledges each
+  claim with a DELETE in its own transaction: send to claim (next to create-to-start) and send
+  to acknowledged commit; then 200 chains of 4 messages at 50/s, where the acknowledgement of
+  a hop inserts the next one in its transaction (as complete_steps enqueues a ready child):
+  the next hop's enqueued_at to its claim (next to the step handoff), and the first hop's
+  enqueued_at to the last hop's acknowledged commit (next to end to end). The consumer runs
+  in the benchmark's process, beside the paced sender.
 - create: four-step tasks per second on one connection: one `tasker.create_task` per call
   (autocommit, as a client would), then `tasker.create_tasks` batches of 1,000; next to a bare
-  one-row INSERT per call on the same connection, the machine's own price of a commit.
+  one-row INSERT per call on the same connection, the machine's own price of a commit. Both
+  targets are read against that bare insert (the batches may meet theirs by an absolute rate
+  instead).
 
 Tasks carry a small context (`{"i": n}`); every handler is a no-op (or sleeps `--handler-ms`).
 How the throughput scenarios measure: the workers start first and sit idle (listening); all the
@@ -76,7 +89,8 @@ handler at its start; both clocks are this machine's. Create-to-start runs from 
 WAL flush with fsync on). The handoff runs from the child step's `enqueued_at` (written at the
 end of the parent's `complete_steps`, just before it commits) to the child's handler start; the
 JSON also gives it from the start of the parent's `complete_steps` call. End to end runs from
-`created_at` to the task's `completed_at`.
+`created_at` to the task's `completed_at`, written before the last step's outcome commits; the
+raw chain's end is when its last acknowledgement returns to the consumer, that commit included.
 
 Nothing is reported that did not happen: before a scenario's numbers are printed, every task
 must be complete, every step complete exactly once, no message left and
@@ -86,15 +100,16 @@ backends is reported per step (from /proc): the split between Python and SQL.
 
 The package, one job per module:
 
-- `options`: what to run (`BenchOptions`), default sizes and the targets.
+- `options`: what to run (`BenchOptions`), default sizes and the targets (in one block).
 - `scenarios`: the scenarios but xmin; `xmin`: the held-snapshot scenario; `runner`: the run
   around them (fresh databases, completion polling, verification, the order of scenarios,
   what each scenario brings along: flat for deep, backlog and retention, dag for xmin).
-- `baseline`: the raw SQL claim/acknowledge loop and the bare INSERT the engine is compared with.
+- `baseline`: the raw SQL claim/acknowledge loop (throughput, and latency at a trickle), the
+  idle commit round trip and the bare INSERT the engine is compared with.
 - `queries`: the setup and inspection queries (counts, timings, settings) in one place.
 - `workers`: the worker processes (`python -m tasker_pg.worker_cli`); `handlers`: what they run.
 - `machine`: CPU accounting from /proc and the description of the machine.
-- `report`: the table, its notes and percentiles.
+- `report`: the table, the verdict of every row with a target, its notes and percentiles.
 - `cli`: `python -m tasker_pg.bench` and the `tasker-pg bench` subcommand (whose options live in
   `tasker_pg.bench_args`, so that `tasker-pg` does not import this package until it runs).
 """

@@ -42,9 +42,11 @@ CREATE_BATCHED_TASKS = 20_000
 CREATE_BATCH = 1_000
 CREATE_WARMUP = 20  # calls before timing starts (plans cached, functions compiled)
 
-# Targets on the 2-core reference machine.
-TARGET_FLAT_RATIO = 0.18
-TARGET_DAG_RATIO = 0.15
+# Targets on the 2-core reference machine (fsync and synchronous_commit on). Throughput:
+# steps/s over the raw baseline's messages/s of the same run.
+TARGET_FLAT_RATIO = 0.40
+TARGET_DAG_RATIO = 0.35  # diamond and linear
+TARGET_FANOUT_RATIO = 0.15
 # drain rate / clean flat drain rate of the same run: with 100,000 invisible steps in the
 # queue, with 1,000,000 queued, and while purging a 1,000,000-task history
 TARGET_BACKLOG_OF_FLAT = 0.90
@@ -52,16 +54,19 @@ TARGET_DEEP_OF_FLAT = 0.90
 TARGET_RETENTION_OF_FLAT = 0.80
 XMIN_TARGET_OF_CLEAN = 0.90  # every held window completes this share of the clean phase's
 XMIN_TARGET_LAG_P99_MS = 1_000.0
-TARGET_CREATE_START_P50_MS = 3.0
-TARGET_CREATE_START_P99_MS = 10.0
-TARGET_HANDOFF_P50_MS = 2.0
-TARGET_LINEAR_E2E_P50_MS = 10.0
-TARGET_CREATE_SINGLE = 1_500.0
-TARGET_CREATE_BATCHED = 8_000.0
+# Latencies at LATENCY_RATE: (p50, p99) in milliseconds, both must hold.
+TARGET_CREATE_START_MS = (1.5, 5.0)
+TARGET_HANDOFF_MS = (1.0, 3.0)
+TARGET_LINEAR_E2E_MS = (6.0, 15.0)
+# Task creation on one connection: one create_task per call against a bare one-row INSERT per
+# call of the same run; create_tasks batches of CREATE_BATCH: tasks/s, or that share of the
+# bare insert's rows/s (either one meets the target).
+TARGET_CREATE_SINGLE_OF_INSERT = 0.6
+TARGET_CREATE_BATCHED = 15_000.0
+TARGET_CREATE_BATCHED_OF_INSERT = 4.0
 
 # What the reference machine did, for the notes under the table.
 REFERENCE_BASELINE = 59_000
-REFERENCE_BARE_INSERT = 3_300
 DRIFT_WARNING_PCT = 15.0
 
 POLL_INTERVAL = 0.1  # completion polling (detection only, not timing)

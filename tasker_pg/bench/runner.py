@@ -75,9 +75,14 @@ class Bench:
     def ratio(self, rate: float) -> str:
         return f"{rate / self.baseline_rate:.3f}x" if self.baseline_rate else "-"
 
-    def judge(self, ok: bool) -> bool | None:
+    @property
+    def targets_apply(self) -> bool:
         """Targets hold for the default no-op handlers; with --handler-ms they do not apply."""
-        return None if self.options.handler_ms else ok
+        return not self.options.handler_ms
+
+    def judge(self, ok: bool) -> bool | None:
+        """`ok`, or None where the targets do not apply (--handler-ms)."""
+        return report.verdict(ok, self.targets_apply)
 
     @contextlib.asynccontextmanager
     async def fresh_database(self, label: str) -> AsyncIterator[str]:

@@ -42,15 +42,13 @@ from tasker_pg.bench.options import (
     SCALE_SLOW_TASKS,
     SCALE_WORKERS,
     TARGET_BACKLOG_OF_FLAT,
-    TARGET_CREATE_BATCHED,
-    TARGET_CREATE_SINGLE,
-    TARGET_CREATE_START_P50_MS,
-    TARGET_CREATE_START_P99_MS,
+    TARGET_CREATE_START_MS,
     TARGET_DAG_RATIO,
     TARGET_DEEP_OF_FLAT,
+    TARGET_FANOUT_RATIO,
     TARGET_FLAT_RATIO,
-    TARGET_HANDOFF_P50_MS,
-    TARGET_LINEAR_E2E_P50_MS,
+    TARGET_HANDOFF_MS,
+    TARGET_LINEAR_E2E_MS,
     TARGET_RETENTION_OF_FLAT,
     BenchError,
 )
@@ -63,6 +61,8 @@ if TYPE_CHECKING:
     from tasker_pg.bench.runner import Bench
 
 Scenario = Callable[["Bench"], Awaitable[None]]
+
+LINEAR_STEPS = 4  # steps of the latency scenario's linear template, hops of the raw chains
 
 
 @dataclass
@@ -202,16 +202,14 @@ async def flat(bench: Bench) -> None:
         await drain(bench, "flat", handlers.FLAT, bench.options.count(FLAT_TASKS), 1)
     ).as_dict(bench.baseline_rate)
     bench.results["flat"] = {"ok": True, **_settings(bench), **result}
-    rate = result["steps_per_s"]
-    ratio = result["ratio_to_baseline"]
     bench.emit(
-        Row(
+        report.throughput_row(
             "flat",
             f"steps/s ({bench.options.workers} worker x {bench.options.concurrency})",
-            f"{rate:,.0f}",
-            bench.ratio(rate),
-            f">= {TARGET_FLAT_RATIO:.2f}x",
-            bench.judge(ratio >= TARGET_FLAT_RATIO) if ratio is not None else None,
+            f"{result['steps_per_s']:,.0f}",
+            result["ratio_to_baseline"],
+            TARGET_FLAT_RATIO,
+            bench.targets_apply,
         )
     )
 
@@ -224,16 +222,14 @@ async def dag(bench: Bench) -> None:
             await drain(bench, f"dag_{shape}", shape, bench.options.count(DAG_TASKS), 4)
         ).as_dict(bench.baseline_rate)
         shapes[shape] = result
-        rate = result["steps_per_s"]
-        ratio = result["ratio_to_baseline"]
         bench.emit(
-            Row(
+            report.throughput_row(
                 "dag",
                 f"{shape} steps/s (tasks/s)",
-                f"{rate:,.0f} ({result['tasks_per_s']:,.0f})",
-                bench.ratio(rate),
-                f">= {TARGET_DAG_RATIO:.2f}x",
-                bench.judge(ratio >= TARGET_DAG_RATIO) if ratio is not None else None,
+                f"{result['steps_per_s']:,.0f} ({result['tasks_per_s']:,.0f})",
+                result["ratio_to_baseline"],
+                TARGET_DAG_RATIO,
+                bench.targets_apply,
             )
         )
     bench.results["dag"] = {
@@ -521,16 +517,14 @@ async def fanout(bench: Bench) -> None:
         **result,
         "fanout_commit_ms": commit,
     }
-    rate = result["steps_per_s"]
-    ratio = result["ratio_to_baseline"]
     bench.emit(
-        Row(
+        report.throughput_row(
             "fanout",
             f"steps/s (1 + {workers:,} + 1 per task)",
-            f"{rate:,.0f} ({result['tasks_per_s']:,.1f} tasks/s)",
-            bench.ratio(rate),
-            f">= {TARGET_DAG_RATIO:.2f}x",
-            bench.judge(ratio >= TARGET_DAG_RATIO) if ratio is not None else None,
+            f"{result['steps_per_s']:,.0f} ({result['tasks_per_s']:,.1f} tasks/s)",
+            result["ratio_to_baseline"],
+            TARGET_FANOUT_RATIO,
+            bench.targets_apply,
         )
     )
     bench.emit(
@@ -589,7 +583,9 @@ async def _paced_create(conn: db.Connection, template: str, count: int) -> list[
 
 
 async def latency(bench: Bench) -> None:
-    """One idle worker; tasks created one at a time: create-to-start, handoff, end to end."""
+    """One idle worker; tasks created one at a time: create-to-start, handoff, end to end; then
+    the raw loop's comparable latencies and the idle server's commit round trip, measured by
+    `baseline.latency_probe` at the same rate in the same run."""
     count = bench.options.count(LATENCY_TASKS)
     async with bench.fresh_database("latency") as dsn:
         conn = await db.connect(dsn)
@@ -616,6 +612,9 @@ async def latency(bench: Bench) -> None:
             f"latency: expected {count} starts, {3 * count} handoffs and {count} tasks, "
             f"found {len(single)}, {len(handoff)}, {len(e2e)}"
         )
+    bench.say(f"latency: the raw loop at {LATENCY_RATE:g}/s")
+    raw = await baseline.latency_probe(bench, count, LINEAR_STEPS, LATENCY_RATE)
+    floor = raw.pop("commit_floor")
     start = ms_summary([r["to_start"] for r in single])
     hand = ms_summary([r["to_start"] for r in handoff])
     end_to_end = ms_summary([r["seconds"] for r in e2e])
@@ -638,42 +637,45 @@ async def latency(bench: Bench) -> None:
             **end_to_end,
             "create_call_p50_ms": round(percentile(linear_calls, 50) * 1e3, 3),
         },
+        "raw_loop": raw,
+        "commit_floor": floor,
         **checks,
         "worker_summaries": [f"{workers[0].worker_id}: {workers[0].final_summary()}"],
     }
-    bench.emit(
+    applies = bench.targets_apply
+    for row in (
+        *report.latency_rows(
+            "create-to-start",
+            start,
+            "send to claim",
+            raw["send_to_claim"],
+            TARGET_CREATE_START_MS,
+            applies,
+        ),
+        *report.latency_rows(
+            "step handoff",
+            hand,
+            "ack+send to next claim",
+            raw["handoff"],
+            TARGET_HANDOFF_MS,
+            applies,
+        ),
+        *report.latency_rows(
+            "4-step linear end to end",
+            end_to_end,
+            f"{LINEAR_STEPS} hops, send to last ack",
+            raw["chain_end_to_end"],
+            TARGET_LINEAR_E2E_MS,
+            applies,
+        ),
+        Row("latency", "raw loop: send to acknowledged commit", report.ms_text(raw["send_to_ack"])),
         Row(
             "latency",
-            "create-to-start p50 / p99",
-            f"{start['p50_ms']:.2f} / {start['p99_ms']:.2f} ms",
-            "",
-            f"<= {TARGET_CREATE_START_P50_MS:g} / {TARGET_CREATE_START_P99_MS:g} ms",
-            bench.judge(
-                start["p50_ms"] <= TARGET_CREATE_START_P50_MS
-                and start["p99_ms"] <= TARGET_CREATE_START_P99_MS
-            ),
-        )
-    )
-    bench.emit(
-        Row(
-            "latency",
-            "step handoff p50 / p99",
-            f"{hand['p50_ms']:.2f} / {hand['p99_ms']:.2f} ms",
-            "",
-            f"p50 <= {TARGET_HANDOFF_P50_MS:g} ms",
-            bench.judge(hand["p50_ms"] <= TARGET_HANDOFF_P50_MS),
-        )
-    )
-    bench.emit(
-        Row(
-            "latency",
-            "4-step linear end to end p50 / p99",
-            f"{end_to_end['p50_ms']:.2f} / {end_to_end['p99_ms']:.2f} ms",
-            "",
-            f"p50 <= {TARGET_LINEAR_E2E_P50_MS:g} ms",
-            bench.judge(end_to_end["p50_ms"] <= TARGET_LINEAR_E2E_P50_MS),
-        )
-    )
+            "idle commit: 1-row INSERT round trip",
+            report.ms_text(floor),
+        ),
+    ):
+        bench.emit(row)
 
 
 # --- create ---------------------------------------------------------------------------------------
@@ -751,27 +753,8 @@ async def create(bench: Bench) -> None:
         },
         "all_completed": True,  # every task, step, edge and root message was created
     }
-    bench.emit(Row("create", "bare one-row INSERT/s (reference)", f"{insert_rate:,.0f}", "1.000x"))
-    bench.emit(
-        Row(
-            "create",
-            "4-step tasks/s, one create_task/call",
-            f"{single_rate:,.0f}",
-            f"{single_rate / insert_rate:.3f}x",
-            f">= {TARGET_CREATE_SINGLE:,.0f}/s",
-            single_rate >= TARGET_CREATE_SINGLE,
-        )
-    )
-    bench.emit(
-        Row(
-            "create",
-            f"4-step tasks/s, create_tasks x {batch:,}",
-            f"{batched_rate:,.0f}",
-            f"{batched_rate / insert_rate:.3f}x",
-            f">= {TARGET_CREATE_BATCHED:,.0f}/s",
-            batched_rate >= TARGET_CREATE_BATCHED,
-        )
-    )
+    for row in report.create_rows(insert_rate, single_rate, batched_rate, batch):
+        bench.emit(row)
 
 
 RUNNERS: dict[str, Scenario] = {

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from tests.support.pgserver import TestServer
 
 
+_RAW_PARTS = ("send_to_claim", "send_to_ack", "handoff", "chain_end_to_end")
+
+
 def _positive(value: Any, where: str) -> None:
     assert isinstance(value, int | float) and value > 0, f"{where} = {value!r}"
 
@@ -61,10 +64,19 @@ def test_every_scenario_reports_completed_work(
         assert drain["all_completed"] is True
         assert any("claimed=" in line for line in drain["worker_summaries"]), name
     latency = scenarios["latency"]
-    for part in ("create_to_start", "handoff", "linear_end_to_end"):
-        _positive(latency[part]["p50_ms"], f"latency.{part}.p50")
-        assert latency[part]["p99_ms"] >= latency[part]["p50_ms"]
+    raw = latency["raw_loop"]
+    for where, summary in [
+        *((part, latency[part]) for part in ("create_to_start", "handoff", "linear_end_to_end")),
+        ("commit_floor", latency["commit_floor"]),
+        *((f"raw_loop.{part}", raw[part]) for part in _RAW_PARTS),
+    ]:
+        _positive(summary["p50_ms"], f"latency.{where}.p50")
+        assert summary["p50_ms"] <= summary["p90_ms"] <= summary["p99_ms"] <= summary["max_ms"]
     assert latency["handoff"]["count"] == 3 * latency["linear_end_to_end"]["count"]
+    assert raw["messages"] == latency["commit_floor"]["count"] == 2
+    assert raw["send_to_claim"]["count"] == raw["send_to_ack"]["count"] == 2
+    assert raw["handoff"]["count"] == latency["handoff"]["count"] == 6
+    assert raw["chain_end_to_end"]["count"] == 2
     create = scenarios["create"]
     _positive(create["bare_insert"]["rows_per_s"], "bare insert")
     _positive(create["one_per_call"]["ratio_to_bare_insert"], "create vs bare insert")
@@ -218,6 +230,104 @@ def test_percentile_interpolates_between_ranks() -> None:
     assert report.percentile([3.0], 99) == 3.0
     assert report.percentile([1.0, 2.0, 3.0, 4.0], 50) == 2.5
     assert report.percentile(list(map(float, range(101))), 99) == 99.0
+    assert report.percentile([4.0, 1.0, 3.0, 2.0], 0) == 1.0
+    assert report.percentile([4.0, 1.0, 3.0, 2.0], 100) == 4.0
+    with pytest.raises(ValueError, match="no values"):
+        report.percentile([], 50)
+
+
+def test_ms_summary_of_known_durations() -> None:
+    # Unsorted seconds; ranks 0..4: p90 sits at rank 3.6, p99 at rank 3.96.
+    summary = report.ms_summary([0.005, 0.001, 0.003, 0.002, 0.004])
+    assert summary == {"count": 5, "p50_ms": 3.0, "p90_ms": 4.6, "p99_ms": 4.96, "max_ms": 5.0}
+    # One slow outlier in 200: p50 and p90 do not see it, p99 (rank 197.01) barely, max does.
+    tail = report.ms_summary([0.001] * 199 + [0.1])
+    assert tail == {"count": 200, "p50_ms": 1.0, "p90_ms": 1.0, "p99_ms": 1.0, "max_ms": 100.0}
+    tail = report.ms_summary([0.001] * 198 + [0.05, 0.1])
+    assert tail["p99_ms"] == 1.49  # rank 197.01: 1 ms + 0.01 x (50 - 1) ms
+    assert report.ms_text(summary) == "3.00/4.60/4.96/5.00 ms"
+    assert report.ms_text(
+        {"p50_ms": 9.994, "p90_ms": 12.34, "p99_ms": 99.94, "max_ms": 1234.5}
+    ) == ("9.99/12.3/99.9/1,234 ms")
+
+
+def _ms(p50: float, p99: float) -> dict[str, float]:
+    return {"count": 200, "p50_ms": p50, "p90_ms": p50, "p99_ms": p99, "max_ms": p99}
+
+
+@pytest.mark.parametrize(
+    ("target", "p50_limit", "p99_limit"),
+    [
+        (options.TARGET_CREATE_START_MS, 1.5, 5.0),
+        (options.TARGET_HANDOFF_MS, 1.0, 3.0),
+        (options.TARGET_LINEAR_E2E_MS, 6.0, 15.0),
+    ],
+    ids=["create-to-start", "handoff", "linear-end-to-end"],
+)
+def test_a_latency_is_met_at_or_under_both_its_p50_and_p99_targets(
+    target: tuple[float, float], p50_limit: float, p99_limit: float
+) -> None:
+    raw = _ms(2.0, 4.0)
+    cases = [
+        (p50_limit, p99_limit, True),  # at both
+        (p50_limit - 0.01, p99_limit - 0.01, True),  # under both
+        (p50_limit + 0.01, p99_limit, False),  # p50 over
+        (p50_limit, p99_limit + 0.01, False),  # p99 over
+        (p50_limit / 2, p99_limit * 2, False),  # a fast median does not excuse the tail
+    ]
+    for p50, p99, met in cases:
+        row, raw_row = report.latency_rows("x", _ms(p50, p99), "y", raw, target, True)
+        assert (row.met, row.result) == (met, "met" if met else "MISSED"), (p50, p99)
+        assert row.target == f"p50<={p50_limit:g} p99<={p99_limit:g} ms"
+        assert row.ratio == f"{p50 / 2.0:.2f}x raw"
+        assert (raw_row.value, raw_row.target, raw_row.result) == ("2.00/2.00/4.00/4.00 ms", "", "")
+    # With --handler-ms the latency targets do not apply.
+    [row, _] = report.latency_rows("x", _ms(p50_limit, p99_limit), "y", raw, target, False)
+    assert (row.met, row.result) == (None, "n/a")
+
+
+@pytest.mark.parametrize(
+    ("scenario", "target", "limit"),
+    [
+        ("flat", options.TARGET_FLAT_RATIO, 0.40),
+        ("dag", options.TARGET_DAG_RATIO, 0.35),
+        ("fanout", options.TARGET_FANOUT_RATIO, 0.15),
+    ],
+)
+def test_a_throughput_is_met_at_or_over_its_ratio(
+    scenario: str, target: float, limit: float
+) -> None:
+    for ratio, met in ((limit, True), (limit + 0.001, True), (limit - 0.0001, False)):
+        row = report.throughput_row(scenario, "steps/s", "1", ratio, target, True)
+        assert (row.met, row.result) == (met, "met" if met else "MISSED"), ratio
+        assert row.target == f">= {limit:.2f}x"
+    # No baseline in the run: no ratio, no verdict.
+    row = report.throughput_row(scenario, "steps/s", "1", None, target, True)
+    assert (row.ratio, row.met, row.result) == ("-", None, "n/a")
+    row = report.throughput_row(scenario, "steps/s", "1", limit, target, False)
+    assert (row.met, row.result) == (None, "n/a")
+
+
+def test_task_creation_is_judged_against_the_bare_insert_of_the_same_run() -> None:
+    def verdicts(insert: float, single: float, batched: float) -> list[str]:
+        rows = report.create_rows(insert, single, batched, 1_000)
+        assert rows[0].target == "" and rows[0].ratio == "1.000x"
+        return [r.result for r in rows[1:]]
+
+    # one create_task per call: >= 0.6x the bare insert, whatever the absolute rate
+    assert verdicts(1_000.0, 600.0, 20_000.0) == ["met", "met"]
+    assert verdicts(1_000.0, 599.0, 20_000.0) == ["MISSED", "met"]
+    assert verdicts(100.0, 61.0, 20_000.0) == ["met", "met"]
+    # batches of 1,000: >= 15,000 tasks/s, or >= 4x the bare insert
+    assert verdicts(10_000.0, 6_000.0, 15_000.0) == ["met", "met"]  # 15,000/s at 1.5x
+    assert verdicts(10_000.0, 6_000.0, 14_999.0) == ["met", "MISSED"]
+    assert verdicts(3_000.0, 1_800.0, 12_000.0) == ["met", "met"]  # 4.0x at 12,000/s
+    assert verdicts(3_000.0, 1_800.0, 11_999.0) == ["met", "MISSED"]
+    rows = report.create_rows(3_000.0, 1_800.0, 12_000.0, 1_000)
+    assert [(r.ratio, r.target) for r in rows[1:]] == [
+        ("0.600x", ">= 0.60x insert"),
+        ("4.000x", ">=15k/s or 4x"),
+    ]
 
 
 # Runs `tasker-pg` with the given arguments in this interpreter, then prints which modules of
