@@ -75,6 +75,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="each handler awaits asyncio.sleep(MS) first (default 0: no-op handlers; the "
         "targets only apply to 0)",
     )
+    parser.add_argument(
+        "--function-times",
+        action="store_true",
+        help="track the server time of every engine function in each scenario's database "
+        "(track_functions = all) and report the top ones per scenario: calls, and self and "
+        "total time per call",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument(
         "--dsn",

@@ -346,7 +346,10 @@ BEGIN
                 SELECT h.queue, array_agg(h.msg_id ORDER BY h.msg_id), array_agg(h.step_uuid ORDER BY h.msg_id)
                   FROM (SELECT e.*, row_number() OVER (ORDER BY e.priority DESC, e.msg_id) AS n
                           FROM unnest(v_sent) e
-                         WHERE NOT tasker._higher_priority_waiting(e.queue, e.priority, v_now)) h
+                         -- one probe per (queue, priority) sent, not per child
+                         WHERE (e.queue, e.priority) NOT IN (
+                                   SELECT DISTINCT x.queue, x.priority FROM unnest(v_sent) x
+                                    WHERE tasker._higher_priority_waiting(x.queue, x.priority, v_now))) h
                  WHERE h.n <= p_handoff
                  GROUP BY h.queue
             LOOP
@@ -395,7 +398,6 @@ LANGUAGE sql STABLE AS $$
          WHERE EXISTS (SELECT 1 FROM tasker.queue_messages m
                         WHERE m.queue = p_queue AND m.priority = hp.priority AND m.vt <= p_now))
 $$;
-ALTER FUNCTION tasker._higher_priority_waiting(text, integer, timestamptz) SET enable_seqscan = off;
 
 -- The children an outcome's first delivery handed to p_worker_id, for the outcomes of p_in
 -- that were not applied now because that delivery was (sent again after a lost answer): each

@@ -93,6 +93,8 @@ class BenchOptions:
     n: float = 1.0
     handler_ms: float = 0.0
     dsn: str | None = None
+    # server time per engine function (pg_stat_user_functions) of every scenario database
+    function_times: bool = False
 
     def count(self, default: int) -> int:
         """A default size scaled by `n` (at least 1)."""
@@ -104,6 +106,7 @@ def options_from_args(args: argparse.Namespace) -> BenchOptions:
     return BenchOptions(
         scenarios=tuple(args.scenario) or SCENARIOS,
         workers=args.workers,
+        function_times=bool(getattr(args, "function_times", False)),
         concurrency=args.concurrency,
         n=args.n,
         handler_ms=args.handler_ms,

@@ -136,6 +136,14 @@ SELECT extract(epoch FROM t.completed_at - t.created_at)::float8 AS seconds
  WHERE t.name = $1
 """
 
+# Server time per engine function (track_functions = all), most self time first.
+_FUNCTION_TIMES = """
+SELECT funcname, calls, total_time, self_time
+  FROM pg_stat_user_functions
+ WHERE schemaname = 'tasker'
+ ORDER BY self_time DESC, funcname
+"""
+
 # What the create scenario wrote (the bare-insert reference table included).
 _CREATED_TOTALS = """
 SELECT (SELECT count(*) FROM tasker.tasks) AS tasks,
@@ -166,6 +174,17 @@ async def drop_database(admin: db.Connection, name: str, *, force: bool) -> None
 
 async def create_database(admin: db.Connection, name: str) -> None:
     await admin.execute(f"CREATE DATABASE {_database_name(name)}")
+
+
+async def track_functions(admin: db.Connection, name: str) -> None:
+    """Sessions of the bench database count the time of every function (needs superuser)."""
+    await admin.execute(f"ALTER DATABASE {_database_name(name)} SET track_functions = 'all'")
+
+
+async def function_times(conn: db.Connection) -> list[db.Row]:
+    """The engine functions' calls and server time (ms) in this database, most self time first
+    (the sessions that ran them have ended: their statistics are flushed)."""
+    return await conn.fetch(_FUNCTION_TIMES)
 
 
 async def checkpoint(conn: db.Connection) -> None:

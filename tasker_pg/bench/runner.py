@@ -28,6 +28,9 @@ from tasker_pg.bench.report import Row
 from tasker_pg.bench.workers import WorkerProcess
 from tasker_pg.errors import TaskerError
 
+# How many engine functions `--function-times` lists per scenario database (the JSON has all).
+FUNCTION_TIMES_SHOWN = 12
+
 
 def with_database(dsn: str, database: str) -> str:
     """The same server and credentials, another database."""
@@ -57,6 +60,8 @@ class Bench:
         self.baseline_rate: float | None = None
         self.rows: list[Row] = []
         self.results: dict[str, dict[str, Any]] = {}
+        # `--function-times`: per scenario database, its engine functions' calls and times
+        self.function_times: dict[str, list[dict[str, Any]]] = {}
         self._logdir: tempfile.TemporaryDirectory[str] | None = None
 
     # --- for the scenarios -------------------------------------------------------------------
@@ -92,6 +97,8 @@ class Bench:
         force = self.server_version_num >= 130000
         await queries.drop_database(self.admin, name, force=force)
         await queries.create_database(self.admin, name)
+        if self.options.function_times:
+            await queries.track_functions(self.admin, name)
         try:
             dsn = with_database(self.admin_dsn, name)
             conn = await db.connect(dsn, check_schema=False)
@@ -101,8 +108,36 @@ class Bench:
             finally:
                 await conn.close()
             yield dsn
+            if self.options.function_times:
+                await self._report_function_times(label, dsn)
         finally:
             await queries.drop_database(self.admin, name, force=force)
+
+    async def _report_function_times(self, label: str, dsn: str) -> None:
+        """The engine functions' server time in the scenario's database (pg_stat_user_functions:
+        `self` excludes the functions a function calls, `total` includes them)."""
+        conn = await db.connect(dsn, check_schema=False)
+        try:
+            rows = await queries.function_times(conn)
+        finally:
+            await conn.close()
+        times = [
+            {
+                "function": r["funcname"],
+                "calls": int(r["calls"]),
+                "self_ms": float(r["self_time"]),
+                "total_ms": float(r["total_time"]),
+            }
+            for r in rows
+        ]
+        self.function_times[label] = times
+        self.say(f"{label}: server time per engine function (self / total per call, calls)")
+        for t in times[:FUNCTION_TIMES_SHOWN]:
+            calls = max(t["calls"], 1)
+            self.say(
+                f"  {t['function']:<28} {t['self_ms'] * 1000 / calls:9.1f} us "
+                f"/ {t['total_ms'] * 1000 / calls:9.1f} us  x {t['calls']:,}"
+            )
 
     async def register(self, conn: db.Connection) -> None:
         """Register every benchmark template (with the run's handler sleep)."""
@@ -260,6 +295,7 @@ class Bench:
             },
             "machine": described,
             "scenarios": self.results,
+            **({"function_times": self.function_times} if self.options.function_times else {}),
             "targets": [
                 {
                     "scenario": r.scenario,

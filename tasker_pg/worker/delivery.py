@@ -217,28 +217,20 @@ class Deliverer:
         shared = self._shared
         config = shared.config
         outcomes = [outcome.to_json() for _, outcome in batch]
-        handoff = self._handoff_slots(batch)
-        # beyond the slots kept for the batch, the free ones asked for are kept while in flight
-        extra = max(handoff - self._batch_kept, 0)
+        handoff = self._handoff_slots(batch)  # within the slots kept for the batch
         lease_deadline = time.monotonic() + config.lease_seconds
         started = time.perf_counter()
-        shared.reserved += extra
-        try:
-            rows, steps = await self._session.call(
-                lambda conn: conn.complete_and_claim(
-                    outcomes, config.worker_id, handoff, config.lease_seconds
-                )
+        rows, steps = await self._session.call(
+            lambda conn: conn.complete_and_claim(
+                outcomes, config.worker_id, handoff, config.lease_seconds
             )
-        finally:
-            if extra:
-                shared.reserved -= extra
-                shared.claim_wake.set()
+        )
         shared.instruments.flush_seconds(time.perf_counter() - started)
         return rows, ((steps, lease_deadline) if steps else None)
 
     def _handoff_slots(self, batch: list[tuple[Claim, Outcome]]) -> int:
         """How many children to ask for: what the batch's successes can make ready, capped by
-        the slots kept for them plus the free ones; 0 when none were kept (the worker was busy:
+        the slots kept for them; 0 when none were kept (the worker was busy:
         its claim loop takes the children in batches, on its own session, in parallel with
         the flushes), when hand-off is off, or when the worker is stopping."""
         shared = self._shared
@@ -248,8 +240,7 @@ class Deliverer:
         bound = sum(c.step.dependents for c, o in batch if o.kind == "success")
         if bound <= 0:
             return 0
-        slots = self._batch_kept + max(shared.free_slots(), 0)
-        return max(0, min(bound, slots, config.max_batch, MAX_HANDOFF))
+        return max(0, min(bound, self._batch_kept, config.max_batch, MAX_HANDOFF))
 
     def _keep_or_give_up(
         self, batch: list[tuple[Claim, Outcome]], error: BaseException, tries: int
