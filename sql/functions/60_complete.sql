@@ -348,8 +348,9 @@ BEGIN
                           FROM unnest(v_sent) e
                          -- one probe per (queue, priority) sent, not per child
                          WHERE (e.queue, e.priority) NOT IN (
-                                   SELECT DISTINCT x.queue, x.priority FROM unnest(v_sent) x
-                                    WHERE tasker._higher_priority_waiting(x.queue, x.priority, v_now))) h
+                                   SELECT d.queue, d.priority
+                                     FROM (SELECT DISTINCT x.queue, x.priority FROM unnest(v_sent) x) d
+                                    WHERE tasker._higher_priority_waiting(d.queue, d.priority, v_now))) h
                  WHERE h.n <= p_handoff
                  GROUP BY h.queue
             LOOP
@@ -388,16 +389,21 @@ COMMENT ON FUNCTION tasker.complete_and_claim(jsonb, text, integer, double preci
 -- (tasker.queue_priorities records every priority but 0, which is probed when it is above).
 CREATE FUNCTION tasker._higher_priority_waiting(p_queue text, p_priority integer, p_now timestamptz)
 RETURNS boolean
-LANGUAGE sql STABLE AS $$
-    SELECT EXISTS (
+LANGUAGE plpgsql STABLE AS $$
+BEGIN
+    -- plpgsql, not sql: its plans are kept for the session (a sql function called from a
+    -- statement is planned again at every call)
+    RETURN EXISTS (
         SELECT 1
           FROM (SELECT qp.priority FROM tasker.queue_priorities qp
                  WHERE qp.queue = p_queue AND qp.priority > p_priority
                 UNION ALL
                 SELECT 0 WHERE p_priority < 0) hp
          WHERE EXISTS (SELECT 1 FROM tasker.queue_messages m
-                        WHERE m.queue = p_queue AND m.priority = hp.priority AND m.vt <= p_now))
+                        WHERE m.queue = p_queue AND m.priority = hp.priority AND m.vt <= p_now));
+END
 $$;
+ALTER FUNCTION tasker._higher_priority_waiting(text, integer, timestamptz) SET enable_seqscan = off;
 
 -- The children an outcome's first delivery handed to p_worker_id, for the outcomes of p_in
 -- that were not applied now because that delivery was (sent again after a lost answer): each
