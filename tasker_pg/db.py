@@ -766,9 +766,10 @@ class Connection:
         return task
 
     async def backfill_schedule(
-        self, name: str, start: datetime, end: datetime, limit: int = 1000
+        self, name: str, start: datetime, end: datetime | None, limit: int = 1000
     ) -> list[Row]:
-        """`tasker.backfill_schedule`: one row (slot, task_uuid, created) per slot fired."""
+        """`tasker.backfill_schedule`: one row (slot, task_uuid, created) per slot fired
+        (`end` None or after now: now)."""
         return await self.fetch(
             "SELECT * FROM tasker.backfill_schedule($1, $2, $3, $4)", name, start, end, limit
         )

@@ -580,11 +580,11 @@ $$;
 COMMENT ON FUNCTION tasker.trigger_schedule(text) IS
     'Operator: creates a task of a schedule now (its slot is the current instant), whatever its overlap policy.';
 
--- Fires every slot of a schedule from p_from to p_to (both included, p_to not after now), at
--- most p_limit (1 to 10000) slots, the oldest first, whatever the overlap policy and the
--- catch-up window. A slot that already fired returns its task (created = false), so a backfill
--- can be repeated. The schedule's own next slot and last task do not change. TN005 when it
--- does not exist; TV002 for a range that runs backwards or into the future.
+-- Fires every slot of a schedule from p_from to p_to (both included; p_to NULL or after now:
+-- now), at most p_limit (1 to 10000) slots, the oldest first, whatever the overlap policy and
+-- the catch-up window. A slot that already fired returns its task (created = false), so a
+-- backfill can be repeated. The schedule's own next slot and last task do not change. TN005
+-- when it does not exist; TV002 for a range that runs backwards.
 CREATE FUNCTION tasker.backfill_schedule(p_name text, p_from timestamptz, p_to timestamptz, p_limit integer DEFAULT 1000)
 RETURNS TABLE (slot timestamptz, task_uuid uuid, created boolean)
 LANGUAGE plpgsql AS $$
@@ -594,14 +594,15 @@ DECLARE
     v_c    tasker._cron;
     v_slot timestamptz;
     v_n    integer := 0;
+    v_to   timestamptz := least(coalesce(p_to, clock_timestamp()), clock_timestamp());
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 10000 THEN
         RAISE EXCEPTION 'limit must be an integer from 1 to 10000, got %', coalesce(p_limit::text, 'NULL')
             USING ERRCODE = 'TV002';
     END IF;
-    IF p_from IS NULL OR p_to IS NULL OR p_from > p_to OR p_to > clock_timestamp() THEN
-        RAISE EXCEPTION 'backfill needs from <= to <= now, got % to %', coalesce(p_from::text, 'NULL'),
-            coalesce(p_to::text, 'NULL') USING ERRCODE = 'TV002';
+    IF p_from IS NULL OR p_from > v_to THEN
+        RAISE EXCEPTION 'backfill needs from <= to (to: at most now), got % to %', coalesce(p_from::text, 'NULL'),
+            v_to USING ERRCODE = 'TV002';
     END IF;
     SELECT * INTO v_s FROM tasker.schedules s WHERE s.name = p_name FOR UPDATE;
     IF NOT FOUND THEN
@@ -609,7 +610,7 @@ BEGIN
     END IF;
     v_c := tasker._cron_parse(v_s.cron);
     v_slot := tasker._cron_next(v_c, v_s.time_zone, p_from - interval '1 microsecond');
-    WHILE v_slot IS NOT NULL AND v_slot <= p_to AND v_n < p_limit LOOP
+    WHILE v_slot IS NOT NULL AND v_slot <= v_to AND v_n < p_limit LOOP
         SELECT f.task_uuid, f.created INTO task_uuid, created FROM tasker._fire_slot(v_s, v_slot, 'backfilled') f;
         slot := v_slot;
         RETURN NEXT;

@@ -547,9 +547,15 @@ async def test_backfill_fires_a_past_range_once(conn: db.Connection) -> None:
     # the schedule itself is unchanged
     row = (await conn.list_schedules())[0]
     assert (row["last_slot"], row["last_task_uuid"]) == (None, None)
-    with pytest.raises(ValidationError) as future:
-        await conn.backfill_schedule("q", now, now + dt.timedelta(hours=1))
-    assert future.value.error_code == "invalid_argument"
+    # a range into the future ends now; one that runs backwards is refused
+    upto_now = await conn.backfill_schedule("q", now, now + dt.timedelta(hours=1))
+    clock = await conn.fetchval("SELECT clock_timestamp()")
+    assert upto_now[0]["slot"] == now
+    assert all(r["slot"] <= clock for r in upto_now)
+    assert upto_now[-1]["slot"] > clock - dt.timedelta(minutes=15)
+    with pytest.raises(ValidationError) as backwards:
+        await conn.backfill_schedule("q", now, now - dt.timedelta(hours=1))
+    assert backwards.value.error_code == "invalid_argument"
 
 
 async def test_a_schedule_that_cannot_fire_records_why_and_others_go_on(
