@@ -109,11 +109,11 @@ def _field(text: str, what: str, lo: int, hi: int, names: tuple[str, ...]) -> fr
 def parse_cron(expr: str, *, today: datetime.date | None = None) -> CronSpec:
     """Parse `expr` by the engine's rules; `CronError` when the database would refuse it
     (including an expression with no slot within 3000 days of `today`, default today UTC)."""
+    raw = len(expr.encode())
     text = expr.strip().lower()
-    if len(text.encode()) > MAX_CRON_BYTES:
-        raise CronError(
-            f"cron expression is {len(text.encode())} bytes; at most {MAX_CRON_BYTES} are allowed"
-        )
+    size = raw if raw > 65536 else len(text.encode())
+    if raw > 65536 or size > MAX_CRON_BYTES:
+        raise CronError(f"cron expression is {size} bytes; at most {MAX_CRON_BYTES} are allowed")
     text = ALIASES.get(text, text)
     if text.startswith("@"):
         raise CronError(f"cron alias {text[:40]!r} is unknown (valid: {', '.join(ALIASES)})")

@@ -86,12 +86,14 @@ $$;
 CREATE FUNCTION tasker._cron_parse(p_expr text) RETURNS tasker._cron
 LANGUAGE plpgsql IMMUTABLE AS $$
 DECLARE
-    v_expr   text := lower(regexp_replace(coalesce(p_expr, ''), '^\s+|\s+$', '', 'g'));
+    v_expr   text := lower(regexp_replace(left(coalesce(p_expr, ''), 65537), '^\s+|\s+$', '', 'g'));
     v_fields text[];
     v_c      tasker._cron;
 BEGIN
-    IF octet_length(v_expr) > 256 THEN
-        RAISE EXCEPTION 'cron expression is % bytes; at most 256 are allowed', octet_length(v_expr)
+    -- a huge value is refused before any pattern reads it
+    IF octet_length(p_expr) > 65536 OR octet_length(v_expr) > 256 THEN
+        RAISE EXCEPTION 'cron expression is % bytes; at most 256 are allowed',
+            CASE WHEN octet_length(p_expr) > 65536 THEN octet_length(p_expr) ELSE octet_length(v_expr) END
             USING ERRCODE = 'TV040';
     END IF;
     v_expr := CASE v_expr

@@ -35,7 +35,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from tasker_pg import db
-from tasker_pg.cron import ALIASES, CronError, parse_cron
+from tasker_pg.cron import ALIASES, CronError, check_time_zone, parse_cron
 from tasker_pg.errors import NotFoundError, ValidationError
 from tasker_pg.template import TaskTemplate, TemplateValidationError
 from tests.sql.conftest import Opener
@@ -304,6 +304,26 @@ def test_sql_and_python_agree_on_valid_cron(env: Env, expr: str) -> None:
     )
     # cron_next answers NULL for an expression without a slot; the loader refuses it
     assert python_ok == (sql_ok and not never), expr
+
+
+async def test_sql_and_python_agree_on_time_zone_names(conn: db.Connection) -> None:
+    sql_names = {r["name"] for r in await conn.fetch("SELECT name FROM pg_timezone_names")}
+    names = sql_names | zoneinfo.available_timezones() | {"", "+05:00", "UTC+5", "Mars/Base"}
+    disagree = []
+    for name in sorted(names):
+        try:
+            check_time_zone(name)
+            python_ok = True
+        except CronError:
+            python_ok = False
+        if python_ok != (name in sql_names):
+            disagree.append(name)
+    # the server and Python may read different copies of the tz database (the bundled servers
+    # carry their own): a handful of names new in one of them may differ, never the common ones
+    assert len(disagree) <= 5, disagree
+    for common in ("UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata"):
+        assert common in sql_names
+        assert check_time_zone(common) == common
 
 
 # --- creating and changing schedules ------------------------------------------------------------
