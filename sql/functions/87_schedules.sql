@@ -184,8 +184,9 @@ END
 $$;
 
 -- The first slot of a parsed cron expression strictly after p_after, or NULL when there is
--- none within 3000 days (29 February on a given weekday recurs within 28 years, so such an
--- expression is refused where it is created rather than searched for).
+-- none within 3000 days. That covers every day of a month, 29 February included (it recurs
+-- within 8 years); an expression that needs longer (29 February on one weekday: 28 years) or
+-- never fires (30 February) gets NULL, and a schedule with it is refused where it is made.
 CREATE FUNCTION tasker._cron_next(p_cron tasker._cron, p_zone text, p_after timestamptz) RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 DECLARE
@@ -233,8 +234,9 @@ CREATE FUNCTION tasker.cron_next(p_cron text, p_time_zone text DEFAULT 'UTC', p_
 RETURNS timestamptz
 LANGUAGE plpgsql STABLE AS $$
 BEGIN
-    -- a cheap check (pg_timezone_names reads the whole tz database): PostgreSQL refuses a zone
-    -- it does not know; names only
+    -- a cheap check (pg_timezone_names reads the whole tz database, about 20 ms): PostgreSQL
+    -- refuses a zone it does not know. A POSIX zone such as UTC+5, which PostgreSQL accepts,
+    -- is accepted here; create_schedule takes names of the tz database only.
     IF p_time_zone IS NULL OR octet_length(p_time_zone) > 64 OR p_time_zone !~ '^[A-Za-z][A-Za-z0-9_/+-]*$' THEN
         PERFORM tasker._check_time_zone(p_time_zone);
     END IF;
