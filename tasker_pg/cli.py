@@ -22,7 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import tasker_pg
-from tasker_pg import argtypes, bench_args, db, migrations, observe_cli, roles, top, worker_cli
+from tasker_pg import (
+    argtypes,
+    bench_args,
+    db,
+    migrations,
+    observe_cli,
+    roles,
+    schedule_cli,
+    top,
+    worker_cli,
+)
 from tasker_pg.client import REDRIVE_BATCH, AsyncTaskerClient
 from tasker_pg.embedded import EmbeddedCluster
 from tasker_pg.errors import NotFoundError, TaskerError, ValidationError
@@ -976,6 +986,8 @@ def build_parser() -> argparse.ArgumentParser:
     tml.add_argument("--namespace")
     reg = op(tmsub, "register", cmd_template_register, "register a template file or directory")
     reg.add_argument("path", metavar="PATH", help="a .yaml file, or a directory of them")
+
+    schedule_cli.add_parser(sub, op)
 
     maint = op(
         sub,

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self, TypeVar
@@ -42,6 +42,8 @@ from tasker_pg.responses import (
     Pagination,
     RedrivenTask,
     RedriveResponse,
+    ScheduleFire,
+    ScheduleResponse,
     StepAuditResponse,
     StepNotCreated,
     StepResponse,
@@ -783,6 +785,107 @@ class AsyncTaskerClient:
         async with self._session() as conn:
             return dict(await conn.resolve_step(step, result))
 
+    # --- schedules ---------------------------------------------------------------------------
+
+    async def create_schedule(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        template: str,
+        cron: str,
+        time_zone: str = "UTC",
+        context: Mapping[str, Any] | None = None,
+        overlap: str = "skip",
+        catchup_window: timedelta = timedelta(hours=1),
+        version: str | None = None,
+        enabled: bool = True,
+    ) -> ScheduleResponse:
+        """Create a cron schedule (tasker.create_schedule): every slot of `cron` in
+        `time_zone` creates a task of the template (`version` None: the newest at each firing)
+        with `context`. `overlap`: skip (no task while the last one is pending or running),
+        allow, or cancel_previous; `catchup_window`: after downtime, missed slots at most this
+        old still fire (1 minute to 366 days)."""
+        _json_check(dict(context or {}), "schedule context", "invalid_context")
+        async with self._session() as conn:
+            row = await conn.create_schedule(
+                name,
+                namespace,
+                template,
+                cron,
+                time_zone=time_zone,
+                context=context,
+                overlap=overlap,
+                catchup_window=catchup_window,
+                version=version,
+                enabled=enabled,
+            )
+        return ScheduleResponse.from_row(row)
+
+    async def list_schedules(self) -> list[ScheduleResponse]:
+        """Every schedule, by name, with its next and last fire and its last task's state."""
+        async with self._session() as conn:
+            rows = await conn.list_schedules()
+        return [ScheduleResponse.from_row(r) for r in rows]
+
+    async def pause_schedule(self, name: str) -> ScheduleResponse:
+        """Stop a schedule firing until `resume_schedule` (tasker.pause_schedule)."""
+        async with self._session() as conn:
+            return ScheduleResponse.from_row(await conn.change_schedule("pause", name))
+
+    async def resume_schedule(self, name: str) -> ScheduleResponse:
+        """Fire a paused schedule again from its first slot after now (the pause is not
+        caught up)."""
+        async with self._session() as conn:
+            return ScheduleResponse.from_row(await conn.change_schedule("resume", name))
+
+    async def delete_schedule(self, name: str) -> bool:
+        """Delete a schedule (its tasks stay); False when there was none."""
+        async with self._session() as conn:
+            return await conn.delete_schedule(name)
+
+    async def trigger_schedule(self, name: str) -> str:
+        """Create a task of a schedule now, whatever its overlap policy; its uuid."""
+        async with self._session() as conn:
+            return str(await conn.trigger_schedule(name))
+
+    async def backfill_schedule(
+        self, name: str, start: datetime, end: datetime | None = None, *, limit: int = 1000
+    ) -> list[ScheduleFire]:
+        """Create the tasks of every slot from `start` to `end` (both included, timezone-aware;
+        `end` None or in the future: now), at most `limit` (1 to 10000), oldest first. A slot
+        that already fired keeps its task (action `existing`), so a backfill can be repeated."""
+        for value, what in ((start, "start"), (end, "end")):
+            if value is not None and value.tzinfo is None:
+                raise ValidationError(
+                    f"{what} must be timezone-aware", error_code="invalid_argument"
+                )
+        async with self._session() as conn:
+            rows = await conn.backfill_schedule(name, start, end, limit)
+        return [
+            ScheduleFire(
+                schedule_name=name,
+                slot=r["slot"],
+                task_uuid=str(r["task_uuid"]),
+                action="created" if r["created"] else "existing",
+            )
+            for r in rows
+        ]
+
+    async def fire_due_schedules(self, *, limit: int = 1000) -> list[ScheduleFire]:
+        """Fire every due slot now (tasker.fire_due_schedules; workers do it periodically)."""
+        async with self._session() as conn:
+            rows = await conn.fire_due_schedules(limit)
+        return [
+            ScheduleFire(
+                schedule_name=r["schedule_name"],
+                slot=r["slot"],
+                task_uuid=None if r["task_uuid"] is None else str(r["task_uuid"]),
+                action=r["action"],
+            )
+            for r in rows
+        ]
+
     # --- templates and health ----------------------------------------------------------------
 
     async def register_templates(self, path: str | Path) -> list[TemplateRegistration]:
@@ -1194,6 +1297,66 @@ class TaskerClient:
     def resolve_step(self, step_uuid: str | uuid.UUID, result: Any = None) -> dict[str, Any]:
         """See `AsyncTaskerClient.resolve_step`."""
         return self._run(self._client.resolve_step(step_uuid, result))
+
+    def create_schedule(
+        self,
+        name: str,
+        *,
+        namespace: str,
+        template: str,
+        cron: str,
+        time_zone: str = "UTC",
+        context: Mapping[str, Any] | None = None,
+        overlap: str = "skip",
+        catchup_window: timedelta = timedelta(hours=1),
+        version: str | None = None,
+        enabled: bool = True,
+    ) -> ScheduleResponse:
+        """See `AsyncTaskerClient.create_schedule`."""
+        return self._run(
+            self._client.create_schedule(
+                name,
+                namespace=namespace,
+                template=template,
+                cron=cron,
+                time_zone=time_zone,
+                context=context,
+                overlap=overlap,
+                catchup_window=catchup_window,
+                version=version,
+                enabled=enabled,
+            )
+        )
+
+    def list_schedules(self) -> list[ScheduleResponse]:
+        """See `AsyncTaskerClient.list_schedules`."""
+        return self._run(self._client.list_schedules())
+
+    def pause_schedule(self, name: str) -> ScheduleResponse:
+        """See `AsyncTaskerClient.pause_schedule`."""
+        return self._run(self._client.pause_schedule(name))
+
+    def resume_schedule(self, name: str) -> ScheduleResponse:
+        """See `AsyncTaskerClient.resume_schedule`."""
+        return self._run(self._client.resume_schedule(name))
+
+    def delete_schedule(self, name: str) -> bool:
+        """See `AsyncTaskerClient.delete_schedule`."""
+        return self._run(self._client.delete_schedule(name))
+
+    def trigger_schedule(self, name: str) -> str:
+        """See `AsyncTaskerClient.trigger_schedule`."""
+        return self._run(self._client.trigger_schedule(name))
+
+    def backfill_schedule(
+        self, name: str, start: datetime, end: datetime | None = None, *, limit: int = 1000
+    ) -> list[ScheduleFire]:
+        """See `AsyncTaskerClient.backfill_schedule`."""
+        return self._run(self._client.backfill_schedule(name, start, end, limit=limit))
+
+    def fire_due_schedules(self, *, limit: int = 1000) -> list[ScheduleFire]:
+        """See `AsyncTaskerClient.fire_due_schedules`."""
+        return self._run(self._client.fire_due_schedules(limit=limit))
 
     def register_templates(self, path: str | Path) -> list[TemplateRegistration]:
         """See `AsyncTaskerClient.register_templates`."""

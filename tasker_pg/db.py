@@ -12,7 +12,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import asyncpg
@@ -54,9 +54,11 @@ SQLSTATE_ERROR_CODES: dict[str, str] = {
     "TV022": "invalid_option",
     "TV030": "invalid_outcome",
     "TV031": "invalid_claims",
+    "TV040": "invalid_schedule",
     "TN002": "template_not_found",
     "TN003": "task_not_found",
     "TN004": "step_not_found",
+    "TN005": "schedule_not_found",
     "TS001": "task_finished",
     "TS002": "step_not_in_error",
     "TS003": "step_finished",
@@ -731,6 +733,83 @@ class Connection:
         row = await self.fetchrow("SELECT * FROM tasker.purge_finished($1)", batch)
         assert row is not None
         return PurgeCounts.from_row(row)
+
+    # --- schedules (sql/functions/87_schedules.sql) ----------------------------------------
+
+    async def create_schedule(
+        self,
+        name: str,
+        namespace: str,
+        template: str,
+        cron: str,
+        *,
+        time_zone: str = "UTC",
+        context: Mapping[str, Any] | None = None,
+        overlap: str = "skip",
+        catchup_window: timedelta = timedelta(hours=1),
+        version: str | None = None,
+        enabled: bool = True,
+    ) -> Row:
+        """`tasker.create_schedule`: the new schedule's row (as `list_schedules` gives it)."""
+        row = await self.fetchrow(
+            "SELECT * FROM tasker.create_schedule($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+            name,
+            namespace,
+            template,
+            cron,
+            time_zone,
+            dict(context or {}),
+            overlap,
+            catchup_window,
+            version,
+            enabled,
+        )
+        assert row is not None
+        return row
+
+    async def list_schedules(self) -> list[Row]:
+        """`tasker.list_schedules()`: every schedule with its next and last fire."""
+        return await self.fetch("SELECT * FROM tasker.list_schedules()")
+
+    async def change_schedule(self, action: str, name: str) -> Row:
+        """`tasker.pause_schedule` or `tasker.resume_schedule` (`action`: pause, resume)."""
+        if action not in ("pause", "resume"):
+            raise ValueError(f"unknown schedule action {action!r}")
+        row = await self.fetchrow(f"SELECT * FROM tasker.{action}_schedule($1)", name)
+        assert row is not None
+        return row
+
+    async def delete_schedule(self, name: str) -> bool:
+        """`tasker.delete_schedule`: False when there was no such schedule."""
+        return bool(await self.fetchval("SELECT tasker.delete_schedule($1)", name))
+
+    async def trigger_schedule(self, name: str) -> uuid.UUID:
+        """`tasker.trigger_schedule`: the task created now."""
+        task: uuid.UUID = await self.fetchval("SELECT tasker.trigger_schedule($1)", name)
+        return task
+
+    async def backfill_schedule(
+        self, name: str, start: datetime, end: datetime | None, limit: int = 1000
+    ) -> list[Row]:
+        """`tasker.backfill_schedule`: one row (slot, task_uuid, created) per slot fired
+        (`end` None or after now: now)."""
+        return await self.fetch(
+            "SELECT * FROM tasker.backfill_schedule($1, $2, $3, $4)", name, start, end, limit
+        )
+
+    async def fire_due_schedules(self, limit: int = 1000, *, exclusive: bool = False) -> list[Row]:
+        """`tasker.fire_due_schedules`: one row per slot handled (schedule_name, slot,
+        task_uuid, action). With `exclusive`, only when no other `exclusive` caller is firing
+        (a transaction-level advisory lock; an empty list otherwise): what workers do, so one
+        of them scans the schedules per interval."""
+        if not exclusive:
+            return await self.fetch("SELECT * FROM tasker.fire_due_schedules($1)", limit)
+        async with self.transaction():
+            if not await self.fetchval(
+                "SELECT pg_try_advisory_xact_lock(hashtextextended('tasker.fire_due_schedules', 0))"
+            ):
+                return []
+            return await self.fetch("SELECT * FROM tasker.fire_due_schedules($1)", limit)
 
     async def worker_heartbeat(
         self,

@@ -28,6 +28,8 @@ __all__ = [
     "Pagination",
     "RedriveResponse",
     "RedrivenTask",
+    "ScheduleFire",
+    "ScheduleResponse",
     "StepAuditResponse",
     "StepNotCreated",
     "StepResponse",
@@ -454,6 +456,69 @@ class WorkerStatus(_ToDict):
     namespaces: list[str]
     missing_handlers: dict[str, Any]
     """Handler name -> when this worker first lacked it (it hands such steps back)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleResponse(_ToDict):
+    """One schedule (a row of `tasker.list_schedules()`): what it creates, when, and how its
+    last task is doing."""
+
+    name: str
+    namespace: str
+    template_name: str
+    template_version: str | None
+    """None: the newest version at each firing."""
+    cron: str
+    time_zone: str
+    context: dict[str, Any]
+    overlap: str
+    """skip, allow or cancel_previous."""
+    catchup_window_seconds: float
+    enabled: bool
+    next_fire_at: datetime | None
+    """The next slot (None while paused)."""
+    last_slot: datetime | None
+    last_fired_at: datetime | None
+    last_task_uuid: str | None
+    last_task_state: str | None
+    """None when there is no last task, or it was purged."""
+    last_error: str | None
+    declared_by: str | None
+    """The template version whose `schedules:` declared it (None: made by create_schedule)."""
+
+    @classmethod
+    def from_row(cls, row: Row) -> ScheduleResponse:
+        return cls(
+            name=row["name"],
+            namespace=row["namespace"],
+            template_name=row["template_name"],
+            template_version=row["template_version"],
+            cron=row["cron"],
+            time_zone=row["time_zone"],
+            context=dict(row["context"]),
+            overlap=row["overlap"],
+            catchup_window_seconds=row["catchup_window"].total_seconds(),
+            enabled=bool(row["enabled"]),
+            next_fire_at=row["next_fire_at"],
+            last_slot=row["last_slot"],
+            last_fired_at=row["last_fired_at"],
+            last_task_uuid=None if row["last_task_uuid"] is None else str(row["last_task_uuid"]),
+            last_task_state=row["last_task_state"],
+            last_error=row["last_error"],
+            declared_by=row["declared_by"],
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduleFire(_ToDict):
+    """One slot a schedule fired (`fire_due_schedules`, `backfill_schedule`)."""
+
+    schedule_name: str
+    slot: datetime
+    task_uuid: str | None
+    """None for a slot skipped by the overlap policy or one that failed."""
+    action: str
+    """created, existing (the slot had fired: its task), skipped (overlap) or error."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,6 +64,7 @@ from pydantic import (
 from pydantic import ValidationError as PydanticValidationError
 from pydantic_core import PydanticCustomError
 
+from tasker_pg.cron import CronError, check_time_zone, parse_cron
 from tasker_pg.errors import NotFoundError, ValidationError
 
 __all__ = [
@@ -74,6 +75,7 @@ __all__ = [
     "BatchConfig",
     "HandlerSpec",
     "RetryPolicy",
+    "ScheduleTemplate",
     "StepTemplate",
     "TaskTemplate",
     "TemplateValidationError",
@@ -361,6 +363,84 @@ class StepTemplate(_Frozen):
         }
 
 
+_SCHEDULE_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.\-]{0,127}")
+MAX_SCHEDULES = 100
+"""Most schedules one template may declare."""
+
+
+class ScheduleTemplate(_Frozen):
+    """A schedule a template declares (`schedules:`): every slot of `cron` in `time_zone`
+    creates a task of the declaring version with `context`. `overlap`: skip (no new task while
+    the last one is pending or running), allow, or cancel_previous; `catchup_window_seconds`:
+    after downtime, missed slots at most this old still fire. A newer version of the template
+    that declares a schedule of the same name replaces it (sql/functions/87_schedules.sql)."""
+
+    name: StrictStr
+    cron: StrictStr
+    time_zone: StrictStr = "UTC"
+    context: dict[str, Any] = Field(default_factory=dict)
+    overlap: Literal["skip", "allow", "cancel_previous"] = "skip"
+    catchup_window_seconds: Annotated[int, Strict(), Field(ge=60, le=31_622_400)] = 3600
+    enabled: StrictBool = True
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, value: str) -> str:
+        return _check_pattern(
+            value,
+            _SCHEDULE_NAME_RE,
+            "schedule name",
+            "letters, digits, '_', '-' and '.', starting with a letter, at most 128 characters",
+        )
+
+    @field_validator("cron")
+    @classmethod
+    def _check_cron(cls, value: str) -> str:
+        try:
+            parse_cron(value)
+        except CronError as exc:
+            raise PydanticCustomError("invalid_cron", "{message}", {"message": str(exc)}) from None
+        return value.strip()
+
+    @field_validator("time_zone", mode="before")
+    @classmethod
+    def _check_zone(cls, value: Any) -> Any:
+        if value is None:
+            return "UTC"
+        if isinstance(value, str):
+            try:
+                check_time_zone(value)
+            except CronError as exc:
+                raise PydanticCustomError(
+                    "invalid_time_zone", "{message}", {"message": str(exc)}
+                ) from None
+        return value
+
+    @field_validator("context", mode="before")
+    @classmethod
+    def _check_context(cls, value: Any) -> Any:
+        return _json_mapping(value, "context")
+
+    @field_validator("overlap", "catchup_window_seconds", "enabled", mode="before")
+    @classmethod
+    def _default_when_empty(cls, value: Any, info: Any) -> Any:
+        if value is None:
+            return cls.model_fields[info.field_name].default
+        return value
+
+    def to_json(self) -> dict[str, Any]:
+        """The schedule part of the canonical JSON body (every default filled in)."""
+        return {
+            "name": self.name,
+            "cron": self.cron,
+            "time_zone": self.time_zone,
+            "context": copy.deepcopy(self.context),
+            "overlap": self.overlap,
+            "catchup_window_seconds": self.catchup_window_seconds,
+            "enabled": self.enabled,
+        }
+
+
 class TaskTemplate(_Frozen):
     """A validated workflow definition: a DAG of steps under (namespace, name, version).
 
@@ -379,6 +459,8 @@ class TaskTemplate(_Frozen):
     """Free-form JSON data about the workflow (owner, docs link...); not used by the engine."""
     steps: tuple[StepTemplate, ...]
     """The steps in declared order; declared order breaks ties wherever an order is needed."""
+    schedules: tuple[ScheduleTemplate, ...] = ()
+    """Cron schedules that create tasks of this version (`ScheduleTemplate`)."""
 
     _index: dict[str, int] = PrivateAttr(default_factory=dict)
     _children: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
@@ -442,6 +524,26 @@ class TaskTemplate(_Frozen):
                     "too_many_steps",
                     "the template has {count} steps; at most {max} are allowed",
                     {"count": count, "max": MAX_STEPS},
+                )
+        return value
+
+    @field_validator("schedules", mode="before")
+    @classmethod
+    def _check_schedules(cls, value: Any) -> Any:
+        if value is None:
+            return ()
+        if isinstance(value, Sequence) and not isinstance(value, str):
+            if len(value) > MAX_SCHEDULES:
+                raise PydanticCustomError(
+                    "too_many_schedules",
+                    "the template declares {count} schedules; at most {max} are allowed",
+                    {"count": len(value), "max": MAX_SCHEDULES},
+                )
+            names = [s.get("name") for s in value if isinstance(s, Mapping)]
+            dupes = sorted({n for n in names if isinstance(n, str) and names.count(n) > 1})
+            if dupes:
+                raise PydanticCustomError(
+                    "duplicate_schedule", "duplicate schedule name {name}", {"name": repr(dupes[0])}
                 )
         return value
 
@@ -543,6 +645,8 @@ class TaskTemplate(_Frozen):
             "description": self.description,
             "metadata": copy.deepcopy(self.metadata),
             "steps": [step.to_json() for step in self.steps],
+            # only templates that declare schedules carry the key (other bodies are unchanged)
+            **({"schedules": [s.to_json() for s in self.schedules]} if self.schedules else {}),
         }
 
     # -- graph queries --

@@ -158,6 +158,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "retention policies no longer keep, one worker at a time); 0 disables it (default 300)",
     )
     parser.add_argument(
+        "--schedule-interval",
+        type=argtypes.non_negative_float,
+        default=10.0,
+        metavar="S",
+        help="call tasker.fire_due_schedules() this often (creates the tasks of due schedule "
+        "slots, one worker at a time); 0 disables it (default 10; keep it below the schedules' "
+        "catch-up windows)",
+    )
+    parser.add_argument(
         "--missing-handler-delay",
         type=argtypes.non_negative_float,
         default=10.0,
@@ -286,6 +295,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             summary_interval=args.summary_interval,
             repair_interval=args.repair_interval,
             retention_interval=args.retention_interval,
+            schedule_interval=args.schedule_interval,
             missing_handler_delay=args.missing_handler_delay,
             max_runtime=args.max_runtime,
             outcome_retry_cap=args.outcome_retry_cap,

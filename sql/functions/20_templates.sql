@@ -42,13 +42,14 @@ DECLARE
     v_init_lim  bigint := tasker._setting_int('max_initialization_bytes');
     v_name_lim  bigint := tasker._setting_int('max_name_bytes');
     v_text_lim  bigint := tasker._setting_int('max_text_bytes');
+    v_schedules jsonb;      -- the declared schedules, normalised (87_schedules.sql); NULL: none
 BEGIN
     IF p_template IS NULL OR jsonb_typeof(p_template) <> 'object' THEN
         RAISE EXCEPTION 'a task template must be a JSON object' USING ERRCODE = 'TV010';
     END IF;
     FOR v_key IN SELECT jsonb_object_keys(p_template) LOOP
-        IF v_key NOT IN ('name', 'namespace_name', 'version', 'description', 'metadata', 'steps') THEN
-            RAISE EXCEPTION 'unknown key % in task template (valid: name, namespace_name, version, description, metadata, steps)',
+        IF v_key NOT IN ('name', 'namespace_name', 'version', 'description', 'metadata', 'steps', 'schedules') THEN
+            RAISE EXCEPTION 'unknown key % in task template (valid: name, namespace_name, version, description, metadata, steps, schedules)',
                 quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
@@ -243,6 +244,11 @@ BEGIN
         'description', p_template->'description',
         'metadata', coalesce(p_template->'metadata', '{}'::jsonb),
         'steps', v_norm);
+    -- schedules: present in the body only when some are declared
+    v_schedules := tasker._normalise_schedules(p_template->'schedules', v_name);
+    IF v_schedules IS NOT NULL THEN
+        v_norm := v_norm || jsonb_build_object('schedules', v_schedules);
+    END IF;
 
     -- One registration per (namespace, name, version) at a time.
     PERFORM pg_advisory_xact_lock(hashtextextended('tasker.register_template:' || v_ns || '/' || v_name || '/' || v_version, 0));
@@ -288,6 +294,7 @@ BEGIN
          WHERE n.named_task_id = v_id;
     END IF;
 
+    PERFORM tasker._declare_schedules(v_ns, v_name, v_version, v_schedules);
     PERFORM tasker.create_queue(v_ns);
     RETURN v_id;
 END

@@ -36,7 +36,9 @@ DECLARE
         -- retention: deletes finished tasks by the namespaces' policies (one worker at a time)
         'purge_finished',
         -- the engine's gauges (a worker's exporter, `tasker-pg worker --export-engine-metrics`)
-        'engine_metrics'
+        'engine_metrics',
+        -- schedules: creates the tasks of due slots (one worker at a time)
+        'fire_due_schedules'
     ];
     -- Read-only inspection: readiness, counts, effective state, invariants, queue metrics.
     c_reader   CONSTANT text[] := ARRAY[
@@ -45,7 +47,9 @@ DECLARE
         -- how long each namespace keeps its tasks
         'retention_policies',
         -- the engine's gauges (`tasker-pg metrics`, `tasker-pg health`, `tasker-pg top`)
-        'engine_metrics', 'step_durations'
+        'engine_metrics', 'step_durations',
+        -- schedules, their next and last fire; a cron expression's next slot
+        'list_schedules', 'cron_next'
     ];
     -- Clients: create tasks (one, many, or with the created flag) and cancel them, plus reading.
     c_client   CONSTANT text[] := ARRAY[
@@ -55,7 +59,10 @@ DECLARE
     c_operator CONSTANT text[] := ARRAY[
         'retry_step', 'retry_failed', 'resolve_step', 'repair_messages', 'cleanup_workers',
         -- retention: the policies, and a purge run by hand (tasker-pg maintenance)
-        'set_retention_policy', 'clear_retention_policy', 'purge_finished'
+        'set_retention_policy', 'clear_retention_policy', 'purge_finished',
+        -- schedules: create, change, fire now, backfill, and fire what is due by hand
+        'create_schedule', 'pause_schedule', 'resume_schedule', 'delete_schedule',
+        'trigger_schedule', 'backfill_schedule', 'fire_due_schedules'
     ];
     -- Owner only: the raw queue API. The engine's queues are its internal state (a pop or an
     -- archive on one strands a step); whoever uses the queue layer for queues of their own

@@ -41,6 +41,7 @@ class WorkerConfig:
     summary_interval: float = 30.0
     repair_interval: float = 60.0
     retention_interval: float = 300.0
+    schedule_interval: float = 10.0
     missing_handler_delay: float = 10.0
     max_runtime: float = DEFAULT_MAX_RUNTIME
     outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP
@@ -75,6 +76,7 @@ class WorkerConfig:
         outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP,
         server_settings: Mapping[str, str] | None = None,
         retention_interval: float = 300.0,
+        schedule_interval: float = 10.0,
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
         export_engine_metrics: bool = False,
@@ -102,6 +104,7 @@ class WorkerConfig:
         _check_non_negative("summary_interval", summary_interval)
         _check_non_negative("repair_interval", repair_interval)
         _check_non_negative("retention_interval", retention_interval)
+        _check_non_negative("schedule_interval", schedule_interval)
         _check_non_negative("missing_handler_delay", missing_handler_delay)
         if missing_handler_delay > 3600:
             raise ConfigurationError(
@@ -139,6 +142,7 @@ class WorkerConfig:
             summary_interval=float(summary_interval),
             repair_interval=float(repair_interval),
             retention_interval=float(retention_interval),
+            schedule_interval=float(schedule_interval),
             missing_handler_delay=float(missing_handler_delay),
             max_runtime=float(max_runtime),
             outcome_retry_cap=float(outcome_retry_cap),

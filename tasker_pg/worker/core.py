@@ -63,7 +63,9 @@ class Worker:
     time; 0 disables it); `retention_interval` how often it calls `tasker.purge_finished()`
     (deletes the tasks the namespaces' retention policies no longer keep, one batch per call,
     again after a pause four times as long as the batch while batches come back full, one
-    worker at a time; 0 disables it);
+    worker at a time; 0 disables it); `schedule_interval` how often it calls
+    `tasker.fire_due_schedules()` (creates the tasks of due schedule slots, one worker at a
+    time; 0 disables it);
     `missing_handler_delay` how long a step whose handler this worker
     lacks stays hidden after the worker hands it back (no attempt spent).
 
@@ -108,6 +110,7 @@ class Worker:
         outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP,
         server_settings: Mapping[str, str] | None = None,
         retention_interval: float = 300.0,
+        schedule_interval: float = 10.0,
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
         export_engine_metrics: bool = False,
@@ -135,6 +138,7 @@ class Worker:
             outcome_retry_cap=outcome_retry_cap,
             server_settings=server_settings,
             retention_interval=retention_interval,
+            schedule_interval=schedule_interval,
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             export_engine_metrics=export_engine_metrics,

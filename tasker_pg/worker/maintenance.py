@@ -13,6 +13,10 @@ One loop per worker, on the listener session (idle by nature):
   at a time: an advisory lock); while batches come back full it calls again after as long as the
   last batch took (so a backlog takes at most about half of a database core), between its other
   duties, each batch its own short transaction. What it deleted is logged at INFO;
+- every `schedule_interval` seconds (0 disables it) it calls `tasker.fire_due_schedules()`,
+  which creates the tasks of the schedule slots that are due (one worker at a time: an advisory
+  lock taken in the same transaction; each slot fires once whoever calls, by its idempotency
+  key), logging at INFO what it created and at WARNING a schedule whose firing failed;
 - a claimed step whose handler this worker does not have (a rolling deploy: an older worker
   meets a newer template) is not failed: it goes back with `tasker.release_steps` (reason
   `handler_missing`, no attempt spent), its message hidden for `missing_handler_delay`
@@ -40,6 +44,8 @@ logger = logging.getLogger(__name__)
 WORKERS_ROW_INTERVAL = 5.0
 # How many repaired steps a WARNING names (the count is always given).
 _MAX_LISTED = 20
+# Schedule slots per tasker.fire_due_schedules() call.
+SCHEDULE_BATCH = 1000
 # Tasks per tasker.purge_finished() call (one transaction each).
 RETENTION_BATCH = 1000
 # While a purge has more to do, the pause before the next batch, in multiples of the time the
@@ -92,6 +98,7 @@ class Maintenance:
         # Spread the workers' repairs over the interval (only one runs at a time anyway).
         next_repair = now + config.repair_interval * random.uniform(0.5, 1.0)
         next_retention = now + config.retention_interval * random.uniform(0.5, 1.0)
+        next_schedule = now + config.schedule_interval * random.uniform(0.0, 0.5)
         while True:
             if self._to_release:
                 await self.release_missing()
@@ -110,11 +117,16 @@ class Maintenance:
                 next_retention = (
                     now + took + RETENTION_PAUSE * took if more else now + config.retention_interval
                 )
+            if config.schedule_interval > 0 and now >= next_schedule:
+                full = await self.fire_schedules()
+                next_schedule = time.monotonic() if full else now + config.schedule_interval
             until = next_row
             if config.repair_interval > 0:
                 until = min(until, next_repair)
             if config.retention_interval > 0:
                 until = min(until, next_retention)
+            if config.schedule_interval > 0:
+                until = min(until, next_schedule)
             if self._to_release:  # a failed release: try again after a backoff
                 until = min(until, time.monotonic() + backoff(self._failures))
             self._wake.clear()
@@ -175,6 +187,38 @@ class Maintenance:
             listed,
             more,
         )
+
+    async def fire_schedules(self) -> bool:
+        """One `tasker.fire_due_schedules()` call, logged; True when it handled a full batch."""
+        shared = self._shared
+        try:
+            rows = await self._session.call(
+                lambda conn: conn.fire_due_schedules(SCHEDULE_BATCH, exclusive=True)
+            )
+        except TaskerError as exc:
+            logger.warning("worker %s: fire_due_schedules failed: %s", shared.worker_id, exc)
+            return False
+        created = [r for r in rows if r["action"] == "created"]
+        if created:
+            logger.info(
+                "worker %s: schedules created %d task(s): %s",
+                shared.worker_id,
+                len(created),
+                "; ".join(
+                    f"{r['schedule_name']} slot {r['slot'].isoformat()} -> {r['task_uuid']}"
+                    for r in created[:_MAX_LISTED]
+                ),
+            )
+        for r in rows:
+            if r["action"] == "error":
+                logger.warning(
+                    "worker %s: schedule %s could not fire its slot %s (tasker-pg schedule "
+                    "list shows the error)",
+                    shared.worker_id,
+                    r["schedule_name"],
+                    r["slot"].isoformat(),
+                )
+        return len(rows) >= SCHEDULE_BATCH
 
     async def purge(self) -> bool:
         """One `tasker.purge_finished()` batch, logged; True when another batch is waiting."""
