@@ -57,7 +57,8 @@ class Worker:
     arrives; `flush_delay` the longest an outcome waits for others to share its flush while
     handlers are still running; `max_batch` caps the steps per claim and the outcomes per flush;
     `handoff` (default on) lets a flush take the children its successes make ready in the same
-    call (`tasker.complete_and_claim`, up to the free slots), so a hop costs one round trip;
+    call (`tasker.complete_and_claim`) when a success leaves the worker idle, so a hop costs one
+    round trip;
     `summary_interval` how often a one-line summary is logged at INFO (0 disables it);
     `repair_interval` how often the worker calls `tasker.repair_messages()` (one worker at a
     time; 0 disables it); `retention_interval` how often it calls `tasker.purge_finished()`
