@@ -134,7 +134,7 @@ BEGIN
      WHERE nt.namespace = p_namespace AND nt.name = p_name
        AND (p_version IS NULL OR nt.version = p_version)
      ORDER BY nt.version_major DESC, nt.version_minor DESC, nt.version_patch DESC,
-              nt.version_pre IS NULL DESC, tasker._semver_pre_key(nt.version_pre) DESC
+              nt.version_pre IS NULL DESC, nt.version_pre_key DESC
      LIMIT 1;
     IF NOT FOUND THEN
         PERFORM tasker._raise_unknown_template(p_namespace, p_name, p_version);
@@ -317,7 +317,7 @@ BEGIN
      WHERE nt.namespace = p_namespace AND nt.name = p_name
        AND (p_version IS NULL OR nt.version = p_version)
      ORDER BY nt.version_major DESC, nt.version_minor DESC, nt.version_patch DESC,
-              nt.version_pre IS NULL DESC, tasker._semver_pre_key(nt.version_pre) DESC
+              nt.version_pre IS NULL DESC, nt.version_pre_key DESC
      LIMIT 1;
     IF NOT FOUND THEN
         PERFORM tasker._raise_unknown_template(p_namespace, p_name, p_version);
@@ -442,7 +442,7 @@ DECLARE
     v_versions text;
     v_names    text;
 BEGIN
-    SELECT string_agg(nt.version, ', ' ORDER BY nt.version_major, nt.version_minor, nt.version_patch, tasker._semver_pre_key(nt.version_pre) NULLS LAST)
+    SELECT string_agg(nt.version, ', ' ORDER BY nt.version_major, nt.version_minor, nt.version_patch, nt.version_pre_key NULLS LAST)
       INTO v_versions
       FROM tasker.named_tasks nt WHERE nt.namespace = p_namespace AND nt.name = p_name;
     IF v_versions IS NOT NULL THEN
