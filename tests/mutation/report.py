@@ -120,6 +120,12 @@ def sql_section() -> tuple[list[str], dict[str, int]]:
         "",
         *_table("SQL mutants (per file: the ones run)", per_file),
     ]
+    if s.get("rerun"):
+        lines += [
+            f"Re-run after the full run (`--only`, each with the tests that reach it then):"
+            f" {len(s['rerun'])}: " + ", ".join(f"`{i}`" for i in s["rerun"]),
+            "",
+        ]
     if s.get("interrupted_not_run"):
         lines += [
             f"The run was stopped early: {len(s['interrupted_not_run'])} selected mutants were"

@@ -12,7 +12,9 @@
    mutant are left out of every selection.
 4. Per mutant (see `sqlmut` for the operators and ids): the mutated file is first migrated into
    a scratch database; a failing migrate makes the mutant `invalid`. Else the tests that called
-   or named its function (for an uncounted function, an inlined SQL function or a view: the
+   or named its function, plus those that named a function calling it (transitively) whose
+   call raised (a refusal raised inside the mutated helper leaves no statistics for either;
+   for an uncounted function, an inlined SQL function or a view: the
    tests of the functions that reference it; outside any function, e.g. the grants file's DO
    block: the tests of the modules naming the file) run with `-x`, fastest first, under a
    timeout. Any failure kills the mutant; a timeout is reported as `timeout` (detected,
@@ -249,8 +251,29 @@ def select_tests(
             k for k, v in tests.items() if f in v.get("functions", []) or f in v.get("named", [])
         }
 
+    def raised_in(f: str) -> set[str]:
+        # named f but no call of it was counted: the call raised, maybe inside `function`
+        return {
+            k
+            for k, v in tests.items()
+            if f in v.get("named", []) and f not in v.get("functions", [])
+        }
+
     found = direct(function)
     how = "called or named it"
+    if found:
+        # a helper that raises (a refusal) leaves no statistics, nor does its caller: the
+        # refusal tests of its callers, transitively, which named a caller whose call raised
+        seen, todo = {function}, list(refs.get(function, ()))
+        while todo:
+            f = todo.pop()
+            if f not in seen:
+                seen.add(f)
+                extra = raised_in(f) - found
+                if extra:
+                    found |= extra
+                    how = "called or named it, or named a caller whose call raised"
+                todo.extend(refs.get(f, ()))
     if not found:
         # inlined SQL function or a view: the tests of what references it, transitively
         seen, todo = {function}, list(refs.get(function, ()))
@@ -493,8 +516,19 @@ def main(argv: list[str] | None = None) -> int:
     summary = _summary(
         all_mutants, mutants, args, dropped, results, cov, round(time.monotonic() - run_started)
     )
+    summary_path = OUT / "sql-summary.json"
     if not args.only:
-        (OUT / "sql-summary.json").write_text(json.dumps(summary, indent=1))
+        summary_path.write_text(json.dumps(summary, indent=1))
+    elif summary_path.exists():
+        # a mutant re-run (after writing the test that kills it) replaces its record in the
+        # full run's summary, which lists it as re-run
+        full = json.loads(summary_path.read_text())
+        fresh = {r["id"]: r for r in summary["results"]}
+        full["results"] = [fresh.get(r["id"], r) for r in full["results"]]
+        full["rerun"] = sorted(
+            set(full.get("rerun", [])) | (fresh.keys() & {r["id"] for r in full["results"]})
+        )
+        summary_path.write_text(json.dumps(full, indent=1))
     for rec in summary["results"]:
         if args.only:
             print(rec["diff"])

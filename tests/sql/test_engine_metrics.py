@@ -72,8 +72,8 @@ async def test_engine_metrics_counts_each_kind_of_step_and_task(conn: db.Connect
     await create(1, priority=9)
     [expiring] = await claim(conn, qty=1, lease=0.05)
     assert expiring["step_name"] == "only"
-    # one ready at priority 7
-    await create(1, priority=7)
+    # one ready at priority -1 (every recorded priority is counted, a negative one too)
+    await create(1, priority=-1)
 
     async def lease_over() -> bool:
         return bool(

@@ -21,6 +21,7 @@ from tests.support.engine import (
     checkpoint,
     claim,
     complete,
+    drive,
     failure,
     readiness,
     single,
@@ -750,3 +751,134 @@ async def test_worker_names_are_checked_for_the_worker_template_the_outcome_name
     await complete(conn, success(rows["wb_1"]))
     await conn.cancel_task(task)
     await assert_healthy(conn)
+
+
+async def test_a_create_batches_without_a_worker_template_name_says_it_is_missing(
+    conn: db.Connection,
+) -> None:
+    """62_dynamic:96:coalesce_drop:0 (no coalesce of the missing name): the step's error said
+    `worker_template_name  is not a batch_worker step`, naming nothing."""
+    tpl = template(
+        "unnamed_worker",
+        [
+            step("b", type="batchable"),
+            step("w", "b", type="batch_worker"),
+            step("agg", "w", type="deferred_convergence"),
+        ],
+    )
+    task = await start(conn, tpl)
+    [row] = await claim(conn)
+    outcome = {
+        "type": "create_batches",
+        "cursor_configs": [{"batch_id": "1", "start_cursor": 0, "end_cursor": 1, "batch_size": 1}],
+    }
+    await complete(conn, success(row, {"batch_processing_outcome": outcome}))
+    s = await step_row(conn, task, "b")
+    assert (s["state"], s["last_error"]["error_type"]) == ("error", "invalid_batch_outcome")
+    assert s["last_error"]["message"] == (
+        "step b: batch_processing_outcome.worker_template_name missing is not a batch_worker"
+        " step of this batchable step (its workers: w)"
+    )
+    await conn.cancel_task(task)
+    await assert_healthy(conn)
+
+
+@pytest.mark.parametrize("chosen", [["a"], ["a", "b"]], ids=["one_branch", "both_branches"])
+async def test_a_step_joining_two_branches_is_created_only_when_both_are(
+    conn: db.Connection, chosen: list[str]
+) -> None:
+    """62_dynamic:188:del_and:0 (_decision_plan without `parent_names <@ (v_all ||
+    v_created)`): a step below two branches of a decision was created when the decision chose
+    only one of them, with a parent that would never exist."""
+    tpl = template(
+        "join_two_branches",
+        [
+            step("s"),
+            step("d", "s", type="decision"),
+            step("a", "d"),
+            step("b", "d"),
+            step("j", "a", "b"),
+        ],
+    )
+    task = await start(conn, tpl)
+    outcome = {"decision_point_outcome": {"type": "create_steps", "step_names": chosen}}
+    await drive(conn, NAMESPACE, lambda r: outcome if r["step_name"] == "d" else None)
+    created = {"s", "d", *chosen} | ({"j"} if len(chosen) == 2 else set())
+    names = await conn.fetch("SELECT name FROM tasker.steps WHERE task_uuid = $1", task)
+    assert {r["name"] for r in names} == created
+    t = await task_row(conn, task)
+    assert (t["state"], t["total_steps"]) == ("complete", len(created))
+    await assert_healthy(conn)
+
+
+async def test_a_handler_missing_release_backs_off_by_its_own_releases_only(
+    conn: db.Connection,
+) -> None:
+    """70_leases:182:del_and:0 (the backoff counted every `released` transition of the step):
+    a step handed back at a shutdown before waited twice the delay at its first
+    handler_missing release."""
+    task = await start(conn, single())
+    [row] = await claim(conn)
+    [back] = await conn.release_steps([_fence(row)], delay_seconds=0, reason="shutdown")
+    assert back["released"] is True
+    [row] = await claim(conn)
+    [back] = await conn.release_steps(
+        [_fence(row)], delay_seconds=10, reason="handler_missing", worker_id="w1"
+    )
+    assert back["released"] is True
+    delays = await conn.fetch(
+        "SELECT metadata->>'reason' AS reason, (metadata->>'delay_seconds')::float8 AS delay"
+        " FROM tasker.step_transitions WHERE task_uuid = $1 AND event = 'released'"
+        " ORDER BY transition_id",
+        task,
+    )
+    assert [(r["reason"], r["delay"]) for r in delays] == [
+        ("shutdown", 0.0),
+        ("handler_missing", 10.0),
+    ]
+    await conn.cancel_task(task)
+    await assert_healthy(conn)
+
+
+async def test_repair_resends_a_step_whose_msg_id_names_another_steps_message(
+    conn: db.Connection,
+) -> None:
+    """75_maintenance:103:del_and:0 (repair's re-check under the lock without
+    `m.message->>'step_uuid' = s.step_uuid::text`): a step whose msg_id names a message of
+    another step (msg_ids start again in a queue dropped and created again) was found lost,
+    then left without a message by the re-check."""
+    first = await start(conn, single())
+    second = await start(conn, single())
+    a = await step_row(conn, first, "only")
+    b = await step_row(conn, second, "only")
+    await conn.execute(f"DELETE FROM tasker.q_{NAMESPACE} WHERE msg_id = $1", a["msg_id"])
+    await conn.execute(
+        "UPDATE tasker.steps SET msg_id = $1 WHERE step_uuid = $2", b["msg_id"], a["step_uuid"]
+    )
+    repaired = await conn.repair_messages()
+    assert [(r["kind"], r["step_uuid"]) for r in repaired] == [("message_resent", a["step_uuid"])]
+    rows = await claim(conn)
+    assert {r["step_uuid"] for r in rows} == {a["step_uuid"], b["step_uuid"]}
+    await complete(conn, *(success(r) for r in rows))
+    await assert_healthy(conn)
+
+
+async def test_retry_failed_refuses_since_equal_to_before(conn: db.Connection) -> None:
+    """80_operators:237:ge_to_gt:0 (`p_since > p_before`): since equal to before, an empty
+    range [since, before), was accepted and matched nothing instead of being refused."""
+    task = await _task_in_error(conn)
+    at = await conn.database_now()
+    with pytest.raises(ValidationError, match=r"since \(.+\) must be earlier than before") as err:
+        await conn.retry_failed(NAMESPACE, since=at, before=at, dry_run=True)
+    assert err.value.error_code == "invalid_argument"
+    [row] = await conn.retry_failed(NAMESPACE, before=at, dry_run=True)
+    assert row["task_uuid"] == task
+
+
+async def test_purge_finished_accepts_a_batch_of_one(conn: db.Connection) -> None:
+    """85_retention:137:lt_to_le:0 (`p_batch <= 1`): a batch of 1, within the documented
+    range 1 to 100000, was refused."""
+    [row] = await conn.fetch("SELECT * FROM tasker.purge_finished(1)")
+    assert (row["tasks"], row["more"]) == (0, False)
+    with pytest.raises(ValidationError, match="batch must be an integer from 1 to 100000, got 0"):
+        await conn.fetch("SELECT * FROM tasker.purge_finished(0)")

@@ -107,3 +107,28 @@ def test_a_full_claim_that_fills_its_slots_turns_windows_off_until_a_claim_drain
     assert windows.since("ns", 1.2) is None
     windows.record("ns", windowed=False, sent_at=WALL + 1.2, took=0.001, drained=True, now=1.2)
     assert windows.since("ns", 1.3) == _at(WALL + 1.2 + 2.0 - 0.001 - window.MARGIN)
+
+
+def test_before_the_clock_is_measured_no_claim_reads_with_a_window() -> None:
+    windows = ClaimWindows()
+    windows.record("ns", windowed=False, sent_at=WALL, took=0.001, drained=True, now=0.0)
+    assert windows.since("ns", 0.5) is None
+
+
+def test_forgetting_a_namespace_that_has_no_window_changes_nothing() -> None:
+    """The connection may be lost on a namespace's first claim, before it has a window."""
+    windows = _clocked()
+    windows.forget("ns")
+    assert windows.since("ns", 0.1) is None
+    windows.record("ns", windowed=False, sent_at=WALL, took=0.001, drained=True, now=0.2)
+    assert windows.since("ns", 0.3) == _at(WALL + 2.0 - 0.001 - window.MARGIN)
+
+
+def test_a_measurement_whose_round_trip_is_just_under_the_margin_is_trusted() -> None:
+    rtt = window.MARGIN * 0.9  # the offset's error, half of it, is under MARGIN / 2
+    windows = _clocked(offset=2.0, rtt=rtt)
+    windows.record("ns", windowed=False, sent_at=WALL + 5, took=0.001, drained=True, now=5.0)
+    since = windows.since("ns", 5.5)
+    assert since is not None
+    expected = _at(WALL + 5 + 2.0 - rtt / 2 - window.MARGIN)
+    assert abs(since - expected) <= datetime.timedelta(microseconds=1)

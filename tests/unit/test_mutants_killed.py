@@ -1090,3 +1090,12 @@ def test_blocking_fetch_from_another_loop_runs_on_the_fetchers_loop() -> None:
         fetcher_loop.call_soon_threadsafe(fetcher_loop.stop)
         thread.join()
         fetcher_loop.close()
+
+
+def test_from_claimed_keeps_the_tasks_traceparent() -> None:
+    """StepContext.from_claimed (traceparent=None) and StepContext.__init__ (traceparent not
+    kept): a handler saw no trace context for a task created under one."""
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    step = replace(_claimed(False, {}), traceparent=parent)
+    assert StepContext.from_claimed(step).traceparent == parent
+    assert StepContext.from_claimed(_claimed(False, {})).traceparent is None
