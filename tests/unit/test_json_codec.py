@@ -6,6 +6,10 @@ the standard library's with `allow_nan=False`: these tests hold the codec to the
 error texts included, whatever library does the work. The last tests send values through a
 real PostgreSQL and compare what comes back with the standard library's reading of the
 server's own JSON text.
+
+Every test runs twice: with orjson doing the work (when installed, as with `make setup`) and
+with the standard library alone (orjson hidden from jsonutil), the codec of an installation
+without the `fast` extra.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import decimal
 import enum
 import json
 import math
+import subprocess
+import sys
 import uuid
 from typing import Any
 
@@ -27,6 +33,18 @@ from hypothesis import strategies as st
 from tasker_pg import StepHandlerResult, db, jsonutil
 from tasker_pg.errors import DatabaseError, PermanentError
 from tasker_pg.outcome import Fence, outcome_from_exception, outcome_from_result
+
+
+@pytest.fixture(autouse=True, params=["orjson", "json"])
+def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Which library jsonutil uses in this test (the other one is hidden from it)."""
+    if request.param == "orjson":
+        if jsonutil.backend() != "orjson":
+            pytest.skip("orjson is not installed (the `fast` extra)")
+    else:
+        monkeypatch.setattr(jsonutil, "_orjson", None)
+    assert jsonutil.backend() == request.param
+    return str(request.param)
 
 
 def stdlib_dumps(value: Any) -> str:
@@ -83,9 +101,43 @@ class Ratio(float):
     pass
 
 
+class Renamed(dict[str, Any]):
+    """A dict whose items() the standard library's encoder asks for (orjson reads the dict)."""
+
+    def items(self) -> Any:
+        return [(f"renamed_{k}", v) for k, v in super().items()]
+
+
 @dataclasses.dataclass
 class Point:
     x: int
+
+
+WITHOUT_ORJSON = r"""
+import sys
+sys.modules["orjson"] = None  # `import orjson` raises ImportError
+from tasker_pg import jsonutil
+assert jsonutil.backend() == "json", jsonutil.backend()
+assert jsonutil.dumps({1: [2**70, "a\x00"]}) == '{"1":[1180591620717411303424,"a\\u0000"]}'
+assert jsonutil.loads("[18446744073709551616]") == [2**64]
+try:
+    jsonutil.dumps([float("nan")])
+except ValueError as exc:
+    print(exc)
+"""
+
+
+def test_without_orjson_the_standard_library_does_the_work() -> None:
+    """An installation without the `fast` extra: jsonutil imports and keeps the rules."""
+    done = subprocess.run(
+        [sys.executable, "-c", WITHOUT_ORJSON],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout == stdlib_error([math.nan])[1] + "\n"
 
 
 # --- what is refused -----------------------------------------------------------------------
@@ -214,6 +266,8 @@ def test_integers_of_any_size_are_written_exactly_and_read_back_as_ints(
         {"k": (1, 2)},
         [True, False, None, 0, -0.0, 1.0, 0.1, 1e-7, 1e16, 1.7976931348623157e308],
         {"levels": [Level.HIGH], Name("key"): Mode.FAST},
+        Renamed(a=1),
+        {"inner": Renamed(b=[2])},
     ],
     ids=lambda v: type(v).__name__ + ":" + repr(v)[:40],
 )
