@@ -9,10 +9,10 @@ STAMP  := $(VENV)/.installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@echo "creating $(VENV) and installing tasker-pg with its dev, embedded, metrics, dashboard, otel and top extras (about 20 s)..."
+	@echo "creating $(VENV) and installing tasker-pg with its dev, embedded, fast, metrics, dashboard, otel and top extras (about 20 s)..."
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,metrics,dashboard,otel,top]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,embedded,fast,metrics,dashboard,otel,top]'
 	touch $(STAMP)
 
 test: $(STAMP)

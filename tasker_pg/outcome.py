@@ -213,7 +213,7 @@ def outcome_from_result(
 
     if value.kind == "success":
         metadata: object = value.metadata  # typed dict, but users may pass anything
-        problem = _json_problem([value.result, metadata])
+        text, problem = _encoded([value.result, metadata])
         if problem is not None:
             return _invalid_result(
                 fence, duration_ms, worker_id, _not_serialisable(who, value.result, metadata)
@@ -228,7 +228,7 @@ def outcome_from_result(
             )
         result = value.result
         stored: Mapping[str, Any] = metadata
-        if _may_hold_unstorable([result, metadata]):
+        if _text_may_hold_unstorable(text):
             replaced = [0]
             result = _storable(result, replaced)
             stored = _storable(metadata, replaced)
@@ -248,7 +248,7 @@ def outcome_from_result(
             "items_processed": value.items_processed,
             "accumulated_results": value.accumulated_results,
         }
-        problem = _json_problem(checkpoint)
+        text, problem = _encoded(checkpoint)
         if problem is not None:
             return _invalid_result(
                 fence,
@@ -259,7 +259,7 @@ def outcome_from_result(
                 "(dict, list, str, int, float, bool, None).",
             )
         cursor, accumulated = value.cursor, value.accumulated_results
-        if _may_hold_unstorable(checkpoint):
+        if _text_may_hold_unstorable(text):
             cursor = _storable(cursor, [0])
             accumulated = _storable(accumulated, [0])
         return Checkpoint(
@@ -569,18 +569,22 @@ def _not_serialisable(who: str, result: Any, metadata: Any) -> str:
 
 def _json_problem(value: Any) -> str | None:
     """Why `value` cannot be stored as JSON, or None when it can."""
+    return _encoded(value)[1]
+
+
+def _encoded(value: Any) -> tuple[str, str | None]:
+    """`value`'s JSON text and None, or "" and why `value` cannot be stored as JSON."""
     try:
-        jsonutil.dumps(value)
+        return jsonutil.dumps(value), None
     except RecursionError:
-        return "it is nested too deeply"
+        return "", "it is nested too deeply"
     except ValueError as exc:
         text = str(exc)
         if "Out of range float" in text:
-            return f"{text} (NaN or Infinity)"
-        return text
+            return "", f"{text} (NaN or Infinity)"
+        return "", text
     except TypeError as exc:
-        return str(exc)
-    return None
+        return "", str(exc)
 
 
 def _exception_message(exc: BaseException) -> str:
@@ -651,15 +655,8 @@ def _storable(value: Any, replaced: list[int]) -> Any:
     return value
 
 
-def _may_hold_unstorable(value: Any) -> bool:
-    """Whether JSON data may hold a character jsonb cannot (cheap: one scan of its JSON)."""
-    try:
-        return _text_may_hold_unstorable(jsonutil.dumps(value))
-    except _JSON_ERRORS:
-        return True
-
-
 def _text_may_hold_unstorable(text: str) -> bool:
+    """Whether JSON text may hold a character jsonb cannot (cheap: one scan of the text)."""
     # An escaped backslash before "u0000" also matches: harmless, cleaning then finds nothing.
     return _NUL_IN_JSON in text or _UNSTORABLE.search(text) is not None
 

@@ -249,7 +249,7 @@ def test_checkpoint_strings_jsonb_cannot_hold_are_replaced() -> None:
 
 
 def test_success_strings_jsonb_cannot_hold_are_replaced_and_counted() -> None:
-    """_may_hold_unstorable#1, _text_may_hold_unstorable#1/4: NUL (escaped in JSON text) and
+    """_text_may_hold_unstorable#1/4: NUL (escaped in JSON text) and
     lone surrogates (raw in it) are both found."""
     for bad in ("\x00", "\udc80"):
         out = outcome_from_result(
