@@ -158,6 +158,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "retention policies no longer keep, one worker at a time); 0 disables it (default 300)",
     )
     parser.add_argument(
+        "--wake-interval",
+        type=argtypes.non_negative_float,
+        default=1.0,
+        metavar="S",
+        help="call tasker.wake_waits() this often (ends due sleep steps, applies wait timeouts, "
+        "matches events emitted before their steps waited; one worker at a time); 0 disables it "
+        "(default 1)",
+    )
+    parser.add_argument(
         "--missing-handler-delay",
         type=argtypes.non_negative_float,
         default=10.0,
@@ -279,6 +288,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             summary_interval=args.summary_interval,
             repair_interval=args.repair_interval,
             retention_interval=args.retention_interval,
+            wake_interval=args.wake_interval,
             missing_handler_delay=args.missing_handler_delay,
             max_runtime=args.max_runtime,
             outcome_retry_cap=args.outcome_retry_cap,

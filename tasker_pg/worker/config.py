@@ -41,6 +41,8 @@ class WorkerConfig:
     summary_interval: float = 30.0
     repair_interval: float = 60.0
     retention_interval: float = 300.0
+    # how often tasker.wake_waits() runs (sleeps, wait timeouts, early events); 0: never
+    wake_interval: float = 1.0
     missing_handler_delay: float = 10.0
     max_runtime: float = DEFAULT_MAX_RUNTIME
     outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP
@@ -76,6 +78,7 @@ class WorkerConfig:
         metrics_port: int | None = None,
         metrics_host: str = "0.0.0.0",
         export_engine_metrics: bool = False,
+        wake_interval: float = 1.0,
     ) -> WorkerConfig:
         """Validate the settings; raises `ConfigurationError` naming the one that is wrong."""
         names = tuple(dict.fromkeys(namespaces))
@@ -99,6 +102,7 @@ class WorkerConfig:
         _check_non_negative("summary_interval", summary_interval)
         _check_non_negative("repair_interval", repair_interval)
         _check_non_negative("retention_interval", retention_interval)
+        _check_non_negative("wake_interval", wake_interval)
         _check_non_negative("missing_handler_delay", missing_handler_delay)
         if missing_handler_delay > 3600:
             raise ConfigurationError(
@@ -136,6 +140,7 @@ class WorkerConfig:
             summary_interval=float(summary_interval),
             repair_interval=float(repair_interval),
             retention_interval=float(retention_interval),
+            wake_interval=float(wake_interval),
             missing_handler_delay=float(missing_handler_delay),
             max_runtime=float(max_runtime),
             outcome_retry_cap=float(outcome_retry_cap),

@@ -60,7 +60,9 @@ class Worker:
     time; 0 disables it); `retention_interval` how often it calls `tasker.purge_finished()`
     (deletes the tasks the namespaces' retention policies no longer keep, one batch per call,
     again after a pause four times as long as the batch while batches come back full, one
-    worker at a time; 0 disables it);
+    worker at a time; 0 disables it); `wake_interval` how often it calls `tasker.wake_waits()`
+    (ends due sleeps, applies wait timeouts, matches events that came before their waits; one
+    worker at a time; 0 disables it; default 1 s);
     `missing_handler_delay` how long a step whose handler this worker
     lacks stays hidden after the worker hands it back (no attempt spent).
 
@@ -109,6 +111,7 @@ class Worker:
         metrics_host: str = "0.0.0.0",
         export_engine_metrics: bool = False,
         tracing: bool = False,
+        wake_interval: float = 1.0,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self._templates = list(templates)
@@ -134,6 +137,7 @@ class Worker:
             metrics_port=metrics_port,
             metrics_host=metrics_host,
             export_engine_metrics=export_engine_metrics,
+            wake_interval=wake_interval,
         )
         if metrics_port is not None:
             from tasker_pg.metrics import require_prometheus
