@@ -21,6 +21,7 @@ from tests.support.engine import (
     assert_healthy,
     claim,
     complete,
+    failure,
     message_count,
     readiness,
     start,
@@ -592,3 +593,43 @@ async def test_sql_and_python_normalise_wait_steps_alike(
     assert json.loads(json.dumps(stored)) == json.loads(json.dumps(body))
     # the Python body registers as the same version (same normalised body)
     await conn.register_template(body)
+
+
+async def test_the_purge_keeps_a_task_in_error_while_a_step_of_it_waits(
+    conn: db.Connection,
+) -> None:
+    """A waiting step is live (an emit or a timeout can still complete it): a task in error with
+    one is not purged however old; once the wait ends, the task goes like any."""
+    tpl = template("errwait", [step("x"), wait_step("approve")], retry={"backoff": "none"})
+    task = await start(conn, tpl, {"order_id": 51})
+    [row] = await claim(conn)
+    await complete(conn, failure(row, "bad", retryable=False))
+    assert (await task_row(conn, task))["state"] == "error"
+    assert (await step_row(conn, task, "approve"))["state"] == "waiting"
+    await conn.execute(
+        "SELECT * FROM tasker.set_retention_policy($1, interval '1 day', interval '1 day')",
+        NAMESPACE,
+    )
+
+    async def age() -> None:
+        await conn.execute(
+            "UPDATE tasker.tasks SET updated_at = updated_at - interval '10 days'"
+            " WHERE task_uuid = $1",
+            task,
+        )
+        for table in ("task_transitions", "step_transitions"):
+            await conn.execute(
+                f"UPDATE tasker.{table} SET created_at = created_at - interval '10 days'"
+                " WHERE task_uuid = $1",
+                task,
+            )
+
+    await age()
+    assert (await conn.purge_finished()).tasks == 0
+    # the event still completes it while the task is in error; its task stays in error
+    assert (await conn.emit_event("approval", "51", {"late": True})).completed_steps == 1
+    assert (await task_row(conn, task))["state"] == "error"
+    await assert_healthy(conn)
+    await age()
+    assert (await conn.purge_finished()).tasks == 1
+    await assert_healthy(conn)
