@@ -5,6 +5,7 @@ came first."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from datetime import UTC, datetime
@@ -632,4 +633,42 @@ async def test_the_purge_keeps_a_task_in_error_while_a_step_of_it_waits(
     await assert_healthy(conn)
     await age()
     assert (await conn.purge_finished()).tasks == 1
+    await assert_healthy(conn)
+
+
+async def test_emits_racing_waits_that_start_miss_no_event(
+    conn: db.Connection, sessions: Opener
+) -> None:
+    """One session completes `reserve` of 40 orders one at a time (each commit starts a wait),
+    two others emit the 40 approvals meanwhile, in opposite orders: whatever interleaving the
+    commits take, each approval completes its order, by the emit or by wake_waits after it."""
+    tpl = approval_flow()
+    tasks = [await start(conn, tpl, {"order_id": i}) for i in range(40)]
+    worker, up, down = await sessions(3)
+    rows = {r["task_uuid"]: r for r in await claim(conn)}
+    assert len(rows) == 40
+
+    async def reserve() -> None:
+        for task in tasks:
+            await complete(worker, success(rows[task]))
+
+    async def emit(conn_: db.Connection, keys: list[int]) -> int:
+        done = 0
+        for key in keys:
+            done += (await conn_.emit_event("approval", str(key), {"key": key})).completed_steps
+        return done
+
+    _, by_up, by_down = await asyncio.gather(
+        reserve(), emit(up, list(range(0, 40, 2))), emit(down, list(range(39, 0, -2)))
+    )
+    woken = 0
+    while True:
+        counts = await conn.wake_waits()
+        woken += counts.completed
+        if not counts.more:
+            break
+    assert by_up + by_down + woken == 40
+    for i, task in enumerate(tasks):
+        approve = await step_row(conn, task, "approve")
+        assert (approve["state"], approve["results"]) == ("complete", {"key": i})
     await assert_healthy(conn)
