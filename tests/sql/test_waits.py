@@ -672,3 +672,30 @@ async def test_emits_racing_waits_that_start_miss_no_event(
         approve = await step_row(conn, task, "approve")
         assert (approve["state"], approve["results"]) == ("complete", {"key": i})
     await assert_healthy(conn)
+
+
+async def test_a_wait_step_a_decision_creates_waits_like_a_static_one(conn: db.Connection) -> None:
+    tpl = template(
+        "decided",
+        [
+            step("check"),
+            step("route", "check", type="decision"),
+            wait_step("approve", "route"),
+            step("auto", "route"),
+        ],
+    )
+    task = await start(conn, tpl, {"order_id": 61})
+    [check] = await claim(conn)
+    await complete(conn, success(check))
+    [route] = await claim(conn)
+    outcome = {"decision_point_outcome": {"type": "create_steps", "step_names": ["approve"]}}
+    await complete(conn, success(route, outcome))
+    assert await step_states(conn, task) == {
+        "check": "complete",
+        "route": "complete",
+        "approve": "waiting",
+    }
+    assert await claim(conn) == []
+    assert (await conn.emit_event("approval", "61", {"ok": 1})).completed_steps == 1
+    assert (await task_row(conn, task))["state"] == "complete"
+    await assert_healthy(conn)
