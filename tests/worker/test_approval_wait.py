@@ -5,6 +5,7 @@ too."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 
 from examples.approval_wait import handlers as approval_wait
 from tasker_pg import Worker, db
+from tasker_pg.errors import ConfigurationError
 from tasker_pg.template import load_templates
 from tests.support.worker import assert_invariants, poll, registry_of, steps_of, wait_final
 
@@ -128,3 +130,43 @@ async def test_an_approval_emitted_before_the_order_reaches_its_wait_completes_i
     steps = await steps_of(conn, task)
     assert steps["ship_or_release"]["results"] == {"shipped": 1, "approved_by": "early"}
     await assert_invariants(conn)
+
+
+def test_wake_interval_defaults_to_a_second_and_zero_disables_it() -> None:
+    assert Worker([NS], registry_of(approval_wait)).config.wake_interval == 1.0
+    assert Worker([NS], registry_of(approval_wait), wake_interval=0).config.wake_interval == 0
+    with pytest.raises(ConfigurationError, match="wake_interval"):
+        Worker([NS], registry_of(approval_wait), wake_interval=-1)
+
+
+async def test_a_worker_with_the_wake_off_leaves_a_due_wait_to_a_manual_call(
+    dsn: str, conn: db.Connection
+) -> None:
+    async with Worker(
+        [NS],
+        registry_of(approval_wait),
+        dsn=dsn,
+        templates=load_templates(EXAMPLE),
+        poll_interval=0.1,
+        summary_interval=0,
+        wake_interval=0,
+    ):
+        await conn.emit_event("order_approved", "D-1", {"approved": True, "by": "dee"})
+        task = await create(conn, {"order_id": "D-1", "items": ["z"]})
+
+        async def waiting() -> bool:
+            return await state_of(conn, task, "wait_for_approval") == "waiting"
+
+        await poll(waiting, what="wait_for_approval waiting")
+        # the event is there and the wait is due, but this worker does not wake it
+        await asyncio.sleep(1.0)
+        assert await state_of(conn, task, "wait_for_approval") == "waiting"
+        assert (await conn.wake_waits()).completed == 1
+
+        async def woken_to_the_end() -> bool:
+            await conn.wake_waits()  # ends cool_off once its second is over
+            return (await steps_of(conn, task))["ship_or_release"]["state"] == "complete"
+
+        await poll(woken_to_the_end, interval=0.2, what="the order shipped")
+        assert (await wait_final(conn, [task]))[task] == "complete"
+        await assert_invariants(conn)
