@@ -568,6 +568,20 @@ async def _step_resolve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+async def _event_emit(args: argparse.Namespace) -> int:
+    payload = None if args.payload is None else _json_arg(args.payload, "--payload")
+    async with _client(args) as client:
+        emitted = await client.emit_event(args.name, args.key, payload)
+    if args.json:
+        _print_json(emitted.to_dict())
+    else:
+        print(
+            f"event {args.name} key {args.key}: event {emitted.event_id}, "
+            f"{emitted.completed_steps} waiting step(s) completed"
+        )
+    return EXIT_OK
+
+
 async def _locate_step(args: argparse.Namespace) -> tuple[str, str]:
     """(task uuid, step uuid) of the step a `step` command names.
 
@@ -638,7 +652,7 @@ def _explain_text(
     fields: list[tuple[str, str]] = [
         ("step", f"{step.name} ({step.step_uuid})"),
         ("task", f"{task.task_uuid}  {task.namespace}/{task.name} {task.version}: {task.status}"),
-        ("handler", step.handler),
+        ("handler", step.handler or "none (a wait step: it waits for an event or a time)"),
         ("depends on", ", ".join(step.dependencies) or "-"),
         ("state", style.state(step.current_state, step.current_state)),
         ("why", without_sql_hint(step.readiness_reason or "") or "-"),
@@ -767,6 +781,7 @@ cmd_task_wait = _async_command(_task_wait)
 cmd_task_retry = _async_command(_task_retry)
 cmd_step_retry = _async_command(_step_retry)
 cmd_step_resolve = _async_command(_step_resolve)
+cmd_event_emit = _async_command(_event_emit)
 cmd_step_explain = _async_command(_step_explain)
 cmd_template_list = _async_command(_template_list)
 cmd_template_register = _async_command(_template_register)
@@ -973,6 +988,23 @@ def build_parser() -> argparse.ArgumentParser:
         ssub, "explain", cmd_step_explain, "why a step is where it is, its error and history"
     )
     step_arguments(explain)
+
+    # event
+    ep = sub.add_parser("event", help="emit the events wait_for_event steps wait for")
+    esub = ep.add_subparsers(dest="event_command", required=True, metavar="ACTION")
+    emit = op(
+        esub,
+        "emit",
+        cmd_event_emit,
+        "complete the steps waiting on an event and key (kept for steps that wait later)",
+    )
+    emit.add_argument("name", metavar="NAME", help="the event name, e.g. payment_settled")
+    emit.add_argument("key", metavar="KEY", help="the key, e.g. the order id the step waits for")
+    emit.add_argument(
+        "--payload",
+        metavar="JSON|@FILE",
+        help="the result of the steps it completes (JSON; default {})",
+    )
 
     # queue
     qp = sub.add_parser("queue", help="queues")

@@ -886,6 +886,20 @@ class AsyncTaskerClient:
             for r in rows
         ]
 
+    # --- durable waits ----------------------------------------------------------------------
+
+    async def emit_event(self, name: str, key: str, payload: Any = None) -> db.EmittedEvent:
+        """Emit an event (tasker.emit_event): every wait_for_event step waiting on `name` and
+        `key` completes with `payload` as its result (None: {}); the event is kept (7 days by
+        default) for steps that reach their wait later. Returns the event's id and how many
+        steps it completed."""
+        event = _text(name, "event name")
+        event_key = _text(key, "event key")
+        assert event is not None and event_key is not None
+        _json_check(payload, "event payload", "invalid_argument")
+        async with self._session() as conn:
+            return await conn.emit_event(event, event_key, payload)
+
     # --- templates and health ----------------------------------------------------------------
 
     async def register_templates(self, path: str | Path) -> list[TemplateRegistration]:
@@ -1357,6 +1371,10 @@ class TaskerClient:
     def fire_due_schedules(self, *, limit: int = 1000) -> list[ScheduleFire]:
         """See `AsyncTaskerClient.fire_due_schedules`."""
         return self._run(self._client.fire_due_schedules(limit=limit))
+
+    def emit_event(self, name: str, key: str, payload: Any = None) -> db.EmittedEvent:
+        """See `AsyncTaskerClient.emit_event`."""
+        return self._run(self._client.emit_event(name, key, payload))
 
     def register_templates(self, path: str | Path) -> list[TemplateRegistration]:
         """See `AsyncTaskerClient.register_templates`."""

@@ -290,6 +290,37 @@ class PurgeCounts:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+@dataclass(frozen=True)
+class EmittedEvent:
+    """What `tasker.emit_event` did: the stored event's id and how many waiting steps it
+    completed."""
+
+    event_id: int
+    completed_steps: int
+
+    @classmethod
+    def from_row(cls, row: Row) -> EmittedEvent:
+        return cls(event_id=int(row["event_id"]), completed_steps=int(row["completed_steps"]))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"event_id": self.event_id, "completed_steps": self.completed_steps}
+
+
+@dataclass(frozen=True)
+class WakeCounts:
+    """What one `tasker.wake_waits` call did; `more`: a full batch was due, call again."""
+
+    completed: int = 0
+    timed_out: int = 0
+    rechecked: int = 0
+    events_deleted: int = 0
+    more: bool = False
+
+    @classmethod
+    def from_row(cls, row: Row) -> WakeCounts:
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
+
 class Connection:
     """One database session; every call translates errors into tasker-pg exceptions."""
 
@@ -810,6 +841,23 @@ class Connection:
             ):
                 return []
             return await self.fetch("SELECT * FROM tasker.fire_due_schedules($1)", limit)
+
+    async def emit_event(self, name: str, key: str, payload: Any = None) -> EmittedEvent:
+        """`tasker.emit_event`: completes every step waiting on (`name`, `key`) with `payload`
+        as its result (None: {}), and keeps the event for steps that wait later (its own
+        transaction unless one is open: a rollback completes nothing)."""
+        row = await self.fetchrow(
+            "SELECT * FROM tasker.emit_event($1, $2, $3::jsonb)", name, key, payload
+        )
+        assert row is not None
+        return EmittedEvent.from_row(row)
+
+    async def wake_waits(self, batch: int = 1000) -> WakeCounts:
+        """`tasker.wake_waits`: ends due sleeps, applies wait timeouts, matches events that came
+        before their waits, deletes expired events. All zero when another session is at it."""
+        row = await self.fetchrow("SELECT * FROM tasker.wake_waits($1)", batch)
+        assert row is not None
+        return WakeCounts.from_row(row)
 
     async def worker_heartbeat(
         self,

@@ -15,7 +15,7 @@ _TASK_COLUMNS = """
        v.context, v.created_at, v.updated_at, v.completed_at,
        e.pending_steps, e.enqueued_steps, e.in_progress_steps, e.waiting_for_retry_steps,
        e.complete_steps, e.error_steps, e.cancelled_steps, e.resolved_steps, e.ready_steps,
-       e.execution_status, e.completion_percentage"""
+       e.execution_status, e.completion_percentage, e.waiting_steps"""
 
 # One task with its progress ($1 task).
 GET_TASK: Final = f"""

@@ -44,6 +44,7 @@ _STATE_COLOURS = {
     "error": "31",  # red
     "cancelled": "35",  # magenta
     "waiting_for_retry": "33",  # yellow
+    "waiting": "33",
     "in_progress": "36",  # cyan
     "steps_in_process": "36",
     "enqueued": "34",  # blue
@@ -305,6 +306,7 @@ _RUN_STATE_ORDER: tuple[StepState, ...] = (
     "error",
     "in_progress",
     "waiting_for_retry",
+    "waiting",
     "enqueued",
     "pending",
     "cancelled",

@@ -51,6 +51,7 @@ StepState = Literal[
     "enqueued",
     "in_progress",
     "waiting_for_retry",
+    "waiting",
     "complete",
     "error",
     "cancelled",
@@ -73,6 +74,7 @@ STEP_STATES: tuple[StepState, ...] = (
     "enqueued",
     "in_progress",
     "waiting_for_retry",
+    "waiting",
     "complete",
     "error",
     "cancelled",
@@ -131,7 +133,7 @@ class TaskResponse(_ToDict):
     execution_status: str
     """What the task is doing as a whole (`tasker.task_execution_context`): all_complete,
     blocked_by_failures, has_ready_steps, processing, waiting_for_retry,
-    waiting_for_dependencies, or cancelled."""
+    waiting_for_event_or_time, waiting_for_dependencies, or cancelled."""
     total_steps: int
     completed_steps: int
     """Steps complete or resolved manually."""
@@ -169,6 +171,7 @@ class TaskResponse(_ToDict):
             "enqueued": int(row["enqueued_steps"]),
             "in_progress": int(row["in_progress_steps"]),
             "waiting_for_retry": int(row["waiting_for_retry_steps"]),
+            "waiting": int(row["waiting_steps"]),
             "complete": int(row["complete_steps"]),
             "error": int(row["error_steps"]),
             "cancelled": int(row["cancelled_steps"]),
@@ -243,7 +246,8 @@ class StepResponse(_ToDict):
     step_uuid: str
     task_uuid: str
     name: str
-    handler: str
+    handler: str | None
+    """None for wait_for_event and sleep steps, which run no handler."""
     current_state: StepState
     dependencies: list[str]
     """Names of the steps this one depends on (its parents in the DAG)."""

@@ -235,10 +235,20 @@ class RetryPolicy(_Frozen):
         }
 
 
-StepType = Literal["standard", "decision", "batchable", "batch_worker", "deferred_convergence"]
+StepType = Literal[
+    "standard",
+    "decision",
+    "batchable",
+    "batch_worker",
+    "deferred_convergence",
+    "wait_for_event",
+    "sleep",
+]
 """What a step is: `standard` runs its handler; a `decision` chooses which of its children are
 created; a `batchable` fans out into `batch_worker` steps; a `deferred_convergence` follows the
-listed steps that were created (sql/functions/62_dynamic.sql)."""
+listed steps that were created (sql/functions/62_dynamic.sql); a `wait_for_event` step runs no
+handler and completes when `tasker.emit_event` names its event and key, a `sleep` step when its
+time comes (sql/functions/88_waits.sql)."""
 
 STEP_TYPES: tuple[str, ...] = (
     "standard",
@@ -246,7 +256,17 @@ STEP_TYPES: tuple[str, ...] = (
     "batchable",
     "batch_worker",
     "deferred_convergence",
+    "wait_for_event",
+    "sleep",
 )
+
+WAIT_STEP_TYPES: frozenset[str] = frozenset({"wait_for_event", "sleep"})
+"""Step types that run no handler: they wait, holding no worker, for an event or a time."""
+
+_EVENT_NAME_RE = re.compile(r"[A-Za-z0-9_.:/\-]{1,200}")
+_CONTEXT_PATH_RE = re.compile(r"\$(\.[A-Za-z_][A-Za-z0-9_]*){1,16}")
+_WAIT_EVENT_FIELDS = ("event", "key", "on_timeout", "default")
+_SLEEP_FIELDS = ("duration_seconds", "until")
 
 
 class BatchConfig(_Frozen):
@@ -277,7 +297,8 @@ class StepTemplate(_Frozen):
 
     name: StrictStr
     description: StrictStr | None = None
-    handler: HandlerSpec
+    handler: HandlerSpec | None = None
+    """Required, except for wait_for_event and sleep steps, which run no handler."""
     dependencies: tuple[StrictStr, ...] = Field(default=(), alias="depends_on")
     retry: RetryPolicy = Field(default_factory=RetryPolicy)
     timeout_seconds: (
@@ -288,6 +309,27 @@ class StepTemplate(_Frozen):
     type: StepType = "standard"
     batch_config: BatchConfig | None = None
     """batch_worker steps only (defaults filled in for them)."""
+    event: StrictStr | None = None
+    """wait_for_event: the event name it waits for (1 to 200 letters, digits, _ . : / -). Its
+    `timeout_seconds` is the wait's timeout (none when not given)."""
+    key: StrictStr | None = None
+    """wait_for_event: where the event key is in the task context, e.g. `$.order_id`."""
+    on_timeout: Literal["fail", "complete"] | None = None
+    """wait_for_event: what a timeout does: `fail` (the default) or `complete` with `default`."""
+    default: dict[str, Any] | None = None
+    """wait_for_event with `on_timeout: complete`: the result on timeout ({} when not given)."""
+    duration_seconds: (
+        Annotated[float, Strict(), Field(gt=0, le=MAX_TIMEOUT_SECONDS, allow_inf_nan=False)] | None
+    ) = None
+    """sleep: how long it sleeps (or `until`)."""
+    until: StrictStr | None = None
+    """sleep: where its end time is in the task context (an ISO 8601 timestamp with an offset),
+    e.g. `$.ship_at` (or `duration_seconds`)."""
+
+    @field_validator("default", mode="before")
+    @classmethod
+    def _check_default(cls, value: Any) -> Any:
+        return None if value is None else _json_mapping(value, "default")
 
     @model_validator(mode="before")
     @classmethod
@@ -344,12 +386,110 @@ class StepTemplate(_Frozen):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_wait(self) -> Self:
+        """The rules of handlers and of wait settings per type (tasker._normalise_wait in SQL)."""
+        wait = self.type in WAIT_STEP_TYPES
+        if wait and self.handler is not None:
+            raise PydanticCustomError(
+                "wait_handler", "a {type} step runs no handler: remove handler", {"type": self.type}
+            )
+        if not wait and self.handler is None:
+            raise PydanticCustomError(
+                "missing_handler",
+                "missing required key 'handler' in step {name} (only wait_for_event and sleep "
+                "steps run no handler)",
+                {"name": repr(self.name)},
+            )
+        given = {f for f in (*_WAIT_EVENT_FIELDS, *_SLEEP_FIELDS) if getattr(self, f) is not None}
+        if not wait:
+            for f in (*_WAIT_EVENT_FIELDS, *_SLEEP_FIELDS):
+                if f in given:
+                    owner = "sleep" if f in _SLEEP_FIELDS else "wait_for_event"
+                    raise PydanticCustomError(
+                        "wait_field_type",
+                        "{field} is only for {owner} steps (this step is {type})",
+                        {"field": f, "owner": owner, "type": self.type},
+                    )
+            return self
+        if self.type == "sleep":
+            wrong = [f for f in _WAIT_EVENT_FIELDS if f in given]
+            if self.timeout_seconds is not None:
+                wrong.append("timeout_seconds")
+            if wrong:
+                raise PydanticCustomError(
+                    "wait_field_type",
+                    "{field} is only for wait_for_event steps (this step is sleep)",
+                    {"field": wrong[0]},
+                )
+            if (self.duration_seconds is None) == (self.until is None):
+                raise PydanticCustomError(
+                    "sleep_time", "a sleep step needs exactly one of duration_seconds and until"
+                )
+            if self.until is not None and not _CONTEXT_PATH_RE.fullmatch(self.until):
+                raise PydanticCustomError(
+                    "context_path",
+                    "until must be a path into the task context such as $.ship_at (at most 16 "
+                    "names), got {value}",
+                    {"value": repr(self.until)},
+                )
+            return self
+        wrong = [f for f in _SLEEP_FIELDS if f in given]
+        if wrong:
+            raise PydanticCustomError(
+                "wait_field_type",
+                "{field} is only for sleep steps (this step is wait_for_event)",
+                {"field": wrong[0]},
+            )
+        if self.event is None or not _EVENT_NAME_RE.fullmatch(self.event):
+            raise PydanticCustomError(
+                "event_name",
+                "event must be the event name the step waits for: 1 to 200 letters, digits, "
+                "_, ., :, / and -; got {value}",
+                {"value": "nothing" if self.event is None else repr(self.event)},
+            )
+        if self.key is None or not _CONTEXT_PATH_RE.fullmatch(self.key):
+            raise PydanticCustomError(
+                "context_path",
+                "key must be a path into the task context such as $.order_id (at most 16 "
+                "names), got {value}",
+                {"value": "nothing" if self.key is None else repr(self.key)},
+            )
+        if self.default is not None and self.on_timeout != "complete":
+            raise PydanticCustomError(
+                "wait_default",
+                "default is the result of a timeout with on_timeout: complete (this step "
+                "fails on timeout)",
+            )
+        if self.on_timeout == "complete" and self.timeout_seconds is None:
+            raise PydanticCustomError("wait_timeout", "on_timeout: complete needs timeout_seconds")
+        return self
+
+    def _wait_json(self) -> dict[str, Any]:
+        """The wait settings of the canonical body (wait steps only)."""
+        if self.type == "sleep":
+            return {
+                "duration_seconds": (
+                    None if self.duration_seconds is None else float(self.duration_seconds)
+                ),
+                "until": self.until,
+            }
+        if self.type == "wait_for_event":
+            complete = self.on_timeout == "complete"
+            return {
+                "event": self.event,
+                "key": self.key,
+                "on_timeout": self.on_timeout or "fail",
+                "default": copy.deepcopy(self.default or {}) if complete else None,
+            }
+        return {}
+
     def to_json(self) -> dict[str, Any]:
         """The step part of the canonical JSON body."""
         return {
             "name": self.name,
             "description": self.description,
-            "handler": self.handler.to_json(),
+            "handler": None if self.handler is None else self.handler.to_json(),
             "dependencies": list(self.dependencies),
             "retry": self.retry.to_json(),
             "timeout_seconds": self.timeout_seconds,
@@ -360,6 +500,8 @@ class StepTemplate(_Frozen):
                 if self.type == "batch_worker" and self.batch_config is not None
                 else {}
             ),
+            # only wait steps carry their wait settings
+            **self._wait_json(),
         }
 
 

@@ -167,6 +167,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "catch-up windows)",
     )
     parser.add_argument(
+        "--wake-interval",
+        type=argtypes.non_negative_float,
+        default=1.0,
+        metavar="S",
+        help="call tasker.wake_waits() this often (ends due sleep steps, applies wait timeouts, "
+        "matches events emitted before their steps waited; one worker at a time); 0 disables it "
+        "(default 1)",
+    )
+    parser.add_argument(
         "--missing-handler-delay",
         type=argtypes.non_negative_float,
         default=10.0,
@@ -296,6 +305,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
             repair_interval=args.repair_interval,
             retention_interval=args.retention_interval,
             schedule_interval=args.schedule_interval,
+            wake_interval=args.wake_interval,
             missing_handler_delay=args.missing_handler_delay,
             max_runtime=args.max_runtime,
             outcome_retry_cap=args.outcome_retry_cap,

@@ -275,15 +275,21 @@ BEGIN
     INSERT INTO tasker.named_steps (named_task_id, step_index, name, description, handler, config, step_type,
                                     parent_names, ancestor_names, retryable, max_attempts, backoff,
                                     backoff_base_ms, max_backoff_ms, jitter, timeout_seconds, is_dynamic,
-                                    batch_config)
+                                    batch_config, wait_config)
     SELECT v_id, (s.ord - 1)::integer, s.step->>'name', s.step->>'description',
-           s.step->'handler'->>'callable', s.step->'handler'->'initialization', s.step->>'type',
+           s.step->'handler'->>'callable', coalesce(s.step->'handler'->'initialization', '{}'), s.step->>'type',
            ARRAY(SELECT jsonb_array_elements_text(s.step->'dependencies')),
            ARRAY(SELECT jsonb_array_elements_text(coalesce(v_list[s.ord], '[]'))),
            (s.step->'retry'->>'retryable')::boolean, (s.step->'retry'->>'max_attempts')::integer,
            s.step->'retry'->>'backoff', (s.step->'retry'->>'backoff_base_ms')::integer,
            (s.step->'retry'->>'max_backoff_ms')::integer, (s.step->'retry'->>'jitter')::double precision,
-           (s.step->>'timeout_seconds')::double precision, v_dynamic[s.ord], s.step->'batch_config'
+           (s.step->>'timeout_seconds')::double precision, v_dynamic[s.ord], s.step->'batch_config',
+           -- wait steps: their wait settings (sql/functions/88_waits.sql)
+           CASE WHEN s.step->>'type' IN ('wait_for_event', 'sleep')
+                THEN (SELECT jsonb_object_agg(w.key, w.value) FROM jsonb_each(s.step) w
+                       WHERE w.key IN ('event', 'key', 'timeout_seconds', 'on_timeout', 'default', 'duration_seconds', 'until')
+                         AND jsonb_typeof(w.value) <> 'null')
+           END
       FROM jsonb_array_elements(v_norm->'steps') WITH ORDINALITY s(step, ord);
 
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_norm->'steps') e WHERE e->>'type' = 'batch_worker') THEN
@@ -381,6 +387,7 @@ DECLARE
     v_backoff text;
     v_where   text;
     v_batch   jsonb;
+    v_wait    jsonb;
 BEGIN
     IF jsonb_typeof(p_step) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'template %: step #% must be an object', p_template, p_index USING ERRCODE = 'TV010';
@@ -395,20 +402,28 @@ BEGIN
     END IF;
     v_where := format('template %s, step %L', p_template, v_name);
     FOR v_key IN SELECT jsonb_object_keys(p_step) LOOP
-        IF v_key NOT IN ('name', 'description', 'handler', 'dependencies', 'depends_on', 'retry', 'timeout_seconds', 'type', 'batch_config') THEN
-            RAISE EXCEPTION '%: unknown key % (valid: name, description, handler, dependencies, retry, timeout_seconds, type, batch_config)',
+        IF v_key NOT IN ('name', 'description', 'handler', 'dependencies', 'depends_on', 'retry', 'timeout_seconds', 'type', 'batch_config',
+                         'event', 'key', 'on_timeout', 'default', 'duration_seconds', 'until') THEN
+            RAISE EXCEPTION '%: unknown key % (valid: name, description, handler, dependencies, retry, timeout_seconds, type, batch_config, event, key, on_timeout, default, duration_seconds, until)',
                 v_where, quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
     v_type := coalesce(p_step->>'type', 'standard');
     IF jsonb_typeof(p_step->'type') NOT IN ('string', 'null')
-       OR v_type NOT IN ('standard', 'decision', 'batchable', 'batch_worker', 'deferred_convergence') THEN
-        RAISE EXCEPTION '%: step type % is not valid (valid: standard, decision, batchable, batch_worker, deferred_convergence)',
+       OR v_type NOT IN ('standard', 'decision', 'batchable', 'batch_worker', 'deferred_convergence', 'wait_for_event', 'sleep') THEN
+        RAISE EXCEPTION '%: step type % is not valid (valid: standard, decision, batchable, batch_worker, deferred_convergence, wait_for_event, sleep)',
             v_where, CASE WHEN jsonb_typeof(p_step->'type') = 'string' THEN quote_literal(left(v_type, 200))
                           ELSE left((p_step->'type')::text, 200) END USING ERRCODE = 'TV010';
     END IF;
     v_batch := tasker._normalise_batch_config(nullif(p_step->'batch_config', 'null'::jsonb), v_type, v_where);
+    v_wait := tasker._normalise_wait(p_step, v_type, v_where);
     v_handler := p_step->'handler';
+    IF v_type IN ('wait_for_event', 'sleep') THEN
+        IF jsonb_typeof(v_handler) IS DISTINCT FROM 'null' AND v_handler IS NOT NULL THEN
+            RAISE EXCEPTION '%: a % step runs no handler: remove handler', v_where, v_type USING ERRCODE = 'TV010';
+        END IF;
+        v_handler := jsonb_build_object('callable', 'x');  -- passes the checks below; stored as null
+    END IF;
     IF jsonb_typeof(v_handler) IS DISTINCT FROM 'object' OR jsonb_typeof(v_handler->'callable') IS DISTINCT FROM 'string'
        OR btrim(v_handler->>'callable') = '' OR btrim(v_handler->>'callable') <> v_handler->>'callable' THEN
         RAISE EXCEPTION '%: handler.callable is required (the handler name a worker runs, without surrounding spaces)', v_where USING ERRCODE = 'TV010';
@@ -492,9 +507,9 @@ BEGIN
     RETURN jsonb_build_object(
         'name', v_name,
         'description', p_step->'description',
-        'handler', jsonb_build_object(
+        'handler', CASE WHEN v_wait IS NOT NULL THEN 'null'::jsonb ELSE jsonb_build_object(
             'callable', v_handler->'callable',
-            'initialization', coalesce(nullif(v_handler->'initialization', 'null'::jsonb), '{}'::jsonb)),
+            'initialization', coalesce(nullif(v_handler->'initialization', 'null'::jsonb), '{}'::jsonb)) END,
         'dependencies', v_deps,
         'retry', jsonb_build_object(
             'retryable', coalesce(v_retry->'retryable', 'true'::jsonb),
@@ -506,7 +521,98 @@ BEGIN
         'timeout_seconds', coalesce(p_step->'timeout_seconds', 'null'::jsonb),
         'type', to_jsonb(v_type))
         -- only batch workers carry a batch_config (other steps' bodies are unchanged)
-        || CASE WHEN v_type = 'batch_worker' THEN jsonb_build_object('batch_config', v_batch) ELSE '{}' END;
+        || CASE WHEN v_type = 'batch_worker' THEN jsonb_build_object('batch_config', v_batch) ELSE '{}' END
+        -- only wait steps carry their wait settings (timeout_seconds above is a wait's timeout)
+        || coalesce(v_wait - 'timeout_seconds', '{}');
+END
+$$;
+
+-- A wait_for_event or sleep step's wait settings with every default filled in (NULL for any
+-- other type, which must have none of them). wait_for_event: event (1 to 200 letters, digits and
+-- _ . : / -), key (a $.path into the task context: $.name or $.a.b), timeout_seconds (optional:
+-- the wait's timeout), on_timeout (fail, the default, or complete), default (complete's result,
+-- an object; {} when not given). sleep: exactly one of duration_seconds (a number of seconds
+-- > 0, at most a year) and until (a $.path to an ISO 8601 timestamp in the task context); no
+-- timeout. The Python loader (tasker_pg/template.py) applies the same rules.
+CREATE FUNCTION tasker._normalise_wait(p_step jsonb, p_type text, p_where text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_key  text;
+    v_path constant text := '^\$(\.[A-Za-z_][A-Za-z0-9_]*){1,16}$';
+BEGIN
+    IF p_type NOT IN ('wait_for_event', 'sleep') THEN
+        SELECT k INTO v_key FROM unnest(ARRAY['event', 'key', 'on_timeout', 'default', 'duration_seconds', 'until']) k
+         WHERE p_step ? k AND jsonb_typeof(p_step->k) <> 'null' LIMIT 1;
+        IF v_key IS NOT NULL THEN
+            RAISE EXCEPTION '%: % is only for % steps (this step is %)', p_where, v_key,
+                CASE WHEN v_key IN ('duration_seconds', 'until') THEN 'sleep' ELSE 'wait_for_event' END, p_type
+                USING ERRCODE = 'TV010';
+        END IF;
+        RETURN NULL;
+    END IF;
+    IF p_type = 'sleep' THEN
+        SELECT k INTO v_key FROM unnest(ARRAY['event', 'key', 'on_timeout', 'default', 'timeout_seconds']) k
+         WHERE p_step ? k AND jsonb_typeof(p_step->k) <> 'null' LIMIT 1;
+        IF v_key IS NOT NULL THEN
+            RAISE EXCEPTION '%: % is only for wait_for_event steps (this step is sleep)', p_where, v_key USING ERRCODE = 'TV010';
+        END IF;
+        IF (jsonb_typeof(p_step->'duration_seconds') IS NOT NULL AND jsonb_typeof(p_step->'duration_seconds') <> 'null')
+           = (jsonb_typeof(p_step->'until') IS NOT NULL AND jsonb_typeof(p_step->'until') <> 'null') THEN
+            RAISE EXCEPTION '%: a sleep step needs exactly one of duration_seconds and until', p_where USING ERRCODE = 'TV010';
+        END IF;
+        IF p_step ? 'duration_seconds' AND jsonb_typeof(p_step->'duration_seconds') <> 'null' THEN
+            IF jsonb_typeof(p_step->'duration_seconds') <> 'number'
+               OR NOT tasker._is_number_json(p_step->'duration_seconds', 0, 31536000)
+               OR (p_step->>'duration_seconds')::numeric = 0 THEN
+                RAISE EXCEPTION '%: duration_seconds must be a number of seconds > 0 and at most 31536000 (a year), got %',
+                    p_where, left((p_step->'duration_seconds')::text, 100) USING ERRCODE = 'TV010';
+            END IF;
+            RETURN jsonb_build_object('duration_seconds', p_step->'duration_seconds', 'until', NULL);
+        END IF;
+        IF jsonb_typeof(p_step->'until') <> 'string' OR p_step->>'until' !~ v_path THEN
+            RAISE EXCEPTION '%: until must be a path into the task context such as $.ship_at (at most 16 names), got %',
+                p_where, left((p_step->'until')::text, 100) USING ERRCODE = 'TV010';
+        END IF;
+        RETURN jsonb_build_object('duration_seconds', NULL, 'until', p_step->'until');
+    END IF;
+    -- wait_for_event
+    SELECT k INTO v_key FROM unnest(ARRAY['duration_seconds', 'until']) k
+     WHERE p_step ? k AND jsonb_typeof(p_step->k) <> 'null' LIMIT 1;
+    IF v_key IS NOT NULL THEN
+        RAISE EXCEPTION '%: % is only for sleep steps (this step is wait_for_event)', p_where, v_key USING ERRCODE = 'TV010';
+    END IF;
+    IF jsonb_typeof(p_step->'event') IS DISTINCT FROM 'string' OR p_step->>'event' !~ '^[A-Za-z0-9_.:/-]{1,200}$' THEN
+        RAISE EXCEPTION '%: event must be the event name the step waits for: 1 to 200 letters, digits, _, ., :, / and -; got %',
+            p_where, coalesce(left((p_step->'event')::text, 100), 'nothing') USING ERRCODE = 'TV010';
+    END IF;
+    IF jsonb_typeof(p_step->'key') IS DISTINCT FROM 'string' OR p_step->>'key' !~ v_path THEN
+        RAISE EXCEPTION '%: key must be a path into the task context such as $.order_id (at most 16 names), got %',
+            p_where, coalesce(left((p_step->'key')::text, 100), 'nothing') USING ERRCODE = 'TV010';
+    END IF;
+    IF jsonb_typeof(p_step->'on_timeout') NOT IN ('string', 'null') OR p_step->>'on_timeout' NOT IN ('fail', 'complete') THEN
+        RAISE EXCEPTION '%: on_timeout must be fail or complete, got %', p_where, left((p_step->'on_timeout')::text, 100)
+            USING ERRCODE = 'TV010';
+    END IF;
+    IF jsonb_typeof(p_step->'default') NOT IN ('object', 'null') THEN
+        RAISE EXCEPTION '%: default (the result when the wait times out) must be an object, got %', p_where,
+            left((p_step->'default')::text, 100) USING ERRCODE = 'TV010';
+    END IF;
+    IF jsonb_typeof(p_step->'default') = 'object' AND coalesce(p_step->>'on_timeout', 'fail') <> 'complete' THEN
+        RAISE EXCEPTION '%: default is the result of a timeout with on_timeout: complete (this step fails on timeout)', p_where
+            USING ERRCODE = 'TV010';
+    END IF;
+    IF coalesce(p_step->>'on_timeout', 'fail') = 'complete' AND jsonb_typeof(p_step->'timeout_seconds') IS DISTINCT FROM 'number' THEN
+        RAISE EXCEPTION '%: on_timeout: complete needs timeout_seconds', p_where USING ERRCODE = 'TV010';
+    END IF;
+    IF tasker._has_huge_number(p_step->'default') THEN
+        RAISE EXCEPTION '%: default holds a number too large for a double (such as 1e400)', p_where USING ERRCODE = 'TV010';
+    END IF;
+    RETURN jsonb_build_object(
+        'event', p_step->'event', 'key', p_step->'key',
+        'timeout_seconds', coalesce(p_step->'timeout_seconds', 'null'::jsonb),
+        'on_timeout', coalesce(p_step->'on_timeout', '"fail"'::jsonb),
+        'default', CASE WHEN coalesce(p_step->>'on_timeout', 'fail') = 'complete'
+                        THEN coalesce(nullif(p_step->'default', 'null'::jsonb), '{}'::jsonb) ELSE 'null'::jsonb END);
 END
 $$;
 

@@ -87,6 +87,7 @@ DECLARE
     v_count     integer;
     v_per_task  boolean;
     v_ids       uuid[];
+    v_waits     uuid[];
 BEGIN
     IF p_contexts IS NULL OR jsonb_typeof(p_contexts) <> 'array' THEN
         RAISE EXCEPTION 'contexts must be a JSON array of task contexts' USING ERRCODE = 'TV020';
@@ -142,6 +143,13 @@ BEGIN
     IF v_count = 0 THEN
         RETURN;
     END IF;
+    -- what the template's wait steps read from each context (event keys, sleep times)
+    IF EXISTS (SELECT 1 FROM tasker.named_steps n WHERE n.named_task_id = v_tpl AND n.wait_config IS NOT NULL) THEN
+        PERFORM tasker._check_wait_context(v_tpl, c.ctx,
+                                           CASE WHEN v_count = 1 THEN 'task context' ELSE 'task context #' || c.ord END)
+           FROM jsonb_array_elements(p_contexts) WITH ORDINALITY c(ctx, ord)
+          ORDER BY c.ord;
+    END IF;
 
     SELECT q.msg_seq INTO v_seq FROM tasker.queues q WHERE q.queue_name = p_namespace;
     IF NOT FOUND THEN
@@ -184,22 +192,25 @@ BEGIN
     created AS MATERIALIZED (
         SELECT i.* FROM input i JOIN ins_tasks it ON it.task_uuid = i.task_uuid
     ),
-    -- every template step of every new task; roots start enqueued with a message
+    -- every template step of every new task; roots start enqueued with a message, or waiting
+    -- without one (wait_for_event and sleep steps: _arm_waits below)
     new_steps AS MATERIALIZED (
         SELECT tasker._uuid_v7() AS step_uuid, c.task_uuid, c.priority, c.delay, n.named_step_id, n.name,
                n.parent_names, n.max_attempts, n.retryable, cardinality(n.parent_names) AS parent_count,
-               CASE WHEN cardinality(n.parent_names) = 0 THEN nextval(v_seq) END AS msg_id
+               CASE WHEN cardinality(n.parent_names) = 0 AND n.wait_config IS NULL THEN nextval(v_seq) END AS msg_id,
+               CASE WHEN cardinality(n.parent_names) > 0 THEN 'pending'
+                    WHEN n.wait_config IS NOT NULL THEN 'waiting' ELSE 'enqueued' END AS state
           FROM created c
           CROSS JOIN tasker.named_steps n
          WHERE n.named_task_id = v_tpl AND NOT n.is_dynamic  -- dynamic steps: created at run time
     ),
     ins_steps AS (
         INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
-                                  pending_parents, msg_id, enqueued_at, created_at, updated_at)
-        SELECT s.step_uuid, s.task_uuid, s.named_step_id, s.name,
-               CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
+                                  pending_parents, msg_id, enqueued_at, started_at, created_at, updated_at)
+        SELECT s.step_uuid, s.task_uuid, s.named_step_id, s.name, s.state,
                s.max_attempts, s.retryable, s.parent_count, s.msg_id,
-               CASE WHEN s.parent_count = 0 THEN v_now END, v_now, v_now
+               CASE WHEN s.state = 'enqueued' THEN v_now END, CASE WHEN s.state = 'waiting' THEN v_now END,
+               v_now, v_now
           FROM new_steps s
     ),
     ins_edges AS (
@@ -218,8 +229,7 @@ BEGIN
     ),
     step_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
-        SELECT s.step_uuid, s.task_uuid, NULL, CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
-               'created', v_now
+        SELECT s.step_uuid, s.task_uuid, NULL, s.state, 'created', v_now
           FROM new_steps s
     ),
     task_audit AS (
@@ -238,10 +248,14 @@ BEGIN
                         AND k.idempotency_key = i.idempotency_key AND k.expires_at > v_now),
                     (SELECT c2.task_uuid FROM created c2
                       WHERE c2.idempotency_key = i.idempotency_key ORDER BY c2.ord LIMIT 1))
-                     ORDER BY i.ord)
-      INTO v_ids
+                     ORDER BY i.ord),
+           (SELECT array_agg(s.step_uuid) FROM new_steps s WHERE s.state = 'waiting')
+      INTO v_ids, v_waits
       FROM input i
       LEFT JOIN created c ON c.ord = i.ord;
+    IF v_waits IS NOT NULL THEN
+        PERFORM tasker._arm_waits(v_waits);  -- sql/functions/88_waits.sql
+    END IF;
 
     -- A key that another transaction committed while our insert waited on it is not in this
     -- statement's snapshot: look it up again in a new one.
@@ -294,6 +308,7 @@ DECLARE
     v_tags      jsonb;
     v_seq       regclass;
     v_now       timestamptz := clock_timestamp();
+    v_waits     uuid[];
 BEGIN
     p_context := coalesce(p_context, '{}'::jsonb);
     p_options := coalesce(p_options, '{}'::jsonb);
@@ -322,6 +337,8 @@ BEGIN
     IF NOT FOUND THEN
         PERFORM tasker._raise_unknown_template(p_namespace, p_name, p_version);
     END IF;
+    -- what the template's wait steps read from the context (event keys, sleep times)
+    PERFORM tasker._check_wait_context(v_tpl, p_context, 'task context');
 
     IF v_key IS NOT NULL THEN
         SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
@@ -367,25 +384,27 @@ BEGIN
     END IF;
 
     WITH
-    -- the template's steps; roots (no dependencies) start enqueued with a message
+    -- the template's steps; roots (no dependencies) start enqueued with a message, or waiting
+    -- without one (wait_for_event and sleep steps: _arm_waits below)
     ns AS (
         SELECT n.named_step_id, n.name, n.parent_names, n.max_attempts, n.retryable,
-               cardinality(n.parent_names) AS parent_count
+               cardinality(n.parent_names) AS parent_count, n.wait_config IS NOT NULL AS is_wait
           FROM tasker.named_steps n
          WHERE n.named_task_id = v_tpl AND NOT n.is_dynamic  -- dynamic steps: created at run time
     ),
-    new_steps AS (
+    new_steps AS MATERIALIZED (
         SELECT tasker._uuid_v7() AS step_uuid, ns.*,
-               CASE WHEN ns.parent_count = 0 THEN nextval(v_seq) END AS msg_id
+               CASE WHEN ns.parent_count = 0 AND NOT ns.is_wait THEN nextval(v_seq) END AS msg_id,
+               CASE WHEN ns.parent_count > 0 THEN 'pending' WHEN ns.is_wait THEN 'waiting' ELSE 'enqueued' END AS state
           FROM ns
     ),
     ins_steps AS (
         INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
-                                  pending_parents, msg_id, enqueued_at, created_at, updated_at)
-        SELECT s.step_uuid, v_task, s.named_step_id, s.name,
-               CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
+                                  pending_parents, msg_id, enqueued_at, started_at, created_at, updated_at)
+        SELECT s.step_uuid, v_task, s.named_step_id, s.name, s.state,
                s.max_attempts, s.retryable, s.parent_count, s.msg_id,
-               CASE WHEN s.parent_count = 0 THEN v_now END, v_now, v_now
+               CASE WHEN s.state = 'enqueued' THEN v_now END, CASE WHEN s.state = 'waiting' THEN v_now END,
+               v_now, v_now
           FROM new_steps s
         RETURNING step_uuid
     ),
@@ -405,13 +424,18 @@ BEGIN
     ),
     ins_audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
-        SELECT s.step_uuid, v_task, NULL, CASE WHEN s.parent_count = 0 THEN 'enqueued' ELSE 'pending' END,
-               'created', v_now
+        SELECT s.step_uuid, v_task, NULL, s.state, 'created', v_now
           FROM new_steps s
+    ),
+    task_audit AS (
+        INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event, metadata, created_at)
+        VALUES (v_task, NULL, 'pending', 'created',
+                jsonb_build_object('version', v_version, 'initiator', p_options->>'initiator'), v_now)
     )
-    INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event, metadata, created_at)
-    VALUES (v_task, NULL, 'pending', 'created',
-            jsonb_build_object('version', v_version, 'initiator', p_options->>'initiator'), v_now);
+    SELECT array_agg(s.step_uuid) FILTER (WHERE s.state = 'waiting') INTO v_waits FROM new_steps s;
+    IF v_waits IS NOT NULL THEN
+        PERFORM tasker._arm_waits(v_waits);  -- sql/functions/88_waits.sql
+    END IF;
 
     PERFORM pg_notify('tasker_' || p_namespace, '');
     task_uuid := v_task;

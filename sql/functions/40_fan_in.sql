@@ -118,7 +118,8 @@ ALTER FUNCTION tasker._release_children(uuid[]) SET enable_seqscan = off;
 -- Enqueues the given steps that are (still) pending with every parent satisfied, when their
 -- task is running (a task in error starts nothing new): state enqueued, one message each, one
 -- notification per queue (unless p_notify is false: complete_and_claim notifies for what it
--- does not hand to its worker). Returns the messages it sent.
+-- does not hand to its worker); wait_for_event and sleep steps start to wait instead (state
+-- waiting, no message: _start_waits). Returns the messages it sent.
 -- Raised by _enqueue_ready when a task's namespace queue no longer exists.
 CREATE FUNCTION tasker._raise_missing_queue(p_queue text, p_task uuid) RETURNS bigint
 LANGUAGE plpgsql AS $$
@@ -140,16 +141,20 @@ DECLARE
     v_msgs   bigint[];
     v_steps  uuid[];
     v_prios  integer[];
+    v_waits  uuid[];
 BEGIN
     IF cardinality(p_steps) = 0 THEN
         RETURN;
     END IF;
     WITH ready AS MATERIALIZED (
-        -- a task whose queue was dropped must not leave its ready steps pending in silence
-        SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority,
-               coalesce(nextval(q.msg_seq), tasker._raise_missing_queue(t.namespace, s.task_uuid)) AS msg_id
+        -- a task whose queue was dropped must not leave its ready steps pending in silence;
+        -- wait_for_event and sleep steps get no message (they start to wait below)
+        SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority, n.wait_config IS NOT NULL AS is_wait,
+               CASE WHEN n.wait_config IS NULL
+                    THEN coalesce(nextval(q.msg_seq), tasker._raise_missing_queue(t.namespace, s.task_uuid)) END AS msg_id
           FROM tasker.steps s
           JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+          JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
           LEFT JOIN tasker.queues q ON q.queue_name = t.namespace
          WHERE s.step_uuid = ANY (p_steps)
            AND s.state = 'pending' AND s.pending_parents <= 0
@@ -160,23 +165,29 @@ BEGIN
         SELECT r.namespace, r.msg_id, v_now, v_now, r.priority,
                jsonb_build_object('step_uuid', r.step_uuid, 'task_uuid', r.task_uuid)
           FROM ready r
+         WHERE NOT r.is_wait
     ),
     upd AS (
         UPDATE tasker.steps s
            SET state = 'enqueued', msg_id = r.msg_id, enqueued_at = v_now, updated_at = v_now
           FROM ready r
-         WHERE s.step_uuid = r.step_uuid
+         WHERE s.step_uuid = r.step_uuid AND NOT r.is_wait
         RETURNING s.step_uuid, s.task_uuid
     ),
     audit AS (
         INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
         SELECT upd.step_uuid, upd.task_uuid, 'pending', 'enqueued', p_event, v_now FROM upd
     )
-    SELECT array_agg(r.namespace), array_agg(r.msg_id), array_agg(r.step_uuid), array_agg(r.priority)
-      INTO v_queues, v_msgs, v_steps, v_prios
+    SELECT array_agg(r.namespace) FILTER (WHERE NOT r.is_wait), array_agg(r.msg_id) FILTER (WHERE NOT r.is_wait),
+           array_agg(r.step_uuid) FILTER (WHERE NOT r.is_wait), array_agg(r.priority) FILTER (WHERE NOT r.is_wait),
+           array_agg(r.step_uuid) FILTER (WHERE r.is_wait)
+      INTO v_queues, v_msgs, v_steps, v_prios, v_waits
       FROM ready r;
     IF p_notify THEN
         PERFORM pg_notify('tasker_' || q.queue, '') FROM (SELECT DISTINCT x AS queue FROM unnest(v_queues) x) q;
+    END IF;
+    IF v_waits IS NOT NULL THEN
+        PERFORM tasker._start_waits(v_waits, p_event);  -- sql/functions/88_waits.sql
     END IF;
     RETURN QUERY SELECT * FROM unnest(v_queues, v_msgs, v_steps, v_prios);
 END

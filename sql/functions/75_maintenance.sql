@@ -132,7 +132,7 @@ BEGIN
     RETURN QUERY
     SELECT 'ready_step_enqueued', s.step_uuid, s.task_uuid, t.namespace, 'pending'::text, s.msg_id
       FROM tasker.steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
-     WHERE s.step_uuid = ANY (v_ready) AND s.state = 'enqueued';  -- pending under our lock until now
+     WHERE s.step_uuid = ANY (v_ready) AND s.state IN ('enqueued', 'waiting');  -- pending under our lock until now
 END
 $$;
 COMMENT ON FUNCTION tasker.repair_messages() IS

@@ -48,6 +48,8 @@ BEGIN
     DELETE FROM tasker.queue_messages m
      USING tasker.steps s
      WHERE s.task_uuid = p_task AND m.queue = v_ns AND m.msg_id = s.msg_id;
+    -- waiting steps (wait_for_event, sleep) stop waiting
+    DELETE FROM tasker.step_waits w WHERE w.task_uuid = p_task;
 
     WITH old AS (
         SELECT s.step_uuid, s.state, s.attempts
@@ -105,8 +107,35 @@ DECLARE
     v_queues  text[];
     v_changed tasker._task_change[];
     v_task    uuid;
+    v_waits   uuid[];
+    v_wait_deltas tasker._task_delta[];
 BEGIN
     PERFORM 1 FROM tasker.steps s WHERE s.step_uuid = ANY (p_steps) ORDER BY s.step_uuid FOR UPDATE;
+    -- wait_for_event and sleep steps (a wait that timed out) wait again, without a message
+    WITH waits AS MATERIALIZED (
+        SELECT s.step_uuid, s.task_uuid, s.attempts, t.namespace
+          FROM tasker.steps s
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+          JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+         WHERE s.step_uuid = ANY (p_steps) AND s.state = 'error' AND n.wait_config IS NOT NULL
+    ),
+    upd AS (
+        UPDATE tasker.steps s
+           SET state = 'waiting', attempts = 0, completed_at = NULL, started_at = v_now, updated_at = v_now
+          FROM waits w
+         WHERE s.step_uuid = w.step_uuid
+    ),
+    audit AS (
+        INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, attempt, metadata, created_at)
+        SELECT w.step_uuid, w.task_uuid, 'error', 'waiting', 'retry_requested', w.attempts, p_metadata, v_now
+          FROM waits w
+    )
+    SELECT array_agg(w.step_uuid), array_agg(ROW(w.task_uuid, 0, -1)::tasker._task_delta)
+      INTO v_waits, v_wait_deltas
+      FROM waits w;
+    IF v_waits IS NOT NULL THEN
+        PERFORM tasker._arm_waits(v_waits);  -- sql/functions/88_waits.sql
+    END IF;
     WITH todo AS MATERIALIZED (
         SELECT s.step_uuid, s.task_uuid, s.attempts, t.namespace, t.priority,
                nextval(tasker._queue_sequence(t.namespace)) AS msg_id
@@ -135,9 +164,13 @@ BEGIN
           FROM todo d
     )
     SELECT array_agg(ROW(x.task_uuid, 0, -x.n)::tasker._task_delta ORDER BY x.task_uuid),
-           array_agg(DISTINCT x.namespace)
+           array_agg(DISTINCT x.namespace) FILTER (WHERE x.queued)
       INTO v_deltas, v_queues
-      FROM (SELECT d.task_uuid, d.namespace, count(*)::integer AS n FROM todo d GROUP BY d.task_uuid, d.namespace) x;
+      FROM (SELECT y.task_uuid, min(y.namespace) AS namespace, sum(y.n)::integer AS n, bool_or(y.queued) AS queued
+              FROM (SELECT d.task_uuid, d.namespace, 1 AS n, true AS queued FROM todo d
+                    UNION ALL
+                    SELECT wd.task_uuid, NULL, 1, false FROM unnest(v_wait_deltas) wd) y
+             GROUP BY y.task_uuid) x;
     IF v_deltas IS NULL THEN
         RETURN;
     END IF;
@@ -178,7 +211,9 @@ BEGIN
             USING ERRCODE = 'TS002';
     END IF;
     SELECT r.task_state INTO v_task FROM tasker._retry_error_steps(ARRAY[p_step], NULL) r;
-    RETURN jsonb_build_object('step_uuid', p_step, 'state', 'enqueued', 'task_uuid', v_step.task_uuid,
+    RETURN jsonb_build_object('step_uuid', p_step,
+                              'state', (SELECT s.state FROM tasker.steps s WHERE s.step_uuid = p_step),
+                              'task_uuid', v_step.task_uuid,
                               'task_state', v_task);
 END
 $$;
@@ -358,6 +393,7 @@ BEGIN
     IF v_msg IS NOT NULL THEN
         DELETE FROM tasker.queue_messages m WHERE m.queue = v_ns AND m.msg_id = v_msg;
     END IF;
+    DELETE FROM tasker.step_waits w WHERE w.step_uuid = p_step;  -- a waiting step stops waiting
     UPDATE tasker.steps s
        SET state = 'resolved_manually', results = p_result, msg_id = NULL, continuation = false,
            completed_at = v_now, updated_at = v_now

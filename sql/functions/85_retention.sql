@@ -166,7 +166,7 @@ BEGIN
                      WHERE tasker._task_last_change(e.task_uuid, e.updated_at) < v_now - e.purge_error_after
                        AND NOT EXISTS (SELECT 1 FROM tasker.steps s
                                         WHERE s.task_uuid = e.task_uuid
-                                          AND (s.msg_id IS NOT NULL OR s.state = 'in_progress'))) x
+                                          AND (s.msg_id IS NOT NULL OR s.state IN ('in_progress', 'waiting')))) x
              ORDER BY x.kind, x.age
              LIMIT p_batch) c;
 
@@ -202,7 +202,7 @@ BEGIN
                   JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
                  WHERE s.task_uuid = ANY (v_locked)
                    AND (NOT EXISTS (SELECT 1 FROM locked l WHERE l.step_uuid = s.step_uuid)
-                        OR (t.state = 'error' AND (s.msg_id IS NOT NULL OR s.state = 'in_progress')))
+                        OR (t.state = 'error' AND (s.msg_id IS NOT NULL OR s.state IN ('in_progress', 'waiting'))))
             )
             SELECT t.task_uuid
               FROM tasker.tasks t

@@ -40,7 +40,8 @@ BEGIN
                (s.state = 'enqueued' AND coalesce(m.vt <= clock_timestamp(), false))
                OR (s.state = 'waiting_for_retry' AND coalesce(s.next_attempt_at <= clock_timestamp(), false)))),
            CASE WHEN s.state = 'waiting_for_retry' THEN s.next_attempt_at
-                WHEN s.state = 'enqueued' THEN m.vt END,
+                WHEN s.state = 'enqueued' THEN m.vt
+                WHEN s.state = 'waiting' THEN wt.deadline END,
            CASE
                WHEN s.state = 'complete' THEN 'complete'
                WHEN s.state = 'resolved_manually' THEN 'resolved manually'
@@ -49,10 +50,29 @@ BEGIN
                    'failed: ' || coalesce(s.last_error->>'error_type', 'error') || ': ' ||
                    coalesce(s.last_error->>'message', '') || ' (tasker.retry_step or tasker.resolve_step)'
                WHEN t.state = 'cancelled' THEN 'task is cancelled'
+               -- durable waits (an emit or a timeout ends them even while the task is in error)
+               WHEN s.state = 'waiting' AND wt.kind = 'sleep' THEN
+                   'sleeping until ' || to_char(wt.deadline, 'YYYY-MM-DD HH24:MI:SS TZ') || ' (no worker is held)'
+               WHEN s.state = 'waiting' AND wt.kind = 'event' THEN
+                   format('waiting for event %s with key %s', quote_literal(wt.event_name), quote_literal(wt.event_key)) ||
+                   CASE WHEN wt.deadline IS NOT NULL
+                        THEN '; times out at ' || to_char(wt.deadline, 'YYYY-MM-DD HH24:MI:SS TZ') ||
+                             CASE WHEN ns.wait_config->>'on_timeout' = 'complete' THEN ' and then completes with its default'
+                                  ELSE ' and then fails' END
+                        ELSE '' END ||
+                   CASE WHEN wt.wake_at <= clock_timestamp()
+                        THEN '; an event for it may be there: the next tasker.wake_waits() matches it' ELSE '' END ||
+                   ' (no worker is held; tasker.emit_event completes it)'
+               WHEN s.state = 'waiting' THEN 'waiting, but its wait row is missing (tasker.check_invariants)'
                WHEN t.state = 'error' AND s.state <> 'in_progress' THEN 'task is in error'
                WHEN s.state = 'pending' AND ns.step_type = 'deferred_convergence' AND s.pending_parents > p.total - p.done THEN
                    'waiting for ' || coalesce(p.waiting || ' and ', '') || (s.pending_parents - (p.total - p.done)) ||
                    ' listed step(s) not created yet that may still be (a decision or fan-out to apply)'
+               WHEN s.state = 'pending' AND p.total > p.done AND ns.step_type = 'wait_for_event' THEN
+                   'waiting for ' || p.waiting || format(', then for event %s keyed by %s', quote_literal(ns.wait_config->>'event'), ns.wait_config->>'key')
+               WHEN s.state = 'pending' AND p.total > p.done AND ns.step_type = 'sleep' THEN
+                   'waiting for ' || p.waiting || ', then sleeps ' ||
+                   coalesce((ns.wait_config->>'duration_seconds') || ' s', 'until ' || (ns.wait_config->>'until'))
                WHEN s.state = 'pending' AND p.total > p.done THEN 'waiting for ' || p.waiting
                WHEN s.state = 'pending' THEN 'dependencies complete, about to be enqueued'
                -- the last claim was handed back by a worker without the step's handler
@@ -80,6 +100,7 @@ BEGIN
       JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
       JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
       LEFT JOIN tasker.queue_messages m ON m.queue = t.namespace AND m.msg_id = s.msg_id
+      LEFT JOIN tasker.step_waits wt ON wt.step_uuid = s.step_uuid
       -- the step's last transition, when it is a release by a worker lacking the handler
       LEFT JOIN LATERAL (
           SELECT lt.worker_id, lt.created_at,
@@ -158,13 +179,14 @@ COMMENT ON FUNCTION tasker.step_readiness(uuid) IS
 
 -- Counts per step state and what the task is doing as a whole: all_complete |
 -- blocked_by_failures | has_ready_steps | processing | waiting_for_retry |
--- waiting_for_dependencies (cancelled for a cancelled task).
+-- waiting_for_event_or_time (a wait_for_event or sleep step waits) | waiting_for_dependencies
+-- (cancelled for a cancelled task).
 CREATE FUNCTION tasker.task_execution_context(p_task uuid)
 RETURNS TABLE (
     task_uuid uuid, state text, total_steps integer, pending_steps integer, enqueued_steps integer,
     in_progress_steps integer, waiting_for_retry_steps integer, complete_steps integer,
     error_steps integer, cancelled_steps integer, resolved_steps integer, ready_steps integer,
-    execution_status text, completion_percentage numeric
+    execution_status text, completion_percentage numeric, waiting_steps integer
 )
 LANGUAGE plpgsql STABLE ROWS 1 AS $$
 #variable_conflict use_column
@@ -183,7 +205,8 @@ BEGIN
                (count(*) FILTER (WHERE r.state = 'error'))::integer AS error,
                (count(*) FILTER (WHERE r.state = 'cancelled'))::integer AS cancelled,
                (count(*) FILTER (WHERE r.state = 'resolved_manually'))::integer AS resolved,
-               (count(*) FILTER (WHERE r.ready))::integer AS ready
+               (count(*) FILTER (WHERE r.ready))::integer AS ready,
+               (count(*) FILTER (WHERE r.state = 'waiting'))::integer AS waits
           FROM tasker.step_readiness(p_task) r
          WHERE r.step_uuid IS NOT NULL  -- created steps only
     )
@@ -196,9 +219,10 @@ BEGIN
                WHEN c.ready > 0 THEN 'has_ready_steps'
                WHEN c.in_progress > 0 THEN 'processing'
                WHEN c.waiting > 0 THEN 'waiting_for_retry'
+               WHEN c.waits > 0 THEN 'waiting_for_event_or_time'
                ELSE 'waiting_for_dependencies'
            END,
-           round(100.0 * (c.complete + c.resolved) / greatest(c.total, 1), 1)
+           round(100.0 * (c.complete + c.resolved) / greatest(c.total, 1), 1), c.waits
       FROM tasker.tasks t CROSS JOIN c
      WHERE t.task_uuid = p_task;
 END

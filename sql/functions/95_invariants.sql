@@ -9,7 +9,9 @@
 -- (created listed steps not finished plus listed steps that can still be created), and that
 -- total_steps counts the created steps, that no step, edge or transition outlives its task
 -- or step, and that every message's priority other than 0 is recorded for its queue (windowed
--- claims probe those). docs/architecture.md lists the invariants.
+-- claims probe those), and that a step waits (state waiting, a step_waits row) exactly when it
+-- is a wait_for_event or sleep step whose wait started, which is never queued or claimed.
+-- docs/architecture.md lists the invariants.
 
 -- One row per violation over the whole database; no rows means healthy. Meant for tests and
 -- for operators after an incident; it reads everything, so it is not for the hot path.
@@ -87,9 +89,9 @@ LANGUAGE sql STABLE AS $$
       FROM msg WHERE NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = msg.step_uuid)
     UNION ALL
     -- 2. a step is enqueued by its dependencies at most once
-    SELECT 'fan_in_enqueued_once', format('step %s was enqueued %s times by its dependencies', st.step_uuid, st.n)
+    SELECT 'fan_in_enqueued_once', format('step %s was enqueued (or started to wait) %s times by its dependencies', st.step_uuid, st.n)
       FROM (SELECT tr.step_uuid, count(*) AS n FROM tasker.step_transitions tr
-             WHERE tr.to_state = 'enqueued' AND tr.event IN ('created', 'dependencies_satisfied', 'task_resumed')
+             WHERE tr.to_state IN ('enqueued', 'waiting') AND tr.event IN ('created', 'dependencies_satisfied', 'task_resumed')
              GROUP BY tr.step_uuid HAVING count(*) > 1) st
     UNION ALL
     -- the fan-in counter equals the parents not yet satisfied
@@ -110,7 +112,7 @@ LANGUAGE sql STABLE AS $$
     SELECT 'parents_before_children', format('step %s (%s) is %s with %s of %s parents satisfied',
                                               pa.name, pa.step_uuid, pa.state, pa.satisfied, pa.total)
       FROM parents pa
-     WHERE pa.state IN ('enqueued', 'in_progress', 'waiting_for_retry', 'complete') AND pa.satisfied < pa.total
+     WHERE pa.state IN ('enqueued', 'in_progress', 'waiting_for_retry', 'waiting', 'complete') AND pa.satisfied < pa.total
     UNION ALL
     -- task counters and states agree with the steps
     SELECT 'task_counters_match', format('task %s: total %s/%s, completed %s/%s, errors %s/%s',
@@ -145,6 +147,32 @@ LANGUAGE sql STABLE AS $$
       FROM tasker.task_transitions tt
      WHERE NOT EXISTS (SELECT 1 FROM tasker.tasks t WHERE t.task_uuid = tt.task_uuid)
      GROUP BY tt.task_uuid
+    UNION ALL
+    -- durable waits: a step is waiting exactly when it has a step_waits row (its kind the step's
+    -- type), and only wait_for_event and sleep steps wait
+    SELECT 'waiting_step_has_its_wait',
+           format('step %s (%s) of type %s is %s with %s', s.name, s.step_uuid, n.step_type, s.state,
+                  CASE WHEN w.step_uuid IS NULL THEN 'no step_waits row' ELSE 'a ' || w.kind || ' wait row' END)
+      FROM tasker.steps s
+      JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+      LEFT JOIN tasker.step_waits w ON w.step_uuid = s.step_uuid
+     WHERE (s.state = 'waiting') <> (w.step_uuid IS NOT NULL)
+        OR (s.state = 'waiting' AND n.step_type NOT IN ('wait_for_event', 'sleep'))
+        OR (w.kind IS DISTINCT FROM CASE n.step_type WHEN 'wait_for_event' THEN 'event' WHEN 'sleep' THEN 'sleep' END
+            AND w.step_uuid IS NOT NULL)
+    UNION ALL
+    SELECT 'waiting_step_has_its_wait', format('wait row of step %s, which does not exist', w.step_uuid)
+      FROM tasker.step_waits w
+     WHERE NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = w.step_uuid)
+    UNION ALL
+    -- a wait step never holds a worker: it is never sent to a queue nor claimed
+    SELECT 'wait_step_never_queued',
+           format('%s step %s (%s) is %s%s', n.step_type, s.name, s.step_uuid, s.state,
+                  CASE WHEN s.msg_id IS NOT NULL THEN ' with message ' || s.msg_id ELSE '' END)
+      FROM tasker.steps s
+      JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+     WHERE n.step_type IN ('wait_for_event', 'sleep')
+       AND (s.state IN ('enqueued', 'in_progress', 'waiting_for_retry') OR s.msg_id IS NOT NULL OR s.claim_seq > 0)
     UNION ALL
     -- a windowed claim probes only the priorities recorded for the queue (and 0): a message of
     -- another priority would wait for a claim without a window

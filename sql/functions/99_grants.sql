@@ -38,7 +38,10 @@ DECLARE
         -- the engine's gauges (a worker's exporter, `tasker-pg worker --export-engine-metrics`)
         'engine_metrics',
         -- schedules: creates the tasks of due slots (one worker at a time)
-        'fire_due_schedules'
+        'fire_due_schedules',
+        -- durable waits: sleeps and timeouts woken periodically (one worker at a time), and
+        -- events a handler emits
+        'wake_waits', 'emit_event'
     ];
     -- Read-only inspection: readiness, counts, effective state, invariants, queue metrics.
     c_reader   CONSTANT text[] := ARRAY[
@@ -53,7 +56,9 @@ DECLARE
     ];
     -- Clients: create tasks (one, many, or with the created flag) and cancel them, plus reading.
     c_client   CONSTANT text[] := ARRAY[
-        'create_task', 'create_tasks', 'create_or_get_task', 'cancel_task'
+        'create_task', 'create_tasks', 'create_or_get_task', 'cancel_task',
+        -- completes the steps waiting on an event (a webhook, an approval)
+        'emit_event'
     ];
     -- Operators: the client's rights plus the repairs an operator makes.
     c_operator CONSTANT text[] := ARRAY[
@@ -62,7 +67,9 @@ DECLARE
         'set_retention_policy', 'clear_retention_policy', 'purge_finished',
         -- schedules: create, change, fire now, backfill, and fire what is due by hand
         'create_schedule', 'pause_schedule', 'resume_schedule', 'delete_schedule',
-        'trigger_schedule', 'backfill_schedule', 'fire_due_schedules'
+        'trigger_schedule', 'backfill_schedule', 'fire_due_schedules',
+        -- durable waits: wake due sleeps and timeouts by hand
+        'wake_waits'
     ];
     -- Owner only: the raw queue API. The engine's queues are its internal state (a pop or an
     -- archive on one strands a step); whoever uses the queue layer for queues of their own
@@ -74,7 +81,7 @@ DECLARE
     -- Views: every role that reads tasks gets all of them; workers read templates only.
     c_views    CONSTANT text[] := ARRAY[
         'v_tasks', 'v_steps', 'v_templates', 'v_step_transitions', 'v_task_transitions',
-        'v_workers'
+        'v_workers', 'v_waits'
     ];
     -- Bookkeeping of migrate, read by every connection's schema check (tasker_pg.db); no
     -- engine data. The only tables any role may read directly.

@@ -42,6 +42,8 @@ class WorkerConfig:
     repair_interval: float = 60.0
     retention_interval: float = 300.0
     schedule_interval: float = 10.0
+    # how often tasker.wake_waits() runs (sleeps, wait timeouts, early events); 0: never
+    wake_interval: float = 1.0
     missing_handler_delay: float = 10.0
     max_runtime: float = DEFAULT_MAX_RUNTIME
     outcome_retry_cap: float = DEFAULT_OUTCOME_RETRY_CAP
@@ -81,6 +83,7 @@ class WorkerConfig:
         metrics_host: str = "0.0.0.0",
         export_engine_metrics: bool = False,
         handoff: bool = True,
+        wake_interval: float = 1.0,
     ) -> WorkerConfig:
         """Validate the settings; raises `ConfigurationError` naming the one that is wrong."""
         names = tuple(dict.fromkeys(namespaces))
@@ -105,6 +108,7 @@ class WorkerConfig:
         _check_non_negative("repair_interval", repair_interval)
         _check_non_negative("retention_interval", retention_interval)
         _check_non_negative("schedule_interval", schedule_interval)
+        _check_non_negative("wake_interval", wake_interval)
         _check_non_negative("missing_handler_delay", missing_handler_delay)
         if missing_handler_delay > 3600:
             raise ConfigurationError(
@@ -143,6 +147,7 @@ class WorkerConfig:
             repair_interval=float(repair_interval),
             retention_interval=float(retention_interval),
             schedule_interval=float(schedule_interval),
+            wake_interval=float(wake_interval),
             missing_handler_delay=float(missing_handler_delay),
             max_runtime=float(max_runtime),
             outcome_retry_cap=float(outcome_retry_cap),

@@ -66,7 +66,9 @@ class Worker:
     again after a pause four times as long as the batch while batches come back full, one
     worker at a time; 0 disables it); `schedule_interval` how often it calls
     `tasker.fire_due_schedules()` (creates the tasks of due schedule slots, one worker at a
-    time; 0 disables it);
+    time; 0 disables it); `wake_interval` how often it calls `tasker.wake_waits()`
+    (ends due sleeps, applies wait timeouts, matches events that came before their waits; one
+    worker at a time; 0 disables it; default 1 s);
     `missing_handler_delay` how long a step whose handler this worker
     lacks stays hidden after the worker hands it back (no attempt spent).
 
@@ -117,6 +119,7 @@ class Worker:
         export_engine_metrics: bool = False,
         handoff: bool = True,
         tracing: bool = False,
+        wake_interval: float = 1.0,
         tracer_provider: TracerProvider | None = None,
     ) -> None:
         self._templates = list(templates)
@@ -144,6 +147,7 @@ class Worker:
             metrics_host=metrics_host,
             export_engine_metrics=export_engine_metrics,
             handoff=handoff,
+            wake_interval=wake_interval,
         )
         if metrics_port is not None:
             from tasker_pg.metrics import require_prometheus

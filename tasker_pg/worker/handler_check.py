@@ -36,11 +36,12 @@ class StepHandlerUse:
 
 
 def uses_of_templates(templates: Iterable[TaskTemplate]) -> list[StepHandlerUse]:
-    """The handler of every step of `templates`."""
+    """The handler of every step of `templates` (wait steps run none)."""
     return [
         StepHandlerUse(t.namespace_name, t.name, t.version, s.name, s.handler.callable)
         for t in templates
         for s in t.steps
+        if s.handler is not None
     ]
 
 

@@ -17,6 +17,10 @@ One loop per worker, on the listener session (idle by nature):
   which creates the tasks of the schedule slots that are due (one worker at a time: an advisory
   lock taken in the same transaction; each slot fires once whoever calls, by its idempotency
   key), logging at INFO what it created and at WARNING a schedule whose firing failed;
+- every `wake_interval` seconds (0 disables it) it calls `tasker.wake_waits()`, which ends the
+  sleep steps that are due, applies wait timeouts and matches events emitted before their steps
+  waited (one worker at a time: an advisory lock); while a batch comes back full it calls again
+  at once. Timeouts are logged at INFO;
 - a claimed step whose handler this worker does not have (a rolling deploy: an older worker
   meets a newer template) is not failed: it goes back with `tasker.release_steps` (reason
   `handler_missing`, no attempt spent), its message hidden for `missing_handler_delay`
@@ -40,6 +44,8 @@ from tasker_pg.worker.state import Claim, Shared
 
 logger = logging.getLogger(__name__)
 
+# Waits per tasker.wake_waits() call (one transaction each).
+WAKE_BATCH = 1000
 # How often the worker's tasker.workers row is written.
 WORKERS_ROW_INTERVAL = 5.0
 # How many repaired steps a WARNING names (the count is always given).
@@ -99,6 +105,7 @@ class Maintenance:
         next_repair = now + config.repair_interval * random.uniform(0.5, 1.0)
         next_retention = now + config.retention_interval * random.uniform(0.5, 1.0)
         next_schedule = now + config.schedule_interval * random.uniform(0.0, 0.5)
+        next_wake = now + config.wake_interval * random.uniform(0.0, 1.0)
         while True:
             if self._to_release:
                 await self.release_missing()
@@ -120,7 +127,12 @@ class Maintenance:
             if config.schedule_interval > 0 and now >= next_schedule:
                 full = await self.fire_schedules()
                 next_schedule = time.monotonic() if full else now + config.schedule_interval
+            if config.wake_interval > 0 and now >= next_wake:
+                more = await self.wake()
+                next_wake = time.monotonic() if more else now + config.wake_interval
             until = next_row
+            if config.wake_interval > 0:
+                until = min(until, next_wake)
             if config.repair_interval > 0:
                 until = min(until, next_repair)
             if config.retention_interval > 0:
@@ -240,6 +252,22 @@ class Maintenance:
                 counts.task_transitions,
                 counts.archived_messages,
                 counts.idempotency_keys_expired,
+            )
+        return counts.more
+
+    async def wake(self) -> bool:
+        """One `tasker.wake_waits()` call, timeouts logged; True when a full batch was due."""
+        shared = self._shared
+        try:
+            counts = await self._session.call(lambda conn: conn.wake_waits(WAKE_BATCH))
+        except TaskerError as exc:
+            logger.warning("worker %s: wake_waits failed: %s", shared.worker_id, exc)
+            return False
+        if counts.timed_out:
+            logger.info(
+                "worker %s: %d wait step(s) timed out (failed, or completed with their default)",
+                shared.worker_id,
+                counts.timed_out,
             )
         return counts.more
 

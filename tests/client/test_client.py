@@ -251,6 +251,7 @@ async def test_create_task_returns_the_task_and_get_task_reads_it(
         "enqueued": 1,
         "in_progress": 0,
         "waiting_for_retry": 0,
+        "waiting": 0,
         "complete": 0,
         "error": 0,
         "cancelled": 0,

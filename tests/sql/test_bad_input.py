@@ -546,7 +546,20 @@ def dags(draw: st.DrawFn) -> dict[str, list[str]]:
     return {f"n{i}": deps[f"n{i}"] for i in order}
 
 
-STEP_TYPES = ["standard", "decision", "batchable", "batch_worker", "deferred_convergence"]
+STEP_TYPES = [
+    "standard",
+    "decision",
+    "batchable",
+    "batch_worker",
+    "deferred_convergence",
+    "wait_for_event",
+    "sleep",
+]
+# what each wait type needs instead of a handler
+WAIT_SETTINGS: dict[str, dict[str, Any]] = {
+    "wait_for_event": {"event": "approval", "key": "$.order_id"},
+    "sleep": {"duration_seconds": 30},
+}
 
 
 @SETTINGS
@@ -623,16 +636,18 @@ def body_of(deps: dict[str, list[str]], types: dict[str, str] | None = None) -> 
         "name": "dag",
         "namespace_name": NS,
         "version": "1.0.0",
-        "steps": [
-            {
-                "name": n,
-                "handler": {"callable": "h"},
-                "dependencies": d,
-                "type": (types or {}).get(n, "standard"),
-            }
-            for n, d in deps.items()
-        ],
+        "steps": [_step_of(n, d, (types or {}).get(n, "standard")) for n, d in deps.items()],
     }
+
+
+def _step_of(name: str, deps: list[str], type_: str) -> dict[str, Any]:
+    """A step of `type_`: a handler, or the settings of a wait type (which has none)."""
+    step: dict[str, Any] = {"name": name, "dependencies": deps, "type": type_}
+    if type_ in WAIT_SETTINGS:
+        step.update(WAIT_SETTINGS[type_])
+    else:
+        step["handler"] = {"callable": "h"}
+    return step
 
 
 # --- create_task, create_or_get_task, create_tasks ----------------------------------------------
