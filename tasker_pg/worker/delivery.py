@@ -230,17 +230,14 @@ class Deliverer:
 
     def _handoff_slots(self, batch: list[tuple[Claim, Outcome]]) -> int:
         """How many children to ask for: what the batch's successes can make ready, capped by
-        the slots kept for them; 0 when none were kept (the worker was busy:
+        the slots kept for them; 0 when none were kept (hand-off off, or the worker was busy:
         its claim loop takes the children in batches, on its own session, in parallel with
-        the flushes), when hand-off is off, or when the worker is stopping."""
+        the flushes) or when the worker is stopping."""
         shared = self._shared
-        config = shared.config
-        if self._batch_kept == 0 or not config.handoff or shared.stop_requested.is_set():
+        if self._batch_kept == 0 or shared.stop_requested.is_set():
             return 0
         bound = sum(c.step.dependents for c, o in batch if o.kind == "success")
-        if bound <= 0:
-            return 0
-        return max(0, min(bound, self._batch_kept, config.max_batch, MAX_HANDOFF))
+        return min(bound, self._batch_kept, shared.config.max_batch, MAX_HANDOFF)
 
     def _keep_or_give_up(
         self, batch: list[tuple[Claim, Outcome]], error: BaseException, tries: int

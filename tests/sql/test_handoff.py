@@ -11,8 +11,6 @@ input. Every test ends with `tasker.check_invariants()` empty (the conn fixture 
 from __future__ import annotations
 
 import asyncio
-import json
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -316,11 +314,5 @@ async def test_complete_steps_is_complete_and_claim_without_a_hand_off(conn: db.
         (s1["step_uuid"], 1, "applied", "complete")
     ]
     assert (await step_states(conn, task))["s2"] == "enqueued"
-    assert json.loads(json.dumps(list(rows[0].keys()))) == [
-        "step_uuid",
-        "attempt",
-        "status",
-        "detail",
-    ]
+    assert list(rows[0].keys()) == ["step_uuid", "attempt", "status", "detail"]
     await assert_healthy(conn)
-    assert uuid.UUID(str(task))
