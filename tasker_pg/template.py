@@ -287,6 +287,79 @@ class BatchConfig(_Frozen):
         }
 
 
+_RATE_LIMIT_NAME_RE = re.compile(r"[A-Za-z][A-Za-z0-9_.:\-]{0,127}")
+MAX_CONCURRENCY_LIMIT = 1_000_000
+"""Highest `concurrency.limit` a template may declare."""
+
+
+def _check_context_path(value: str, what: str, example: str) -> str:
+    if not _CONTEXT_PATH_RE.fullmatch(value):
+        raise PydanticCustomError(
+            "context_path",
+            "{what} must be a path into the task context such as {example} (at most 16 names), "
+            "got {value}",
+            {"what": what, "example": example, "value": repr(value)},
+        )
+    return value
+
+
+class ConcurrencySpec(_Frozen):
+    """`concurrency: {key, limit}`: at most `limit` steps whose task context holds the same
+    value at `key` (a `$.path`) are in progress at once, across all workers, in the namespace.
+    Its key is also the fairness key unless `fairness` names another (sql/functions/55_flow.sql)."""
+
+    key: StrictStr
+    limit: Annotated[int, Strict(), Field(ge=1, le=MAX_CONCURRENCY_LIMIT)]
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        return _check_context_path(value, "concurrency.key", "$.customer_id")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key, "limit": self.limit}
+
+
+class FairnessSpec(_Frozen):
+    """`fairness: {key}`: claims take turns between the values of `key` (a `$.path` into the task
+    context), so one value's backlog does not starve another's."""
+
+    key: StrictStr
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, value: str) -> str:
+        return _check_context_path(value, "fairness.key", "$.tenant")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"key": self.key}
+
+
+def _check_rate_limit_name(value: str | None) -> str | None:
+    if value is not None and not _RATE_LIMIT_NAME_RE.fullmatch(value):
+        raise PydanticCustomError(
+            "rate_limit_name",
+            "rate_limit must be the name of a rate limit (1 to 128 letters, digits, _, ., : and "
+            "-, starting with a letter), got {value}",
+            {"value": repr(value)},
+        )
+    return value
+
+
+def _flow_json(
+    concurrency: ConcurrencySpec | None, fairness: FairnessSpec | None, rate_limit: str | None
+) -> dict[str, Any]:
+    """The flow control part of a canonical body: only the settings given."""
+    out: dict[str, Any] = {}
+    if concurrency is not None:
+        out["concurrency"] = concurrency.to_json()
+    if fairness is not None:
+        out["fairness"] = fairness.to_json()
+    if rate_limit is not None:
+        out["rate_limit"] = rate_limit
+    return out
+
+
 class StepTemplate(_Frozen):
     """One step of a workflow: its handler, the steps it waits for, its retry and time limits.
 
@@ -325,6 +398,17 @@ class StepTemplate(_Frozen):
     until: StrictStr | None = None
     """sleep: where its end time is in the task context (an ISO 8601 timestamp with an offset),
     e.g. `$.ship_at` (or `duration_seconds`)."""
+    concurrency: ConcurrencySpec | None = None
+    """At most `limit` of these steps per value of `key` in progress (replaces the template's)."""
+    fairness: FairnessSpec | None = None
+    """Claims take turns between the values of this key (replaces the template's)."""
+    rate_limit: StrictStr | None = None
+    """The rate limit (tasker.rate_limits) each start of this step takes a token from."""
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str | None) -> str | None:
+        return _check_rate_limit_name(value)
 
     @field_validator("default", mode="before")
     @classmethod
@@ -390,6 +474,13 @@ class StepTemplate(_Frozen):
     def _check_wait(self) -> Self:
         """The rules of handlers and of wait settings per type (tasker._normalise_wait in SQL)."""
         wait = self.type in WAIT_STEP_TYPES
+        if wait and (self.concurrency, self.fairness, self.rate_limit) != (None, None, None):
+            raise PydanticCustomError(
+                "wait_flow",
+                "a {type} step runs no handler: concurrency, fairness and rate_limit do not "
+                "apply to it",
+                {"type": self.type},
+            )
         if wait and self.handler is not None:
             raise PydanticCustomError(
                 "wait_handler", "a {type} step runs no handler: remove handler", {"type": self.type}
@@ -502,6 +593,8 @@ class StepTemplate(_Frozen):
             ),
             # only wait steps carry their wait settings
             **self._wait_json(),
+            # flow control: only the settings given
+            **_flow_json(self.concurrency, self.fairness, self.rate_limit),
         }
 
 
@@ -603,6 +696,15 @@ class TaskTemplate(_Frozen):
     """The steps in declared order; declared order breaks ties wherever an order is needed."""
     schedules: tuple[ScheduleTemplate, ...] = ()
     """Cron schedules that create tasks of this version (`ScheduleTemplate`)."""
+    concurrency: ConcurrencySpec | None = None
+    """Flow control for every step that does not declare its own (see `StepTemplate`)."""
+    fairness: FairnessSpec | None = None
+    rate_limit: StrictStr | None = None
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str | None) -> str | None:
+        return _check_rate_limit_name(value)
 
     _index: dict[str, int] = PrivateAttr(default_factory=dict)
     _children: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
@@ -789,6 +891,8 @@ class TaskTemplate(_Frozen):
             "steps": [step.to_json() for step in self.steps],
             # only templates that declare schedules carry the key (other bodies are unchanged)
             **({"schedules": [s.to_json() for s in self.schedules]} if self.schedules else {}),
+            # flow control for every step: only the settings given
+            **_flow_json(self.concurrency, self.fairness, self.rate_limit),
         }
 
     # -- graph queries --

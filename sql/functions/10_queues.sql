@@ -224,7 +224,8 @@ $$;
 COMMENT ON FUNCTION tasker.send_batch(text,jsonb[],double precision,integer) IS
     'Sends many messages in one statement; returns their msg_ids in input order.';
 
--- Locks up to p_qty messages of a queue that are visible at p_now, in hand-out order: highest
+-- Locks up to p_qty messages of a queue that are visible at p_now and have no fairness lane
+-- (those are claimed lane by lane: _lock_lanes), in hand-out order: highest
 -- priority first, then the longest visible (vt; messages made visible in the same instant, such
 -- as one create_tasks call's, in index order, which is their insertion order in a table that
 -- reuses no space). SKIP LOCKED: concurrent callers pass over each other's rows. It reads the
@@ -270,7 +271,7 @@ BEGIN
             RETURN QUERY
             SELECT m.msg_id, m.message
               FROM tasker.queue_messages m
-             WHERE m.queue = p_queue AND m.priority = v_prio AND m.vt >= p_since AND m.vt <= p_now
+             WHERE m.queue = p_queue AND m.lane IS NULL AND m.priority = v_prio AND m.vt >= p_since AND m.vt <= p_now
              ORDER BY m.vt
              LIMIT v_left
                FOR UPDATE SKIP LOCKED;
@@ -282,7 +283,7 @@ BEGIN
     END IF;
     SELECT m.priority INTO v_prio
       FROM tasker.queue_messages m
-     WHERE m.queue = p_queue
+     WHERE m.queue = p_queue AND m.lane IS NULL
      ORDER BY m.priority DESC
      LIMIT 1;
     WHILE v_prio IS NOT NULL LOOP
@@ -290,7 +291,7 @@ BEGIN
         RETURN QUERY
         SELECT m.msg_id, m.message
           FROM tasker.queue_messages m
-         WHERE m.queue = p_queue AND m.priority = v_prio AND m.vt <= p_now
+         WHERE m.queue = p_queue AND m.lane IS NULL AND m.priority = v_prio AND m.vt <= p_now
            AND m.vt >= coalesce(p_since, '-infinity')
          ORDER BY m.vt
          LIMIT v_left
@@ -300,7 +301,7 @@ BEGIN
         EXIT WHEN v_left <= 0;
         SELECT m.priority INTO v_prio
           FROM tasker.queue_messages m
-         WHERE m.queue = p_queue AND m.priority < v_prio
+         WHERE m.queue = p_queue AND m.lane IS NULL AND m.priority < v_prio
          ORDER BY m.priority DESC
          LIMIT 1;
         IF NOT FOUND THEN

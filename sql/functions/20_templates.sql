@@ -43,13 +43,15 @@ DECLARE
     v_name_lim  bigint := tasker._setting_int('max_name_bytes');
     v_text_lim  bigint := tasker._setting_int('max_text_bytes');
     v_schedules jsonb;      -- the declared schedules, normalised (87_schedules.sql); NULL: none
+    v_flow      jsonb;      -- the template's flow settings (concurrency, fairness, rate_limit), normalised
 BEGIN
     IF p_template IS NULL OR jsonb_typeof(p_template) <> 'object' THEN
         RAISE EXCEPTION 'a task template must be a JSON object' USING ERRCODE = 'TV010';
     END IF;
     FOR v_key IN SELECT jsonb_object_keys(p_template) LOOP
-        IF v_key NOT IN ('name', 'namespace_name', 'version', 'description', 'metadata', 'steps', 'schedules') THEN
-            RAISE EXCEPTION 'unknown key % in task template (valid: name, namespace_name, version, description, metadata, steps, schedules)',
+        IF v_key NOT IN ('name', 'namespace_name', 'version', 'description', 'metadata', 'steps', 'schedules',
+                         'concurrency', 'fairness', 'rate_limit') THEN
+            RAISE EXCEPTION 'unknown key % in task template (valid: name, namespace_name, version, description, metadata, steps, schedules, concurrency, fairness, rate_limit)',
                 quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
@@ -249,6 +251,19 @@ BEGIN
     IF v_schedules IS NOT NULL THEN
         v_norm := v_norm || jsonb_build_object('schedules', v_schedules);
     END IF;
+    -- flow control declared for every step (a step's own settings replace these, key by key)
+    v_flow := tasker._normalise_flow(p_template, format('template %s', v_name));
+    v_norm := v_norm || v_flow;
+    v_bad := (SELECT format('template %s: rate limit %L (step %L) does not exist: create it first with tasker.set_rate_limit(name, per_second, burst)',
+                            v_name, coalesce(e.step->>'rate_limit', v_flow->>'rate_limit'), e.step->>'name')
+                FROM jsonb_array_elements(v_norm->'steps') e(step)
+               WHERE coalesce(e.step->>'rate_limit', v_flow->>'rate_limit') IS NOT NULL
+                 AND e.step->>'type' NOT IN ('wait_for_event', 'sleep')
+                 AND NOT EXISTS (SELECT 1 FROM tasker.rate_limits r WHERE r.name = coalesce(e.step->>'rate_limit', v_flow->>'rate_limit'))
+               LIMIT 1);
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION '%', v_bad USING ERRCODE = 'TV010';
+    END IF;
 
     -- One registration per (namespace, name, version) at a time.
     PERFORM pg_advisory_xact_lock(hashtextextended('tasker.register_template:' || v_ns || '/' || v_name || '/' || v_version, 0));
@@ -265,17 +280,20 @@ BEGIN
     END IF;
 
     INSERT INTO tasker.named_tasks (namespace, name, version, version_major, version_minor, version_patch,
-                                    version_pre, version_pre_key, description, template, step_count)
+                                    version_pre, version_pre_key, description, template, step_count, has_flow)
     VALUES (v_ns, v_name, v_version, v_parts[1]::integer, v_parts[2]::integer, v_parts[3]::integer,
             v_parts[4], tasker._semver_pre_key(v_parts[4]), p_template->>'description', v_norm,
             -- the steps created with a task
-            (SELECT count(*) FILTER (WHERE NOT d) FROM unnest(v_dynamic) d))
+            (SELECT count(*) FILTER (WHERE NOT d) FROM unnest(v_dynamic) d),
+            v_flow <> '{}' OR EXISTS (SELECT 1 FROM jsonb_array_elements(v_norm->'steps') e(step)
+                                       WHERE e.step ?| ARRAY['concurrency', 'fairness', 'rate_limit']))
     RETURNING named_task_id INTO v_id;
 
     INSERT INTO tasker.named_steps (named_task_id, step_index, name, description, handler, config, step_type,
                                     parent_names, ancestor_names, retryable, max_attempts, backoff,
                                     backoff_base_ms, max_backoff_ms, jitter, timeout_seconds, is_dynamic,
-                                    batch_config, wait_config)
+                                    batch_config, wait_config, concurrency_path, concurrency_limit, lane_path,
+                                    rate_limit)
     SELECT v_id, (s.ord - 1)::integer, s.step->>'name', s.step->>'description',
            s.step->'handler'->>'callable', coalesce(s.step->'handler'->'initialization', '{}'), s.step->>'type',
            ARRAY(SELECT jsonb_array_elements_text(s.step->'dependencies')),
@@ -289,8 +307,16 @@ BEGIN
                 THEN (SELECT jsonb_object_agg(w.key, w.value) FROM jsonb_each(s.step) w
                        WHERE w.key IN ('event', 'key', 'timeout_seconds', 'on_timeout', 'default', 'duration_seconds', 'until')
                          AND jsonb_typeof(w.value) <> 'null')
-           END
-      FROM jsonb_array_elements(v_norm->'steps') WITH ORDINALITY s(step, ord);
+           END,
+           -- flow control (55_flow.sql): the step's own settings, else the template's; none for
+           -- wait steps (they run no handler)
+           f.flow->'concurrency'->>'key', (f.flow->'concurrency'->>'limit')::integer,
+           coalesce(f.flow->'fairness'->>'key', f.flow->'concurrency'->>'key'), f.flow->>'rate_limit'
+      FROM jsonb_array_elements(v_norm->'steps') WITH ORDINALITY s(step, ord)
+     CROSS JOIN LATERAL (SELECT CASE WHEN s.step->>'type' IN ('wait_for_event', 'sleep') THEN '{}'::jsonb
+                                     ELSE v_flow || (s.step - ARRAY(SELECT k FROM jsonb_object_keys(s.step) k
+                                                                    WHERE k NOT IN ('concurrency', 'fairness', 'rate_limit')))
+                                END AS flow) f;
 
     IF EXISTS (SELECT 1 FROM jsonb_array_elements(v_norm->'steps') e WHERE e->>'type' = 'batch_worker') THEN
         UPDATE tasker.named_steps n
@@ -388,6 +414,7 @@ DECLARE
     v_where   text;
     v_batch   jsonb;
     v_wait    jsonb;
+    v_flow    jsonb;
 BEGIN
     IF jsonb_typeof(p_step) IS DISTINCT FROM 'object' THEN
         RAISE EXCEPTION 'template %: step #% must be an object', p_template, p_index USING ERRCODE = 'TV010';
@@ -403,8 +430,9 @@ BEGIN
     v_where := format('template %s, step %L', p_template, v_name);
     FOR v_key IN SELECT jsonb_object_keys(p_step) LOOP
         IF v_key NOT IN ('name', 'description', 'handler', 'dependencies', 'depends_on', 'retry', 'timeout_seconds', 'type', 'batch_config',
-                         'event', 'key', 'on_timeout', 'default', 'duration_seconds', 'until') THEN
-            RAISE EXCEPTION '%: unknown key % (valid: name, description, handler, dependencies, retry, timeout_seconds, type, batch_config, event, key, on_timeout, default, duration_seconds, until)',
+                         'event', 'key', 'on_timeout', 'default', 'duration_seconds', 'until',
+                         'concurrency', 'fairness', 'rate_limit') THEN
+            RAISE EXCEPTION '%: unknown key % (valid: name, description, handler, dependencies, retry, timeout_seconds, type, batch_config, event, key, on_timeout, default, duration_seconds, until, concurrency, fairness, rate_limit)',
                 v_where, quote_literal(left(v_key, 200)) USING ERRCODE = 'TV010';
         END IF;
     END LOOP;
@@ -417,6 +445,11 @@ BEGIN
     END IF;
     v_batch := tasker._normalise_batch_config(nullif(p_step->'batch_config', 'null'::jsonb), v_type, v_where);
     v_wait := tasker._normalise_wait(p_step, v_type, v_where);
+    v_flow := tasker._normalise_flow(p_step, v_where);
+    IF v_flow <> '{}' AND v_type IN ('wait_for_event', 'sleep') THEN
+        RAISE EXCEPTION '%: a % step runs no handler: concurrency, fairness and rate_limit do not apply to it', v_where, v_type
+            USING ERRCODE = 'TV010';
+    END IF;
     v_handler := p_step->'handler';
     IF v_type IN ('wait_for_event', 'sleep') THEN
         IF jsonb_typeof(v_handler) IS DISTINCT FROM 'null' AND v_handler IS NOT NULL THEN
@@ -523,7 +556,69 @@ BEGIN
         -- only batch workers carry a batch_config (other steps' bodies are unchanged)
         || CASE WHEN v_type = 'batch_worker' THEN jsonb_build_object('batch_config', v_batch) ELSE '{}' END
         -- only wait steps carry their wait settings (timeout_seconds above is a wait's timeout)
-        || coalesce(v_wait - 'timeout_seconds', '{}');
+        || coalesce(v_wait - 'timeout_seconds', '{}')
+        -- flow control: only the settings given
+        || v_flow;
+END
+$$;
+
+-- The flow control settings of a template or a step (sql/functions/55_flow.sql), normalised: only
+-- those given (not null). concurrency: {key: a $.path into the task context, limit: 1 to
+-- 1000000}; fairness: {key: a $.path}; rate_limit: the name of a tasker.rate_limits row. The
+-- Python loader (tasker_pg/template.py) applies the same rules.
+CREATE FUNCTION tasker._normalise_flow(p_obj jsonb, p_where text) RETURNS jsonb
+LANGUAGE plpgsql IMMUTABLE AS $$
+DECLARE
+    v_out  jsonb := '{}';
+    v_val  jsonb;
+    v_key  text;
+    v_path text := '^\$(\.[A-Za-z_][A-Za-z0-9_]*){1,16}$';
+BEGIN
+    v_val := nullif(p_obj->'concurrency', 'null'::jsonb);
+    IF v_val IS NOT NULL THEN
+        IF jsonb_typeof(v_val) <> 'object' THEN
+            RAISE EXCEPTION '%: concurrency must be an object {key: $.path, limit: n}', p_where USING ERRCODE = 'TV010';
+        END IF;
+        SELECT k INTO v_key FROM jsonb_object_keys(v_val) k WHERE k NOT IN ('key', 'limit') LIMIT 1;
+        IF v_key IS NOT NULL THEN
+            RAISE EXCEPTION '%: unknown key % in concurrency (valid: key, limit)', p_where, quote_literal(left(v_key, 200))
+                USING ERRCODE = 'TV010';
+        END IF;
+        IF jsonb_typeof(v_val->'key') IS DISTINCT FROM 'string' OR v_val->>'key' !~ v_path THEN
+            RAISE EXCEPTION '%: concurrency.key must be a path into the task context such as $.customer_id (at most 16 names), got %',
+                p_where, coalesce(left((v_val->'key')::text, 200), 'nothing') USING ERRCODE = 'TV010';
+        END IF;
+        IF NOT tasker._is_int_json(v_val->'limit', 1) OR (v_val->>'limit')::numeric > 1000000 THEN
+            RAISE EXCEPTION '%: concurrency.limit must be an integer from 1 to 1000000, got %',
+                p_where, coalesce(left((v_val->'limit')::text, 100), 'nothing') USING ERRCODE = 'TV010';
+        END IF;
+        v_out := v_out || jsonb_build_object('concurrency', jsonb_build_object('key', v_val->'key', 'limit', v_val->'limit'));
+    END IF;
+    v_val := nullif(p_obj->'fairness', 'null'::jsonb);
+    IF v_val IS NOT NULL THEN
+        IF jsonb_typeof(v_val) <> 'object' THEN
+            RAISE EXCEPTION '%: fairness must be an object {key: $.path}', p_where USING ERRCODE = 'TV010';
+        END IF;
+        SELECT k INTO v_key FROM jsonb_object_keys(v_val) k WHERE k <> 'key' LIMIT 1;
+        IF v_key IS NOT NULL THEN
+            RAISE EXCEPTION '%: unknown key % in fairness (valid: key)', p_where, quote_literal(left(v_key, 200))
+                USING ERRCODE = 'TV010';
+        END IF;
+        IF jsonb_typeof(v_val->'key') IS DISTINCT FROM 'string' OR v_val->>'key' !~ v_path THEN
+            RAISE EXCEPTION '%: fairness.key must be a path into the task context such as $.tenant (at most 16 names), got %',
+                p_where, coalesce(left((v_val->'key')::text, 200), 'nothing') USING ERRCODE = 'TV010';
+        END IF;
+        v_out := v_out || jsonb_build_object('fairness', jsonb_build_object('key', v_val->'key'));
+    END IF;
+    v_val := nullif(p_obj->'rate_limit', 'null'::jsonb);
+    IF v_val IS NOT NULL THEN
+        IF jsonb_typeof(v_val) <> 'string' OR v_val #>> '{}' !~ '^[A-Za-z][A-Za-z0-9_.:-]{0,127}$' THEN
+            RAISE EXCEPTION '%: rate_limit must be the name of a rate limit (1 to 128 letters, digits, _, ., : and -, starting with a letter), got %',
+                p_where, left(v_val::text, 200) USING ERRCODE = 'TV010';
+        END IF;
+        v_out := v_out || jsonb_build_object('rate_limit', v_val);
+    END IF;
+    RETURN v_out;
 END
 $$;
 

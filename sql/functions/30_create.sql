@@ -88,6 +88,7 @@ DECLARE
     v_per_task  boolean;
     v_ids       uuid[];
     v_waits     uuid[];
+    v_flow      boolean;
 BEGIN
     IF p_contexts IS NULL OR jsonb_typeof(p_contexts) <> 'array' THEN
         RAISE EXCEPTION 'contexts must be a JSON array of task contexts' USING ERRCODE = 'TV020';
@@ -130,7 +131,7 @@ BEGIN
     END IF;
 
     -- The template version: the given one, else the newest by semantic-version order.
-    SELECT nt.named_task_id, nt.version, nt.step_count INTO v_tpl, v_version, v_total
+    SELECT nt.named_task_id, nt.version, nt.step_count, nt.has_flow INTO v_tpl, v_version, v_total, v_flow
       FROM tasker.named_tasks nt
      WHERE nt.namespace = p_namespace AND nt.name = p_name
        AND (p_version IS NULL OR nt.version = p_version)
@@ -146,6 +147,13 @@ BEGIN
     -- what the template's wait steps read from each context (event keys, sleep times)
     IF EXISTS (SELECT 1 FROM tasker.named_steps n WHERE n.named_task_id = v_tpl AND n.wait_config IS NOT NULL) THEN
         PERFORM tasker._check_wait_context(v_tpl, c.ctx,
+                                           CASE WHEN v_count = 1 THEN 'task context' ELSE 'task context #' || c.ord END)
+           FROM jsonb_array_elements(p_contexts) WITH ORDINALITY c(ctx, ord)
+          ORDER BY c.ord;
+    END IF;
+    -- the flow keys (concurrency, fairness) the template's steps read from each context
+    IF v_flow THEN
+        PERFORM tasker._check_flow_context(v_tpl, c.ctx,
                                            CASE WHEN v_count = 1 THEN 'task context' ELSE 'task context #' || c.ord END)
            FROM jsonb_array_elements(p_contexts) WITH ORDINALITY c(ctx, ord)
           ORDER BY c.ord;
@@ -197,6 +205,9 @@ BEGIN
     new_steps AS MATERIALIZED (
         SELECT tasker._uuid_v7() AS step_uuid, c.task_uuid, c.priority, c.delay, n.named_step_id, n.name,
                n.parent_names, n.max_attempts, n.retryable, cardinality(n.parent_names) AS parent_count,
+               CASE WHEN v_flow THEN tasker._flow_key(n.lane_path, c.ctx) END AS lane,
+               CASE WHEN v_flow THEN tasker._flow_key(n.concurrency_path, c.ctx) END AS concurrency_key,
+               n.rate_limit,
                CASE WHEN cardinality(n.parent_names) = 0 AND n.wait_config IS NULL THEN nextval(v_seq) END AS msg_id,
                CASE WHEN cardinality(n.parent_names) > 0 THEN 'pending'
                     WHEN n.wait_config IS NOT NULL THEN 'waiting' ELSE 'enqueued' END AS state
@@ -206,11 +217,12 @@ BEGIN
     ),
     ins_steps AS (
         INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
-                                  pending_parents, msg_id, enqueued_at, started_at, created_at, updated_at)
+                                  pending_parents, msg_id, enqueued_at, started_at, created_at, updated_at,
+                                  lane, concurrency_key, rate_limit)
         SELECT s.step_uuid, s.task_uuid, s.named_step_id, s.name, s.state,
                s.max_attempts, s.retryable, s.parent_count, s.msg_id,
                CASE WHEN s.state = 'enqueued' THEN v_now END, CASE WHEN s.state = 'waiting' THEN v_now END,
-               v_now, v_now
+               v_now, v_now, s.lane, s.concurrency_key, s.rate_limit
           FROM new_steps s
     ),
     ins_edges AS (
@@ -221,9 +233,9 @@ BEGIN
           JOIN new_steps p ON p.task_uuid = c.task_uuid AND p.name = pn
     ),
     ins_msgs AS (
-        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message, lane)
         SELECT p_namespace, s.msg_id, v_now, v_now + make_interval(secs => s.delay), s.priority,
-               jsonb_build_object('step_uuid', s.step_uuid, 'task_uuid', s.task_uuid)
+               jsonb_build_object('step_uuid', s.step_uuid, 'task_uuid', s.task_uuid), s.lane
           FROM new_steps s
          WHERE s.msg_id IS NOT NULL
     ),
@@ -255,6 +267,10 @@ BEGIN
       LEFT JOIN created c ON c.ord = i.ord;
     IF v_waits IS NOT NULL THEN
         PERFORM tasker._arm_waits(v_waits);  -- sql/functions/88_waits.sql
+    END IF;
+    IF v_flow THEN  -- the lanes of the messages sent (55_flow.sql)
+        PERFORM tasker._note_step_lanes(p_namespace, ARRAY(
+            SELECT s.step_uuid FROM tasker.steps s WHERE s.task_uuid = ANY (v_ids) AND s.msg_id IS NOT NULL));
     END IF;
 
     -- A key that another transaction committed while our insert waited on it is not in this
@@ -309,6 +325,7 @@ DECLARE
     v_seq       regclass;
     v_now       timestamptz := clock_timestamp();
     v_waits     uuid[];
+    v_flow      boolean;
 BEGIN
     p_context := coalesce(p_context, '{}'::jsonb);
     p_options := coalesce(p_options, '{}'::jsonb);
@@ -327,7 +344,7 @@ BEGIN
     v_tags := coalesce(nullif(p_options->'tags', 'null'::jsonb), '[]'::jsonb);
 
     -- The template version: the given one, else the newest by semantic-version order.
-    SELECT nt.named_task_id, nt.version, nt.step_count INTO v_tpl, v_version, v_total
+    SELECT nt.named_task_id, nt.version, nt.step_count, nt.has_flow INTO v_tpl, v_version, v_total, v_flow
       FROM tasker.named_tasks nt
      WHERE nt.namespace = p_namespace AND nt.name = p_name
        AND (p_version IS NULL OR nt.version = p_version)
@@ -339,6 +356,10 @@ BEGIN
     END IF;
     -- what the template's wait steps read from the context (event keys, sleep times)
     PERFORM tasker._check_wait_context(v_tpl, p_context, 'task context');
+    -- the flow keys (concurrency, fairness) its steps read from it
+    IF v_flow THEN
+        PERFORM tasker._check_flow_context(v_tpl, p_context, 'task context');
+    END IF;
 
     IF v_key IS NOT NULL THEN
         SELECT t.task_uuid INTO v_existing FROM tasker.tasks t
@@ -388,7 +409,10 @@ BEGIN
     -- without one (wait_for_event and sleep steps: _arm_waits below)
     ns AS (
         SELECT n.named_step_id, n.name, n.parent_names, n.max_attempts, n.retryable,
-               cardinality(n.parent_names) AS parent_count, n.wait_config IS NOT NULL AS is_wait
+               cardinality(n.parent_names) AS parent_count, n.wait_config IS NOT NULL AS is_wait,
+               CASE WHEN v_flow THEN tasker._flow_key(n.lane_path, p_context) END AS lane,
+               CASE WHEN v_flow THEN tasker._flow_key(n.concurrency_path, p_context) END AS concurrency_key,
+               n.rate_limit
           FROM tasker.named_steps n
          WHERE n.named_task_id = v_tpl AND NOT n.is_dynamic  -- dynamic steps: created at run time
     ),
@@ -400,11 +424,12 @@ BEGIN
     ),
     ins_steps AS (
         INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
-                                  pending_parents, msg_id, enqueued_at, started_at, created_at, updated_at)
+                                  pending_parents, msg_id, enqueued_at, started_at, created_at, updated_at,
+                                  lane, concurrency_key, rate_limit)
         SELECT s.step_uuid, v_task, s.named_step_id, s.name, s.state,
                s.max_attempts, s.retryable, s.parent_count, s.msg_id,
                CASE WHEN s.state = 'enqueued' THEN v_now END, CASE WHEN s.state = 'waiting' THEN v_now END,
-               v_now, v_now
+               v_now, v_now, s.lane, s.concurrency_key, s.rate_limit
           FROM new_steps s
         RETURNING step_uuid
     ),
@@ -416,9 +441,9 @@ BEGIN
           JOIN new_steps p ON p.name = pn
     ),
     ins_msgs AS (
-        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message, lane)
         SELECT p_namespace, s.msg_id, v_now, v_now + make_interval(secs => v_delay), v_priority,
-               jsonb_build_object('step_uuid', s.step_uuid, 'task_uuid', v_task)
+               jsonb_build_object('step_uuid', s.step_uuid, 'task_uuid', v_task), s.lane
           FROM new_steps s
          WHERE s.msg_id IS NOT NULL
     ),
@@ -435,6 +460,10 @@ BEGIN
     SELECT array_agg(s.step_uuid) FILTER (WHERE s.state = 'waiting') INTO v_waits FROM new_steps s;
     IF v_waits IS NOT NULL THEN
         PERFORM tasker._arm_waits(v_waits);  -- sql/functions/88_waits.sql
+    END IF;
+    IF v_flow THEN  -- the lanes of the messages sent (55_flow.sql)
+        PERFORM tasker._note_step_lanes(p_namespace, ARRAY(
+            SELECT s.step_uuid FROM tasker.steps s WHERE s.task_uuid = v_task AND s.msg_id IS NOT NULL));
     END IF;
 
     PERFORM pg_notify('tasker_' || p_namespace, '');

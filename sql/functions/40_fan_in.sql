@@ -142,6 +142,9 @@ DECLARE
     v_steps  uuid[];
     v_prios  integer[];
     v_waits  uuid[];
+    v_lanes  text[];
+    v_limits integer[];
+    v_lane_queues text[];
 BEGIN
     IF cardinality(p_steps) = 0 THEN
         RETURN;
@@ -149,7 +152,8 @@ BEGIN
     WITH ready AS MATERIALIZED (
         -- a task whose queue was dropped must not leave its ready steps pending in silence;
         -- wait_for_event and sleep steps get no message (they start to wait below)
-        SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority, n.wait_config IS NOT NULL AS is_wait,
+        SELECT s.step_uuid, s.task_uuid, t.namespace, t.priority, n.wait_config IS NOT NULL AS is_wait, s.lane,
+               CASE WHEN n.lane_path = n.concurrency_path THEN n.concurrency_limit END AS lane_limit,
                CASE WHEN n.wait_config IS NULL
                     THEN coalesce(nextval(q.msg_seq), tasker._raise_missing_queue(t.namespace, s.task_uuid)) END AS msg_id
           FROM tasker.steps s
@@ -161,9 +165,9 @@ BEGIN
            AND t.state IN ('pending', 'steps_in_process')
     ),
     msgs AS (
-        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message, lane)
         SELECT r.namespace, r.msg_id, v_now, v_now, r.priority,
-               jsonb_build_object('step_uuid', r.step_uuid, 'task_uuid', r.task_uuid)
+               jsonb_build_object('step_uuid', r.step_uuid, 'task_uuid', r.task_uuid), r.lane
           FROM ready r
          WHERE NOT r.is_wait
     ),
@@ -180,9 +184,18 @@ BEGIN
     )
     SELECT array_agg(r.namespace) FILTER (WHERE NOT r.is_wait), array_agg(r.msg_id) FILTER (WHERE NOT r.is_wait),
            array_agg(r.step_uuid) FILTER (WHERE NOT r.is_wait), array_agg(r.priority) FILTER (WHERE NOT r.is_wait),
-           array_agg(r.step_uuid) FILTER (WHERE r.is_wait)
-      INTO v_queues, v_msgs, v_steps, v_prios, v_waits
+           array_agg(r.step_uuid) FILTER (WHERE r.is_wait),
+           array_agg(r.lane) FILTER (WHERE r.lane IS NOT NULL AND NOT r.is_wait),
+           array_agg(r.lane_limit) FILTER (WHERE r.lane IS NOT NULL AND NOT r.is_wait),
+           array_agg(r.namespace) FILTER (WHERE r.lane IS NOT NULL AND NOT r.is_wait)
+      INTO v_queues, v_msgs, v_steps, v_prios, v_waits, v_lanes, v_limits, v_lane_queues
       FROM ready r;
+    IF v_lanes IS NOT NULL THEN  -- the lanes of the messages sent (55_flow.sql)
+        PERFORM tasker._note_lanes(x.queue, x.lanes, x.limits)
+           FROM (SELECT u.queue, array_agg(u.lane) AS lanes, array_agg(u.lim) AS limits
+                   FROM unnest(v_lane_queues, v_lanes, v_limits) u(queue, lane, lim)
+                  GROUP BY u.queue ORDER BY u.queue) x;
+    END IF;
     IF p_notify THEN
         PERFORM pg_notify('tasker_' || q.queue, '') FROM (SELECT DISTINCT x AS queue FROM unnest(v_queues) x) q;
     END IF;
@@ -222,12 +235,15 @@ BEGIN
             UPDATE tasker.steps s
                SET msg_id = nextval(v_seq), updated_at = v_now
              WHERE s.task_uuid = p_task AND s.state IN ('enqueued', 'waiting_for_retry') AND s.msg_id IS NULL
-            RETURNING s.step_uuid, s.msg_id, s.next_attempt_at
+            RETURNING s.step_uuid, s.msg_id, s.next_attempt_at, s.lane
         )
-        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message, lane)
         SELECT v_ns, u.msg_id, v_now, greatest(v_now, coalesce(u.next_attempt_at, v_now)), v_pri,
-               jsonb_build_object('step_uuid', u.step_uuid, 'task_uuid', p_task)
+               jsonb_build_object('step_uuid', u.step_uuid, 'task_uuid', p_task), u.lane
           FROM unparked u;
+        PERFORM tasker._note_step_lanes(v_ns, ARRAY(
+            SELECT s.step_uuid FROM tasker.steps s
+             WHERE s.task_uuid = p_task AND s.state IN ('enqueued', 'waiting_for_retry') AND s.lane IS NOT NULL));
     END IF;
     PERFORM pg_notify('tasker_' || v_ns, '');
 END

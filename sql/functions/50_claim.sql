@@ -23,8 +23,10 @@ CREATE TYPE tasker._claim_candidate AS (
     task_uuid    uuid,
     step_state   text,
     attempts     integer,
-    -- run_new | run_resume | skip | dead | park | expire
-    kind         text
+    -- run_new | run_resume | skip | dead | park | expire | held (flow control: _flow_admit)
+    kind         text,
+    -- the step has a concurrency key or a rate limit (sql/functions/55_flow.sql)
+    flow         boolean
 );
 
 -- Hands out up to p_qty ready steps of a namespace queue, each as one row with everything its
@@ -71,12 +73,21 @@ BEGIN
     --    calling statement's snapshot was taken; read in that statement, its step would be
     --    invisible and the message taken for one that names no step (archived, the step
     --    stranded). The next statement's snapshot sees every step whose message was picked here.
-    SELECT array_agg(m.msg_id ORDER BY m.ord),
-           -- a message that does not name a step (not ours) must not stop the queue
-           array_agg(CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
-                          THEN (m.message->>'step_uuid')::uuid END ORDER BY m.ord)
-      INTO v_msg_ids, v_msg_steps
-      FROM tasker._lock_visible(p_queue, p_qty, v_now, p_visible_since) WITH ORDINALITY m(msg_id, message, ord);
+    IF NOT EXISTS (SELECT 1 FROM tasker.flow_lanes l WHERE l.queue = p_queue) THEN
+        SELECT array_agg(m.msg_id ORDER BY m.ord),
+               -- a message that does not name a step (not ours) must not stop the queue
+               array_agg(CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                              THEN (m.message->>'step_uuid')::uuid END ORDER BY m.ord)
+          INTO v_msg_ids, v_msg_steps
+          FROM tasker._lock_visible(p_queue, p_qty, v_now, p_visible_since) WITH ORDINALITY m(msg_id, message, ord);
+    ELSE
+        -- a queue with fairness lanes is claimed lane by lane (55_flow.sql)
+        SELECT array_agg(m.msg_id ORDER BY m.ord),
+               array_agg(CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
+                              THEN (m.message->>'step_uuid')::uuid END ORDER BY m.ord)
+          INTO v_msg_ids, v_msg_steps
+          FROM tasker._lock_lanes(p_queue, p_qty, v_now, p_visible_since) WITH ORDINALITY m(msg_id, message, ord);
+    END IF;
     IF v_msg_ids IS NULL THEN
         PERFORM tasker._queue_sequence(p_queue);  -- an unknown queue is an error, not "no work"
         RETURN;
@@ -132,7 +143,7 @@ BEGIN
     --    holds right now: that message is simply left for a later claim.
     locked_steps AS MATERIALIZED (
         SELECT s.step_uuid, s.task_uuid, s.state, s.attempts, s.max_attempts, s.retryable, s.continuation,
-               s.msg_id,
+               s.msg_id, s.concurrency_key IS NOT NULL OR s.rate_limit IS NOT NULL AS flow,
                -- a scalar subquery (one tasks_pkey probe per row), not a join: a join's plan
                -- depends on the row estimate, and the generic plan guesses LIMIT $n badly
                (SELECT t.state FROM tasker.tasks t WHERE t.task_uuid = s.task_uuid) AS task_state
@@ -158,13 +169,18 @@ BEGIN
                    WHEN ls.state = 'in_progress' THEN 'expire'
                    WHEN ls.task_state = 'error' THEN 'park'
                    ELSE 'run_new'
-               END)::tasker._claim_candidate)
+               END, coalesce(ls.flow, false))::tasker._claim_candidate)
       INTO v_batch
       FROM msgs
       LEFT JOIN locked_steps ls ON ls.step_uuid = msgs.step_uuid;
 
     IF EXISTS (SELECT 1 FROM unnest(v_batch) b WHERE b.kind IN ('dead', 'park', 'expire')) THEN
         PERFORM tasker._claim_exceptions(p_queue, v_batch);
+    END IF;
+    -- 3b. Flow control: concurrency limits and rate limits may hold steps back (not leased,
+    --     no attempt spent; 55_flow.sql).
+    IF EXISTS (SELECT 1 FROM unnest(v_batch) b WHERE b.flow AND b.kind = 'run_new') THEN
+        v_batch := tasker._flow_admit(p_queue, v_batch, v_now);
     END IF;
 
     RETURN QUERY
@@ -363,3 +379,112 @@ END
 $$;
 ALTER FUNCTION tasker._claim_exceptions(text, tasker._claim_candidate[]) SET plan_cache_mode = force_generic_plan;
 ALTER FUNCTION tasker._claim_exceptions(text, tasker._claim_candidate[]) SET enable_seqscan = off;
+
+-- Flow control in the claim (the rest of it, and the tables, in 55_flow.sql; here because it
+-- takes this file's claim candidates).
+-- A claim candidate with flow settings (_flow_admit).
+CREATE TYPE tasker._flow_candidate AS (
+    ord bigint, step_uuid uuid, msg_id bigint, concurrency_key text, concurrency_limit integer, rate_limit text);
+
+-- Flow control of a claim's candidates (claim_steps and the hand-off): returns p_batch with
+-- kind 'held' for each run_new candidate that its concurrency key or rate limit holds back.
+-- The admitted steps of a concurrency key are recorded in tasker.flow_holders; a held message
+-- of a rate limit is made visible again when its token is due. The caller holds the steps' row
+-- locks; this takes, in order, transaction advisory locks of the keys (only tried) and the
+-- buckets' rows (in name order).
+CREATE FUNCTION tasker._flow_admit(p_queue text, p_batch tasker._claim_candidate[], p_now timestamptz)
+RETURNS tasker._claim_candidate[]
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_c      tasker._flow_candidate[];
+    v_held   uuid[] := '{}';
+    v_key    text;
+    v_bucket tasker.rate_limits;
+    v_name   text;
+    v_tokens double precision;
+    v_take   integer;
+    v_first  timestamptz;
+    v_parked integer;
+BEGIN
+    v_c := ARRAY(
+        SELECT ROW(b.ordinality, b.step_uuid, b.msg_id, s.concurrency_key, n.concurrency_limit, s.rate_limit)::tasker._flow_candidate
+          FROM unnest(p_batch) WITH ORDINALITY b
+          JOIN tasker.steps s ON s.step_uuid = b.step_uuid
+          JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+         WHERE b.kind = 'run_new' AND (s.concurrency_key IS NOT NULL OR s.rate_limit IS NOT NULL)
+         ORDER BY b.ordinality);
+
+    -- 1. Concurrency, key by key.
+    FOR v_key IN SELECT DISTINCT c.concurrency_key FROM unnest(v_c) c WHERE c.concurrency_key IS NOT NULL ORDER BY 1 LOOP
+        IF NOT pg_try_advisory_xact_lock(tasker._concurrency_lock_key(p_queue, v_key)) THEN
+            -- another claim is admitting this key right now: the next claim will see
+            v_held := v_held || ARRAY(SELECT c.step_uuid FROM unnest(v_c) c WHERE c.concurrency_key = v_key);
+            CONTINUE;
+        END IF;
+        -- the key's records of steps that moved on
+        DELETE FROM tasker.flow_holders h
+         WHERE h.queue = p_queue AND h.concurrency_key = v_key
+           AND NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = h.step_uuid AND s.state = 'in_progress');
+        -- in candidate order, each while fewer than its own limit run
+        v_held := v_held || ARRAY(
+            SELECT x.step_uuid
+              FROM (SELECT c.step_uuid, c.concurrency_limit, row_number() OVER (ORDER BY c.ord) AS n
+                      FROM unnest(v_c) c WHERE c.concurrency_key = v_key) x
+             WHERE x.n + (SELECT count(*) FROM tasker.flow_holders h
+                           WHERE h.queue = p_queue AND h.concurrency_key = v_key) > x.concurrency_limit);
+    END LOOP;
+
+    -- 2. Rate limits, bucket by bucket (name order), for what concurrency admitted.
+    FOR v_name IN SELECT DISTINCT c.rate_limit FROM unnest(v_c) c
+                   WHERE c.rate_limit IS NOT NULL AND NOT (c.step_uuid = ANY (v_held)) ORDER BY 1 LOOP
+        SELECT * INTO v_bucket FROM tasker.rate_limits r WHERE r.name = v_name FOR UPDATE;
+        v_tokens := least(v_bucket.burst::double precision,
+                          v_bucket.tokens + v_bucket.per_second * greatest(0, extract(epoch FROM p_now - v_bucket.refilled_at)));
+        SELECT count(*) INTO v_take FROM unnest(v_c) c WHERE c.rate_limit = v_name AND NOT (c.step_uuid = ANY (v_held));
+        v_take := least(v_take, floor(v_tokens + 1e-9)::integer);
+        v_tokens := greatest(0, v_tokens - v_take);
+        -- the rest wait for their tokens: the first when the bucket next holds a whole one (or
+        -- after those held before them), then one per 1/per_second
+        v_first := greatest(p_now + make_interval(secs => (1 - v_tokens) / v_bucket.per_second),
+                            coalesce(v_bucket.parked_until, p_now));
+        WITH late AS (
+            SELECT c.step_uuid, c.msg_id, row_number() OVER (ORDER BY c.ord) - 1 - v_take AS n
+              FROM unnest(v_c) c
+             WHERE c.rate_limit = v_name AND NOT (c.step_uuid = ANY (v_held))
+             ORDER BY c.ord
+            OFFSET v_take
+        ),
+        park AS (
+            UPDATE tasker.queue_messages m
+               SET vt = v_first + make_interval(secs => late.n / v_bucket.per_second)
+              FROM late
+             WHERE m.queue = p_queue AND m.msg_id = late.msg_id
+            RETURNING late.step_uuid
+        )
+        SELECT v_held || coalesce(array_agg(park.step_uuid), '{}'), count(*) INTO v_held, v_parked FROM park;
+        UPDATE tasker.rate_limits r
+           SET tokens = v_tokens, refilled_at = p_now,
+               parked_until = CASE WHEN v_parked > 0
+                                   THEN v_first + make_interval(secs => v_parked / v_bucket.per_second)
+                                   ELSE r.parked_until END
+         WHERE r.name = v_name;
+    END LOOP;
+
+    -- 3. The admitted steps of each key hold one of its places while they run.
+    INSERT INTO tasker.flow_holders (step_uuid, queue, concurrency_key, claimed_at)
+    SELECT c.step_uuid, p_queue, c.concurrency_key, p_now
+      FROM unnest(v_c) c
+     WHERE c.concurrency_key IS NOT NULL AND NOT (c.step_uuid = ANY (v_held))
+    ON CONFLICT (step_uuid) DO UPDATE SET concurrency_key = EXCLUDED.concurrency_key, claimed_at = EXCLUDED.claimed_at;
+
+    IF cardinality(v_held) = 0 THEN
+        RETURN p_batch;
+    END IF;
+    RETURN ARRAY(
+        SELECT ROW(b.msg_id, b.step_uuid, b.task_uuid, b.step_state, b.attempts,
+                   CASE WHEN b.step_uuid = ANY (v_held) THEN 'held' ELSE b.kind END, b.flow)::tasker._claim_candidate
+          FROM unnest(p_batch) WITH ORDINALITY b
+         ORDER BY b.ordinality);
+END
+$$;
+ALTER FUNCTION tasker._flow_admit(text, tasker._claim_candidate[], timestamptz) SET enable_seqscan = off;

@@ -317,6 +317,10 @@ BEGIN
         -- A checkpoint continuation is visible now: wake a worker.
         PERFORM pg_notify('tasker_' || q.queue, '')
            FROM (SELECT DISTINCT a.queue FROM unnest(v_applied) a WHERE a.new_state = 'in_progress') q;
+        -- A step of a concurrency key ended: a step its limit held back may start now.
+        PERFORM pg_notify('tasker_' || q.queue, '')
+           FROM (SELECT DISTINCT a.queue FROM unnest(v_applied) a JOIN tasker.steps s ON s.step_uuid = a.step_uuid
+                  WHERE a.new_state <> 'in_progress' AND s.concurrency_key IS NOT NULL) q;
     END IF;
 
     RETURN QUERY
@@ -387,6 +391,7 @@ COMMENT ON FUNCTION tasker.complete_and_claim(jsonb, text, integer, double preci
 -- Whether a visible message of a priority above p_priority waits in the queue (a claim would
 -- take it before a message of p_priority): one probe per priority recorded above it
 -- (tasker.queue_priorities records every priority but 0, which is probed when it is above).
+-- Messages with a fairness lane are not looked at: across lanes, turns come before priority.
 CREATE FUNCTION tasker._higher_priority_waiting(p_queue text, p_priority integer, p_now timestamptz)
 RETURNS boolean
 LANGUAGE plpgsql STABLE AS $$
@@ -400,7 +405,7 @@ BEGIN
                 UNION ALL
                 SELECT 0 WHERE p_priority < 0) hp
          WHERE EXISTS (SELECT 1 FROM tasker.queue_messages m
-                        WHERE m.queue = p_queue AND m.priority = hp.priority AND m.vt <= p_now));
+                        WHERE m.queue = p_queue AND m.lane IS NULL AND m.priority = hp.priority AND m.vt <= p_now));
 END
 $$;
 ALTER FUNCTION tasker._higher_priority_waiting(text, integer, timestamptz) SET enable_seqscan = off;

@@ -291,7 +291,7 @@ DECLARE
 BEGIN
     WITH ins AS (
         INSERT INTO tasker.steps (step_uuid, task_uuid, named_step_id, name, state, max_attempts, retryable,
-                                  pending_parents, inputs, created_at, updated_at)
+                                  pending_parents, inputs, created_at, updated_at, lane, concurrency_key, rate_limit)
         SELECT tasker._uuid_v7(), p_task, n.named_step_id, x.name, 'pending', n.max_attempts, n.retryable,
                -- parents not yet satisfied (a worker's batchable step has just finished; a
                -- convergence is recomputed by the caller)
@@ -299,7 +299,11 @@ BEGIN
                  WHERE NOT EXISTS (SELECT 1 FROM tasker.steps p
                                     WHERE p.task_uuid = p_task AND p.name = pn
                                       AND p.state IN ('complete', 'resolved_manually')))::integer,
-               x.inputs, p_now, p_now
+               x.inputs, p_now, p_now,
+               -- flow keys: from the task context (checked when the task was created)
+               tasker._flow_key(n.lane_path, (SELECT t.context FROM tasker.tasks t WHERE t.task_uuid = p_task)),
+               tasker._flow_key(n.concurrency_path, (SELECT t.context FROM tasker.tasks t WHERE t.task_uuid = p_task)),
+               n.rate_limit
           FROM jsonb_to_recordset(p_new) x(named_step_id bigint, name text, inputs jsonb)
           JOIN tasker.named_steps n ON n.named_step_id = x.named_step_id
         ON CONFLICT (task_uuid, name) DO NOTHING

@@ -85,7 +85,7 @@ BEGIN
     -- 4. Re-check under the lock (a new snapshot) and re-send the missing messages.
     RETURN QUERY
     WITH fix AS MATERIALIZED (
-        SELECT s.step_uuid, s.task_uuid, s.state, t.namespace, t.priority, nextval(q.msg_seq) AS msg_id,
+        SELECT s.step_uuid, s.task_uuid, s.state, t.namespace, t.priority, nextval(q.msg_seq) AS msg_id, s.lane,
                CASE
                    WHEN s.state = 'waiting_for_retry' THEN greatest(v_now, coalesce(s.next_attempt_at, v_now))
                    WHEN s.state = 'in_progress' AND NOT s.continuation THEN v_now + tasker._repair_lease_interval()
@@ -103,9 +103,9 @@ BEGIN
                               AND m.message->>'step_uuid' = s.step_uuid::text)
     ),
     msgs AS (
-        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message, lane)
         SELECT f.namespace, f.msg_id, v_now, f.vt, f.priority,
-               jsonb_build_object('step_uuid', f.step_uuid, 'task_uuid', f.task_uuid)
+               jsonb_build_object('step_uuid', f.step_uuid, 'task_uuid', f.task_uuid), f.lane
           FROM fix f
     ),
     upd AS (
@@ -122,6 +122,12 @@ BEGIN
           FROM fix f JOIN tasker.steps s ON s.step_uuid = f.step_uuid
     )
     SELECT 'message_resent', f.step_uuid, f.task_uuid, f.namespace, f.state, f.msg_id FROM fix f;
+    -- the lanes of the messages sent (55_flow.sql)
+    PERFORM tasker._note_step_lanes(x.namespace, x.steps)
+       FROM (SELECT t.namespace, array_agg(s.step_uuid) AS steps
+               FROM tasker.steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+              WHERE s.step_uuid = ANY (v_locked) AND s.step_uuid = ANY (v_lost) AND s.lane IS NOT NULL
+              GROUP BY t.namespace ORDER BY t.namespace) x;
     PERFORM pg_notify('tasker_' || ns.namespace, '')
        FROM (SELECT DISTINCT t.namespace FROM tasker.steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
               WHERE s.step_uuid = ANY (v_locked) AND s.step_uuid = ANY (v_lost)) ns;

@@ -137,7 +137,7 @@ BEGIN
         PERFORM tasker._arm_waits(v_waits);  -- sql/functions/88_waits.sql
     END IF;
     WITH todo AS MATERIALIZED (
-        SELECT s.step_uuid, s.task_uuid, s.attempts, t.namespace, t.priority,
+        SELECT s.step_uuid, s.task_uuid, s.attempts, t.namespace, t.priority, s.lane,
                nextval(tasker._queue_sequence(t.namespace)) AS msg_id
           FROM tasker.steps s
           JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
@@ -145,9 +145,9 @@ BEGIN
          ORDER BY s.step_uuid
     ),
     msgs AS (
-        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message)
+        INSERT INTO tasker.queue_messages (queue, msg_id, enqueued_at, vt, priority, message, lane)
         SELECT d.namespace, d.msg_id, v_now, v_now, d.priority,
-               jsonb_build_object('step_uuid', d.step_uuid, 'task_uuid', d.task_uuid)
+               jsonb_build_object('step_uuid', d.step_uuid, 'task_uuid', d.task_uuid), d.lane
           FROM todo d
     ),
     upd AS (
@@ -171,6 +171,12 @@ BEGIN
                     UNION ALL
                     SELECT wd.task_uuid, NULL, 1, false FROM unnest(v_wait_deltas) wd) y
              GROUP BY y.task_uuid) x;
+    -- the lanes of the messages sent (55_flow.sql)
+    PERFORM tasker._note_step_lanes(x.namespace, x.steps)
+       FROM (SELECT t.namespace, array_agg(s.step_uuid) AS steps
+               FROM tasker.steps s JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+              WHERE s.step_uuid = ANY (p_steps) AND s.lane IS NOT NULL AND s.state = 'enqueued'
+              GROUP BY t.namespace ORDER BY t.namespace) x;
     IF v_deltas IS NULL THEN
         RETURN;
     END IF;

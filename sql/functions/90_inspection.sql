@@ -81,7 +81,18 @@ BEGIN
                    to_char(coalesce(rel.missing_since, rel.created_at), 'YYYY-MM-DD HH24:MI:SS') ||
                    '); released without spending an attempt, ready again at ' ||
                    to_char(coalesce(m.vt, rel.created_at), 'HH24:MI:SS') || ' for a worker that has it'
+               -- flow control (55_flow.sql): what holds a step back
+               WHEN s.state IN ('enqueued', 'waiting_for_retry') AND fc.running >= ns.concurrency_limit
+                    AND coalesce(m.vt <= clock_timestamp(), false) THEN
+                   format('held by its concurrency limit: %s of %s steps with %s = %s are in progress; it starts when one of them ends',
+                          fc.running, ns.concurrency_limit, ns.concurrency_path, quote_literal(s.concurrency_key))
+               WHEN s.state = 'enqueued' AND rl.name IS NOT NULL AND m.vt > clock_timestamp() AND m.vt <= rl.parked_until THEN
+                   format('held by rate limit %s (%s per second, burst %s): its token is due at %s',
+                          quote_literal(rl.name), rl.per_second, rl.burst, to_char(m.vt, 'HH24:MI:SS.MS'))
                WHEN s.state = 'enqueued' AND m.vt > clock_timestamp() THEN 'scheduled to start at ' || to_char(m.vt, 'HH24:MI:SS')
+               WHEN s.state = 'enqueued' AND fl.lane IS NOT NULL THEN
+                   format('ready: waiting for a worker (fairness lane %s: %s lane(s) of %s take their turn before it)',
+                          quote_literal(s.lane), fl.ahead, t.namespace)
                WHEN s.state = 'enqueued' THEN 'ready: waiting for a worker'
                WHEN s.state = 'waiting_for_retry' THEN
                    'retry at ' || to_char(s.next_attempt_at, 'HH24:MI:SS') || ' (attempt ' || (s.attempts + 1) || ' of ' || s.max_attempts || ')'
@@ -101,6 +112,18 @@ BEGIN
       JOIN tasker.named_steps ns ON ns.named_step_id = s.named_step_id
       LEFT JOIN tasker.queue_messages m ON m.queue = t.namespace AND m.msg_id = s.msg_id
       LEFT JOIN tasker.step_waits wt ON wt.step_uuid = s.step_uuid
+      -- flow control: the steps of its concurrency key in progress, its rate limit, its lane
+      LEFT JOIN LATERAL (
+          SELECT count(*)::integer AS running
+            FROM tasker.flow_holders h JOIN tasker.steps hs ON hs.step_uuid = h.step_uuid
+           WHERE h.queue = t.namespace AND h.concurrency_key = s.concurrency_key AND hs.state = 'in_progress'
+      ) fc ON s.concurrency_key IS NOT NULL
+      LEFT JOIN tasker.rate_limits rl ON rl.name = s.rate_limit
+      LEFT JOIN LATERAL (
+          SELECT l.lane, (SELECT count(*) FROM tasker.flow_lanes o
+                           WHERE o.queue = l.queue AND (o.vtime, o.lane) < (l.vtime, l.lane)) AS ahead
+            FROM tasker.flow_lanes l WHERE l.queue = t.namespace AND l.lane = s.lane
+      ) fl ON s.lane IS NOT NULL
       -- the step's last transition, when it is a release by a worker lacking the handler
       LEFT JOIN LATERAL (
           SELECT lt.worker_id, lt.created_at,

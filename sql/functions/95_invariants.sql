@@ -182,6 +182,36 @@ LANGUAGE sql STABLE AS $$
      WHERE m.priority <> 0
        AND NOT EXISTS (SELECT 1 FROM tasker.queue_priorities qp WHERE qp.queue = m.queue AND qp.priority = m.priority)
      GROUP BY m.queue, m.priority
+    UNION ALL
+    -- flow control (55_flow.sql): a queue with lanes is claimed lane by lane, so a message whose
+    -- lane has no row would never be claimed; and a message's lane is its step's
+    SELECT 'lane_is_recorded', format('%s messages of queue %s are in lane %s, which tasker.flow_lanes does not list',
+                                      count(*), m.queue, quote_literal(m.lane))
+      FROM tasker.queue_messages m
+     WHERE m.lane IS NOT NULL
+       AND NOT EXISTS (SELECT 1 FROM tasker.flow_lanes l WHERE l.queue = m.queue AND l.lane = m.lane)
+     GROUP BY m.queue, m.lane
+    UNION ALL
+    SELECT 'lane_is_recorded', format('queue %s has lanes but no lane %s for its messages without one', l.queue, quote_literal(''))
+      FROM (SELECT DISTINCT l.queue FROM tasker.flow_lanes l) l
+     WHERE NOT EXISTS (SELECT 1 FROM tasker.flow_lanes k WHERE k.queue = l.queue AND k.lane = '')
+    UNION ALL
+    SELECT 'message_lane_is_its_steps', format('message %s of step %s is in lane %s, its step in lane %s',
+                                               m.msg_id, s.step_uuid, coalesce(quote_literal(m.lane), 'none'),
+                                               coalesce(quote_literal(s.lane), 'none'))
+      FROM tasker.queue_messages m
+      JOIN tasker.steps s ON s.msg_id = m.msg_id AND m.message->>'step_uuid' = s.step_uuid::text
+     WHERE m.lane IS DISTINCT FROM s.lane
+    UNION ALL
+    -- the limit: no more steps of a key in progress than the highest limit among them (each is
+    -- admitted while fewer than its own limit run)
+    SELECT 'concurrency_limit_kept', format('%s steps with concurrency key %s of queue %s are in progress; the limit is %s',
+                                            count(*), quote_literal(h.concurrency_key), h.queue, max(n.concurrency_limit))
+      FROM tasker.flow_holders h
+      JOIN tasker.steps s ON s.step_uuid = h.step_uuid AND s.state = 'in_progress'
+      JOIN tasker.named_steps n ON n.named_step_id = s.named_step_id
+     GROUP BY h.queue, h.concurrency_key
+    HAVING count(*) > max(n.concurrency_limit)
 $$;
 COMMENT ON FUNCTION tasker.check_invariants() IS
     'Rows for every broken engine invariant (message per live step, counters, fan-in); empty when healthy.';

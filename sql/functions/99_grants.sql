@@ -69,7 +69,9 @@ DECLARE
         'create_schedule', 'pause_schedule', 'resume_schedule', 'delete_schedule',
         'trigger_schedule', 'backfill_schedule', 'fire_due_schedules',
         -- durable waits: wake due sleeps and timeouts by hand
-        'wake_waits'
+        'wake_waits',
+        -- flow control: the rate limits steps name
+        'set_rate_limit', 'delete_rate_limit'
     ];
     -- Owner only: the raw queue API. The engine's queues are its internal state (a pop or an
     -- archive on one strands a step); whoever uses the queue layer for queues of their own
@@ -81,7 +83,7 @@ DECLARE
     -- Views: every role that reads tasks gets all of them; workers read templates only.
     c_views    CONSTANT text[] := ARRAY[
         'v_tasks', 'v_steps', 'v_templates', 'v_step_transitions', 'v_task_transitions',
-        'v_workers', 'v_waits'
+        'v_workers', 'v_waits', 'v_flow_lanes', 'v_rate_limits'
     ];
     -- Bookkeeping of migrate, read by every connection's schema check (tasker_pg.db); no
     -- engine data. The only tables any role may read directly.

@@ -1078,7 +1078,9 @@ async def hot_statements(conn: db.Connection) -> dict[str, plans.Expected]:
     return {
         # _lock_visible (claim_steps' pick): the highest priority present, then the range of
         # visible messages at it
-        "claim_top_priority": expect("WHERE m.queue = p_queue ORDER BY m.priority DESC", claim_idx),
+        "claim_top_priority": expect(
+            "WHERE m.queue = p_queue AND m.lane IS NULL ORDER BY m.priority DESC", claim_idx
+        ),
         "claim_visible": expect("m.priority = v_prio AND m.vt <= p_now", claim_idx),
         # claim_steps: lock the picked messages' steps (task state per step)
         "claim_pick": expect("locked_steps AS MATERIALIZED", "steps_pkey", "tasks_pkey"),

@@ -388,7 +388,7 @@ async def big_queue_statements(conn: db.Connection) -> dict[str, plans.Expected]
     pkey = await plans.partition_index(conn, "tasker.queue_messages_pkey", partition)
     return {
         "top_priority": plans.Expected.of(
-            "WHERE m.queue = p_queue ORDER BY m.priority DESC", claim_idx
+            "WHERE m.queue = p_queue AND m.lane IS NULL ORDER BY m.priority DESC", claim_idx
         ),
         "visible": plans.Expected.of("m.priority = v_prio AND m.vt <= p_now", claim_idx),
         "read": plans.Expected.of("claimed AS (", pkey),
