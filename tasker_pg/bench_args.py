@@ -20,6 +20,7 @@ SCENARIOS = (
     "deep",
     "backlog",
     "retention",
+    "limits",
     "scale",
     "xmin",
     "latency",

@@ -398,7 +398,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_c      tasker._flow_candidate[];
     v_held   uuid[] := '{}';
-    v_key    text;
+    v_keys   text[];
+    v_locked text[];
     v_bucket tasker.rate_limits;
     v_name   text;
     v_tokens double precision;
@@ -414,25 +415,30 @@ BEGIN
          WHERE b.kind = 'run_new' AND (s.concurrency_key IS NOT NULL OR s.rate_limit IS NOT NULL)
          ORDER BY b.ordinality);
 
-    -- 1. Concurrency, key by key.
-    FOR v_key IN SELECT DISTINCT c.concurrency_key FROM unnest(v_c) c WHERE c.concurrency_key IS NOT NULL ORDER BY 1 LOOP
-        IF NOT pg_try_advisory_xact_lock(tasker._concurrency_lock_key(p_queue, v_key)) THEN
-            -- another claim is admitting this key right now: the next claim will see
-            v_held := v_held || ARRAY(SELECT c.step_uuid FROM unnest(v_c) c WHERE c.concurrency_key = v_key);
-            CONTINUE;
-        END IF;
-        -- the key's records of steps that moved on
+    -- 1. Concurrency: the keys' locks, tried in key order (a key another claim is admitting
+    --    right now: its candidates are held this time, the next claim will see); the records of
+    --    their steps that moved on go; then, per key in candidate order, each candidate while
+    --    fewer than its own limit run.
+    v_keys := ARRAY(SELECT DISTINCT c.concurrency_key FROM unnest(v_c) c WHERE c.concurrency_key IS NOT NULL ORDER BY 1);
+    IF cardinality(v_keys) > 0 THEN
+        v_locked := ARRAY(SELECT k FROM unnest(v_keys) WITH ORDINALITY x(k, o)
+                           WHERE pg_try_advisory_xact_lock(tasker._concurrency_lock_key(p_queue, x.k))
+                           ORDER BY x.o);
         DELETE FROM tasker.flow_holders h
-         WHERE h.queue = p_queue AND h.concurrency_key = v_key
+         WHERE h.queue = p_queue AND h.concurrency_key = ANY (v_locked)
            AND NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = h.step_uuid AND s.state = 'in_progress');
-        -- in candidate order, each while fewer than its own limit run
-        v_held := v_held || ARRAY(
+        v_held := ARRAY(
             SELECT x.step_uuid
-              FROM (SELECT c.step_uuid, c.concurrency_limit, row_number() OVER (ORDER BY c.ord) AS n
-                      FROM unnest(v_c) c WHERE c.concurrency_key = v_key) x
-             WHERE x.n + (SELECT count(*) FROM tasker.flow_holders h
-                           WHERE h.queue = p_queue AND h.concurrency_key = v_key) > x.concurrency_limit);
-    END LOOP;
+              FROM (SELECT c.step_uuid, c.concurrency_key, c.concurrency_limit,
+                           row_number() OVER (PARTITION BY c.concurrency_key ORDER BY c.ord) AS n
+                      FROM unnest(v_c) c WHERE c.concurrency_key IS NOT NULL) x
+              LEFT JOIN (SELECT h.concurrency_key, count(*) AS running
+                           FROM tasker.flow_holders h
+                          WHERE h.queue = p_queue AND h.concurrency_key = ANY (v_locked)
+                          GROUP BY h.concurrency_key) r ON r.concurrency_key = x.concurrency_key
+             WHERE NOT (x.concurrency_key = ANY (v_locked))
+                OR x.n + coalesce(r.running, 0) > x.concurrency_limit);
+    END IF;
 
     -- 2. Rate limits, bucket by bucket (name order), for what concurrency admitted.
     FOR v_name IN SELECT DISTINCT c.rate_limit FROM unnest(v_c) c

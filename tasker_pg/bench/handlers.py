@@ -43,6 +43,10 @@ LATENCY_SINGLE = "latency_single"  # one stamping step
 LATENCY_LINEAR = "latency_linear"  # four stamping steps in a row
 FLAT_10MS = "flat_10ms"  # one step whose handler takes 10 ms (the scale scenario)
 BACKLOG = "backlog"  # one step; its tasks are kept not visible while flat tasks drain
+LIMITS_FAIR = "limits_fair"  # one step, fairness lanes by $.customer
+LIMITS_CONCURRENCY = "limits_concurrency"  # ... and a concurrency limit per $.customer
+LIMITS_RATED = "limits_rated"  # ... and a rate limit (RATE_LIMIT)
+RATE_LIMIT = "bench"
 FANOUT = "fanout"  # analyze (batchable) -> work_0001..N (batch workers) -> gather (convergence)
 FANOUT_WORKERS = 1_000
 FANOUT_WORKER_TEMPLATE = "work"
@@ -146,6 +150,27 @@ def _template(name: str, steps: list[dict[str, Any]]) -> TaskTemplate:
     )
 
 
+def _limited(name: str, handler_ms: float, concurrency: int, rated: bool) -> TaskTemplate:
+    """One no-op step with flow control by `$.customer`: fairness only (`concurrency` 0), or a
+    concurrency limit, and the bench's rate limit when `rated`."""
+    flow: dict[str, Any] = {"fairness": {"key": "$.customer"}}
+    if concurrency:
+        flow = {"concurrency": {"key": "$.customer", "limit": concurrency}}
+    if rated:
+        flow["rate_limit"] = RATE_LIMIT
+    return TaskTemplate.from_dict(
+        {
+            "name": name,
+            "namespace_name": NAMESPACE,
+            "version": VERSION,
+            "description": f"tasker-pg bench: {name}",
+            "steps": [_step("a", NOOP, handler_ms, [])],
+            **flow,
+        },
+        source=f"{__name__} ({name})",
+    )
+
+
 def fanout_template(handler_ms: float = 0, workers: int = FANOUT_WORKERS) -> TaskTemplate:
     """analyze (batchable) -> `workers` batch workers -> gather (deferred convergence)."""
     sized = {"workers": workers}
@@ -172,9 +197,10 @@ def fanout_template(handler_ms: float = 0, workers: int = FANOUT_WORKERS) -> Tas
 
 
 def templates(
-    handler_ms: float = 0, fanout_workers: int = FANOUT_WORKERS
+    handler_ms: float = 0, fanout_workers: int = FANOUT_WORKERS, limits_concurrency: int = 50
 ) -> dict[str, TaskTemplate]:
-    """Every benchmark template by name; each handler sleeps `handler_ms` first when > 0."""
+    """Every benchmark template by name; each handler sleeps `handler_ms` first when > 0. The
+    rated template names the rate limit RATE_LIMIT, which must exist before it is registered."""
     linear_names = ["a", "b", "c", "d"]
     return {
         FLAT: _template(FLAT, [_step("a", NOOP, handler_ms, [])]),
@@ -194,6 +220,9 @@ def templates(
             [_step(n, NOOP, handler_ms, linear_names[:i][-1:]) for i, n in enumerate(linear_names)],
         ),
         FANOUT: fanout_template(handler_ms, fanout_workers),
+        LIMITS_FAIR: _limited(LIMITS_FAIR, handler_ms, 0, False),
+        LIMITS_CONCURRENCY: _limited(LIMITS_CONCURRENCY, handler_ms, limits_concurrency, False),
+        LIMITS_RATED: _limited(LIMITS_RATED, handler_ms, limits_concurrency, True),
         LATENCY_SINGLE: _template(LATENCY_SINGLE, [_step("a", STAMP, handler_ms, [])]),
         LATENCY_LINEAR: _template(
             LATENCY_LINEAR,

@@ -12,7 +12,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 
 # Scenarios whose result is a ratio to the baseline: they pull the baseline in.
-RATIO_SCENARIOS = ("flat", "dag", "fanout", "deep", "backlog", "retention", "scale")
+RATIO_SCENARIOS = ("flat", "dag", "fanout", "deep", "backlog", "retention", "limits", "scale")
 
 # Default sizes (multiplied by --n).
 BASELINE_MESSAGES = 100_000
@@ -35,6 +35,10 @@ XMIN_TICK = 0.1  # seconds between two arrival batches
 XMIN_WARMUP = 0.1  # warm-up before each phase, as a share of its length
 XMIN_LOAD = 0.25  # arrival rate, as a share of the diamond capacity measured by `dag`
 BACKLOG_INVISIBLE = 100_000  # steps of the queue not visible while the backlog drain runs
+LIMITS_KEYS = 10  # customers of the limits scenario; key k has (k + 1) shares of the backlog
+LIMITS_CONCURRENCY = 50  # its concurrency limit per key (10 x 50 > the 200 slots: not binding)
+LIMITS_RATE = 1_000_000.0  # its rate limit (tokens/s and burst): not binding either
+LIMITS_SHARE_WINDOW = 0.8  # shares are read over the first claims while every key has a backlog
 LATENCY_TASKS = 200
 LATENCY_RATE = 50.0  # tasks created per second
 CREATE_SINGLE_TASKS = 2_000
@@ -52,6 +56,11 @@ TARGET_FANOUT_RATIO = 0.15
 TARGET_BACKLOG_OF_FLAT = 0.90
 TARGET_DEEP_OF_FLAT = 0.90
 TARGET_RETENTION_OF_FLAT = 0.80
+# the flat drain with fairness lanes, a concurrency limit and a rate limit on every step (none
+# binding): the cost of flow control in the claim; and the fairness share of each of 10 keys
+# under a skewed backlog: within this fraction of equal
+TARGET_LIMITS_OF_FLAT = 0.80
+TARGET_LIMITS_SHARE = 0.10
 XMIN_TARGET_OF_CLEAN = 0.90  # every held window completes this share of the clean phase's
 XMIN_TARGET_LAG_P99_MS = 1_000.0
 # Latencies at LATENCY_RATE: (p50, p99) in milliseconds, both must hold.

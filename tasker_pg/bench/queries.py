@@ -398,3 +398,13 @@ async def finish_as_history(conn: db.Connection, tasks: list[Any]) -> None:
 
 async def keep_finished_a_day(conn: db.Connection) -> None:
     await conn.execute(_KEEP_FINISHED_A_DAY, NAMESPACE)
+
+
+async def claimed_lanes(conn: db.Connection, first: int) -> list[str]:
+    """The lane of each of the first `first` claims of the database, in audit order."""
+    rows = await conn.fetch(
+        "SELECT s.lane FROM tasker.step_transitions tr JOIN tasker.steps s USING (step_uuid)"
+        " WHERE tr.event = 'claimed' ORDER BY tr.transition_id LIMIT $1",
+        first,
+    )
+    return [r["lane"] for r in rows]

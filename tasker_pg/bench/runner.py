@@ -17,6 +17,8 @@ from typing import Any, TextIO
 from tasker_pg import __version__, db, migrations
 from tasker_pg.bench import handlers, machine, queries, report, scenarios
 from tasker_pg.bench.options import (
+    LIMITS_CONCURRENCY,
+    LIMITS_RATE,
     POLL_INTERVAL,
     RATIO_SCENARIOS,
     SCENARIOS,
@@ -140,8 +142,18 @@ class Bench:
             )
 
     async def register(self, conn: db.Connection) -> None:
-        """Register every benchmark template (with the run's handler sleep)."""
-        for template in handlers.templates(self.options.handler_ms).values():
+        """Register every benchmark template (with the run's handler sleep), after the rate
+        limit the limits scenario's steps name."""
+        await conn.execute(
+            "SELECT tasker.set_rate_limit($1, $2, $3)",
+            handlers.RATE_LIMIT,
+            LIMITS_RATE,
+            int(LIMITS_RATE),
+        )
+        templates = handlers.templates(
+            self.options.handler_ms, limits_concurrency=LIMITS_CONCURRENCY
+        )
+        for template in templates.values():
             await conn.register_template(template.to_json())
 
     def workers(
@@ -234,7 +246,7 @@ class Bench:
     def _selected(self) -> list[str]:
         """The scenarios to run, in order; the baseline comes along when ratios need it."""
         wanted = set(self.options.scenarios)
-        if wanted & {"deep", "backlog", "retention"}:
+        if wanted & {"deep", "backlog", "retention", "limits"}:
             wanted.add("flat")  # the clean rate those drains are compared with
         if "xmin" in wanted:
             wanted.add("dag")  # the capacity whose quarter the xmin arrivals are

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -35,6 +36,10 @@ from tasker_pg.bench.options import (
     FLAT_TASKS,
     LATENCY_RATE,
     LATENCY_TASKS,
+    LIMITS_CONCURRENCY,
+    LIMITS_KEYS,
+    LIMITS_RATE,
+    LIMITS_SHARE_WINDOW,
     POLL_INTERVAL,
     RETENTION_BATCH,
     RETENTION_HISTORY,
@@ -48,6 +53,8 @@ from tasker_pg.bench.options import (
     TARGET_FANOUT_RATIO,
     TARGET_FLAT_RATIO,
     TARGET_HANDOFF_MS,
+    TARGET_LIMITS_OF_FLAT,
+    TARGET_LIMITS_SHARE,
     TARGET_LINEAR_E2E_MS,
     TARGET_RETENTION_OF_FLAT,
     BenchError,
@@ -114,14 +121,17 @@ async def drain(
     poll: float = POLL_INTERVAL,
     measured: Callable[[db.Connection], Awaitable[None]] | None = None,
     alongside: Callable[[str], Coroutine[Any, Any, None]] | None = None,
+    contexts: Callable[[int], dict[str, Any]] | None = None,
 ) -> Drain:
     """Create `tasks` tasks in one transaction with idle workers waiting, time the drain;
     then run `after` on the same database (the workers stopped). `before` runs first, before
     the workers start: the tasks it creates are left out of the counts, the timing and the
     verification (only the tasks created after it are the drain's). `measured` runs just
     after the tasks are committed, while the workers drain; `alongside` is started then too,
-    with the database's DSN, and awaited once the workers stopped (before `after`)."""
+    with the database's DSN, and awaited once the workers stopped (before `after`). Task i's
+    context is `contexts(i)` (default `{"i": i}`)."""
     steps = tasks * steps_per_task
+    context_of = contexts or (lambda i: {"i": i})
     since: dt.datetime | None = None
     side: asyncio.Task[None] | None = None
     async with bench.fresh_database(label) as dsn:
@@ -138,8 +148,8 @@ async def drain(
             bench.say(f"{label}: creating {tasks:,} {template} tasks in one transaction")
             async with conn.transaction():
                 for first in range(0, tasks, CREATE_BATCH):
-                    contexts = [{"i": i} for i in range(first, min(first + CREATE_BATCH, tasks))]
-                    await conn.create_tasks(NAMESPACE, template, contexts)
+                    batch = [context_of(i) for i in range(first, min(first + CREATE_BATCH, tasks))]
+                    await conn.create_tasks(NAMESPACE, template, batch)
                 await queries.analyze_engine_tables(conn)
                 await queries.flush_statistics(conn)
                 pids = await queries.worker_backend_pids(conn) if bench.server_local else []
@@ -463,6 +473,110 @@ async def backlog(bench: Bench) -> None:
     }
 
 
+# --- limits --------------------------------------------------------------------------------------
+
+
+def skewed_keys(tasks: int, keys: int) -> list[str]:
+    """The customer of each task of a skewed backlog: key k gets k + 1 shares (1 : keys between
+    the smallest and the largest), the largest keys first in creation order."""
+    weights = list(range(keys, 0, -1))
+    total = sum(weights)
+    out: list[str] = []
+    for w in weights:
+        out += [f"c{w - 1}"] * (tasks * w // total)
+    out += [f"c{keys - 1}"] * (tasks - len(out))
+    return out
+
+
+def _customer_context(customer: Callable[[int], str], i: int) -> dict[str, Any]:
+    return {"i": i, "customer": customer(i)}
+
+
+def fair_shares(lanes: list[str], keys: int) -> dict[str, float]:
+    """Each key's share of `lanes` (the claims in the order they were made)."""
+    counts = {f"c{k}": 0 for k in range(keys)}
+    for lane in lanes:
+        counts[lane] = counts.get(lane, 0) + 1
+    return {k: n / len(lanes) for k, n in counts.items()} if lanes else {}
+
+
+async def limits(bench: Bench) -> None:
+    """The flat drain with flow control on every step, against the clean flat drain of the same
+    run (the cost of flow control in the claim; server CPU per step in the notes): fairness lanes
+    by customer under a skewed backlog (10 customers, customer k with k + 1 shares), then a
+    concurrency limit per customer (LIMITS_CONCURRENCY), then that and a rate limit
+    (LIMITS_RATE tokens/s), both over an even backlog so that neither limit binds (10 x 50
+    places for the 200 slots; a skewed backlog would leave the largest customer alone at the
+    end, held to its 50). And the share of the claims each customer got in the fairness drain
+    while every customer still had a backlog (the first LIMITS_SHARE_WINDOW of 10 x the
+    smallest backlog, in audit order) against equal."""
+    tasks = bench.options.count(FLAT_TASKS)
+    skewed = skewed_keys(tasks, LIMITS_KEYS)
+    window = int(
+        LIMITS_SHARE_WINDOW * LIMITS_KEYS * min(skewed.count(f"c{k}") for k in range(LIMITS_KEYS))
+    )
+    variants: dict[str, Any] = {}
+    shares: dict[str, float] = {}
+
+    async def read_shares(conn: db.Connection) -> None:
+        shares.update(fair_shares(await queries.claimed_lanes(conn, window), LIMITS_KEYS))
+
+    for template, what, customer in (
+        (handlers.LIMITS_FAIR, "fairness lanes, 10 keys skewed", lambda i: skewed[i]),
+        (
+            handlers.LIMITS_CONCURRENCY,
+            f"+ concurrency {LIMITS_CONCURRENCY}/key, even",
+            lambda i: f"c{i % LIMITS_KEYS}",
+        ),
+        (handlers.LIMITS_RATED, "+ rate limit, even", lambda i: f"c{i % LIMITS_KEYS}"),
+    ):
+        result = (
+            await drain(
+                bench,
+                template,
+                template,
+                tasks,
+                1,
+                after=read_shares if template == handlers.LIMITS_FAIR else None,
+                contexts=functools.partial(_customer_context, customer),
+            )
+        ).as_dict(bench.baseline_rate)
+        of_flat = _against_flat(bench, "limits", f"{what} steps/s", result, TARGET_LIMITS_OF_FLAT)
+        variants[template] = {**result, "ratio_to_flat": of_flat}
+    worst = max(abs(s * LIMITS_KEYS - 1) for s in shares.values()) if shares else None
+    bench.emit(
+        Row(
+            "limits",
+            f"share of each of 10 keys, skewed 1:{LIMITS_KEYS} (first {window:,} claims)",
+            f"{min(shares.values()):.1%} .. {max(shares.values()):.1%}" if shares else "-",
+            "",
+            f"within {TARGET_LIMITS_SHARE:.0%} of {1 / LIMITS_KEYS:.0%}",
+            bench.judge(worst <= TARGET_LIMITS_SHARE) if worst is not None else None,
+        )
+    )
+    flat_cpu = bench.results.get("flat", {}).get("server_cpu_us_per_step")
+    notes = [
+        f"{name}: server CPU per step {v['server_cpu_us_per_step']} us"
+        + (f" (flat {flat_cpu} us)" if flat_cpu is not None else "")
+        + f", claims of {v['avg_claim_batch']} steps on average"
+        for name, v in variants.items()
+        if v.get("server_cpu_us_per_step") is not None
+    ]
+    bench.results["limits"] = {
+        "ok": True,
+        **_settings(bench),
+        "keys": LIMITS_KEYS,
+        "concurrency_limit": LIMITS_CONCURRENCY,
+        "rate_limit_per_s": LIMITS_RATE,
+        "share_window": window,
+        "shares": {k: round(v, 4) for k, v in shares.items()},
+        "worst_share_deviation": None if worst is None else round(worst, 4),
+        "variants": variants,
+        "all_completed": all(v["all_completed"] for v in variants.values()),
+        "notes": notes,
+    }
+
+
 async def _seed_backlog(conn: db.Connection, invisible: int) -> None:
     """`invisible` backlog tasks whose steps stay not visible for the whole run, created and
     claimed through the engine's own calls, CREATE_BATCH at a time."""
@@ -765,6 +879,7 @@ RUNNERS: dict[str, Scenario] = {
     "deep": deep,
     "backlog": backlog,
     "retention": retention,
+    "limits": limits,
     "scale": scale,
     "xmin": xmin.xmin,
     "latency": latency,

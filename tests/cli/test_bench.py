@@ -106,6 +106,20 @@ def test_every_scenario_reports_completed_work(
     assert backlog["tasks"] == backlog["steps"] == drains["flat"]["tasks"]
     _positive(backlog["ratio_to_flat"], "backlog / flat")
 
+    limited = scenarios["limits"]
+    assert list(limited["variants"]) == [
+        handlers.LIMITS_FAIR,
+        handlers.LIMITS_CONCURRENCY,
+        handlers.LIMITS_RATED,
+    ]
+    for name, drain in limited["variants"].items():
+        assert drain["tasks"] == drain["steps"] == drains["flat"]["tasks"], name
+        _positive(drain["ratio_to_flat"], f"limits {name} / flat")
+    # 200 tasks skewed 1:10 over 10 keys: the smallest key has 3, the window is 80 % of 10 x 3
+    assert limited["share_window"] == 24
+    assert set(limited["shares"]) == {f"c{k}" for k in range(10)}
+    assert abs(sum(limited["shares"].values()) - 1) < 1e-3
+
     scale = scenarios["scale"]
     assert list(scale["workers"]) == ["1", "2", "4"]
     assert list(scale["handler_10ms_concurrency"]) == ["16", "32", "64", "128", "256"]
@@ -139,6 +153,7 @@ def test_every_scenario_reports_completed_work(
         "deep": 1,
         "backlog": 1,
         "retention": 1,
+        "limits": 4,
         "xmin": 2,
         "latency": 3,
         "create": 2,
@@ -391,3 +406,18 @@ def test_the_installed_script_help_does_not_import_the_benchmark() -> None:
     assert result.returncode == 0, result.stderr
     assert "usage: tasker-pg" in result.stdout
     assert result.stdout.strip().splitlines()[-1] == "False True"
+
+
+def test_a_skewed_backlog_gives_key_k_k_plus_1_shares_and_every_task_a_key() -> None:
+    keys = scenarios.skewed_keys(550, 10)
+    assert len(keys) == 550
+    assert [keys.count(f"c{k}") for k in range(10)] == [10 * (k + 1) for k in range(10)]
+    assert keys[0] == "c9"  # the largest customer's tasks are created first
+    odd = scenarios.skewed_keys(101, 3)
+    assert len(odd) == 101 and odd.count("c0") == 16 and odd.count("c2") == 52
+
+
+def test_fair_shares_count_every_key_even_one_never_claimed() -> None:
+    shares = scenarios.fair_shares(["c0", "c1", "c1", "c0"], 3)
+    assert shares == {"c0": 0.5, "c1": 0.5, "c2": 0.0}
+    assert scenarios.fair_shares([], 3) == {}
