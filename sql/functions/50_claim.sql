@@ -400,6 +400,7 @@ DECLARE
     v_held   uuid[] := '{}';
     v_keys   text[];
     v_locked text[];
+    v_round  integer;
     v_bucket tasker.rate_limits;
     v_name   text;
     v_tokens double precision;
@@ -416,28 +417,38 @@ BEGIN
          ORDER BY b.ordinality);
 
     -- 1. Concurrency: the keys' locks, tried in key order (a key another claim is admitting
-    --    right now: its candidates are held this time, the next claim will see); the records of
-    --    their steps that moved on go; then, per key in candidate order, each candidate while
-    --    fewer than its own limit run.
+    --    right now: its candidates are held this time, the next claim will see); then, per key
+    --    in candidate order, each candidate while fewer than its own limit run. A completion
+    --    deletes its step's record; a step that left in_progress otherwise (a lost lease, a
+    --    release, an operator) leaves one behind, which counts until a claim that would hold a
+    --    step of the key because of it deletes the records of steps no longer in progress.
     v_keys := ARRAY(SELECT DISTINCT c.concurrency_key FROM unnest(v_c) c WHERE c.concurrency_key IS NOT NULL ORDER BY 1);
     IF cardinality(v_keys) > 0 THEN
         v_locked := ARRAY(SELECT k FROM unnest(v_keys) WITH ORDINALITY x(k, o)
                            WHERE pg_try_advisory_xact_lock(tasker._concurrency_lock_key(p_queue, x.k))
                            ORDER BY x.o);
-        DELETE FROM tasker.flow_holders h
-         WHERE h.queue = p_queue AND h.concurrency_key = ANY (v_locked)
-           AND NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = h.step_uuid AND s.state = 'in_progress');
-        v_held := ARRAY(
-            SELECT x.step_uuid
-              FROM (SELECT c.step_uuid, c.concurrency_key, c.concurrency_limit,
-                           row_number() OVER (PARTITION BY c.concurrency_key ORDER BY c.ord) AS n
-                      FROM unnest(v_c) c WHERE c.concurrency_key IS NOT NULL) x
-              LEFT JOIN (SELECT h.concurrency_key, count(*) AS running
-                           FROM tasker.flow_holders h
-                          WHERE h.queue = p_queue AND h.concurrency_key = ANY (v_locked)
-                          GROUP BY h.concurrency_key) r ON r.concurrency_key = x.concurrency_key
-             WHERE NOT (x.concurrency_key = ANY (v_locked))
-                OR x.n + coalesce(r.running, 0) > x.concurrency_limit);
+        FOR v_round IN 1 .. 2 LOOP
+            v_held := ARRAY(
+                SELECT x.step_uuid
+                  FROM (SELECT c.step_uuid, c.concurrency_key, c.concurrency_limit,
+                               row_number() OVER (PARTITION BY c.concurrency_key ORDER BY c.ord) AS n
+                          FROM unnest(v_c) c WHERE c.concurrency_key IS NOT NULL) x
+                  LEFT JOIN (SELECT h.concurrency_key, count(*) AS running
+                               FROM tasker.flow_holders h
+                              WHERE h.queue = p_queue AND h.concurrency_key = ANY (v_locked)
+                              GROUP BY h.concurrency_key) r ON r.concurrency_key = x.concurrency_key
+                 WHERE NOT (x.concurrency_key = ANY (v_locked))
+                    OR x.n + coalesce(r.running, 0) > x.concurrency_limit);
+            EXIT WHEN v_round = 2 OR NOT EXISTS (
+                SELECT 1 FROM tasker.steps s WHERE s.step_uuid = ANY (v_held) AND s.concurrency_key = ANY (v_locked));
+            -- something would be held: first drop the records of those keys' steps that moved on
+            DELETE FROM tasker.flow_holders h
+             WHERE h.queue = p_queue
+               AND h.concurrency_key = ANY (ARRAY(SELECT s.concurrency_key FROM tasker.steps s
+                                                   WHERE s.step_uuid = ANY (v_held) AND s.concurrency_key = ANY (v_locked)))
+               AND NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = h.step_uuid AND s.state = 'in_progress');
+            EXIT WHEN NOT FOUND;
+        END LOOP;
     END IF;
 
     -- 2. Rate limits, bucket by bucket (name order), for what concurrency admitted.

@@ -122,15 +122,19 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT hashtextextended('tasker.concurrency:' || p_queue || chr(1) || p_key, 0)
 $$;
 
--- How many steps of each given concurrency key of a queue are in progress (claims admitted
--- them and they have not moved on).
-CREATE FUNCTION tasker._in_progress_per_key(p_queue text, p_keys text[])
+-- How many steps of each given concurrency key of a queue hold a lease now (claims admitted them,
+-- they have not moved on and their message is not visible). A step whose lease expired, or that
+-- checkpointed and waits to continue, is not counted: its message must be read (the claim
+-- records the lost lease, or resumes the step), so its lane must not look full.
+CREATE FUNCTION tasker._leased_per_key(p_queue text, p_keys text[], p_now timestamptz)
 RETURNS TABLE (concurrency_key text, running integer)
 LANGUAGE sql STABLE AS $$
     SELECT h.concurrency_key, count(*)::integer
       FROM tasker.flow_holders h
       JOIN tasker.steps s ON s.step_uuid = h.step_uuid
+      JOIN tasker.queue_messages m ON m.queue = p_queue AND m.msg_id = s.msg_id
      WHERE h.queue = p_queue AND h.concurrency_key = ANY (p_keys) AND s.state = 'in_progress'
+       AND m.vt > p_now
      GROUP BY h.concurrency_key
 $$;
 
@@ -165,7 +169,7 @@ DECLARE
     v_open    boolean[];
 BEGIN
     -- the lanes in turn order: at most p_qty + 1 (each served lane gets one message at least),
-    -- with the room their concurrency limit leaves
+    -- with the room their concurrency limit leaves (steps holding a lease: _leased_per_key)
     SELECT array_agg(x.lane ORDER BY x.vtime, x.lane), array_agg(x.vtime ORDER BY x.vtime, x.lane),
            array_agg(x.concurrency_limit ORDER BY x.vtime, x.lane)
       INTO v_lanes, v_vtimes, v_room
@@ -178,8 +182,8 @@ BEGIN
     v_room := ARRAY(
         SELECT CASE WHEN u.lim IS NULL THEN p_qty ELSE greatest(0, u.lim - coalesce(r.running, 0)) END
           FROM unnest(v_lanes, v_room) WITH ORDINALITY u(lane, lim, i)
-          LEFT JOIN tasker._in_progress_per_key(p_queue, ARRAY(SELECT k.lane FROM unnest(v_lanes, v_room) k(lane, lim)
-                                                                WHERE k.lim IS NOT NULL)) r
+          LEFT JOIN tasker._leased_per_key(p_queue, ARRAY(SELECT k.lane FROM unnest(v_lanes, v_room) k(lane, lim)
+                                                           WHERE k.lim IS NOT NULL), p_now) r
             ON r.concurrency_key = u.lane AND u.lim IS NOT NULL
          ORDER BY u.i);
     IF v_lanes IS NULL THEN

@@ -84,6 +84,7 @@ DECLARE
     v_queue     text;
     v_ids       bigint[];
     v_steps     uuid[];
+    v_freed     text[];       -- queues where a step of a concurrency key ended (55_flow.sql)
 BEGIN
     IF p_outcomes IS NULL OR jsonb_typeof(p_outcomes) <> 'array' THEN
         RAISE EXCEPTION 'outcomes must be a JSON array' USING ERRCODE = 'TV030';
@@ -317,10 +318,18 @@ BEGIN
         -- A checkpoint continuation is visible now: wake a worker.
         PERFORM pg_notify('tasker_' || q.queue, '')
            FROM (SELECT DISTINCT a.queue FROM unnest(v_applied) a WHERE a.new_state = 'in_progress') q;
-        -- A step of a concurrency key ended: a step its limit held back may start now.
-        PERFORM pg_notify('tasker_' || q.queue, '')
-           FROM (SELECT DISTINCT a.queue FROM unnest(v_applied) a JOIN tasker.steps s ON s.step_uuid = a.step_uuid
-                  WHERE a.new_state <> 'in_progress' AND s.concurrency_key IS NOT NULL) q;
+        -- A step of a concurrency key ended: its place is free (55_flow.sql), and a step the
+        -- limit held back may start now.
+        WITH gone AS (
+            DELETE FROM tasker.flow_holders h
+             USING unnest(v_applied) a
+             WHERE h.step_uuid = a.step_uuid AND a.new_state <> 'in_progress'
+            RETURNING h.queue
+        )
+        SELECT array_agg(DISTINCT gone.queue) INTO v_freed FROM gone;
+        IF v_freed IS NOT NULL THEN
+            PERFORM pg_notify('tasker_' || q, '') FROM unnest(v_freed) q;
+        END IF;
     END IF;
 
     RETURN QUERY

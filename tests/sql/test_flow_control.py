@@ -436,3 +436,52 @@ async def test_a_lane_and_its_messages_survive_a_concurrent_claim_that_finds_it_
     finally:
         await other.close()
     assert t0
+
+
+async def test_a_step_released_or_whose_lease_expired_gives_its_place_back(
+    conn: db.Connection,
+) -> None:
+    """Only a completion deletes its step's record at once; a step that left in_progress
+    otherwise must not hold its key's place for good."""
+    tpl = limited(1, name="released")
+    tasks = await create_many(conn, tpl, [{"customer": "r"}] * 2)
+    first = await claim(conn, qty=10)
+    assert len(first) == 1
+    fence = {
+        "step_uuid": str(first[0]["step_uuid"]),
+        "attempt": first[0]["attempt"],
+        "claim_seq": first[0]["claim_seq"],
+    }
+    await conn.release_steps([fence], worker_id="w1")
+    assert await conn.fetchval("SELECT count(*) FROM tasker.flow_holders") == 1  # stale
+    again = await claim(conn, qty=10)
+    assert len(again) == 1
+    # a lost lease: the step stays in_progress (its place taken) until a claim records the loss
+    expiring = await claim(conn, qty=10, lease=0.05)
+    assert expiring == []  # the key's one place is taken
+    await complete(conn, success(again[0]))
+    expiring = await claim(conn, qty=10, lease=0.05)
+    assert len(expiring) == 1
+    await asyncio.sleep(0.1)
+    # the next claim records the lost lease (a retry after backoff), and the key is free again
+    assert await claim(conn, qty=10) == []
+    row = await conn.fetchrow(
+        "SELECT state, attempts FROM tasker.steps WHERE step_uuid = $1", expiring[0]["step_uuid"]
+    )
+    assert tuple(row) == ("waiting_for_retry", 1)
+    await conn.execute(
+        "UPDATE tasker.steps SET next_attempt_at = now() WHERE step_uuid = $1",
+        expiring[0]["step_uuid"],
+    )
+    await conn.execute(
+        "UPDATE tasker.queue_messages SET vt = now() WHERE msg_id ="
+        " (SELECT msg_id FROM tasker.steps WHERE step_uuid = $1)",
+        expiring[0]["step_uuid"],
+    )
+    last = await claim(conn, qty=10)
+    assert [r["step_uuid"] for r in last] == [expiring[0]["step_uuid"]]
+    await complete(conn, success(last[0]))
+    states = await conn.fetch(
+        "SELECT state FROM tasker.tasks WHERE task_uuid = ANY($1::uuid[])", tasks
+    )
+    assert {s["state"] for s in states} == {"complete"}
