@@ -955,6 +955,8 @@ class AsyncTaskerClient:
             try:
                 return await conn.delete_rate_limit(checked)
             except ValidationError as exc:
+                if exc.sqlstate != "TV002":
+                    raise
                 refused = ValidationError(exc.message, error_code="rate_limit_in_use")
                 refused.sqlstate = exc.sqlstate
                 raise refused from None
