@@ -197,6 +197,8 @@ async def test_the_hand_off_applies_the_limit_and_the_next_held_step_starts_afte
     )
     handed = [r for r in out if r["status"] == "claimed"]
     assert [(r["task_uuid"], r["step_name"]) for r in handed] == [(t1, "s2")]
+    # the hand-off was a turn of the lane, like the claim before it
+    assert await conn.fetchval("SELECT vtime FROM tasker.flow_lanes WHERE lane = 'x'") == 2
     assert await claim(conn, qty=10) == []
     await complete(conn, *[success(handed[0])])
     nxt = await claim(conn, qty=10)
