@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -123,3 +124,26 @@ async def wait_handler_missing(
         return list(rows) if len(rows) == len(wanted) else None
 
     return await poll(probe, timeout=timeout, what=f"{len(wanted)} handler_missing release(s)")
+
+
+async def most_in_progress_per_key(conn: db.Connection, tasks: list[uuid.UUID]) -> dict[str, int]:
+    """The largest number of steps of each concurrency key in progress at once, from the audit,
+    counted in transition_id order (a step's end is numbered before its transaction commits, a
+    claim's start after the claim read which steps of its key were in progress: counting in that
+    order never shows more than the claims saw)."""
+    rows = await conn.fetch(
+        "SELECT s.concurrency_key AS key, tr.transition_id,"
+        "       CASE WHEN tr.to_state = 'in_progress' THEN 1 ELSE -1 END AS delta"
+        "  FROM tasker.step_transitions tr JOIN tasker.steps s USING (step_uuid)"
+        " WHERE tr.task_uuid = ANY($1::uuid[])"
+        "   AND (tr.to_state = 'in_progress') <> (tr.from_state IS NOT DISTINCT FROM 'in_progress')"
+        " ORDER BY tr.transition_id",
+        tasks,
+    )
+    now: collections.Counter[str] = collections.Counter()
+    most: dict[str, int] = {}
+    for r in rows:
+        now[r["key"]] += r["delta"]
+        most[r["key"]] = max(most.get(r["key"], 0), now[r["key"]])
+    assert all(v == 0 for v in now.values()), now
+    return most

@@ -55,7 +55,7 @@ from tests.support.chaos import (
     binaries_missing_reason,
     timeouts_in_log,
 )
-from tests.support.worker import FINAL_TASK_STATES, templates
+from tests.support.worker import FINAL_TASK_STATES, most_in_progress_per_key, templates
 from tests.support.workflows.chaos_handlers import expected_values
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(360)]
@@ -240,7 +240,7 @@ class Chaos:
             if unfinished >= BACKLOG:
                 await asyncio.sleep(0.05)
                 continue
-            context = {"n": n, "run_log": str(self.run_log)}
+            context = {"n": n, "run_log": str(self.run_log), "customer": f"c{n % 3}"}
             # The idempotency key makes a create retried after a lost connection safe.
             options = {"idempotency_key": f"chaos-{n}"}
 
@@ -444,6 +444,7 @@ async def check_outcome(chaos: Chaos) -> None:
         f"steps ran more than once\nfaults: {faults.summary()}"
     )
     print(report)
+    # (the limit is 4 per customer: tests/support/workflows/chaos.yaml)
 
     steps = await conn.fetch(
         """
@@ -508,6 +509,14 @@ async def check_outcome(chaos: Chaos) -> None:
                     wrong.append(
                         f"{task} {name} consumed {results[name]['parents']}, committed {committed}"
                     )
+
+    # 3b. Flow control held under the faults: never more than 4 steps of a customer in
+    #     progress, from the audit (a lost lease ends an attempt there).
+    most = await most_in_progress_per_key(conn, tasks)
+    print(f"most steps of a customer in progress at once: {dict(sorted(most.items()))}")
+    problems["concurrency limit exceeded"] = [
+        f"{k}: {n} in progress" for k, n in most.items() if n > 4
+    ]
 
     # 4. No message left, 5. no invariant broken.
     messages = await conn.fetch(

@@ -12,14 +12,13 @@ from __future__ import annotations
 import asyncio
 import collections
 import random
-import uuid
 from typing import Any
 
 import pytest
 
 from tasker_pg import HandlerRegistry, StepContext, StepHandler, StepHandlerResult, Worker, db
 from tasker_pg.template import TaskTemplate
-from tests.support.worker import wait_final
+from tests.support.worker import most_in_progress_per_key, wait_final
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -75,26 +74,6 @@ def fair_template() -> TaskTemplate:
             "steps": [{"name": "only", "handler": {"callable": "flow_next"}}],
         }
     )
-
-
-async def most_in_progress_per_key(conn: db.Connection, tasks: list[uuid.UUID]) -> dict[str, int]:
-    """The largest number of steps of each concurrency key in progress at once, from the audit."""
-    rows = await conn.fetch(
-        "SELECT s.concurrency_key AS key, tr.transition_id,"
-        "       CASE WHEN tr.to_state = 'in_progress' THEN 1 ELSE -1 END AS delta"
-        "  FROM tasker.step_transitions tr JOIN tasker.steps s USING (step_uuid)"
-        " WHERE tr.task_uuid = ANY($1::uuid[])"
-        "   AND (tr.to_state = 'in_progress') <> (tr.from_state IS NOT DISTINCT FROM 'in_progress')"
-        " ORDER BY tr.transition_id",
-        tasks,
-    )
-    now: collections.Counter[str] = collections.Counter()
-    most: dict[str, int] = {}
-    for r in rows:
-        now[r["key"]] += r["delta"]
-        most[r["key"]] = max(most.get(r["key"], 0), now[r["key"]])
-    assert all(v == 0 for v in now.values()), now
-    return most
 
 
 async def test_a_limit_of_2_per_key_is_never_exceeded_under_4_workers(
