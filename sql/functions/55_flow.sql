@@ -192,6 +192,27 @@ BEGIN
     v_n := cardinality(v_lanes);
     v_taken := array_fill(0, ARRAY[v_n]);
     v_open := array_fill(NULL::boolean, ARRAY[v_n]);  -- may have more visible messages (NULL: not read yet)
+    -- first the visible messages of steps that hold a place of their key (a lost lease, a
+    -- checkpoint waiting to continue), whatever their lane's room and turn: read in turn, they
+    -- would come after the key's older backlog, whose head a full key holds back at every
+    -- claim, so the lost lease would never be recorded (nor the checkpoint continued) and the
+    -- key never freed. Each counts as taken from its lane (a continuation keeps its place).
+    SELECT coalesce(array_agg(x.msg_id ORDER BY x.vt, x.msg_id), '{}'), coalesce(array_agg(x.message ORDER BY x.vt, x.msg_id), '{}')
+      INTO v_ids, v_msgs
+      FROM (SELECT m.msg_id, m.message, m.vt
+              FROM tasker.flow_holders h
+              JOIN tasker.steps s ON s.step_uuid = h.step_uuid
+              JOIN tasker.queue_messages m ON m.queue = p_queue AND m.msg_id = s.msg_id
+             WHERE h.queue = p_queue AND s.state = 'in_progress' AND m.vt <= p_now AND m.lane IS NOT NULL
+             ORDER BY m.vt
+             LIMIT p_qty
+               FOR UPDATE OF m SKIP LOCKED) x;
+    IF cardinality(v_ids) > 0 THEN
+        v_taken := ARRAY(SELECT (SELECT count(*) FROM tasker.queue_messages m
+                                  WHERE m.queue = p_queue AND m.msg_id = ANY (v_ids) AND m.lane = u.lane)::integer
+                           FROM unnest(v_lanes) WITH ORDINALITY u(lane, i) ORDER BY u.i);
+        v_left := v_left - cardinality(v_ids);
+    END IF;
     -- passes: an equal share of what is left to each lane that may have more, in turn order,
     -- until the claim is full or no lane has more
     FOR v_pass IN 1 .. 4 LOOP
