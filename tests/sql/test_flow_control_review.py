@@ -55,7 +55,8 @@ async def drain(conn: db.Connection, tasks: list[uuid.UUID], *, rounds: int = 50
         )
         if {s["state"] for s in states} == {"complete"}:
             return
-    raise AssertionError(f"tasks not complete after {rounds} claims: {[s['state'] for s in states]}")
+    left = [s["state"] for s in states]
+    raise AssertionError(f"tasks not complete after {rounds} claims: {left}")
 
 
 async def test_an_expired_lease_in_a_saturated_lane_is_recorded_and_frees_the_key(
@@ -132,3 +133,29 @@ async def test_a_key_at_its_limit_does_not_starve_the_other_keys_of_its_fairness
             break
     assert [r["task_uuid"] for r in got] == late, "c2's step was never claimed"
     await complete(conn, success(first[0]), success(got[0]))
+
+
+async def test_purging_a_task_cancelled_while_its_keyed_step_ran_leaves_no_place_behind(
+    conn: db.Connection,
+) -> None:
+    """A step cancelled (or resolved) while it runs leaves its flow_holders row; once its task
+    is purged, nothing may still point at the step (each key would keep up to `limit` such rows
+    for good when it is never full again)."""
+    tpl = flow_template("purged", concurrency={"key": "$.customer", "limit": 2})
+    tasks = await create_many(conn, tpl, [{"customer": "p1"}, {"customer": "p2"}])
+    rows = await claim(conn, qty=10)
+    assert len(rows) == 2
+    await conn.cancel_task(tasks[0])
+    await conn.resolve_step(next(r["step_uuid"] for r in rows if r["task_uuid"] == tasks[1]))
+    await conn.fetch("SELECT * FROM tasker.set_retention_policy($1, interval '1 day')", NAMESPACE)
+    await conn.execute(
+        "UPDATE tasker.tasks SET completed_at = now() - interval '2 days'"
+        " WHERE task_uuid = ANY($1::uuid[])",
+        tasks,
+    )
+    assert (await conn.purge_finished(100)).tasks == 2
+    left = await conn.fetch(
+        "SELECT h.step_uuid FROM tasker.flow_holders h"
+        " WHERE NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = h.step_uuid)"
+    )
+    assert left == []
