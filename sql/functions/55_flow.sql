@@ -144,11 +144,13 @@ $$;
 -- skipped without reading its messages. Within a lane: highest priority, then the longest
 -- visible. The lane '' (messages without a lane) is read through _lock_visible, with the
 -- visibility window; the other lanes are read whole (a message a lane's limit held back is
--- older than any window). Each lane served moves back by what it got; a lane with nothing
--- visible moves behind the lanes served, and is deleted when it holds no message at all.
-CREATE FUNCTION tasker._lock_lanes(p_queue text, p_qty integer, p_now timestamptz, p_since timestamptz)
-RETURNS TABLE (msg_id bigint, message jsonb)
-LANGUAGE plpgsql ROWS 10 AS $$
+-- older than any window). Returns the messages locked (o_msg_ids, o_messages, in hand-out
+-- order) and the lanes read (o_lanes, their vtimes, what each got, whether each may have more), which
+-- the caller passes to _serve_lanes once it has claimed the messages (not here: see there).
+CREATE FUNCTION tasker._lock_lanes(p_queue text, p_qty integer, p_now timestamptz, p_since timestamptz,
+                                   OUT o_msg_ids bigint[], OUT o_messages jsonb[], OUT o_lanes text[],
+                                   OUT o_vtimes bigint[], OUT o_taken integer[], OUT o_open boolean[])
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_lanes   text[];
@@ -165,7 +167,6 @@ DECLARE
     v_i       integer;
     v_want    integer;
     v_pass    integer;
-    v_top     bigint;
     v_open    boolean[];
 BEGIN
     -- the lanes in turn order: at most p_qty + 1 (each served lane gets one message at least),
@@ -247,6 +248,34 @@ BEGIN
         END LOOP;
     END LOOP;
 
+    o_msg_ids := v_ids;
+    o_messages := v_msgs;
+    o_lanes := v_lanes;
+    o_vtimes := v_vtimes;
+    o_taken := v_taken;
+    o_open := v_open;
+END
+$$;
+ALTER FUNCTION tasker._lock_lanes(text, integer, timestamptz, timestamptz) SET enable_seqscan = off;
+
+-- The turns of the lanes a claim read (_lock_lanes: p_lanes, their vtimes when read, what each
+-- got, whether each may have more): each lane served moves back by what it got; a lane with
+-- nothing visible moves behind the lanes served, and is deleted when it holds no message at
+-- all and no step of its key is in progress. claim_steps calls it last, after it claimed the
+-- messages: the lane rows it locks here (and the idle ones it deletes, which a transaction
+-- sending into one waits for in _note_lanes) are then held by a transaction that waits for
+-- nothing more. Taken before the claim's task rows (_claim_exceptions), they closed a cycle
+-- with complete_steps, which holds its tasks' rows when it sends their children into lanes.
+CREATE FUNCTION tasker._serve_lanes(p_queue text, p_lanes text[], p_vtimes bigint[], p_taken integer[],
+                                    p_open boolean[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_lanes   text[] := p_lanes;
+    v_vtimes  bigint[] := p_vtimes;
+    v_taken   integer[] := p_taken;
+    v_open    boolean[] := p_open;
+    v_top     bigint;
+BEGIN
     -- turns: each lane served moves back by what it got; a lane read and found with nothing
     -- visible moves behind the furthest of them (one at its limit, or not read because the claim
     -- was full, keeps its place: it is first when a step of its key ends, or at the next claim)
@@ -280,10 +309,9 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM tasker.flow_lanes k WHERE k.queue = p_queue AND k.lane <> '')
        AND l.ctid IN (SELECT k.ctid FROM tasker.flow_lanes k
                        WHERE k.queue = p_queue AND k.lane = '' FOR UPDATE SKIP LOCKED);
-    RETURN QUERY SELECT u.id, u.msg FROM unnest(v_ids, v_msgs) u(id, msg);
 END
 $$;
-ALTER FUNCTION tasker._lock_lanes(text, integer, timestamptz, timestamptz) SET enable_seqscan = off;
+ALTER FUNCTION tasker._serve_lanes(text, text[], bigint[], integer[], boolean[]) SET enable_seqscan = off;
 
 -- Creates a rate limit (a token bucket: per_second tokens a second, at most burst at once), or
 -- changes one; a new bucket starts full. Returns the bucket.

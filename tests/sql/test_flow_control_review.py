@@ -159,3 +159,69 @@ async def test_purging_a_task_cancelled_while_its_keyed_step_ran_leaves_no_place
         " WHERE NOT EXISTS (SELECT 1 FROM tasker.steps s WHERE s.step_uuid = h.step_uuid)"
     )
     assert left == []
+
+
+async def test_a_claim_deleting_an_idle_lane_does_not_deadlock_with_a_completion_sending_into_it(
+    conn: db.Connection, dsn: str
+) -> None:
+    """The claim deletes the idle lane x (its row locked until it commits), then waits for a
+    task row (a lost lease of that task to record) that a completion holds; the completion then
+    enqueues a child into lane x (_note_lanes: FOR KEY SHARE, which waits for the deletion).
+    complete_steps locks its tasks (step 6) before it enqueues (step 7): the two must not wait
+    for each other in a cycle. The completion is split in two calls in one transaction only to
+    place the claim between its task lock and its enqueue."""
+    raw = {
+        "name": "mixedflow",
+        "namespace_name": NAMESPACE,
+        "version": "1.0.0",
+        "steps": [
+            step("a"),
+            step("b"),
+            step("e"),
+            step("c", "a", concurrency={"key": "$.customer", "limit": 5}),
+        ],
+    }
+    tpl = TaskTemplate.from_dict(raw).to_json()
+    await conn.register_template(tpl)
+    # an earlier task of customer x leaves the lane x behind, idle
+    t0 = await conn.create_task(NAMESPACE, "mixedflow", {"customer": "x"})
+    rows = await claim(conn, qty=10)
+    await complete(conn, *[success(r) for r in rows])
+    task = await conn.create_task(NAMESPACE, "mixedflow", {"customer": "x"})
+    rows = {(r["task_uuid"], r["step_name"]): r for r in await claim(conn, qty=10)}
+    assert set(rows) == {(t0, "c"), (task, "a"), (task, "b"), (task, "e")}
+    await complete(conn, success(rows[t0, "c"]))
+    assert await conn.fetchval("SELECT count(*) FROM tasker.flow_lanes WHERE lane = 'x'") == 1
+    rows = {name: r for (t, name), r in rows.items() if t == task}
+    # e's lease is lost: the next claim records it, under its task's row lock
+    await conn.execute(
+        "UPDATE tasker.queue_messages SET vt = clock_timestamp() - interval '1 second'"
+        " WHERE msg_id = $1",
+        rows["e"]["msg_id"],
+    )
+    completer, claimer = await db.connect(dsn), await db.connect(dsn)
+    try:
+        await completer.execute("SET deadlock_timeout = '100ms'")
+        await claimer.execute("SET deadlock_timeout = '100ms'")
+        async with completer.transaction():
+            await complete(completer, success(rows["b"]))  # holds the task row
+            claiming = asyncio.ensure_future(claim(claimer, qty=10))
+            # the claim deletes lane x, then waits for the task row
+            for _ in range(200):
+                waiting = await conn.fetchval(
+                    "SELECT count(*) FROM pg_stat_activity"
+                    " WHERE wait_event_type = 'Lock' AND query LIKE '%claim_steps%'"
+                )
+                if waiting:
+                    break
+                await asyncio.sleep(0.02)
+            assert waiting == 1
+            await complete(completer, success(rows["a"]))  # enqueues c into lane x
+        assert await claiming == []
+    finally:
+        await completer.close()
+        await claimer.close()
+    rows = await claim(conn, qty=10)
+    assert [r["step_name"] for r in rows] == ["c"]
+    await complete(conn, *[success(r) for r in rows])
+    assert t0 and task
