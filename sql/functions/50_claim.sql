@@ -441,6 +441,12 @@ BEGIN
         v_locked := ARRAY(SELECT k FROM unnest(v_keys) WITH ORDINALITY x(k, o)
                            WHERE pg_try_advisory_xact_lock(tasker._concurrency_lock_key(p_queue, x.k))
                            ORDER BY x.o);
+        IF cardinality(v_locked) < cardinality(v_keys) THEN
+            -- steps held only because another transaction is admitting their key (which may
+            -- leave room): wake the queue, so that a worker asks again when it is done rather
+            -- than at its next poll (nothing else would: no step of the key ended)
+            PERFORM pg_notify('tasker_' || p_queue, '');
+        END IF;
         FOR v_round IN 1 .. 2 LOOP
             v_held := ARRAY(
                 SELECT x.step_uuid

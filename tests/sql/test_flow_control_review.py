@@ -225,3 +225,92 @@ async def test_a_claim_deleting_an_idle_lane_does_not_deadlock_with_a_completion
     assert [r["step_name"] for r in rows] == ["c"]
     await complete(conn, *[success(r) for r in rows])
     assert t0 and task
+
+
+def rated_template(name: str, bucket: str) -> dict[str, Any]:
+    raw = {
+        "name": name,
+        "namespace_name": NAMESPACE,
+        "version": "1.0.0",
+        "steps": [step("only", rate_limit=bucket)],
+    }
+    return TaskTemplate.from_dict(raw).to_json()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="rate_limits.parked_until outlives the held messages it was computed for: not fixed "
+    "(see the review report)",
+)
+async def test_a_held_step_waits_for_its_token_not_for_a_cancelled_backlog(
+    conn: db.Connection,
+) -> None:
+    """10 per second, burst 1: a backlog of 50 is held (one token each, up to 5 s ahead), then
+    cancelled. A step held afterwards must be due when the bucket next holds a token (0.1 s),
+    not when the cancelled backlog would have ended."""
+    await conn.execute("SELECT tasker.set_rate_limit('slow', 10, 1)")
+    tpl = rated_template("throttled", "slow")
+    backlog = await create_many(conn, tpl, [{}] * 50)
+    rows = await claim(conn, qty=100)
+    assert len(rows) == 1
+    await complete(conn, success(rows[0]))
+    for t in backlog:
+        if t != rows[0]["task_uuid"]:
+            await conn.cancel_task(t)
+    late = await create_many(conn, tpl, [{}] * 2)
+    rows = await claim(conn, qty=100)
+    await complete(conn, *[success(r) for r in rows])
+    wait = await conn.fetchval(
+        "SELECT max(m.vt - clock_timestamp()) FROM tasker.steps s"
+        " JOIN tasker.queue_messages m ON m.msg_id = s.msg_id"
+        " WHERE s.task_uuid = ANY($1::uuid[]) AND s.state = 'enqueued'",
+        late,
+    )
+    # (at most one of the two is admitted at once; the other's token is due within 0.2 s)
+    assert wait is None or wait.total_seconds() <= 0.25, f"held for {wait}"
+    await drain_slowly(conn, late)
+
+
+async def drain_slowly(conn: db.Connection, tasks: list[uuid.UUID]) -> None:
+    """Claims (as the held steps' messages become visible) until every task is complete."""
+    for _ in range(200):
+        rows = await claim(conn, qty=10)
+        if rows:
+            await complete(conn, *[success(r) for r in rows])
+        states = await conn.fetch(
+            "SELECT state FROM tasker.tasks WHERE task_uuid = ANY($1::uuid[])", tasks
+        )
+        if {s["state"] for s in states} == {"complete"}:
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError("tasks not complete after 10 s")
+
+
+async def test_a_step_held_because_another_claim_admits_its_key_wakes_the_queue(
+    conn: db.Connection, dsn: str
+) -> None:
+    """A claim that cannot take a key's advisory lock (another claim is admitting the key) holds
+    that key's steps though the key may have room: it must notify the queue so that a worker
+    asks again once the other claim is done, not when its poll interval next comes round."""
+    tpl = flow_template("locked", concurrency={"key": "$.customer", "limit": 5})
+    await create_many(conn, tpl, [{"customer": "busy"}] * 2)
+    admitting, listener = await db.connect(dsn), await db.connect(dsn)
+    seen: list[str] = []
+    try:
+        await listener.listen(f"tasker_{NAMESPACE}", lambda _c, p: seen.append(p))
+        async with admitting.transaction():
+            await admitting.execute(
+                "SELECT pg_advisory_xact_lock(tasker._concurrency_lock_key($1, 'busy'))", NAMESPACE
+            )
+            assert await claim(conn, qty=10) == []  # held: the key's lock is taken
+        for _ in range(50):
+            if seen:
+                break
+            await asyncio.sleep(0.02)
+        assert seen, "nobody was told that the held steps may start"
+    finally:
+        await admitting.close()
+        await listener.close()
+    rows = await claim(conn, qty=10)
+    assert len(rows) == 2
+    await complete(conn, *[success(r) for r in rows])
