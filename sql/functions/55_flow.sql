@@ -343,6 +343,19 @@ BEGIN
                           r.tokens + r.per_second * greatest(0, extract(epoch FROM clock_timestamp() - r.refilled_at))),
            refilled_at = clock_timestamp(), parked_until = NULL, updated_at = clock_timestamp()
     RETURNING * INTO v_row;
+    -- The steps the bucket holds wait for the times the old rate gave them (a message pushed to
+    -- when its token was due): they are made visible now, and the next claims give them their
+    -- turns at the new rate. A message a claim holds right now is skipped (that claim decides);
+    -- so is a step waiting for a retry's backoff (its time is not the bucket's).
+    UPDATE tasker.queue_messages m
+       SET vt = clock_timestamp()
+      FROM tasker.steps s
+      JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+     WHERE s.rate_limit = p_name
+       AND (s.state = 'enqueued' OR (s.state = 'waiting_for_retry' AND s.next_attempt_at <= clock_timestamp()))
+       AND m.queue = t.namespace AND m.msg_id = s.msg_id AND m.vt > clock_timestamp()
+       AND m.ctid IN (SELECT k.ctid FROM tasker.queue_messages k
+                       WHERE k.queue = t.namespace AND k.msg_id = s.msg_id FOR UPDATE SKIP LOCKED);
     RETURN v_row;
 END
 $$;

@@ -314,3 +314,28 @@ async def test_a_step_held_because_another_claim_admits_its_key_wakes_the_queue(
     rows = await claim(conn, qty=10)
     assert len(rows) == 2
     await complete(conn, *[success(r) for r in rows])
+
+
+async def test_raising_a_rate_limit_lets_its_held_steps_start_at_the_new_rate(
+    conn: db.Connection,
+) -> None:
+    """1 per second, burst 1: 19 of 20 steps are held, the last one 19 s ahead. The operator
+    raises the limit to 1000 per second: the held steps must start at once (within the new
+    burst), not at the times the old rate gave them."""
+    await conn.execute("SELECT tasker.set_rate_limit('raised', 1, 1)")
+    tpl = rated_template("raising", "raised")
+    tasks = await create_many(conn, tpl, [{}] * 20)
+    rows = await claim(conn, qty=100)
+    assert len(rows) == 1
+    await complete(conn, success(rows[0]))
+    await conn.execute("SELECT tasker.set_rate_limit('raised', 1000, 100)")
+    started = 0
+    for _ in range(20):
+        rows = await claim(conn, qty=100)
+        started += len(rows)
+        await complete(conn, *[success(r) for r in rows])
+        if started == 19:
+            break
+        await asyncio.sleep(0.05)
+    assert started == 19, f"{started} of the 19 held steps started within 1 s of the raise"
+    await drain(conn, tasks)
