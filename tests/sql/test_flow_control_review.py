@@ -14,15 +14,31 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 
 from tasker_pg import db
 from tasker_pg.template import TaskTemplate
-from tests.support.engine import NAMESPACE, checkpoint, claim, complete, step, success
+from tests.support.engine import (
+    NAMESPACE,
+    assert_healthy,
+    checkpoint,
+    claim,
+    complete,
+    step,
+    success,
+)
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+async def _healthy_after(conn: db.Connection) -> AsyncIterator[None]:
+    """Every test ends with `tasker.check_invariants()` empty."""
+    yield
+    await assert_healthy(conn)
 
 
 def flow_template(name: str, **flow: Any) -> dict[str, Any]:
