@@ -170,13 +170,18 @@ DECLARE
     v_open    boolean[];
 BEGIN
     -- the lanes in turn order: at most p_qty + 1 (each served lane gets one message at least),
-    -- with the room their concurrency limit leaves (steps holding a lease: _leased_per_key)
+    -- with the room their concurrency limit leaves (steps holding a lease: _leased_per_key).
+    -- A lane at its limit is passed over here, before the LIMIT: it keeps its turn, and
+    -- counted among the p_qty + 1 it would hide the lanes behind it for as long as its steps
+    -- run (p_qty + 1 full lanes at the head: nothing claimed, whatever waits behind them).
     SELECT array_agg(x.lane ORDER BY x.vtime, x.lane), array_agg(x.vtime ORDER BY x.vtime, x.lane),
            array_agg(x.concurrency_limit ORDER BY x.vtime, x.lane)
       INTO v_lanes, v_vtimes, v_room
       FROM (SELECT l.lane, l.vtime, l.concurrency_limit
               FROM tasker.flow_lanes l
              WHERE l.queue = p_queue
+               AND (l.concurrency_limit IS NULL
+                    OR l.concurrency_limit > coalesce((SELECT r.running FROM tasker._leased_per_key(p_queue, ARRAY[l.lane], p_now) r), 0))
              ORDER BY l.vtime, l.lane
              LIMIT p_qty + 1) x;
     -- a lane that is its steps' concurrency key: the room its limit leaves

@@ -355,3 +355,24 @@ async def test_raising_a_rate_limit_lets_its_held_steps_start_at_the_new_rate(
         await asyncio.sleep(0.05)
     assert started == 19, f"{started} of the 19 held steps started within 1 s of the raise"
     await drain(conn, tasks)
+
+
+async def test_lanes_at_their_limit_do_not_hide_the_lanes_behind_them(
+    conn: db.Connection,
+) -> None:
+    """Limit 1 per customer: customers a..e each run one step and have one more queued (their
+    lanes are full and keep their turn). A new customer z comes: a claim of 2 must find z's
+    step, not read only the first 3 lanes in turn order (all full, or empty) and stop."""
+    tpl = flow_template("crowded", concurrency={"key": "$.customer", "limit": 1})
+    crowd = await create_many(conn, tpl, [{"customer": c} for c in "abcde" for _ in range(2)])
+    running = await claim(conn, qty=10)
+    assert sorted(r["task_context"]["customer"] for r in running) == list("abcde")
+    late = await create_many(conn, tpl, [{"customer": "z"}])
+    got: list[Any] = []
+    for _ in range(5):
+        got = await claim(conn, qty=2)
+        if got:
+            break
+    assert [r["task_uuid"] for r in got] == late, "z's step was never claimed"
+    await complete(conn, *[success(r) for r in [*running, *got]])
+    await drain(conn, crowd + late)
