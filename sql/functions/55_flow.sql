@@ -285,6 +285,13 @@ BEGIN
     -- visible moves behind the furthest of them (one at its limit, or not read because the claim
     -- was full, keeps its place: it is first when a step of its key ends, or at the next claim)
     SELECT max(v_vtimes[i] + v_taken[i]) INTO v_top FROM generate_subscripts(v_lanes, 1) i WHERE v_taken[i] > 0;
+    IF v_top IS NULL AND EXISTS (SELECT 1 FROM unnest(v_open) o WHERE o IS false) THEN
+        -- no lane served: those found with nothing visible go behind every lane of the queue
+        -- (kept in place, the same ones would be read, and found empty, at every claim, and the
+        -- lanes behind them never)
+        v_top := (SELECT l.vtime + 1 FROM tasker.flow_lanes l WHERE l.queue = p_queue
+                   ORDER BY l.vtime DESC, l.lane DESC LIMIT 1);
+    END IF;
     -- (locked in lane order first: concurrent claims of the queue wait for each other here, not
     -- in a cycle)
     PERFORM 1 FROM tasker.flow_lanes l

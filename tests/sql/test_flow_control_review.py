@@ -376,3 +376,24 @@ async def test_lanes_at_their_limit_do_not_hide_the_lanes_behind_them(
     assert [r["task_uuid"] for r in got] == late, "z's step was never claimed"
     await complete(conn, *[success(r) for r in [*running, *got]])
     await drain(conn, crowd + late)
+
+
+async def test_lanes_with_nothing_visible_do_not_hide_the_lanes_behind_them(
+    conn: db.Connection,
+) -> None:
+    """Fairness by tenant, no limit: tenants a, b and c each run one step (their messages are
+    leased: nothing visible) and nothing else. A new tenant z comes: a claim of 2 reads the first
+    3 lanes in turn order, finds nothing, and must move them back so that z's turn comes."""
+    tpl = flow_template("tenanted", fairness={"key": "$.tenant"})
+    busy = await create_many(conn, tpl, [{"tenant": t} for t in "abc"])
+    running = await claim(conn, qty=10)
+    assert len(running) == 3
+    late = await create_many(conn, tpl, [{"tenant": "z"}])
+    got: list[Any] = []
+    for _ in range(5):
+        got = await claim(conn, qty=2)
+        if got:
+            break
+    assert [r["task_uuid"] for r in got] == late, "z's step was never claimed"
+    await complete(conn, *[success(r) for r in [*running, *got]])
+    await drain(conn, busy + late)
