@@ -397,3 +397,80 @@ async def test_lanes_with_nothing_visible_do_not_hide_the_lanes_behind_them(
     assert [r["task_uuid"] for r in got] == late, "z's step was never claimed"
     await complete(conn, *[success(r) for r in [*running, *got]])
     await drain(conn, busy + late)
+
+
+async def test_four_workers_with_hand_offs_keep_the_limit_and_never_deadlock(
+    conn: db.Connection, dsn: str
+) -> None:
+    """4 sessions claim and complete with hand-offs over keyed chains (limit 2 per customer,
+    lanes by customer) and plain ones (lane ''), while a sampler checks the limit: no error (a
+    deadlock among claims, hand-offs and lane deletions would be one), every task complete."""
+    keyed = {
+        "name": "keyedchain",
+        "namespace_name": NAMESPACE,
+        "version": "1.0.0",
+        "concurrency": {"key": "$.customer", "limit": 2},
+        "steps": [step("s1"), step("s2", "s1"), step("s3", "s2")],
+    }
+    plain = {
+        "name": "plainchain",
+        "namespace_name": NAMESPACE,
+        "version": "1.0.0",
+        "steps": [step("s1"), step("s2", "s1")],
+    }
+    tasks: list[uuid.UUID] = []
+    for raw, contexts in (
+        (keyed, [{"customer": f"c{i % 6}"} for i in range(60)]),
+        (plain, [{}] * 20),
+    ):
+        tasks += await create_many(conn, TaskTemplate.from_dict(raw).to_json(), contexts)
+    workers = [await db.connect(dsn) for _ in range(4)]
+    done = asyncio.Event()
+    worst = 0
+
+    async def work(c: db.Connection, name: str) -> None:
+        held: list[Any] = []
+        while not done.is_set():
+            if not held:
+                held = list(await claim(c, qty=3, worker=name))
+                if not held:
+                    await asyncio.sleep(0.01)
+                    continue
+            row, held = held[0], held[1:]
+            _, more = await c.complete_and_claim([success(row, worker=name)], name, 2, 30.0)
+            held += [
+                {
+                    "step_uuid": m.step_uuid,
+                    "attempt": m.attempt,
+                    "claim_seq": m.claim_seq,
+                    "step_name": m.step_name,
+                }
+                for m in more
+            ]
+
+    async def sample() -> None:
+        nonlocal worst
+        while not done.is_set():
+            worst = max(
+                worst,
+                await conn.fetchval(
+                    "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM tasker.steps"
+                    " WHERE state = 'in_progress' AND concurrency_key IS NOT NULL"
+                    " GROUP BY concurrency_key) x"
+                ),
+            )
+            states = await conn.fetch(
+                "SELECT DISTINCT state FROM tasker.tasks WHERE task_uuid = ANY($1::uuid[])", tasks
+            )
+            if {s["state"] for s in states} == {"complete"}:
+                done.set()
+            await asyncio.sleep(0.02)
+
+    try:
+        runs = [asyncio.ensure_future(work(c, f"w{i}")) for i, c in enumerate(workers)]
+        await asyncio.wait_for(asyncio.gather(sample(), *runs), timeout=45)
+    finally:
+        done.set()
+        for c in workers:
+            await c.close()
+    assert worst <= 2
