@@ -27,6 +27,7 @@ from tests.support.engine import (
     checkpoint,
     claim,
     complete,
+    failure,
     step,
     success,
 )
@@ -474,3 +475,51 @@ async def test_four_workers_with_hand_offs_keep_the_limit_and_never_deadlock(
         for c in workers:
             await c.close()
     assert worst <= 2
+
+
+async def test_a_task_resumed_after_an_error_sends_its_keyed_steps_into_their_lane(
+    conn: db.Connection,
+) -> None:
+    """Limit 1 per customer, two parallel steps: a fails for good (the task goes to error), the
+    claim parks b (its message is deleted, and the idle lane with it); retry_step(a) resumes the
+    task: both messages come back in lane 'k', which must exist again, and run one at a time."""
+    raw = {
+        "name": "resumed",
+        "namespace_name": NAMESPACE,
+        "version": "1.0.0",
+        "concurrency": {"key": "$.customer", "limit": 1},
+        "steps": [step("a", retry={"max_attempts": 1}), step("b")],
+    }
+    tpl = TaskTemplate.from_dict(raw).to_json()
+    [task] = await create_many(conn, tpl, [{"customer": "k"}])
+    # a holds the key while b's message waits in lane 'k'
+    await conn.execute(
+        "UPDATE tasker.queue_messages SET priority = 1 WHERE msg_id ="
+        " (SELECT msg_id FROM tasker.steps WHERE task_uuid = $1 AND name = 'a')",
+        task,
+    )
+    first = await claim(conn, qty=10)
+    assert [r["step_name"] for r in first] == ["a"]
+    await complete(conn, failure(first[0], retryable=False))
+    assert await conn.fetchval("SELECT state FROM tasker.tasks WHERE task_uuid = $1", task) == (
+        "error"
+    )
+    assert await claim(conn, qty=10) == []  # parks b (the task is in error)
+    assert await conn.fetchval("SELECT count(*) FROM tasker.queue_messages") == 0
+    failed = await conn.fetchval(
+        "SELECT step_uuid FROM tasker.steps WHERE task_uuid = $1 AND state = 'error' LIMIT 1", task
+    )
+    await conn.retry_step(failed)
+    seen = 0
+    for _ in range(20):
+        rows = await claim(conn, qty=10)
+        assert len(rows) <= 1
+        seen += len(rows)
+        await complete(conn, *[success(r) for r in rows])
+        if await conn.fetchval("SELECT state FROM tasker.tasks WHERE task_uuid = $1", task) == (
+            "complete"
+        ):
+            break
+    assert await conn.fetchval("SELECT state FROM tasker.tasks WHERE task_uuid = $1", task) == (
+        "complete"
+    )
