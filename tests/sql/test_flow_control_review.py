@@ -1,13 +1,18 @@
 """Review of flow control (sql/functions/55_flow.sql, _flow_admit in 50_claim.sql): cases the
-first tests did not reach, each one a bug found in review.
+first tests did not reach, most of them a bug found in review (fixed unless marked xfail).
 
 - A saturated lane read oldest first: a step whose lease expired, or that checkpointed and waits
-  to continue, has a message younger than its key's backlog; a lane whose room is one reads the
-  backlog's oldest message (held: the expired or checkpointed step still counts against the
-  limit) and never the message that would free the key.
-- A fairness lane that is not the concurrency key: the held messages of a key at its limit keep
-  their place at the head of the lane, so every claim reads them again and the other keys of
-  the lane behind them are never claimed.
+  to continue, has a message younger than its key's backlog, whose head a full key holds back
+  at every claim; the lost lease was never recorded (nor the checkpoint continued).
+- A fairness lane that is not the concurrency key (xfail): the held messages of a key at its
+  limit keep their place at the head of the lane, and the other keys behind them wait.
+- cancel_task / resolve_step of a running keyed step, then purge_finished: holder rows left.
+- A claim deleting an idle lane, then waiting for a task row, against a completion that holds
+  that row and sends a child into the lane: deadlock.
+- A rate limit's parked_until outlives the held messages it was computed for (xfail).
+- Steps held because another claim admits their key: nobody woke the queue.
+- set_rate_limit: the steps held at the old rate kept their old times.
+- The first qty + 1 lanes in turn order, all full or all empty, hid the lanes behind them.
 """
 
 from __future__ import annotations
