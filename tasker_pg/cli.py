@@ -26,6 +26,7 @@ from tasker_pg import (
     argtypes,
     bench_args,
     db,
+    flow_cli,
     migrations,
     observe_cli,
     roles,
@@ -1020,6 +1021,7 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("path", metavar="PATH", help="a .yaml file, or a directory of them")
 
     schedule_cli.add_parser(sub, op)
+    flow_cli.add_parser(sub, op)
 
     maint = op(
         sub,

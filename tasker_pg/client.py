@@ -16,6 +16,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
+import re
 import threading
 import time
 import uuid
@@ -37,9 +39,11 @@ from tasker_pg.errors import (
 from tasker_pg.responses import (
     FINAL_TASK_STATES,
     TASK_STATES,
+    FlowLaneResponse,
     HealthCheck,
     HealthResponse,
     Pagination,
+    RateLimitResponse,
     RedrivenTask,
     RedriveResponse,
     ScheduleFire,
@@ -98,6 +102,11 @@ CREATE_OPTIONS: Final = (
 """The keyword options `create_task` accepts besides context, version and reason."""
 
 _PG_INT_MAX = 2_147_483_647
+
+RATE_LIMIT_NAME: Final = re.compile(r"[A-Za-z][A-Za-z0-9_.:\-]{0,127}")
+"""A rate limit's name, as tasker.set_rate_limit checks it (the whole string must match)."""
+MAX_RATE_PER_SECOND: Final = 1_000_000
+MAX_RATE_BURST: Final = 1_000_000
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +178,16 @@ def _json_check(value: object, what: str, error_code: str) -> None:
         raise ValidationError(
             f"{what} is not plain JSON data: {exc}", error_code=error_code
         ) from None
+
+
+def _integer(value: object, what: str, low: int, high: int) -> int:
+    """`value` when it is an int (not a bool) from `low` to `high`; ValidationError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ValidationError(
+            f"{what} must be an integer from {low} to {high}, got {value!r:.100}",
+            error_code="invalid_argument",
+        )
+    return value
 
 
 def _redrive_arguments(
@@ -286,6 +305,36 @@ def _task_options(
     options.update(given)
     _json_check(options, "create_task options", "invalid_option")
     return options
+
+
+def _rate_limit_name(value: object) -> str:
+    if isinstance(value, str) and RATE_LIMIT_NAME.fullmatch(value):
+        return value
+    raise ValidationError(
+        "rate limit name must be 1 to 128 letters, digits, _, ., : and -, starting with a "
+        f"letter, got {value!r:.200}",
+        error_code="invalid_argument",
+    )
+
+
+def _rate_limit_arguments(
+    name: object, per_second: object, burst: object
+) -> tuple[str, float, int | None]:
+    """The checked arguments of set_rate_limit (the SQL function checks them again)."""
+    checked = _rate_limit_name(name)
+    if (
+        isinstance(per_second, bool)
+        or not isinstance(per_second, int | float)
+        or not math.isfinite(per_second)
+        or not 0 < per_second <= MAX_RATE_PER_SECOND
+    ):
+        raise ValidationError(
+            f"per_second must be a number > 0 and at most {MAX_RATE_PER_SECOND}, "
+            f"got {per_second!r:.100}",
+            error_code="invalid_argument",
+        )
+    most = None if burst is None else _integer(burst, "burst", 1, MAX_RATE_BURST)
+    return checked, float(per_second), most
 
 
 # --- the async client ------------------------------------------------------------------------
@@ -539,11 +588,7 @@ class AsyncTaskerClient:
     ) -> TaskListResponse:
         """A page of tasks, newest first, optionally of one namespace and/or in one state
         (the state `get_task` reports), with the total count of the filtered list."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE_SIZE:
-            raise ValidationError(
-                f"limit must be an integer from 1 to {MAX_PAGE_SIZE}, got {limit!r}",
-                error_code="invalid_argument",
-            )
+        limit = _integer(limit, "limit", 1, MAX_PAGE_SIZE)
         if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
             raise ValidationError(
                 f"offset must be an integer >= 0, got {offset!r}", error_code="invalid_argument"
@@ -885,6 +930,55 @@ class AsyncTaskerClient:
             )
             for r in rows
         ]
+
+    # --- flow control ------------------------------------------------------------------------
+
+    async def set_rate_limit(
+        self, name: str, per_second: float, burst: int | None = None
+    ) -> RateLimitResponse:
+        """Create a rate limit, or change one (tasker.set_rate_limit): a token bucket that
+        template steps name with `rate_limit: NAME`; each start of such a step takes a token,
+        tokens come back at `per_second` (> 0, at most 1000000), at most `burst` (1 to 1000000;
+        None: ceil(per_second)) held at once. A new bucket starts full; a changed one keeps
+        its tokens, up to the new burst."""
+        checked, rate, most = _rate_limit_arguments(name, per_second, burst)
+        async with self._session() as conn:
+            row = await conn.set_rate_limit(checked, rate, most)
+        return RateLimitResponse.from_row(row)
+
+    async def delete_rate_limit(self, name: str) -> bool:
+        """Delete a rate limit (tasker.delete_rate_limit); False when there was none. A rate
+        limit a template step names cannot be deleted: ValidationError `rate_limit_in_use`
+        (set a higher rate instead)."""
+        checked = _rate_limit_name(name)
+        async with self._session() as conn:
+            try:
+                return await conn.delete_rate_limit(checked)
+            except ValidationError as exc:
+                if exc.sqlstate != "TV002":
+                    raise
+                refused = ValidationError(exc.message, error_code="rate_limit_in_use")
+                refused.sqlstate = exc.sqlstate
+                raise refused from None
+
+    async def list_rate_limits(self) -> list[RateLimitResponse]:
+        """Every rate limit, by name, with its tokens now (tasker.v_rate_limits)."""
+        async with self._session() as conn:
+            rows = await conn.list_rate_limits()
+        return [RateLimitResponse.from_row(r) for r in rows]
+
+    async def list_flow_lanes(
+        self, namespace: str | None = None, *, limit: int = MAX_PAGE_SIZE
+    ) -> list[FlowLaneResponse]:
+        """The fairness lanes (tasker.v_flow_lanes) of a namespace, or of every one: by
+        namespace, then in turn order (the lane served least first); at most `limit` (1 to
+        1000). A namespace has lanes only while steps with a fairness key are queued or in
+        progress."""
+        queue = _text(namespace, "namespace", optional=True)
+        most = _integer(limit, "limit", 1, MAX_PAGE_SIZE)
+        async with self._session() as conn:
+            rows = await conn.list_flow_lanes(queue, most)
+        return [FlowLaneResponse.from_row(r) for r in rows]
 
     # --- durable waits ----------------------------------------------------------------------
 
@@ -1371,6 +1465,26 @@ class TaskerClient:
     def fire_due_schedules(self, *, limit: int = 1000) -> list[ScheduleFire]:
         """See `AsyncTaskerClient.fire_due_schedules`."""
         return self._run(self._client.fire_due_schedules(limit=limit))
+
+    def set_rate_limit(
+        self, name: str, per_second: float, burst: int | None = None
+    ) -> RateLimitResponse:
+        """See `AsyncTaskerClient.set_rate_limit`."""
+        return self._run(self._client.set_rate_limit(name, per_second, burst))
+
+    def delete_rate_limit(self, name: str) -> bool:
+        """See `AsyncTaskerClient.delete_rate_limit`."""
+        return self._run(self._client.delete_rate_limit(name))
+
+    def list_rate_limits(self) -> list[RateLimitResponse]:
+        """See `AsyncTaskerClient.list_rate_limits`."""
+        return self._run(self._client.list_rate_limits())
+
+    def list_flow_lanes(
+        self, namespace: str | None = None, *, limit: int = MAX_PAGE_SIZE
+    ) -> list[FlowLaneResponse]:
+        """See `AsyncTaskerClient.list_flow_lanes`."""
+        return self._run(self._client.list_flow_lanes(namespace, limit=limit))
 
     def emit_event(self, name: str, key: str, payload: Any = None) -> db.EmittedEvent:
         """See `AsyncTaskerClient.emit_event`."""

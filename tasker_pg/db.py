@@ -842,6 +842,36 @@ class Connection:
                 return []
             return await self.fetch("SELECT * FROM tasker.fire_due_schedules($1)", limit)
 
+    # --- flow control (sql/functions/55_flow.sql) ---------------------------------------------
+
+    async def set_rate_limit(self, name: str, per_second: float, burst: int | None) -> Row:
+        """`tasker.set_rate_limit`, then the bucket's row of `tasker.v_rate_limits` (one
+        transaction unless one is open; `burst` None: ceil(per_second))."""
+        async with self.transaction():
+            await self.execute("SELECT tasker.set_rate_limit($1, $2, $3)", name, per_second, burst)
+            row = await self.fetchrow("SELECT * FROM tasker.v_rate_limits WHERE name = $1", name)
+        assert row is not None
+        return row
+
+    async def delete_rate_limit(self, name: str) -> bool:
+        """`tasker.delete_rate_limit`: False when there was none (TV002 when a template step
+        names it)."""
+        return bool(await self.fetchval("SELECT tasker.delete_rate_limit($1)", name))
+
+    async def list_rate_limits(self) -> list[Row]:
+        """`tasker.v_rate_limits`, by name."""
+        return await self.fetch("SELECT * FROM tasker.v_rate_limits ORDER BY name")
+
+    async def list_flow_lanes(self, queue: str | None, limit: int) -> list[Row]:
+        """`tasker.v_flow_lanes` (of one queue, or all), in turn order: by queue, then the
+        lanes served least first; at most `limit` rows."""
+        return await self.fetch(
+            "SELECT * FROM tasker.v_flow_lanes WHERE ($1::text IS NULL OR queue = $1)"
+            " ORDER BY queue, vtime, lane LIMIT $2",
+            queue,
+            limit,
+        )
+
     async def emit_event(self, name: str, key: str, payload: Any = None) -> EmittedEvent:
         """`tasker.emit_event`: completes every step waiting on (`name`, `key`) with `payload`
         as its result (None: {}), and keeps the event for steps that wait later (its own

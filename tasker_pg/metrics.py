@@ -96,6 +96,21 @@ ENGINE_GAUGES: dict[str, tuple[str, str, str | None]] = {
         "How long the longest-waiting ready step has been ready (0 when none is)",
         None,
     ),
+    "waiting_steps": (
+        "tasker_namespace_waiting_steps",
+        "wait_for_event and sleep steps waiting (no worker held)",
+        None,
+    ),
+    "flow_lanes": (
+        "tasker_namespace_flow_lanes",
+        "Fairness lanes (key values with queued or running steps) claims take turns between",
+        None,
+    ),
+    "rate_limit_tokens": (
+        "tasker_rate_limit_tokens",
+        "Tokens a rate limit holds now (steps it can start at once)",
+        "rate_limit",
+    ),
     "tasks": ("tasker_namespace_tasks", "Live tasks by stored state", "state"),
     "tasks_finished_5m": (
         "tasker_namespace_tasks_finished_5m",

@@ -22,10 +22,12 @@ __all__ = [
     "FINAL_TASK_STATES",
     "STEP_STATES",
     "TASK_STATES",
+    "FlowLaneResponse",
     "HealthCheck",
     "HealthResponse",
     "HealthStatus",
     "Pagination",
+    "RateLimitResponse",
     "RedriveResponse",
     "RedrivenTask",
     "ScheduleFire",
@@ -523,6 +525,70 @@ class ScheduleFire(_ToDict):
     """None for a slot skipped by the overlap policy or one that failed."""
     action: str
     """created, existing (the slot had fired: its task), skipped (overlap) or error."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RateLimitResponse(_ToDict):
+    """One rate limit, a token bucket (a row of `tasker.v_rate_limits`): each start of a step
+    that names it takes a token; tokens come back at `per_second`, at most `burst` held."""
+
+    name: str
+    per_second: float
+    burst: int
+    tokens_now: float
+    """The tokens in the bucket now (a claim takes one per step it starts)."""
+    parked_until: datetime | None
+    """Up to when the steps it holds back were given their turns (None: none held)."""
+    created_at: datetime
+    updated_at: datetime
+    template_steps: int
+    """How many template steps name it (it cannot be deleted while any does)."""
+
+    @classmethod
+    def from_row(cls, row: Row) -> RateLimitResponse:
+        return cls(
+            name=row["name"],
+            per_second=float(row["per_second"]),
+            burst=int(row["burst"]),
+            tokens_now=float(row["tokens_now"]),
+            parked_until=row["parked_until"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+            template_steps=int(row["template_steps"]),
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class FlowLaneResponse(_ToDict):
+    """One fairness lane of a namespace's queue (a row of `tasker.v_flow_lanes`): claims serve
+    the lanes with the lowest `vtime` first."""
+
+    queue: str
+    """The namespace (its queue has its name)."""
+    lane: str
+    """The fairness key's value; '' is the lane of the steps without one."""
+    vtime: int
+    """How much the lane was served: its turn (lowest goes first)."""
+    concurrency_limit: int | None
+    """The limit of its steps when the lane is their concurrency key, else None."""
+    in_progress: int
+    visible: int
+    """Messages claimable now."""
+    queued: int
+    """Messages in all (visible, delayed and held back)."""
+
+    @classmethod
+    def from_row(cls, row: Row) -> FlowLaneResponse:
+        limit = row["concurrency_limit"]
+        return cls(
+            queue=row["queue"],
+            lane=row["lane"],
+            vtime=int(row["vtime"]),
+            concurrency_limit=None if limit is None else int(limit),
+            in_progress=int(row["in_progress"]),
+            visible=int(row["visible"]),
+            queued=int(row["queued"]),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

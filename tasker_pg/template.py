@@ -346,21 +346,35 @@ def _check_rate_limit_name(value: str | None) -> str | None:
     return value
 
 
-def _flow_json(
-    concurrency: ConcurrencySpec | None, fairness: FairnessSpec | None, rate_limit: str | None
-) -> dict[str, Any]:
-    """The flow control part of a canonical body: only the settings given."""
-    out: dict[str, Any] = {}
-    if concurrency is not None:
-        out["concurrency"] = concurrency.to_json()
-    if fairness is not None:
-        out["fairness"] = fairness.to_json()
-    if rate_limit is not None:
-        out["rate_limit"] = rate_limit
-    return out
+class _FlowSettings(_Frozen):
+    """Flow control (sql/functions/55_flow.sql), declared by a template for all its steps or by
+    a step, whose settings replace the template's one by one."""
+
+    concurrency: ConcurrencySpec | None = None
+    """At most `limit` steps per value of `key` in progress, across all workers."""
+    fairness: FairnessSpec | None = None
+    """Claims take turns between the values of this key (default: the concurrency key)."""
+    rate_limit: StrictStr | None = None
+    """The rate limit (tasker.rate_limits) each start of a step takes a token from."""
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _check_rate_limit(cls, value: str | None) -> str | None:
+        return _check_rate_limit_name(value)
+
+    def _flow_json(self) -> dict[str, Any]:
+        """The flow control part of a canonical body: only the settings given."""
+        out: dict[str, Any] = {}
+        if self.concurrency is not None:
+            out["concurrency"] = self.concurrency.to_json()
+        if self.fairness is not None:
+            out["fairness"] = self.fairness.to_json()
+        if self.rate_limit is not None:
+            out["rate_limit"] = self.rate_limit
+        return out
 
 
-class StepTemplate(_Frozen):
+class StepTemplate(_FlowSettings):
     """One step of a workflow: its handler, the steps it waits for, its retry and time limits.
 
     `dependencies` (also accepted as `depends_on`) lists the steps that must be complete before
@@ -398,17 +412,6 @@ class StepTemplate(_Frozen):
     until: StrictStr | None = None
     """sleep: where its end time is in the task context (an ISO 8601 timestamp with an offset),
     e.g. `$.ship_at` (or `duration_seconds`)."""
-    concurrency: ConcurrencySpec | None = None
-    """At most `limit` of these steps per value of `key` in progress (replaces the template's)."""
-    fairness: FairnessSpec | None = None
-    """Claims take turns between the values of this key (replaces the template's)."""
-    rate_limit: StrictStr | None = None
-    """The rate limit (tasker.rate_limits) each start of this step takes a token from."""
-
-    @field_validator("rate_limit")
-    @classmethod
-    def _check_rate_limit(cls, value: str | None) -> str | None:
-        return _check_rate_limit_name(value)
 
     @field_validator("default", mode="before")
     @classmethod
@@ -594,7 +597,7 @@ class StepTemplate(_Frozen):
             # only wait steps carry their wait settings
             **self._wait_json(),
             # flow control: only the settings given
-            **_flow_json(self.concurrency, self.fairness, self.rate_limit),
+            **self._flow_json(),
         }
 
 
@@ -676,7 +679,7 @@ class ScheduleTemplate(_Frozen):
         }
 
 
-class TaskTemplate(_Frozen):
+class TaskTemplate(_FlowSettings):
     """A validated workflow definition: a DAG of steps under (namespace, name, version).
 
     Build one with `from_dict`, `from_yaml`, `load_template` or `load_templates`: they turn
@@ -696,16 +699,6 @@ class TaskTemplate(_Frozen):
     """The steps in declared order; declared order breaks ties wherever an order is needed."""
     schedules: tuple[ScheduleTemplate, ...] = ()
     """Cron schedules that create tasks of this version (`ScheduleTemplate`)."""
-    concurrency: ConcurrencySpec | None = None
-    """Flow control for every step that does not declare its own (see `StepTemplate`)."""
-    fairness: FairnessSpec | None = None
-    rate_limit: StrictStr | None = None
-
-    @field_validator("rate_limit")
-    @classmethod
-    def _check_rate_limit(cls, value: str | None) -> str | None:
-        return _check_rate_limit_name(value)
-
     _index: dict[str, int] = PrivateAttr(default_factory=dict)
     _children: dict[str, tuple[str, ...]] = PrivateAttr(default_factory=dict)
     _order: tuple[str, ...] = PrivateAttr(default=())
@@ -892,7 +885,7 @@ class TaskTemplate(_Frozen):
             # only templates that declare schedules carry the key (other bodies are unchanged)
             **({"schedules": [s.to_json() for s in self.schedules]} if self.schedules else {}),
             # flow control for every step: only the settings given
-            **_flow_json(self.concurrency, self.fairness, self.rate_limit),
+            **self._flow_json(),
         }
 
     # -- graph queries --

@@ -281,6 +281,11 @@ BEGIN
                      AND a.task_uuid = upd.task_uuid AND a.named_step_id = ANY (ns.worker_ancestor_ids)) w
       ) wk ON true
      ORDER BY upd.msg_id;
+    -- A hand-off is a turn of its lane too (55_flow.sql): claims take turns by vtime.
+    IF p_handoff AND EXISTS (SELECT 1 FROM tasker.flow_lanes l WHERE l.queue = p_queue) THEN
+        PERFORM tasker._charge_lanes(p_queue, ARRAY(SELECT b.step_uuid FROM unnest(v_batch) b
+                                                     WHERE b.kind IN ('run_new', 'run_resume')));
+    END IF;
 END
 $$;
 ALTER FUNCTION tasker._claim_messages(text, text, timestamptz, timestamptz, bigint[], uuid[], boolean) SET plan_cache_mode = force_generic_plan;
@@ -442,9 +447,8 @@ BEGIN
                            WHERE pg_try_advisory_xact_lock(tasker._concurrency_lock_key(p_queue, x.k))
                            ORDER BY x.o);
         IF cardinality(v_locked) < cardinality(v_keys) THEN
-            -- steps held only because another transaction is admitting their key (which may
-            -- leave room): wake the queue, so that a worker asks again when it is done rather
-            -- than at its next poll (nothing else would: no step of the key ended)
+            -- steps held only because another claim admits their key now: wake a worker to
+            -- ask again once this claim commits (the other claim never notifies)
             PERFORM pg_notify('tasker_' || p_queue, '');
         END IF;
         FOR v_round IN 1 .. 2 LOOP

@@ -116,6 +116,21 @@ BEGIN
 END
 $$;
 
+-- Adds the steps handed off by complete_and_claim to their lanes' turns (vtime), so a key whose
+-- steps go from one worker to the next by hand-off takes its turns like any. A lane a claim
+-- holds right now is passed over (never waited for: the caller holds steps and tasks).
+CREATE FUNCTION tasker._charge_lanes(p_queue text, p_steps uuid[]) RETURNS void
+LANGUAGE sql AS $$
+    UPDATE tasker.flow_lanes l
+       SET vtime = l.vtime + c.n
+      FROM (SELECT s.lane, count(*) AS n FROM tasker.steps s
+             WHERE s.step_uuid = ANY (p_steps) AND s.lane IS NOT NULL GROUP BY s.lane) c
+     WHERE l.queue = p_queue AND l.lane = c.lane
+       AND l.ctid IN (SELECT k.ctid FROM tasker.flow_lanes k
+                       WHERE k.queue = p_queue AND k.lane = c.lane
+                         FOR NO KEY UPDATE SKIP LOCKED)
+$$;
+
 -- The advisory lock key of a queue's concurrency key.
 CREATE FUNCTION tasker._concurrency_lock_key(p_queue text, p_key text) RETURNS bigint
 LANGUAGE sql IMMUTABLE AS $$

@@ -93,6 +93,15 @@ BEGIN
                       WHERE t.completed_at IS NULL AND t.namespace = v_ns
                       GROUP BY t.state) c ON c.state = st.state;
 
+        -- durable waits in progress, and the fairness lanes of the namespace (55_flow.sql)
+        RETURN QUERY
+        SELECT 'waiting_steps', v_ns, NULL::text, count(*)::float8
+          FROM tasker.step_waits w JOIN tasker.tasks t ON t.task_uuid = w.task_uuid
+         WHERE t.namespace = v_ns;
+        RETURN QUERY
+        SELECT 'flow_lanes', v_ns, NULL::text, count(*)::float8
+          FROM tasker.flow_lanes l WHERE l.queue = v_ns AND l.lane <> '';
+
         RETURN QUERY
         SELECT 'tasks_finished_5m', v_ns, st.state, coalesce(c.n, 0)::float8
           FROM unnest(ARRAY['complete', 'cancelled', 'resolved_manually']) st(state)
@@ -102,6 +111,14 @@ BEGIN
                         AND t.completed_at >= v_now - interval '5 minutes'
                       GROUP BY t.state) c ON c.state = st.state;
     END LOOP;
+
+    -- the tokens each rate limit holds now (55_flow.sql)
+    RETURN QUERY
+    SELECT 'rate_limit_tokens', NULL::text, r.name,
+           least(r.burst::double precision,
+                 r.tokens + r.per_second * greatest(0, extract(epoch FROM v_now - r.refilled_at)))::float8
+      FROM tasker.rate_limits r
+     ORDER BY r.name;
 
     RETURN QUERY
     SELECT x.metric, NULL::text, st.relname::text, x.value

@@ -42,6 +42,14 @@ Scenarios (default sizes; `--n` scales every count):
   1,000,000-task history (created through `create_tasks`, then made complete
   two days ago in SQL) under a one-day policy: against the clean flat drain (target 0.80x), and
   the purge's tasks/s.
+- limits: the flat drain with flow control on every step (sql/functions/55_flow.sql), against
+  the clean flat drain of the same run (target 0.80x; server CPU per step in the notes):
+  fairness lanes by customer over a skewed backlog (10 customers, customer k with k + 1
+  shares of the 20,000 tasks), then a concurrency limit of 100 per customer, then that and a
+  rate limit of 1,000,000 tokens/s, both over an even backlog (neither limit binds: what is
+  measured is the claim's cost). And the share of the claims each customer got in the fairness
+  drain while every customer still had a backlog (the first 80 % of 10 x the smallest
+  backlog, in audit order): each within 10 % of an equal share.
 - scale: the flat drain with 1, 2 and 4 worker processes; then one worker running 16 to 256
   handlers of 10 ms at once (5,000 tasks each): steps/s and the share of the ideal rate. No
   target: the table shows where the database saturates.
@@ -103,7 +111,7 @@ The package, one job per module:
 - `options`: what to run (`BenchOptions`), default sizes and the targets (in one block).
 - `scenarios`: the scenarios but xmin; `xmin`: the held-snapshot scenario; `runner`: the run
   around them (fresh databases, completion polling, verification, the order of scenarios,
-  what each scenario brings along: flat for deep, backlog and retention, dag for xmin).
+  what each scenario brings along: flat for deep, backlog, retention and limits, dag for xmin).
 - `baseline`: the raw SQL claim/acknowledge loop (throughput, and latency at a trickle), the
   idle commit round trip and the bare INSERT the engine is compared with.
 - `queries`: the setup and inspection queries (counts, timings, settings) in one place.

@@ -197,7 +197,7 @@ def fanout_template(handler_ms: float = 0, workers: int = FANOUT_WORKERS) -> Tas
 
 
 def templates(
-    handler_ms: float = 0, fanout_workers: int = FANOUT_WORKERS, limits_concurrency: int = 50
+    handler_ms: float = 0, fanout_workers: int = FANOUT_WORKERS, limits_concurrency: int = 100
 ) -> dict[str, TaskTemplate]:
     """Every benchmark template by name; each handler sleeps `handler_ms` first when > 0. The
     rated template names the rate limit RATE_LIMIT, which must exist before it is registered."""

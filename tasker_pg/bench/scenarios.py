@@ -505,11 +505,14 @@ async def limits(bench: Bench) -> None:
     run (the cost of flow control in the claim; server CPU per step in the notes): fairness lanes
     by customer under a skewed backlog (10 customers, customer k with k + 1 shares), then a
     concurrency limit per customer (LIMITS_CONCURRENCY), then that and a rate limit
-    (LIMITS_RATE tokens/s), both over an even backlog so that neither limit binds (10 x 50
-    places for the 200 slots; a skewed backlog would leave the largest customer alone at the
-    end, held to its 50). And the share of the claims each customer got in the fairness drain
-    while every customer still had a backlog (the first LIMITS_SHARE_WINDOW of 10 x the
-    smallest backlog, in audit order) against equal."""
+    (LIMITS_RATE tokens/s), both over an even backlog so that neither limit binds: 10 x 100
+    places for the 200 slots. (A step is in progress until its outcome commits, and a worker
+    frees a slot when the handler returns, before its outcome is flushed: with no-op handlers a
+    key can have three claims' worth of steps in progress, so a limit of 50 already held steps
+    back here.) A skewed backlog would leave the largest customer alone at the end, held to
+    its limit. And the share of the claims each customer got in the fairness drain while every
+    customer still had a backlog (the first LIMITS_SHARE_WINDOW of 10 x the smallest backlog,
+    in audit order) against equal."""
     tasks = bench.options.count(FLAT_TASKS)
     skewed = skewed_keys(tasks, LIMITS_KEYS)
     window = int(

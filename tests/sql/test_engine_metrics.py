@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tasker_pg import db
+from tasker_pg.template import TaskTemplate
 from tests.support import pgserver, plans, seeded
 from tests.support.engine import (
     NAMESPACE,
@@ -96,6 +97,8 @@ async def test_engine_metrics_counts_each_kind_of_step_and_task(conn: db.Connect
         ("delayed_steps", ns, None): 2,
         ("retry_waiting_steps", ns, None): 1,
         ("expired_leases", ns, None): 1,
+        ("waiting_steps", ns, None): 0,
+        ("flow_lanes", ns, None): 0,
         # stored states: a claimed step does not move its task out of pending
         ("tasks", ns, "pending"): 8,
         ("tasks", ns, "steps_in_process"): 1,
@@ -241,3 +244,29 @@ async def test_engine_metrics_at_a_million_tasks_reads_indexes_only(
         ]
         used = {i for s in log.statements for i in s.indexes()}
         assert {"tasks_live_idx", "tasks_finished_idx"} <= used, used
+
+
+async def test_engine_metrics_report_waits_lanes_and_rate_limit_tokens(conn: db.Connection) -> None:
+    await conn.execute("SELECT tasker.set_rate_limit('metered', 2, 4)")
+    raw = {
+        "name": "metered",
+        "namespace_name": NAMESPACE,
+        "version": "1.0.0",
+        "fairness": {"key": "$.customer"},
+        "rate_limit": "metered",
+        "steps": [
+            {"name": "work", "handler": {"callable": "h.work"}},
+            {"name": "pause", "type": "sleep", "duration_seconds": 3600, "dependencies": ["work"]},
+        ],
+    }
+    await conn.register_template(TaskTemplate.from_dict(raw).to_json())
+    await conn.create_tasks(NAMESPACE, "metered", [{"customer": c} for c in ("a", "b", "c")])
+    rows = await claim(conn, qty=10)
+    assert len(rows) == 3  # the burst of 4 covers them
+    await complete(conn, *(success(r) for r in rows[:2]))
+    metrics = await engine_metrics(conn)
+    assert metrics[("waiting_steps", NAMESPACE, None)] == 2
+    assert metrics[("flow_lanes", NAMESPACE, None)] == 3
+    assert 1 <= metrics[("rate_limit_tokens", None, "metered")] < 1.5
+    await complete(conn, success(rows[2]))
+    await assert_healthy(conn)

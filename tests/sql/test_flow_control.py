@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import itertools
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -205,6 +204,8 @@ async def test_the_hand_off_applies_the_limit_and_the_next_held_step_starts_afte
     )
     handed = [r for r in out if r["status"] == "claimed"]
     assert [(r["task_uuid"], r["step_name"]) for r in handed] == [(t1, "s2")]
+    # the hand-off was a turn of the lane, like the claim before it
+    assert await conn.fetchval("SELECT vtime FROM tasker.flow_lanes WHERE lane = 'x'") == 2
     assert await claim(conn, qty=10) == []
     await complete(conn, *[success(handed[0])])
     nxt = await claim(conn, qty=10)
@@ -234,16 +235,18 @@ async def test_a_rate_limit_hands_out_its_burst_then_one_step_per_token(
     tasks = await create_many(conn, tpl, [{}] * 6)
     rows = await claim(conn, qty=10)
     assert len(rows) == 2
+    # the wait of each held step from the claim's time (the bucket was refilled then)
     held = await conn.fetch(
-        "SELECT s.step_uuid, s.attempts, m.vt - clock_timestamp() AS wait"
+        "SELECT s.step_uuid, s.attempts, m.vt - r.refilled_at AS wait"
         " FROM tasker.steps s JOIN tasker.queue_messages m ON m.msg_id = s.msg_id"
+        " JOIN tasker.rate_limits r ON r.name = 'api'"
         " WHERE s.task_uuid = ANY($1::uuid[]) AND s.state = 'enqueued' ORDER BY m.vt",
         tasks,
     )
     assert len(held) == 4 and all(h["attempts"] == 0 for h in held)
     waits = [h["wait"].total_seconds() for h in held]
     # one token per 50 ms, in the order they were held
-    assert 0 < waits[0] <= 0.06 and all(0.04 <= b - a <= 0.06 for a, b in itertools.pairwise(waits))
+    assert [round(w, 3) for w in waits] == [0.05, 0.1, 0.15, 0.2]
     reason = await conn.fetchval(
         "SELECT r.reason FROM tasker.step_readiness("
         " (SELECT task_uuid FROM tasker.steps WHERE step_uuid = $1)) r",
