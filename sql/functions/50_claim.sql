@@ -281,11 +281,6 @@ BEGIN
                      AND a.task_uuid = upd.task_uuid AND a.named_step_id = ANY (ns.worker_ancestor_ids)) w
       ) wk ON true
      ORDER BY upd.msg_id;
-    -- A hand-off is a turn of its lane too (55_flow.sql): claims take turns by vtime.
-    IF p_handoff AND EXISTS (SELECT 1 FROM tasker.flow_lanes l WHERE l.queue = p_queue) THEN
-        PERFORM tasker._charge_lanes(p_queue, ARRAY(SELECT b.step_uuid FROM unnest(v_batch) b
-                                                     WHERE b.kind IN ('run_new', 'run_resume')));
-    END IF;
 END
 $$;
 ALTER FUNCTION tasker._claim_messages(text, text, timestamptz, timestamptz, bigint[], uuid[], boolean) SET plan_cache_mode = force_generic_plan;

@@ -13,6 +13,8 @@ first tests did not reach, most of them a bug found in review (fixed unless mark
 - Steps held because another claim admits their key: nobody woke the queue.
 - set_rate_limit: the steps held at the old rate kept their old times.
 - The first qty + 1 lanes in turn order, all full or all empty, hid the lanes behind them.
+- A hand-off into two queues charged the first queue's lane, then waited for a rate limit row
+  a claim held while it waited for that lane (a cycle once the claim takes its lanes last).
 """
 
 from __future__ import annotations
@@ -528,3 +530,79 @@ async def test_a_task_resumed_after_an_error_sends_its_keyed_steps_into_their_la
     assert await conn.fetchval("SELECT state FROM tasker.tasks WHERE task_uuid = $1", task) == (
         "complete"
     )
+
+
+async def test_a_hand_off_into_two_queues_does_not_deadlock_with_a_claim_of_the_first(
+    conn: db.Connection, dsn: str
+) -> None:
+    """complete_and_claim hands off into queue aflow (a child in lane x: the lane is charged)
+    and then into zflow (a child with rate limit r: it waits for r's row). A claim of aflow holds
+    r (a candidate of its own with that rate limit) and then takes the lanes it read, x among
+    them. Had the hand-off kept x's row while it waited for r, the two would wait for each other.
+    A third session holds r at first, only to order the two waits."""
+    await conn.execute("SELECT tasker.set_rate_limit('r', 1000, 1000)")
+    for q in ("aflow", "zflow"):
+        await conn.create_queue(q)
+
+    def tpl(name: str, ns: str, steps: list[dict[str, Any]]) -> dict[str, Any]:
+        raw = {"name": name, "namespace_name": ns, "version": "1.0.0", "steps": steps}
+        return TaskTemplate.from_dict(raw).to_json()
+
+    parent_a = tpl("pa", "aflow", [step("p"), step("c", "p", fairness={"key": "$.k"})])
+    rated_a = tpl("ra", "aflow", [step("only", fairness={"key": "$.k"}, rate_limit="r")])
+    parent_z = tpl("pz", "zflow", [step("p"), step("c", "p", rate_limit="r")])
+    for t in (parent_a, rated_a, parent_z):
+        await conn.register_template(t)
+    ta = await conn.create_task("aflow", "pa", {"k": "x"})
+    tz = await conn.create_task("zflow", "pz", {})
+    pa = await claim(conn, "aflow", qty=1)
+    pz = await claim(conn, "zflow", qty=1)
+    assert [r["step_name"] for r in pa + pz] == ["p", "p"]
+    # lane x holds a rate-limited step for the claim to read
+    tr = await conn.create_task("aflow", "ra", {"k": "x"})
+    holder, claimer, completer = [await db.connect(dsn) for _ in range(3)]
+    try:
+        for c in (claimer, completer):
+            await c.execute("SET deadlock_timeout = '100ms'")
+        async with holder.transaction():
+            await holder.execute("SELECT 1 FROM tasker.rate_limits WHERE name = 'r' FOR UPDATE")
+            claiming = asyncio.ensure_future(claim(claimer, "aflow", qty=10))
+            await wait_for_lock_waits(conn, 1)  # the claim waits for r
+            completing = asyncio.ensure_future(
+                completer.complete_and_claim([success(pa[0]), success(pz[0])], "w1", 10, 30.0)
+            )
+            await wait_for_lock_waits(conn, 2)  # the hand-off waits for r too
+        claimed = await claiming
+        _, handed = await completing
+    finally:
+        for c in (holder, claimer, completer):
+            await c.close()
+    assert [r["step_name"] for r in claimed] == ["only"]
+    assert sorted(h.step_name for h in handed) == ["c", "c"]
+    await complete(conn, success(claimed[0]))
+    for h in handed:
+        await complete(
+            conn,
+            success(
+                {
+                    "step_uuid": h.step_uuid,
+                    "attempt": h.attempt,
+                    "claim_seq": h.claim_seq,
+                    "step_name": h.step_name,
+                }
+            ),
+        )
+    assert ta and tz and tr
+
+
+async def wait_for_lock_waits(conn: db.Connection, n: int) -> None:
+    """Until n sessions of this database wait for a lock."""
+    for _ in range(250):
+        waiting = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND wait_event_type = 'Lock'"
+        )
+        if waiting >= n:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{n} sessions never waited for a lock")
