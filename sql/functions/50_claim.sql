@@ -58,6 +58,11 @@ DECLARE
     v_now   timestamptz := clock_timestamp();
     v_msg_ids   bigint[];
     v_msg_steps uuid[];
+    v_lanes     text[];
+    v_vtimes    bigint[];
+    v_taken     integer[];
+    v_open      boolean[];
+    v_lane_msgs jsonb[];
 BEGIN
     IF p_qty IS NULL OR p_qty < 1 THEN
         RAISE EXCEPTION 'qty must be >= 1, got %', coalesce(p_qty::text, 'NULL') USING ERRCODE = 'TV002';
@@ -82,19 +87,28 @@ BEGIN
           FROM tasker._lock_visible(p_queue, p_qty, v_now, p_visible_since) WITH ORDINALITY m(msg_id, message, ord);
     ELSE
         -- a queue with fairness lanes is claimed lane by lane (55_flow.sql)
+        SELECT l.o_msg_ids, l.o_messages, l.o_lanes, l.o_vtimes, l.o_taken, l.o_open
+          INTO v_msg_ids, v_lane_msgs, v_lanes, v_vtimes, v_taken, v_open
+          FROM tasker._lock_lanes(p_queue, p_qty, v_now, p_visible_since) l;
         SELECT array_agg(m.msg_id ORDER BY m.ord),
                array_agg(CASE WHEN m.message->>'step_uuid' ~* '^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$'
                               THEN (m.message->>'step_uuid')::uuid END ORDER BY m.ord)
           INTO v_msg_ids, v_msg_steps
-          FROM tasker._lock_lanes(p_queue, p_qty, v_now, p_visible_since) WITH ORDINALITY m(msg_id, message, ord);
+          FROM unnest(v_msg_ids, v_lane_msgs) WITH ORDINALITY m(msg_id, message, ord);
+    END IF;
+    IF v_msg_ids IS NOT NULL THEN
+        RETURN QUERY
+        SELECT * FROM tasker._claim_messages(p_queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
+                                             v_msg_ids, v_msg_steps, false);
+    END IF;
+    -- the lanes' turns last: their row locks (and the deletion of idle lanes) must come after
+    -- every lock the claim waits for (55_flow.sql, _serve_lanes)
+    IF v_lanes IS NOT NULL THEN
+        PERFORM tasker._serve_lanes(p_queue, v_lanes, v_vtimes, v_taken, v_open);
     END IF;
     IF v_msg_ids IS NULL THEN
         PERFORM tasker._queue_sequence(p_queue);  -- an unknown queue is an error, not "no work"
-        RETURN;
     END IF;
-    RETURN QUERY
-    SELECT * FROM tasker._claim_messages(p_queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
-                                         v_msg_ids, v_msg_steps, false);
 END
 $$;
 ALTER FUNCTION tasker.claim_steps(text, text, integer, double precision, timestamptz) SET plan_cache_mode = force_generic_plan;
@@ -267,11 +281,6 @@ BEGIN
                      AND a.task_uuid = upd.task_uuid AND a.named_step_id = ANY (ns.worker_ancestor_ids)) w
       ) wk ON true
      ORDER BY upd.msg_id;
-    -- A hand-off is a turn of its lane too (55_flow.sql): claims take turns by vtime.
-    IF p_handoff AND EXISTS (SELECT 1 FROM tasker.flow_lanes l WHERE l.queue = p_queue) THEN
-        PERFORM tasker._charge_lanes(p_queue, ARRAY(SELECT b.step_uuid FROM unnest(v_batch) b
-                                                     WHERE b.kind IN ('run_new', 'run_resume')));
-    END IF;
 END
 $$;
 ALTER FUNCTION tasker._claim_messages(text, text, timestamptz, timestamptz, bigint[], uuid[], boolean) SET plan_cache_mode = force_generic_plan;

@@ -159,11 +159,13 @@ $$;
 -- skipped without reading its messages. Within a lane: highest priority, then the longest
 -- visible. The lane '' (messages without a lane) is read through _lock_visible, with the
 -- visibility window; the other lanes are read whole (a message a lane's limit held back is
--- older than any window). Each lane served moves back by what it got; a lane with nothing
--- visible moves behind the lanes served, and is deleted when it holds no message at all.
-CREATE FUNCTION tasker._lock_lanes(p_queue text, p_qty integer, p_now timestamptz, p_since timestamptz)
-RETURNS TABLE (msg_id bigint, message jsonb)
-LANGUAGE plpgsql ROWS 10 AS $$
+-- older than any window). Returns the messages locked (o_msg_ids, o_messages, in hand-out
+-- order) and the lanes read (o_lanes, their vtimes, what each got, whether each may have more), which
+-- the caller passes to _serve_lanes once it has claimed the messages (not here: see there).
+CREATE FUNCTION tasker._lock_lanes(p_queue text, p_qty integer, p_now timestamptz, p_since timestamptz,
+                                   OUT o_msg_ids bigint[], OUT o_messages jsonb[], OUT o_lanes text[],
+                                   OUT o_vtimes bigint[], OUT o_taken integer[], OUT o_open boolean[])
+LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_lanes   text[];
@@ -180,17 +182,21 @@ DECLARE
     v_i       integer;
     v_want    integer;
     v_pass    integer;
-    v_top     bigint;
     v_open    boolean[];
 BEGIN
     -- the lanes in turn order: at most p_qty + 1 (each served lane gets one message at least),
-    -- with the room their concurrency limit leaves (steps holding a lease: _leased_per_key)
+    -- with the room their concurrency limit leaves (steps holding a lease: _leased_per_key).
+    -- A lane at its limit is passed over here, before the LIMIT: it keeps its turn, and
+    -- counted among the p_qty + 1 it would hide the lanes behind it for as long as its steps
+    -- run (p_qty + 1 full lanes at the head: nothing claimed, whatever waits behind them).
     SELECT array_agg(x.lane ORDER BY x.vtime, x.lane), array_agg(x.vtime ORDER BY x.vtime, x.lane),
            array_agg(x.concurrency_limit ORDER BY x.vtime, x.lane)
       INTO v_lanes, v_vtimes, v_room
       FROM (SELECT l.lane, l.vtime, l.concurrency_limit
               FROM tasker.flow_lanes l
              WHERE l.queue = p_queue
+               AND (l.concurrency_limit IS NULL
+                    OR l.concurrency_limit > coalesce((SELECT r.running FROM tasker._leased_per_key(p_queue, ARRAY[l.lane], p_now) r), 0))
              ORDER BY l.vtime, l.lane
              LIMIT p_qty + 1) x;
     -- a lane that is its steps' concurrency key: the room its limit leaves
@@ -207,6 +213,27 @@ BEGIN
     v_n := cardinality(v_lanes);
     v_taken := array_fill(0, ARRAY[v_n]);
     v_open := array_fill(NULL::boolean, ARRAY[v_n]);  -- may have more visible messages (NULL: not read yet)
+    -- first the visible messages of steps that hold a place of their key (a lost lease, a
+    -- checkpoint waiting to continue), whatever their lane's room and turn: read in turn, they
+    -- would come after the key's older backlog, whose head a full key holds back at every
+    -- claim, so the lost lease would never be recorded (nor the checkpoint continued) and the
+    -- key never freed. Each counts as taken from its lane (a continuation keeps its place).
+    SELECT coalesce(array_agg(x.msg_id ORDER BY x.vt, x.msg_id), '{}'), coalesce(array_agg(x.message ORDER BY x.vt, x.msg_id), '{}')
+      INTO v_ids, v_msgs
+      FROM (SELECT m.msg_id, m.message, m.vt
+              FROM tasker.flow_holders h
+              JOIN tasker.steps s ON s.step_uuid = h.step_uuid
+              JOIN tasker.queue_messages m ON m.queue = p_queue AND m.msg_id = s.msg_id
+             WHERE h.queue = p_queue AND s.state = 'in_progress' AND m.vt <= p_now AND m.lane IS NOT NULL
+             ORDER BY m.vt
+             LIMIT p_qty
+               FOR UPDATE OF m SKIP LOCKED) x;
+    IF cardinality(v_ids) > 0 THEN
+        v_taken := ARRAY(SELECT (SELECT count(*) FROM tasker.queue_messages m
+                                  WHERE m.queue = p_queue AND m.msg_id = ANY (v_ids) AND m.lane = u.lane)::integer
+                           FROM unnest(v_lanes) WITH ORDINALITY u(lane, i) ORDER BY u.i);
+        v_left := v_left - cardinality(v_ids);
+    END IF;
     -- passes: an equal share of what is left to each lane that may have more, in turn order,
     -- until the claim is full or no lane has more
     FOR v_pass IN 1 .. 4 LOOP
@@ -241,10 +268,45 @@ BEGIN
         END LOOP;
     END LOOP;
 
+    o_msg_ids := v_ids;
+    o_messages := v_msgs;
+    o_lanes := v_lanes;
+    o_vtimes := v_vtimes;
+    o_taken := v_taken;
+    o_open := v_open;
+END
+$$;
+ALTER FUNCTION tasker._lock_lanes(text, integer, timestamptz, timestamptz) SET enable_seqscan = off;
+
+-- The turns of the lanes a claim read (_lock_lanes: p_lanes, their vtimes when read, what each
+-- got, whether each may have more): each lane served moves back by what it got; a lane with
+-- nothing visible moves behind the lanes served, and is deleted when it holds no message at
+-- all and no step of its key is in progress. claim_steps calls it last, after it claimed the
+-- messages: the lane rows it locks here (and the idle ones it deletes, which a transaction
+-- sending into one waits for in _note_lanes) are then held by a transaction that waits for
+-- nothing more. Taken before the claim's task rows (_claim_exceptions), they closed a cycle
+-- with complete_steps, which holds its tasks' rows when it sends their children into lanes.
+CREATE FUNCTION tasker._serve_lanes(p_queue text, p_lanes text[], p_vtimes bigint[], p_taken integer[],
+                                    p_open boolean[]) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_lanes   text[] := p_lanes;
+    v_vtimes  bigint[] := p_vtimes;
+    v_taken   integer[] := p_taken;
+    v_open    boolean[] := p_open;
+    v_top     bigint;
+BEGIN
     -- turns: each lane served moves back by what it got; a lane read and found with nothing
     -- visible moves behind the furthest of them (one at its limit, or not read because the claim
     -- was full, keeps its place: it is first when a step of its key ends, or at the next claim)
     SELECT max(v_vtimes[i] + v_taken[i]) INTO v_top FROM generate_subscripts(v_lanes, 1) i WHERE v_taken[i] > 0;
+    IF v_top IS NULL AND EXISTS (SELECT 1 FROM unnest(v_open) o WHERE o IS false) THEN
+        -- no lane served: those found with nothing visible go behind every lane of the queue
+        -- (kept in place, the same ones would be read, and found empty, at every claim, and the
+        -- lanes behind them never)
+        v_top := (SELECT l.vtime + 1 FROM tasker.flow_lanes l WHERE l.queue = p_queue
+                   ORDER BY l.vtime DESC, l.lane DESC LIMIT 1);
+    END IF;
     -- (locked in lane order first: concurrent claims of the queue wait for each other here, not
     -- in a cycle)
     PERFORM 1 FROM tasker.flow_lanes l
@@ -274,10 +336,9 @@ BEGIN
        AND NOT EXISTS (SELECT 1 FROM tasker.flow_lanes k WHERE k.queue = p_queue AND k.lane <> '')
        AND l.ctid IN (SELECT k.ctid FROM tasker.flow_lanes k
                        WHERE k.queue = p_queue AND k.lane = '' FOR UPDATE SKIP LOCKED);
-    RETURN QUERY SELECT u.id, u.msg FROM unnest(v_ids, v_msgs) u(id, msg);
 END
 $$;
-ALTER FUNCTION tasker._lock_lanes(text, integer, timestamptz, timestamptz) SET enable_seqscan = off;
+ALTER FUNCTION tasker._serve_lanes(text, text[], bigint[], integer[], boolean[]) SET enable_seqscan = off;
 
 -- Creates a rate limit (a token bucket: per_second tokens a second, at most burst at once), or
 -- changes one; a new bucket starts full. Returns the bucket.
@@ -309,6 +370,19 @@ BEGIN
                           r.tokens + r.per_second * greatest(0, extract(epoch FROM clock_timestamp() - r.refilled_at))),
            refilled_at = clock_timestamp(), parked_until = NULL, updated_at = clock_timestamp()
     RETURNING * INTO v_row;
+    -- The steps the bucket holds wait for the times the old rate gave them (a message pushed to
+    -- when its token was due): they are made visible now, and the next claims give them their
+    -- turns at the new rate. A message a claim holds right now is skipped (that claim decides);
+    -- so is a step waiting for a retry's backoff (its time is not the bucket's).
+    UPDATE tasker.queue_messages m
+       SET vt = clock_timestamp()
+      FROM tasker.steps s
+      JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+     WHERE s.rate_limit = p_name
+       AND (s.state = 'enqueued' OR (s.state = 'waiting_for_retry' AND s.next_attempt_at <= clock_timestamp()))
+       AND m.queue = t.namespace AND m.msg_id = s.msg_id AND m.vt > clock_timestamp()
+       AND m.ctid IN (SELECT k.ctid FROM tasker.queue_messages k
+                       WHERE k.queue = t.namespace AND k.msg_id = s.msg_id FOR UPDATE SKIP LOCKED);
     RETURN v_row;
 END
 $$;

@@ -390,6 +390,20 @@ BEGIN
     IF p_worker_id IS NOT NULL AND coalesce(cardinality(v_applied), 0) < cardinality(v_in) THEN
         PERFORM tasker._release_lost_handoffs(v_in, v_applied, p_worker_id);
     END IF;
+
+    -- 10. A hand-off is a turn of its lane too (55_flow.sql: claims take turns by vtime). Last:
+    --     a lane row held here (SKIP LOCKED: never waited for) while this transaction went on to
+    --     wait for another queue's hand-off (a rate limit row, a task row) would close a cycle
+    --     with a claim, which takes its lanes' row locks last (_serve_lanes) after its own.
+    IF p_handoff > 0 AND cardinality(v_sent) > 0 THEN
+        PERFORM tasker._charge_lanes(x.queue, x.steps)
+           FROM (SELECT e.queue, array_agg(e.step_uuid) AS steps
+                   FROM unnest(v_sent) e
+                   JOIN tasker.steps s ON s.step_uuid = e.step_uuid
+                  WHERE s.state = 'in_progress' AND s.worker_id = p_worker_id AND s.started_at = v_now
+                  GROUP BY e.queue ORDER BY e.queue) x
+          WHERE EXISTS (SELECT 1 FROM tasker.flow_lanes l WHERE l.queue = x.queue);
+    END IF;
 END
 $$;
 ALTER FUNCTION tasker.complete_and_claim(jsonb, text, integer, double precision) SET plan_cache_mode = force_generic_plan;

@@ -70,6 +70,13 @@ BEGIN
           FROM upd
     )
     SELECT count(*) INTO v_count FROM upd;
+    -- the places its steps held of their concurrency keys are free (55_flow.sql): a step the
+    -- limit held back may start now
+    DELETE FROM tasker.flow_holders h USING tasker.steps s
+     WHERE s.task_uuid = p_task AND h.step_uuid = s.step_uuid;
+    IF FOUND THEN
+        PERFORM pg_notify('tasker_' || v_ns, '');
+    END IF;
 
     UPDATE tasker.tasks t
        SET state = 'cancelled', error_steps = 0, completed_at = v_now, updated_at = v_now
@@ -406,6 +413,11 @@ BEGIN
      WHERE s.step_uuid = p_step;
     INSERT INTO tasker.step_transitions (step_uuid, task_uuid, from_state, to_state, event, created_at)
     SELECT p_step, v_task, v_state, 'resolved_manually', 'resolved', v_now;
+    -- the place it held of its concurrency key is free (55_flow.sql)
+    DELETE FROM tasker.flow_holders h WHERE h.step_uuid = p_step;
+    IF FOUND THEN
+        PERFORM pg_notify('tasker_' || v_ns, '');
+    END IF;
 
     -- A decision or batchable step applies the valid outcome found in the result, else counts
     -- as no_branches / no_batches (sql/functions/62_dynamic.sql).

@@ -227,6 +227,12 @@ BEGIN
              WHERE s.step_uuid = ANY (v_steps)
             RETURNING s.step_uuid
         ),
+        -- the places of concurrency keys that steps cancelled or resolved while they ran left
+        -- behind (55_flow.sql; a completion deletes its own at once)
+        del_holders AS (
+            DELETE FROM tasker.flow_holders h
+             WHERE h.step_uuid = ANY (v_steps)
+        ),
         del_edges AS (
             DELETE FROM tasker.step_edges e
              WHERE e.parent_uuid = ANY (v_steps)

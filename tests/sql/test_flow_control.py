@@ -6,7 +6,7 @@ the next one start when a step of its key ends (by claim and by hand-off); keys 
 claims take turns between lanes (a skewed backlog); a rate limit hands out its burst and makes
 the rest visible when their tokens are due; what `step_readiness` says holds a step; bad
 templates, contexts and rate limits; lanes are cleaned up when they drain. Every test ends with
-`tasker.check_invariants()` empty (the conn fixture checks it).
+`tasker.check_invariants()` empty (the autouse fixture `_healthy_after` checks it).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -21,9 +22,16 @@ import pytest
 from tasker_pg import db
 from tasker_pg.errors import TaskerError, ValidationError
 from tasker_pg.template import TaskTemplate, TemplateValidationError
-from tests.support.engine import NAMESPACE, claim, complete, linear, step, success
+from tests.support.engine import NAMESPACE, assert_healthy, claim, complete, linear, step, success
 
 pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(autouse=True)
+async def _healthy_after(conn: db.Connection) -> AsyncIterator[None]:
+    """Every test ends with `tasker.check_invariants()` empty."""
+    yield
+    await assert_healthy(conn)
 
 
 def limited(limit: int = 2, *, name: str = "limited", **flow: Any) -> dict[str, Any]:
