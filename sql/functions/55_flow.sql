@@ -295,6 +295,7 @@ DECLARE
     v_taken   integer[] := p_taken;
     v_open    boolean[] := p_open;
     v_top     bigint;
+    v_idle    text[];
 BEGIN
     -- turns: each lane served moves back by what it got; a lane read and found with nothing
     -- visible moves behind the furthest of them (one at its limit, or not read because the claim
@@ -321,21 +322,31 @@ BEGIN
      WHERE l.queue = p_queue AND l.lane = u.lane AND (u.taken > 0 OR u.open IS false);
     -- lanes with no message left at all, and no step in progress, go (unless a transaction
     -- sending into one holds it)
-    DELETE FROM tasker.flow_lanes l
-     WHERE l.queue = p_queue AND l.lane <> ''
-       AND l.lane = ANY (ARRAY(SELECT u.lane FROM unnest(v_lanes, v_taken, v_open) u(lane, taken, open)
-                                WHERE u.taken = 0 AND u.open IS false))
-       AND NOT EXISTS (SELECT 1 FROM tasker.queue_messages m WHERE m.queue = p_queue AND m.lane = l.lane)
-       AND NOT EXISTS (SELECT 1 FROM tasker.flow_holders h JOIN tasker.steps s ON s.step_uuid = h.step_uuid
-                        WHERE h.queue = p_queue AND h.concurrency_key = l.lane AND s.state = 'in_progress')
-       AND l.ctid IN (SELECT k.ctid FROM tasker.flow_lanes k
-                       WHERE k.queue = p_queue AND k.lane = l.lane FOR UPDATE SKIP LOCKED);
-    -- the last lane of a queue is '': the queue goes back to plain claims
-    DELETE FROM tasker.flow_lanes l
-     WHERE l.queue = p_queue AND l.lane = ''
-       AND NOT EXISTS (SELECT 1 FROM tasker.flow_lanes k WHERE k.queue = p_queue AND k.lane <> '')
-       AND l.ctid IN (SELECT k.ctid FROM tasker.flow_lanes k
-                       WHERE k.queue = p_queue AND k.lane = '' FOR UPDATE SKIP LOCKED);
+    -- (locked first, in a statement of its own, and checked in the next one: a transaction that
+    -- sent a message into the lane held it KEY SHARE until it committed, so once the lock is
+    -- ours a new snapshot sees that message; checked in the locking statement's snapshot, a
+    -- message committed between that snapshot and the lock would be missed and its lane deleted)
+    v_idle := ARRAY(SELECT k.lane FROM tasker.flow_lanes k
+                     WHERE k.queue = p_queue AND k.lane <> ''
+                       AND k.lane = ANY (ARRAY(SELECT u.lane FROM unnest(v_lanes, v_taken, v_open) u(lane, taken, open)
+                                                WHERE u.taken = 0 AND u.open IS false))
+                     ORDER BY k.lane
+                       FOR UPDATE SKIP LOCKED);
+    IF cardinality(v_idle) > 0 THEN
+        DELETE FROM tasker.flow_lanes l
+         WHERE l.queue = p_queue AND l.lane = ANY (v_idle)
+           AND NOT EXISTS (SELECT 1 FROM tasker.queue_messages m WHERE m.queue = p_queue AND m.lane = l.lane)
+           AND NOT EXISTS (SELECT 1 FROM tasker.flow_holders h JOIN tasker.steps s ON s.step_uuid = h.step_uuid
+                            WHERE h.queue = p_queue AND h.concurrency_key = l.lane AND s.state = 'in_progress');
+    END IF;
+    -- the last lane of a queue is '': the queue goes back to plain claims (the same order: the
+    -- lock, then the check in a new snapshot)
+    IF EXISTS (SELECT 1 FROM tasker.flow_lanes k WHERE k.queue = p_queue AND k.lane = ''
+                 FOR UPDATE SKIP LOCKED) THEN
+        DELETE FROM tasker.flow_lanes l
+         WHERE l.queue = p_queue AND l.lane = ''
+           AND NOT EXISTS (SELECT 1 FROM tasker.flow_lanes k WHERE k.queue = p_queue AND k.lane <> '');
+    END IF;
 END
 $$;
 ALTER FUNCTION tasker._serve_lanes(text, text[], bigint[], integer[], boolean[]) SET enable_seqscan = off;
