@@ -68,8 +68,9 @@ COMMENT ON TABLE tasker.flow_lanes IS
     'The fairness lanes of each queue (one per key value with queued steps, and '''' for steps without a key); claims serve the lowest vtime first.';
 
 -- The steps of each concurrency key that a claim admitted. A row counts while its step is
--- in_progress; rows of steps that moved on are deleted by the next claim of the key (or by
--- tasker.maintain_flow()), so nothing needs to run when a step leaves in_progress.
+-- in_progress: a completion, cancel_task, resolve_step and purge_finished delete it; a row
+-- whose step left in_progress otherwise (a lost lease, a release) is deleted by the next claim
+-- of the key that it would hold back.
 CREATE TABLE tasker.flow_holders (
     step_uuid        uuid PRIMARY KEY,
     queue            text NOT NULL,
