@@ -26,6 +26,13 @@ CREATE TYPE tasker._enqueued AS (
     priority   integer
 );
 
+-- The children of one queue complete_and_claim hands off (claimed by one _claim_messages call).
+CREATE TYPE tasker._handoff_group AS (
+    queue       text,
+    msg_ids     bigint[],
+    step_uuids  uuid[]
+);
+
 CREATE TYPE tasker._applied_outcome AS (
     ord        integer,
     step_uuid  uuid,
@@ -84,7 +91,10 @@ DECLARE
     v_sent      tasker._enqueued[];
     v_queue     text;
     v_ids       bigint[];
-    v_steps     uuid[];
+    v_groups    tasker._handoff_group[];
+    v_group     tasker._handoff_group;
+    v_rows      bigint;
+    v_handed    bigint := 0;
 BEGIN
     -- The limits of tasker.settings this call checks, read in one query (not one
     -- _setting_int call each); a missing row is refused by _setting_int, as everywhere.
@@ -449,18 +459,27 @@ BEGIN
     --    skipping a queue's priorities below one that has a visible message waiting.
     IF cardinality(v_sent) > 0 THEN
         IF p_handoff > 0 THEN
-            FOR v_queue, v_ids, v_steps IN
-                SELECT h.queue, array_agg(h.msg_id ORDER BY h.msg_id), array_agg(h.step_uuid ORDER BY h.msg_id)
-                  FROM (SELECT e.*, row_number() OVER (ORDER BY e.priority DESC, e.msg_id) AS n
-                          FROM unnest(v_sent) e
-                         -- one probe per (queue, priority) sent, not per child
-                         WHERE (e.queue, e.priority) NOT IN (
-                                   SELECT d.queue, d.priority
-                                     FROM (SELECT DISTINCT x.queue, x.priority FROM unnest(v_sent) x) d
-                                    WHERE tasker._higher_priority_waiting(d.queue, d.priority, v_now))) h
-                 WHERE h.n <= p_handoff
-                 GROUP BY h.queue
-            LOOP
+            IF cardinality(v_sent) = 1 THEN
+                -- one child (a hop of a chain): nothing to rank, one probe
+                IF NOT tasker._higher_priority_waiting((v_sent[1]).queue, (v_sent[1]).priority, v_now) THEN
+                    v_groups := ARRAY[ROW((v_sent[1]).queue, ARRAY[(v_sent[1]).msg_id],
+                                          ARRAY[(v_sent[1]).step_uuid])::tasker._handoff_group];
+                END IF;
+            ELSE
+                v_groups := ARRAY(
+                    SELECT ROW(h.queue, array_agg(h.msg_id ORDER BY h.msg_id),
+                               array_agg(h.step_uuid ORDER BY h.msg_id))::tasker._handoff_group
+                      FROM (SELECT e.*, row_number() OVER (ORDER BY e.priority DESC, e.msg_id) AS n
+                              FROM unnest(v_sent) e
+                             -- one probe per (queue, priority) sent, not per child
+                             WHERE (e.queue, e.priority) NOT IN (
+                                       SELECT d.queue, d.priority
+                                         FROM (SELECT DISTINCT x.queue, x.priority FROM unnest(v_sent) x) d
+                                        WHERE tasker._higher_priority_waiting(d.queue, d.priority, v_now))) h
+                     WHERE h.n <= p_handoff
+                     GROUP BY h.queue);
+            END IF;
+            FOREACH v_group IN ARRAY coalesce(v_groups, '{}') LOOP
                 RETURN QUERY
                 SELECT 'claimed'::text, NULL::text, c.step_uuid, c.attempt, c.msg_id, c.task_uuid, c.step_name,
                        c.handler, c.config, c.claim_seq, c.max_attempts, c.retryable, c.backoff,
@@ -468,15 +487,20 @@ BEGIN
                        c.dependency_results, c.checkpoint, c.inputs, c.namespace, c.task_name, c.task_version,
                        c.lease_expires_at, c.claim_event, c.dependency_results_partial, c.template_step,
                        c.traceparent, c.dependents
-                  FROM tasker._claim_messages(v_queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
-                                              v_ids, v_steps, true) c;
+                  FROM tasker._claim_messages(v_group.queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
+                                              v_group.msg_ids, v_group.step_uuids, true) c;
+                GET DIAGNOSTICS v_rows = ROW_COUNT;
+                v_handed := v_handed + v_rows;
             END LOOP;
         END IF;
-        -- what was not handed off wakes the queue's workers
-        PERFORM pg_notify('tasker_' || q.queue, '')
-           FROM (SELECT DISTINCT e.queue FROM unnest(v_sent) e
-                  WHERE EXISTS (SELECT 1 FROM tasker.steps s
-                                 WHERE s.step_uuid = e.step_uuid AND s.state = 'enqueued')) q;
+        -- what was not handed off wakes the queue's workers (_claim_messages returns only the
+        -- messages it claimed: when it claimed every one sent, nobody is left to wake)
+        IF v_handed < cardinality(v_sent) THEN
+            PERFORM pg_notify('tasker_' || q.queue, '')
+               FROM (SELECT DISTINCT e.queue FROM unnest(v_sent) e
+                      WHERE EXISTS (SELECT 1 FROM tasker.steps s
+                                     WHERE s.step_uuid = e.step_uuid AND s.state = 'enqueued')) q;
+        END IF;
     END IF;
 
     -- 9. A re-sent outcome (its first delivery committed, the answer was lost): the children
