@@ -59,6 +59,34 @@ def shared_buffers_mb() -> int:
     return max(128, min(1024, total // 4 // (1024 * 1024)))
 
 
+# Settings for a queue workload, written into every new embedded cluster next to shared_buffers
+# (durability stays: fsync and synchronous_commit keep their defaults, on). Chosen by A/B runs of
+# `tasker-pg bench` on the embedded cluster (README, Performance); `tasker-pg bench` prints them.
+QUEUE_WORKLOAD_SETTINGS: tuple[tuple[str, str], ...] = (
+    # no checkpoint in the middle of a burst: with PostgreSQL's 5 min / 1 GB a steady flat
+    # drain checkpointed every 1-1.5 minutes (by WAL volume), and each checkpoint makes the
+    # next write of every page a full page image in the WAL (measured: 3 checkpoints -> 0 per
+    # run, 4 % less WAL). The price: up to ~4 GB of WAL on disk, a longer crash recovery.
+    ("checkpoint_timeout", "15min"),
+    ("max_wal_size", "4GB"),
+    # the engine's statements are short index lookups: JIT compilation only costs time
+    ("jit", "off"),
+)
+
+# What the bench reports of the server's settings: durability, memory and the settings above.
+REPORTED_SETTINGS: tuple[str, ...] = (
+    "fsync",
+    "synchronous_commit",
+    "full_page_writes",
+    "shared_buffers",
+    *(name for name, _ in QUEUE_WORKLOAD_SETTINGS),
+    "wal_compression",
+    "wal_buffers",
+    "wal_sync_method",
+    "autovacuum_vacuum_scale_factor",
+)
+
+
 def find_binaries() -> Path:
     """Directory holding `initdb`, `pg_ctl` and `postgres`, searched in the documented order.
 
@@ -397,6 +425,7 @@ class EmbeddedCluster:
             "listen_addresses = '127.0.0.1'",
             "max_connections = 200",
             f"shared_buffers = '{shared_buffers_mb()}MB'",
+            *(f"{name} = '{value}'" for name, value in QUEUE_WORKLOAD_SETTINGS),
             "unix_socket_permissions = 0777",
             "logging_collector = off",
             "log_min_messages = warning",

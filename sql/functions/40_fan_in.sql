@@ -14,7 +14,8 @@ CREATE TYPE tasker._task_change AS (task_uuid uuid, old_state text, new_state te
 -- error while any step is in error, complete when every step is complete or resolved,
 -- otherwise steps_in_process (the first recorded outcome flips pending). Cancelled and
 -- manually resolved tasks keep their state. Each state change gets a transition row and a
--- notification on channel tasker_task_events.
+-- notification on channel tasker_task_events. complete_and_claim (60_complete.sql) runs the
+-- same statement inline (one call and its SET clauses fewer per hop): change both together.
 CREATE FUNCTION tasker._apply_task_deltas(p_deltas tasker._task_delta[], p_event text)
 RETURNS TABLE (task_uuid uuid, old_state text, new_state text)
 LANGUAGE plpgsql AS $$
@@ -83,6 +84,7 @@ ALTER FUNCTION tasker._apply_task_deltas(tasker._task_delta[], text) SET enable_
 -- returns the children that reached zero while pending. Children are locked in step_uuid order
 -- first; the counter is changed under that lock, never recomputed from a snapshot, so when two
 -- parents complete at the same moment exactly one of them sees it reach zero.
+-- complete_and_claim runs the same locking and counting inline, as one statement: change both.
 CREATE FUNCTION tasker._release_children(p_parents uuid[]) RETURNS uuid[]
 LANGUAGE plpgsql AS $$
 DECLARE

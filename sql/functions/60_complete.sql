@@ -26,6 +26,13 @@ CREATE TYPE tasker._enqueued AS (
     priority   integer
 );
 
+-- The children of one queue complete_and_claim hands off (claimed by one _claim_messages call).
+CREATE TYPE tasker._handoff_group AS (
+    queue       text,
+    msg_ids     bigint[],
+    step_uuids  uuid[]
+);
+
 CREATE TYPE tasker._applied_outcome AS (
     ord        integer,
     step_uuid  uuid,
@@ -68,31 +75,50 @@ LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     v_now       timestamptz := clock_timestamp();
-    v_limit     bigint := tasker._setting_int('max_payload_bytes');
-    v_err_limit bigint := tasker._setting_int('max_error_bytes');
-    v_name_lim  bigint := tasker._setting_int('max_name_bytes');
+    v_limit     bigint;
+    v_err_limit bigint;
+    v_name_lim  bigint;
     v_code      text;
     v_in        tasker._outcome_input[];
     v_applied   tasker._applied_outcome[];
     v_completed uuid[];
     v_ready     uuid[];
-    v_deltas    tasker._task_delta[];
     v_bad       text;
+    v_continued boolean;
+    v_notified  bigint;
     v_deciders  uuid[];
     v_tasks     uuid[];
     v_sent      tasker._enqueued[];
     v_queue     text;
     v_ids       bigint[];
-    v_steps     uuid[];
     v_freed     text[];       -- queues where a step of a concurrency key ended (55_flow.sql)
+    v_groups    tasker._handoff_group[];
+    v_group     tasker._handoff_group;
+    v_rows      bigint;
+    v_handed    bigint := 0;
 BEGIN
+    -- The limits of tasker.settings this call checks, read in one query (not one
+    -- _setting_int call each); a missing row is refused by _setting_int, as everywhere.
+    SELECT max(s.value) FILTER (WHERE s.name = 'max_payload_bytes'),
+           max(s.value) FILTER (WHERE s.name = 'max_error_bytes'),
+           max(s.value) FILTER (WHERE s.name = 'max_name_bytes')
+      INTO v_limit, v_err_limit, v_name_lim
+      FROM tasker.settings s
+     WHERE s.name IN ('max_payload_bytes', 'max_error_bytes', 'max_name_bytes');
+    IF v_limit IS NULL OR v_err_limit IS NULL OR v_name_lim IS NULL THEN
+        v_limit := tasker._setting_int('max_payload_bytes');
+        v_err_limit := tasker._setting_int('max_error_bytes');
+        v_name_lim := tasker._setting_int('max_name_bytes');
+    END IF;
     IF p_outcomes IS NULL OR jsonb_typeof(p_outcomes) <> 'array' THEN
         RAISE EXCEPTION 'outcomes must be a JSON array' USING ERRCODE = 'TV030';
     END IF;
     IF p_handoff IS NULL OR p_handoff NOT BETWEEN 0 AND 1000 THEN
         RAISE EXCEPTION 'handoff must be between 0 and 1000, got %', coalesce(p_handoff::text, 'NULL') USING ERRCODE = 'TV002';
     END IF;
-    PERFORM tasker._check_text_size(p_worker_id, 'max_name_bytes', 'worker_id');
+    IF octet_length(p_worker_id) > v_name_lim THEN  -- (_check_text_size with the limit read above)
+        PERFORM tasker._raise_too_large('worker_id', octet_length(p_worker_id), 'max_name_bytes', v_name_lim);
+    END IF;
     IF p_handoff > 0 THEN
         IF p_worker_id IS NULL THEN
             RAISE EXCEPTION 'a hand-off needs the worker_id to claim for' USING ERRCODE = 'TV002';
@@ -174,9 +200,22 @@ BEGIN
                           FROM jsonb_array_elements(p_outcomes) WITH ORDINALITY a(o, ord)) b) e);
 
     -- 1. Lock the live messages of the claimed steps first, in (queue, msg_id) order: the lock
-    --    order every function follows. A claim racing for the same message skips it.
-    PERFORM tasker._lock_step_messages(array_agg(i.step_uuid), array_agg(i.attempt))
-       FROM unnest(v_in) i;
+    --    order every function follows. A claim racing for the same message skips it. (The
+    --    body of _lock_step_messages, inlined: one call and its settings fewer per batch.)
+    FOR v_queue, v_ids IN
+        SELECT t.namespace, array_agg(s.msg_id ORDER BY s.msg_id)
+          FROM unnest(v_in) c
+          JOIN tasker.steps s ON s.step_uuid = c.step_uuid
+          JOIN tasker.tasks t ON t.task_uuid = s.task_uuid
+         WHERE s.state = 'in_progress' AND s.attempts = c.attempt AND s.msg_id IS NOT NULL
+         GROUP BY t.namespace
+         ORDER BY t.namespace
+    LOOP
+        PERFORM 1 FROM tasker.queue_messages m
+          WHERE m.queue = v_queue AND m.msg_id = ANY (v_ids)
+          ORDER BY m.msg_id
+            FOR UPDATE;
+    END LOOP;
 
     WITH
     -- 2a. A decision or batchable step's success whose outcome cannot be applied (unknown or
@@ -283,9 +322,12 @@ BEGIN
 
     IF v_applied IS NOT NULL THEN
         -- 5. Children of completed steps: counters under row lock (children by step_uuid).
-        v_completed := ARRAY(SELECT a.step_uuid FROM unnest(v_applied) a WHERE a.new_state = 'complete');
-        v_deciders := ARRAY(SELECT a.step_uuid FROM unnest(v_applied) a
-                             WHERE a.new_state = 'complete' AND a.step_type IN ('decision', 'batchable'));
+        SELECT coalesce(array_agg(a.step_uuid) FILTER (WHERE a.new_state = 'complete'), '{}'),
+               coalesce(array_agg(a.step_uuid) FILTER (WHERE a.new_state = 'complete'
+                                                       AND a.step_type IN ('decision', 'batchable')), '{}'),
+               coalesce(bool_or(a.new_state = 'in_progress'), false)
+          INTO v_completed, v_deciders, v_continued
+          FROM unnest(v_applied) a;
         IF cardinality(v_deciders) > 0 THEN
             -- a decision or fan-out: serialise with the task's other ones, then lock the
             -- children and the tasks' convergence steps together, in step_uuid order
@@ -295,20 +337,93 @@ BEGIN
                 ARRAY(SELECT e.child_uuid FROM tasker.step_edges e WHERE e.parent_uuid = ANY (v_completed)));
         END IF;
         IF cardinality(v_completed) > 0 THEN
-            v_ready := tasker._release_children(v_completed);
+            -- _release_children in one statement: lock the children in step_uuid order, then
+            -- count down their pending parents under that lock (a child whose lock had to wait
+            -- is updated in its newest version: exactly one of two parents completing at once
+            -- sees the counter reach zero); the children that reached it while pending are ready.
+            WITH d AS (
+                SELECT e.child_uuid, count(*)::integer AS n
+                  FROM tasker.step_edges e
+                 WHERE e.parent_uuid = ANY (v_completed)
+                 GROUP BY e.child_uuid
+            ),
+            locked AS MATERIALIZED (
+                SELECT s.step_uuid
+                  FROM tasker.steps s
+                 WHERE s.step_uuid IN (SELECT e.child_uuid FROM tasker.step_edges e WHERE e.parent_uuid = ANY (v_completed))
+                 ORDER BY s.step_uuid
+                   FOR UPDATE
+            ),
+            released AS (
+                UPDATE tasker.steps s
+                   SET pending_parents = s.pending_parents - d.n
+                  FROM locked l
+                  JOIN d ON d.child_uuid = l.step_uuid
+                 WHERE s.step_uuid = l.step_uuid
+                RETURNING s.step_uuid, s.pending_parents, s.state
+            )
+            SELECT coalesce(array_agg(r.step_uuid), '{}') INTO v_ready
+              FROM released r
+             WHERE r.pending_parents <= 0 AND r.state = 'pending';
         END IF;
         -- 5b. Create what the decisions and fan-outs chose (total_steps grows before step 6).
         IF cardinality(v_deciders) > 0 THEN
             PERFORM tasker._apply_dynamic(v_deciders);
         END IF;
-        -- 6. Tasks: one counter update each, in task_uuid order.
-        v_deltas := ARRAY(
-            SELECT ROW(a.task_uuid,
-                       count(*) FILTER (WHERE a.new_state = 'complete'),
-                       count(*) FILTER (WHERE a.new_state = 'error'))::tasker._task_delta
+        -- 6. Tasks: one counter update each, in task_uuid order (_apply_task_deltas with the
+        --    event 'step_outcome', in one statement): error while any step is in error,
+        --    complete when every step is, otherwise steps_in_process; cancelled and manually
+        --    resolved tasks keep their state; each change gets a transition row and a
+        --    notification on tasker_task_events (delivered at commit).
+        WITH d AS (
+            SELECT a.task_uuid,
+                   (count(*) FILTER (WHERE a.new_state = 'complete'))::integer AS completed,
+                   (count(*) FILTER (WHERE a.new_state = 'error'))::integer AS errors
               FROM unnest(v_applied) a
-             GROUP BY a.task_uuid);
-        PERFORM tasker._apply_task_deltas(v_deltas, 'step_outcome');
+             GROUP BY a.task_uuid
+        ),
+        -- lock in task_uuid order; skip tasks with nothing to change
+        locked AS MATERIALIZED (
+            SELECT t.task_uuid, t.state
+              FROM tasker.tasks t
+              JOIN d ON d.task_uuid = t.task_uuid
+             WHERE d.completed <> 0 OR d.errors <> 0 OR t.state = 'pending'
+             ORDER BY t.task_uuid
+               FOR UPDATE OF t
+        ),
+        task_upd AS (
+            UPDATE tasker.tasks t
+               SET completed_steps = t.completed_steps + d.completed,
+                   error_steps = greatest(t.error_steps + d.errors, 0),
+                   state = CASE
+                       WHEN t.state IN ('cancelled', 'resolved_manually') THEN t.state
+                       WHEN t.error_steps + d.errors > 0 THEN 'error'
+                       WHEN t.completed_steps + d.completed >= t.total_steps THEN 'complete'
+                       ELSE 'steps_in_process'
+                   END,
+                   completed_at = CASE
+                       WHEN t.state NOT IN ('cancelled', 'resolved_manually') AND t.error_steps + d.errors <= 0
+                            AND t.completed_steps + d.completed >= t.total_steps THEN v_now
+                       ELSE t.completed_at
+                   END,
+                   updated_at = v_now
+              FROM locked l
+              JOIN d ON d.task_uuid = l.task_uuid
+             WHERE t.task_uuid = l.task_uuid
+            RETURNING t.task_uuid, l.state AS old_state, t.state AS new_state, t.namespace, t.name
+        ),
+        task_audit AS (
+            INSERT INTO tasker.task_transitions (task_uuid, from_state, to_state, event, created_at)
+            SELECT u.task_uuid, u.old_state, u.new_state, 'step_outcome', v_now
+              FROM task_upd u
+             WHERE u.old_state <> u.new_state
+        )
+        SELECT count(pg_notify('tasker_task_events', json_build_object(
+                   'task_uuid', u.task_uuid, 'state', u.new_state, 'previous_state', u.old_state,
+                   'namespace', u.namespace, 'name', u.name)::text)::text)
+          INTO v_notified
+          FROM task_upd u
+         WHERE u.old_state <> u.new_state;
         -- 7. Enqueue children that became ready (when their task is still running); what is
         --    not handed off below is notified.
         IF cardinality(v_ready) > 0 THEN
@@ -316,8 +431,10 @@ BEGIN
                               FROM tasker._enqueue_ready(v_ready, 'dependencies_satisfied', false) e);
         END IF;
         -- A checkpoint continuation is visible now: wake a worker.
-        PERFORM pg_notify('tasker_' || q.queue, '')
-           FROM (SELECT DISTINCT a.queue FROM unnest(v_applied) a WHERE a.new_state = 'in_progress') q;
+        IF v_continued THEN
+            PERFORM pg_notify('tasker_' || q.queue, '')
+               FROM (SELECT DISTINCT a.queue FROM unnest(v_applied) a WHERE a.new_state = 'in_progress') q;
+        END IF;
         -- A step of a concurrency key ended: its place is free (55_flow.sql), and a step the
         -- limit held back may start now.
         WITH gone AS (
@@ -355,18 +472,27 @@ BEGIN
     --    skipping a queue's priorities below one that has a visible message waiting.
     IF cardinality(v_sent) > 0 THEN
         IF p_handoff > 0 THEN
-            FOR v_queue, v_ids, v_steps IN
-                SELECT h.queue, array_agg(h.msg_id ORDER BY h.msg_id), array_agg(h.step_uuid ORDER BY h.msg_id)
-                  FROM (SELECT e.*, row_number() OVER (ORDER BY e.priority DESC, e.msg_id) AS n
-                          FROM unnest(v_sent) e
-                         -- one probe per (queue, priority) sent, not per child
-                         WHERE (e.queue, e.priority) NOT IN (
-                                   SELECT d.queue, d.priority
-                                     FROM (SELECT DISTINCT x.queue, x.priority FROM unnest(v_sent) x) d
-                                    WHERE tasker._higher_priority_waiting(d.queue, d.priority, v_now))) h
-                 WHERE h.n <= p_handoff
-                 GROUP BY h.queue
-            LOOP
+            IF cardinality(v_sent) = 1 THEN
+                -- one child (a hop of a chain): nothing to rank, one probe
+                IF NOT tasker._higher_priority_waiting((v_sent[1]).queue, (v_sent[1]).priority, v_now) THEN
+                    v_groups := ARRAY[ROW((v_sent[1]).queue, ARRAY[(v_sent[1]).msg_id],
+                                          ARRAY[(v_sent[1]).step_uuid])::tasker._handoff_group];
+                END IF;
+            ELSE
+                v_groups := ARRAY(
+                    SELECT ROW(h.queue, array_agg(h.msg_id ORDER BY h.msg_id),
+                               array_agg(h.step_uuid ORDER BY h.msg_id))::tasker._handoff_group
+                      FROM (SELECT e.*, row_number() OVER (ORDER BY e.priority DESC, e.msg_id) AS n
+                              FROM unnest(v_sent) e
+                             -- one probe per (queue, priority) sent, not per child
+                             WHERE (e.queue, e.priority) NOT IN (
+                                       SELECT d.queue, d.priority
+                                         FROM (SELECT DISTINCT x.queue, x.priority FROM unnest(v_sent) x) d
+                                        WHERE tasker._higher_priority_waiting(d.queue, d.priority, v_now))) h
+                     WHERE h.n <= p_handoff
+                     GROUP BY h.queue);
+            END IF;
+            FOREACH v_group IN ARRAY coalesce(v_groups, '{}') LOOP
                 RETURN QUERY
                 SELECT 'claimed'::text, NULL::text, c.step_uuid, c.attempt, c.msg_id, c.task_uuid, c.step_name,
                        c.handler, c.config, c.claim_seq, c.max_attempts, c.retryable, c.backoff,
@@ -374,15 +500,20 @@ BEGIN
                        c.dependency_results, c.checkpoint, c.inputs, c.namespace, c.task_name, c.task_version,
                        c.lease_expires_at, c.claim_event, c.dependency_results_partial, c.template_step,
                        c.traceparent, c.dependents
-                  FROM tasker._claim_messages(v_queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
-                                              v_ids, v_steps, true) c;
+                  FROM tasker._claim_messages(v_group.queue, p_worker_id, v_now, v_now + make_interval(secs => p_lease_seconds),
+                                              v_group.msg_ids, v_group.step_uuids, true) c;
+                GET DIAGNOSTICS v_rows = ROW_COUNT;
+                v_handed := v_handed + v_rows;
             END LOOP;
         END IF;
-        -- what was not handed off wakes the queue's workers
-        PERFORM pg_notify('tasker_' || q.queue, '')
-           FROM (SELECT DISTINCT e.queue FROM unnest(v_sent) e
-                  WHERE EXISTS (SELECT 1 FROM tasker.steps s
-                                 WHERE s.step_uuid = e.step_uuid AND s.state = 'enqueued')) q;
+        -- what was not handed off wakes the queue's workers (_claim_messages returns only the
+        -- messages it claimed: when it claimed every one sent, nobody is left to wake)
+        IF v_handed < cardinality(v_sent) THEN
+            PERFORM pg_notify('tasker_' || q.queue, '')
+               FROM (SELECT DISTINCT e.queue FROM unnest(v_sent) e
+                      WHERE EXISTS (SELECT 1 FROM tasker.steps s
+                                     WHERE s.step_uuid = e.step_uuid AND s.state = 'enqueued')) q;
+        END IF;
     END IF;
 
     -- 9. A re-sent outcome (its first delivery committed, the answer was lost): the children

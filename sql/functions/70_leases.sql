@@ -47,7 +47,8 @@ $$;
 -- lookup on that queue alone (queue = $1 AND msg_id = ANY ($2): the primary key, with no join
 -- for a plan to order): a join of the messages with the steps, planned once per session on a
 -- near-empty queue, walked the whole queue per message or re-read the steps per message.
--- complete_steps, extend_leases and release_steps take their locks here first.
+-- extend_leases and release_steps take their locks here first; complete_and_claim runs the
+-- same loop inline (change both together).
 --
 -- Message lookups joined to a set of steps (a claim's lease, an acknowledgement, a lease
 -- extension, a release) also carry `m.msg_id = ANY (ARRAY(SELECT msg_id FROM <the set>))`:

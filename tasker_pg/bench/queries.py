@@ -16,6 +16,7 @@ from typing import Any
 
 from tasker_pg import db
 from tasker_pg.bench.handlers import NAMESPACE
+from tasker_pg.embedded import REPORTED_SETTINGS
 from tasker_pg.errors import DatabaseError
 
 _DATABASE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
@@ -31,6 +32,14 @@ SELECT current_setting('server_version') AS server_version,
        current_setting('max_connections') AS max_connections,
        inet_server_addr()::text AS server_addr,
        pg_backend_pid() AS backend_pid
+"""
+
+# The settings the report lists (tasker_pg.embedded.REPORTED_SETTINGS: durability, memory and
+# what the embedded cluster tunes for a queue workload), each as SHOW prints it.
+_REPORTED_SETTINGS = """
+SELECT s.name, current_setting(s.name, true) AS value
+  FROM unnest($1::text[]) WITH ORDINALITY s(name, ord)
+ ORDER BY s.ord
 """
 
 # The server backends of the bench's workers (their application_name carries the worker id).
@@ -198,6 +207,13 @@ async def server_settings(conn: db.Connection) -> db.Row:
     row = await conn.fetchrow(_SERVER_SETTINGS)
     assert row is not None
     return row
+
+
+async def reported_settings(conn: db.Connection) -> dict[str, str | None]:
+    """The server's value of each setting the report lists, in that order (None: unknown to
+    this server version)."""
+    rows = await conn.fetch(_REPORTED_SETTINGS, list(REPORTED_SETTINGS))
+    return {str(r["name"]): r["value"] for r in rows}
 
 
 async def worker_backend_pids(conn: db.Connection) -> list[int]:

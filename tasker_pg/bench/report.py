@@ -183,6 +183,18 @@ def create_rows(
 # --- printing ------------------------------------------------------------------------------------
 
 
+def settings_line(machine: dict[str, Any]) -> str:
+    """The server's other reported settings (the embedded cluster's tuning), one line, or
+    nothing when the report has none (a report written before they were listed)."""
+    shown = {"fsync", "synchronous_commit", "shared_buffers"}
+    pairs = [
+        f"{name}={value}"
+        for name, value in machine.get("settings", {}).items()
+        if name not in shown and value is not None
+    ]
+    return "settings: " + ", ".join(pairs) + "\n" if pairs else ""
+
+
 def print_header(out: TextIO, options: BenchOptions, machine: dict[str, Any]) -> None:
     """The machine, the server's settings and the options, then the table's column heads."""
     o = options
@@ -192,7 +204,8 @@ def print_header(out: TextIO, options: BenchOptions, machine: dict[str, Any]) ->
         f"PostgreSQL {machine['postgres_version']}, fsync={machine['fsync']}, "
         f"synchronous_commit={machine['synchronous_commit']}, "
         f"shared_buffers={machine['shared_buffers']}; {machine['server']}\n"
-        f"workers={o.workers} concurrency={o.concurrency} n={o.n:g} "
+        + settings_line(machine)
+        + f"workers={o.workers} concurrency={o.concurrency} n={o.n:g} "
         f"handler_ms={o.handler_ms:g}\n",
         file=out,
     )

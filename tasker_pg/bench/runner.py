@@ -241,7 +241,9 @@ class Bench:
         settings = await queries.server_settings(self.admin)
         self.server_version_num = int(settings["server_version_num"])
         self.server_local = machine.server_is_local(settings)
-        return machine.describe(settings, self.dsn_source, self.server_local)
+        described = machine.describe(settings, self.dsn_source, self.server_local)
+        described["settings"] = await queries.reported_settings(self.admin)
+        return described
 
     def _selected(self) -> list[str]:
         """The scenarios to run, in order; the baseline comes along when ratios need it."""

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 import pytest
 
-from tasker_pg import bench_args
+from tasker_pg import bench_args, embedded
 from tasker_pg.bench import cli, handlers, options, report, runner, scenarios
 
 if TYPE_CHECKING:
@@ -47,6 +47,9 @@ def test_every_scenario_reports_completed_work(
     _positive(machine["cores"], "cores")
     for key in ("postgres_version", "fsync", "synchronous_commit", "shared_buffers"):
         assert machine[key], key
+    # the server's value of every setting the embedded cluster tunes, and the header lists them
+    assert list(machine["settings"]) == list(embedded.REPORTED_SETTINGS)
+    assert all(value for value in machine["settings"].values()), machine["settings"]
 
     scenarios = report["scenarios"]
     baseline = scenarios["baseline"]
@@ -239,6 +242,17 @@ def test_add_parser_wires_the_bench_subcommand() -> None:
         parser.parse_args(["bench", "--scenario", "nope"])
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "--n", "0"])
+
+
+def test_the_header_lists_the_tuned_settings_once() -> None:
+    settings = {name: f"v-{name}" for name in embedded.REPORTED_SETTINGS}
+    line = report.settings_line({"settings": settings})
+    for name, _ in embedded.QUEUE_WORKLOAD_SETTINGS:
+        assert f"{name}=v-{name}" in line
+    # the first header line already shows these
+    for name in ("fsync", "synchronous_commit", "shared_buffers"):
+        assert f"{name}=" not in line
+    assert report.settings_line({}) == ""
 
 
 def test_percentile_interpolates_between_ranks() -> None:

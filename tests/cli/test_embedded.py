@@ -65,6 +65,30 @@ def test_shared_buffers_is_a_quarter_of_memory_within_bounds(cluster: EmbeddedCl
     assert int(setting) == expected
 
 
+def test_a_fresh_cluster_is_durable_and_tuned_for_a_queue_workload(tmp_path: Path) -> None:
+    from tasker_pg.embedded import QUEUE_WORKLOAD_SETTINGS
+
+    tmp_path.chmod(0o755)
+    durable = EmbeddedCluster(tmp_path / "home")  # the default: what `tasker-pg db start` makes
+    try:
+        dsn = durable.start()
+        names = ["fsync", "synchronous_commit", *(name for name, _ in QUEUE_WORKLOAD_SETTINGS)]
+        shown = dict(
+            line.split("|", 1)
+            for line in _psql(
+                dsn,
+                "select name, current_setting(name) from unnest(array["
+                + ", ".join(f"'{n}'" for n in names)
+                + "]) name",
+            ).splitlines()
+        )
+        assert shown["fsync"] == "on" and shown["synchronous_commit"] == "on"
+        for name, value in QUEUE_WORKLOAD_SETTINGS:
+            assert shown[name] == value, (name, shown[name], value)
+    finally:
+        durable.destroy()
+
+
 def test_second_start_is_noop(cluster: EmbeddedCluster) -> None:
     cluster.start()
     pid = cluster.status().pid

@@ -168,6 +168,48 @@ async def test_no_more_than_the_slots_asked_for_are_handed_and_the_rest_wake_the
     assert rest["step_name"] == other
 
 
+async def test_two_children_are_both_handed_without_a_wake_up_or_both_kept_behind_a_priority(
+    conn: db.Connection, dsn: str
+) -> None:
+    """Two children of one outcome (the ranking query, not the one-child shortcut): with two
+    slots both are handed and nobody is woken; with a visible message of a higher priority
+    waiting, neither is handed and the queue is woken."""
+    task = await start(conn, diamond())
+    (first,) = await claim(conn)
+    listener, seen = await _listen(dsn)
+    try:
+        _, claims = await complete_and_claim(conn, [success(first)], 2)
+        await _settle(listener)
+        await _settle(listener)
+        assert seen.count == 0
+    finally:
+        await listener.close()
+    assert sorted(c["step_name"] for c in claims) == ["b", "c"]
+    states = await step_states(conn, task)
+    assert (states["b"], states["c"]) == ("in_progress", "in_progress")
+    await complete(conn, *(success(c) for c in claims))
+    (end,) = await claim(conn)
+    await complete(conn, success(end))
+
+    await conn.register_template(single())
+    other = await start(conn, diamond())
+    (a,) = await claim(conn, qty=1)
+    assert a["task_uuid"] == other
+    urgent = await conn.create_task(NAMESPACE, "single", {}, options={"priority": 5})
+    listener, seen = await _listen(dsn)
+    try:
+        _, claims = await complete_and_claim(conn, [success(a)], 2)
+        await asyncio.wait_for(seen.arrived.wait(), 10)
+    finally:
+        await listener.close()
+    assert claims == []
+    states = await step_states(conn, other)
+    assert (states["b"], states["c"]) == ("enqueued", "enqueued")
+    rest = await claim(conn, qty=10)
+    assert rest[0]["task_uuid"] == urgent and len(rest) == 3
+    await complete(conn, *(success(r) for r in rest))
+
+
 async def test_without_slots_nothing_is_handed_and_the_queue_is_notified(
     conn: db.Connection, dsn: str
 ) -> None:
