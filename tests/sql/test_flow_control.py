@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -22,7 +21,16 @@ import pytest
 from tasker_pg import db
 from tasker_pg.errors import TaskerError, ValidationError
 from tasker_pg.template import TaskTemplate, TemplateValidationError
-from tests.support.engine import NAMESPACE, assert_healthy, claim, complete, linear, step, success
+from tests.support.engine import (
+    NAMESPACE,
+    assert_healthy,
+    claim,
+    complete,
+    create_many,
+    linear,
+    step,
+    success,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,18 +55,8 @@ def limited(limit: int = 2, *, name: str = "limited", **flow: Any) -> dict[str, 
     return TaskTemplate.from_dict(raw).to_json()
 
 
-async def create_many(
-    conn: db.Connection, tpl: dict[str, Any], contexts: list[dict[str, Any]]
-) -> list[uuid.UUID]:
-    await conn.register_template(tpl)
-    return list(await conn.create_tasks(NAMESPACE, tpl["name"], contexts, version=tpl["version"]))
-
-
-async def customer_of(conn: db.Connection, rows: list[Any]) -> list[str]:
-    out = []
-    for r in rows:
-        out.append(r["task_context"]["customer"])
-    return out
+def customer_of(rows: list[Any]) -> list[str]:
+    return [r["task_context"]["customer"] for r in rows]
 
 
 async def test_a_limit_holds_the_extra_steps_of_a_key_without_a_lease_or_an_attempt(
@@ -67,7 +65,7 @@ async def test_a_limit_holds_the_extra_steps_of_a_key_without_a_lease_or_an_atte
     tpl = limited(2)
     tasks = await create_many(conn, tpl, [{"customer": "a"}] * 5 + [{"customer": "b"}])
     rows = await claim(conn, qty=100)
-    assert collections.Counter(await customer_of(conn, rows)) == {"a": 2, "b": 1}
+    assert collections.Counter(customer_of(rows)) == {"a": 2, "b": 1}
     held = await conn.fetch(
         "SELECT s.state, s.attempts, s.claim_seq, m.read_ct, m.vt <= clock_timestamp() AS visible"
         " FROM tasker.steps s JOIN tasker.queue_messages m ON m.msg_id = s.msg_id"
@@ -91,7 +89,7 @@ async def test_a_limit_holds_the_extra_steps_of_a_key_without_a_lease_or_an_atte
     a_rows = [r for r in rows if r["task_context"]["customer"] == "a"]
     await complete(conn, *[success(a_rows[0])])
     again = await claim(conn, qty=100)
-    assert await customer_of(conn, again) == ["a"]
+    assert customer_of(again) == ["a"]
     assert await claim(conn, qty=100) == []
     await complete(conn, *[success(r) for r in [*rows[1:], *again]])
     while rest := await claim(conn, qty=100):
@@ -170,7 +168,7 @@ async def test_keys_are_independent_and_a_lane_of_many_does_not_starve_a_lane_of
     first_rounds: list[collections.Counter[str]] = []
     for _ in range(4):
         rows = await claim(conn, qty=15)
-        round_ = collections.Counter(await customer_of(conn, rows))
+        round_ = collections.Counter(customer_of(rows))
         first_rounds.append(round_)
         got += round_
         await complete(conn, *[success(r) for r in rows])
@@ -424,7 +422,7 @@ async def test_a_lane_and_its_messages_survive_a_concurrent_claim_that_finds_it_
     tpl = linear(2, name="lanes")
     raw = {**tpl, "fairness": {"key": "$.k"}}
     await conn.register_template(raw)
-    t0 = await conn.create_task(NAMESPACE, "lanes", {"k": "only"})
+    await conn.create_task(NAMESPACE, "lanes", {"k": "only"})
     first = await claim(conn)
     other = await db.connect(dsn)
     try:
@@ -446,7 +444,6 @@ async def test_a_lane_and_its_messages_survive_a_concurrent_claim_that_finds_it_
             await complete(conn, *[success(r) for r in rows])
     finally:
         await other.close()
-    assert t0
 
 
 async def test_a_step_released_or_whose_lease_expired_gives_its_place_back(

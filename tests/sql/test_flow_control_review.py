@@ -34,6 +34,7 @@ from tests.support.engine import (
     checkpoint,
     claim,
     complete,
+    create_many,
     failure,
     step,
     success,
@@ -59,13 +60,6 @@ def flow_template(name: str, **flow: Any) -> dict[str, Any]:
         **flow,
     }
     return TaskTemplate.from_dict(raw).to_json()
-
-
-async def create_many(
-    conn: db.Connection, tpl: dict[str, Any], contexts: list[dict[str, Any]]
-) -> list[uuid.UUID]:
-    await conn.register_template(tpl)
-    return list(await conn.create_tasks(NAMESPACE, tpl["name"], contexts, version=tpl["version"]))
 
 
 async def drain(conn: db.Connection, tasks: list[uuid.UUID], *, rounds: int = 50) -> None:

@@ -185,6 +185,19 @@ async def start(
     )
 
 
+async def create_many(
+    conn: db.Connection, tpl: Mapping[str, Any], contexts: list[dict[str, Any]]
+) -> list[uuid.UUID]:
+    """Register `tpl` (a no-op when already registered) and create one task per context in one
+    `create_tasks` call; their uuids in order."""
+    await conn.register_template(tpl)
+    return list(
+        await conn.create_tasks(
+            tpl["namespace_name"], tpl["name"], contexts, version=tpl["version"]
+        )
+    )
+
+
 async def claim(
     conn: db.Connection,
     queue: str = NAMESPACE,
